@@ -1,0 +1,295 @@
+"""The global rank allocator of AdaLoRA (Algorithm 1): importance EMAs, triplet scores,
+one global top-k per allocation, masks and physical shrinking.
+
+All importance state lives in two flat preallocated buffers (Ī and Ū for every element of
+every P, λ, Q), viewed per factor and updated in place with multi-tensor (``_foreach``)
+ops. The allocator never logs or writes: ``update_and_allocate`` returns what it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from budget.config import ConfigError
+from budget.methods.adalora import AdaLoRAConfig, SVDLinear
+from budget.schedule import budget_at, steps_from
+
+
+@dataclass
+class Allocation:
+    """What one allocation did."""
+
+    step: int
+    budget: int  # scheduled b(t), in budget units (ranks, or parameters)
+    kept: int  # kept triplets (sum of ranks)
+    kept_params: int  # adapter parameters those triplets hold
+    ranks: dict[str, int]  # rank of every adapted module
+    final: bool  # the pattern is fixed from now on
+    shrink: bool  # the caller should now call ``shrink_(optimizer)``
+
+    def to_record(self) -> dict:
+        return {
+            "step": self.step,
+            "budget": self.budget,
+            "kept": self.kept,
+            "kept_params": self.kept_params,
+            "final": self.final,
+            "ranks": self.ranks,
+        }
+
+
+class RankAllocator:
+    """Scores every triplet (P_:i, λ_i, Q_i:) of every adapted matrix and keeps the best b(t).
+
+    Args:
+        layers: {module name: SVDLinear}, all adapted matrices sharing one budget.
+        cfg: the AdaLoRA config (budget, schedule, EMA and score knobs).
+        total_steps: T, in optimizer steps.
+    """
+
+    def __init__(self, layers: dict[str, SVDLinear], cfg: AdaLoRAConfig, total_steps: int):
+        self.names = list(layers)
+        self.layers = [layers[n] for n in self.names]
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.warmup_steps = steps_from(cfg.warmup_steps, total_steps, "method.warmup_steps")  # t_i
+        self.final_steps = steps_from(cfg.final_steps, total_steps, "method.final_steps")  # t_f
+        if self.warmup_steps + self.final_steps >= total_steps:
+            raise ConfigError(
+                f"method.warmup_steps: t_i={self.warmup_steps} + t_f={self.final_steps} >= T={total_steps} "
+                "leaves no budgeting phase; lower method.warmup_steps / method.final_steps or train longer "
+                "(train.epochs / train.max_steps)"
+            )
+        self.final_step = total_steps - self.final_steps  # T - t_f: first step of the fixed pattern
+        # A triplet costs one rank, or its out + in + 1 parameters when the budget is in parameters.
+        self.param_budget = cfg.target_params is not None
+        self.costs = [(lay.out_features + lay.in_features + 1) if self.param_budget else 1 for lay in self.layers]
+        self.initial_budget = sum(c * lay.rank for c, lay in zip(self.costs, self.layers))  # b(0)
+        if cfg.target_params is not None:
+            self.target_budget = int(cfg.target_params)
+        elif cfg.target_total_rank is not None:
+            self.target_budget = int(cfg.target_total_rank)
+        else:
+            self.target_budget = int(round(cfg.target_r * len(self.layers)))
+        self._check_budget()
+        self.fixed = False
+        self._rebuild()
+
+    # ---------------------------------------------------------------- set-up
+    def _check_budget(self) -> None:
+        cfg, n = self.cfg, len(self.layers)
+        field = "method.target_params" if self.param_budget else "method.target_total_rank"
+        if not self.param_budget and cfg.target_total_rank is None:
+            field = "method.target_r"  # b(T) came from target_r x #matrices
+        if not 0 < self.target_budget < self.initial_budget:
+            raise ConfigError(
+                f"{field}: the final budget b(T)={self.target_budget} must be > 0 and below the initial "
+                f"budget b(0)={self.initial_budget} ({n} matrices x init_r={cfg.init_r}); lower the target "
+                "or raise method.init_r"
+            )
+        floor = sum(c * min(cfg.min_rank, lay.rank) for c, lay in zip(self.costs, self.layers))
+        if self.target_budget < floor:
+            raise ConfigError(
+                f"method.min_rank: {n} matrices x min_rank={cfg.min_rank} need {floor} > b(T)={self.target_budget}; "
+                "lower method.min_rank or raise the target"
+            )
+        cap = cfg.max_rank if cfg.max_rank is not None else cfg.init_r
+        ceiling = sum(c * min(cap, lay.rank) for c, lay in zip(self.costs, self.layers))
+        if self.target_budget > ceiling:
+            raise ConfigError(
+                f"method.max_rank: {n} matrices x max_rank={cap} hold only {ceiling} < b(T)={self.target_budget}; "
+                "raise method.max_rank or lower the target"
+            )
+
+    def _factors(self) -> list[nn.Parameter]:
+        return [p for lay in self.layers for p in (lay.P, lay.lam, lay.Q)]
+
+    def _rebuild(self, ibar: list[torch.Tensor] | None = None, ubar: list[torch.Tensor] | None = None) -> None:
+        """(Re)allocate the flat buffers and per-factor views; run once, and after a shrink."""
+        params = self._factors()
+        self.params = params
+        device, dtype = params[0].device, params[0].dtype
+        total = sum(p.numel() for p in params)
+        self._ibar_flat = torch.zeros(total, device=device, dtype=dtype)
+        self._ubar_flat = torch.zeros(total, device=device, dtype=dtype)
+        self.ibar, self.ubar, offset = [], [], 0
+        for p in params:
+            self.ibar.append(self._ibar_flat[offset : offset + p.numel()].view_as(p))
+            self.ubar.append(self._ubar_flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        if ibar is not None:
+            torch._foreach_copy_(self.ibar, ibar)
+            torch._foreach_copy_(self.ubar, ubar)
+        ranks = [lay.rank for lay in self.layers]
+        self.rmax = max(ranks) if ranks else 0
+        # Where each triplet sits in the padded (modules, rmax) score matrix.
+        self._rows = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r in enumerate(ranks)]).to(device)
+        self._cols = torch.cat([torch.arange(r) for r in ranks]).to(device)
+        self._valid = torch.zeros(len(ranks), self.rmax, dtype=torch.bool, device=device)
+        self._valid[self._rows, self._cols] = True
+        self._cost2d = torch.tensor(self.costs, device=device, dtype=torch.long)[:, None].expand(-1, self.rmax)
+        self._ranks = ranks
+        self._mask = torch.ones(sum(ranks), device=device, dtype=dtype)  # fixed pattern when shrink=never
+        self._mask_views = list(torch.split(self._mask, ranks))
+
+    # ---------------------------------------------------------------- per step
+    def budget_at(self, step: int) -> int:
+        return budget_at(
+            step, self.initial_budget, self.target_budget, self.warmup_steps, self.final_steps, self.total_steps
+        )
+
+    @torch.no_grad()
+    def update_scores(self) -> None:
+        """Fold this step's sensitivity I = |θ ∇θ| into Ī and Ū (eq. 5, 8, 9). No host sync.
+
+        Ū uses the updated Ī(t) as eq. 9 prints. peft and the original code use Ī(t-1);
+        since I - Ī(t) = β1 (I - Ī(t-1)), our Ū is exactly β1 times theirs, every score
+        s = Ī Ū is scaled by the same β1, and the allocation is identical.
+        """
+        if self.cfg.score == "magnitude":
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        sens = torch._foreach_mul(self.params, grads)
+        torch._foreach_abs_(sens)
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        torch._foreach_lerp_(self.ibar, sens, 1 - b1)  # Ī ← β1 Ī + (1-β1) I
+        if self.cfg.score == "adalora":
+            torch._foreach_sub_(sens, self.ibar)
+            torch._foreach_abs_(sens)
+            torch._foreach_lerp_(self.ubar, sens, 1 - b2)  # Ū ← β2 Ū + (1-β2) |I - Ī|
+
+    @torch.no_grad()
+    def triplet_scores(self) -> torch.Tensor:
+        """S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij) (eq. 7), flat over all modules."""
+        if self.cfg.score == "magnitude":
+            return torch.cat([lay.lam.abs() for lay in self.layers])
+        s = self.ibar if self.cfg.score == "sensitivity" else torch._foreach_mul(self.ibar, self.ubar)
+        parts = []
+        for i in range(len(self.layers)):
+            sp, sl, sq = s[3 * i], s[3 * i + 1], s[3 * i + 2]  # (out, r), (r,), (r, in)
+            parts.append(sl + sp.mean(0) + sq.mean(1))
+        return torch.cat(parts)
+
+    def update_and_allocate(self, step: int) -> Allocation | None:
+        """Call after every optimizer step (``step`` = optimizer steps done), before zero_grad."""
+        if self.fixed:
+            if self.cfg.shrink == "never":
+                with torch.no_grad():
+                    torch._foreach_mul_([lay.lam for lay in self.layers], self._mask_views)
+            return None
+        if step <= self.final_step:
+            self.update_scores()
+        if step >= self.final_step:
+            self.fixed = True
+            return self.allocate(step, self.target_budget, final=True)
+        if step > self.warmup_steps and step % self.cfg.mask_interval == 0:
+            return self.allocate(step, self.budget_at(step), final=False)
+        return None
+
+    @torch.no_grad()
+    def allocate(self, step: int, budget: int, final: bool) -> Allocation:
+        """Keep the best triplets within ``budget`` (one global top-k) and zero the others' λ."""
+        scores = self.triplet_scores()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Gradients are already averaged by DDP; averaging the scores too makes the masks
+            # bit-identical on every rank whatever the reduction order.
+            torch.distributed.all_reduce(scores, op=torch.distributed.ReduceOp.AVG)
+        n, cfg = len(self.layers), self.cfg
+        neg_inf = torch.tensor(float("-inf"), device=scores.device, dtype=scores.dtype)
+        padded = torch.full((n, self.rmax), float("-inf"), device=scores.device, dtype=scores.dtype)
+        padded[self._rows, self._cols] = scores
+        if cfg.min_rank > 0 or cfg.max_rank is not None:
+            order = padded.argsort(dim=1, descending=True)
+            position = torch.empty_like(order)
+            position.scatter_(1, order, torch.arange(self.rmax, device=order.device).expand(n, -1))
+            if cfg.max_rank is not None:
+                padded = torch.where(position >= cfg.max_rank, neg_inf, padded)
+            padded = torch.where((position < cfg.min_rank) & self._valid, -neg_inf, padded)
+        padded = torch.where(self._valid, padded, neg_inf)
+        flat = padded.flatten()
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        if self.param_budget:
+            order = flat.argsort(descending=True)
+            spent = self._cost2d.flatten()[order].cumsum(0)
+            chosen = order[(spent <= budget) & (flat[order] > float("-inf"))]
+            keep[chosen] = True
+        else:
+            k = min(budget, int((flat > float("-inf")).sum()))  # max_rank may hold fewer than b(t)
+            keep[flat.topk(k).indices] = True
+        keep = keep.view(n, self.rmax) & self._valid
+        mask = keep[self._rows, self._cols].to(scores.dtype)
+        masks = torch.split(mask, self._ranks)
+        torch._foreach_mul_([lay.lam for lay in self.layers], list(masks))
+        self._mask.copy_(mask)
+        ranks = keep.sum(1).tolist()  # the one host sync of an allocation
+        shrink = cfg.shrink == "every" or (final and cfg.shrink == "final")
+        return Allocation(
+            step=step,
+            budget=budget,
+            kept=sum(ranks),
+            kept_params=sum(r * (lay.out_features + lay.in_features + 1) for r, lay in zip(ranks, self.layers)),
+            ranks=dict(zip(self.names, ranks)),
+            final=final,
+            shrink=shrink,
+        )
+
+    # ---------------------------------------------------------------- shrinking
+    @torch.no_grad()
+    def shrink_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Physically remove the masked triplets from the layers, the optimizer state
+        (AdamW moments sliced alike) and the importance buffers. Outputs are unchanged:
+        masked triplets have λ = 0."""
+        keep_idx = [m.nonzero().squeeze(1) for m in self._mask_views]
+        ibar, ubar = [], []
+        for i, (lay, idx) in enumerate(zip(self.layers, keep_idx)):
+            for j, (old, new, dim, index) in enumerate(lay.shrink_(idx)):
+                ibar.append(self.ibar[3 * i + j].index_select(dim, index))
+                ubar.append(self.ubar[3 * i + j].index_select(dim, index))
+                if optimizer is not None:
+                    replace_param(optimizer, old, new, dim, index)
+        self._rebuild(ibar, ubar)
+
+    def shrink_to(self, ranks: dict[str, int]) -> None:
+        """Give each layer the shape of a saved allocation (before loading a checkpoint)."""
+        for name, lay in zip(self.names, self.layers):
+            if lay.rank != ranks[name]:
+                lay.shrink_(torch.arange(ranks[name], device=lay.lam.device))
+        self._rebuild()
+
+    # ---------------------------------------------------------------- state
+    def ranks(self) -> dict[str, int]:
+        return dict(zip(self.names, self._ranks))
+
+    def state_dict(self) -> dict:
+        return {
+            "ibar": self._ibar_flat.clone(),
+            "ubar": self._ubar_flat.clone(),
+            "mask": self._mask.clone(),
+            "fixed": self.fixed,
+            "ranks": self.ranks(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["ranks"] != self.ranks():
+            self.shrink_to(state["ranks"])
+        self._ibar_flat.copy_(state["ibar"])
+        self._ubar_flat.copy_(state["ubar"])
+        self._mask.copy_(state["mask"])
+        self.fixed = state["fixed"]
+
+
+def replace_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int, index) -> None:
+    """Swap ``old`` for ``new`` in the optimizer, slicing every per-element state tensor."""
+    for group in optimizer.param_groups:
+        for k, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][k] = new
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {
+            key: v.index_select(dim, index) if torch.is_tensor(v) and v.shape == old.shape else v
+            for key, v in state.items()
+        }

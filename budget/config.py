@@ -1,0 +1,200 @@
+"""The one schema of a run: nested dataclasses that hold every default.
+
+Hydra YAML under ``configs/`` only holds named presets and experiments; the CLI only
+overrides. ``resolve(cfg)`` turns a composed Hydra config into these dataclasses and
+``validate(run)`` checks every cross-field rule before any model or data is loaded, with
+an error that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The backbone.
+
+    ``name`` is ``minilm`` (the packaged all-MiniLM-L6-v2, no network needed), any
+    HuggingFace hub id (``bert-base-uncased``, ``microsoft/deberta-v3-base``) or local
+    path, or a tiny random-weight model built from a config for tests: ``tiny-bert``,
+    ``tiny-roberta``, ``tiny-deberta``, ``tiny-gpt2``, ``tiny-llama``.
+    """
+
+    name: str = "minilm"
+    revision: Optional[str] = None
+    # Also train the freshly initialised task head (classifier / score), as peft's
+    # modules_to_save does for sequence classification: a frozen random head cannot learn.
+    train_head: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The task.
+
+    ``task`` is a packaged task (``mr`` binary movie-review polarity, ``tweets``,
+    ``amazon``, ``nyt`` sentiment regression; real human-rated data fetched from the
+    ``vaderSentiment==3.3.2`` sdist on first use), an HF hub dataset (``glue/sst2``,
+    ``glue/stsb``, ``imdb``), or ``csv`` / ``jsonl`` with ``path`` set to a local file or a
+    folder holding ``train`` / ``dev`` (``validation``) / ``test`` files.
+    """
+
+    task: str = "mr"
+    path: Optional[str] = None
+    # Column names for hub and local data; None picks the known GLUE columns or "text".
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    # Regression when the label is a real number; None infers it from the task / labels.
+    regression: Optional[bool] = None
+    max_length: int = 64
+    # Fixed seeded splits for tasks that ship without them (the packaged ones).
+    split_seed: int = 0
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    cache_dir: Optional[str] = None  # default: $ADABUDGET_CACHE or ~/.cache/adabudget
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop. Steps are optimizer steps (after gradient accumulation)."""
+
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # T; inferred from the data and epochs when None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06  # linear LR warmup, then linear decay to 0
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: int = 100  # also evaluates at the end; 0 = only at the end
+    eval_batch_size: int = 128
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0 = only at the end (needed for resume)
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    num_threads: Optional[int] = None
+    progress: bool = True
+    # Simulated pre-emption for tests: save a checkpoint after this step and stop.
+    stop_after_step: Optional[int] = None
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = False
+    project: str = "adabudget"
+    entity: Optional[str] = None
+    # offline unless the user set WANDB_MODE; a missing network never blocks a run.
+    mode: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # One of the method dataclasses of budget.methods (AdaLoRAConfig, LoRAConfig, ...).
+    method: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_name: str = "default"  # runs land in <runs_root>/<run_name>/<timestamp>
+    runs_root: str = "runs"
+    run_dir: Optional[str] = None  # default: <runs_root>/<run_name>/<YYYY-mm-dd_HH-MM-SS>
+    resume: Optional[str] = None  # a run folder to continue
+    export_adapter: bool = True  # write adapter/ in peft's LoRA format
+    export_merged: bool = False  # also write merged/ as a plain HF checkpoint
+
+
+def _check(cond: bool, fld: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{fld}: {msg}")
+
+
+def resolve(cfg: Any) -> RunConfig:
+    """Turn a composed Hydra/OmegaConf config (or a plain dict, or a RunConfig) into
+    the dataclasses, with the method section built by its registered dataclass."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from budget.methods import method_config_from_dict
+
+    if isinstance(cfg, RunConfig):
+        run = dataclasses.replace(cfg)
+    else:
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = dict(cfg)
+        cfg.pop("hydra", None)
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(cfg) - known)
+        _check(not unknown, ", ".join(unknown), f"unknown top-level key(s); known: {sorted(known)}")
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "logger": LoggerConfig}
+        kwargs = {}
+        for key, value in cfg.items():
+            if key in sections:
+                kwargs[key] = _build(sections[key], value or {}, key)
+            else:
+                kwargs[key] = value
+        run = RunConfig(**kwargs)
+    if run.method is None or isinstance(run.method, dict):
+        run.method = method_config_from_dict(run.method or {"name": "adalora"})
+    return run
+
+
+def _build(cls, values: Any, prefix: str):
+    if isinstance(values, cls):
+        return values
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    _check(not unknown, f"{prefix}.{unknown[0]}" if unknown else prefix, f"unknown key; known keys: {sorted(names)}")
+    return cls(**values)
+
+
+def validate(run: RunConfig) -> None:
+    """Cross-field checks that need no model or data. Raises ConfigError."""
+    t, d = run.train, run.data
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.epochs > 0 or t.max_steps, "train.epochs", "must be > 0 (or set train.max_steps)")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1 or null, got {t.max_steps}")
+    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)")
+    _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
+    _check(0 < d.dev_fraction < 1, "data.dev_fraction", f"must be in (0, 1), got {d.dev_fraction}")
+    _check(0 <= d.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {d.test_fraction}")
+    _check(
+        d.dev_fraction + d.test_fraction < 0.9,
+        "data.dev_fraction",
+        f"dev_fraction + test_fraction = {d.dev_fraction + d.test_fraction:g} leaves too little "
+        "to train on; keep the sum below 0.9",
+    )
+    for key in ("max_train_samples", "max_eval_samples"):
+        v = getattr(d, key)
+        _check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
+    _check(d.task in ("csv", "jsonl") or d.path is None or d.task != "", "data.task", "empty task name")
+    _check(
+        d.task not in ("csv", "jsonl") or bool(d.path),
+        "data.path",
+        f"data.task={d.task} reads a local file: set data.path=/path/to/file.{d.task} (or a folder)",
+    )
+    _check(run.logger.mode in (None, "offline", "online", "disabled"), "logger.mode", "use offline | online | disabled")
+    validate_method = getattr(run.method, "validate", None)
+    if validate_method is not None:
+        validate_method()
+
+
+def to_dict(run: RunConfig) -> dict:
+    """Plain nested dict (for config.yaml, W&B, the result record)."""
+    out = dataclasses.asdict(run)
+    out["method"] = dataclasses.asdict(run.method)
+    return out

@@ -1,0 +1,195 @@
+"""AdaLoRA: SVD-parameterised low-rank updates with an adaptive global rank budget.
+
+Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023.
+Each adapted weight becomes W = W0 + s * P diag(λ) Q (eq. 3), P (out x r), λ (r), Q (r x in).
+The triplets (P_:i, λ_i, Q_i:) are scored and pruned by ``budget.allocator.RankAllocator``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from budget.config import ConfigError
+from budget.models import find_targets, linear_shape, resolve_targets, set_module
+
+SCORES = ("adalora", "sensitivity", "magnitude")
+SHRINK = ("final", "every", "never")
+
+
+@dataclass
+class AdaLoRAConfig:
+    """AdaLoRA knobs; the paper symbol is in each comment.
+
+    Worked example of the schedule (defaults on the packaged ``mr`` task, T = 265 steps,
+    36 adapted matrices): b(0) = 12 * 36 = 432 triplets, b(T) = 8 * 36 = 288;
+    t_i = 0.1 T = 26, t_f = 0.3 T = 80; every ΔT = 10 steps between them the budget
+    follows the cubic decay; at step 185 the pattern is fixed at 288 and the pruned
+    triplets are physically removed.
+    """
+
+    name: str = "adalora"
+    target_modules: Optional[list] = None  # regex name suffixes; None = architecture default
+    init_r: int = 12  # initial rank of every matrix; b(0) = init_r x #matrices
+    target_r: float = 8.0  # average final rank per matrix: b(T) = target_r x #matrices
+    target_total_rank: Optional[int] = None  # b(T) as a total rank instead of target_r
+    target_params: Optional[int] = None  # b(T) as adapter parameters (each triplet costs out + in + 1)
+    min_rank: int = 0  # per-matrix floor kept by every allocation (0 lets a matrix vanish)
+    max_rank: Optional[int] = None  # per-matrix cap, None = init_r
+    warmup_steps: float = 0.1  # t_i: steps (>= 1) or fraction of T (< 1) before any pruning
+    final_steps: float = 0.3  # t_f: steps or fraction of T trained at the fixed final pattern
+    mask_interval: int = 10  # ΔT: steps between two allocations
+    beta1: float = 0.85  # β1: EMA of sensitivity (eq. 8)
+    beta2: float = 0.85  # β2: EMA of uncertainty (eq. 9)
+    score: str = "adalora"  # adalora (Ī·Ū, eq. 7) | sensitivity (Ī) | magnitude (|λ|): Tables 4-5
+    orth_reg_weight: float = 0.5  # γ (eq. 4 weight)
+    orth_squared: bool = True  # ||·||_F^2 as eq. 4 prints; False = peft's unsquared norm
+    alpha: Optional[float] = None  # scale numerator; None = 2 * init_r (scaling 2, see ``SVDLinear``)
+    rslora: bool = False  # scale by alpha / sqrt(init_r) instead of alpha / init_r
+    dropout: float = 0.0
+    shrink: str = "final"  # remove pruned triplets: at the final allocation | at every one | never
+    layers: Optional[list] = None  # restrict to these block indices (None = all)
+
+    def validate(self) -> None:
+        def check(cond, fld, msg):
+            if not cond:
+                raise ConfigError(f"method.{fld}: {msg}")
+
+        check(self.init_r >= 1, "init_r", f"must be >= 1, got {self.init_r}")
+        n_targets = sum(v is not None for v in (self.target_total_rank, self.target_params))
+        check(n_targets <= 1, "target_total_rank", "set at most one of target_total_rank and target_params")
+        if n_targets == 0:
+            check(
+                0 < self.target_r < self.init_r,
+                "target_r",
+                f"the final average rank must be in (0, init_r={self.init_r}), got {self.target_r}; "
+                "raise method.init_r or lower method.target_r",
+            )
+        check(self.target_total_rank is None or self.target_total_rank > 0, "target_total_rank", "must be > 0")
+        check(self.target_params is None or self.target_params > 0, "target_params", "must be > 0")
+        check(0 <= self.min_rank <= self.init_r, "min_rank", f"must be in [0, init_r={self.init_r}]")
+        check(
+            self.max_rank is None or self.min_rank <= self.max_rank,
+            "max_rank",
+            f"must be >= min_rank={self.min_rank} (or null for init_r)",
+        )
+        check(self.mask_interval >= 1, "mask_interval", f"ΔT must be >= 1, got {self.mask_interval}")
+        check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        check(self.score in SCORES, "score", f"unknown score '{self.score}'; use one of {SCORES}")
+        check(self.shrink in SHRINK, "shrink", f"unknown '{self.shrink}'; use one of {SHRINK}")
+        check(self.orth_reg_weight >= 0, "orth_reg_weight", "must be >= 0")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (steps, or a fraction of T below 1)")
+        check(self.final_steps >= 0, "final_steps", "must be >= 0 (steps, or a fraction of T below 1)")
+
+
+class SVDLinear(nn.Module):
+    """y = W0 x + b + s * P diag(λ) Q x  (AdaLoRA eq. 3), wrapping a frozen linear layer.
+
+    Init: λ = 0, so the wrapped layer computes exactly the pretrained function at step 0;
+    P has orthonormal columns and Q orthonormal rows, i.e. the factors start on the
+    manifold that the orthogonal penalty (eq. 4) pulls them to, and λ are then true
+    singular values of ΔW / s. peft draws P, Q ~ N(0, 0.02) instead, which makes each
+    λ_i act on ΔW through |P_:i||Q_i:| ~ 0.1-0.3 and so needs a 4x larger learning rate
+    than LoRA (REFERENCE.md); unit-norm factors train at LoRA's learning rates.
+
+    Scaling s = alpha / r_initial, fixed for the whole run (rslora: alpha / sqrt(r_initial)).
+    It is not tied to the current rank: pruning zeroes λ_i, and rescaling the surviving
+    triplets by r_init / r_now would jump the function at every allocation (the author
+    reports it hurt, QingruZhang/AdaLoRA#12).
+    """
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base)
+        weight = base.weight
+        dev, dt = weight.device, torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.P = nn.Parameter(torch.empty(self.out_features, r, device=dev, dtype=dt))  # (out, r)
+        self.lam = nn.Parameter(torch.zeros(r, device=dev, dtype=dt))  # (r,) Λ
+        self.Q = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))  # (r, in)
+        nn.init.orthogonal_(self.P)
+        nn.init.orthogonal_(self.Q)
+        self.scaling = scaling
+        self.r_initial = r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def rank(self) -> int:
+        return self.lam.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.rank == 0:
+            return out
+        h = F.linear(self.dropout(x).to(self.Q.dtype), self.Q)  # (..., r)
+        h = h * (self.lam * self.scaling)
+        return out + F.linear(h, self.P).to(out.dtype)  # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in nn.Linear layout (out, in)."""
+        return self.scaling * (self.P * self.lam) @ self.Q
+
+    @torch.no_grad()
+    def shrink_(self, keep: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]]:
+        """Keep only the triplets ``keep`` (indices); returns (old, new, dim, index) per factor."""
+        moves = []
+        for name, dim in (("P", 1), ("lam", 0), ("Q", 0)):
+            old = getattr(self, name)
+            new = nn.Parameter(old.index_select(dim, keep).clone(), requires_grad=old.requires_grad)
+            setattr(self, name, new)
+            moves.append((old, new, dim, keep))
+        return moves
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}/{self.r_initial}, s={self.scaling:g}"
+
+
+def scaling_of(cfg: AdaLoRAConfig) -> float:
+    alpha = cfg.alpha if cfg.alpha is not None else 2.0 * cfg.init_r
+    return alpha / (math.sqrt(cfg.init_r) if cfg.rslora else cfg.init_r)
+
+
+def apply(model: nn.Module, cfg: AdaLoRAConfig, layers: list[int] | None = None) -> dict[str, SVDLinear]:
+    """Wrap the target linear layers in ``SVDLinear``; returns {module name: wrapper}."""
+    layers = layers if layers is not None else cfg.layers
+    patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
+    wrapped = {}
+    for name in find_targets(model, patterns, "method.target_modules", layers):
+        base = model.get_submodule(name)
+        base.requires_grad_(False)
+        wrapped[name] = SVDLinear(base, cfg.init_r, scaling_of(cfg), cfg.dropout)
+        set_module(model, name, wrapped[name])
+    return wrapped
+
+
+def orth_penalty(layers: list[SVDLinear], squared: bool = True) -> torch.Tensor:
+    """R(P, Q) = ||PᵀP - I||²_F + ||QQᵀ - I||²_F, averaged over the adapted matrices (eq. 4).
+
+    ``squared=False`` gives peft's and the original code's unsquared Frobenius norms.
+    Factors of equal shape are stacked so the whole penalty is a few batched matmuls.
+    """
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for layer in layers:
+        if layer.rank == 0:
+            continue
+        groups.setdefault(("P", *layer.P.shape), []).append(layer.P)
+        groups.setdefault(("Q", *layer.Q.shape), []).append(layer.Q)
+    total = None
+    for (kind, *_), mats in groups.items():
+        m = torch.stack(mats)  # (n, out, r) or (n, r, in)
+        gram = m.transpose(1, 2) @ m if kind == "P" else m @ m.transpose(1, 2)  # (n, r, r)
+        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+        diff = gram - eye
+        # matrix_norm's backward is defined (zero) at a zero matrix, where sqrt's is not.
+        part = diff.pow(2).sum() if squared else torch.linalg.matrix_norm(diff).sum()
+        total = part if total is None else total + part
+    if total is None:
+        return torch.zeros(())
+    return total / max(1, len(layers) if squared else 2 * len(layers))  # peft: mean over every P and Q

