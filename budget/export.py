@@ -1,0 +1,309 @@
+"""Getting a trained model out: a peft LoRA adapter, a merged HF checkpoint, trainable-only state dicts.
+
+An AdaLoRA layer computes W0 x + s P diag(λ) Q x (eq. 3), which is a LoRA layer
+W0 x + (alpha / r) B A x with A = Q, B = s P diag(λ), r = the layer's rank (triplets
+with λ_i = 0 dropped) and alpha = r. So a trained AdaLoRA model exports as a plain peft LoRA adapter with a
+per-module ``rank_pattern``, loadable with ``peft.PeftModel.from_pretrained`` and no
+AdaLoRA code at all. Our LoRA layers export the same way (B = s B, alpha = r).
+
+peft is not imported here (it is a dev dependency): the JSON and the safetensors keys are
+written by hand, in the format peft 0.13 - 0.21 writes and reads:
+
+- ``adapter_config.json``: ``peft_type: LORA``; ``target_modules`` is a list of full module
+  names (peft matches a list entry by ``name == t or name.endswith("." + t)``);
+  ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched as ``(.*\\.)?(key)$``,
+  first match wins; a module of rank 0 cannot be listed at all (peft fails on r = 0,
+  huggingface/peft#1539), and leaving it out is exact since its ΔW = 0.
+- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, in) and
+  ``...lora_B.weight`` (out, r), also for GPT-2's Conv1D (``fan_in_fan_out`` only
+  changes how peft merges); ``modules_to_save`` modules (the task head) are stored under
+  their plain names, ``base_model.model.classifier.weight``, without the
+  ``modules_to_save.default`` infix they have in memory. peft wraps every module whose
+  name ends (as a string) in a ``modules_to_save`` entry, and for ``SEQ_CLS`` /
+  ``TOKEN_CLS`` always adds ``classifier`` and ``score``; it raises a KeyError on load if
+  a wrapped module's weights are missing from the file, so all of them are written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from budget.methods.adalora import SVDLinear
+from budget.methods.lora import LoRALinear
+from budget.models import HEAD_NAMES, set_module
+
+PEFT_PREFIX = "base_model.model."
+# Heads peft adds to modules_to_save by itself for these task types (peft_model.py).
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def export_peft_adapter(
+    model: nn.Module,
+    wrapped: dict[str, nn.Module],
+    out_dir: str | Path,
+    base_model_name_or_path: str,
+    task_type: str = "SEQ_CLS",
+) -> dict:
+    """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors`` in peft's LoRA format.
+
+    ``peft.PeftModel.from_pretrained(base, out_dir)``, with ``base`` the backbone as it was
+    before the method was applied, then computes the same function as ``model``: every
+    adapted module with ΔW != 0 becomes a LoRA layer with ΔW = B A exactly, and the task head
+    (``classifier`` / ``score``) is saved as a peft ``modules_to_save`` module.
+
+    Args:
+        model: the model holding the ``SVDLinear`` / ``LoRALinear`` wrappers.
+        wrapped: {module name: wrapper}, as returned by ``apply_method``.
+        out_dir: folder to write (created if missing).
+        base_model_name_or_path: recorded in the config (``AutoPeftModel`` loads it).
+        task_type: peft task type; ``SEQ_CLS`` for our sequence-classification models.
+
+    Returns:
+        {"path", "modules": {name: exported rank}, "pruned": [rank-0 modules left out],
+        "modules_to_save": [head modules], "adapter_params", "head_params", "params"}.
+
+    Raises:
+        ValueError: nothing to export (no adapter, or every module pruned to rank 0), a
+            trainable parameter the adapter cannot carry, or a module name that peft's
+            matching rules would resolve to the wrong module.
+    """
+    adapters = _adapters(wrapped)
+    for name, layer in adapters.items():
+        if not isinstance(layer, (SVDLinear, LoRALinear)):
+            raise ValueError(f"{name}: {type(layer).__name__} has no peft LoRA equivalent; use save_merged")
+    if not adapters:
+        raise ValueError("no adapter layers to export (full fine-tuning?); use save_merged instead")
+    with torch.no_grad():
+        factors = {name: _lora_factors(layer) for name, layer in adapters.items()}
+    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
+    kept = {name: r for name, r in ranks.items() if r > 0}
+    pruned = sorted(name for name, r in ranks.items() if r == 0)
+    if not kept:
+        raise ValueError(
+            "every adapted module has rank 0 (pruned, or all λ = 0): ΔW = 0, the base model is the result"
+        )
+
+    names = _base_module_names(model, adapters)
+    heads = sorted({n.rpartition(".")[2] for n in names if n.rpartition(".")[2] in HEAD_NAMES})
+    # Every module peft will wrap as modules_to_save must have its weights in the file.
+    suffixes = tuple(heads) + TASK_HEADS.get(task_type, ())
+    saved = [n for n in names if n and suffixes and n.endswith(suffixes)]
+    _check_trainable_covered(model, adapters, saved)
+
+    # Most modules share one rank; only the others need a pattern entry. alpha = r: scale 1.
+    r_default = Counter(kept.values()).most_common(1)[0][0]
+    pattern = {name: r for name, r in sorted(kept.items()) if r != r_default}
+    dropouts = [getattr(adapters[n].dropout, "p", 0.0) for n in kept]
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": r_default,
+        "lora_alpha": r_default,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(kept),
+        "modules_to_save": heads or None,
+        "fan_in_fan_out": any(adapters[n].fan_in_fan_out for n in kept),
+        "lora_dropout": max(dropouts),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    _check_peft_matching(names, config, kept, suffixes)
+
+    tensors, adapter_params = {}, 0
+    for name in sorted(kept):
+        a, b = factors[name]
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a  # (r, in)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b  # (out, r)
+        adapter_params += a.numel() + b.numel()
+    head_params = 0
+    for name in saved:
+        for key, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
+            head_params += value.numel()
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return {
+        "path": str(out),
+        "modules": dict(sorted(kept.items())),
+        "pruned": pruned,
+        "modules_to_save": saved,
+        "adapter_params": adapter_params,
+        "head_params": head_params,
+        "params": adapter_params + head_params,
+    }
+
+
+@torch.no_grad()
+def merge_into_base(model: nn.Module, wrapped: dict[str, nn.Module]) -> nn.Module:
+    """Fold every ΔW into its frozen base weight and put the base module back, in place.
+
+    W0 += s P diag(λ) Q (AdaLoRA) or s B A (LoRA); GPT-2's Conv1D stores W as (in, out),
+    so ΔW is transposed there. The wrappers in ``wrapped`` are detached from ``model``
+    afterwards. Returns ``model``.
+    """
+    for name, layer in _adapters(wrapped).items():
+        if model.get_submodule(name) is not layer:
+            raise ValueError(f"{name}: not the wrapper of this model (already merged?)")
+        base = layer.base
+        if layer.rank > 0:
+            delta = layer.delta_weight()  # (out, in)
+            if layer.fan_in_fan_out:
+                delta = delta.T  # (in, out)
+            base.weight.add_(delta.to(base.weight.dtype))
+        set_module(model, name, base)
+    return model
+
+
+def save_merged(model: nn.Module, wrapped: dict[str, nn.Module], out_dir: str | Path, tokenizer=None) -> Path:
+    """Save a merged copy as a plain HF checkpoint (``AutoModelFor*.from_pretrained`` loads it).
+
+    ``model`` itself is left untouched: a deep copy is merged and saved, with the tokenizer
+    when given. Works for full fine-tuning too (nothing to merge).
+    """
+    names = list(_adapters(wrapped))
+    merged = copy.deepcopy(model)
+    merge_into_base(merged, {name: merged.get_submodule(name) for name in names})
+    out = Path(out_dir)
+    merged.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters with ``requires_grad`` (adapter factors and head), detached and contiguous.
+
+    The tensors share storage with the model; ``safetensors.torch.save_file`` accepts them.
+    """
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (from ``trainable_state_dict``) into ``model``'s trainable parameters in place.
+
+    The keys must be exactly the trainable parameters of ``model``. AdaLoRA layers must
+    already have the saved ranks: shrink them first (``RankAllocator.load_state_dict`` or
+    ``RankAllocator.shrink_to``).
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"trainable state dict does not fit this model: missing {_few(missing)}, "
+            f"unexpected {_few(unexpected)}"
+        )
+    for name, p in params.items():
+        value = state[name]
+        if value.shape != p.shape:
+            raise ValueError(
+                f"{name}: saved shape {tuple(value.shape)} != model shape {tuple(p.shape)}; "
+                "give the AdaLoRA layers the saved ranks first (RankAllocator.load_state_dict / shrink_to)"
+            )
+        p.copy_(value)
+
+
+# ---------------------------------------------------------------- helpers
+def _few(names: list[str], n: int = 5) -> str:
+    return f"{names[:n]}{' ...' if len(names) > n else ''}"
+
+
+def _adapters(wrapped: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The wrapper layers of ``wrapped``; full fine-tuning's {"": model} has none."""
+    layers = {}
+    for name, layer in wrapped.items():
+        if name == "":
+            continue
+        if not (hasattr(layer, "delta_weight") and hasattr(layer, "base")):
+            raise TypeError(
+                f"{name}: {type(layer).__name__} is not an adapter wrapper (needs base, delta_weight)"
+            )
+        layers[name] = layer
+    return layers
+
+
+def _base_module_names(model: nn.Module, adapters: dict[str, nn.Module]) -> list[str]:
+    """Module names of the backbone as it was before wrapping (a wrapper's name is its base's)."""
+    inside = tuple(f"{name}." for name in adapters)
+    return [name for name, _ in model.named_modules() if not (inside and name.startswith(inside))]
+
+
+def _lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B A = ΔW exactly, scale folded into B: (r, in), (out, r), on the CPU.
+
+    AdaLoRA triplets with λ_i = 0 (masked but not physically removed, ``shrink: never``)
+    add nothing to ΔW and are left out, so r is the effective rank.
+    """
+    if isinstance(layer, SVDLinear):
+        keep = layer.lam.nonzero().squeeze(1)
+        a = layer.Q[keep]  # (r, in)
+        b = layer.P[:, keep] * (layer.lam[keep] * layer.scaling)  # (out, r)
+    else:
+        a, b = layer.A, layer.B * layer.scaling
+    return a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+
+
+def _check_trainable_covered(model: nn.Module, adapters: dict[str, nn.Module], saved: list[str]) -> None:
+    """Every trainable parameter is an adapter factor or in a saved head, or the export would drop it."""
+    covered = {f"{name}." for name in adapters} | {f"{name}." for name in saved}
+    dropped = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and not any(name.startswith(prefix) for prefix in covered)
+    ]
+    if dropped:
+        raise ValueError(
+            f"trainable parameters outside the adapters and the head cannot go into a LoRA adapter: "
+            f"{_few(dropped)}; use save_merged"
+        )
+
+
+def _check_peft_matching(
+    names: list[str], config: dict, kept: dict[str, int], heads: tuple[str, ...]
+) -> None:
+    """Replay peft's name matching on the backbone: exactly ``kept`` is adapted, each at its rank."""
+    targets = config["target_modules"]
+
+    def adapted(name: str) -> bool:
+        # check_target_module_exists: modules_to_save wins, then exact name or "." suffix.
+        if any(re.match(rf"(^|.*\.){h}($|\..*)", name) for h in heads):
+            return False
+        return name in targets or any(name.endswith(f".{t}") for t in targets)
+
+    matched = {name for name in names if name and adapted(name)}
+    if matched != set(kept):
+        raise ValueError(
+            f"peft would adapt {sorted(matched - set(kept))} and skip {sorted(set(kept) - matched)}; "
+            "module names collide with peft's suffix matching"
+        )
+    for name, r in kept.items():
+        # get_pattern_key: the first key matching as a regex suffix.
+        key = next((k for k in config["rank_pattern"] if re.match(rf"(.*\.)?({k})$", name)), None)
+        if config["rank_pattern"].get(key, config["r"]) != r:
+            raise ValueError(
+                f"{name}: peft would resolve its rank through rank_pattern key {key!r}, not to {r}"
+            )
