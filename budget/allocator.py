@@ -66,7 +66,9 @@ class RankAllocator:
         self.final_step = total_steps - self.final_steps  # T - t_f: first step of the fixed pattern
         # A triplet costs one rank, or its out + in + 1 parameters when the budget is in parameters.
         self.param_budget = cfg.target_params is not None
-        self.costs = [(lay.out_features + lay.in_features + 1) if self.param_budget else 1 for lay in self.layers]
+        self.costs = [
+            (lay.out_features + lay.in_features + 1) if self.param_budget else 1 for lay in self.layers
+        ]
         self.initial_budget = sum(c * lay.rank for c, lay in zip(self.costs, self.layers))  # b(0)
         if cfg.target_params is not None:
             self.target_budget = int(cfg.target_params)
@@ -107,7 +109,9 @@ class RankAllocator:
     def _factors(self) -> list[nn.Parameter]:
         return [p for lay in self.layers for p in (lay.P, lay.lam, lay.Q)]
 
-    def _rebuild(self, ibar: list[torch.Tensor] | None = None, ubar: list[torch.Tensor] | None = None) -> None:
+    def _rebuild(
+        self, ibar: list[torch.Tensor] | None = None, ubar: list[torch.Tensor] | None = None
+    ) -> None:
         """(Re)allocate the flat buffers and per-factor views; run once, and after a shrink."""
         params = self._factors()
         self.params = params
@@ -126,11 +130,15 @@ class RankAllocator:
         ranks = [lay.rank for lay in self.layers]
         self.rmax = max(ranks) if ranks else 0
         # Where each triplet sits in the padded (modules, rmax) score matrix.
-        self._rows = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r in enumerate(ranks)]).to(device)
+        self._rows = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r in enumerate(ranks)]).to(
+            device
+        )
         self._cols = torch.cat([torch.arange(r) for r in ranks]).to(device)
         self._valid = torch.zeros(len(ranks), self.rmax, dtype=torch.bool, device=device)
         self._valid[self._rows, self._cols] = True
-        self._cost2d = torch.tensor(self.costs, device=device, dtype=torch.long)[:, None].expand(-1, self.rmax)
+        self._cost2d = torch.tensor(self.costs, device=device, dtype=torch.long)[:, None].expand(
+            -1, self.rmax
+        )
         self._ranks = ranks
         self._mask = torch.ones(sum(ranks), device=device, dtype=dtype)  # fixed pattern when shrink=never
         self._mask_views = list(torch.split(self._mask, ranks))
@@ -138,16 +146,20 @@ class RankAllocator:
     # ---------------------------------------------------------------- per step
     def budget_at(self, step: int) -> int:
         return budget_at(
-            step, self.initial_budget, self.target_budget, self.warmup_steps, self.final_steps, self.total_steps
+            step,
+            self.initial_budget,
+            self.target_budget,
+            self.warmup_steps,
+            self.final_steps,
+            self.total_steps,
         )
 
     @torch.no_grad()
     def update_scores(self) -> None:
         """Fold this step's sensitivity I = |θ ∇θ| into Ī and Ū (eq. 5, 8, 9). No host sync.
 
-        Ū uses the updated Ī(t) as eq. 9 prints. peft and the original code use Ī(t-1);
-        since I - Ī(t) = β1 (I - Ī(t-1)), our Ū is exactly β1 times theirs, every score
-        s = Ī Ū is scaled by the same β1, and the allocation is identical.
+        Ū uses the updated Ī(t), as eq. 9 prints and as peft and the original code do:
+        the EMAs and scores equal theirs (pinned in tests/test_allocator.py).
         """
         if self.cfg.score == "magnitude":
             return
@@ -230,7 +242,9 @@ class RankAllocator:
             step=step,
             budget=budget,
             kept=sum(ranks),
-            kept_params=sum(r * (lay.out_features + lay.in_features + 1) for r, lay in zip(ranks, self.layers)),
+            kept_params=sum(
+                r * (lay.out_features + lay.in_features + 1) for r, lay in zip(ranks, self.layers)
+            ),
             ranks=dict(zip(self.names, ranks)),
             final=final,
             shrink=shrink,
@@ -281,7 +295,9 @@ class RankAllocator:
         self.fixed = state["fixed"]
 
 
-def replace_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int, index) -> None:
+def replace_param(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int, index
+) -> None:
     """Swap ``old`` for ``new`` in the optimizer, slicing every per-element state tensor."""
     for group in optimizer.param_groups:
         for k, p in enumerate(group["params"]):

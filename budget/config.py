@@ -154,7 +154,11 @@ def _build(cls, values: Any, prefix: str):
         return values
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
-    _check(not unknown, f"{prefix}.{unknown[0]}" if unknown else prefix, f"unknown key; known keys: {sorted(names)}")
+    _check(
+        not unknown,
+        f"{prefix}.{unknown[0]}" if unknown else prefix,
+        f"unknown key; known keys: {sorted(names)}",
+    )
     return cls(**values)
 
 
@@ -165,7 +169,9 @@ def validate(run: RunConfig) -> None:
     _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(t.epochs > 0 or t.max_steps, "train.epochs", "must be > 0 (or set train.max_steps)")
-    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1 or null, got {t.max_steps}")
+    _check(
+        t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1 or null, got {t.max_steps}"
+    )
     _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)")
@@ -187,7 +193,11 @@ def validate(run: RunConfig) -> None:
         "data.path",
         f"data.task={d.task} reads a local file: set data.path=/path/to/file.{d.task} (or a folder)",
     )
-    _check(run.logger.mode in (None, "offline", "online", "disabled"), "logger.mode", "use offline | online | disabled")
+    _check(
+        run.logger.mode in (None, "offline", "online", "disabled"),
+        "logger.mode",
+        "use offline | online | disabled",
+    )
     validate_method = getattr(run.method, "validate", None)
     if validate_method is not None:
         validate_method()

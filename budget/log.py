@@ -89,7 +89,9 @@ class RunRecord:
                 modules = list(rows[-1]["ranks"])
                 table = wandb.Table(columns=["step", "budget", "kept", *modules])
                 for r in rows:
-                    table.add_data(r["step"], r["budget"], r["kept"], *[r["ranks"].get(m, 0) for m in modules])
+                    table.add_data(
+                        r["step"], r["budget"], r["kept"], *[r["ranks"].get(m, 0) for m in modules]
+                    )
                 self.wandb.log({"rank_table": table})
 
     def _wandb_call(self, fn, *args, **kwargs) -> None:
@@ -128,7 +130,9 @@ def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume: bool):
         run_id_file.write_text(run.id)
         return run
     except Exception as err:
-        warnings.warn(f"W&B mirror not started ({err}); the run folder still records everything", stacklevel=2)
+        warnings.warn(
+            f"W&B mirror not started ({err}); the run folder still records everything", stacklevel=2
+        )
         return None
 
 
@@ -156,7 +160,11 @@ def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],

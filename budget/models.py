@@ -93,7 +93,9 @@ def tiny_config(name: str, num_labels: int, regression: bool, pad_token_id: int 
     raise ConfigError(f"model.name={name}: unknown tiny model; known: {', '.join(TINY)}")
 
 
-def load_model(cfg: ModelConfig, num_labels: int, regression: bool, pad_token_id: int | None = None) -> nn.Module:
+def load_model(
+    cfg: ModelConfig, num_labels: int, regression: bool, pad_token_id: int | None = None
+) -> nn.Module:
     """A sequence-classification model (regression head when ``regression``)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 
-def budget_at(step: int, initial: int, target: int, warmup_steps: int, final_steps: int, total_steps: int) -> int:
+def budget_at(
+    step: int, initial: int, target: int, warmup_steps: int, final_steps: int, total_steps: int
+) -> int:
     """Global budget b(t) after ``step`` optimizer steps (AdaLoRA, Appendix A).
 
     Phases:
@@ -36,7 +38,9 @@ def steps_from(value: float, total_steps: int, field_name: str) -> int:
     if value < 1:
         return int(round(value * total_steps))
     if value != int(value):
-        raise ConfigError(f"{field_name}: {value} is neither a fraction of the steps (< 1) nor a whole step count")
+        raise ConfigError(
+            f"{field_name}: {value} is neither a fraction of the steps (< 1) nor a whole step count"
+        )
     return int(value)
 
 

@@ -34,7 +34,9 @@ def total_steps_for(run: RunConfig, n_train: int) -> int:
     """T in optimizer steps: ``train.max_steps``, or epochs x batches / grad_accum."""
     if run.train.max_steps:
         return run.train.max_steps
-    return max(1, math.ceil(run.train.epochs * num_batches(n_train, run.train.batch_size) / run.train.grad_accum))
+    return max(
+        1, math.ceil(run.train.epochs * num_batches(n_train, run.train.batch_size) / run.train.grad_accum)
+    )
 
 
 def check_schedule(method, total_steps: int) -> None:

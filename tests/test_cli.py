@@ -41,7 +41,13 @@ def test_main_job_command_shortened(tmp_path):
     """`adabudget train` from the README, shortened: tiny model, 24 steps."""
     main_job = quick_start_commands()[0].split("&&")[-1].split()
     assert main_job == ["adabudget", "train"]
-    shorten = ["model=tiny-bert", "debug=fast", "method.init_r=4", "method.target_r=2", f"runs_root={tmp_path}"]
+    shorten = [
+        "model=tiny-bert",
+        "debug=fast",
+        "method.init_r=4",
+        "method.target_r=2",
+        f"runs_root={tmp_path}",
+    ]
     proc = run_cli(main_job[1:] + shorten, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

@@ -8,7 +8,7 @@ The triplets (P_:i, λ_i, Q_i:) are scored and pruned by ``budget.allocator.Rank
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -70,7 +70,9 @@ class AdaLoRAConfig:
                 f"the final average rank must be in (0, init_r={self.init_r}), got {self.target_r}; "
                 "raise method.init_r or lower method.target_r",
             )
-        check(self.target_total_rank is None or self.target_total_rank > 0, "target_total_rank", "must be > 0")
+        check(
+            self.target_total_rank is None or self.target_total_rank > 0, "target_total_rank", "must be > 0"
+        )
         check(self.target_params is None or self.target_params > 0, "target_params", "must be > 0")
         check(0 <= self.min_rank <= self.init_r, "min_rank", f"must be in [0, init_r={self.init_r}]")
         check(
@@ -110,7 +112,10 @@ class SVDLinear(nn.Module):
         self.base = base
         self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base)
         weight = base.weight
-        dev, dt = weight.device, torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dev, dt = (
+            weight.device,
+            torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype,
+        )
         self.P = nn.Parameter(torch.empty(self.out_features, r, device=dev, dtype=dt))  # (out, r)
         self.lam = nn.Parameter(torch.zeros(r, device=dev, dtype=dt))  # (r,) Λ
         self.Q = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))  # (r, in)
