@@ -53,6 +53,16 @@ def check_schedule(method, total_steps: int) -> None:
         )
 
 
+def param_groups(model, method, lr: float) -> list[dict]:
+    """AdamW groups: AdaLoRA's λ at ``lr x method.lambda_lr_ratio``, everything else at ``lr``."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not isinstance(method, AdaLoRAConfig):
+        return [{"params": [p for _, p in trainable]}]
+    lam = [p for n, p in trainable if n.endswith(".lam")]
+    rest = [p for n, p in trainable if not n.endswith(".lam")]
+    return [{"params": rest}, {"params": lam, "lr": lr * method.lambda_lr_ratio}]
+
+
 def new_run_dir(run: RunConfig) -> Path:
     if run.run_dir:
         return Path(run.run_dir)
@@ -161,7 +171,9 @@ def train(cfg) -> dict:
 
     # 4. optimizer: AdamW with linear warm-up and decay over T optimizer steps
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, run.method, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay
+    )
     warmup = int(tc.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
 

@@ -51,6 +51,10 @@ class AdaLoRAConfig:
     orth_squared: bool = True  # ||·||_F^2 as eq. 4 prints; False = peft's unsquared norm
     alpha: Optional[float] = None  # scale numerator; None = 2 * init_r (scaling 2, see ``SVDLinear``)
     rslora: bool = False  # scale by alpha / sqrt(init_r) instead of alpha / init_r
+    # λ's learning rate is train.lr x this. λ starts at 0 and P, Q only get gradients
+    # through λ, so with one shared Adam lr the update starts r scalars per matrix slow
+    # while LoRA's B trains out x r entries from step 0 (as LoRA+ gives B a larger lr).
+    lambda_lr_ratio: float = 64.0
     dropout: float = 0.0
     shrink: str = "final"  # remove pruned triplets: at the final allocation | at every one | never
     layers: Optional[list] = None  # restrict to these block indices (None = all)
@@ -85,6 +89,7 @@ class AdaLoRAConfig:
         check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         check(self.score in SCORES, "score", f"unknown score '{self.score}'; use one of {SCORES}")
         check(self.shrink in SHRINK, "shrink", f"unknown '{self.shrink}'; use one of {SHRINK}")
+        check(self.lambda_lr_ratio > 0, "lambda_lr_ratio", "must be > 0 (1 = same lr as P and Q)")
         check(self.orth_reg_weight >= 0, "orth_reg_weight", "must be >= 0")
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (steps, or a fraction of T below 1)")
@@ -130,12 +135,19 @@ class SVDLinear(nn.Module):
         return self.lam.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        out = self.base(x2)  # (N, out), a fresh tensor that autograd does not save
         if self.rank == 0:
-            return out
-        h = F.linear(self.dropout(x).to(self.Q.dtype), self.Q)  # (..., r)
-        h = h * (self.lam * self.scaling)
-        return out + F.linear(h, self.P).to(out.dtype)  # (..., out)
+            return out.view(*x.shape[:-1], self.out_features)
+        h = F.linear(self.dropout(x2).to(self.Q.dtype), self.Q)  # (N, r)
+        # Λ is folded into P (out x r) rather than applied to the (N, r) activations, so only
+        # h is saved for backward; the sum and s are fused into one in-place GEMM on out.
+        p_lam = self.P * self.lam  # (out, r)
+        if out.dtype == p_lam.dtype:
+            out.addmm_(h, p_lam.t(), alpha=self.scaling)
+        else:
+            out = out + (self.scaling * (h @ p_lam.t())).to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in nn.Linear layout (out, in)."""
@@ -178,23 +190,67 @@ def orth_penalty(layers: list[SVDLinear], squared: bool = True) -> torch.Tensor:
     """R(P, Q) = ||PᵀP - I||²_F + ||QQᵀ - I||²_F, averaged over the adapted matrices (eq. 4).
 
     ``squared=False`` gives peft's and the original code's unsquared Frobenius norms.
-    Factors of equal shape are stacked so the whole penalty is a few batched matmuls.
+    Factors sharing their non-rank dimension are stacked (zero-padded to the largest rank
+    after a shrink), so the whole penalty is a few batched matmuls whatever the ranks.
     """
-    groups: dict[tuple, list[torch.Tensor]] = {}
+    groups: dict[tuple[str, int], list[torch.Tensor]] = {}
     for layer in layers:
         if layer.rank == 0:
             continue
-        groups.setdefault(("P", *layer.P.shape), []).append(layer.P)
-        groups.setdefault(("Q", *layer.Q.shape), []).append(layer.Q)
-    total = None
-    for (kind, *_), mats in groups.items():
-        m = torch.stack(mats)  # (n, out, r) or (n, r, in)
-        gram = m.transpose(1, 2) @ m if kind == "P" else m @ m.transpose(1, 2)  # (n, r, r)
-        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-        diff = gram - eye
-        # matrix_norm's backward is defined (zero) at a zero matrix, where sqrt's is not.
-        part = diff.pow(2).sum() if squared else torch.linalg.matrix_norm(diff).sum()
-        total = part if total is None else total + part
-    if total is None:
+        groups.setdefault(("P", layer.out_features), []).append(layer.P)
+        groups.setdefault(("Q", layer.in_features), []).append(layer.Q)
+    if not groups:
         return torch.zeros(())
+    total = sum(_OrthGroup.apply(kind == "P", squared, *mats) for (kind, _), mats in groups.items())
     return total / max(1, len(layers) if squared else 2 * len(layers))  # peft: mean over every P and Q
+
+
+class _OrthGroup(torch.autograd.Function):
+    """Σ_i ||G_i - I||_F (squared or not) over one group of factors, G_i = PᵢᵀPᵢ or QᵢQᵢᵀ.
+
+    Autograd through the stacked gram would run two batched matmuls and their sum in
+    backward; the closed form needs one: ∂||D||²/∂P = 4 P D and ∂||D||/∂P = 2 P D / ||D||
+    with D = PᵀP - I symmetric (for Q: 4 D Q and 2 D Q / ||D||), and 0 where ||D|| = 0,
+    as ``matrix_norm`` defines it.
+    """
+
+    @staticmethod
+    def forward(ctx, is_p: bool, squared: bool, *mats: torch.Tensor) -> torch.Tensor:
+        ranks = [m.shape[1] if is_p else m.shape[0] for m in mats]
+        rmax = max(ranks)
+        if min(ranks) == rmax:
+            stacked = torch.stack(mats)  # (n, out, r) or (n, r, in)
+            eye = torch.eye(rmax, device=stacked.device, dtype=stacked.dtype)
+        else:  # zero-pad to rmax: padded columns give zero rows/cols of G, matched by a zero eye entry
+            shape = (len(mats), mats[0].shape[0], rmax) if is_p else (len(mats), rmax, mats[0].shape[1])
+            stacked = mats[0].new_zeros(shape)
+            for i, (m, r) in enumerate(zip(mats, ranks)):
+                (stacked[i, :, :r] if is_p else stacked[i, :r]).copy_(m)
+            valid = (
+                torch.arange(rmax, device=stacked.device)
+                < torch.tensor(ranks, device=stacked.device)[:, None]
+            )
+            eye = torch.diag_embed(valid.to(stacked.dtype))  # (n, rmax, rmax)
+        gram = stacked.mT @ stacked if is_p else stacked @ stacked.mT  # (n, r, r)
+        diff = gram.sub_(eye)  # D
+        if squared:
+            value = diff.pow(2).sum()
+            scale = None
+        else:
+            norms = torch.linalg.matrix_norm(diff)  # (n,)
+            value = norms.sum()
+            scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))[:, None, None]
+        ctx.save_for_backward(stacked, diff, scale)
+        ctx.is_p, ctx.squared, ctx.ranks = is_p, squared, ranks
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        stacked, diff, scale = ctx.saved_tensors
+        factor = diff * (grad_out * 4.0) if ctx.squared else diff * (scale * (grad_out * 2.0))  # (n, r, r)
+        grad = stacked @ factor if ctx.is_p else factor @ stacked  # (n, out, r) or (n, r, in)
+        grads = grad.unbind(0)
+        if min(ctx.ranks) < grad.shape[2 if ctx.is_p else 1]:  # padded: drop the padding
+            grads = [g[:, :r] if ctx.is_p else g[:r] for g, r in zip(grads, ctx.ranks)]
+        return (None, None, *grads)
