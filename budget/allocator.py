@@ -17,6 +17,8 @@ from budget.config import ConfigError
 from budget.methods.adalora import AdaLoRAConfig, SVDLinear
 from budget.schedule import budget_at, steps_from
 
+SCORE_CHUNK = 32768  # elements; at::internal::GRAIN_SIZE, below which CPU kernels stay single-threaded
+
 
 @dataclass
 class Allocation:
@@ -127,6 +129,19 @@ class RankAllocator:
         if ibar is not None:
             torch._foreach_copy_(self.ibar, ibar)
             torch._foreach_copy_(self.ubar, ubar)
+        # Scratch for I = |θ ∇θ| laid out like Ī, and all three cut into pieces of at most
+        # SCORE_CHUNK elements: the EMA updates then dispatch a few dozen chunk ops instead
+        # of one per factor, and each piece stays below the size at which CPU kernels go
+        # multi-threaded (a thread barrier per op is what stalls on a busy machine).
+        if self.cfg.score == "magnitude":  # scores |λ|: no EMAs to update
+            self._sens_flat, self._sens, self._sens_chunks = None, [], []
+        else:
+            self._sens_flat = torch.empty(total, device=device, dtype=dtype)
+            split = self._sens_flat.split([p.numel() for p in params])
+            self._sens = [v.view_as(p) for v, p in zip(split, params)]
+            self._sens_chunks = list(self._sens_flat.split(SCORE_CHUNK))
+        self._ibar_chunks = list(self._ibar_flat.split(SCORE_CHUNK))
+        self._ubar_chunks = list(self._ubar_flat.split(SCORE_CHUNK))
         ranks = [lay.rank for lay in self.layers]
         self.rmax = max(ranks) if ranks else 0
         # Where each triplet sits in the padded (modules, rmax) score matrix.
@@ -164,21 +179,28 @@ class RankAllocator:
         if self.cfg.score == "magnitude":
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        sens = torch._foreach_mul(self.params, grads)
-        torch._foreach_abs_(sens)
+        torch._foreach_copy_(self._sens, self.params)
+        torch._foreach_mul_(self._sens, grads)
+        sens, ibar, ubar = self._sens_chunks, self._ibar_chunks, self._ubar_chunks
+        torch._foreach_abs_(sens)  # I = |θ ∇θ|
         b1, b2 = self.cfg.beta1, self.cfg.beta2
-        torch._foreach_lerp_(self.ibar, sens, 1 - b1)  # Ī ← β1 Ī + (1-β1) I
+        torch._foreach_lerp_(ibar, sens, 1 - b1)  # Ī ← β1 Ī + (1-β1) I
         if self.cfg.score == "adalora":
-            torch._foreach_sub_(sens, self.ibar)
+            torch._foreach_sub_(sens, ibar)
             torch._foreach_abs_(sens)
-            torch._foreach_lerp_(self.ubar, sens, 1 - b2)  # Ū ← β2 Ū + (1-β2) |I - Ī|
+            torch._foreach_lerp_(ubar, sens, 1 - b2)  # Ū ← β2 Ū + (1-β2) |I - Ī|
 
     @torch.no_grad()
     def triplet_scores(self) -> torch.Tensor:
         """S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij) (eq. 7), flat over all modules."""
         if self.cfg.score == "magnitude":
             return torch.cat([lay.lam.abs() for lay in self.layers])
-        s = self.ibar if self.cfg.score == "sensitivity" else torch._foreach_mul(self.ibar, self.ubar)
+        if self.cfg.score == "sensitivity":
+            s = self.ibar
+        else:  # s = Ī Ū, built in the sensitivity scratch (free between two update_scores)
+            torch._foreach_copy_(self._sens_chunks, self._ibar_chunks)
+            torch._foreach_mul_(self._sens_chunks, self._ubar_chunks)
+            s = self._sens
         parts = []
         for i in range(len(self.layers)):
             sp, sl, sq = s[3 * i], s[3 * i + 1], s[3 * i + 2]  # (out, r), (r,), (r, in)

@@ -1,0 +1,471 @@
+"""``adabudget bench step``: the per-step cost of AdaLoRA against LoRA, ours and peft's.
+
+One process, one set of backbone weights, one fixed batch. Every variant runs the full
+training step (forward + loss + backward + AdamW step + allocator call + zero_grad, train
+mode, dropout 0) and the variants take turns, one step each per round, in an order that
+rotates every round, so that clock drift and thermal or cache effects hit all of them
+alike; the reported time is the median over rounds.
+
+Variants:
+  lora          our LoRA r=init_r
+  adalora       our AdaLoRA init_r -> target_r in the budgeting phase: importance EMAs
+                updated every step, a global top-k every ΔT steps, orth penalty in the loss
+  adalora_shrunk  the same after the final allocation and ``shrink_`` (average rank target_r)
+  lora_final    our LoRA r=target_r: what the shrunk model should cost
+  peft_lora, peft_adalora   peft's LoRA and AdaLoRA (orth penalty added inside its forward,
+                ``update_and_allocate`` every step), when peft is importable
+
+The allocator call is also timed on its own, ours against peft's, on allocation and
+non-allocation steps, and averaged over the schedule's mix (one allocation every ΔT steps).
+
+Memory: on CUDA, each step runs in its own ``reset_peak_memory_stats`` window and the peak
+is the variant's persistent state plus the largest transient above it. CPU has no peak
+counter, so there the table gives what can be counted exactly from the tensors: the
+persistent training state (parameters, gradients, AdamW moments, allocator EMAs) and, from
+a separate step under ``saved_tensors_hooks``, the activations saved for backward.
+
+The last printed line is the machine-readable summary:
+``ratio adalora/lora=X shrunk/lora_final=Y adalora/peft_adalora=Z allocator/peft_allocator=W``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from budget.allocator import RankAllocator
+from budget.config import ModelConfig
+from budget.methods import apply_method, method_config_from_dict
+from budget.methods.adalora import orth_penalty
+from budget.models import find_targets, freeze_backbone, load_model, pick_device, resolve_targets
+
+MASK_INTERVAL = 10  # ΔT for both allocators
+BUDGET_STEPS = 100_000  # T: large, so every benchmarked step stays in the budgeting phase
+LR = 1e-3
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[dict], torch.Tensor]  # batch -> scalar loss, orth penalty included
+    allocate: Callable[[int], None] | None = None  # the allocator call after optimizer.step()
+    allocator_state: Callable[[], list[torch.Tensor]] = lambda: []
+    step_count: int = 0
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU time, all threads
+    alloc_times: list[float] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)
+    state: dict[str, int] = field(default_factory=dict)
+    allocator: RankAllocator | None = None
+
+
+# ---------------------------------------------------------------- measuring
+def nbytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and expands counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def account(v: Variant, batch: dict) -> dict[str, int]:
+    """One untimed forward/backward: the activations saved for backward (parameters
+    excluded), then the persistent state while the gradients are alive."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in v.model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = v.loss_fn(batch)
+    loss.backward()
+    params = list(v.model.parameters())
+    state = {
+        "activations": sum(storages.values()),
+        "params": nbytes(params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "grads": nbytes(p.grad for p in params),
+        "optim": nbytes(optimizer_tensors(v.optimizer)),
+        "alloc": nbytes(v.allocator_state()),
+    }
+    v.optimizer.zero_grad()
+    return state
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(v: Variant, batch: dict, device: torch.device, record: bool) -> None:
+    """One full training step; when ``record``, its time (and CUDA peak) are kept."""
+    cuda = device.type == "cuda"
+    if cuda:
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    loss = v.loss_fn(batch)
+    loss.backward()
+    v.optimizer.step()
+    v.step_count += 1
+    alloc_time = 0.0
+    if v.allocate is not None:  # host time of the call (no extra device sync inside the step)
+        a0 = time.perf_counter()
+        v.allocate(v.step_count)
+        alloc_time = time.perf_counter() - a0
+    v.optimizer.zero_grad()
+    sync(device)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if record:
+        v.times.append(elapsed)
+        v.cpu_times.append(cpu)
+        v.alloc_times.append(alloc_time)
+        if cuda:
+            v.peaks.append(torch.cuda.max_memory_allocated(device) - base)
+
+
+# ---------------------------------------------------------------- variants
+def _adam(model: nn.Module, method=None) -> torch.optim.Optimizer:
+    """The optimizer of ``budget.train`` for our variants (AdaLoRA's λ in its own lr group),
+    plain AdamW over the trainable parameters for peft's."""
+    from budget.train import param_groups
+
+    if method is None:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    return torch.optim.AdamW(param_groups(model, method, LR), lr=LR)
+
+
+def ours_lora(base: nn.Module, r: int) -> Variant:
+    model = copy.deepcopy(base)
+    cfg = method_config_from_dict({"name": "lora", "r": r})
+    apply_method(model, cfg)
+    return Variant(f"lora r={r}", model, _adam(model, cfg), lambda b: model(**b).loss)
+
+
+def ours_adalora(base: nn.Module, init_r: int, target_r: int, total_steps: int, final_steps: int) -> Variant:
+    model = copy.deepcopy(base)
+    cfg = method_config_from_dict(
+        {
+            "name": "adalora",
+            "init_r": init_r,
+            "target_r": target_r,
+            "warmup_steps": 0,
+            "final_steps": final_steps,
+            "mask_interval": MASK_INTERVAL,
+        }
+    )
+    layers = apply_method(model, cfg)
+    adapted = list(layers.values())
+    optimizer = _adam(model, cfg)
+    allocator = RankAllocator(layers, cfg, total_steps)
+
+    def loss_fn(batch):
+        return model(**batch).loss + cfg.orth_reg_weight * orth_penalty(adapted, cfg.orth_squared)
+
+    def allocate(step):
+        allocation = allocator.update_and_allocate(step)
+        if allocation is not None and allocation.shrink:
+            allocator.shrink_(optimizer)
+
+    v = Variant(f"adalora {init_r}->{target_r}", model, optimizer, loss_fn, allocate)
+    v.allocator_state = lambda: [t for t in vars(allocator).values() if torch.is_tensor(t)]
+    v.allocator = allocator
+    return v
+
+
+def ours_adalora_shrunk(base: nn.Module, init_r: int, target_r: int, batch: dict, device) -> Variant:
+    """AdaLoRA trained for 3 steps of a 4-step schedule (t_i = 0, t_f = 1): step 3 makes the
+    final allocation and the physical shrink; every later call is the fixed phase's, and the
+    orth penalty stays in the loss as in training."""
+    v = ours_adalora(base, init_r, target_r, total_steps=4, final_steps=1)
+    for _ in range(3):
+        train_step(v, batch, device, record=False)
+    ranks = v.allocator.ranks()
+    v.name = f"adalora shrunk (avg r={sum(ranks.values()) / len(ranks):g})"
+    return v
+
+
+def peft_variants(base: nn.Module, targets: list[str], init_r: int, target_r: int) -> list[Variant]:
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=init_r, lora_alpha=2 * init_r, lora_dropout=0.0, target_modules=targets),
+    )
+    ada_cfg = AdaLoraConfig(
+        init_r=init_r,
+        target_r=target_r,
+        tinit=0,
+        tfinal=0,
+        deltaT=MASK_INTERVAL,
+        total_step=BUDGET_STEPS,
+        lora_dropout=0.0,
+        target_modules=targets,
+    )
+    ada = get_peft_model(copy.deepcopy(base), ada_cfg)
+    rank_allocator = ada.base_model.rankallocator
+
+    p_lora = Variant(f"peft lora r={init_r}", lora, _adam(lora), lambda b: lora(**b).loss)
+    p_ada = Variant(
+        f"peft adalora {init_r}->{target_r}",
+        ada,
+        _adam(ada),
+        lambda b: ada(**b).loss,  # orth penalty added inside peft's forward
+        lambda step: ada.base_model.update_and_allocate(step),
+    )
+    p_ada.allocator_state = lambda: [
+        t
+        for d in (rank_allocator.ipt, rank_allocator.exp_avg_ipt, rank_allocator.exp_avg_unc)
+        for t in d.values()
+    ]
+    return [p_lora, p_ada]
+
+
+# ---------------------------------------------------------------- the allocator alone
+def time_allocators(ours: Variant, peft: Variant | None, batch: dict, device, reps: int) -> dict[str, float]:
+    """Median seconds of one allocator call on non-allocation and allocation steps.
+
+    Both models get one forward/backward first so that gradients exist; the calls then
+    alternate ours / peft's at the same step numbers (all in the budgeting phase)."""
+    contenders = [v for v in (ours, peft) if v is not None]
+    for v in contenders:
+        v.loss_fn(batch).backward()
+    out: dict[str, list[float]] = {}
+    for i in range(reps):
+        for kind, step in (("plain", 10_000 + 10 * i + 1), ("alloc", 10_000 + 10 * i + 10)):
+            for v in contenders if i % 2 == 0 else contenders[::-1]:
+                sync(device)
+                t0 = time.perf_counter()
+                v.allocate(step)
+                sync(device)
+                out.setdefault(f"{v.name}|{kind}", []).append(time.perf_counter() - t0)
+    for v in contenders:
+        v.optimizer.zero_grad()
+    # Median: robust to the odd descheduled call on a shared machine.
+    return {k: statistics.median(ts) for k, ts in out.items()}
+
+
+# ---------------------------------------------------------------- main
+def make_batch(model: nn.Module, batch_size: int, seq_len: int, device, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(1000, vocab, (batch_size, seq_len), generator=g)  # skip [PAD], [CLS], unused
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 2, (batch_size,), generator=g),
+    }
+    return {k: t.to(device) for k, t in batch.items()}
+
+
+def quiet_load(name: str) -> nn.Module:
+    """The backbone with a 2-class head, without transformers' load report on stdout."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load_model(ModelConfig(name=name), 2, False)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="adabudget bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", nargs="?", default="step", choices=["step"], help="what to benchmark")
+    p.add_argument("--model", default="minilm", help="minilm, a tiny-* model or an HF id (default minilm)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument(
+        "--steps", type=int, default=10, help="measured rounds (one step of each variant per round)"
+    )
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first")
+    p.add_argument("--init-r", type=int, default=12)
+    p.add_argument("--target-r", type=int, default=8)
+    p.add_argument("--alloc-reps", type=int, default=20, help="repetitions of the allocator-only timing")
+    p.add_argument("--no-peft", action="store_true", help="skip peft's variants")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.alloc_reps < 1:
+        p.error("--steps and --alloc-reps must be >= 1, --warmup >= 0")
+    if not 0 < args.target_r < args.init_r:
+        p.error(f"--target-r must be in (0, --init-r={args.init_r})")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark; returns {variant: {...}} plus the four ratios under ``ratios``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    load_before = os.getloadavg()[0]
+    torch.manual_seed(args.seed)
+    base = quiet_load(args.model)
+    for m in base.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    freeze_backbone(base, train_head=False)  # every variant trains its adapters only
+    base.to(device).train()
+    targets = find_targets(
+        base, resolve_targets(base, None, "method.target_modules"), "method.target_modules"
+    )
+    batch = make_batch(base, args.batch_size, args.seq_len, device, args.seed)
+
+    use_peft = not args.no_peft
+    if use_peft:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            use_peft = False
+    r0, r1 = args.init_r, args.target_r
+    variants = {
+        "lora": ours_lora(base, r0),
+        "adalora": ours_adalora(base, r0, r1, BUDGET_STEPS, final_steps=0),
+        "shrunk": ours_adalora_shrunk(base, r0, r1, batch, device),
+        "lora_final": ours_lora(base, r1),
+    }
+    if use_peft:
+        variants["peft_lora"], variants["peft_adalora"] = peft_variants(base, targets, r0, r1)
+    del base
+    order = list(variants.values())
+
+    # Interleaved rounds; the starting variant rotates every round.
+    for rnd in range(args.warmup + args.steps):
+        k = rnd % len(order)
+        for v in order[k:] + order[:k]:
+            gc.collect()
+            train_step(v, batch, device, record=rnd >= args.warmup)
+    for v in order:
+        v.state = account(v, batch)
+
+    alloc = time_allocators(variants["adalora"], variants.get("peft_adalora"), batch, device, args.alloc_reps)
+
+    results = {}
+    for key, v in variants.items():
+        results[key] = {
+            "name": v.name,
+            "median_s": statistics.median(v.times),
+            "min_s": min(v.times),
+            "cpu_s": statistics.median(v.cpu_times),
+            "alloc_s": statistics.mean(v.alloc_times),
+            "peak_bytes": (max(v.peaks) + v.state["params"] + v.state["optim"] + v.state["alloc"])
+            if v.peaks
+            else None,
+            **v.state,
+        }
+    mix = 1.0 / MASK_INTERVAL  # one allocation step every ΔT steps
+
+    def mixed(name):
+        return (1 - mix) * alloc[f"{name}|plain"] + mix * alloc[f"{name}|alloc"]
+
+    nan = float("nan")
+    ratios = {
+        "adalora/lora": results["adalora"]["median_s"] / results["lora"]["median_s"],
+        "shrunk/lora_final": results["shrunk"]["median_s"] / results["lora_final"]["median_s"],
+        "adalora/peft_adalora": results["adalora"]["median_s"] / results["peft_adalora"]["median_s"]
+        if use_peft
+        else nan,
+        "allocator/peft_allocator": mixed(variants["adalora"].name) / mixed(variants["peft_adalora"].name)
+        if use_peft
+        else nan,
+    }
+    return {
+        "variants": results,
+        "allocator": alloc,
+        "ratios": ratios,
+        "device": str(device),
+        "peft": use_peft,
+        "load": (load_before, os.getloadavg()[0]),
+    }
+
+
+def report(args: argparse.Namespace, res: dict) -> None:
+    mb = 1 / 2**20
+    v = res["variants"]
+    cuda = res["device"].startswith("cuda")
+    print(
+        f"bench step: model={args.model} batch={args.batch_size}x{args.seq_len} device={res['device']} "
+        f"threads={torch.get_num_threads()} rounds={args.steps} (+{args.warmup} warm-up), "
+        f"AdaLoRA {args.init_r}->{args.target_r}, ΔT={MASK_INTERVAL}, head frozen (adapters only)"
+    )
+    cores = os.cpu_count()
+    print(f"1-min load average {res['load'][0]:.2f} before, {res['load'][1]:.2f} after ({cores} cores)")
+    head = f"{'variant':<32}{'median ms':>10}{'min ms':>9}{'cpu ms':>9}{'vs lora':>8}{'alloc ms':>9}{'trainable':>10}"
+    head += f"{'state MB':>9}{'act MB':>8}" + (f"{'peak MB':>9}" if cuda else "")
+    print(head)
+    ref = v["lora"]["median_s"]
+    for r in v.values():
+        state = r["params"] + r["grads"] + r["optim"] + r["alloc"]
+        line = f"{r['name']:<32}{r['median_s'] * 1e3:>10.1f}{r['min_s'] * 1e3:>9.1f}{r['cpu_s'] * 1e3:>9.1f}"
+        line += f"{r['median_s'] / ref:>8.3f}"
+        line += (
+            f"{r['alloc_s'] * 1e3:>9.2f}{r['trainable']:>10,}{state * mb:>9.1f}{r['activations'] * mb:>8.1f}"
+        )
+        if cuda:
+            line += f"{r['peak_bytes'] * mb:>9.1f}"
+        print(line)
+    print(
+        "state MB = persistent training state counted from the tensors: parameters (frozen backbone included) "
+        "+ gradients + AdamW moments + allocator EMAs;"
+    )
+    print(
+        "act MB = activations saved for backward by one forward (hooks; parameters excluded)"
+        + ("; peak MB = CUDA max_memory_allocated within each step's own window + persistent state." if cuda else
+           ". CPU has no peak counter: neither column is a measured peak.")
+    )  # fmt: skip
+    print(f"{'state detail (MB)':<32}{'params':>9}{'grads':>9}{'AdamW':>9}{'alloc':>9}")
+    for r in v.values():
+        print(
+            f"{r['name']:<32}{r['params'] * mb:>9.2f}{r['grads'] * mb:>9.3f}{r['optim'] * mb:>9.3f}{r['alloc'] * mb:>9.3f}"
+        )
+    print(
+        f"allocator call alone, median ms over {args.alloc_reps} calls each (same step numbers, budgeting phase; "
+        f"the ratio weighs them as the schedule does, 1 allocation step in {MASK_INTERVAL}):"
+    )
+    for key, t in res["allocator"].items():
+        name, kind = key.split("|")
+        print(f"  {name:<30}{'allocation step' if kind == 'alloc' else 'other step':<17}{t * 1e3:>9.3f}")
+    r = res["ratios"]
+    print(
+        f"ratio adalora/lora={r['adalora/lora']:.3f} shrunk/lora_final={r['shrunk/lora_final']:.3f} "
+        f"adalora/peft_adalora={r['adalora/peft_adalora']:.3f} "
+        f"allocator/peft_allocator={r['allocator/peft_allocator']:.3f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``adabudget bench step [options]``: print the table and, last, the ratio line."""
+    args = parse_args(argv)
+    report(args, run(args))
+
+
+if __name__ == "__main__":
+    main()
