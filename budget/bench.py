@@ -21,7 +21,7 @@ non-allocation steps, and averaged over the schedule's mix (one allocation every
 Memory: on CUDA, each step runs in its own ``reset_peak_memory_stats`` window and the peak
 is the variant's persistent state plus the largest transient above it. CPU has no peak
 counter, so there the table gives what can be counted exactly from the tensors: the
-persistent training state (parameters, gradients, AdamW moments, allocator EMAs) and, from
+persistent training state (parameters, gradients, AdamW moments, allocator buffers) and, from
 a separate step under ``saved_tensors_hooks``, the activations saved for backward.
 
 The last printed line is the machine-readable summary:
@@ -376,7 +376,10 @@ def run(args: argparse.Namespace) -> dict:
             "min_s": min(v.times),
             "cpu_s": statistics.median(v.cpu_times),
             "alloc_s": statistics.mean(v.alloc_times),
-            "peak_bytes": (max(v.peaks) + v.state["params"] + v.state["optim"] + v.state["alloc"])
+            # The first measured step may create AdamW's moments inside its window (no warm-up).
+            "peak_bytes": (
+                max(v.peaks[1:] or v.peaks) + v.state["params"] + v.state["optim"] + v.state["alloc"]
+            )
             if v.peaks
             else None,
             **v.state,
@@ -397,7 +400,14 @@ def run(args: argparse.Namespace) -> dict:
         if use_peft
         else nan,
     }
+    cpu = {k: r["cpu_s"] for k, r in results.items()}
+    cpu_ratios = {
+        "adalora/lora": cpu["adalora"] / cpu["lora"],
+        "shrunk/lora_final": cpu["shrunk"] / cpu["lora_final"],
+        "adalora/peft_adalora": cpu["adalora"] / cpu["peft_adalora"] if use_peft else nan,
+    }
     return {
+        "cpu_ratios": cpu_ratios,
         "variants": results,
         "allocator": alloc,
         "ratios": ratios,
@@ -434,7 +444,7 @@ def report(args: argparse.Namespace, res: dict) -> None:
         print(line)
     print(
         "state MB = persistent training state counted from the tensors: parameters (frozen backbone included) "
-        "+ gradients + AdamW moments + allocator EMAs;"
+        "+ gradients + AdamW moments + allocator buffers (EMAs, scratch);"
     )
     print(
         "act MB = activations saved for backward by one forward (hooks; parameters excluded)"
@@ -453,6 +463,12 @@ def report(args: argparse.Namespace, res: dict) -> None:
     for key, t in res["allocator"].items():
         name, kind = key.split("|")
         print(f"  {name:<30}{'allocation step' if kind == 'alloc' else 'other step':<17}{t * 1e3:>9.3f}")
+    c = res["cpu_ratios"]
+    print(
+        f"cpu-time ratios (process CPU time: with --threads 1 this ignores time spent descheduled on a "
+        f"shared machine): adalora/lora={c['adalora/lora']:.3f} shrunk/lora_final={c['shrunk/lora_final']:.3f} "
+        f"adalora/peft_adalora={c['adalora/peft_adalora']:.3f}"
+    )
     r = res["ratios"]
     print(
         f"ratio adalora/lora={r['adalora/lora']:.3f} shrunk/lora_final={r['shrunk/lora_final']:.3f} "
