@@ -15,7 +15,7 @@ from torch import nn
 
 from budget.config import ConfigError
 from budget.methods.adalora import AdaLoRAConfig, SVDLinear
-from budget.schedule import budget_at, steps_from
+from budget.schedule import budget_at, phase_steps
 
 SCORE_CHUNK = 32768  # elements; at::internal::GRAIN_SIZE, below which CPU kernels stay single-threaded
 
@@ -57,14 +57,9 @@ class RankAllocator:
         self.layers = [layers[n] for n in self.names]
         self.cfg = cfg
         self.total_steps = total_steps
-        self.warmup_steps = steps_from(cfg.warmup_steps, total_steps, "method.warmup_steps")  # t_i
-        self.final_steps = steps_from(cfg.final_steps, total_steps, "method.final_steps")  # t_f
-        if self.warmup_steps + self.final_steps >= total_steps:
-            raise ConfigError(
-                f"method.warmup_steps: t_i={self.warmup_steps} + t_f={self.final_steps} >= T={total_steps} "
-                "leaves no budgeting phase; lower method.warmup_steps / method.final_steps or train longer "
-                "(train.epochs / train.max_steps)"
-            )
+        self.warmup_steps, self.final_steps = phase_steps(
+            cfg.warmup_steps, cfg.final_steps, total_steps
+        )  # t_i, t_f
         self.final_step = total_steps - self.final_steps  # T - t_f: first step of the fixed pattern
         # A triplet costs one rank, or its out + in + 1 parameters when the budget is in parameters.
         self.param_budget = cfg.target_params is not None

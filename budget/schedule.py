@@ -44,6 +44,21 @@ def steps_from(value: float, total_steps: int, field_name: str) -> int:
     return int(value)
 
 
+def phase_steps(warmup: float, final: float, total_steps: int) -> tuple[int, int]:
+    """(t_i, t_f) in steps; refuses a schedule that leaves no budgeting phase (peft#2337)."""
+    from budget.config import ConfigError
+
+    t_i = steps_from(warmup, total_steps, "method.warmup_steps")
+    t_f = steps_from(final, total_steps, "method.final_steps")
+    if t_i + t_f >= total_steps:
+        raise ConfigError(
+            f"method.warmup_steps: t_i={t_i} + t_f={t_f} >= T={total_steps} optimizer steps leaves no "
+            "budgeting phase; lower method.warmup_steps / method.final_steps (fractions of T below 1 "
+            "scale with the run) or train longer (train.epochs / train.max_steps)"
+        )
+    return t_i, t_f
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up to 1, then linear decay to 0 at ``total_steps`` (HF's linear schedule)."""
     if step < warmup_steps:

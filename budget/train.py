@@ -27,7 +27,7 @@ from budget.methods import apply_method
 from budget.methods.adalora import AdaLoRAConfig, orth_penalty
 from budget.metrics import compute_metrics, primary_metric
 from budget.models import count_params, freeze_backbone, load_model, pick_device
-from budget.schedule import lr_factor, steps_from
+from budget.schedule import lr_factor, phase_steps
 
 
 def total_steps_for(run: RunConfig, n_train: int) -> int:
@@ -43,14 +43,7 @@ def check_schedule(method, total_steps: int) -> None:
     """The AdaLoRA phases must leave a budgeting phase (peft#2337 crashes instead)."""
     if not isinstance(method, AdaLoRAConfig):
         return
-    t_i = steps_from(method.warmup_steps, total_steps, "method.warmup_steps")
-    t_f = steps_from(method.final_steps, total_steps, "method.final_steps")
-    if t_i + t_f >= total_steps:
-        raise ConfigError(
-            f"method.warmup_steps: t_i={t_i} + t_f={t_f} >= T={total_steps} optimizer steps leaves no "
-            "budgeting phase; lower method.warmup_steps / method.final_steps (fractions of T below 1 "
-            "scale with the run) or train longer (train.epochs / train.max_steps)"
-        )
+    phase_steps(method.warmup_steps, method.final_steps, total_steps)
 
 
 def param_groups(model, method, lr: float) -> list[dict]:
