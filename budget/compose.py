@@ -40,8 +40,8 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="train", name="train_schema", node=TrainConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
-    for name, (cls, _) in REGISTRY.items():
-        cs.store(group="method", name=f"{name}_schema", node=cls)
+    for name, method in REGISTRY.items():
+        cs.store(group="method", name=f"{name}_schema", node=method.config)
     _registered = True
 
 
@@ -56,3 +56,12 @@ def compose(overrides: list[str] | None = None, config_name: str = "train"):
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def preset(group: str, name: str) -> dict:
+    """The knobs a shipped preset ``configs/<group>/<name>.yaml`` sets (its defaults list dropped)."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.load(f"{config_dir()}/{group}/{name}.yaml"))
+    values.pop("defaults", None)
+    return values

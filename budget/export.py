@@ -178,20 +178,106 @@ def merge_into_base(model: nn.Module, wrapped: dict[str, nn.Module]) -> nn.Modul
     return model
 
 
-def save_merged(model: nn.Module, wrapped: dict[str, nn.Module], out_dir: str | Path, tokenizer=None) -> Path:
+@torch.no_grad()
+def merge_methods(model: nn.Module, wrapped: dict[str, nn.Module], methods: list[str]) -> nn.Module:
+    """Fold every method of ``methods`` into the base weights with its registered ``merge``, in place.
+
+    LoRA, AdaLoRA, (IA)³, BitFit and layer freezing merge (outputs unchanged); adapters,
+    prefixes and prompts add computation and cannot: ValueError names them.
+    """
+    from budget.methods import REGISTRY
+
+    cannot = [m for m in methods if m != "full" and REGISTRY[m].merge is None]
+    if cannot:
+        raise ValueError(
+            f"{', '.join(cannot)} cannot merge into the base weights; export the adapter instead"
+        )
+    for m in reversed(methods):  # the reverse of the order they were applied in
+        if m != "full":
+            REGISTRY[m].merge(model, wrapped)
+    return model
+
+
+def save_merged(
+    model: nn.Module, wrapped: dict[str, nn.Module], out_dir: str | Path, tokenizer=None, methods=None
+) -> Path:
     """Save a merged copy as a plain HF checkpoint (``AutoModelFor*.from_pretrained`` loads it).
 
     ``model`` itself is left untouched: a deep copy is merged and saved, with the tokenizer
-    when given. Works for full fine-tuning too (nothing to merge).
+    when given. Works for full fine-tuning too (nothing to merge). ``methods`` (names, in
+    application order) selects the registered merges; by default the LoRA/AdaLoRA wrappers.
     """
-    names = list(_adapters(wrapped))
-    merged = copy.deepcopy(model)
-    merge_into_base(merged, {name: merged.get_submodule(name) for name in names})
+    memo: dict = {}
+    merged = copy.deepcopy(model, memo)
+    if methods is None:
+        names = list(_adapters(wrapped))
+        merge_into_base(merged, {name: merged.get_submodule(name) for name in names})
+    else:
+        # the copies of the wrapped modules (deepcopy's memo maps original ids to copies)
+        merge_methods(merged, {n: memo.get(id(m), m) for n, m in wrapped.items()}, list(methods))
     out = Path(out_dir)
     merged.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def save_adapter(model: nn.Module, method_cfg, wrapped: dict, out_dir: str | Path, base_model: str) -> str:
+    """Any method's trainable state: ``adapter_model.safetensors`` + ``adabudget_adapter.json``.
+
+    Prefix-tuning's MLP reparameterisation is folded away first, so the file holds the
+    key/value prefixes themselves. ``load_adapter`` rebuilds the model from the two files.
+    """
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from budget.methods import fold_all
+
+    fold_all(model, wrapped)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state_dict(model), out / "adapter_model.safetensors")
+    meta = {"base_model": base_model, "method": dataclasses.asdict(method_cfg), "folded": True,
+            "ranks": {n: m.rank for n, m in wrapped.items() if hasattr(m, "lam")}}  # fmt: skip
+    (out / "adabudget_adapter.json").write_text(json.dumps(meta, indent=2))
+    return str(out)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
+    """Apply the saved method to ``model`` (the frozen base) and load its state; returns ``wrapped``.
+
+    The model then computes exactly what the saved one did.
+    """
+    from safetensors.torch import load_file
+
+    from budget.methods import apply_method, fold_all, method_config_from_dict
+    from budget.models import freeze_backbone
+
+    adapter_dir = Path(adapter_dir)
+    meta = json.loads((adapter_dir / "adabudget_adapter.json").read_text())
+    cfg = method_config_from_dict(meta["method"])
+    freeze_backbone(model, train_head=False)
+    wrapped = apply_method(model, cfg)
+    if meta.get("folded"):
+        fold_all(model, wrapped)
+    for name, rank in meta.get("ranks", {}).items():  # AdaLoRA layers shrunk during training
+        layer = wrapped[name]
+        if layer.rank != rank:
+            layer.resize_(rank) if hasattr(layer, "resize_") else _resize_svd(layer, rank)
+    state = load_file(adapter_dir / "adapter_model.safetensors")
+    params = dict(model.named_parameters())
+    for name in state:
+        if name in params:
+            params[name].requires_grad_(True)  # the head was trained and saved too
+    load_trainable_state_dict(model, state)
+    return wrapped
+
+
+def _resize_svd(layer: nn.Module, rank: int) -> None:
+    layer.P = nn.Parameter(layer.P.data[:, :rank].clone())
+    layer.lam = nn.Parameter(layer.lam.data[:rank].clone())
+    layer.Q = nn.Parameter(layer.Q.data[:rank].clone())
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from budget.arch import arch_of
 from budget.config import ConfigError, RunConfig, resolve, to_dict, validate
 from budget.data import TaskData, load_task, load_tokenizer, make_batches, num_batches
 from budget.log import RunRecord, environment, log
-from budget.methods import apply_method
-from budget.methods.adalora import AdaLoRAConfig, orth_penalty
+from budget.methods import adalora_config_of, apply_method, describe, methods_in
+from budget.methods.adalora import SVDLinear, orth_penalty
 from budget.metrics import compute_metrics, primary_metric
 from budget.models import count_params, freeze_backbone, load_model, pick_device
 from budget.schedule import lr_factor, phase_steps
@@ -41,15 +42,34 @@ def total_steps_for(run: RunConfig, n_train: int) -> int:
 
 def check_schedule(method, total_steps: int) -> None:
     """The AdaLoRA phases must leave a budgeting phase (peft#2337 crashes instead)."""
-    if not isinstance(method, AdaLoRAConfig):
+    ada = adalora_config_of(method)
+    if ada is None:
         return
-    phase_steps(method.warmup_steps, method.final_steps, total_steps)
+    phase_steps(ada.warmup_steps, ada.final_steps, total_steps)
+
+
+def check_exports(run: RunConfig) -> None:
+    """A merged checkpoint needs every method of the run to merge: fail before training."""
+    from budget.methods import REGISTRY
+
+    if not run.export_merged:
+        return
+    unmergeable = [m for m in methods_in(run.method) if m in REGISTRY and REGISTRY[m].merge is None
+                   and m != "full"]  # fmt: skip
+    if unmergeable:
+        raise ConfigError(
+            f"export_merged=true: {', '.join(unmergeable)} cannot merge into the base weights (only lora, "
+            "adalora, ia3, bitfit, freeze and full can); set export_merged=false (adapter/ holds the modules)"
+        )
 
 
 def param_groups(model, method, lr: float) -> list[dict]:
-    """AdamW groups: AdaLoRA's λ at ``lr x method.lambda_lr_ratio``, everything else at ``lr``."""
+    """AdamW groups: AdaLoRA's λ at ``lr x method.lambda_lr_ratio``, everything else at ``lr``.
+
+    ``method`` is the AdaLoRA config driving the run (``adalora_config_of``), or None.
+    """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not isinstance(method, AdaLoRAConfig):
+    if method is None:
         return [{"params": [p for _, p in trainable]}]
     lam = [p for n, p in trainable if n.endswith(".lam")]
     rest = [p for n, p in trainable if not n.endswith(".lam")]
@@ -139,18 +159,26 @@ def train(cfg) -> dict:
     task = load_task(run.data, tokenizer)
     total_steps = total_steps_for(run, len(task.train))  # T
     check_schedule(run.method, total_steps)
+    check_exports(run)
 
     # 2. model and method; the seed fixes the head and factor inits
     seed_everything(tc.seed)
     model = load_model(run.model, task.num_labels, task.regression, tokenizer.pad_token_id)
     freeze_backbone(model, run.model.train_head)
+    try:
+        arch = arch_of(model)
+    except ConfigError:  # lora / adalora / full with explicit targets work on any model
+        arch = None
     wrapped = apply_method(model, run.method)
-    adapted = [m for m in wrapped.values() if hasattr(m, "lam")]
+    svd = {name: m for name, m in wrapped.items() if isinstance(m, SVDLinear)}
+    adapted = list(svd.values())
+    ada = adalora_config_of(run.method, arch) if svd else None  # the one global AdaLoRA budget
+    groups = describe(run.method, arch) if arch is not None else None
     allocator = None
-    if isinstance(run.method, AdaLoRAConfig):
+    if ada is not None:
         from budget.allocator import RankAllocator
 
-        allocator = RankAllocator(wrapped, run.method, total_steps)
+        allocator = RankAllocator(svd, ada, total_steps)
     trainable_before, total_params = count_params(model)
     model.to(device)
 
@@ -164,9 +192,7 @@ def train(cfg) -> dict:
 
     # 4. optimizer: AdamW with linear warm-up and decay over T optimizer steps
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        param_groups(model, run.method, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, ada, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
     warmup = int(tc.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
 
@@ -240,6 +266,7 @@ def train(cfg) -> dict:
             "adapter_params_final": sum(p.numel() for m in adapted for p in (m.P, m.lam, m.Q)),
             "total_params": total_params,
             "ranks": allocator.ranks() if allocator is not None else None,
+            "groups": groups,
             "best": best,
             "wall_time_s": round(time.time() - start_time, 2),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
@@ -263,9 +290,9 @@ def train(cfg) -> dict:
             for _ in range(tc.grad_accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
                 task_loss = model(**batch).loss
-                orth = orth_penalty(adapted, run.method.orth_squared) if allocator is not None else None
+                orth = orth_penalty(adapted, ada.orth_squared) if allocator is not None else None
                 if orth is not None:
-                    loss = task_loss + run.method.orth_reg_weight * orth  # eq. 4 regulariser, weight γ
+                    loss = task_loss + ada.orth_reg_weight * orth  # eq. 4 regulariser, weight γ
                 else:
                     loss = task_loss
                 (loss / tc.grad_accum).backward()
@@ -329,10 +356,14 @@ def train(cfg) -> dict:
 
         base_name = _base_name(run)
         exports["adapter"] = export_peft_adapter(model, wrapped, run_dir / "adapter", base_name)
+    elif run.export_adapter:
+        from budget.export import save_adapter
+
+        exports["adapter"] = save_adapter(model, run.method, wrapped, run_dir / "adapter", _base_name(run))
     if run.export_merged:
         from budget.export import save_merged
 
-        save_merged(model, wrapped, run_dir / "merged", tokenizer)
+        save_merged(model, wrapped, run_dir / "merged", tokenizer, methods_in(run.method))
         exports["merged"] = str(run_dir / "merged")
     out = result("completed", final=final, exports=exports)
     record.close()

@@ -1,38 +1,128 @@
 """PEFT methods, one file each, registered by name.
 
-Each module exports a config dataclass (with ``name`` and ``validate()``) and
-``apply(model, cfg, layers=None) -> {module name: wrapped module}``. Adding a method means
-its file, one line in ``REGISTRY``, ``configs/method/<name>.yaml`` and a test-matrix row.
+Each method file exports:
+
+- a config dataclass with ``name`` and ``validate()`` (raises ``ConfigError`` naming the
+  ``method.<field>`` and the fix);
+- ``apply(model, cfg, layers=None) -> {name: module}``: adds the method to the blocks in
+  ``layers`` (all when None), makes exactly its own parameters trainable, returns what it
+  added or wrapped;
+- ``count(cfg, arch, layers=None) -> int``: the trainable parameters ``apply`` adds,
+  computed from ``budget.arch.Arch`` (the HF config) alone, before any model exists;
+- optionally ``merge(model, modules)``: fold the method into the base weights (outputs
+  unchanged) and remove its wrappers and hooks.
+
+Adding a method means its file, one ``Method`` line in ``REGISTRY``,
+``configs/method/<name>.yaml`` and one row in ``tests/test_methods.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
 
 from budget.config import ConfigError
-from budget.methods import adalora, full, lora
+from budget.methods import adalora, bitfit, freeze, full, hybrid, ia3, lora
 
-REGISTRY = {
-    "adalora": (adalora.AdaLoRAConfig, adalora.apply),
-    "lora": (lora.LoRAConfig, lora.apply),
-    "full": (full.FullConfig, full.apply),
+
+@dataclass(frozen=True)
+class Method:
+    config: type
+    apply: Callable
+    count: Callable
+    size: Optional[str] = None  # the integer size knob a budget solver scales (None: fixed size)
+    merge: Optional[Callable] = None  # None: the method cannot merge into the base weights
+
+
+REGISTRY: dict[str, Method] = {
+    "adalora": Method(adalora.AdaLoRAConfig, adalora.apply, adalora.count, "init_r", adalora.merge),
+    "lora": Method(lora.LoRAConfig, lora.apply, lora.count, "r", lora.merge),
+    "full": Method(full.FullConfig, full.apply, full.count),
+    "bitfit": Method(bitfit.BitFitConfig, bitfit.apply, bitfit.count, None, bitfit.merge),
+    "ia3": Method(ia3.IA3Config, ia3.apply, ia3.count, None, ia3.merge),
+    "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge),
+    "hybrid": Method(hybrid.HybridConfig, hybrid.apply, hybrid.count),
+    "s4": Method(hybrid.HybridConfig, hybrid.apply, hybrid.count),
 }
 
 
-def method_config_from_dict(values: dict):
+def method_config_from_dict(values: dict, field_prefix: str = "method"):
     """Build the registered config dataclass named by ``values['name']``; unknown keys fail."""
     values = dict(values)
     name = values.get("name", "adalora")
     if name not in REGISTRY:
-        raise ConfigError(f"method.name={name}: unknown method; known methods: {sorted(REGISTRY)}")
-    cls = REGISTRY[name][0]
+        raise ConfigError(f"{field_prefix}.name={name}: unknown method; known methods: {sorted(REGISTRY)}")
+    cls = REGISTRY[name].config
+    if cls is hybrid.HybridConfig:
+        values["name"] = name
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(f"method.{unknown[0]}: not a knob of method '{name}'; its knobs: {sorted(fields)}")
+        raise ConfigError(
+            f"{field_prefix}.{unknown[0]}: not a knob of method '{name}'; its knobs: {sorted(fields)}"
+        )
     return cls(**values)
 
 
 def apply_method(model, cfg) -> dict:
     """Apply the method described by ``cfg`` (a registered config dataclass)."""
-    return REGISTRY[cfg.name][1](model, cfg)
+    return REGISTRY[cfg.name].apply(model, cfg)
+
+
+def count_method(cfg, arch, layers=None) -> int:
+    return REGISTRY[cfg.name].count(cfg, arch, layers)
+
+
+def count_trainable(method_cfg, model_config, train_head: bool = False, num_labels: int | None = None) -> int:
+    """Exact trainable parameters of ``method_cfg`` on the model ``model_config`` describes.
+
+    Analytic (from the HF config alone, nothing is built); equal to the count after
+    ``apply`` (tests/test_methods.py checks every method on every architecture).
+    """
+    from budget.arch import arch_from_config
+
+    arch = arch_from_config(model_config, num_labels)
+    return count_method(method_cfg, arch) + (arch.head_params if train_head else 0)
+
+
+def methods_in(cfg) -> list[str]:
+    """The registered methods a configuration uses (a hybrid: those of all its groups)."""
+    if isinstance(cfg, hybrid.HybridConfig):
+        return [m for m in hybrid.ORDER if any(m in g for g in hybrid.parse_groups(cfg))]
+    return list(getattr(cfg, "components", None) or [cfg.name])
+
+
+def adalora_config_of(cfg, arch=None):
+    """The AdaLoRA config that drives the allocator, or None when no AdaLoRA layer is used.
+
+    Without ``arch`` (before the model config is known) a hybrid returns its first AdaLoRA
+    group's config: enough for the schedule checks, which only read the phase knobs.
+    """
+    if isinstance(cfg, adalora.AdaLoRAConfig):
+        return cfg
+    if isinstance(cfg, hybrid.HybridConfig):
+        if arch is not None:
+            return hybrid.adalora_config(cfg, arch)
+        found = [g["adalora"] for g in hybrid.parse_groups(cfg) if "adalora" in g]
+        return found[0] if found else None
+    return None
+
+
+def describe(cfg, arch) -> list[dict]:
+    """Per group and per method: layers, knobs and parameters (``result.json`` ``groups``)."""
+    if isinstance(cfg, hybrid.HybridConfig):
+        return hybrid.report(cfg, arch)
+    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "layers")}
+    layers = getattr(cfg, "layers", None)
+    params = count_method(cfg, arch)
+    return [{"group": 0, "layers": arch.layers(layers), "methods": {cfg.name: {"params": params, **knobs}},
+             "params": params}]  # fmt: skip
+
+
+def fold_all(model, wrapped: dict) -> None:
+    """Fold training-only reparameterisations (prefix-tuning's MLP) into plain parameters."""
+    for module in wrapped.values():
+        if hasattr(module, "fold_"):
+            module.fold_()

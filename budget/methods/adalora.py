@@ -180,10 +180,31 @@ def apply(model: nn.Module, cfg: AdaLoRAConfig, layers: list[int] | None = None)
     wrapped = {}
     for name in find_targets(model, patterns, "method.target_modules", layers):
         base = model.get_submodule(name)
-        base.requires_grad_(False)
+        # W0 is frozen with the backbone (freeze_backbone); its bias is left alone, so that
+        # BitFit or layer freezing applied before in the same group keeps training it.
+        base.weight.requires_grad_(False)
         wrapped[name] = SVDLinear(base, cfg.init_r, scaling_of(cfg), cfg.dropout)
         set_module(model, name, wrapped[name])
     return wrapped
+
+
+def count(cfg: AdaLoRAConfig, arch, layers: list[int] | None = None) -> int:
+    """init_r (in + out + 1) per adapted matrix (P, Λ, Q) at the start of training."""
+    layers = layers if layers is not None else cfg.layers
+    patterns = cfg.target_modules or arch.default_targets()
+    return sum(
+        cfg.init_r * (s.in_features + s.out_features + 1) for _, s in arch.match_linears(patterns, layers)
+    )
+
+
+@torch.no_grad()
+def merge(model: nn.Module, modules: dict[str, SVDLinear]) -> None:
+    """W0 += s P diag(λ) Q (transposed for Conv1D), then put the base layer back."""
+    for name, layer in modules.items():
+        if layer.rank > 0:
+            delta = layer.delta_weight()  # (out, in)
+            layer.base.weight.add_((delta.T if layer.fan_in_fan_out else delta).to(layer.base.weight.dtype))
+        set_module(model, name, layer.base)
 
 
 def orth_penalty(layers: list[SVDLinear], squared: bool = True) -> torch.Tensor:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from budget.models import HEAD_NAMES
+
 
 @dataclass
 class FullConfig:
@@ -16,5 +18,12 @@ class FullConfig:
 
 
 def apply(model: nn.Module, cfg: FullConfig, layers: list[int] | None = None) -> dict[str, nn.Module]:
-    model.requires_grad_(True)
+    for name, p in model.named_parameters():
+        if not any(h in name.split(".") for h in HEAD_NAMES):  # the head follows model.train_head
+            p.requires_grad_(True)
     return {"": model}
+
+
+def count(cfg: FullConfig, arch, layers: list[int] | None = None) -> int:
+    """Every backbone parameter (the task head is counted by ``train_head``)."""
+    return arch.backbone_params()

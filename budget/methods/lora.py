@@ -45,6 +45,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate = None  # UniPELT sets a learned gate x -> (B, 1, 1) on the LoRA path
 
     @property
     def rank(self) -> int:
@@ -53,6 +54,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         h = F.linear(self.dropout(x).to(self.A.dtype), self.A)  # (..., r)
+        if self.gate is not None:
+            h = h * self.gate(x).to(h.dtype)  # (B, T, r) * (B, 1, 1): gates s B A x per example
+        if out.dtype == h.dtype:
+            # out += s h Bᵀ in one fused GEMM (as SVDLinear does), no (..., out) temporary
+            return (
+                out.view(-1, out.shape[-1])
+                .addmm_(h.reshape(-1, h.shape[-1]), self.B.t(), alpha=self.scaling)
+                .view(out.shape)
+            )
         return out + (F.linear(h, self.B) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -67,7 +77,25 @@ def apply(model: nn.Module, cfg: LoRAConfig, layers: list[int] | None = None) ->
     wrapped = {}
     for name in find_targets(model, patterns, "method.target_modules", layers):
         base = model.get_submodule(name)
-        base.requires_grad_(False)
+        # W0 is frozen with the backbone (freeze_backbone); its bias is left alone, so that
+        # BitFit or layer freezing applied before in the same group keeps training it.
+        base.weight.requires_grad_(False)
         wrapped[name] = LoRALinear(base, cfg.r, scaling, cfg.dropout)
         set_module(model, name, wrapped[name])
     return wrapped
+
+
+def count(cfg: LoRAConfig, arch, layers: list[int] | None = None) -> int:
+    """r (in + out) per adapted matrix."""
+    layers = layers if layers is not None else cfg.layers
+    patterns = cfg.target_modules or arch.default_targets()
+    return sum(cfg.r * (s.in_features + s.out_features) for _, s in arch.match_linears(patterns, layers))
+
+
+@torch.no_grad()
+def merge(model: nn.Module, modules: dict[str, LoRALinear]) -> None:
+    """W0 += s B A (transposed for Conv1D), then put the base layer back."""
+    for name, layer in modules.items():
+        delta = layer.delta_weight()  # (out, in)
+        layer.base.weight.add_((delta.T if layer.fan_in_fan_out else delta).to(layer.base.weight.dtype))
+        set_module(model, name, layer.base)
