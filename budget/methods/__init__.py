@@ -24,7 +24,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 from budget.config import ConfigError
-from budget.methods import adalora, bitfit, freeze, full, hybrid, ia3, lora
+from budget.methods import (
+    adalora,
+    adapter,
+    bitfit,
+    freeze,
+    full,
+    hybrid,
+    ia3,
+    lora,
+    mam,
+    parallel_adapter,
+    prefix,
+    prompt,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,13 @@ REGISTRY: dict[str, Method] = {
     "adalora": Method(adalora.AdaLoRAConfig, adalora.apply, adalora.count, "init_r", adalora.merge),
     "lora": Method(lora.LoRAConfig, lora.apply, lora.count, "r", lora.merge),
     "full": Method(full.FullConfig, full.apply, full.count),
+    "adapter": Method(adapter.AdapterConfig, adapter.apply, adapter.count, "bottleneck"),
+    "parallel_adapter": Method(
+        parallel_adapter.ParallelAdapterConfig, parallel_adapter.apply, parallel_adapter.count, "bottleneck"
+    ),
+    "prefix": Method(prefix.PrefixConfig, prefix.apply, prefix.count, "length"),
+    "prompt": Method(prompt.PromptConfig, prompt.apply, prompt.count, "length"),
+    "mam": Method(mam.MAMConfig, mam.apply, mam.count),
     "bitfit": Method(bitfit.BitFitConfig, bitfit.apply, bitfit.count, None, bitfit.merge),
     "ia3": Method(ia3.IA3Config, ia3.apply, ia3.count, None, ia3.merge),
     "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge),

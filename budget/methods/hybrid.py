@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from budget.config import ConfigError
-from budget.groups import allocation_shares, split_layers
+from budget.groups import PATTERNS, allocation_shares, split_layers
 
 # The order in which a group's methods are applied (module replacers before hookers).
 ORDER = ("freeze", "bitfit", "lora", "adalora", "ia3", "adapter", "parallel_adapter", "prefix", "prompt")
@@ -57,6 +57,10 @@ class HybridConfig:
             raise ConfigError(f"method.name={self.name}: a HybridConfig is named hybrid or s4")
         if self.num_groups < 1:
             raise ConfigError(f"method.num_groups: must be >= 1, got {self.num_groups}")
+        if isinstance(self.grouping, str) and self.grouping not in PATTERNS:
+            raise ConfigError(
+                f"method.grouping={self.grouping}: unknown pattern; use one of {PATTERNS} or a list of sizes"
+            )
         if not isinstance(self.grouping, str) and len(list(self.grouping)) != self.num_groups:
             raise ConfigError(
                 f"method.grouping={list(self.grouping)}: {len(list(self.grouping))} sizes for "

@@ -1,0 +1,223 @@
+"""Serial bottleneck adapters (Houlsby et al., ICML 2019; Pfeiffer et al., EACL 2021).
+
+Houlsby et al., "Parameter-Efficient Transfer Learning for NLP" (Fig. 2) insert a small
+bottleneck network after each sublayer's output projection, before dropout, the residual
+connection and the LayerNorm:
+
+    y' = y + W_up f(W_down y + b_down) + b_up,   W_down (d x h), W_up (h x d),  d << h
+
+"houlsby" places one after the attention output projection (role ``o``) and one after the
+FFN output projection (role ``ffn_out``); "pfeiffer" keeps only the one after the FFN, the
+placement Pfeiffer et al. ("AdapterFusion") found as good at half the cost. It is Houlsby's
+position restricted to the FFN: adapter-hub's PfeifferConfig also re-routes the adapter's
+residual around the block's LayerNorm, which is not reproduced here.
+
+The adapter acts through a forward hook on the module currently at the projection's path,
+so when LoRA has wrapped that projection the adapter sees the LoRA-updated output y. It
+starts at the identity (W_up = 0, b_up = 0): the model output right after ``apply`` equals
+the pretrained model's. The adapter is nonlinear and so cannot merge into the base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from budget.config import ConfigError
+
+PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
+ROLE = {"attn": "o", "ffn": "ffn_out"}  # the projection each adapter position hooks
+
+
+@dataclass
+class AdapterConfig:
+    """Serial adapter knobs.
+
+    Example (MiniLM, h = 384, L = 6): ``placement=houlsby, bottleneck=64`` adds
+    2 x 6 adapters of 2 h d + d + h = 49,600 parameters each, 595,200 in all;
+    ``placement=pfeiffer, reduction_factor=16`` gives d = 384 // 16 = 24 and
+    6 x (2 x 384 x 24 + 24 + 384) = 113,040.
+    """
+
+    name: str = "adapter"
+    placement: str = "houlsby"  # houlsby: after attention output and FFN output | pfeiffer: after FFN only
+    bottleneck: Optional[int] = 64  # d (Houlsby's "m"), the bottleneck width
+    # d = h // reduction_factor (the adapter-hub notation); when set it overrides bottleneck, so
+    # `method.reduction_factor=16` alone works on top of the default bottleneck
+    reduction_factor: Optional[float] = None
+    activation: str = "relu"  # f: relu | gelu | tanh | silu
+    # W_down ~ N(0, init_std²) truncated at ±2σ as in google-research/adapter-bert (1e-3);
+    # W_up = 0 and both biases 0, so the adapter starts as the exact identity.
+    init_std: float = 1e-3
+    layers: Optional[list] = None  # restrict to these block indices (None = all)
+
+    def validate(self) -> None:
+        def check(cond, fld, msg):
+            if not cond:
+                raise ConfigError(f"method.{fld}: {msg}")
+
+        check(
+            self.placement in PLACEMENTS,
+            "placement",
+            f"unknown placement '{self.placement}'; use one of {sorted(PLACEMENTS)}",
+        )
+        check(
+            self.bottleneck is not None or self.reduction_factor is not None,
+            "bottleneck",
+            "both bottleneck and reduction_factor are null; set bottleneck (d) or reduction_factor (d = h // factor)",
+        )
+        check(
+            self.bottleneck is None or self.bottleneck >= 1,
+            "bottleneck",
+            f"must be >= 1, got {self.bottleneck}",
+        )
+        check(
+            self.reduction_factor is None or self.reduction_factor > 0,
+            "reduction_factor",
+            f"must be > 0, got {self.reduction_factor}",
+        )
+        check(
+            self.activation in ACTIVATIONS,
+            "activation",
+            f"unknown activation '{self.activation}'; use one of {sorted(ACTIVATIONS)}",
+        )
+        # init_std = 0 together with W_up = 0 leaves both weights with zero gradient (only biases move)
+        check(self.init_std > 0, "init_std", f"must be > 0 (W_up starts at zero), got {self.init_std}")
+        check(
+            self.layers is None or all(isinstance(i, int) and i >= 0 for i in self.layers),
+            "layers",
+            f"must be a list of block indices >= 0 or null, got {self.layers}",
+        )
+
+
+class BottleneckAdapter(nn.Module):
+    """y -> y + W_up f(W_down y + b_down) + b_up, applied to a projection's output by a hook.
+
+    Args:
+        hidden: h, the width of the hooked projection's output.
+        d: the bottleneck width.
+        activation: f, a key of ``ACTIVATIONS``.
+        init_std: standard deviation of W_down (truncated at ±2σ); W_up and the biases start at 0.
+        device, dtype: of the new parameters.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        d: int,
+        activation: str,
+        init_std: float = 1e-3,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.down = nn.Linear(hidden, d, device=device, dtype=dtype)  # W_down (d, h), b_down
+        self.up = nn.Linear(d, hidden, device=device, dtype=dtype)  # W_up (h, d), b_up
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.down.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)  # zero only W_up: W_down still gets gradients once W_up moves
+            nn.init.zeros_(self.up.bias)
+        self.activation = activation
+        self._act = ACTIVATIONS[activation]
+        self._handles: list = []  # hook handles, so ``detach`` can remove the adapter's effect
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        delta = self.up(self._act(self.down(y.to(self.down.weight.dtype))))  # (..., h)
+        return y + delta.to(y.dtype)
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self(output)
+
+    def attach(self, target: nn.Module) -> None:
+        """Apply the adapter to every output of ``target`` (the module now at the projection's path)."""
+        self._handles.append(target.register_forward_hook(self._hook))
+
+    def detach(self) -> None:
+        """Remove the hooks: the projection computes its output without the adapter again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def extra_repr(self) -> str:
+        return f"h={self.up.out_features}, d={self.down.out_features}, f={self.activation}"
+
+
+def bottleneck_of(cfg: AdapterConfig, hidden: int) -> int:
+    """d: h // ``reduction_factor`` when it is set, else ``bottleneck``."""
+    if cfg.reduction_factor is None:
+        return cfg.bottleneck
+    d = int(hidden // cfg.reduction_factor)
+    if d < 1:
+        raise ConfigError(
+            f"method.reduction_factor={cfg.reduction_factor}: gives bottleneck h // factor = 0 for "
+            f"hidden size h={hidden}; use a factor <= {hidden}"
+        )
+    return d
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    """The frozen weight of a linear layer, looking through LoRA-style wrappers (``.base``)."""
+    while not hasattr(module, "weight") and hasattr(module, "base"):
+        module = module.base
+    return module.weight
+
+
+def _check_layers(arch, layers: list[int]) -> None:
+    bad = [i for i in layers if not 0 <= i < arch.num_layers]
+    if bad:
+        raise ConfigError(
+            f"method.layers: block indices {bad} out of range for this {arch.model_type} with "
+            f"{arch.num_layers} blocks; use indices in [0, {arch.num_layers - 1}]"
+        )
+
+
+def apply(
+    model: nn.Module, cfg: AdapterConfig, layers: list[int] | None = None
+) -> dict[str, BottleneckAdapter]:
+    """Add serial adapters to the blocks in ``layers``; returns {module name: adapter}.
+
+    Each adapter becomes the block's child ``adabudget_adapter_attn`` / ``adabudget_adapter_ffn``
+    and hooks the module currently at the attention-output / FFN-output projection's path.
+    """
+    from budget.arch import arch_of
+
+    layers = layers if layers is not None else cfg.layers
+    arch = arch_of(model)
+    d = bottleneck_of(cfg, arch.hidden)
+    blocks = arch.layers(layers)
+    _check_layers(arch, blocks)
+    added = {}
+    for i in blocks:
+        block = model.get_submodule(arch.block(i))
+        for where in PLACEMENTS[cfg.placement]:
+            (spec,) = arch.by_role(ROLE[where])
+            target = block.get_submodule(spec.rel)
+            weight = _weight_of(target)
+            # float32 unless the base already is float32/float64 (keeps bf16 backbones' adapters precise)
+            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+            adapter = BottleneckAdapter(
+                spec.out_features, d, cfg.activation, cfg.init_std, weight.device, dtype
+            )
+            setattr(block, f"adabudget_adapter_{where}", adapter)
+            adapter.attach(target)
+            added[f"{arch.block(i)}.adabudget_adapter_{where}"] = adapter
+    return added
+
+
+def count(cfg: AdapterConfig, arch, layers: list[int] | None = None) -> int:
+    """2 h d + d + h per adapter (W_down, b_down, W_up, b_up); 2 adapters per block (houlsby) or 1 (pfeiffer)."""
+    layers = layers if layers is not None else cfg.layers
+    d = bottleneck_of(cfg, arch.hidden)
+    _check_layers(arch, arch.layers(layers))
+    total = 0
+    for where in PLACEMENTS[cfg.placement]:
+        (spec,) = arch.by_role(ROLE[where])
+        h = spec.out_features
+        total += 2 * h * d + d + h
+    return total * len(arch.layers(layers))

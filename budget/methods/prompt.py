@@ -1,0 +1,234 @@
+"""Prompt tuning (Lester et al., EMNLP 2021): trainable soft-prompt vectors before the input.
+
+The frozen model reads ``length`` (= l) trainable embeddings P ∈ R^{l x h} followed by the
+token embeddings X ∈ R^{T x h} of the text (Lester et al., Sec. 2):
+
+    model([P; X])     attention mask [1 .. 1; m],  token types [0 .. 0; t]
+
+The prompt is model-level: it has no block, and ``layers`` is ignored (it is validated only,
+so that one config schema serves every method). It acts through a forward pre-hook on the
+top-level model that embeds ``input_ids`` with ``model.get_input_embeddings()``, prepends P and
+passes ``inputs_embeds`` instead. As in peft, the model gives the prompt the first positions:
+with absolute position embeddings (BERT, RoBERTa, GPT-2, DeBERTa-v2 with position_biased_input)
+the text moves to positions l .. l + T - 1, so T + l must fit the position table (checked at
+``apply`` for the prompt alone, at every forward for the batch); RoPE models see relative
+positions only.
+
+The task head must still read the token it reads without the prompt, so a second pre-hook sits
+on ``arch.head``: it drops the l prompt positions from the hidden sequence, so BERT-family
+poolers / classifiers read [CLS] at position 0; GPT-2 / LLaMA heads (``score``) pool at position
+-1 once ``input_ids`` are gone, so the hook also moves the hidden state of the last non-pad token
+(found from ``input_ids`` exactly as HF's pooling does, or from the attention mask when the
+caller passed ``inputs_embeds``) to position -1.
+
+The method cannot start at the identity (it adds tokens) and cannot merge into the base weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from budget.config import ConfigError
+
+INITS = ("vocab", "random")
+
+
+@dataclass
+class PromptConfig:
+    """Prompt-tuning knobs.
+
+    Example (MiniLM, h = 384): ``length=20`` trains 20 x 384 = 7,680 parameters, and a batch
+    padded to 128 tokens becomes 148 positions long (MiniLM has 512).
+    """
+
+    name: str = "prompt"
+    length: int = 20  # l, soft-prompt vectors (Lester et al.'s prompt length)
+    # vocab: copies of the embeddings of l vocabulary tokens drawn uniformly with torch's RNG
+    # (Lester et al.'s "sampled vocab" init, Sec. 3.2, over the whole vocabulary); random: N(0, 0.02²)
+    init: str = "vocab"
+    layers: Optional[list] = None  # ignored: the prompt is model-level (validated only)
+
+    def validate(self) -> None:
+        if not isinstance(self.length, int) or self.length < 1:
+            raise ConfigError(
+                f"method.length: must be an integer >= 1 (soft-prompt vectors), got {self.length}"
+            )
+        if self.init not in INITS:
+            raise ConfigError(f"method.init: unknown init '{self.init}'; use one of {list(INITS)}")
+        if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            raise ConfigError(
+                f"method.layers: must be a list of block indices >= 0 or null (the prompt ignores it), "
+                f"got {self.layers}"
+            )
+
+
+def position_limit(config) -> int | None:
+    """The most positions (prompt + text) an HF config's absolute position table holds; None for RoPE."""
+    mtype = getattr(config, "model_type", "")
+    if mtype == "gpt2":
+        return config.n_positions
+    if mtype == "bert":
+        return config.max_position_embeddings
+    if mtype == "roberta":  # positions start after padding_idx (= pad_token_id)
+        return config.max_position_embeddings - (config.pad_token_id or 0) - 1
+    if mtype == "deberta-v2" and getattr(config, "position_biased_input", True):
+        return config.max_position_embeddings
+    return None
+
+
+class SoftPrompt(nn.Module):
+    """The soft prompt P (l, h) and the hooks that put it before the text and strip it for the head.
+
+    Args:
+        weight: the initial P (l, h); becomes the parameter ``prompt``.
+        decoder: the head pools the last non-pad token (GPT-2 / LLaMA) rather than position 0.
+        max_positions: prompt + text positions the model holds (None: no limit).
+        arg_names: the top-level forward's positional parameter names (to read positional calls).
+    """
+
+    def __init__(self, weight: torch.Tensor, decoder: bool, max_positions: int | None, arg_names: list[str]):
+        super().__init__()
+        self.prompt = nn.Parameter(weight)  # P (l, h)
+        self.decoder = decoder
+        self.max_positions = max_positions
+        self._arg_names = arg_names
+        self._pool_index: torch.Tensor | None = None  # (B,) last non-pad token of this forward's text
+        self._handles: list = []
+
+    @property
+    def length(self) -> int:
+        return self.prompt.shape[0]
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """[P; X] for token embeddings ``embeds`` (B, T, h) -> (B, l + T, h)."""
+        prompt = self.prompt.to(embeds.dtype).expand(embeds.shape[0], -1, -1)  # (B, l, h)
+        return torch.cat([prompt, embeds], dim=1)
+
+    def _prepend(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook of the top-level model: input_ids -> inputs_embeds = [P; X], inputs widened."""
+        kwargs = {**dict(zip(self._arg_names, args)), **kwargs}
+        ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if ids is not None:
+            if embeds is not None:
+                raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
+            embeds = model.get_input_embeddings()(ids)  # X (B, T, h)
+        if embeds is None:
+            return (), kwargs  # the model raises its own error
+        batch, length, seq = embeds.shape[0], self.length, embeds.shape[1]
+        if self.max_positions is not None and seq + length > self.max_positions:
+            raise ValueError(
+                f"prompt: {seq} tokens + method.length={length} prompt vectors exceed the {self.max_positions} "
+                f"positions of this {getattr(model.config, 'model_type', 'model')}; set data.max_length <= "
+                f"{self.max_positions - length} or lower method.length"
+            )
+        kwargs["inputs_embeds"] = self(embeds)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError(f"prompt: needs a 2-D attention_mask (B, T), got shape {tuple(mask.shape)}")
+            # every token (padding included) sees the prompt
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, length), mask], dim=1)
+        types = kwargs.get("token_type_ids")
+        if types is not None:
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], length), types], dim=1)
+        positions = kwargs.get("position_ids")
+        if positions is not None:  # as without position_ids: the prompt takes the first positions
+            first = positions[..., :1] + torch.arange(length, device=positions.device)  # (B|1, l)
+            kwargs["position_ids"] = torch.cat([first, positions + length], dim=-1)
+        if self.decoder:
+            # HF's *ForSequenceClassification pools the rightmost token != pad_token_id of input_ids
+            pad = getattr(model.config, "pad_token_id", None)
+            real = None
+            if pad is not None and ids is not None:
+                real = ids != pad
+            elif pad is not None and mask is not None:
+                real = mask.bool()
+            self._pool_index = None
+            if real is not None:
+                index = torch.arange(seq, device=real.device, dtype=torch.int32)
+                self._pool_index = (index * real.to(torch.int32)).argmax(-1)  # (B,)
+        return (), kwargs
+
+    def _strip(self, head: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook of the head: its hidden-sequence argument without the prompt positions."""
+        if args:
+            return (self._unprompt(args[0]), *args[1:]), kwargs
+        key = next(k for k, v in kwargs.items() if torch.is_tensor(v))  # passed by keyword
+        return (), {**kwargs, key: self._unprompt(kwargs[key])}
+
+    def _unprompt(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, l + T, h) -> (B, T, h); for decoder heads the last non-pad token moves to position -1."""
+        hidden = hidden[:, self.length :]
+        if self.decoder and self._pool_index is not None:
+            index, self._pool_index = self._pool_index.to(hidden.device), None
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, h)
+            # without input_ids HF's *ForSequenceClassification pools position -1
+            hidden = torch.cat([hidden[:, :-1], last[:, None]], dim=1)
+        return hidden
+
+    def attach(self, model: nn.Module, head: nn.Module) -> None:
+        self._handles.append(model.register_forward_pre_hook(self._prepend, with_kwargs=True))
+        self._handles.append(head.register_forward_pre_hook(self._strip, with_kwargs=True))
+
+    def detach(self) -> None:
+        """Remove the hooks: the model computes without the prompt again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def extra_repr(self) -> str:
+        return f"length={self.length}, hidden={self.prompt.shape[1]}"
+
+
+def apply(model: nn.Module, cfg: PromptConfig, layers: list[int] | None = None) -> dict[str, SoftPrompt]:
+    """Give the model a soft prompt (child ``adabudget_prompt``); ``layers`` is ignored.
+
+    Returns {"adabudget_prompt": SoftPrompt}.
+    """
+    from budget.arch import arch_of
+
+    cfg.validate()
+    arch = arch_of(model)
+    embedding = model.get_input_embeddings()
+    if embedding.embedding_dim != arch.hidden:
+        raise ConfigError(
+            f"method.name=prompt: cannot apply to this {arch.model_type}: its input embeddings have width "
+            f"{embedding.embedding_dim} != hidden size {arch.hidden}; use prefix, lora or adapter"
+        )
+    if hasattr(model, "adabudget_prompt"):
+        raise ConfigError("method.name=prompt: the model already has a soft prompt; apply prompt once")
+    limit = position_limit(model.config)
+    if limit is not None and cfg.length >= limit:
+        raise ConfigError(
+            f"method.length={cfg.length}: leaves no position for the text; this {arch.model_type} has {limit} "
+            f"positions for prompt + text; use method.length <= {limit} - data.max_length"
+        )
+    weight = embedding.weight
+    # float32 unless the base already is float32/float64 (bf16 backbones keep a precise prompt)
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    with torch.no_grad():
+        if cfg.init == "vocab":
+            tokens = torch.randint(weight.shape[0], (cfg.length,)).to(weight.device)
+            init = weight[tokens].to(dtype).clone()  # (l, h)
+        else:
+            init = torch.randn(cfg.length, arch.hidden, device=weight.device, dtype=dtype) * 0.02
+    names = [
+        n
+        for n, p in inspect.signature(model.forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    prompt = SoftPrompt(init, decoder=arch.family != "bert", max_positions=limit, arg_names=names)
+    model.adabudget_prompt = prompt  # a child: saved with state_dict as adabudget_prompt.prompt
+    prompt.attach(model, model.get_submodule(arch.head))
+    return {"adabudget_prompt": prompt}
+
+
+def count(cfg: PromptConfig, arch, layers: list[int] | None = None) -> int:
+    """l h (the prompt is model-level: ``layers`` does not change it)."""
+    return cfg.length * arch.hidden

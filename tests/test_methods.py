@@ -1,0 +1,228 @@
+"""One matrix: every PEFT method (and the s4 / unipelt / mam compositions) x tiny BERT,
+GPT-2 and LLaMA, through the same generic checks (as peft's test_custom_models.py).
+
+Adding a method means adding a row to ``ROWS``. A row is (id, method knobs, options):
+``lr``: the AdamW learning rate of the loss check (1e-2); ``identity``: the output right after ``apply`` equals the base model's (False for
+prefix / prompt, which add tokens); ``unsupported``: {model_type: text the ConfigError
+must contain} for architectures the method refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from budget.arch import arch_of
+from budget.compose import preset as method_preset
+from budget.config import ConfigError
+from budget.export import load_adapter, merge_methods, save_adapter
+from budget.methods import REGISTRY, apply_method, count_method, method_config_from_dict, methods_in
+from budget.models import freeze_backbone, tiny_config
+
+ARCHS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
+NUM_LAYERS = 4  # the tiny configs have 2 blocks; 4 lets s4 form its 4 groups
+
+
+def preset(name: str) -> dict:
+    return method_preset("method", name)
+
+
+def _small(values: dict, **changes) -> dict:
+    return {**values, **changes}
+
+
+ROWS = [
+    ("lora", {"name": "lora", "r": 4}, {}),
+    ("adalora", {"name": "adalora", "init_r": 4, "target_r": 2}, {}),
+    # adapter biases write into tiny LLaMA's 0.02-scale residual stream: 1e-2 only reaches ln 2
+    ("adapter", {"name": "adapter", "bottleneck": 8}, {"lr": 1e-3}),
+    ("adapter-pfeiffer", {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 4}, {}),
+    ("parallel_adapter", {"name": "parallel_adapter", "bottleneck": 8}, {}),
+    ("parallel_adapter-attn", {"name": "parallel_adapter", "bottleneck": 8, "position": "attn"}, {}),
+    ("prefix", {"name": "prefix", "length": 3}, {"identity": False}),
+    ("prefix-reparam", {"name": "prefix", "length": 3, "reparam_dim": 16}, {"identity": False}),
+    ("prompt", {"name": "prompt", "length": 3}, {"identity": False}),
+    ("bitfit", {"name": "bitfit"}, {"unsupported": {"llama": "add_missing"}}),
+    (
+        "bitfit-subset",
+        {
+            "name": "bitfit",
+            "biases": ["query", "c_attn", "q_proj", r"intermediate\.dense", "c_fc", "up_proj"],
+        },
+        {"unsupported": {"llama": "add_missing"}},
+    ),  # fmt: skip
+    # new o/down biases write straight into LLaMA's 0.02-scale residual stream: Adam at 1e-2 overshoots
+    ("bitfit-add", {"name": "bitfit", "add_missing": True}, {"lr": 1e-3}),
+    ("ia3", {"name": "ia3"}, {}),
+    ("freeze", {"name": "freeze", "layers": [2, 3]}, {}),
+    ("full", {"name": "full"}, {}),
+    ("mam", {"name": "mam", "prefix_length": 3, "bottleneck": 8}, {"identity": False}),
+    ("s4", preset("s4"), {"identity": False}),
+    ("hybrid-budget", _small(preset("s4"), budget=6000), {"identity": False}),
+]
+ROW_IDS = [r[0] for r in ROWS]
+
+
+def build(arch_name: str, seed: int = 0):
+    config = tiny_config(arch_name, 2, False)
+    if hasattr(config, "n_layer"):
+        config.n_layer = NUM_LAYERS
+    else:
+        config.num_hidden_layers = NUM_LAYERS
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    freeze_backbone(model, train_head=False)
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 1000, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    ids[1, 5:] = 0  # pad token
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}
+
+
+def logits(model, b):
+    with torch.no_grad():
+        return model(**{k: v for k, v in b.items() if k != "labels"}).logits
+
+
+def applied(row, arch_name: str, seed: int = 0):
+    """(model, cfg, wrapped), or pytest.skip after checking the refusal for unsupported cells."""
+    _, values, opts = row
+    model = build(arch_name, seed)
+    cfg = method_config_from_dict(values)
+    cfg.validate()
+    expected = opts.get("unsupported", {}).get(arch_of(model).family)
+    if expected is not None:
+        with pytest.raises(ConfigError, match=expected):
+            apply_method(model, cfg)
+        pytest.skip(f"{row[0]} refuses {arch_name} with a clear error (checked)")
+    return model, cfg, apply_method(model, cfg)
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(params=ARCHS)
+def arch_name(request):
+    return request.param
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_only_the_method_trains(row, arch_name):
+    model, cfg, _ = applied(row, arch_name)
+    params = trainable(model)
+    assert params, "the method made nothing trainable"
+    assert not any(n.startswith(("classifier", "score")) for n in params), "the head must stay frozen"
+    model.train()
+    model(**batch()).loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert not no_grad, f"trainable parameters without a gradient: {no_grad[:5]}"
+    assert not frozen_with_grad
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_starts_as_the_base_model(row, arch_name):
+    if not row[2].get("identity", True):
+        pytest.skip("adds tokens: not the base function at init")
+    base = build(arch_name)
+    model, _, _ = applied(row, arch_name)
+    torch.testing.assert_close(logits(model, batch()), logits(base, batch()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("arch_name", ARCHS + ("tiny-roberta", "tiny-deberta"))
+def test_analytic_count_equals_built(row, arch_name):
+    model = build(arch_name)
+    cfg = method_config_from_dict(row[1])
+    arch = arch_of(model)
+    try:
+        expected = count_method(cfg, arch)
+        apply_method(model, cfg)
+    except ConfigError as err:  # a refused cell must be refused by both, with the method named
+        assert row[2].get("unsupported") or arch.model_type == "deberta-v2", err
+        return
+    assert sum(p.numel() for p in trainable(model).values()) == expected
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid")],
+                         ids=[r[0] for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid")])  # fmt: skip
+def test_layers_restrict_the_method(row, arch_name):
+    values = {**row[1], "layers": [1]}
+    if values["name"] == "freeze":
+        values["layers"] = [1]
+    model = build(arch_name)
+    cfg = method_config_from_dict(values)
+    arch = arch_of(model)
+    try:
+        n = count_method(cfg, arch, [1])
+        apply_method(model, cfg)
+    except ConfigError:
+        assert row[2].get("unsupported")
+        return
+    params = trainable(model)
+    assert sum(p.numel() for p in params.values()) == n
+    if values["name"] != "prompt":  # the prompt is model-level
+        blocks = {name.split(f"{arch.blocks}.", 1)[1].split(".")[0] for name in params if arch.blocks in name}
+        assert blocks == {"1"}, f"touched blocks {blocks}"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_save_load_round_trip(row, arch_name, tmp_path):
+    model, cfg, wrapped = applied(row, arch_name)
+    with torch.no_grad():  # move every trainable parameter off its init
+        for p in trainable(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    expected = logits(model, batch())
+    save_adapter(model, cfg, wrapped, tmp_path / "adapter", arch_name)
+    torch.testing.assert_close(logits(model, batch()), expected, atol=1e-5, rtol=0)  # folding is exact
+    fresh = build(arch_name)  # same seed: same base weights
+    load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(logits(fresh, batch()), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_few_steps_lower_the_loss(row, arch_name):
+    model, _, _ = applied(row, arch_name)
+    model.train()
+    for m in model.modules():  # no dropout noise: the check is the optimisation itself
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    opt = torch.optim.AdamW(list(trainable(model).values()), lr=row[2].get("lr", 1e-2))
+    b = batch()
+    losses = []
+    for _ in range(8):
+        loss = model(**b).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_merge_keeps_outputs(row, arch_name):
+    model, cfg, wrapped = applied(row, arch_name)
+    names = methods_in(cfg)
+    if any(m != "full" and REGISTRY[m].merge is None for m in names):
+        with pytest.raises(ValueError, match="cannot merge"):
+            merge_methods(copy.deepcopy(model), wrapped, names)
+        return
+    with torch.no_grad():
+        for p in trainable(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    expected = logits(model, batch())
+    merge_methods(model, wrapped, names)
+    torch.testing.assert_close(logits(model, batch()), expected, atol=1e-4, rtol=0)
+    leftover = [n for n, _ in model.named_modules() if "adabudget" in n or n.endswith(".base")]
+    assert not leftover, leftover
+    hooks = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert not hooks, f"hooks left after merge on {hooks[:3]}"
