@@ -63,6 +63,39 @@ def check_exports(run: RunConfig) -> None:
         )
 
 
+def group_ranks(ranks: dict[str, int], groups: list[dict] | None) -> dict:
+    """Kept AdaLoRA rank per layer group (hybrids: which group the budget flows to)."""
+    if not groups or len(groups) < 2:
+        return {}
+    from budget.models import block_index
+
+    totals = [0] * len(groups)
+    for name, r in ranks.items():
+        layer = block_index(name)
+        for i, g in enumerate(groups):
+            if layer in g["layers"]:
+                totals[i] += r
+    return {"group_ranks": totals}
+
+
+def check_positions(run: RunConfig, model) -> None:
+    """Soft prompt + the longest tokenized example must fit an absolute position table."""
+    from budget.methods.hybrid import HybridConfig, parse_groups
+    from budget.methods.prompt import PromptConfig, position_limit
+
+    cfg = run.method
+    prompts = [cfg] if isinstance(cfg, PromptConfig) else []
+    if isinstance(cfg, HybridConfig):
+        prompts = [g["prompt"] for g in parse_groups(cfg) if "prompt" in g]
+    limit = position_limit(model.config)
+    for p in prompts:
+        if limit is not None and run.data.max_length + p.length > limit:
+            raise ConfigError(
+                f"method.length={p.length}: with data.max_length={run.data.max_length} the prompted input "
+                f"needs {run.data.max_length + p.length} positions, the model has {limit}; lower one of them"
+            )
+
+
 def param_groups(model, method, lr: float) -> list[dict]:
     """AdamW groups: AdaLoRA's λ at ``lr x method.lambda_lr_ratio``, everything else at ``lr``.
 
@@ -179,6 +212,7 @@ def train(cfg) -> dict:
         from budget.allocator import RankAllocator
 
         allocator = RankAllocator(svd, ada, total_steps)
+    check_positions(run, model)
     trainable_before, total_params = count_params(model)
     model.to(device)
 
@@ -309,7 +343,7 @@ def train(cfg) -> dict:
             if allocator is not None:
                 allocation = allocator.update_and_allocate(step)
                 if allocation is not None:
-                    record.ranks(allocation.to_record())
+                    record.ranks({**allocation.to_record(), **group_ranks(allocation.ranks, groups)})
                     if allocation.shrink:
                         allocator.shrink_(optimizer)
                         params = [p for p in model.parameters() if p.requires_grad]

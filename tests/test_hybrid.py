@@ -130,3 +130,46 @@ def test_train_s4_end_to_end_on_mr(compose_run):
     assert saved["trainable_params"] == sum(g["params"] for g in groups) + head
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert 0.0 <= saved["final"]["dev"]["accuracy"] <= 1.0
+
+
+def test_prompt_too_long_for_positions_fails_before_the_run_folder(compose_run, tmp_path):
+    from budget.train import train
+
+    cfg = compose_run("method=prompt", "method.length=100", "data.max_length=64")  # tiny-bert: 128 positions
+    with pytest.raises(ConfigError, match="method.length=100"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_adalora_in_two_groups_shares_one_budget_and_merges(compose_run):
+    """Two AdaLoRA groups (b(T) = 2 x 6 + 3 x 6 = 30) with BitFit and (IA)3: one global top-k,
+    and the merged checkpoint computes what the saved adapter computes."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from budget.config import ModelConfig
+    from budget.export import load_adapter
+    from budget.models import load_model
+    from budget.train import seed_everything, train
+
+    groups = (
+        "method.groups=[{adalora: {init_r: 4, target_r: 2, mask_interval: 2}, bitfit: {}},"
+        " {adalora: {init_r: 6, target_r: 3, mask_interval: 2}, ia3: {}}]"
+    )
+    result = train(compose_run("method=hybrid", "method.num_groups=2", groups, "export_merged=true"))
+    assert result["status"] == "completed"
+    assert sum(result["ranks"].values()) == 30
+    lines = (Path(result["run_dir"]) / "ranks.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert last["final"] and sum(last["group_ranks"]) == 30 and len(last["group_ranks"]) == 2
+    run = Path(result["run_dir"])
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "merged").eval()
+    # the unmerged model: the run's tiny-bert (same seed, same init) + the saved adapter
+    seed_everything(42)
+    fresh = load_model(ModelConfig(name="tiny-bert"), 2, False, 0).eval()
+    load_adapter(fresh, run / "adapter")
+    ids = torch.randint(5, 1000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0
+        )

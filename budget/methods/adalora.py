@@ -201,6 +201,8 @@ def count(cfg: AdaLoRAConfig, arch, layers: list[int] | None = None) -> int:
 def merge(model: nn.Module, modules: dict[str, SVDLinear]) -> None:
     """W0 += s P diag(λ) Q (transposed for Conv1D), then put the base layer back."""
     for name, layer in modules.items():
+        if not isinstance(layer, SVDLinear):  # ``modules`` may hold other methods' modules too
+            continue
         if layer.rank > 0:
             delta = layer.delta_weight()  # (out, in)
             layer.base.weight.add_((delta.T if layer.fan_in_fan_out else delta).to(layer.base.weight.dtype))

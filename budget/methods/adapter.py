@@ -16,6 +16,8 @@ The adapter acts through a forward hook on the module currently at the projectio
 so when LoRA has wrapped that projection the adapter sees the LoRA-updated output y. It
 starts at the identity (W_up = 0, b_up = 0): the model output right after ``apply`` equals
 the pretrained model's. The adapter is nonlinear and so cannot merge into the base weights.
+UniPELT (``budget.methods.unipelt``) sets the optional ``gate``, a per-example G_A ∈ (0, 1):
+y' = y + G_A (W_up f(W_down y + b_down) + b_up).
 """
 
 from __future__ import annotations
@@ -126,9 +128,13 @@ class BottleneckAdapter(nn.Module):
         self.activation = activation
         self._act = ACTIVATIONS[activation]
         self._handles: list = []  # hook handles, so ``detach`` can remove the adapter's effect
+        # Optional learned gate y -> (B, 1, 1) on the adapter path (UniPELT's G_A); None: ungated.
+        self.gate = None
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         delta = self.up(self._act(self.down(y.to(self.down.weight.dtype))))  # (..., h)
+        if self.gate is not None:
+            delta = delta * self.gate(y).to(delta.dtype)  # (B, T, h) * (B, 1, 1): per-example G_A
         return y + delta.to(y.dtype)
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

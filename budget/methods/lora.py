@@ -96,6 +96,8 @@ def count(cfg: LoRAConfig, arch, layers: list[int] | None = None) -> int:
 def merge(model: nn.Module, modules: dict[str, LoRALinear]) -> None:
     """W0 += s B A (transposed for Conv1D), then put the base layer back."""
     for name, layer in modules.items():
+        if not isinstance(layer, LoRALinear):  # ``modules`` may hold other methods' modules too
+            continue
         delta = layer.delta_weight()  # (out, in)
         layer.base.weight.add_((delta.T if layer.fan_in_fan_out else delta).to(layer.base.weight.dtype))
         set_module(model, name, layer.base)

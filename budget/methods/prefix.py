@@ -26,7 +26,8 @@ Mechanism: the attention modules of HF's BERT, RoBERTa, GPT-2 and LLaMA families
 does not use the attention interface and is refused.
 
 The method cannot start at the identity (the prefix adds attention positions) and cannot
-merge into the base weights.
+merge into the base weights. UniPELT (``budget.methods.unipelt``) sets the optional ``gate``
+of a PrefixKV: the prefix is then per example, G_P P_k and G_P P_v with G_P ∈ (0, 1)^B.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class PrefixKV(nn.Module):
         super().__init__()
         self.length, self.num_kv_heads, self.head_dim = length, num_kv_heads, head_dim
         self.reparam_dim = reparam_dim
+        # Optional per-example gate (UniPELT's G_P): a module whose ``pop()`` returns the factor (B, 1, 1)
+        # computed from the attention input of the current forward; None: ungated.
+        self.gate = None
         shape = (num_kv_heads, length, head_dim)
         if reparam_dim == 0:
             self.key = nn.Parameter(torch.randn(shape, device=device, dtype=dtype) * init_std)  # P_k
@@ -190,8 +194,13 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
         batch = key.shape[0]
         p_key, p_value = prefix()  # (kv_heads, l, d_head) each
         kv_len = key.shape[2]
-        key = torch.cat([p_key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)  # (B, kvh, l + T_k, hd)
-        value = torch.cat([p_value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        p_key = p_key.to(key.dtype).expand(batch, -1, -1, -1)  # (B, kvh, l, hd)
+        p_value = p_value.to(value.dtype).expand(batch, -1, -1, -1)
+        if prefix.gate is not None:  # the prefix becomes per example: G_P P_k, G_P P_v
+            gate = prefix.gate.pop().view(batch, 1, 1, 1)  # (B, 1, 1, 1)
+            p_key, p_value = p_key * gate.to(key.dtype), p_value * gate.to(value.dtype)
+        key = torch.cat([p_key, key], dim=2)  # (B, kvh, l + T_k, hd)
+        value = torch.cat([p_value, value], dim=2)
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal  # sdpa's default
         attention_mask = _widen_mask(attention_mask, prefix.length, query, kv_len, causal, base)
