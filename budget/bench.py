@@ -154,11 +154,12 @@ def train_step(v: Variant, batch: dict, device: torch.device, record: bool) -> N
 def _adam(model: nn.Module, method=None) -> torch.optim.Optimizer:
     """The optimizer of ``budget.train`` for our variants (AdaLoRA's λ in its own lr group),
     plain AdamW over the trainable parameters for peft's."""
+    from budget.methods import adalora_config_of
     from budget.train import param_groups
 
     if method is None:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    return torch.optim.AdamW(param_groups(model, method, LR), lr=LR)
+    return torch.optim.AdamW(param_groups(model, adalora_config_of(method), LR), lr=LR)
 
 
 def ours_lora(base: nn.Module, r: int) -> Variant:

@@ -60,6 +60,11 @@ ROWS = [
     ("freeze", {"name": "freeze", "layers": [2, 3]}, {}),
     ("full", {"name": "full"}, {}),
     ("mam", {"name": "mam", "prefix_length": 3, "bottleneck": 8}, {"identity": False}),
+    (
+        "unipelt",
+        {"name": "unipelt", "lora_r": 4, "prefix_length": 3, "adapter_bottleneck": 8},
+        {"identity": False},
+    ),
     ("s4", preset("s4"), {"identity": False}),
     ("hybrid-budget", _small(preset("s4"), budget=6000), {"identity": False}),
 ]

@@ -37,6 +37,7 @@ from budget.methods import (
     parallel_adapter,
     prefix,
     prompt,
+    unipelt,
 )
 
 
@@ -60,6 +61,7 @@ REGISTRY: dict[str, Method] = {
     "prefix": Method(prefix.PrefixConfig, prefix.apply, prefix.count, "length"),
     "prompt": Method(prompt.PromptConfig, prompt.apply, prompt.count, "length"),
     "mam": Method(mam.MAMConfig, mam.apply, mam.count),
+    "unipelt": Method(unipelt.UniPELTConfig, unipelt.apply, unipelt.count),
     "bitfit": Method(bitfit.BitFitConfig, bitfit.apply, bitfit.count, None, bitfit.merge),
     "ia3": Method(ia3.IA3Config, ia3.apply, ia3.count, None, ia3.merge),
     "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge),
