@@ -171,12 +171,9 @@ def _bert_family(c, mtype: str, n: int) -> Arch:
         if "layer_norm" in [x.strip() for x in getattr(c, "norm_rel_ebd", "none").lower().split("|")]:
             outside += h
             outside_biases[f"{prefix}.encoder.LayerNorm.bias"] = h
-        # The ContextPooler is freshly initialised but, like the rest of the backbone, frozen
-        # unless a method trains it (only classifier/score count as the task head).
-        outside += h * h
-        outside_biases["pooler.dense.bias"] = h
-        outside_linears["pooler.dense"] = LinearSpec("pooler.dense", "other", h, h, True)
-        head, head_params = "pooler", h * n + n
+        # The ContextPooler is freshly initialised, so it is part of the task head
+        # (budget.models.is_head): trained with model.train_head, never adapted.
+        head, head_params = "pooler", h * h + h + h * n + n
     else:
         outside += c.max_position_embeddings * emb + c.type_vocab_size * emb
         if mtype == "bert":

@@ -37,7 +37,7 @@ from torch import nn
 
 from budget.methods.adalora import SVDLinear
 from budget.methods.lora import LoRALinear
-from budget.models import HEAD_NAMES, set_module
+from budget.models import is_head, set_module
 
 PEFT_PREFIX = "base_model.model."
 # Heads peft adds to modules_to_save by itself for these task types (peft_model.py).
@@ -95,7 +95,7 @@ def export_peft_adapter(
         )
 
     names = _base_module_names(model, adapters)
-    heads = sorted({n.rpartition(".")[2] for n in names if n.rpartition(".")[2] in HEAD_NAMES})
+    heads = sorted(n for n in names if n and "." not in n and is_head(n))  # top-level head modules
     # Every module peft will wrap as modules_to_save must have its weights in the file.
     suffixes = tuple(heads) + TASK_HEADS.get(task_type, ())
     saved = [n for n in names if n and suffixes and n.endswith(suffixes)]

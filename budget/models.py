@@ -49,6 +49,13 @@ DEFAULT_TARGETS["qwen2"] = DEFAULT_TARGETS["llama"]
 HEAD_NAMES = ("classifier", "score")
 
 
+def is_head(name: str) -> bool:
+    """A parameter or module of the task head: ``classifier`` / ``score``, and DeBERTa's
+    top-level ``pooler`` (its ContextPooler is new, unlike BERT's pretrained ``bert.pooler``)."""
+    parts = name.split(".")
+    return any(h in parts for h in HEAD_NAMES) or parts[0] == "pooler"
+
+
 def packaged_path(name: str) -> str:
     """Folder of a packaged model (``minilm``), shipped inside a PyPI package."""
     pkg = PACKAGED[name]
@@ -163,7 +170,7 @@ def find_targets(model: nn.Module, patterns: list[str], field_name: str, layers:
     regexes = [re.compile(rf"(.*\.)?(?:{p})") for p in patterns]
     found = []
     for name, module in model.named_modules():
-        if not name or not is_linear(module) or any(h in name.split(".") for h in HEAD_NAMES):
+        if not name or not is_linear(module) or is_head(name):
             continue
         if not any(r.fullmatch(name) for r in regexes):
             continue
@@ -195,7 +202,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def freeze_backbone(model: nn.Module, train_head: bool) -> None:
     for name, p in model.named_parameters():
-        p.requires_grad_(train_head and any(h in name.split(".") for h in HEAD_NAMES))
+        p.requires_grad_(train_head and is_head(name))
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from budget.config import ModelConfig
 from budget.methods import apply_method, method_config_from_dict
 from budget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty, scaling_of
-from budget.models import HEAD_NAMES, freeze_backbone, load_model
+from budget.models import freeze_backbone, is_head, load_model
 
 D_IN, D_OUT, R = 16, 24, 4
 MODELS = {"tiny-bert": 12, "tiny-gpt2": 8, "tiny-llama": 14}  # name: adapted matrices (defaults)
@@ -49,10 +49,6 @@ def batch(model_name: str, n: int = 3, length: int = 7) -> dict:
 
 def is_adapter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("P", "lam", "Q")
-
-
-def is_head(name: str) -> bool:
-    return any(h in name.split(".") for h in HEAD_NAMES)
 
 
 # ---------------------------------------------------------------- the layer alone

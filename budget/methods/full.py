@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from budget.models import HEAD_NAMES
+from budget.models import is_head
 
 
 @dataclass
@@ -19,7 +19,7 @@ class FullConfig:
 
 def apply(model: nn.Module, cfg: FullConfig, layers: list[int] | None = None) -> dict[str, nn.Module]:
     for name, p in model.named_parameters():
-        if not any(h in name.split(".") for h in HEAD_NAMES):  # the head follows model.train_head
+        if not is_head(name):  # the head follows model.train_head
             p.requires_grad_(True)
     return {"": model}
 
