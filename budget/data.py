@@ -164,10 +164,12 @@ def load_tokenizer(model_name: str, revision: Optional[str] = None):
     """
     from transformers import AutoTokenizer
 
-    from budget.models import packaged_path
+    from budget.models import PACKAGED, packaged_path, pretrained_kwargs
 
     if model_name == "minilm" or model_name.startswith("tiny-"):
         tokenizer = AutoTokenizer.from_pretrained(packaged_path("minilm"))
+    elif model_name in PACKAGED:
+        tokenizer = AutoTokenizer.from_pretrained(packaged_path(model_name), **pretrained_kwargs(model_name))
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_name, revision=revision)

