@@ -416,6 +416,17 @@ def summary(result: dict) -> str:
     final = result.get("final") or {}
     for split, metrics in final.items():
         lines.append(f"{split}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    groups = result.get("groups") or []
+    if len(groups) > 1:
+        lines.append("layer groups (trainable params at start):")
+        for g in groups:
+            methods = g["methods"]
+            what = (
+                "none"
+                if methods == "none"
+                else " + ".join(f"{m} {v['params']:,}" for m, v in methods.items())
+            )
+            lines.append(f"  group {g['group']} layers {g['layers']}: {what}")
     if result.get("ranks"):
         ranks = result["ranks"]
         lines.append(f"final rank allocation (sum {sum(ranks.values())} over {len(ranks)} matrices):")
