@@ -76,8 +76,16 @@ class Arch:
         return [s for s in self.linears if s.role in roles]
 
     def layers(self, layers: list[int] | None) -> list[int]:
-        """The block indices a method applies to (all when ``layers`` is None)."""
-        return list(range(self.num_layers)) if layers is None else list(layers)
+        """The block indices a method applies to (all when ``layers`` is None); ConfigError if out of range."""
+        if layers is None:
+            return list(range(self.num_layers))
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(
+                f"method.layers: block indices {bad} out of range for this {self.model_type} with "
+                f"{self.num_layers} blocks; use indices in [0, {self.num_layers - 1}]"
+            )
+        return list(layers)
 
     @property
     def kv_dim(self) -> int:

@@ -264,7 +264,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     for name, rank in meta.get("ranks", {}).items():  # AdaLoRA layers shrunk during training
         layer = wrapped[name]
         if layer.rank != rank:
-            layer.resize_(rank) if hasattr(layer, "resize_") else _resize_svd(layer, rank)
+            layer.shrink_(torch.arange(rank, device=layer.lam.device))
     state = load_file(adapter_dir / "adapter_model.safetensors")
     params = dict(model.named_parameters())
     for name in state:
@@ -272,12 +272,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
             params[name].requires_grad_(True)  # the head was trained and saved too
     load_trainable_state_dict(model, state)
     return wrapped
-
-
-def _resize_svd(layer: nn.Module, rank: int) -> None:
-    layer.P = nn.Parameter(layer.P.data[:, :rank].clone())
-    layer.lam = nn.Parameter(layer.lam.data[:rank].clone())
-    layer.Q = nn.Parameter(layer.Q.data[:rank].clone())
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

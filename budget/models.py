@@ -190,6 +190,14 @@ def find_targets(model: nn.Module, patterns: list[str], field_name: str, layers:
     naming ``field_name`` when nothing matches.
     """
     regexes = [re.compile(rf"(.*\.)?(?:{p})") for p in patterns]
+    if layers is not None:
+        blocks = {block_index(name) for name, _ in model.named_modules()} - {None}
+        bad = [i for i in layers if i not in blocks]
+        if bad:
+            raise ConfigError(
+                f"method.layers: block indices {bad} out of range for this {model_type(model) or 'model'} "
+                f"with {len(blocks)} blocks; use indices in [0, {max(blocks, default=0)}]"
+            )
     found = []
     for name, module in model.named_modules():
         if not name or not is_linear(module) or is_head(name):
@@ -214,6 +222,13 @@ _BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 def block_index(name: str) -> int | None:
     m = _BLOCK.search("." + name + ".")
     return int(m.group(1)) if m else None
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The frozen linear inside LoRA / AdaLoRA wrappers (their ``.base``), or ``module`` itself."""
+    while isinstance(getattr(module, "base", None), nn.Module):
+        module = module.base
+    return module
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

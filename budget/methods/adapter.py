@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from budget.config import ConfigError
+from budget.models import base_linear
 
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
@@ -167,22 +168,6 @@ def bottleneck_of(cfg: AdapterConfig, hidden: int) -> int:
     return d
 
 
-def _weight_of(module: nn.Module) -> torch.Tensor:
-    """The frozen weight of a linear layer, looking through LoRA-style wrappers (``.base``)."""
-    while not hasattr(module, "weight") and hasattr(module, "base"):
-        module = module.base
-    return module.weight
-
-
-def _check_layers(arch, layers: list[int]) -> None:
-    bad = [i for i in layers if not 0 <= i < arch.num_layers]
-    if bad:
-        raise ConfigError(
-            f"method.layers: block indices {bad} out of range for this {arch.model_type} with "
-            f"{arch.num_layers} blocks; use indices in [0, {arch.num_layers - 1}]"
-        )
-
-
 def apply(
     model: nn.Module, cfg: AdapterConfig, layers: list[int] | None = None
 ) -> dict[str, BottleneckAdapter]:
@@ -197,14 +182,13 @@ def apply(
     arch = arch_of(model)
     d = bottleneck_of(cfg, arch.hidden)
     blocks = arch.layers(layers)
-    _check_layers(arch, blocks)
     added = {}
     for i in blocks:
         block = model.get_submodule(arch.block(i))
         for where in PLACEMENTS[cfg.placement]:
             (spec,) = arch.by_role(ROLE[where])
             target = block.get_submodule(spec.rel)
-            weight = _weight_of(target)
+            weight = base_linear(target).weight
             # float32 unless the base already is float32/float64 (keeps bf16 backbones' adapters precise)
             dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
             adapter = BottleneckAdapter(
@@ -220,7 +204,6 @@ def count(cfg: AdapterConfig, arch, layers: list[int] | None = None) -> int:
     """2 h d + d + h per adapter (W_down, b_down, W_up, b_up); 2 adapters per block (houlsby) or 1 (pfeiffer)."""
     layers = layers if layers is not None else cfg.layers
     d = bottleneck_of(cfg, arch.hidden)
-    _check_layers(arch, arch.layers(layers))
     total = 0
     for where in PLACEMENTS[cfg.placement]:
         (spec,) = arch.by_role(ROLE[where])

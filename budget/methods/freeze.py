@@ -75,11 +75,7 @@ def apply(model: nn.Module, cfg: FreezeConfig, layers: list[int] | None = None) 
     """
     layers = layers if layers is not None else cfg.layers
     arch = arch_of(model)
-    if layers is not None and any(i >= arch.num_layers for i in layers):
-        raise ConfigError(
-            f"method.layers={list(layers)}: this {arch.model_type} has blocks 0..{arch.num_layers - 1}"
-        )
-    names = [arch.block(i) for i in arch.layers(layers)]
+    names = [arch.block(i) for i in arch.layers(layers)]  # ConfigError for indices out of range
     if _trains_embeddings(cfg, layers):
         names += _embedding_modules(model, arch)
     trained = {}

@@ -28,7 +28,7 @@ from torch import nn
 
 from budget.arch import Arch, arch_of
 from budget.config import ConfigError
-from budget.models import linear_shape
+from budget.models import base_linear, linear_shape
 
 TARGETS = ("k", "v", "ffn")
 
@@ -53,13 +53,6 @@ class IA3Config:
                 f"method.targets={list(self.targets)}: must be a non-empty subset of {list(TARGETS)} "
                 "without repeats"
             )
-
-
-def _innermost(module: nn.Module) -> nn.Module:
-    """The frozen linear inside LoRA / AdaLoRA wrappers (their ``.base``)."""
-    while isinstance(getattr(module, "base", None), nn.Module):
-        module = module.base
-    return module
 
 
 class IA3Vectors(nn.Module):
@@ -120,13 +113,13 @@ def apply(model: nn.Module, cfg: IA3Config, layers: list[int] | None = None) -> 
             raise ConfigError(
                 f"method.layers: (IA)^3 is already applied to block {i}; give each block one group"
             )
-        weight = _innermost(block.get_submodule(hooks[0][0])).weight
+        weight = base_linear(block.get_submodule(hooks[0][0])).weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         vectors = IA3Vectors({t: sizes[t] for t in TARGETS if t in cfg.targets}, weight.device, dtype)
         block.adabudget_ia3 = vectors
         for rel, hook in hooks:
             module = block.get_submodule(rel)
-            base = _innermost(module)  # under LoRA: scale W0 x + b only (see the module docstring)
+            base = base_linear(module)  # under LoRA: scale W0 x + b only (see the module docstring)
             register = (
                 base.register_forward_pre_hook if hook == "scale_ffn_input" else base.register_forward_hook
             )
@@ -162,7 +155,7 @@ def merge(model: nn.Module, wrapped: dict[str, nn.Module]) -> None:
         block = model.get_submodule(block_name)
         for rel, (hook, was_wrapped) in vectors._hooked.items():
             module = block.get_submodule(rel)
-            base = _innermost(module)
+            base = base_linear(module)
             if was_wrapped and base is module:
                 raise RuntimeError(
                     f"ia3 merge: the LoRA/AdaLoRA wrapper of {block_name}.{rel} was merged before (IA)^3; "

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from budget.config import ConfigError
+from budget.models import base_linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 INITS = ("lora", "bert")
@@ -171,28 +172,12 @@ class ParallelAdapter(nn.Module):
         )
 
 
-def _weight_of(module: nn.Module) -> torch.Tensor:
-    """The frozen weight of a linear layer, looking through LoRA-style wrappers (``.base``)."""
-    while not hasattr(module, "weight") and hasattr(module, "base"):
-        module = module.base
-    return module.weight
-
-
 def _specs(arch, position: str):
     """(spec of the linear whose input is x, spec of the output linear); LLaMA: gate_proj of gate/up."""
     first_roles, last_role = ROLES[position]
     first = arch.by_role(*first_roles)[0]
     (last,) = arch.by_role(last_role)
     return first, last
-
-
-def _check_layers(arch, layers: list[int]) -> None:
-    bad = [i for i in layers if not 0 <= i < arch.num_layers]
-    if bad:
-        raise ConfigError(
-            f"method.layers: block indices {bad} out of range for this {arch.model_type} with "
-            f"{arch.num_layers} blocks; use indices in [0, {arch.num_layers - 1}]"
-        )
 
 
 def apply(
@@ -207,13 +192,12 @@ def apply(
     layers = layers if layers is not None else cfg.layers
     arch = arch_of(model)
     blocks = arch.layers(layers)
-    _check_layers(arch, blocks)
     first_spec, last_spec = _specs(arch, cfg.position)
     added = {}
     for i in blocks:
         block = model.get_submodule(arch.block(i))
         first, last = block.get_submodule(first_spec.rel), block.get_submodule(last_spec.rel)
-        weight = _weight_of(last)
+        weight = base_linear(last).weight
         # float32 unless the base already is float32/float64 (keeps bf16 backbones' adapters precise)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         adapter = ParallelAdapter(
@@ -231,7 +215,6 @@ def count(cfg: ParallelAdapterConfig, arch, layers: list[int] | None = None) -> 
     """h d + d + d h + h = 2 h d + d + h per block (W_down, b_down, W_up, b_up)."""
     layers = layers if layers is not None else cfg.layers
     blocks = arch.layers(layers)
-    _check_layers(arch, blocks)
     first, last = _specs(arch, cfg.position)
     d = cfg.bottleneck
     return len(blocks) * (first.in_features * d + d + d * last.out_features + last.out_features)

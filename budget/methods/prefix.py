@@ -226,15 +226,6 @@ def _check_arch(arch) -> None:
         )
 
 
-def _check_layers(arch, layers: list[int]) -> None:
-    bad = [i for i in layers if not 0 <= i < arch.num_layers]
-    if bad:
-        raise ConfigError(
-            f"method.layers: block indices {bad} out of range for this {arch.model_type} with "
-            f"{arch.num_layers} blocks; use indices in [0, {arch.num_layers - 1}]"
-        )
-
-
 def _use_prefix_attention(model: nn.Module) -> None:
     """Switch the model's attention implementation to ``adabudget_prefix_<current>``."""
     current = model.config._attn_implementation
@@ -261,7 +252,6 @@ def apply(model: nn.Module, cfg: PrefixConfig, layers: list[int] | None = None) 
     arch = arch_of(model)
     _check_arch(arch)
     blocks = arch.layers(layers)
-    _check_layers(arch, blocks)
     attns = {i: model.get_submodule(f"{arch.block(i)}.{arch.attention}") for i in blocks}
     again = [i for i, attn in attns.items() if hasattr(attn, "adabudget_prefix")]
     if again:
@@ -295,7 +285,6 @@ def count(cfg: PrefixConfig, arch, layers: list[int] | None = None) -> int:
     layers = layers if layers is not None else cfg.layers
     _check_arch(arch)
     blocks = arch.layers(layers)
-    _check_layers(arch, blocks)
     n, m, h, kv = cfg.length, cfg.reparam_dim, arch.hidden, arch.kv_dim
     per_layer = 2 * n * kv if m == 0 else n * h + h * m + m + m * 2 * kv + 2 * kv
     return per_layer * len(blocks)

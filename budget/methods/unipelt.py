@@ -199,14 +199,7 @@ def _check(arch, layers: list[int] | None) -> list[int]:
             "needs attention through HF's attention interface, which this model does not use); "
             "use lora or adapter"
         )
-    blocks = arch.layers(layers)
-    bad = [i for i in blocks if not 0 <= i < arch.num_layers]
-    if bad:
-        raise ConfigError(
-            f"method.layers: block indices {bad} out of range for this {arch.model_type} with "
-            f"{arch.num_layers} blocks; use indices in [0, {arch.num_layers - 1}]"
-        )
-    return blocks
+    return arch.layers(layers)
 
 
 def apply(model: nn.Module, cfg: UniPELTConfig, layers: list[int] | None = None) -> dict[str, nn.Module]:
