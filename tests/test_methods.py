@@ -69,6 +69,11 @@ ROWS = [
     ("hybrid-budget", _small(preset("s4"), budget=6000), {"identity": False}),
 ]
 ROW_IDS = [r[0] for r in ROWS]
+FAMILY = {"tiny-bert": "bert", "tiny-gpt2": "gpt2", "tiny-llama": "llama"}
+# (row, architecture) cells the generic checks run on; the refused ones have their own test
+CELLS = [(r, a) for r in ROWS for a in ARCHS if FAMILY[a] not in r[2].get("unsupported", {})]
+CELL_IDS = [f"{a}-{r[0]}" for r, a in CELLS]
+REFUSED = [(r, a) for r in ROWS for a in ARCHS if FAMILY[a] in r[2].get("unsupported", {})]
 
 
 def build(arch_name: str, seed: int = 0):
@@ -98,17 +103,22 @@ def logits(model, b):
 
 
 def applied(row, arch_name: str, seed: int = 0):
-    """(model, cfg, wrapped), or pytest.skip after checking the refusal for unsupported cells."""
-    _, values, opts = row
+    """(model, cfg, wrapped) of a supported cell."""
     model = build(arch_name, seed)
-    cfg = method_config_from_dict(values)
+    cfg = method_config_from_dict(row[1])
     cfg.validate()
-    expected = opts.get("unsupported", {}).get(arch_of(model).family)
-    if expected is not None:
-        with pytest.raises(ConfigError, match=expected):
-            apply_method(model, cfg)
-        pytest.skip(f"{row[0]} refuses {arch_name} with a clear error (checked)")
     return model, cfg, apply_method(model, cfg)
+
+
+@pytest.mark.parametrize("row, arch_name", REFUSED, ids=[f"{a}-{r[0]}" for r, a in REFUSED])
+def test_refuses_unsupported_architectures(row, arch_name):
+    """A method that cannot apply fails with a ConfigError naming the method and the fix, touching nothing."""
+    model = build(arch_name)
+    cfg = method_config_from_dict(row[1])
+    with pytest.raises(ConfigError, match=row[2]["unsupported"][FAMILY[arch_name]]) as err:
+        apply_method(model, cfg)
+    assert cfg.name in str(err.value) and arch_of(model).model_type in str(err.value)
+    assert not trainable(model)
 
 
 def trainable(model):
@@ -120,7 +130,7 @@ def arch_name(request):
     return request.param
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("row, arch_name", CELLS, ids=CELL_IDS)
 def test_only_the_method_trains(row, arch_name):
     model, cfg, _ = applied(row, arch_name)
     params = trainable(model)
@@ -134,13 +144,16 @@ def test_only_the_method_trains(row, arch_name):
     assert not frozen_with_grad
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("row, arch_name", CELLS, ids=CELL_IDS)
 def test_starts_as_the_base_model(row, arch_name):
-    if not row[2].get("identity", True):
-        pytest.skip("adds tokens: not the base function at init")
+    """Identity methods compute the base function at init; prefix / prompt (which add
+    tokens) must not, or they are not wired in."""
     base = build(arch_name)
     model, _, _ = applied(row, arch_name)
-    torch.testing.assert_close(logits(model, batch()), logits(base, batch()), atol=1e-5, rtol=0)
+    if row[2].get("identity", True):
+        torch.testing.assert_close(logits(model, batch()), logits(base, batch()), atol=1e-5, rtol=0)
+    else:
+        assert (logits(model, batch()) - logits(base, batch())).abs().max() > 0
 
 
 @pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
@@ -180,7 +193,7 @@ def test_layers_restrict_the_method(row, arch_name):
         assert blocks == {"1"}, f"touched blocks {blocks}"
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("row, arch_name", CELLS, ids=CELL_IDS)
 def test_save_load_round_trip(row, arch_name, tmp_path):
     model, cfg, wrapped = applied(row, arch_name)
     with torch.no_grad():  # move every trainable parameter off its init
@@ -194,7 +207,7 @@ def test_save_load_round_trip(row, arch_name, tmp_path):
     torch.testing.assert_close(logits(fresh, batch()), expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("row, arch_name", CELLS, ids=CELL_IDS)
 def test_few_steps_lower_the_loss(row, arch_name):
     model, _, _ = applied(row, arch_name)
     model.train()
@@ -213,7 +226,7 @@ def test_few_steps_lower_the_loss(row, arch_name):
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("row, arch_name", CELLS, ids=CELL_IDS)
 def test_merge_keeps_outputs(row, arch_name):
     model, cfg, wrapped = applied(row, arch_name)
     names = methods_in(cfg)
@@ -231,3 +244,16 @@ def test_merge_keeps_outputs(row, arch_name):
     assert not leftover, leftover
     hooks = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     assert not hooks, f"hooks left after merge on {hooks[:3]}"
+
+
+PER_BLOCK = [r for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid", "prompt")]
+
+
+@pytest.mark.parametrize("row", PER_BLOCK, ids=[r[0] for r in PER_BLOCK])
+def test_layers_out_of_range_fail_in_count_and_apply(row):
+    model = build("tiny-bert")
+    cfg = method_config_from_dict({**row[1], "layers": [NUM_LAYERS]})
+    with pytest.raises(ConfigError, match="method.layers"):
+        count_method(cfg, arch_of(model))
+    with pytest.raises(ConfigError, match="method.layers"):
+        apply_method(model, cfg)
