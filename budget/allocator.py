@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from budget.config import ConfigError
-from budget.methods.adalora import AdaLoRAConfig, SVDLinear
+from budget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty
 from budget.schedule import budget_at, phase_steps
 
 SCORE_CHUNK = 32768  # elements; at::internal::GRAIN_SIZE, below which CPU kernels stay single-threaded
@@ -154,6 +154,10 @@ class RankAllocator:
         self._mask_views = list(torch.split(self._mask, ranks))
 
     # ---------------------------------------------------------------- per step
+    def orth_penalty(self) -> torch.Tensor:
+        """R(P, Q) over the adapted matrices (eq. 4); the loop adds γ R to the task loss."""
+        return orth_penalty(self.layers, self.cfg.orth_squared)
+
     def budget_at(self, step: int) -> int:
         return budget_at(
             step,
@@ -266,6 +270,14 @@ class RankAllocator:
             final=final,
             shrink=shrink,
         )
+
+    @torch.no_grad()
+    def reset_pruned_momentum_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero AdamW's first moment of the λ entries the last allocation masked."""
+        for lay, mask in zip(self.layers, self._mask_views):
+            state = optimizer.state.get(lay.lam)
+            if state and "exp_avg" in state:
+                state["exp_avg"].mul_(mask)
 
     # ---------------------------------------------------------------- shrinking
     @torch.no_grad()

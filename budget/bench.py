@@ -479,7 +479,12 @@ def report(args: argparse.Namespace, res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``adabudget bench step [options]``: print the table and, last, the ratio line."""
+    """``adabudget bench step [options]``: print the table and, last, the ratio line.
+    ``adabudget bench lr [options]``: the learning-rate grid of ``budget.bench_lr``."""
+    if argv and argv[0] == "lr":
+        from budget.bench_lr import main as lr_main
+
+        return lr_main(argv[1:])
     args = parse_args(argv)
     report(args, run(args))
 

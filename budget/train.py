@@ -25,7 +25,7 @@ from budget.config import ConfigError, RunConfig, resolve, to_dict, validate
 from budget.data import TaskData, load_task, load_tokenizer, make_batches, num_batches
 from budget.log import RunRecord, environment, log
 from budget.methods import adalora_config_of, apply_method, describe, methods_in
-from budget.methods.adalora import SVDLinear, orth_penalty
+from budget.methods.adalora import SVDLinear
 from budget.metrics import compute_metrics, primary_metric
 from budget.models import count_params, freeze_backbone, load_model, pick_device
 from budget.schedule import lr_factor, phase_steps
@@ -102,7 +102,7 @@ def param_groups(model, method, lr: float) -> list[dict]:
     ``method`` is the AdaLoRA config driving the run (``adalora_config_of``), or None.
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if method is None:
+    if getattr(method, "lambda_lr_ratio", None) is None:
         return [{"params": [p for _, p in trainable]}]
     lam = [p for n, p in trainable if n.endswith(".lam")]
     rest = [p for n, p in trainable if not n.endswith(".lam")]
@@ -205,13 +205,17 @@ def train(cfg) -> dict:
     wrapped = apply_method(model, run.method)
     svd = {name: m for name, m in wrapped.items() if isinstance(m, SVDLinear)}
     adapted = list(svd.values())
-    ada = adalora_config_of(run.method, arch) if svd else None  # the one global AdaLoRA budget
+    ada = adalora_config_of(run.method, arch)  # the one global AdaLoRA budget (or peft's)
     groups = describe(run.method, arch) if arch is not None else None
     allocator = None
-    if ada is not None:
+    if svd:
         from budget.allocator import RankAllocator
 
         allocator = RankAllocator(svd, ada, total_steps)
+    elif run.method.name == "peft_adalora":
+        from budget.methods.peft_ref import PeftAllocator
+
+        allocator = PeftAllocator(model, ada, total_steps)
     check_positions(run, model)
     trainable_before, total_params = count_params(model)
     model.to(device)
@@ -324,7 +328,7 @@ def train(cfg) -> dict:
             for _ in range(tc.grad_accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
                 task_loss = model(**batch).loss
-                orth = orth_penalty(adapted, ada.orth_squared) if allocator is not None else None
+                orth = allocator.orth_penalty() if allocator is not None else None
                 if orth is not None:
                     loss = task_loss + ada.orth_reg_weight * orth  # eq. 4 regulariser, weight γ
                 else:
@@ -347,6 +351,8 @@ def train(cfg) -> dict:
                     if allocation.shrink:
                         allocator.shrink_(optimizer)
                         params = [p for p in model.parameters() if p.requires_grad]
+                    elif getattr(ada, "reset_pruned_momentum", False):
+                        allocator.reset_pruned_momentum_(optimizer)
             optimizer.zero_grad(set_to_none=True)
             window += 1
 

@@ -285,6 +285,24 @@ def test_shrink_never_keeps_the_pattern_fixed():
     assert regrew  # AdamW does move masked λ off 0: the re-masking after each step holds them there
 
 
+def test_reset_pruned_momentum_zeroes_only_the_pruned_first_moments():
+    run = Run(shrink="never", reset_pruned_momentum=True)
+    checked = 0
+    for step in range(1, T + 1):
+        a = run.step(step)
+        if a is not None and not a.final:
+            before = {n: run.opt.state[lay.lam]["exp_avg"].clone() for n, lay in run.layers.items()}
+            run.alloc.reset_pruned_momentum_(run.opt)
+            for n, lay in run.layers.items():
+                state, pruned = run.opt.state[lay.lam], lay.lam == 0
+                assert not state["exp_avg"][pruned].any()  # momentum of pruned λ gone
+                assert torch.equal(state["exp_avg"][~pruned], before[n][~pruned])  # kept λ untouched
+                assert state["exp_avg_sq"][pruned].all()  # second moments kept (see the knob's comment)
+            checked += int((run.alloc._mask == 0).sum())
+        run.end_step(a)
+    assert checked > 0
+
+
 def test_shrink_every_allocation():
     run = Run(shrink="every")
     for step in range(1, T + 1):

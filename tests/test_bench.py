@@ -56,3 +56,33 @@ def test_bench_without_peft_leaves_peft_ratios_undefined(capsys):
     x, y, z, w = (float(v) for v in RATIO.fullmatch(last).groups())
     assert math.isfinite(x) and math.isfinite(y)
     assert math.isnan(z) and math.isnan(w)
+
+
+def test_bench_lr_grid_resumes_and_tables(tmp_path, capsys):
+    """`adabudget bench lr`: one run folder per cell, finished cells skipped, a table from the records."""
+    from budget.bench_lr import main as lr_main
+
+    tiny = ["model=tiny-bert", "data.max_train_samples=64", "data.max_eval_samples=32", "train.max_steps=8",
+            "train.batch_size=8", "method.init_r=4", "method.target_r=2", "method.mask_interval=2"]  # fmt: skip
+    args = [
+        "--root",
+        str(tmp_path),
+        "--variants",
+        "adalora-r1",
+        "peft_adalora",
+        "--lrs",
+        "1e-3",
+        "--seeds",
+        "3",
+    ]
+    lr_main(args + tiny)
+    first = capsys.readouterr().out
+    assert first.count("completed dev accuracy") == 2
+    lr_main(args + tiny)  # nothing left to run
+    second = capsys.readouterr().out
+    assert "completed dev accuracy" not in second
+    assert len(list(tmp_path.glob("*/lr0.001/s3/*/result.json"))) == 2
+    rows = [
+        line for line in second.splitlines() if line.startswith("| adalora-r1") or line.startswith("| peft")
+    ]
+    assert len(rows) == 2 and all("(lr 0.001)" in r for r in rows)

@@ -65,6 +65,9 @@ ROWS = [
         {"name": "unipelt", "lora_r": 4, "prefix_length": 3, "adapter_bottleneck": 8},
         {"identity": False},
     ),
+    # huggingface/peft's own layers (the reference methods); peft's AdaLoRA draws P, Q ~ N(0, 0.02)
+    ("peft_lora", {"name": "peft_lora", "r": 4}, {}),
+    ("peft_adalora", {"name": "peft_adalora", "init_r": 4, "target_r": 2}, {}),
     ("s4", preset("s4"), {"identity": False}),
     ("hybrid-budget", _small(preset("s4"), budget=6000), {"identity": False}),
 ]

@@ -35,6 +35,7 @@ from budget.methods import (
     lora,
     mam,
     parallel_adapter,
+    peft_ref,
     prefix,
     prompt,
     unipelt,
@@ -67,6 +68,9 @@ REGISTRY: dict[str, Method] = {
     "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge),
     "hybrid": Method(hybrid.HybridConfig, hybrid.apply, hybrid.count),
     "s4": Method(hybrid.HybridConfig, hybrid.apply, hybrid.count),
+    # huggingface/peft's own layers and allocator in our loop, for side-by-side comparisons
+    "peft_lora": Method(peft_ref.PeftLoRAConfig, peft_ref.apply, peft_ref.count),
+    "peft_adalora": Method(peft_ref.PeftAdaLoRAConfig, peft_ref.apply, peft_ref.count),
 }
 
 
@@ -122,7 +126,7 @@ def adalora_config_of(cfg, arch=None):
     Without ``arch`` (before the model config is known) a hybrid returns its first AdaLoRA
     group's config: enough for the schedule checks, which only read the phase knobs.
     """
-    if isinstance(cfg, adalora.AdaLoRAConfig):
+    if isinstance(cfg, (adalora.AdaLoRAConfig, peft_ref.PeftAdaLoRAConfig)):
         return cfg
     if isinstance(cfg, hybrid.HybridConfig):
         if arch is not None:

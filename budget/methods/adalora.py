@@ -55,6 +55,10 @@ class AdaLoRAConfig:
     # through λ, so with one shared Adam lr the update starts r scalars per matrix slow
     # while LoRA's B trains out x r entries from step 0 (as LoRA+ gives B a larger lr).
     lambda_lr_ratio: float = 64.0
+    # Zero the Adam first moment (momentum) of pruned λ at each allocation, so a masked
+    # triplet regrows from fresh gradients only; the second moment is kept (zeroing it would
+    # make the next Adam step ~3x larger than usual, not smaller).
+    reset_pruned_momentum: bool = False
     dropout: float = 0.0
     shrink: str = "final"  # remove pruned triplets: at the final allocation | at every one | never
     layers: Optional[list] = None  # restrict to these block indices (None = all)

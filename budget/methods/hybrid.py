@@ -29,7 +29,7 @@ from budget.groups import PATTERNS, allocation_shares, split_layers
 
 # The order in which a group's methods are applied (module replacers before hookers).
 ORDER = ("freeze", "bitfit", "lora", "adalora", "ia3", "adapter", "parallel_adapter", "prefix", "prompt")
-NOT_IN_GROUPS = ("full", "hybrid", "s4", "unipelt", "mam")
+NOT_IN_GROUPS = ("full", "hybrid", "s4", "unipelt", "mam", "peft_lora", "peft_adalora")
 
 
 @dataclass
@@ -94,7 +94,7 @@ class HybridConfig:
         adalora = [g["adalora"] for g in parsed if "adalora" in g]
         for other in adalora[1:]:
             for knob in ("warmup_steps", "final_steps", "mask_interval", "beta1", "beta2", "score", "shrink",
-                         "orth_reg_weight", "orth_squared", "lambda_lr_ratio"):  # fmt: skip
+                         "orth_reg_weight", "orth_squared", "lambda_lr_ratio", "reset_pruned_momentum"):  # fmt: skip
                 if getattr(other, knob) != getattr(adalora[0], knob):
                     raise ConfigError(
                         f"method.groups: adalora.{knob} differs between groups; the AdaLoRA groups share one "
