@@ -15,9 +15,10 @@ import torch
 
 from budget import data
 from budget.config import ConfigError, DataConfig
-from budget.data import describe, load_task, load_tokenizer, make_batches, num_batches
+from budget.data import describe, hub, load_task, load_tokenizer, make_batches, num_batches, packaged
+from budget.data.task import load_raw
 
-# (train, dev, test) with the default fractions; the table in budget/data.py's docstring.
+# (train, dev, test) with the default fractions; the table in budget/data/__init__.py's docstring.
 PACKAGED_SIZES = {
     "mr": (8485, 1060, 1060),
     "tweets": (3360, 420, 420),
@@ -67,13 +68,13 @@ def test_mr_loads_with_documented_sizes_and_binary_labels(mr):
 
 def test_mr_splits_are_a_seeded_partition():
     cfg = DataConfig(task="mr")
-    raw = data._load_raw(cfg)
+    raw = load_raw(cfg)
     ids = {name: set(rows.ids) for name, rows in raw.splits.items()}
     assert not ids["train"] & ids["dev"] and not ids["train"] & ids["test"] and not ids["dev"] & ids["test"]
     assert ids["train"] | ids["dev"] | ids["test"] == {str(i) for i in range(1, 10606)}
 
-    assert data._load_raw(cfg).splits["dev"].ids == raw.splits["dev"].ids
-    other = data._load_raw(replace(cfg, split_seed=1))
+    assert load_raw(cfg).splits["dev"].ids == raw.splits["dev"].ids
+    other = load_raw(replace(cfg, split_seed=1))
     assert set(other.splits["dev"].ids) != ids["dev"]
     assert len(other.splits["dev"]) == len(raw.splits["dev"])
 
@@ -99,7 +100,7 @@ def test_regression_task_has_float_scores_in_range(tokenizer):
 
 @pytest.mark.parametrize("name", ["mr", "tweets", "amazon", "nyt"])
 def test_every_packaged_task_parses_fully(name):
-    raw = data._load_raw(DataConfig(task=name))
+    raw = load_raw(DataConfig(task=name))
     assert tuple(len(raw.splits[s]) for s in ("train", "dev", "test")) == PACKAGED_SIZES[name]
     texts = [t for rows in raw.splits.values() for t in rows.text]
     assert len(texts) == PACKAGED_ROWS[name] and all(texts)
@@ -107,17 +108,17 @@ def test_every_packaged_task_parses_fully(name):
 
 
 def test_mr_can_regress_on_the_crowd_score():
-    raw = data._load_raw(DataConfig(task="mr", regression=True))
+    raw = load_raw(DataConfig(task="mr", regression=True))
     assert raw.regression and raw.num_labels == 1
     assert all(isinstance(v, float) and -4 <= v <= 4 for v in raw.splits["train"].label)
 
 
 def test_max_samples_keep_a_seeded_subset():
     cfg = DataConfig(task="mr", max_train_samples=100, max_eval_samples=30)
-    raw = data._load_raw(cfg)
+    raw = load_raw(cfg)
     assert {k: len(v) for k, v in raw.splits.items()} == {"train": 100, "dev": 30, "test": 30}
-    assert data._load_raw(cfg).splits["train"].ids == raw.splits["train"].ids
-    full = data._load_raw(DataConfig(task="mr"))
+    assert load_raw(cfg).splits["train"].ids == raw.splits["train"].ids
+    full = load_raw(DataConfig(task="mr"))
     assert set(raw.splits["train"].ids) <= set(full.splits["train"].ids)
     assert set(raw.splits["test"].ids) <= set(full.splits["test"].ids)
     assert 20 < sum(raw.splits["train"].label) < 80  # a random subset, not a one-class prefix
@@ -147,7 +148,7 @@ def _fake_sdist(path, files):
 
 def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
     lines = "\r\n".join(f"{i}\t{(-1) ** i * 0.5}\tsentence &amp; {i}" for i in range(1, 21))
-    files = {name: lines for name in data._VADER_FILES.values()}
+    files = {name: lines for name in packaged._VADER_FILES.values()}
     calls = []
 
     def fake_download(dest):
@@ -155,7 +156,7 @@ def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
         dest.mkdir(parents=True)
         return _fake_sdist(dest / "vaderSentiment-3.3.2.tar.gz", files)
 
-    monkeypatch.setattr(data, "_download_vader_sdist", fake_download)
+    monkeypatch.setattr(packaged, "_download_vader_sdist", fake_download)
     (tmp_path / "vader").mkdir()
     (tmp_path / "vader" / "partial.txt").write_text("left by an interrupted copy")
     folder = data.ensure_vader(tmp_path)
@@ -164,7 +165,7 @@ def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["vader"]  # no temp folder left behind
     assert data.ensure_vader(tmp_path) == folder and len(calls) == 1
 
-    raw = data._load_raw(DataConfig(task="tweets", cache_dir=str(tmp_path)))
+    raw = load_raw(DataConfig(task="tweets", cache_dir=str(tmp_path)))
     assert raw.splits["train"].text[0].startswith("sentence & ")
 
 
@@ -272,7 +273,7 @@ def test_local_csv_single_file_with_string_labels_and_text_pairs(tmp_path, token
 def test_local_csv_integer_labels_that_are_not_dense_get_mapped(tmp_path):
     rows = [(f"review {i}", 1 + i % 5) for i in range(40)]  # 1..5 stars
     path = _write_csv(tmp_path / "stars.csv", ["text", "label"], rows)
-    raw = data._load_raw(DataConfig(task="csv", path=str(path)))
+    raw = load_raw(DataConfig(task="csv", path=str(path)))
     assert raw.num_labels == 5 and raw.label_names == ["1", "2", "3", "4", "5"]
     assert set(raw.splits["train"].label) == {0, 1, 2, 3, 4}
 
@@ -291,13 +292,13 @@ def test_local_jsonl_folder_uses_its_splits(tmp_path, tokenizer):
 
 def test_local_jsonl_float_labels_infer_regression(tmp_path):
     path = _write_jsonl(tmp_path / "scores.jsonl", [{"text": f"t {i}", "label": i / 4} for i in range(30)])
-    raw = data._load_raw(DataConfig(task="jsonl", path=str(path)))
+    raw = load_raw(DataConfig(task="jsonl", path=str(path)))
     assert raw.regression and raw.num_labels == 1
     assert {len(r) for r in raw.splits.values()} == {24, 3}
     # Integer-valued scores need the flag.
     path = _write_jsonl(tmp_path / "ints.jsonl", [{"text": f"t {i}", "label": i % 4} for i in range(30)])
-    assert not data._load_raw(DataConfig(task="jsonl", path=str(path))).regression
-    assert data._load_raw(DataConfig(task="jsonl", path=str(path), regression=True)).regression
+    assert not load_raw(DataConfig(task="jsonl", path=str(path))).regression
+    assert load_raw(DataConfig(task="jsonl", path=str(path), regression=True)).regression
 
 
 def test_describe_local(tmp_path):
@@ -335,7 +336,7 @@ def test_glue_shaped_classification_hides_the_unlabeled_test(monkeypatch, tokeni
 
 def test_glue_shaped_pairs_regression_and_mnli_splits():
     stsb = _glue_like(datasets.Value("float32"), [0.0, 2.5, 5.0], text_columns=("sentence1", "sentence2"))
-    raw = data._from_dataset_dict("glue/stsb", stsb, DataConfig(task="glue/stsb"), glue_task="stsb")
+    raw = hub.from_dataset_dict("glue/stsb", stsb, DataConfig(task="glue/stsb"), glue_task="stsb")
     assert raw.regression and raw.columns == ("sentence1", "sentence2")
     assert raw.splits["train"].pair[0] == "train sentence2 0"
 
@@ -345,7 +346,7 @@ def test_glue_shaped_pairs_regression_and_mnli_splits():
         text_columns=("premise", "hypothesis"),
         splits=("train", "validation_matched", "validation_mismatched", "test_matched"),
     )
-    raw = data._from_dataset_dict("glue/mnli", mnli, DataConfig(task="glue/mnli"), glue_task="mnli")
+    raw = hub.from_dataset_dict("glue/mnli", mnli, DataConfig(task="glue/mnli"), glue_task="mnli")
     assert raw.splits["dev"].text[0] == "validation_matched premise 0"
     assert raw.num_labels == 3 and len(raw.splits["test"]) == 0
 
@@ -355,7 +356,7 @@ def test_hub_dataset_without_validation_gets_a_carved_dev():
         datasets.ClassLabel(names=["neg", "pos"]), [0, 1], text_columns=("text",), splits=("train",)
     )
     dsd["test"] = dsd["train"].select(range(5))  # labelled test, as imdb ships it
-    raw = data._from_dataset_dict("imdb", dsd, DataConfig(task="imdb"))
+    raw = hub.from_dataset_dict("imdb", dsd, DataConfig(task="imdb"))
     assert {k: len(v) for k, v in raw.splits.items()} == {"train": 18, "dev": 2, "test": 5}
     assert raw.label_names == ["neg", "pos"]
 
@@ -495,4 +496,4 @@ def test_missing_column_message_lists_the_available_ones(tmp_path):
 def test_hub_missing_label_column_names_the_field():
     dsd = _glue_like(datasets.ClassLabel(names=["a", "b"]), [0, 1]).rename_column("label", "target")
     with pytest.raises(ConfigError, match=r"data\.label_column.*'target'"):
-        data._from_dataset_dict("glue/sst2", dsd, DataConfig(task="glue/sst2"), glue_task="sst2")
+        hub.from_dataset_dict("glue/sst2", dsd, DataConfig(task="glue/sst2"), glue_task="sst2")

@@ -1,0 +1,100 @@
+"""The untokenized task: rows, the checks every source shares, and the shared tail of hub and local data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from budget.config import ConfigError, DataConfig
+from budget.data.labels import encode_labels
+from budget.data.split import seeded_split, split_note, truncate
+
+
+@dataclass
+class Rows:
+    """One split, column-wise. ``ids`` trace rows to the source: the file's ID column for
+    packaged tasks, row numbers otherwise."""
+
+    text: list[str]
+    pair: Optional[list[str]]
+    label: list[Any]
+    ids: list[Any] = field(default_factory=list)
+
+    def take(self, index) -> Rows:
+        index = list(index)
+        return Rows(
+            text=[self.text[i] for i in index],
+            pair=None if self.pair is None else [self.pair[i] for i in index],
+            label=[self.label[i] for i in index],
+            ids=[self.ids[i] for i in index],
+        )
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+
+@dataclass
+class RawTask:
+    """A task before tokenization: split, labelled, checked."""
+
+    name: str
+    source: str
+    splits: dict[str, Rows]  # train, dev, test (test may be empty)
+    num_labels: int
+    regression: bool
+    label_names: Optional[list[str]]
+    split_note: str
+    columns: tuple[str, Optional[str]]
+
+
+def finish(
+    task: str,
+    source: str,
+    splits: dict[str, Rows],
+    cfg: DataConfig,
+    columns: tuple[str, Optional[str]],
+    class_names: Optional[list[str]] = None,
+    float_label: bool = False,
+) -> RawTask:
+    """Shared tail of hub and local data: drop unlabeled test, carve splits, encode labels."""
+    if "test" in splits and all(v is None for v in splits["test"].label):
+        del splits["test"]  # hidden labels, as in GLUE: nothing to score against
+    carved: tuple[str, ...] = ()
+    if "dev" not in splits:
+        carve_test = "test" not in splits
+        carved = ("dev", "test") if carve_test and cfg.test_fraction > 0 else ("dev",)
+        cut = seeded_split(splits["train"], cfg, carve_test=carve_test)
+        splits = {**splits, **cut}
+    splits.setdefault("test", Rows(text=[], pair=None if columns[1] is None else [], label=[]))
+    for name in ("train", "dev"):
+        if len(splits[name]) == 0:
+            raise ConfigError(f"data.task: the {name} split of {task} is empty; provide rows for it")
+
+    regression, num_labels, label_names = encode_labels(splits, cfg, class_names, float_label)
+    splits = truncate({name: splits[name] for name in ("train", "dev", "test")}, cfg)
+    return RawTask(
+        name=task,
+        source=source,
+        splits=splits,
+        num_labels=num_labels,
+        regression=regression,
+        label_names=label_names,
+        split_note=split_note(cfg, carved),
+        columns=columns,
+    )
+
+
+def require_column(column: str, columns: list[str], fld: str, where: str) -> None:
+    """Raise a ConfigError naming ``fld`` and the available columns when ``column`` is missing."""
+    if column not in columns:
+        raise ConfigError(f"{fld}: no column {column!r} in {where}; available columns: {columns}")
+
+
+def as_texts(values, fld: str, where: str) -> list[str]:
+    """A text column as strings; a missing cell is a ConfigError naming ``fld``."""
+    out = []
+    for i, value in enumerate(values):
+        if value is None:
+            raise ConfigError(f"{fld}: row {i} of {where} has no text; fill it or drop the row")
+        out.append(value if isinstance(value, str) else str(value))
+    return out
