@@ -4,8 +4,10 @@ The packaged tasks are fetched once into the user cache ($ADABUDGET_CACHE or
 ~/.cache/adabudget) by the first test that needs them; later runs read the cache.
 """
 
+import hashlib
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 from dataclasses import replace
@@ -181,6 +183,73 @@ def test_copies_that_cannot_fill_a_split_exactly_leave_it_short_with_a_warning(t
     assert {k: len(v) for k, v in raw.splits.items()} == {"train": 32, "dev": 4, "test": 4}
     assert _shared_texts(raw) == {}
     assert "test 4 of 5 rows, dev 4 of 5, train 32" in caplog.text
+
+
+# sha256[:12] of each packaged file as read and cleaned (ids, scores, texts), and of the
+# split membership at split_seed=0 (train, dev, test ids), computed by the test below on
+# the 3.3.2 sdist. A change to either means a new data version: bump the matching half of
+# PACKAGED_VERSION (cleaning) or split.SPLIT_PROCEDURE (membership), then re-pin.
+PACKAGED_PINS = {
+    "mr": ("bd959e9d03c8", "3134817ed83c"),
+    "tweets": ("bde0e1f39f73", "985c5a815ce4"),
+    "amazon": ("a2b955c0c6b2", "a7698c5a0c4f"),
+    "nyt": ("901b30b82e99", "0630e6a25845"),
+}
+
+
+def _sha12(value) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("name", data.PACKAGED_TASKS)
+def test_packaged_data_and_split_are_pinned_to_the_version(name):
+    raw = load_raw(DataConfig(task=name))
+    assert raw.version == data.PACKAGED_VERSION == "vader-3.3.2/groups-v2"
+    rows = packaged._read_vader_file(
+        data.ensure_vader(data.cache_root(DataConfig())) / packaged._VADER_FILES[name]
+    )
+    membership = [raw.splits[s].ids for s in ("train", "dev", "test")]
+    assert (_sha12(rows), _sha12(membership)) == PACKAGED_PINS[name], "new data version: see PACKAGED_PINS"
+
+
+def test_task_data_states_what_data_it_used(mr):
+    assert mr.version == "vader-3.3.2/groups-v2"
+    assert "movieReviewSnippets_GroundTruth.txt" in mr.source and "vaderSentiment==3.3.2" in mr.source
+    assert "split_seed=0" in mr.split_note and "copies of a text together" in mr.split_note
+    record = json.loads(json.dumps(mr.record()))  # JSON-ready as it is
+    assert record["version"] == mr.version and record["sizes"] == mr.sizes()
+    assert record["task"] == "mr" and record["label_names"] == ["negative", "positive"]
+    assert "version:  vader-3.3.2/groups-v2" in describe(DataConfig(task="tweets"))
+
+
+def test_local_and_hub_versions_digest_the_rows_and_name_the_split(tmp_path):
+    rows = [{"text": f"t {i}", "label": i % 2} for i in range(20)]
+    path = _write_jsonl(tmp_path / "a.jsonl", rows)
+    version = load_raw(DataConfig(task="jsonl", path=str(path))).version
+    assert re.fullmatch(r"local-jsonl@[0-9a-f]{12}/groups-v2", version)
+    # The digest follows the content, not the seed or the path.
+    assert load_raw(DataConfig(task="jsonl", path=str(path), split_seed=5)).version == version
+    moved = _write_jsonl(tmp_path / "b.jsonl", rows)
+    assert load_raw(DataConfig(task="jsonl", path=str(moved))).version == version
+    relabelled = _write_jsonl(tmp_path / "c.jsonl", rows[:-1] + [{"text": "t 19", "label": 0}])
+    assert load_raw(DataConfig(task="jsonl", path=str(relabelled))).version != version
+
+    folder = tmp_path / "given"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", rows)
+    _write_jsonl(folder / "dev.jsonl", rows[:4])
+    assert re.fullmatch(
+        r"local-jsonl@[0-9a-f]{12}/given", load_raw(DataConfig(task="jsonl", path=str(folder))).version
+    )
+
+    sst2 = _glue_like(datasets.ClassLabel(names=["negative", "positive"]), [0, 1])
+    raw = hub.from_dataset_dict("glue/sst2", sst2, DataConfig(task="glue/sst2"), glue_task="sst2")
+    assert re.fullmatch(r"hf:glue/sst2@[0-9a-f]{12}/given", raw.version)
+    imdb = _glue_like(
+        datasets.ClassLabel(names=["neg", "pos"]), [0, 1], text_columns=("text",), splits=("train",)
+    )
+    raw = hub.from_dataset_dict("imdb", imdb, DataConfig(task="imdb"))
+    assert re.fullmatch(r"hf:imdb@[0-9a-f]{12}/groups-v2", raw.version)
 
 
 def test_mr_can_regress_on_the_crowd_score():

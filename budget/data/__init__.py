@@ -28,8 +28,9 @@ Sources, by ``data.task``:
   out whole groups of copies of a text (texts equal up to case, punctuation and spacing;
   see :func:`budget.data.split.seeded_split`) so that no text is both trained on and
   scored on. The sizes are exact all the same: ``n_test = round(n * test_fraction)``,
-  ``n_dev = round(n * dev_fraction)``, the rest trains. With the defaults (0.1 / 0.1), for
-  every ``split_seed`` (train / dev / test, and the rows that are copies):
+  ``n_dev = round(n * dev_fraction)``, the rest trains (exact because train always holds
+  a text without copies: it has more rows than all copies together). With the defaults
+  (0.1 / 0.1), for every ``split_seed`` (train / dev / test, and the rows that are copies):
 
   ======== ======= ===== ===== ===== ==================
   task        rows train   dev  test copies (groups)
@@ -41,7 +42,8 @@ Sources, by ``data.task``:
   ======== ======= ===== ===== ===== ==================
 
   (``round`` rounds half to even: mr's 1,060.5 becomes 1,060.) The sizes equal those of
-  the row-wise split used before; at ``split_seed=0`` the groups moved 2 / 54 / 6 / 29
+  the row-wise split used before (data version ``vader-3.3.2/rows-v1``, now
+  ``vader-3.3.2/groups-v2``); at ``split_seed=0`` the groups moved 2 / 54 / 6 / 29
   rows of mr / tweets / amazon / nyt to another split. Texts are cleaned only of what the
   scrape left behind: HTML entities (``&amp;``, some escaped twice) are unescaped, the
   two-apostrophe double quotes of the movie and NYT corpora (``''Conan''``) become ``"``
@@ -70,6 +72,10 @@ integers that are not exactly ``0..K-1`` are mapped the same way; non-integer nu
 regression unless ``data.regression`` says otherwise. ``max_train_samples`` /
 ``max_eval_samples`` keep a seeded subset of each split after it is cut.
 
+Each :class:`TaskData` states what data it holds: ``version`` (``<data>/<split>``, e.g.
+``vader-3.3.2/groups-v2``; the class docstring lists the forms), ``source`` and
+``split_note``; ``TaskData.record()`` gathers them, with the sizes, for a run record.
+
 Every problem with the config or the data raises :class:`budget.config.ConfigError`
 naming the ``data.<field>`` to change, before anything is tokenized.
 
@@ -81,11 +87,12 @@ shuffle). This file only re-exports the public names.
 """
 
 from budget.data.batching import load_tokenizer, make_batches, num_batches
-from budget.data.packaged import PACKAGED_TASKS, VADER_SDIST, cache_root, ensure_vader
+from budget.data.packaged import PACKAGED_TASKS, PACKAGED_VERSION, VADER_SDIST, cache_root, ensure_vader
 from budget.data.task import TaskData, describe, load_task
 
 __all__ = [
     "PACKAGED_TASKS",
+    "PACKAGED_VERSION",
     "VADER_SDIST",
     "TaskData",
     "cache_root",

@@ -114,6 +114,7 @@ def from_dataset_dict(task: str, dataset_dict, cfg: DataConfig, glue_task: Optio
         splits[split] = rows
     return finish(
         task,
+        f"hf:{task}",
         f"HF hub dataset {task} (splits: {', '.join(f'{k}<-{v[0]}' for k, v in found.items())})",
         splits,
         cfg,

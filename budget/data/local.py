@@ -60,7 +60,7 @@ def load_local(kind: str, cfg: DataConfig) -> RawTask:
             label=[_coerce_label(r.get(cfg.label_column)) for r in records],
             ids=list(range(len(records))),
         )
-    return finish(kind, f"local {kind} {path}", splits, cfg, (text_column, pair_column))
+    return finish(kind, f"local-{kind}", f"local {kind} {path}", splits, cfg, (text_column, pair_column))
 
 
 def _find_split_file(folder: Path, stems: tuple[str, ...], kind: str) -> Optional[Path]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from budget.config import ConfigError, DataConfig
 from budget.data.raw import RawTask, Rows
-from budget.data.split import seeded_split, split_note, truncate
+from budget.data.split import SPLIT_PROCEDURE, seeded_split, split_note, truncate
 
 PACKAGED_TASKS = ("mr", "tweets", "amazon", "nyt")
 VADER_SDIST = "vaderSentiment==3.3.2"
@@ -29,6 +29,10 @@ _VADER_FILES = {
     "amazon": "amazonReviewSnippets_GroundTruth.txt",
     "nyt": "nytEditorialSnippets_GroundTruth.txt",
 }
+# The data version of every packaged task (TaskData.version): the rows of this sdist as
+# _read_vader_file cleans them, split by seeded_split. Bump the first half when the
+# cleaning changes a text; tests pin both halves.
+PACKAGED_VERSION = f"vader-{VADER_SDIST.split('==')[1]}/{SPLIT_PROCEDURE}"
 # Hutto & Gilbert numbered the Pang & Lee positive snippets first.
 _MR_LAST_POSITIVE_ID = 5152
 
@@ -181,6 +185,7 @@ def load_packaged(task: str, cfg: DataConfig) -> RawTask:
     return RawTask(
         name=task,
         source=f"{file_name} from the {VADER_SDIST} sdist (Hutto & Gilbert 2014), cached in {folder}",
+        version=PACKAGED_VERSION,
         splits=splits,
         num_labels=num_labels,
         regression=regression,

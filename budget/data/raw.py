@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from budget.config import ConfigError, DataConfig
 from budget.data.labels import encode_labels
-from budget.data.split import seeded_split, split_note, truncate
+from budget.data.split import GIVEN_SPLITS, SPLIT_PROCEDURE, seeded_split, split_note, truncate
 
 
 @dataclass
@@ -39,6 +41,7 @@ class RawTask:
 
     name: str
     source: str
+    version: str  # see TaskData.version
     splits: dict[str, Rows]  # train, dev, test (test may be empty)
     num_labels: int
     regression: bool
@@ -49,6 +52,7 @@ class RawTask:
 
 def finish(
     task: str,
+    origin: str,
     source: str,
     splits: dict[str, Rows],
     cfg: DataConfig,
@@ -56,7 +60,12 @@ def finish(
     class_names: Optional[list[str]] = None,
     float_label: bool = False,
 ) -> RawTask:
-    """Shared tail of hub and local data: drop unlabeled test, encode labels, carve splits."""
+    """Shared tail of hub and local data: drop unlabeled test, encode labels, carve splits.
+
+    ``origin`` (``hf:<task>``, ``local-csv``) starts the data version; the digest of the
+    rows as loaded and the split procedure complete it.
+    """
+    digest = content_digest(splits)
     if "test" in splits and all(v is None for v in splits["test"].label):
         del splits["test"]  # hidden labels, as in GLUE: nothing to score against
     # Labels first: their errors then name the row of the file or split as given, and no
@@ -76,6 +85,7 @@ def finish(
     return RawTask(
         name=task,
         source=source,
+        version=f"{origin}@{digest}/{SPLIT_PROCEDURE if carved else GIVEN_SPLITS}",
         splits=splits,
         num_labels=num_labels,
         regression=regression,
@@ -83,6 +93,23 @@ def finish(
         split_note=split_note(cfg, carved),
         columns=columns,
     )
+
+
+def content_digest(splits: dict[str, Rows]) -> str:
+    """12 hex digits of sha256 over each split's name, texts, pairs and raw labels, in order.
+
+    Computed before labels are encoded, so it names the data as it came, whatever the
+    config then makes of it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        rows = splits[name]
+        pairs = rows.pair if rows.pair is not None else [None] * len(rows)
+        for text, pair, label in zip(rows.text, pairs, rows.label):
+            # default=str: numpy scalars and other odd labels still hash, by their text.
+            digest.update(json.dumps([name, text, pair, label], default=str, ensure_ascii=False).encode())
+            digest.update(b"\n")
+    return digest.hexdigest()[:12]
 
 
 def require_column(column: str, columns: list[str], fld: str, where: str) -> None:

@@ -18,11 +18,27 @@ from budget.data.raw import RawTask
 
 @dataclass
 class TaskData:
-    """A loaded task: tokenized, unpadded examples and what their labels mean.
+    """A loaded task: tokenized, unpadded examples, what their labels mean, and where they came from.
 
     Each example is ``{"input_ids", "attention_mask", ["token_type_ids"], "labels"}``
     with lists of ints for the first keys and an ``int`` label (classification) or a
     ``float`` label (regression); ``make_batches`` reads the label type from that.
+
+    ``version`` names the data and the procedure that split it, ``<data>/<split>``, so that
+    run records made on different data or different splits are told apart (the split
+    seed, fractions and ``max_*_samples`` are in the run's config, not here):
+
+    * packaged tasks: ``vader-3.3.2/groups-v2`` (:data:`budget.data.PACKAGED_VERSION`): the
+      rows of the ``vaderSentiment==3.3.2`` sdist as cleaned here, split keeping every copy
+      of a text in one split.
+    * hub datasets: ``hf:<data.task>@<digest>/<split>``; local files:
+      ``local-<csv|jsonl>@<digest>/<split>``. ``<digest>`` is 12 hex digits of sha256
+      over the texts and raw labels as loaded, ``<split>`` is ``given`` when the data came
+      with its dev split (and test, if any) and ``groups-v2`` when we carved them.
+
+    Records written before this field existed used the row-wise split, ``rows-v1``
+    (``vader-3.3.2/rows-v1`` for the packaged tasks): the same sizes, but copies of a text
+    could fall on both sides of a split.
     """
 
     name: str
@@ -32,10 +48,26 @@ class TaskData:
     num_labels: int  # 1 for regression
     regression: bool
     label_names: Optional[list[str]]
+    version: str  # e.g. "vader-3.3.2/groups-v2", "hf:imdb@3f9a0c12b4de/given"
+    source: str  # human-readable origin: file and sdist, hub id and splits, or local path
+    split_note: str  # how the splits were made: seed, fractions, truncation
 
     def sizes(self) -> dict:
         """Number of examples per split, e.g. ``{"train": 8485, "dev": 1060, "test": 1060}``."""
         return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
+
+    def record(self) -> dict:
+        """What a run record states about its data (JSON-ready), e.g. for ``result.json``."""
+        return {
+            "task": self.name,
+            "version": self.version,
+            "source": self.source,
+            "split": self.split_note,
+            "sizes": self.sizes(),
+            "num_labels": self.num_labels,
+            "regression": self.regression,
+            "label_names": self.label_names,
+        }
 
 
 def load_task(cfg: DataConfig, tokenizer) -> TaskData:
@@ -63,6 +95,9 @@ def load_task(cfg: DataConfig, tokenizer) -> TaskData:
         num_labels=raw.num_labels,
         regression=raw.regression,
         label_names=raw.label_names,
+        version=raw.version,
+        source=raw.source,
+        split_note=raw.split_note,
     )
 
 
@@ -93,6 +128,7 @@ def describe(cfg: DataConfig) -> str:
     lines = [
         f"task:     {raw.name}",
         f"source:   {raw.source}",
+        f"version:  {raw.version}",
         f"labels:   {kind}",
         "splits:   " + " / ".join(f"{name} {size:,}" for name, size in sizes.items()),
         f"          {raw.split_note}",
