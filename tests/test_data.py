@@ -549,6 +549,11 @@ BAD_INPUTS = [
         lambda p, m: DataConfig(task="csv", path=_tiny_csv(p), label_column="gold"),
     ),
     (
+        "label column on packaged task",
+        "data.label_column",
+        lambda p, m: DataConfig(task="tweets", label_column="score"),
+    ),
+    (
         "text column",
         "data.text_column",
         lambda p, m: DataConfig(task="csv", path=_tiny_csv(p), text_column="body"),
@@ -643,6 +648,14 @@ def test_unknown_task_message_lists_the_choices(monkeypatch):
         and "glue/sst2" in str(err.value)
         and "csv" in str(err.value)
     )
+
+
+@pytest.mark.parametrize("name", ["mr", "nyt"])
+def test_packaged_task_rejects_a_label_column_and_names_the_fix(name):
+    with pytest.raises(ConfigError, match=r"^data\.label_column: .*'polarity'.*Unset data\.label_column$"):
+        load_task(DataConfig(task=name, label_column="polarity"), ExplodingTokenizer())
+    # The default, spelled out, is no error.
+    assert load_raw(DataConfig(task=name, label_column="label", max_train_samples=5)).name == name
 
 
 def test_missing_column_message_lists_the_available_ones(tmp_path):

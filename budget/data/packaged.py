@@ -169,6 +169,14 @@ def load_packaged(task: str, cfg: DataConfig) -> RawTask:
         raise ConfigError(
             "data.text_pair_column: packaged tasks have single texts; unset data.text_pair_column"
         )
+    if cfg.label_column not in (None, "label"):
+        # Rejected rather than ignored: a run asking for another target must not silently
+        # train on the default one.
+        raise ConfigError(
+            f"data.label_column: packaged tasks have no label columns to choose from (got "
+            f"{cfg.label_column!r}); their label is fixed: mr's polarity (data.regression=true "
+            "for the crowd score instead) and the others' crowd score. Unset data.label_column"
+        )
     folder = ensure_vader(cache_root(cfg))
     file_name = _VADER_FILES[task]
     ids, scores, texts = _read_vader_file(folder / file_name)
