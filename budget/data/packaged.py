@@ -1,0 +1,203 @@
+"""The packaged tasks: the human-rated sentence sets of the ``vaderSentiment==3.3.2`` sdist.
+
+Fetched with ``pip download`` on first use, unpacked into the cache, parsed and cleaned of
+what the scrape left behind; see :mod:`budget.data` for the tasks and their splits.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from budget.config import ConfigError, DataConfig
+from budget.data.raw import RawTask, Rows
+from budget.data.split import SPLIT_PROCEDURE, seeded_split, split_note, truncate
+
+PACKAGED_TASKS = ("mr", "tweets", "amazon", "nyt")
+VADER_SDIST = "vaderSentiment==3.3.2"
+_VADER_INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
+_VADER_FILES = {
+    "mr": "movieReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+# The data version of every packaged task (TaskData.version): the rows of this sdist as
+# _read_vader_file cleans them, split by seeded_split. Bump the first half when the
+# cleaning changes a text; tests pin both halves.
+PACKAGED_VERSION = f"vader-{VADER_SDIST.split('==')[1]}/{SPLIT_PROCEDURE}"
+# Hutto & Gilbert numbered the Pang & Lee positive snippets first.
+_MR_LAST_POSITIVE_ID = 5152
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """``data.cache_dir``, else ``$ADABUDGET_CACHE``, else ``~/.cache/adabudget``."""
+    root = cfg.cache_dir or os.environ.get("ADABUDGET_CACHE") or "~/.cache/adabudget"
+    return Path(root).expanduser()
+
+
+def ensure_vader(root: Path) -> Path:
+    """Return ``<root>/vader``, fetching and unpacking the VADER data if it is missing.
+
+    The files are unpacked into a temporary folder beside the target and renamed into
+    place in one step, so an interrupted fetch or a concurrent one never leaves a
+    half-written ``vader/`` behind.
+    """
+    target = root / "vader"
+    if _vader_complete(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".vader-tmp-") as tmp:
+        tmp = Path(tmp)
+        sdist = _download_vader_sdist(tmp / "download")
+        staged = tmp / "vader"
+        staged.mkdir()
+        _extract_vader(sdist, staged)
+        try:
+            staged.rename(target)
+        except OSError:
+            # target exists: either a concurrent fetch finished first (keep it) or a
+            # partial folder was left by hand (move it aside; it goes with tmp).
+            if not _vader_complete(target):
+                target.rename(tmp / "stale")
+                staged.rename(target)
+    return target
+
+
+def _vader_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _VADER_FILES.values())
+
+
+def _download_vader_sdist(dest: Path) -> Path:
+    # The wheel leaves out additional_resources/; only the sdist carries the data.
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        VADER_SDIST,
+        "-d",
+        str(dest),
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    found = sorted(dest.glob("vaderSentiment-*.tar.gz")) if dest.is_dir() else []
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not download the {VADER_SDIST} sdist that carries the packaged tasks "
+            f"(`{' '.join(cmd)}` exited {proc.returncode}):\n{proc.stderr[-2000:]}\n"
+            "Fix the network / package index, or unpack additional_resources/hutto_ICWSM_2014.tar.gz "
+            "from that sdist into <data.cache_dir>/vader/ by hand."
+        )
+    return found[0]
+
+
+def _extract_vader(sdist: Path, dest: Path) -> None:
+    """Copy the files of the inner ``hutto_ICWSM_2014.tar.gz`` flat into ``dest``."""
+    with tarfile.open(sdist, "r:gz") as outer:
+        inner_member = next((m for m in outer.getmembers() if m.name.endswith(_VADER_INNER_ARCHIVE)), None)
+        if inner_member is None:
+            raise RuntimeError(f"{sdist.name} has no {_VADER_INNER_ARCHIVE}")
+        with tarfile.open(fileobj=outer.extractfile(inner_member), mode="r:gz") as inner:
+            for member in inner.getmembers():
+                if not member.isfile():
+                    continue
+                # Written by basename through extractfile: no path in the archive can
+                # escape dest.
+                with inner.extractfile(member) as src, open(dest / Path(member.name).name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+
+def _read_vader_file(path: Path) -> tuple[list[str], list[float], list[str]]:
+    """Parse ``id<TAB>score<TAB>text`` lines into ids, scores and cleaned texts."""
+    ids, scores, texts = [], [], []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                decoded = line.decode("utf-8")
+            except UnicodeDecodeError:
+                # All four files are valid UTF-8 in 3.3.2; the rest of the archive is
+                # Windows-1252, so a re-packaged copy could well be.
+                decoded = line.decode("cp1252", errors="replace")
+            decoded = decoded.rstrip("\r\n")
+            if not decoded.strip():
+                continue
+            parts = decoded.split("\t", 2)
+            if len(parts) != 3:
+                raise RuntimeError(f"{path}:{lineno}: expected id<TAB>score<TAB>text, got {decoded[:80]!r}")
+            ids.append(parts[0].strip())
+            scores.append(float(parts[1]))
+            texts.append(_clean_text(parts[2]))
+    return ids, scores, texts
+
+
+def _clean_text(text: str) -> str:
+    # The texts were scraped HTML-escaped (&amp;, &lt;), 16 of them twice (&amp;amp;),
+    # hence two rounds. The movie and NYT corpora write a double quote as two apostrophes
+    # (''Conan''), which WordPiece would split into two apostrophe tokens; some movie
+    # snippets carry runs of spaces where markup was stripped.
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.replace("''", '"').split())
+
+
+def load_packaged(task: str, cfg: DataConfig) -> RawTask:
+    """Check the config against what a packaged task offers, then read, label and split it."""
+    if cfg.path:
+        raise ConfigError(
+            f"data.path: {task} is a packaged task and reads no local file; "
+            f"unset data.path, or set data.task=csv / jsonl to read {cfg.path}"
+        )
+    if task != "mr" and cfg.regression is False:
+        raise ConfigError(
+            f"data.regression: {task} has real-valued crowd scores in [-4, 4] and no classes; "
+            "leave data.regression unset (or true), or use data.task=mr for classification"
+        )
+    if cfg.text_column not in (None, "text"):
+        raise ConfigError(
+            "data.text_column: packaged tasks have one text column, 'text'; unset data.text_column"
+        )
+    if cfg.text_pair_column is not None:
+        raise ConfigError(
+            "data.text_pair_column: packaged tasks have single texts; unset data.text_pair_column"
+        )
+    if cfg.label_column not in (None, "label"):
+        # Rejected rather than ignored: a run asking for another target must not silently
+        # train on the default one.
+        raise ConfigError(
+            f"data.label_column: packaged tasks have no label columns to choose from (got "
+            f"{cfg.label_column!r}); their label is fixed: mr's polarity (data.regression=true "
+            "for the crowd score instead) and the others' crowd score. Unset data.label_column"
+        )
+    folder = ensure_vader(cache_root(cfg))
+    file_name = _VADER_FILES[task]
+    ids, scores, texts = _read_vader_file(folder / file_name)
+    regression = task != "mr" or bool(cfg.regression)
+    if regression:
+        labels: list[Any] = scores
+        num_labels, label_names = 1, None
+    else:
+        labels = [int(int(i) <= _MR_LAST_POSITIVE_ID) for i in ids]
+        num_labels, label_names = 2, ["negative", "positive"]
+    rows = Rows(text=texts, pair=None, label=labels, ids=ids)
+    splits = seeded_split(rows, cfg, carve_test=True)
+    splits = truncate(splits, cfg)
+    return RawTask(
+        name=task,
+        source=f"{file_name} from the {VADER_SDIST} sdist (Hutto & Gilbert 2014), cached in {folder}",
+        version=PACKAGED_VERSION,
+        splits=splits,
+        num_labels=num_labels,
+        regression=regression,
+        label_names=label_names,
+        split_note=split_note(cfg, carved=("dev", "test")),
+        columns=("text", None),
+    )

@@ -1,0 +1,128 @@
+"""The untokenized task: rows, the checks every source shares, and the shared tail of hub and local data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from budget.config import ConfigError, DataConfig
+from budget.data.labels import encode_labels
+from budget.data.split import GIVEN_SPLITS, SPLIT_PROCEDURE, seeded_split, split_note, truncate
+
+
+@dataclass
+class Rows:
+    """One split, column-wise. ``ids`` trace rows to the source: the file's ID column for
+    packaged tasks, row numbers otherwise."""
+
+    text: list[str]
+    pair: Optional[list[str]]
+    label: list[Any]
+    ids: list[Any] = field(default_factory=list)
+
+    def take(self, index) -> Rows:
+        index = list(index)
+        return Rows(
+            text=[self.text[i] for i in index],
+            pair=None if self.pair is None else [self.pair[i] for i in index],
+            label=[self.label[i] for i in index],
+            ids=[self.ids[i] for i in index],
+        )
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+
+@dataclass
+class RawTask:
+    """A task before tokenization: split, labelled, checked."""
+
+    name: str
+    source: str
+    version: str  # see TaskData.version
+    splits: dict[str, Rows]  # train, dev, test (test may be empty)
+    num_labels: int
+    regression: bool
+    label_names: Optional[list[str]]
+    split_note: str
+    columns: tuple[str, Optional[str]]
+
+
+def finish(
+    task: str,
+    origin: str,
+    source: str,
+    splits: dict[str, Rows],
+    cfg: DataConfig,
+    columns: tuple[str, Optional[str]],
+    class_names: Optional[list[str]] = None,
+    float_label: bool = False,
+) -> RawTask:
+    """Shared tail of hub and local data: drop unlabeled test, encode labels, carve splits.
+
+    ``origin`` (``hf:<task>``, ``local-csv``) starts the data version; the digest of the
+    rows as loaded and the split procedure complete it.
+    """
+    digest = content_digest(splits)
+    if "test" in splits and all(v is None for v in splits["test"].label):
+        del splits["test"]  # hidden labels, as in GLUE: nothing to score against
+    # Labels first: their errors then name the row of the file or split as given, and no
+    # problem with them hides behind a split that the data cannot fill.
+    regression, num_labels, label_names = encode_labels(splits, cfg, class_names, float_label)
+    carved: tuple[str, ...] = ()
+    if "dev" not in splits:
+        carve_test = "test" not in splits
+        carved = ("dev", "test") if carve_test and cfg.test_fraction > 0 else ("dev",)
+        cut = seeded_split(splits["train"], cfg, carve_test=carve_test)
+        splits = {**splits, **cut}
+    splits.setdefault("test", Rows(text=[], pair=None if columns[1] is None else [], label=[]))
+    for name in ("train", "dev"):
+        if len(splits[name]) == 0:
+            raise ConfigError(f"data.task: the {name} split of {task} is empty; provide rows for it")
+    splits = truncate({name: splits[name] for name in ("train", "dev", "test")}, cfg)
+    return RawTask(
+        name=task,
+        source=source,
+        version=f"{origin}@{digest}/{SPLIT_PROCEDURE if carved else GIVEN_SPLITS}",
+        splits=splits,
+        num_labels=num_labels,
+        regression=regression,
+        label_names=label_names,
+        split_note=split_note(cfg, carved),
+        columns=columns,
+    )
+
+
+def content_digest(splits: dict[str, Rows]) -> str:
+    """12 hex digits of sha256 over each split's name, texts, pairs and raw labels, in order.
+
+    Computed before labels are encoded, so it names the data as it came, whatever the
+    config then makes of it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        rows = splits[name]
+        pairs = rows.pair if rows.pair is not None else [None] * len(rows)
+        for text, pair, label in zip(rows.text, pairs, rows.label):
+            # default=str: numpy scalars and other odd labels still hash, by their text.
+            digest.update(json.dumps([name, text, pair, label], default=str, ensure_ascii=False).encode())
+            digest.update(b"\n")
+    return digest.hexdigest()[:12]
+
+
+def require_column(column: str, columns: list[str], fld: str, where: str) -> None:
+    """Raise a ConfigError naming ``fld`` and the available columns when ``column`` is missing."""
+    if column not in columns:
+        raise ConfigError(f"{fld}: no column {column!r} in {where}; available columns: {columns}")
+
+
+def as_texts(values, fld: str, where: str) -> list[str]:
+    """A text column as strings; a missing cell is a ConfigError naming ``fld``."""
+    out = []
+    for i, value in enumerate(values):
+        if value is None:
+            raise ConfigError(f"{fld}: row {i} of {where} has no text; fill it or drop the row")
+        out.append(value if isinstance(value, str) else str(value))
+    return out
