@@ -304,6 +304,12 @@ class RankAllocator:
 
     # ---------------------------------------------------------------- state
     def ranks(self) -> dict[str, int]:
+        """Kept triplets per module: the physical ranks after a shrink, the masked pattern's
+        counts before one (and with ``shrink=never``, whose layers keep init_r columns)."""
+        kept = self._mask.view(-1).split(self._ranks)
+        return {n: int(m.sum()) for n, m in zip(self.names, kept)}
+
+    def physical_ranks(self) -> dict[str, int]:
         return dict(zip(self.names, self._ranks))
 
     def state_dict(self) -> dict:
@@ -312,11 +318,11 @@ class RankAllocator:
             "ubar": self._ubar_flat.clone(),
             "mask": self._mask.clone(),
             "fixed": self.fixed,
-            "ranks": self.ranks(),
+            "ranks": self.physical_ranks(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["ranks"] != self.ranks():
+        if state["ranks"] != self.physical_ranks():
             self.shrink_to(state["ranks"])
         self._ibar_flat.copy_(state["ibar"])
         self._ubar_flat.copy_(state["ubar"])
@@ -327,13 +333,16 @@ class RankAllocator:
 def replace_param(
     optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int, index
 ) -> None:
-    """Swap ``old`` for ``new`` in the optimizer, slicing every per-element state tensor."""
+    """Swap ``old`` for ``new`` in the optimizer, slicing every per-element state tensor.
+
+    A factor emptied by the shrink (``requires_grad`` off) leaves the optimizer instead, as it
+    is left out of a resumed run's optimizer: the two must hold the same parameters.
+    """
     for group in optimizer.param_groups:
-        for k, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][k] = new
+        group["params"] = [new if p is old else p for p in group["params"]
+                           if p is not old or new.requires_grad]  # fmt: skip
     state = optimizer.state.pop(old, None)
-    if state:
+    if state and new.requires_grad:
         optimizer.state[new] = {
             key: v.index_select(dim, index) if torch.is_tensor(v) and v.shape == old.shape else v
             for key, v in state.items()

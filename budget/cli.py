@@ -1,15 +1,31 @@
-"""The ``adabudget`` console script: ``train``, ``bench``, ``data`` (``search``,
-``dashboard``, ``table`` come with the search and analysis releases)."""
+"""The ``adabudget`` console script: ``train``, ``bench``, ``data`` (``search``, ``dashboard``,
+``table`` come with the search and analysis releases). Each subcommand is a thin wrapper.
+
+``adabudget train`` is a Hydra app. Hydra's own output folders are switched off
+(``hydra.run.dir=.``, no ``.hydra/`` subdir, console-only logging: ``configs/train.yaml``):
+``budget.train`` claims each run's folder itself, atomically, and this wrapper then copies
+Hydra's record (config, overrides) into ``<run>/.hydra/``. In a multirun each job's folder is
+``<sweep dir>/<job number>`` and the sweep folder gets ``summary.json`` at the end; one failed
+or refused job does not end the sweep.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import signal
 import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 USAGE = """usage: adabudget <command> [args]
 
 commands:
   train [key=value ...]   train one configuration (Hydra overrides; -m sweeps)
   bench step [options]    per-step time/memory of LoRA vs AdaLoRA (ours and peft's)
+  bench lr [options]      the learning-rate grid of AdaLoRA variants, peft's AdaLoRA and LoRA
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
 
 examples:
@@ -18,39 +34,139 @@ examples:
   adabudget train model=bert-base-uncased data=glue_sst2 method.target_r=2
   adabudget train -m method.score=adalora,sensitivity,magnitude
   adabudget train resume=runs/default/2026-11-22_12-00-00
+  torchrun --nproc_per_node 2 $(command -v adabudget) train train.device=cuda
+  eval "$(adabudget train -sc install=bash)"       # shell completion of overrides
 """
+COMMANDS = ("train", "bench", "data")
 
 
-def _train_app() -> None:
+def _exit_code(result: dict) -> int:
+    """Single runs: 0 completed / pruned / stopped by train.stop_after_step, 1 failed, 128 + N after signal N."""
+    if result["status"] == "failed":
+        return 1
+    cause = str(result.get("interrupted_by") or "")
+    if result["status"] == "interrupted" and cause.startswith("SIG"):
+        return 128 + int(getattr(signal, cause.split()[0]))
+    return 0
+
+
+def _save_hydra_record(run_dir: Path, cfg, hydra_cfg) -> None:
+    """Hydra's record of the command line, in the run's own folder (Hydra writes none itself)."""
+    from omegaconf import OmegaConf
+
+    out = run_dir / ".hydra"
+    out.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), out / "overrides.yaml")
+
+
+def run_job(cfg, hydra_cfg, multirun: bool) -> float:
+    """One ``adabudget train`` job: returns the primary dev metric (NaN when the run did not complete),
+    the objective any Hydra sweeper reads. A single run exits with its code instead."""
+    from omegaconf import open_dict
+
+    from budget.compose import resume_config
+    from budget.config import ConfigError
+    from budget.report import summary
+    from budget.train import train
+
+    overrides = list(hydra_cfg.overrides.task)
+    try:
+        if cfg.resume is not None:
+            cfg = resume_config(cfg.resume, overrides)
+        elif multirun and cfg.run_dir is None:  # the job's folder: <sweep dir>/<job number>
+            with open_dict(cfg):
+                cfg.run_dir = _job_dir(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
+        elif not multirun and cfg.run_dir is None and str(hydra_cfg.run.dir) != ".":
+            with open_dict(cfg):
+                cfg.run_dir = str(hydra_cfg.run.dir)  # a user's hydra.run.dir=... names the run folder
+        result = train(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        if multirun:
+            return math.nan
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C twice): the last periodic checkpoint stands", file=sys.stderr)
+        if multirun:
+            raise
+        sys.exit(130)
+    if cfg.resume is None and Path(result["run_dir"]).is_dir():
+        _save_hydra_record(Path(result["run_dir"]), cfg, hydra_cfg)
+    print(summary(result))
+    if result.get("note"):
+        print(result["note"])
+    if not multirun and _exit_code(result):
+        sys.exit(_exit_code(result))
+    if result["status"] != "completed":
+        return math.nan
+    return float(result["final"]["dev"][result["primary_metric"]])
+
+
+def _job_dir(sweep_dir: Path, num: int) -> str:
+    from budget.log import claim_run_dir
+
+    return str(claim_run_dir(sweep_dir, "", name=str(num)))
+
+
+class MultirunSummary(Callback):
+    """After a ``-m`` sweep: one line per job (status, primary dev metric, run folder), also
+    written to ``<sweep dir>/summary.json``. Reads the jobs' records, so it works for any launcher."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        rows = []
+        for path in sorted(sweep.glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+            r = json.loads(path.read_text())
+            metric = r.get("primary_metric", "accuracy")
+            value = ((r.get("final") or {}).get("dev") or {}).get(metric)
+            rows.append({"job": path.parent.name, "status": r.get("status"), "metric": metric, "dev": value,
+                         "run_dir": str(path.parent), "error": r.get("error")})  # fmt: skip
+        if not sweep.is_dir():
+            return
+        (sweep / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        done = sum(r["status"] == "completed" for r in rows)
+        print(f"\nsweep {sweep}: {done} of {len(rows)} job(s) completed")
+        for r in rows:
+            dev = f"{r['metric']}={r['dev']:.4f}" if r["dev"] is not None else "-"
+            print(f"  job {r['job']:>3}  {r['status']:<11} dev {dev:<18} {r['run_dir']}")
+
+
+def _train_app(args: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from budget.compose import config_dir, register_configs
 
     register_configs()
+    sys.argv = [sys.argv[0], *args]  # Hydra reads sys.argv; the program name stays `adabudget`
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-    def app(cfg) -> None:
-        from budget.config import ConfigError
-        from budget.train import summary, train
-
-        if cfg.run_dir is None and cfg.resume is None:
-            cfg.run_dir = HydraConfig.get().runtime.output_dir
-        try:
-            result = train(cfg)
-        except ConfigError as err:
-            print(f"config error: {err}", file=sys.stderr)
-            sys.exit(2)
-        print(summary(result))
-        if result["status"] == "failed":
-            sys.exit(1)
+    def app(cfg) -> float:
+        hydra_cfg = HydraConfig.get()
+        return run_job(cfg, hydra_cfg, hydra_cfg.mode == RunMode.MULTIRUN)
 
     app()
 
 
+def _shell_completion(args: list[str]) -> None:
+    """``adabudget -sc query=bash``, as the script of ``adabudget train -sc install=bash`` calls it:
+    complete the subcommand, or pass ``train``'s overrides to Hydra without the word ``train``."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) <= 2 and not line.endswith(" ") or len(words) < 2:
+        print(" ".join(COMMANDS))
+        return
+    if words[1] != "train":
+        return
+    os.environ["COMP_LINE"] = line.replace(" train", "", 1)
+    _train_app(args)
+
+
 def _data(args: list[str]) -> None:
-    from budget.compose import compose
-    from budget.config import ConfigError, resolve
+    from budget.compose import compose, resolve
+    from budget.config import ConfigError
     from budget.data import describe
 
     try:
@@ -66,9 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        sys.argv = [f"{sys.argv[0]} train", *rest]
-        _train_app()
+    if command in ("-sc", "--shell-completion"):
+        _shell_completion(argv)
+    elif command == "train":
+        _train_app(rest)
     elif command == "bench":
         from budget.bench import main as bench_main
 

@@ -1,14 +1,18 @@
-"""Hydra glue: where ``configs/`` lives, the dataclass schemas in Hydra's ConfigStore,
-and ``compose(overrides)`` for tests and programs that want the real composed config."""
+"""Hydra glue and config resolution: where ``configs/`` lives, the dataclass schemas in
+Hydra's ConfigStore, ``compose(overrides)`` for tests and programs that want the real
+composed config, and ``resolve(cfg)``, which turns it into the dataclasses of
+``budget.config`` with the method section built by its registered dataclass."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from budget.config import DataConfig, LoggerConfig, ModelConfig, RunConfig, TrainConfig
+from budget.config import ConfigError, DataConfig, LoggerConfig, ModelConfig, RunConfig, TrainConfig
 
 
 def config_dir() -> str:
@@ -28,20 +32,26 @@ _registered = False
 
 def register_configs() -> None:
     """Put the dataclasses in Hydra's ConfigStore: they are the schema and the defaults;
-    YAML files only name presets. Each method's schema is ``method/<name>_schema``."""
+    YAML files only name presets. The schemas live in their own groups (``schema/model``,
+    ``schema/method/<name>``, ...; a preset pulls its own in with ``/schema/...@_here_``),
+    so that the groups users pick from (``method=``, ``model=``) list presets only."""
     global _registered
     if _registered:
         return
+    from omegaconf import OmegaConf
+
     from budget.methods import REGISTRY
 
     cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="train", name="train_schema", node=TrainConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="schema", name="run", node=RunConfig)
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="data", node=DataConfig)
+    cs.store(group="schema", name="train", node=TrainConfig)
+    cs.store(group="schema", name="logger", node=LoggerConfig)
     for name, method in REGISTRY.items():
-        cs.store(group="method", name=f"{name}_schema", node=method.config)
+        cs.store(group="schema/method", name=name, node=method.config)
+    # The sweep folder's name carries the pid: two multiruns started in the same second differ.
+    OmegaConf.register_new_resolver("adabudget.pid", os.getpid, replace=True)
     _registered = True
 
 
@@ -65,3 +75,77 @@ def preset(group: str, name: str) -> dict:
     values = OmegaConf.to_container(OmegaConf.load(f"{config_dir()}/{group}/{name}.yaml"))
     values.pop("defaults", None)
     return values
+
+
+def resolve(cfg: Any) -> RunConfig:
+    """Turn a composed Hydra/OmegaConf config (or a plain dict, or a RunConfig) into
+    the dataclasses, with the method section built by its registered dataclass."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from budget.methods import method_config_from_dict
+
+    if isinstance(cfg, RunConfig):
+        run = dataclasses.replace(cfg)
+    else:
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = dict(cfg)
+        cfg.pop("hydra", None)
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(f"{', '.join(unknown)}: unknown top-level key(s); known: {sorted(known)}")
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "logger": LoggerConfig}
+        kwargs = {}
+        for key, value in cfg.items():
+            if key in sections:
+                kwargs[key] = _build(sections[key], value or {}, key)
+            else:
+                kwargs[key] = value
+        run = RunConfig(**kwargs)
+    if run.method is None or isinstance(run.method, dict):
+        run.method = method_config_from_dict(run.method or {"name": "adalora"})
+    return run
+
+
+def _build(cls, values: Any, prefix: str):
+    if isinstance(values, cls):
+        return values
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key; known keys: {sorted(names)}")
+    return cls(**values)
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None):
+    """The saved config of a run folder, with ``overrides`` applied, ready for ``train`` to resume.
+
+    Only the knobs in ``budget.train.RESUMABLE`` may change (more steps, logging, evaluation,
+    checkpoints, exports, device); any other override is refused with a ConfigError naming it.
+    """
+    from omegaconf import OmegaConf
+
+    from budget.train import RESUMABLE
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"resume={run_dir}: not a run folder (no config.yaml); pass a folder under runs/")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    refused = []
+    for override in overrides or []:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("resume", "run_dir"):
+            continue
+        if not any(key == r or key.startswith(r + ".") for r in RESUMABLE):
+            refused.append(override)
+    if refused:
+        raise ConfigError(
+            f"resume={run_dir}: {', '.join(refused)} cannot change on resume (a resumed run keeps its config); "
+            f"what may change: {', '.join(RESUMABLE)}. Start a new run for anything else"
+        )
+    dotlist = [o for o in overrides or [] if o.split("=", 1)[0] not in ("resume", "run_dir")]
+    cfg.train.stop_after_step = None  # a stop point belongs to one invocation, not to the run
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    cfg.resume = str(run_dir)
+    return cfg

@@ -1,9 +1,10 @@
 """The one schema of a run: nested dataclasses that hold every default.
 
 Hydra YAML under ``configs/`` only holds named presets and experiments; the CLI only
-overrides. ``resolve(cfg)`` turns a composed Hydra config into these dataclasses and
-``validate(run)`` checks every cross-field rule before any model or data is loaded, with
-an error that names the field and the fix.
+overrides. ``budget.compose.resolve(cfg)`` turns a composed Hydra config into these
+dataclasses and ``validate(run)`` checks every cross-field rule before any model or data is
+loaded, with an error that names the field and the fix. This module imports no other part
+of ``budget`` (the methods import ``ConfigError`` from here).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+CHECKPOINT_POLICIES = ("periodic", "end", "none")
 
 
 class ConfigError(ValueError):
@@ -33,6 +36,9 @@ class ModelConfig:
     # modules_to_save does for sequence classification: a frozen random head cannot learn.
     train_head: bool = True
     gradient_checkpointing: bool = False
+    # Override every dropout probability of the backbone (hidden, attention; None keeps the
+    # checkpoint's). 0 makes runs comparable step by step (e.g. 1 x 32 against 2 x 16 under torchrun).
+    dropout: Optional[float] = None
 
 
 @dataclass
@@ -79,7 +85,13 @@ class TrainConfig:
     eval_every: int = 100  # also evaluates at the end; 0 = only at the end
     eval_batch_size: int = 128
     log_every: int = 10
-    checkpoint_every: int = 0  # 0 = only at the end (needed for resume)
+    # periodic: a checkpoint (trainable state, optimizer, allocator, RNG) every checkpoint_minutes
+    # of wall time and every checkpoint_every steps (0 = no step interval), at the end and on
+    # Ctrl-C / SIGTERM, so a killed run loses at most one interval; end: only at the end and on
+    # an interrupt; none: never (search trials that will not be resumed)
+    checkpoint: str = "periodic"
+    checkpoint_minutes: float = 5.0
+    checkpoint_every: int = 0
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_threads: Optional[int] = None
@@ -119,49 +131,6 @@ def _check(cond: bool, fld: str, msg: str) -> None:
         raise ConfigError(f"{fld}: {msg}")
 
 
-def resolve(cfg: Any) -> RunConfig:
-    """Turn a composed Hydra/OmegaConf config (or a plain dict, or a RunConfig) into
-    the dataclasses, with the method section built by its registered dataclass."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from budget.methods import method_config_from_dict
-
-    if isinstance(cfg, RunConfig):
-        run = dataclasses.replace(cfg)
-    else:
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        cfg = dict(cfg)
-        cfg.pop("hydra", None)
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        unknown = sorted(set(cfg) - known)
-        _check(not unknown, ", ".join(unknown), f"unknown top-level key(s); known: {sorted(known)}")
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "logger": LoggerConfig}
-        kwargs = {}
-        for key, value in cfg.items():
-            if key in sections:
-                kwargs[key] = _build(sections[key], value or {}, key)
-            else:
-                kwargs[key] = value
-        run = RunConfig(**kwargs)
-    if run.method is None or isinstance(run.method, dict):
-        run.method = method_config_from_dict(run.method or {"name": "adalora"})
-    return run
-
-
-def _build(cls, values: Any, prefix: str):
-    if isinstance(values, cls):
-        return values
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    _check(
-        not unknown,
-        f"{prefix}.{unknown[0]}" if unknown else prefix,
-        f"unknown key; known keys: {sorted(names)}",
-    )
-    return cls(**values)
-
-
 def validate(run: RunConfig) -> None:
     """Cross-field checks that need no model or data. Raises ConfigError."""
     t, d = run.train, run.data
@@ -174,7 +143,19 @@ def validate(run: RunConfig) -> None:
     )
     _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
-    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = no step interval)")
+    _check(
+        t.checkpoint in CHECKPOINT_POLICIES,
+        "train.checkpoint",
+        f"unknown policy '{t.checkpoint}'; use one of {CHECKPOINT_POLICIES}",
+    )
+    _check(t.checkpoint_minutes > 0, "train.checkpoint_minutes", f"must be > 0, got {t.checkpoint_minutes}")
+    _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _check(
+        run.model.dropout is None or 0 <= run.model.dropout < 1,
+        "model.dropout",
+        f"must be in [0, 1) or null, got {run.model.dropout}",
+    )
     _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     _check(0 < d.dev_fraction < 1, "data.dev_fraction", f"must be in (0, 1), got {d.dev_fraction}")
     _check(0 <= d.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {d.test_fraction}")

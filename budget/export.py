@@ -293,9 +293,15 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
+        hint = ""
+        if missing and all(n.rsplit(".", 1)[-1] in ("P", "lam", "Q") for n in missing):
+            hint = (
+                "; the missing names are AdaLoRA factors of modules the saved run pruned to rank 0: give "
+                "the layers the saved ranks first (RankAllocator.load_state_dict / shrink_to)"
+            )
         raise ValueError(
             f"trainable state dict does not fit this model: missing {_few(missing)}, "
-            f"unexpected {_few(unexpected)}"
+            f"unexpected {_few(unexpected)}{hint}"
         )
     for name, p in params.items():
         value = state[name]

@@ -2,11 +2,15 @@
 
     <run_dir>/config.yaml    resolved config (the dataclasses, after overrides)
     <run_dir>/metrics.jsonl  one JSON object per log / eval event
-    <run_dir>/ranks.jsonl    one per allocation: step, budget, kept, rank of every module
-    <run_dir>/result.json    status, final and best metrics, params, time, memory, versions
+    <run_dir>/ranks.jsonl    step 0, then one per allocation: budget, kept, rank of every
+                             module, and every triplet's score with its keep mask
+    <run_dir>/result.json    status (running while the run lives, with host, pid and a
+                             heartbeat), final and best metrics, params, the modules table,
+                             time, memory, versions; ``record_version`` says how to read it
 
 Files are the truth; W&B only mirrors them, and a W&B failure (no network, no login)
-never fails or blocks a run.
+never fails or blocks a run. ``claim_run_dir`` is the one place run folders are named and
+created: a folder belongs to one run, always.
 """
 
 from __future__ import annotations
@@ -15,12 +19,78 @@ import json
 import logging
 import os
 import platform
+import socket
 import subprocess
 import sys
+import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 log = logging.getLogger("adabudget")
+
+# 2: status "running" with heartbeat, record_version, primary_metric, regression, data_version,
+#    the modules table, a step-0 row and triplet scores in ranks.jsonl (1: the first release).
+RECORD_VERSION = 2
+CLAIM = ".claimed"  # exists only while a process claims an explicit, empty run folder
+
+
+def claim_run_dir(
+    runs_root: str | Path, run_name: str, run_dir: str | Path | None = None, name: str | None = None
+) -> Path:
+    """Create and return a run folder that no other run has or will have.
+
+    Default: ``<runs_root>/<run_name>/<YYYY-mm-dd_HH-MM-SS>``, made with an exclusive mkdir
+    and a ``_1``, ``_2``, ... suffix when another run (another process, a torchrun rank, a
+    search worker) made that name first; ``name`` replaces the timestamp (a sweep's job number). An explicit ``run_dir`` must not exist yet or be
+    empty (claimed through an exclusive marker file); one that holds anything is refused,
+    so a record is never appended to or overwritten by another run.
+    """
+    from budget.config import ConfigError
+
+    if run_dir is not None:
+        path = Path(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            pass
+        if not path.is_dir() or any(p.name != CLAIM for p in path.iterdir()):
+            raise ConfigError(
+                f"run_dir={path}: already holds a run (a run folder belongs to one run); choose a new "
+                f"run_dir, or continue that run with resume={path}"
+            )
+        try:
+            os.close(os.open(path / CLAIM, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            raise ConfigError(
+                f"run_dir={path}: another process is starting a run in it; choose a new run_dir"
+            ) from None
+        return path
+    parent = Path(runs_root) / run_name
+    parent.mkdir(parents=True, exist_ok=True)
+    base = name or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for k in range(10_000):
+        path = parent / (base if k == 0 else f"{base}_{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder name under {parent}")
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop the lines written after ``last_step`` (a resumed run redoes those steps)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -37,18 +107,46 @@ def _jsonable(obj):
 
 
 class RunRecord:
-    """Appends metrics and allocations to the run folder and the optional W&B mirror."""
+    """Appends metrics and allocations to the run folder and the optional W&B mirror.
 
-    def __init__(self, run_dir: Path, config: dict, logger_cfg, resume: bool = False):
+    Args:
+        run_dir: the run's folder (``claim_run_dir``; a resumed run's own folder).
+        config: the resolved config as a plain dict, written to ``config.yaml`` (also on
+            resume: the resumed config may have changed the knobs that may change).
+        logger_cfg: the ``logger`` section (W&B mirror).
+        resume_step: on resume, the checkpoint's step: later lines are dropped.
+        header: what ``result.json`` says while the run lives (``status: running``).
+    """
+
+    def __init__(self, run_dir: Path, config: dict, logger_cfg, resume_step: int | None = None,
+                 header: dict | None = None):  # fmt: skip
+        from omegaconf import OmegaConf
+
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.wandb = None
-        if not resume:
-            from omegaconf import OmegaConf
-
-            (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        resume = resume_step is not None
+        if resume:
+            for name in ("metrics.jsonl", "ranks.jsonl"):
+                truncate_jsonl(self.dir / name, resume_step)
+        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        (self.dir / CLAIM).unlink(missing_ok=True)
+        self.header = {
+            "record_version": RECORD_VERSION,
+            "status": "running",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": datetime.now().isoformat(timespec="seconds"),
+            **(header or {}),
+        }
+        self.heartbeat(resume_step or 0)
         if logger_cfg.wandb:
             self.wandb = _init_wandb(self.dir, config, logger_cfg, resume)
+
+    def heartbeat(self, step: int) -> None:
+        """Refresh the live ``result.json``: a run whose heartbeat is old and whose pid is gone was killed."""
+        write_json_atomic(self.dir / "result.json", {**self.header, "steps": step,
+                                                      "heartbeat_at": time.time()})  # fmt: skip
 
     def _append(self, name: str, record: dict) -> None:
         with open(self.dir / name, "a") as f:
@@ -65,11 +163,13 @@ class RunRecord:
         self._append("ranks.jsonl", record)
         if self.wandb is not None:
             data = {"budget/scheduled": record["budget"], "budget/kept": record["kept"]}
+            if record.get("step") == 0:
+                return  # the initial ranks: nothing to plot yet
             data.update({f"rank/{k}": v for k, v in record["ranks"].items()})
             self._wandb_call(self.wandb.log, data, step=record["step"])
 
     def result(self, result: dict) -> None:
-        write_json_atomic(self.dir / "result.json", result)
+        write_json_atomic(self.dir / "result.json", {**self.header, **result})
         if self.wandb is not None:
             self._wandb_call(self._wandb_summary, result)
 

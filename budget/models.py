@@ -248,12 +248,25 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``train.device`` as a torch device, checked against what this machine has (a ConfigError,
+    not a CUDA assertion mid-run); under torchrun ``auto``/``cuda`` is the rank's local GPU."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
         raise ConfigError(f"train.device={name}: use auto | cpu | cuda | cuda:N | mps") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(
+                f"train.device={name}: {build} (torch {torch.__version__}); use train.device=cpu (or auto)"
+            )
+        if local_rank is not None and device.index is None:
+            device = torch.device("cuda", local_rank)
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name}: MPS is not available here; use train.device=cpu")
+    return device

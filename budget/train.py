@@ -1,34 +1,53 @@
-"""The training loop: one function, ``train(cfg) -> dict``, for the CLI, tests and search.
+"""The training loop: one function, ``train(cfg, on_eval=None) -> dict``, for the CLI, tests and search.
 
-Read it top to bottom: set-up (validate, data, model, method, allocator, optimizer),
-then one ``while`` loop over optimizer steps, then the final evaluation and export.
-Every loss term is visible in the loop; hooks are plain ``if``s.
+Read it top to bottom: set-up (validate, data, model, plan and method, allocator, run folder,
+optimizer), then one ``while`` loop over optimizer steps, then the final evaluation and export.
+Every loss term is visible in the loop; hooks are plain ``if``s. Under ``torchrun`` the same
+code runs on every rank (``budget.ddp``): batches are sharded, rank 0 writes.
+
+A run stops early, with a complete record, when ``on_eval(step, metrics)`` says so (status
+``pruned``: a search pruner), on Ctrl-C or SIGTERM (``interrupted``, after a checkpoint, with
+the command that resumes it) or on a non-finite loss (``failed``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
-import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
-from datetime import datetime
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from budget import ddp
 from budget.arch import arch_of
-from budget.config import ConfigError, RunConfig, resolve, to_dict, validate
+from budget.compose import resolve
+from budget.config import ConfigError, RunConfig, to_dict, validate
 from budget.data import TaskData, load_task, load_tokenizer, make_batches, num_batches
-from budget.log import RunRecord, environment, log
-from budget.methods import adalora_config_of, apply_method, describe, methods_in
-from budget.methods.adalora import SVDLinear
+from budget.log import RunRecord, claim_run_dir, environment, log
+from budget.methods import REGISTRY, adalora_config_of, apply_plan, methods_in, plan_of
 from budget.metrics import compute_metrics, primary_metric
 from budget.models import count_params, freeze_backbone, load_model, pick_device
-from budget.schedule import lr_factor, phase_steps
+
+# What may change when a run is resumed: more steps (T; the LR and budget schedules are
+# recomputed for the new T from the checkpoint's step on), how it is logged, evaluated,
+# checkpointed and exported, and where it runs. Everything else is the run.
+RESUMABLE = (
+    "train.max_steps", "train.epochs", "train.stop_after_step", "train.progress", "train.num_threads",
+    "train.device", "train.eval_batch_size", "train.log_every", "train.eval_every", "train.checkpoint",
+    "train.checkpoint_minutes", "train.checkpoint_every", "logger", "export_adapter", "export_merged",
+)  # fmt: skip
+OnEval = Callable[[int, dict], object]
 
 
 def total_steps_for(run: RunConfig, n_train: int) -> int:
@@ -42,16 +61,15 @@ def total_steps_for(run: RunConfig, n_train: int) -> int:
 
 def check_schedule(method, total_steps: int) -> None:
     """The AdaLoRA phases must leave a budgeting phase (peft#2337 crashes instead)."""
+    from budget.schedule import phase_steps
+
     ada = adalora_config_of(method)
-    if ada is None:
-        return
-    phase_steps(ada.warmup_steps, ada.final_steps, total_steps)
+    if ada is not None:
+        phase_steps(ada.warmup_steps, ada.final_steps, total_steps)
 
 
 def check_exports(run: RunConfig) -> None:
     """A merged checkpoint needs every method of the run to merge: fail before training."""
-    from budget.methods import REGISTRY
-
     if not run.export_merged:
         return
     unmergeable = [m for m in methods_in(run.method) if m in REGISTRY and REGISTRY[m].merge is None
@@ -63,32 +81,12 @@ def check_exports(run: RunConfig) -> None:
         )
 
 
-def group_ranks(ranks: dict[str, int], groups: list[dict] | None) -> dict:
-    """Kept AdaLoRA rank per layer group (hybrids: which group the budget flows to)."""
-    if not groups or len(groups) < 2:
-        return {}
-    from budget.models import block_index
-
-    totals = [0] * len(groups)
-    for name, r in ranks.items():
-        layer = block_index(name)
-        for i, g in enumerate(groups):
-            if layer in g["layers"]:
-                totals[i] += r
-    return {"group_ranks": totals}
-
-
-def check_positions(run: RunConfig, model) -> None:
+def check_positions(run: RunConfig, model, plan) -> None:
     """Soft prompt + the longest tokenized example must fit an absolute position table."""
-    from budget.methods.hybrid import HybridConfig, parse_groups
-    from budget.methods.prompt import PromptConfig, position_limit
+    from budget.methods.prompt import position_limit
 
-    cfg = run.method
-    prompts = [cfg] if isinstance(cfg, PromptConfig) else []
-    if isinstance(cfg, HybridConfig):
-        prompts = [g["prompt"] for g in parse_groups(cfg) if "prompt" in g]
     limit = position_limit(model.config)
-    for p in prompts:
+    for p in (c for g in plan.groups for name, c in g.methods.items() if name == "prompt"):
         if limit is not None and run.data.max_length + p.length > limit:
             raise ConfigError(
                 f"method.length={p.length}: with data.max_length={run.data.max_length} the prompted input "
@@ -96,10 +94,75 @@ def check_positions(run: RunConfig, model) -> None:
             )
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout probability of the backbone: nn.Dropout modules and LLaMA's float attribute."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = p
+
+
+def group_ranks(ranks: dict[str, int], modules: list[dict], groups: list[dict] | None) -> dict:
+    """Kept AdaLoRA rank per layer group (hybrids: which group the budget flows to)."""
+    if not groups or len(groups) < 2:
+        return {}
+    group_of = {m["name"]: m["group"] for m in modules}
+    totals = [0] * len(groups)
+    for name, r in ranks.items():
+        totals[group_of[name]] += r
+    return {"group_ranks": totals}
+
+
+def module_table(wrapped: dict, arch, plan) -> list[dict]:
+    """The record's ``modules`` table: every rank-carrying module with its block, matrix role,
+    layer group and initial rank, so analysis can place ranks without importing budget."""
+    from budget.models import block_index
+
+    roles = {}
+    if arch is not None:
+        roles = {name: spec.role for name, spec in arch.match_linears([".*"])}
+    from budget.methods.adalora import SVDLinear
+    from budget.methods.lora import LoRALinear
+
+    rows = []
+    for name, m in wrapped.items():
+        if isinstance(m, SVDLinear):
+            rank = m.r_initial
+        elif isinstance(m, LoRALinear):
+            rank = m.rank
+        elif isinstance(getattr(m, "r", None), dict) and "default" in m.r:  # peft's layers: r[adapter]
+            rank = m.r["default"]
+        else:
+            continue
+        layer = block_index(name)
+        group = next((g.index for g in plan.groups if g.layers is not None and layer in g.layers), 0)
+        rows.append({"name": name, "layer": layer, "role": roles.get(name, "other"), "group": group,
+                     "init_rank": rank})  # fmt: skip
+    return rows
+
+
+def make_allocator(model, wrapped: dict, ada, total_steps: int):
+    """The allocator of the run's one rank budget (ours, or peft's for peft_adalora), or None.
+    Built after the model is on its device: its buffers follow the factors."""
+    from budget.methods.adalora import SVDLinear
+
+    svd = {name: m for name, m in wrapped.items() if isinstance(m, SVDLinear)}
+    if svd:
+        from budget.allocator import RankAllocator
+
+        return RankAllocator(svd, ada, total_steps)
+    if ada is not None and ada.name == "peft_adalora":
+        from budget.methods.peft_ref import PeftAllocator
+
+        return PeftAllocator(model, ada, total_steps)
+    return None
+
+
 def param_groups(model, method, lr: float) -> list[dict]:
     """AdamW groups: AdaLoRA's λ at ``lr x method.lambda_lr_ratio``, everything else at ``lr``.
 
-    ``method`` is the AdaLoRA config driving the run (``adalora_config_of``), or None.
+    ``method`` is the AdaLoRA config driving the run (``Plan.adalora``), or None.
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if getattr(method, "lambda_lr_ratio", None) is None:
@@ -109,16 +172,6 @@ def param_groups(model, method, lr: float) -> list[dict]:
     return [{"params": rest}, {"params": lam, "lr": lr * method.lambda_lr_ratio}]
 
 
-def new_run_dir(run: RunConfig) -> Path:
-    if run.run_dir:
-        return Path(run.run_dir)
-    base = Path(run.runs_root) / run.run_name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    path, k = base, 1
-    while path.exists():  # never reuse (and so never overwrite) an earlier run's folder
-        path, k = base.with_name(f"{base.name}_{k}"), k + 1
-    return path
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -126,18 +179,27 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], task: TaskData, batch_size: int, pad_id: int, device) -> dict:
+def evaluate(model, examples: list[dict], task: TaskData, batch_size: int, pad_id: int, device,
+             dist: ddp.Dist | None = None) -> dict:  # fmt: skip
+    """Metrics of ``examples``; under DDP each rank scores every world-th example and the
+    predictions are gathered, so every rank returns the same numbers."""
+    dist = dist or ddp.Dist()
     was_training = model.training
     model.eval()
     inputs = set(inspect.signature(model.forward).parameters)
     preds, labels = [], []
-    for batch in make_batches(examples, batch_size, pad_id, shuffle=False):
+    for batch in make_batches(examples[dist.rank :: dist.world], batch_size, pad_id, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**{k: v for k, v in batch.items() if k != "labels" and k in inputs}).logits
         preds.append(logits.float().cpu())
         labels.append(batch["labels"].cpu())
     model.train(was_training)
-    p, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    p = torch.cat(preds).numpy() if preds else np.zeros((0,))
+    y = torch.cat(labels).numpy() if labels else np.zeros((0,))
+    if dist.active:
+        parts = ddp.gather((p, y), dist)
+        p = np.concatenate([a for a, _ in parts if len(a)])
+        y = np.concatenate([b for _, b in parts if len(b)])
     return compute_metrics(p.squeeze(-1) if task.regression else p, y, task.regression)
 
 
@@ -149,106 +211,223 @@ def peak_memory_mb(device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+# ---------------------------------------------------------------- checkpoints
+def rng_state(device) -> dict:
+    """Every RNG of this process as tensors and plain values (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },  # fmt: skip
+    }
+
+
+def set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["torch"])  # a CPU byte tensor: the checkpoint is loaded on the CPU
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: write to a temp file, then rename over the previous checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
-def _load_resume_config(cfg, run_dir: Path) -> RunConfig:
+def load_checkpoint(path: Path) -> dict:
+    """Tensors and plain values only: a crafted file in a shared run folder cannot run code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- resume
+def resumed_config(run: RunConfig) -> RunConfig:
+    """The saved config of the run folder ``run.resume``, with the ``RESUMABLE`` knobs of ``run``.
+
+    Any other difference is refused, naming the keys: a resumed run keeps its config. Build
+    the config to pass with ``budget.compose.resume_config(run_dir, overrides)``.
+    """
     from omegaconf import OmegaConf
 
+    run_dir = Path(run.resume)
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"resume={run_dir}: not a run folder (no config.yaml); pass a folder under runs/")
     if not (run_dir / "checkpoints" / "last.pt").exists():
-        raise ConfigError(f"resume={run_dir}: no checkpoints/last.pt to continue from")
+        raise ConfigError(
+            f"resume={run_dir}: no checkpoints/last.pt to continue from (the run was killed before its first "
+            "checkpoint, or ran with train.checkpoint=none)"
+        )
     saved = resolve(OmegaConf.load(run_dir / "config.yaml"))
-    current = resolve(cfg)
-    # The saved config is the run; only the stop point and logging may change on resume.
-    saved.train.stop_after_step = current.train.stop_after_step
-    saved.train.progress = current.train.progress
-    saved.resume = str(run_dir)
-    saved.run_dir = str(run_dir)
-    return saved
+    mine, theirs = _flat(to_dict(run)), _flat(to_dict(saved))
+    differ = sorted(k for k in set(mine) | set(theirs)
+                    if mine.get(k) != theirs.get(k) and k not in ("resume", "run_dir"))  # fmt: skip
+    refused = [k for k in differ if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+    if refused:
+        changes = ", ".join(f"{k} ({theirs.get(k)!r} -> {mine.get(k)!r})" for k in refused[:6])
+        raise ConfigError(
+            f"resume={run_dir}: a resumed run keeps its config, but {changes} differ from its config.yaml; "
+            f"only {', '.join(RESUMABLE)} may change on resume (start a new run for anything else)"
+        )
+    run.resume, run.run_dir = str(run_dir), str(run_dir)
+    return run
 
 
-def train(cfg) -> dict:
-    """Train one configuration end to end; returns the result record (also in result.json)."""
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "groups":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM (what schedulers send) ask the loop to stop at the end of the step;
+    a second Ctrl-C stops at once. Installed only in the main thread, restored on exit."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.received = signal.Signals(signum).name
+        log.warning("%s: stopping after this step (checkpoint, then exit)", self.received)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------- train
+def train(cfg, on_eval: OnEval | None = None) -> dict:
+    """Train one configuration end to end; returns the result record (also in result.json).
+
+    Args:
+        cfg: a composed config (Hydra/OmegaConf, dict or ``RunConfig``). With ``resume`` set it
+            must be the run's saved config, changed only in ``RESUMABLE`` knobs
+            (``budget.compose.resume_config`` builds it).
+        on_eval: called at every dev evaluation with ``(step, metrics)``; a true return stops
+            the run with status ``pruned`` (a search pruner's hook; ``budget`` knows no optuna).
+    """
     run = resolve(cfg)
-    resume_dir = Path(run.resume) if run.resume else None
-    if resume_dir is not None:
-        run = _load_resume_config(cfg, resume_dir)
+    if run.resume:
+        run = resumed_config(run)
     validate(run)
     tc = run.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = pick_device(tc.device)
-    start_time = time.time()
+    dist = ddp.init(tc.device)
+    device = pick_device(tc.device, dist.local_rank if dist.active else None)
 
-    # 1. data (bad paths, columns and splits fail here, before the model is loaded)
+    # 1. data (bad paths, columns and splits fail here, before the model is loaded);
+    #    rank 0 fetches and caches first, the others then read the cache
+    if not dist.main:
+        ddp.barrier(dist)
     tokenizer = load_tokenizer(run.model.name, run.model.revision)
     task = load_task(run.data, tokenizer)
+    if dist.main:
+        ddp.barrier(dist)
     total_steps = total_steps_for(run, len(task.train))  # T
     check_schedule(run.method, total_steps)
     check_exports(run)
 
-    # 2. model and method; the seed fixes the head and factor inits
+    # 2. model, plan and method; the seed fixes the head and factor inits (the same on every rank)
     seed_everything(tc.seed)
     model = load_model(run.model, task.num_labels, task.regression, tokenizer.pad_token_id)
+    if run.model.dropout is not None:
+        set_dropout(model, run.model.dropout)
     freeze_backbone(model, run.model.train_head)
     try:
         arch = arch_of(model)
     except ConfigError:  # lora / adalora / full with explicit targets work on any model
         arch = None
-    wrapped = apply_method(model, run.method)
-    svd = {name: m for name, m in wrapped.items() if isinstance(m, SVDLinear)}
-    adapted = list(svd.values())
-    ada = adalora_config_of(run.method, arch)  # the one global AdaLoRA budget (or peft's)
-    groups = describe(run.method, arch) if arch is not None else None
-    allocator = None
-    if svd:
-        from budget.allocator import RankAllocator
-
-        allocator = RankAllocator(svd, ada, total_steps)
-    elif run.method.name == "peft_adalora":
-        from budget.methods.peft_ref import PeftAllocator
-
-        allocator = PeftAllocator(model, ada, total_steps)
-    check_positions(run, model)
+    plan = plan_of(run.method, arch)  # a hybrid's sizes are solved here, once
+    check_positions(run, model, plan)
+    wrapped = apply_plan(model, plan)
+    groups = plan.report(arch) if arch is not None else None
+    modules = module_table(wrapped, arch, plan)
     trainable_before, total_params = count_params(model)
     model.to(device)
+    allocator = make_allocator(model, wrapped, plan.adalora, total_steps)
+    ada = plan.adalora
 
-    # 3. the run folder (resume continues the same folder and record)
-    run_dir = resume_dir if resume_dir is not None else new_run_dir(run)
+    # 3. the run folder: a new one claimed by rank 0, or the resumed run's own
+    resume_dir = Path(run.resume) if run.resume else None
+    ckpt = load_checkpoint(resume_dir / "checkpoints" / "last.pt") if resume_dir else None
+    if ckpt is not None and ckpt["step"] >= total_steps:
+        saved = _saved_result(resume_dir)
+        if saved.get("status") == "completed":  # nothing to do: never append a second ending
+            ddp.shutdown(dist)
+            return {**saved, "note": "already completed; nothing to resume (raise train.max_steps to go on)"}
+    if resume_dir is not None:
+        run_dir = resume_dir
+    else:
+        run_dir = ddp.broadcast(claim_run_dir(run.runs_root, run.run_name, run.run_dir) if dist.main else None,
+                                dist)  # fmt: skip
     checkpoint_path = run_dir / "checkpoints" / "last.pt"
-    ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False) if resume_dir else None
     if ckpt is not None and allocator is not None:
         allocator.load_state_dict(ckpt["allocator"])  # restores shrunk shapes before the optimizer
-    record = RunRecord(run_dir, to_dict(run), run.logger, resume=resume_dir is not None)
+    main_metric = primary_metric(task.regression)
+    header = {
+        "run_dir": str(run_dir), "run_name": run.run_name, "method": run.method.name, "model": run.model.name,
+        "task": run.data.task, "data_version": getattr(task, "version", None), "split_sizes": task.sizes(),
+        "primary_metric": main_metric, "regression": task.regression, "total_steps": total_steps,
+        "trainable_params": trainable_before, "total_params": total_params, "world_size": dist.world,
+        "groups": groups, "modules": modules,
+    }  # fmt: skip
+    record = None
+    if dist.main:
+        record = RunRecord(run_dir, to_dict(run), run.logger, ckpt["step"] if ckpt else None, header)
+        if ckpt is None and allocator is not None:  # the allocation before any step: every matrix at init_r
+            ranks0 = allocator.ranks()
+            record.ranks({"step": 0, "budget": allocator.budget_at(0), "kept": sum(ranks0.values()),
+                          "kept_params": kept_params(ranks0, wrapped), "final": False, "ranks": ranks0})  # fmt: skip
 
     # 4. optimizer: AdamW with linear warm-up and decay over T optimizer steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, ada, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
     warmup = int(tc.warmup_ratio * total_steps)
+    from budget.schedule import lr_factor
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
 
-    step, best = 0, {}
+    step, best, elapsed_before = 0, {}, 0.0
+    if dist.active:  # the same init everywhere, then each rank its own dropout stream
+        torch.manual_seed(tc.seed + 7919 * dist.rank)
     if ckpt is not None:
         model.load_state_dict(ckpt["trainable"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        step, best = ckpt["step"], ckpt["best"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
+        step, best, elapsed_before = ckpt["step"], ckpt["best"], ckpt.get("elapsed", 0.0)
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0], device)
+    start_time = time.time()
+    train_model = _wrap_ddp(model, dist, device)
     pad_id = tokenizer.pad_token_id
     # Tokenizers emit token_type_ids that some models (LLaMA) do not accept.
     inputs = set(inspect.signature(model.forward).parameters)
-    main_metric = primary_metric(task.regression)
     batches_per_epoch = num_batches(len(task.train), tc.batch_size)
 
     def batch_stream(start_step: int):
@@ -262,56 +441,42 @@ def train(cfg) -> dict:
             epoch, skip = epoch + 1, 0
 
     def checkpoint(at_step: int) -> None:
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "step": at_step,
-                "best": best,
+        rngs = ddp.gather(rng_state(device), dist)  # a collective: every rank checkpoints together
+        if dist.main and tc.checkpoint != "none":
+            save_checkpoint(checkpoint_path, {
+                "step": at_step, "best": best, "elapsed": elapsed_before + time.time() - start_time,
                 "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "allocator": allocator.state_dict() if allocator is not None else None,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "python": random.getstate(),
-                    "numpy": np.random.get_state(),
-                },
-            },
-        )
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "allocator": allocator.state_dict() if allocator is not None else None, "rng": rngs,
+            })  # fmt: skip
 
-    def dev_eval(at_step: int) -> dict:
-        metrics = evaluate(model, task.dev, task, tc.eval_batch_size, pad_id, device)
-        record.metrics({"step": at_step, "split": "dev", **metrics})
+    def dev_eval(at_step: int) -> tuple[dict, bool]:
+        """Dev metrics, and whether ``on_eval`` asks to stop (rank 0 decides for everyone)."""
+        metrics = evaluate(model, task.dev, task, tc.eval_batch_size, pad_id, device, dist)
+        if record is not None:
+            record.metrics({"step": at_step, "split": "dev", **metrics})
         if not best or metrics[main_metric] > best["dev"][main_metric]:
             best.update({"step": at_step, "dev": metrics})
-        return metrics
+        stop = bool(on_eval(at_step, metrics)) if (on_eval is not None and dist.main) else False
+        return metrics, ddp.broadcast(stop, dist)
 
     def result(status: str, **extra) -> dict:
-        trainable_now, _ = count_params(model)
+        ranks = allocator.ranks() if allocator is not None else None
         out = {
+            **header,
             "status": status,
-            "run_dir": str(run_dir),
-            "run_name": run.run_name,
-            "method": run.method.name,
-            "model": run.model.name,
-            "task": run.data.task,
             "steps": step,
-            "total_steps": total_steps,
-            "split_sizes": task.sizes(),
-            "trainable_params": trainable_before,
-            "trainable_params_final": trainable_now,
-            "adapter_params_final": sum(p.numel() for m in adapted for p in (m.P, m.lam, m.Q)),
-            "total_params": total_params,
-            "ranks": allocator.ranks() if allocator is not None else None,
-            "groups": groups,
+            "trainable_params_final": count_params(model)[0],
+            "adapter_params_final": kept_params(ranks, wrapped) if ranks is not None else None,
+            "ranks": ranks,
             "best": best,
-            "wall_time_s": round(time.time() - start_time, 2),
+            "wall_time_s": round(elapsed_before + time.time() - start_time, 2),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             **environment(),
             **extra,
         }
-        record.result(out)
+        if record is not None:
+            record.result(out)
         return out
 
     # 5. the loop: one iteration = one optimizer step of grad_accum micro-batches
@@ -319,83 +484,168 @@ def train(cfg) -> dict:
     stream = batch_stream(step)
     running_loss = torch.zeros((), device=device)
     running_orth = torch.zeros((), device=device)
-    window = 0
+    window, last_checkpoint = 0, time.time()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not tc.progress, desc=run.run_name, leave=False)
+    bar = tqdm(total=total_steps, initial=step, disable=not (tc.progress and dist.main), desc=run.run_name,
+               leave=False)  # fmt: skip
+    resume_with = f"adabudget train resume={run_dir}"
+    signals = StopSignals()
+    loop_done = False
     try:
-        while step < total_steps:
-            for _ in range(tc.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-                task_loss = model(**batch).loss
-                orth = allocator.orth_penalty() if allocator is not None else None
-                if orth is not None:
-                    loss = task_loss + ada.orth_reg_weight * orth  # eq. 4 regulariser, weight γ
-                else:
-                    loss = task_loss
-                (loss / tc.grad_accum).backward()
-                running_loss += task_loss.detach() / tc.grad_accum
-                if orth is not None:
-                    running_orth += orth.detach() / tc.grad_accum
-            if tc.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            # Importance needs this step's gradients: allocate after the update, before zero_grad.
-            if allocator is not None:
-                allocation = allocator.update_and_allocate(step)
-                if allocation is not None:
-                    record.ranks({**allocation.to_record(), **group_ranks(allocation.ranks, groups)})
-                    if allocation.shrink:
-                        allocator.shrink_(optimizer)
-                        params = [p for p in model.parameters() if p.requires_grad]
-                    elif getattr(ada, "reset_pruned_momentum", False):
-                        allocator.reset_pruned_momentum_(optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            window += 1
-
-            if step % tc.log_every == 0 or step == total_steps:
-                mean_loss = (running_loss / window).item()  # host sync only at log steps
-                entry = {"step": step, "split": "train", "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
+        with signals:
+            while step < total_steps:
+                for micro in range(tc.grad_accum):
+                    batch, weight = ddp.shard(next(stream), dist)  # weight: the shard's share of the batch
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    sync = micro == tc.grad_accum - 1 or not dist.active  # DDP all-reduces on the last one
+                    with nullcontext() if sync else train_model.no_sync():
+                        task_loss = train_model(**batch).loss
+                        orth = allocator.orth_penalty() if allocator is not None else None
+                        if orth is not None:
+                            loss = (
+                                weight * task_loss + ada.orth_reg_weight * orth
+                            )  # eq. 4 regulariser, weight γ
+                        else:
+                            loss = weight * task_loss
+                        (loss / tc.grad_accum).backward()
+                    running_loss += weight * task_loss.detach() / tc.grad_accum
+                    if orth is not None:
+                        running_orth += orth.detach() / tc.grad_accum
+                if tc.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                # Importance needs this step's gradients: allocate after the update, before zero_grad.
                 if allocator is not None:
-                    entry.update(orth=(running_orth / window).item(), budget=allocator.budget_at(step))
-                record.metrics(entry)
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-                running_loss.zero_()
-                running_orth.zero_()
-                window = 0
-                if not math.isfinite(mean_loss):
-                    log.error("non-finite loss %s at step %d: stopping", mean_loss, step)
-                    return result("failed", error=f"non-finite training loss ({mean_loss}) at step {step}")
-            if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
-                dev_eval(step)
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-                checkpoint(step)
-            if tc.stop_after_step is not None and step >= tc.stop_after_step and step < total_steps:
-                checkpoint(step)
-                return result("interrupted", resume_with=f"resume={run_dir}")
+                    allocation = allocator.update_and_allocate(step)
+                    if allocation is not None:
+                        if record is not None:
+                            record.ranks(
+                                {**allocation.to_record(), **group_ranks(allocation.ranks, modules, groups)}
+                            )
+                        if allocation.shrink:
+                            allocator.shrink_(optimizer)
+                            params = [p for p in model.parameters() if p.requires_grad]
+                            train_model = _wrap_ddp(model, dist, device)  # DDP bucketed the old parameters
+                        elif getattr(ada, "reset_pruned_momentum", False):
+                            allocator.reset_pruned_momentum_(optimizer)
+                optimizer.zero_grad(set_to_none=True)
+                window += 1
+
+                if step % tc.log_every == 0 or step == total_steps:
+                    mean_loss = ddp.mean(running_loss / window, dist).item()  # host sync only at log steps
+                    entry = {
+                        "step": step,
+                        "split": "train",
+                        "loss": mean_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                    if allocator is not None:
+                        entry.update(orth=(running_orth / window).item(), budget=allocator.budget_at(step))
+                    if record is not None:
+                        record.metrics(entry)
+                        record.heartbeat(step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    running_loss.zero_()
+                    running_orth.zero_()
+                    window = 0
+                    if not math.isfinite(mean_loss):
+                        log.error("non-finite loss %s at step %d: stopping", mean_loss, step)
+                        return result(
+                            "failed", error=f"non-finite training loss ({mean_loss}) at step {step}"
+                        )
+                if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
+                    _, prune = dev_eval(step)
+                    if prune:
+                        return result("pruned", pruned_at=step)
+                periodic = tc.checkpoint == "periodic" and (
+                    (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+                    or time.time() - last_checkpoint > 60 * tc.checkpoint_minutes
+                )
+                stop_asked = tc.stop_after_step is not None and step >= tc.stop_after_step
+                periodic, signalled = ddp.any_flag(
+                    [bool(periodic), signals.received is not None], dist, device
+                )
+                if (signalled or stop_asked) and step < total_steps:
+                    checkpoint(step)
+                    cause = signals.received or f"train.stop_after_step={tc.stop_after_step}"
+                    return result("interrupted", interrupted_by=cause, resume_with=resume_with)
+                if periodic and step < total_steps:
+                    checkpoint(step)
+                    last_checkpoint = time.time()
+        loop_done = True
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step; the last one stands
+        has_ckpt = checkpoint_path.exists()
+        result("interrupted", interrupted_by="SIGINT (twice)", resume_with=resume_with if has_ckpt else None)
+        raise
     except BaseException as err:
         result("failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
         bar.close()
-        if step < total_steps:  # failed, interrupted or crashed: the loop ends the record here
-            record.close()
+        if not loop_done:  # stopped early, failed or crashed: the record ends here
+            if record is not None:
+                record.close()
+            ddp.shutdown(dist)
 
     # 6. final evaluation, record and export
-    final = {"dev": dev_eval(step)}
+    final = {"dev": dev_eval(step)[0]}
     if task.test:
-        final["test"] = evaluate(model, task.test, task, tc.eval_batch_size, pad_id, device)
-        record.metrics({"step": step, "split": "test", **final["test"]})
+        final["test"] = evaluate(model, task.test, task, tc.eval_batch_size, pad_id, device, dist)
+        if record is not None:
+            record.metrics({"step": step, "split": "test", **final["test"]})
     checkpoint(step)
+    extra = {}
+    if dist.active:  # every rank must hold the same adapters: say so in the record
+        digests = ddp.gather(_digest(model), dist)
+        extra["ddp"] = {"world_size": dist.world, "identical_on_all_ranks": len(set(digests)) == 1}
+    exports = _export(run, model, wrapped, plan, tokenizer, run_dir) if dist.main else {}
+    out = result("completed", final=final, exports=exports, **extra)
+    if record is not None:
+        record.close()
+    ddp.shutdown(dist)
+    return out
+
+
+def kept_params(ranks: dict[str, int], wrapped: dict) -> int:
+    """Adapter parameters the kept triplets hold: r (in + out + 1) per matrix."""
+    return sum(r * (wrapped[n].in_features + wrapped[n].out_features + 1) for n, r in ranks.items())
+
+
+def _wrap_ddp(model, dist: ddp.Dist, device):
+    if not dist.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _saved_result(run_dir: Path) -> dict:
+    import json
+
+    path = run_dir / "result.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _export(run: RunConfig, model, wrapped: dict, plan, tokenizer, run_dir: Path) -> dict:
     exports = {}
     if run.export_adapter and run.method.name in ("adalora", "lora"):
         from budget.export import export_peft_adapter
 
-        base_name = _base_name(run)
-        exports["adapter"] = export_peft_adapter(model, wrapped, run_dir / "adapter", base_name)
+        exports["adapter"] = export_peft_adapter(model, wrapped, run_dir / "adapter", _base_name(run))
     elif run.export_adapter:
         from budget.export import save_adapter
 
@@ -403,65 +653,12 @@ def train(cfg) -> dict:
     if run.export_merged:
         from budget.export import save_merged
 
-        save_merged(model, wrapped, run_dir / "merged", tokenizer, methods_in(run.method))
+        save_merged(model, wrapped, run_dir / "merged", tokenizer, plan.methods())
         exports["merged"] = str(run_dir / "merged")
-    out = result("completed", final=final, exports=exports)
-    record.close()
-    return out
+    return exports
 
 
 def _base_name(run: RunConfig) -> str:
     from budget.models import PACKAGED, packaged_path
 
     return packaged_path(run.model.name) if run.model.name in PACKAGED else run.model.name
-
-
-def summary(result: dict) -> str:
-    """What the CLI prints at the end of a run."""
-    lines = [f"status: {result['status']}  run folder: {result['run_dir']}"]
-    final = result.get("final") or {}
-    for split, metrics in final.items():
-        lines.append(f"{split}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    groups = result.get("groups") or []
-    if len(groups) > 1:
-        lines.append("layer groups (trainable params at start):")
-        for g in groups:
-            methods = g["methods"]
-            what = (
-                "none"
-                if methods == "none"
-                else " + ".join(f"{m} {v['params']:,}" for m, v in methods.items())
-            )
-            lines.append(f"  group {g['group']} layers {g['layers']}: {what}")
-    if result.get("ranks"):
-        ranks = result["ranks"]
-        lines.append(f"final rank allocation (sum {sum(ranks.values())} over {len(ranks)} matrices):")
-        lines.extend(_rank_grid(ranks))
-    lines.append(
-        f"trainable params: {result['trainable_params']:,} at start, {result['trainable_params_final']:,} at end"
-        f"  wall time {result['wall_time_s']:.0f}s  peak memory {result['peak_memory_mb']:.0f} MiB"
-    )
-    if result.get("error"):
-        lines.append(f"error: {result['error']}")
-    return "\n".join(lines)
-
-
-def _rank_grid(ranks: dict[str, int]) -> list[str]:
-    """Ranks as a layer x matrix grid (the rank-allocation picture of the paper's Fig. 1)."""
-    from budget.models import block_index
-
-    rows: dict = {}
-    cols: list[str] = []
-    for name, r in ranks.items():
-        layer = block_index(name)
-        # the module's path inside its block, e.g. "attention.output.dense"
-        col = name.split(f".{layer}.", 1)[-1] if layer is not None else name
-        col = col.replace("attention.self.", "").replace("self_attn.", "").replace("mlp.", "")
-        if col not in cols:
-            cols.append(col)
-        rows.setdefault(layer, {})[col] = r
-    width = max(len(c) for c in cols)
-    out = ["  layer  " + " ".join(c.rjust(width) for c in cols)]
-    for layer, row in rows.items():
-        out.append(f"  {layer!s:>5}  " + " ".join(str(row.get(c, "-")).rjust(width) for c in cols))
-    return out

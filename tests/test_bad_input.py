@@ -34,7 +34,7 @@ def test_bad_input_names_the_field(compose_run, tmp_path, overrides, field):
 
 
 def test_unknown_method_name(compose_run):
-    from budget.config import resolve
+    from budget.compose import resolve
 
     cfg = compose_run()
     cfg.method.name = "no_such_method"

@@ -19,7 +19,8 @@ from transformers import AutoConfig, DebertaV2Config
 
 from budget.arch import arch_from_config
 from budget.compose import compose
-from budget.config import resolve, validate
+from budget.compose import resolve
+from budget.config import validate
 from budget.methods import count_method
 from budget.models import packaged_path
 from budget.schedule import phase_steps

@@ -21,8 +21,14 @@ def adalora_model():
     model = load_model(ModelConfig(name="tiny-bert"), 2, False)
     freeze_backbone(model, train_head=True)
     cfg = method_config_from_dict(
-        {"name": "peft_adalora", "init_r": 4, "target_r": 2, "warmup_steps": 0.1, "final_steps": 0.3,
-         "mask_interval": 2}  # fmt: skip
+        {
+            "name": "peft_adalora",
+            "init_r": 4,
+            "target_r": 2,
+            "warmup_steps": 0.1,
+            "final_steps": 0.3,
+            "mask_interval": 2,
+        }  # fmt: skip
     )
     apply_method(model, cfg)
     return model.eval(), cfg  # no dropout: two copies must see the same function

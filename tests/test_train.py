@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from budget.compose import resume_config
 from budget.train import train
 
 
@@ -58,7 +59,7 @@ def test_resume_continues_to_identical_result(compose_run, stop_after):
     full = train(compose_run("run_name=full"))
     first = train(compose_run("run_name=killed", f"train.stop_after_step={stop_after}"))
     assert first["status"] == "interrupted" and first["steps"] == stop_after
-    resumed = train(compose_run(f"resume={first['run_dir']}"))
+    resumed = train(resume_config(first["run_dir"]))
     assert resumed["status"] == "completed" and resumed["run_dir"] == first["run_dir"]
     assert resumed["final"] == full["final"]
     assert resumed["ranks"] == full["ranks"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from budget.config import ConfigError
 from budget.methods import (
@@ -120,31 +120,58 @@ def methods_in(cfg) -> list[str]:
     return list(getattr(cfg, "components", None) or [cfg.name])
 
 
-def adalora_config_of(cfg, arch=None):
-    """The AdaLoRA config that drives the allocator, or None when no AdaLoRA layer is used.
-
-    Without ``arch`` (before the model config is known) a hybrid returns its first AdaLoRA
-    group's config: enough for the schedule checks, which only read the phase knobs.
-    """
+def adalora_config_of(cfg):
+    """The AdaLoRA config of a configuration before it is planned (a hybrid: its first AdaLoRA
+    group's, enough for the schedule checks, which only read the phase knobs), or None."""
     if isinstance(cfg, (adalora.AdaLoRAConfig, peft_ref.PeftAdaLoRAConfig)):
         return cfg
     if isinstance(cfg, hybrid.HybridConfig):
-        if arch is not None:
-            return hybrid.adalora_config(cfg, arch)
         found = [g["adalora"] for g in hybrid.parse_groups(cfg) if "adalora" in g]
         return found[0] if found else None
     return None
 
 
+@dataclass
+class Plan:
+    """A method configuration resolved against one backbone, once per run (``plan_of``).
+
+    ``groups``: per layer group its blocks and the method configs with their sizes solved
+    (a single method is one group with ``layers=None``: its own ``layers`` knob applies);
+    ``adalora``: the config of the one allocator over every AdaLoRA matrix (a hybrid's
+    groups share one global budget, b(T) = the sum of their targets), or None.
+    """
+
+    method: Any
+    groups: list
+    adalora: Any
+
+    def methods(self) -> list[str]:
+        names = [m for g in self.groups for m in g.methods]
+        order = [m for m in hybrid.ORDER if m in names]
+        return order + [m for m in dict.fromkeys(names) if m not in order]
+
+    def report(self, arch) -> list[dict]:
+        """Per group: layers, and per method its knobs and parameter count (``result.json`` ``groups``)."""
+        return hybrid.report_groups(self.groups, arch)
+
+
+def plan_of(cfg, arch) -> Plan:
+    """Parse, solve and validate ``cfg`` against ``arch`` (``budget.arch.Arch``; None for a model
+    family without one, where only single methods with explicit targets work)."""
+    if isinstance(cfg, hybrid.HybridConfig):
+        groups = hybrid.plan(cfg, arch)
+        return Plan(cfg, groups, hybrid.adalora_of_groups(groups, arch))
+    return Plan(cfg, [hybrid.Group(0, None, {cfg.name: cfg})], adalora_config_of(cfg))
+
+
+def apply_plan(model, plan: Plan) -> dict:
+    """Apply a plan's groups in order; returns {module name: module} of everything added or wrapped."""
+    return hybrid.apply_groups(model, plan.groups)
+
+
 def describe(cfg, arch) -> list[dict]:
     """Per group and per method: layers, knobs and parameters (``result.json`` ``groups``)."""
-    if isinstance(cfg, hybrid.HybridConfig):
-        return hybrid.report(cfg, arch)
-    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "layers")}
-    layers = getattr(cfg, "layers", None)
-    params = count_method(cfg, arch)
-    return [{"group": 0, "layers": arch.layers(layers), "methods": {cfg.name: {"params": params, **knobs}},
-             "params": params}]  # fmt: skip
+    return plan_of(cfg, arch).report(arch)
 
 
 def fold_all(model, wrapped: dict) -> None:

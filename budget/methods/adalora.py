@@ -163,7 +163,10 @@ class SVDLinear(nn.Module):
         moves = []
         for name, dim in (("P", 1), ("lam", 0), ("Q", 0)):
             old = getattr(self, name)
-            new = nn.Parameter(old.index_select(dim, keep).clone(), requires_grad=old.requires_grad)
+            # A factor emptied by the shrink takes no gradient: it leaves DDP's reducer and AdamW alone.
+            new = nn.Parameter(
+                old.index_select(dim, keep).clone(), requires_grad=old.requires_grad and keep.numel() > 0
+            )
             setattr(self, name, new)
             moves.append((old, new, dim, keep))
         return moves

@@ -150,7 +150,7 @@ def parse_groups(cfg: HybridConfig) -> list[dict]:
 @dataclass
 class Group:
     index: int
-    layers: list[int]
+    layers: Optional[list]  # block indices; None: a single method on its own layers (all blocks and outside)
     methods: dict  # name -> config dataclass (sizes solved when a budget is set)
 
 
@@ -184,14 +184,20 @@ def count(cfg: HybridConfig, arch, layers: list[int] | None = None) -> int:
 def apply(model, cfg: HybridConfig, layers: list[int] | None = None) -> dict:
     """Apply every group's methods to its blocks; returns {module name: module} of all of them."""
     from budget.arch import arch_of
-    from budget.methods import REGISTRY
 
     if layers is not None:
         raise ConfigError(
             "method: a hybrid configuration sets its own layers (grouping); it cannot be nested"
         )
+    return apply_groups(model, plan(cfg, arch_of(model)))
+
+
+def apply_groups(model, groups: list[Group]) -> dict:
+    """Apply planned groups (``plan``) in order; returns {module name: module} of all of them."""
+    from budget.methods import REGISTRY
+
     wrapped = {}
-    for group in plan(cfg, arch_of(model)):
+    for group in groups:
         for name, mcfg in group.methods.items():
             wrapped.update(REGISTRY[name].apply(model, mcfg, group.layers))
     return wrapped
@@ -199,21 +205,36 @@ def apply(model, cfg: HybridConfig, layers: list[int] | None = None) -> dict:
 
 def report(cfg: HybridConfig, arch) -> list[dict]:
     """Per group: its layers, and per method its knobs and parameter count (for result.json)."""
+    return report_groups(plan(cfg, arch), arch)
+
+
+def report_groups(groups: list[Group], arch) -> list[dict]:
+    """``report`` of planned groups; a group with ``layers=None`` (a single method) covers every block."""
     from budget.methods import REGISTRY
 
     out = []
-    for g in plan(cfg, arch):
+    for g in groups:
         methods = {
             m: {"params": REGISTRY[m].count(c, arch, g.layers), **_knobs(c)} for m, c in g.methods.items()
         }
-        out.append({"group": g.index, "layers": g.layers, "methods": methods or "none",
+        layers = (
+            g.layers
+            if g.layers is not None
+            else arch.layers(getattr(next(iter(g.methods.values())), "layers", None))
+        )
+        out.append({"group": g.index, "layers": layers, "methods": methods or "none",
                     "params": sum(v["params"] for v in methods.values())})  # fmt: skip
     return out
 
 
 def adalora_config(cfg: HybridConfig, arch):
     """One AdaLoRA config for the global allocator: the groups' schedule, b(T) = sum of their targets."""
-    groups = [g for g in plan(cfg, arch) if "adalora" in g.methods]
+    return adalora_of_groups(plan(cfg, arch), arch)
+
+
+def adalora_of_groups(groups: list[Group], arch):
+    """``adalora_config`` of planned groups."""
+    groups = [g for g in groups if "adalora" in g.methods]
     if not groups:
         return None
     first = groups[0].methods["adalora"]
