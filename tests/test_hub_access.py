@@ -24,6 +24,8 @@ from budget.data import load_tokenizer
 from budget.models import hub_reachable, load_model, prepare_hub_access, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")  # the check would go to a proxy
 
 
 def closed_port() -> int:
@@ -43,7 +45,7 @@ def listening():
 
 def run_offline(code: str, hf_home: Path) -> dict:
     """Run ``code`` in a fresh interpreter whose hub is a closed port; return its last printed JSON."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS and k.lower() not in PROXY_VARS}
     env.update(
         HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}",
         HF_HOME=str(hf_home),
@@ -125,9 +127,9 @@ print(json.dumps({
 
 @pytest.fixture
 def online_mode(monkeypatch):
-    """This process as if HF_HUB_OFFLINE were unset (the test session sets it)."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    """This process as if HF_HUB_OFFLINE were unset (the test session sets it), with no proxy."""
+    for key in OFFLINE_VARS + PROXY_VARS + tuple(k.upper() for k in PROXY_VARS):
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
@@ -148,10 +150,7 @@ def test_no_check_for_packaged_tiny_local_or_offline(online_mode, monkeypatch, t
     prepare_hub_access("someone/some-model")
 
 
-def test_check_goes_through_the_configured_proxy(monkeypatch, listening):
-    for key in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(key, raising=False)
-        monkeypatch.delenv(key.upper(), raising=False)
+def test_check_goes_through_the_configured_proxy(online_mode, monkeypatch, listening):
     unreachable = "https://hub.invalid"  # .invalid never resolves (RFC 2606)
     assert not hub_reachable(unreachable, timeout=1)
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{listening}")
