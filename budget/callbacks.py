@@ -1,8 +1,20 @@
 """AdaLoRA for users who bring their own HuggingFace ``Trainer``: one callback, no custom loop.
 
     layers, callback = add_adalora(model, {"init_r": 12, "target_r": 8})
-    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
+    optimizer = adalora_optimizer(model, callback.cfg, lr=5e-4)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback],
+                      optimizers=(optimizer, None))
     trainer.train()
+
+The optimizer. Because P and Q get gradients only through λ, which starts at 0, ``budget``
+trains λ at ``lr x method.lambda_lr_ratio`` (64 by default) in an AdamW group of its own
+(see the README, "How it works"). The Trainer's own optimizer has one learning rate for
+everything, so ``adalora_optimizer`` builds the same groups as ``budget.train``; the Trainer
+still creates its scheduler (``lr_scheduler_type``, warm-up) over that optimizer, and the
+scheduler scales every group by the same factor, so the ratio holds at every step
+(``args.learning_rate`` is then unused: pass the same value as ``lr``). The callback checks
+the ratio at ``on_train_begin`` and refuses to train otherwise; with
+``lambda_lr_ratio=1`` the Trainer's default optimizer is the right one.
 
 Where each piece of AdaLoRA runs, checked against ``Trainer._run_epoch`` of transformers 5.23.
 One optimizer step of the Trainer is, in order::
@@ -27,6 +39,7 @@ One optimizer step of the Trainer is, in order::
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -77,10 +90,16 @@ class AdaBudgetCallback(TrainerCallback):
     first allocation (early stopping) at ``on_train_end`` (peft's silent failure #1327,
     #1801). Adapter factors missing from the optimizer fail at ``on_train_begin``.
 
+    The optimizer must train λ at ``lambda_lr_ratio`` times the learning rate of P and Q
+    (``adalora_optimizer`` builds it); ``on_train_begin`` raises ``ConfigError`` naming
+    ``method.lambda_lr_ratio`` when it does not.
+
     Not supported: resuming from a Trainer checkpoint (the allocator state and the shrunk
     shapes are not in it; the callback raises), DeepSpeed and FSDP (they own the parameters,
-    the backward and the step). Under DDP, shrinking replaces parameters that DDP has
-    bucketed: use ``shrink="never"``.
+    the backward and the step). Under DDP (``args.world_size > 1`` or an initialised
+    ``torch.distributed``), shrinking would replace parameters that DDP has already put in
+    its gradient buckets, so ``on_train_begin`` refuses any ``shrink`` but ``"never"``
+    (masking still prunes; the scores are all-reduced, so every rank keeps the same masks).
 
     Args:
         layers: {module name: SVDLinear}, as returned by ``apply_method`` / ``add_adalora``.
@@ -124,6 +143,12 @@ class AdaBudgetCallback(TrainerCallback):
         self.history = []
         if self._first_allocation() > state.max_steps:
             raise RuntimeError(self._no_allocation_message(state, planned=True))
+        if self.cfg.shrink != "never" and _distributed(args):
+            raise ConfigError(
+                f"method.shrink={self.cfg.shrink}: the Trainer runs distributed (world_size="
+                f"{args.world_size}), and a physical shrink would replace parameters that DDP has bucketed; "
+                'use AdaLoRAConfig(shrink="never") (masking still prunes the same triplets)'
+            )
         if optimizer is not None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = [n for n, lay in self.layers.items() if id(lay.lam) not in in_optimizer]
@@ -132,6 +157,7 @@ class AdaBudgetCallback(TrainerCallback):
                     f"AdaBudgetCallback: the optimizer does not hold the AdaLoRA factors of {missing[:3]} "
                     f"({len(missing)} modules): build the optimizer after add_adalora / apply_method"
                 )
+            self._check_lambda_lr(optimizer)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         gamma = self.cfg.orth_reg_weight
@@ -178,6 +204,22 @@ class AdaBudgetCallback(TrainerCallback):
             )
 
     # ---------------------------------------------------------------- helpers
+    def _check_lambda_lr(self, optimizer) -> None:
+        """λ's group must train at ``lambda_lr_ratio`` x the learning rate of P's group."""
+        ratio = self.cfg.lambda_lr_ratio
+        for name, lay in self.layers.items():
+            lr_p, lr_lam = _base_lr(optimizer, lay.P), _base_lr(optimizer, lay.lam)
+            if math.isclose(lr_lam, ratio * lr_p, rel_tol=1e-6):
+                continue
+            raise ConfigError(
+                f"method.lambda_lr_ratio={ratio:g}: the optimizer trains λ of {name} at lr {lr_lam:g} and its "
+                f"P at {lr_p:g} (ratio {lr_lam / lr_p if lr_p else float('inf'):g}), so AdaLoRA would train "
+                f"at a different speed than in budget's own loop. Build the optimizer with "
+                "budget.callbacks.adalora_optimizer(model, cfg, lr) and pass "
+                "Trainer(optimizers=(optimizer, None)), or set lambda_lr_ratio=1 to keep the Trainer's "
+                "single learning rate (AdaLoRA then needs a larger one)"
+            )
+
     def _first_allocation(self) -> int:
         """The first step at which ``update_and_allocate`` allocates: after t_i on the ΔT grid, or T - t_f."""
         a = self.allocator
@@ -206,6 +248,55 @@ class AdaBudgetCallback(TrainerCallback):
                 "control.should_training_stop). Fix: lower method.warmup_steps (t_i) or train longer."
             )
         return head + cause
+
+
+def _base_lr(optimizer, param: nn.Parameter) -> float:
+    """The scheduler-free learning rate of ``param``'s group (``initial_lr`` once a scheduler
+    wraps the optimizer: a warm-up starts every group's ``lr`` at 0)."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group.get("initial_lr", group["lr"])
+    raise KeyError("parameter not in the optimizer")
+
+
+def _distributed(args) -> bool:
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return getattr(args, "world_size", 1) > 1 or initialised
+
+
+def adalora_optimizer(
+    model: nn.Module, cfg: AdaLoRAConfig | dict, lr: float, weight_decay: float = 0.0, **adamw_kwargs
+) -> torch.optim.AdamW:
+    """torch AdamW over the trainable parameters with λ in its own group, as ``budget.train`` builds it.
+
+    Groups: every trainable parameter but λ at ``lr``; the λ of every ``SVDLinear`` at
+    ``lr x cfg.lambda_lr_ratio``. Pass it as ``Trainer(optimizers=(optimizer, None))``: the
+    Trainer then builds its scheduler over it, which scales both groups alike (with
+    ``lambda_lr_ratio=64`` and lr 5e-4, λ trains at 3.2e-2 at the peak of the schedule and
+    both decay to 0 together under ``lr_scheduler_type="linear"``).
+
+    Args:
+        model: the model after ``add_adalora`` (or ``apply_method``).
+        cfg: its AdaLoRA config, or a dict of knobs (only ``lambda_lr_ratio`` is read).
+        lr: the peak learning rate of everything but λ; use the Trainer's ``learning_rate``.
+        weight_decay: AdamW weight decay of every group (``budget.train`` uses ``train.weight_decay``
+            for all of them; unlike the Trainer's own optimizer, biases are not exempt).
+        **adamw_kwargs: further ``torch.optim.AdamW`` arguments (``betas``, ``eps``, ``fused``).
+
+    Returns:
+        The optimizer, groups ``[rest, λ]``.
+    """
+    if isinstance(cfg, dict):
+        cfg = method_config_from_dict({"name": "adalora", **cfg})
+    lam_ids = {id(m.lam) for m in model.modules() if isinstance(m, SVDLinear)}
+    if not lam_ids:
+        raise ConfigError("method.name: adalora_optimizer found no AdaLoRA layer; call add_adalora first")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in lam_ids]},
+        {"params": [p for p in trainable if id(p) in lam_ids], "lr": lr * cfg.lambda_lr_ratio},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
 
 
 def add_adalora(

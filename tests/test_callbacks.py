@@ -3,9 +3,10 @@
 Covers: outputs at init equal the base model's; allocations at optimizer steps (not
 micro-batches) under gradient accumulation, each keeping exactly the scheduled budget; the
 final shrink of layers and optimizer state with training going on after it; the orthogonal
-penalty's gradient added exactly once per optimizer step and before gradient clipping; and
-the loud failures (no allocation planned, training stopped before the first allocation,
-phases that do not fit T, factors missing from the optimizer).
+penalty's gradient added exactly once per optimizer step and before gradient clipping;
+``adalora_optimizer``'s λ group under the Trainer's own scheduler; and the loud failures (no
+allocation planned, training stopped before the first allocation, phases that do not fit T,
+factors missing from the optimizer, λ at the wrong learning rate, shrinking under DDP).
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from budget.callbacks import AdaBudgetCallback, add_adalora
+from budget.callbacks import AdaBudgetCallback, adalora_optimizer, add_adalora
 from budget.config import ConfigError, ModelConfig
 from budget.methods import method_config_from_dict
 from budget.methods.adalora import orth_penalty
 from budget.models import load_model
 
-# 12 adapted matrices (2 layers x 6) at rank 4: b(0) = 48, b(T) = 24.
-CFG = {"init_r": 4, "target_r": 2, "warmup_steps": 2, "final_steps": 4, "mask_interval": 2}
+# 12 adapted matrices (2 layers x 6) at rank 4: b(0) = 48, b(T) = 24. λ at the same learning
+# rate as P and Q, so the Trainer's default single-group optimizer is the right one.
+CFG = {
+    "init_r": 4,
+    "target_r": 2,
+    "warmup_steps": 2,
+    "final_steps": 4,
+    "mask_interval": 2,
+    "lambda_lr_ratio": 1,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +72,7 @@ def tiny_bert(seed: int = 0) -> nn.Module:
     return model
 
 
-def make_args(tmp_path, **overrides) -> TrainingArguments:
+def make_args(tmp_path, args_class=TrainingArguments, **overrides) -> TrainingArguments:
     kwargs = dict(
         output_dir=str(tmp_path),
         report_to=[],
@@ -79,7 +88,7 @@ def make_args(tmp_path, **overrides) -> TrainingArguments:
         seed=0,
     )
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return args_class(**kwargs)
 
 
 class GradProbe(TrainerCallback):
@@ -281,3 +290,101 @@ def test_factors_missing_from_a_user_optimizer_fail(tmp_path):
     )
     with pytest.raises(RuntimeError, match="optimizer does not hold the AdaLoRA factors"):
         trainer.train()
+
+
+class LrProbe(TrainerCallback):
+    """The learning rate of each optimizer group at every optimizer step, as the step used it."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])  # the scheduler steps after this event
+
+
+def test_adalora_optimizer_groups_follow_the_trainer_scheduler(tmp_path):
+    model = tiny_bert()
+    layers, callback = add_adalora(model, {**CFG, "lambda_lr_ratio": 64})
+    optimizer = adalora_optimizer(model, callback.cfg, lr=1e-3)
+    rest, lam = optimizer.param_groups
+    assert lam["lr"] == 64e-3 and rest["lr"] == 1e-3
+    assert {id(p) for p in lam["params"]} == {id(lay.lam) for lay in layers.values()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in rest["params"]} == trainable - {id(lay.lam) for lay in layers.values()}
+
+    probe = LrProbe()
+    args = make_args(tmp_path, learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=4)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=RandomTokens(32),
+        callbacks=[callback, probe],
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    # HF's linear schedule over T = 16 with 4 warm-up steps, applied to both groups alike.
+    factor = [k / 4 if k < 4 else (16 - k) / 12 for k in range(16)]
+    assert len(probe.lrs) == 16
+    for (lr_rest, lr_lam), f in zip(probe.lrs, factor):
+        assert lr_rest == pytest.approx(1e-3 * f, rel=1e-6, abs=1e-12)
+        assert lr_lam == pytest.approx(64e-3 * f, rel=1e-6, abs=1e-12)
+    # The shrink at T - t_f = 12 put the new, smaller λ into the λ group.
+    assert callback.history[-1]["final"] and callback.history[-1]["step"] == 12
+    assert [id(p) for p in trainer.optimizer.param_groups[1]["params"]] == [
+        id(lay.lam) for lay in layers.values()
+    ]
+    assert sum(lay.rank for lay in layers.values()) == 24
+
+
+@pytest.mark.parametrize("user_ratio", [None, 8], ids=["trainer_default", "wrong_ratio"])
+def test_lambda_at_the_wrong_learning_rate_fails_before_training(tmp_path, user_ratio):
+    model = tiny_bert()
+    before = copy.deepcopy(model.state_dict())
+    _, callback = add_adalora(model, {**CFG, "lambda_lr_ratio": 64})
+    optimizers = (None, None)
+    if user_ratio is not None:  # an optimizer built for another ratio than the callback's
+        optimizers = (adalora_optimizer(model, {**CFG, "lambda_lr_ratio": user_ratio}, lr=1e-2), None)
+    trainer = Trainer(
+        model=model,
+        args=make_args(tmp_path, lr_scheduler_type="linear", warmup_steps=2),  # warm-up: every lr starts at 0
+        train_dataset=RandomTokens(32),
+        callbacks=[callback],
+        optimizers=optimizers,
+    )
+    with pytest.raises(ConfigError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert msg.startswith("method.lambda_lr_ratio=64: the optimizer trains λ of ")
+    assert f"(ratio {user_ratio or 1})" in msg
+    assert "adalora_optimizer(model, cfg, lr)" in msg and "optimizers=(optimizer, None)" in msg
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
+
+
+class TwoProcessArgs(TrainingArguments):
+    """TrainingArguments as the Trainer sees them under DDP with two processes (one process here;
+    tests/test_callbacks_ddp.py runs the real two-process case, marked slow)."""
+
+    @property
+    def world_size(self):
+        return 2
+
+
+@pytest.mark.parametrize("shrink", ["final", "every"])
+def test_shrink_under_ddp_is_refused(tmp_path, shrink):
+    model = tiny_bert()
+    _, callback = add_adalora(model, {**CFG, "shrink": shrink})
+    args = make_args(tmp_path, TwoProcessArgs)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(32), callbacks=[callback])
+    with pytest.raises(ConfigError, match=f'method.shrink={shrink}: .*world_size=2.*shrink="never"'):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_no_shrink_under_ddp_trains(tmp_path):
+    model = tiny_bert()
+    layers, callback = add_adalora(model, {**CFG, "shrink": "never"})
+    args = make_args(tmp_path, TwoProcessArgs)
+    Trainer(model=model, args=args, train_dataset=RandomTokens(32), callbacks=[callback]).train()
+    assert callback.history[-1]["final"] and callback.history[-1]["kept"] == 24
+    assert sum(lay.rank for lay in layers.values()) == 48  # masked, not removed

