@@ -275,11 +275,34 @@ def load_model(
             ) from err
         if config.pad_token_id is None and pad_token_id is not None:
             config.pad_token_id = pad_token_id  # GPT-2 / LLaMA heads pool at the last non-pad token
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, revision=cfg.revision, **extra
-        )
+        model = _from_pretrained(AutoModelForSequenceClassification, path, config, cfg.revision, extra)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _from_pretrained(cls, path, config, revision, extra: dict) -> nn.Module:
+    """``from_pretrained`` without transformers' load report and progress bar, which print a
+    colour-coded table on every run for the one expected gap, the new task head. Missing
+    weights anywhere else are a real problem and are reported, in plain text."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(
+            path, config=config, revision=revision, output_loading_info=True, **extra
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = [k for k in info.get("missing_keys", []) if not is_head(k)]
+    if missing:
+        log.warning("%s: %d weight(s) not in the checkpoint, freshly initialised: %s", path, len(missing),
+                    ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))  # fmt: skip
     return model
 
 

@@ -37,7 +37,7 @@ from budget.data import TaskData, load_task, load_tokenizer, make_batches, num_b
 from budget.log import RunRecord, claim_run_dir, environment, log
 from budget.methods import REGISTRY, adalora_config_of, apply_plan, methods_in, plan_of
 from budget.metrics import compute_metrics, primary_metric
-from budget.models import count_params, freeze_backbone, load_model, pick_device
+from budget.models import count_params, freeze_backbone, load_model, pick_device, prepare_hub_access
 
 # What may change when a run is resumed: more steps (T; the LR and budget schedules are
 # recomputed for the new T from the checkpoint's step on), how it is logged, evaluated,
@@ -345,6 +345,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     #    rank 0 fetches and caches first, the others then read the cache
     if not dist.main:
         ddp.barrier(dist)
+    prepare_hub_access(run.model.name, run.model.revision)  # offline: the cache, or a clear error, at once
     tokenizer = load_tokenizer(run.model.name, run.model.revision)
     task = load_task(run.data, tokenizer)
     if dist.main:

@@ -18,8 +18,7 @@ import pytest
 from transformers import AutoConfig, DebertaV2Config
 
 from budget.arch import arch_from_config
-from budget.compose import compose
-from budget.compose import resolve
+from budget.compose import compose, resolve
 from budget.config import validate
 from budget.methods import count_method
 from budget.models import packaged_path
