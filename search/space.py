@@ -43,7 +43,7 @@ import optuna
 
 from budget.arch import Arch, arch_from_config
 from budget.config import ConfigError, RunConfig
-from budget.groups import ALLOCATIONS, PATTERNS, split_layers
+from budget.groups import ALLOCATIONS, PATTERNS, allocation_shares, split_layers
 from budget.methods import REGISTRY, count_trainable, method_config_from_dict, methods_in
 from budget.methods import hybrid as hybrid_method
 from budget.methods.adalora import SCORES, AdaLoRAConfig
@@ -82,10 +82,6 @@ SIZES = {
     "prompt": (5, 10, 20),  # length l
 }
 ADALORA_INIT_RATIO = 1.5
-# With a budget the sizes of a group are proportions (the solver finds one multiplier per
-# group); the smallest proportion is written as this integer, so that two shares keep their
-# ratio to 1% after rounding and every proportion is a valid size on its own (r >= 1).
-PROPORTION = 100
 
 
 # ---------------------------------------------------------------- context
@@ -501,14 +497,16 @@ def _check_positions(mcfg, ctx: SpaceContext, groups) -> None:
     if limit is None:
         return
     if isinstance(mcfg, PromptConfig):
-        prompts = [mcfg]
+        lengths = [mcfg.length]
     else:
-        prompts = [g.methods["prompt"] for g in groups or [] if "prompt" in g.methods]
+        # the solved length, and the written one, which budget.train.check_positions reads
+        lengths = [g.methods["prompt"].length for g in groups or [] if "prompt" in g.methods]
+        lengths += [g["prompt"].length for g in hybrid_method.parse_groups(mcfg) if "prompt" in g]
     text = ctx.max_length or 1
-    for p in prompts:
-        if p.length + text > limit:
+    for length in lengths:
+        if length + text > limit:
             raise ConfigError(
-                f"method.length={p.length}: a soft prompt that long leaves no room for {text} text positions "
+                f"method.length={length}: a soft prompt that long leaves no room for {text} text positions "
                 f"in this model's {limit}; lower the budget or the prompt's share"
             )
 
@@ -561,11 +559,16 @@ def _unit_cost(name: str, knobs: dict, arch: Arch, layers: list[int] | None) -> 
     return two - one
 
 
-def _proportions(shares: dict, costs: dict) -> dict:
-    """Integer sizes proportional to share / unit cost, so each method's parameters follow its share."""
-    raw = {m: shares[m] / costs[m] for m in shares}
-    scale = PROPORTION / min(raw.values())
-    sizes = {m: max(1, round(r * scale)) for m, r in raw.items()}
+def _expected_sizes(shares: dict, costs: dict, group_budget: float) -> dict:
+    """Sizes that spend ``share`` of ``group_budget`` on each method, given its per-unit cost.
+
+    The solver treats them as proportions and rescales them together; writing them at the
+    expected scale keeps the overrides readable (near the solved sizes) and keeps a soft
+    prompt's written length near its solved one (``budget.train.check_positions`` reads the
+    written length).
+    """
+    total = sum(shares.values())
+    sizes = {m: max(1, round(shares[m] / total * group_budget / costs[m])) for m in shares}
     if "adalora" in sizes:  # even, so init_r = 1.5 target_r is exact
         sizes["adalora"] = 2 * max(1, round(sizes["adalora"] / 2))
     return sizes
@@ -594,9 +597,9 @@ def s4_space(trial, ctx: SpaceContext) -> dict:
     (True/False) picks each group's subset (a group may stay empty, not all of them; AdaLoRA
     is not offered where LoRA already adapts the group's matrices);
     with a budget, ``allocation`` shares it across groups and ``g<i>.<method>.share`` (0.1..1,
-    normalised in the group) gives each method's part of its group's budget, turned into size
-    proportions through each method's per-unit cost on those layers; fixed-size methods
-    (bitfit, ia3) are paid first by the solver. Without a budget, ``g<i>.<method>.size`` picks
+    normalised in the group) gives each method's part of its group's budget, turned into sizes
+    through each method's per-unit cost on those layers (the solver then rescales them as
+    proportions, one multiplier per group; fixed-size methods, bitfit and ia3, are paid first). Without a budget, ``g<i>.<method>.size`` picks
     an absolute size from ``SIZES``. AdaLoRA starts at init_r = 1.5 target_r.
     """
     arch = ctx.arch
@@ -625,16 +628,32 @@ def s4_space(trial, ctx: SpaceContext) -> dict:
         if num_groups > 1:
             method["allocation"] = trial.suggest_categorical("allocation", list(ALLOCATIONS))
     layers = split_layers(arch.num_layers, num_groups, grouping)
+    scalable = [[m for m in picked if REGISTRY[m].size is not None] for picked in chosen]
+    if ctx.budget is not None:
+        # the solver's split: fixed-size methods first, the rest shared by allocation over the
+        # groups that have something to size
+        fixed = sum(
+            REGISTRY[m].count(REGISTRY[m].config(**ctx.knobs.get(m, {})), arch, layers[g])
+            for g, picked in enumerate(chosen)
+            for m in picked
+            if m not in scalable[g]
+        )
+        weights = [
+            w if scalable[g] else 0.0
+            for g, w in enumerate(allocation_shares(num_groups, method["allocation"]))
+        ]
+        free = max(ctx.budget - fixed, 0)
     groups = []
     for g, picked in enumerate(chosen):
-        scalable = [m for m in picked if REGISTRY[m].size is not None]
-        if ctx.budget is not None and scalable:
-            shares = {m: trial.suggest_float(f"g{g}.{m}.share", 0.1, 1.0) if len(scalable) > 1 else 1.0
-                      for m in scalable}  # fmt: skip
-            costs = {m: _unit_cost(m, ctx.knobs.get(m, {}), arch, layers[g]) for m in scalable}
-            sizes = _proportions(shares, costs)
+        if ctx.budget is not None and scalable[g]:
+            shares = {m: trial.suggest_float(f"g{g}.{m}.share", 0.1, 1.0) if len(scalable[g]) > 1 else 1.0
+                      for m in scalable[g]}  # fmt: skip
+            costs = {m: _unit_cost(m, ctx.knobs.get(m, {}), arch, layers[g]) for m in scalable[g]}
+            sizes = _expected_sizes(shares, costs, free * weights[g] / sum(weights))
         else:
-            sizes = {m: trial.suggest_categorical(f"g{g}.{m}.size", _size_choices(m, ctx)) for m in scalable}
+            sizes = {
+                m: trial.suggest_categorical(f"g{g}.{m}.size", _size_choices(m, ctx)) for m in scalable[g]
+            }
         groups.append({m: _knobs(m, sizes.get(m), ctx) for m in picked} or "none")
     method["groups"] = groups
     return {"method": method}

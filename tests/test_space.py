@@ -171,17 +171,26 @@ def test_context_from_model_name():
     assert SpaceContext.from_model("minilm").arch.num_layers == 6
 
 
-def test_extra_methods_in_s4_with_the_soft_prompt_in_one_group():
-    ctx = context("minilm", extra_methods=["ia3", "parallel_adapter", "prompt"], max_length=64)
+@pytest.mark.parametrize("model", ["tiny-bert", "minilm"])
+def test_extra_methods_in_s4_with_the_soft_prompt_in_one_group(model):
+    from types import SimpleNamespace
+
+    from budget.train import check_positions
+
+    ctx = context(model, extra_methods=["ia3", "parallel_adapter", "prompt"], max_length=64)
     _, drawn = draw(SPACES["s4"], ctx, 60, seed=3)
-    used = set()
+    used, prompted = set(), 0
     for _, s in drawn:
         groups = [g for g in s.overrides["method"]["groups"] if g != "none"]
         assert sum("prompt" in g for g in groups) <= 1
         used |= {k for g in groups for k in g}
-        if "prompt" in used and s.feasible:
+        if s.feasible and any("prompt" in g for g in groups):
+            prompted += 1
             assert s.budget_params == pytest.approx(ctx.budget, rel=0.02)
-    assert {"ia3", "parallel_adapter", "prompt"} <= used
+            # the train loop's own position check passes (it reads the written, unsolved length)
+            run = resolve(merge_overrides({"data": {"max_length": 64}}, s.overrides))
+            check_positions(run, SimpleNamespace(config=hf_config(model)))
+    assert {"ia3", "parallel_adapter", "prompt"} <= used and prompted >= 3
     assert sum(s.feasible for _, s in drawn) >= 0.75 * len(drawn)
 
 
