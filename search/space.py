@@ -411,9 +411,9 @@ def _budget_count(mcfg, arch: Arch, trainable: int, groups) -> int:
             return round(mcfg.target_total_rank * per_rank / len(matrices))
         return round(mcfg.target_r * per_rank)
     if groups is not None and any("adalora" in g.methods for g in groups):
-        # the solver's own measure of a group (hybrid._final_count): AdaLoRA at its target_r
+        # the solver's own measure of a group (hybrid.final_count): AdaLoRA at its target_r
         return sum(
-            hybrid_method._final_count(m, c, arch, g.layers) for g in groups for m, c in g.methods.items()
+            hybrid_method.final_count(m, c, arch, g.layers) for g in groups for m, c in g.methods.items()
         )
     return trainable
 

@@ -7,7 +7,8 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from budget.config import ConfigError, resolve, validate
+from budget.compose import resolve
+from budget.config import ConfigError, validate
 from budget.methods import apply_method, count_trainable, method_config_from_dict, methods_in
 from budget.methods.hybrid import HybridConfig
 from budget.models import count_params, freeze_backbone, tiny_config
@@ -175,6 +176,7 @@ def test_context_from_model_name():
 def test_extra_methods_in_s4_with_the_soft_prompt_in_one_group(model):
     from types import SimpleNamespace
 
+    from budget.methods import plan_of
     from budget.train import check_positions
 
     ctx = context(model, extra_methods=["ia3", "parallel_adapter", "prompt"], max_length=64)
@@ -187,9 +189,10 @@ def test_extra_methods_in_s4_with_the_soft_prompt_in_one_group(model):
         if s.feasible and any("prompt" in g for g in groups):
             prompted += 1
             assert s.budget_params == pytest.approx(ctx.budget, rel=0.02)
-            # the train loop's own position check passes (it reads the written, unsolved length)
+            # the train loop's own position check passes on the solved plan
             run = resolve(merge_overrides({"data": {"max_length": 64}}, s.overrides))
-            check_positions(run, SimpleNamespace(config=hf_config(model)))
+            plan = plan_of(run.method, ctx.arch)
+            check_positions(run, SimpleNamespace(config=hf_config(model)), plan)
     assert {"ia3", "parallel_adapter", "prompt"} <= used and prompted >= 3
     assert sum(s.feasible for _, s in drawn) >= 0.75 * len(drawn)
 

@@ -160,10 +160,24 @@ def plan(cfg: HybridConfig, arch) -> list[Group]:
     groups = [
         Group(i, layers, methods) for i, (layers, methods) in enumerate(zip(layer_groups, parse_groups(cfg)))
     ]
+    for g in groups:  # LoRA and AdaLoRA both replace a linear: they cannot share one
+        if "lora" in g.methods and "adalora" in g.methods:
+            shared = _targets(g.methods["lora"], arch, g.layers) & _targets(
+                g.methods["adalora"], arch, g.layers
+            )
+            if shared:
+                raise ConfigError(
+                    f"method.groups[{g.index}]: lora and adalora both adapt {sorted(shared)[0]} (and "
+                    f"{len(shared) - 1} more); give them disjoint target_modules or keep one of them"
+                )
     target = budget_params(cfg, arch)
     if target is not None:
         solve_sizes(groups, arch, target, allocation_shares(cfg.num_groups, cfg.allocation), cfg.tolerance)
     return groups
+
+
+def _targets(c, arch, layers) -> set[str]:
+    return {name for name, _ in arch.match_linears(c.target_modules or arch.default_targets(), layers)}
 
 
 def budget_params(cfg: HybridConfig, arch) -> int | None:
@@ -255,8 +269,9 @@ def _knobs(c) -> dict:
 
 
 # ---------------------------------------------------------------- budget solving
-def _final_count(name: str, c, arch, layers) -> int:
-    """Parameters a method holds at the end of training (AdaLoRA: its b(T) triplets)."""
+def final_count(name: str, c, arch, layers) -> int:
+    """Parameters a method holds at the end of training (AdaLoRA: its b(T) triplets): what a
+    budget constrains, and what the solver and the search spaces count."""
     from budget.methods import REGISTRY
 
     if name == "adalora":
@@ -307,14 +322,14 @@ def solve_sizes(groups: list[Group], arch, target: int, shares: list[float], tol
     from budget.methods import REGISTRY
 
     def group_count(g: Group) -> int:
-        return sum(_final_count(m, c, arch, g.layers) for m, c in g.methods.items())
+        return sum(final_count(m, c, arch, g.layers) for m, c in g.methods.items())
 
     for g in groups:  # adapters sized by a reduction factor: turn it into a bottleneck first
         for m, c in list(g.methods.items()):
             if getattr(c, "reduction_factor", None):
                 g.methods[m] = _with_size(m, c, max(1, arch.hidden // c.reduction_factor))
     scalable = [[m for m in g.methods if REGISTRY[m].size is not None] for g in groups]
-    fixed = [sum(_final_count(m, c, arch, g.layers) for m, c in g.methods.items() if m not in s)
+    fixed = [sum(final_count(m, c, arch, g.layers) for m, c in g.methods.items() if m not in s)
              for g, s in zip(groups, scalable)]  # fmt: skip
     live = [i for i, g in enumerate(groups) if scalable[i]]
     if not live:
