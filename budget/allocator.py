@@ -31,9 +31,13 @@ class Allocation:
     ranks: dict[str, int]  # rank of every adapted module
     final: bool  # the pattern is fixed from now on
     shrink: bool  # the caller should now call ``shrink_(optimizer)``
+    # Every triplet's score S_i (eq. 7) and whether it was kept, per module in its current
+    # column order: why the ranks moved (None where the allocator does not expose them).
+    scores: dict[str, list[float]] | None = None
+    kept_mask: dict[str, list[int]] | None = None
 
     def to_record(self) -> dict:
-        return {
+        out = {
             "step": self.step,
             "budget": self.budget,
             "kept": self.kept,
@@ -41,6 +45,10 @@ class Allocation:
             "final": self.final,
             "ranks": self.ranks,
         }
+        if self.scores is not None:
+            out["scores"] = self.scores
+            out["kept_mask"] = self.kept_mask
+        return out
 
 
 class RankAllocator:
@@ -153,6 +161,16 @@ class RankAllocator:
         self._mask = torch.ones(sum(ranks), device=device, dtype=dtype)  # fixed pattern when shrink=never
         self._mask_views = list(torch.split(self._mask, ranks))
 
+    def _follow_factors(self) -> None:
+        """The model moved (``.to(device)`` / ``.double()``) after this allocator was built:
+        rebuild the buffers where the factors now are, keeping the EMAs and the mask."""
+        device, dtype = self.params[0].device, self.params[0].dtype
+        ibar = [t.to(device, dtype) for t in self.ibar]
+        ubar = [t.to(device, dtype) for t in self.ubar]
+        mask = self._mask.to(device, dtype)
+        self._rebuild(ibar, ubar)
+        self._mask.copy_(mask)
+
     # ---------------------------------------------------------------- per step
     def orth_penalty(self) -> torch.Tensor:
         """R(P, Q) over the adapted matrices (eq. 4); the loop adds γ R to the task loss."""
@@ -208,6 +226,8 @@ class RankAllocator:
 
     def update_and_allocate(self, step: int) -> Allocation | None:
         """Call after every optimizer step (``step`` = optimizer steps done), before zero_grad."""
+        if self._ibar_flat.device != self.params[0].device or self._ibar_flat.dtype != self.params[0].dtype:
+            self._follow_factors()
         if self.fixed:
             if self.cfg.shrink == "never":
                 with torch.no_grad():
@@ -257,8 +277,11 @@ class RankAllocator:
         masks = torch.split(mask, self._ranks)
         torch._foreach_mul_([lay.lam for lay in self.layers], list(masks))
         self._mask.copy_(mask)
-        ranks = keep.sum(1).tolist()  # the one host sync of an allocation
+        ranks = keep.sum(1).tolist()  # the host syncs of an allocation: ranks, scores, mask
         shrink = cfg.shrink == "every" or (final and cfg.shrink == "final")
+        flat_scores = [float(f"{x:.4g}") for x in scores.float().tolist()]  # 4 significant digits
+        flat_mask = mask.to(torch.int8).tolist()
+        bounds = [sum(self._ranks[:i]) for i in range(len(self._ranks) + 1)]
         return Allocation(
             step=step,
             budget=budget,
@@ -269,6 +292,8 @@ class RankAllocator:
             ranks=dict(zip(self.names, ranks)),
             final=final,
             shrink=shrink,
+            scores={n: flat_scores[a:b] for n, a, b in zip(self.names, bounds, bounds[1:])},
+            kept_mask={n: flat_mask[a:b] for n, a, b in zip(self.names, bounds, bounds[1:])},
         )
 
     @torch.no_grad()

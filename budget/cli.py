@@ -38,6 +38,7 @@ examples:
   eval "$(adabudget train -sc install=bash)"       # shell completion of overrides
 """
 COMMANDS = ("train", "bench", "data")
+REFUSED: dict[int, str] = {}  # multirun job number -> why its config was refused (this process's jobs)
 
 
 def _exit_code(result: dict) -> int:
@@ -74,9 +75,9 @@ def run_job(cfg, hydra_cfg, multirun: bool) -> float:
     try:
         if cfg.resume is not None:
             cfg = resume_config(cfg.resume, overrides)
-        elif multirun and cfg.run_dir is None:  # the job's folder: <sweep dir>/<job number>
+        elif multirun and cfg.run_dir is None:  # the job's folder: <sweep dir>/<job number>, claimed by train
             with open_dict(cfg):
-                cfg.run_dir = _job_dir(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
+                cfg.run_dir = str(Path(hydra_cfg.sweep.dir) / str(hydra_cfg.job.num))
         elif not multirun and cfg.run_dir is None and str(hydra_cfg.run.dir) != ".":
             with open_dict(cfg):
                 cfg.run_dir = str(hydra_cfg.run.dir)  # a user's hydra.run.dir=... names the run folder
@@ -84,6 +85,7 @@ def run_job(cfg, hydra_cfg, multirun: bool) -> float:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         if multirun:
+            REFUSED[hydra_cfg.job.num] = str(err)
             return math.nan
         sys.exit(2)
     except KeyboardInterrupt:
@@ -103,33 +105,41 @@ def run_job(cfg, hydra_cfg, multirun: bool) -> float:
     return float(result["final"]["dev"][result["primary_metric"]])
 
 
-def _job_dir(sweep_dir: Path, num: int) -> str:
-    from budget.log import claim_run_dir
-
-    return str(claim_run_dir(sweep_dir, "", name=str(num)))
-
-
 class MultirunSummary(Callback):
-    """After a ``-m`` sweep: one line per job (status, primary dev metric, run folder), also
-    written to ``<sweep dir>/summary.json``. Reads the jobs' records, so it works for any launcher."""
+    """After a ``-m`` sweep: one line per job (status, primary dev metric, run folder, overrides),
+    also written to ``<sweep dir>/summary.json``. Finished jobs are read from their records, so
+    any launcher works; jobs refused before they had a folder are listed from this process."""
+
+    def __init__(self):
+        self.overrides: dict[str, list[str]] = {}
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        self.overrides[str(config.hydra.job.num)] = list(job_return.overrides or [])
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        rows = []
-        for path in sorted(sweep.glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        if not sweep.is_dir():
+            return
+        rows = {}
+        for path in sweep.glob("*/result.json"):
             r = json.loads(path.read_text())
             metric = r.get("primary_metric", "accuracy")
             value = ((r.get("final") or {}).get("dev") or {}).get(metric)
-            rows.append({"job": path.parent.name, "status": r.get("status"), "metric": metric, "dev": value,
-                         "run_dir": str(path.parent), "error": r.get("error")})  # fmt: skip
-        if not sweep.is_dir():
-            return
+            rows[path.parent.name] = {"job": path.parent.name, "status": r.get("status"), "metric": metric,
+                                      "dev": value, "run_dir": str(path.parent), "error": r.get("error")}  # fmt: skip
+        for num, why in REFUSED.items():
+            rows.setdefault(str(num), {"job": str(num), "status": "refused", "metric": None, "dev": None,
+                                       "run_dir": None, "error": why})  # fmt: skip
+        rows = [rows[k] for k in sorted(rows, key=lambda k: (len(k), k))]
+        for row in rows:
+            row["overrides"] = self.overrides.get(row["job"].split("_")[0], [])
         (sweep / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
         done = sum(r["status"] == "completed" for r in rows)
         print(f"\nsweep {sweep}: {done} of {len(rows)} job(s) completed")
         for r in rows:
             dev = f"{r['metric']}={r['dev']:.4f}" if r["dev"] is not None else "-"
-            print(f"  job {r['job']:>3}  {r['status']:<11} dev {dev:<18} {r['run_dir']}")
+            print(f"  job {r['job']:>3}  {r['status']:<11} dev {dev:<18} {' '.join(r['overrides'])}")
+        print(f"  (runs in {sweep}/<job>, this table in {sweep / 'summary.json'})")
 
 
 def _train_app(args: list[str]) -> None:
@@ -140,7 +150,8 @@ def _train_app(args: list[str]) -> None:
     from budget.compose import config_dir, register_configs
 
     register_configs()
-    sys.argv = [sys.argv[0], *args]  # Hydra reads sys.argv; the program name stays `adabudget`
+    # Hydra reads sys.argv; its shell-completion script registers argv[0]'s name: `adabudget`
+    sys.argv = ["adabudget", *args]
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def app(cfg) -> float:

@@ -35,14 +35,12 @@ RECORD_VERSION = 2
 CLAIM = ".claimed"  # exists only while a process claims an explicit, empty run folder
 
 
-def claim_run_dir(
-    runs_root: str | Path, run_name: str, run_dir: str | Path | None = None, name: str | None = None
-) -> Path:
+def claim_run_dir(runs_root: str | Path, run_name: str, run_dir: str | Path | None = None) -> Path:
     """Create and return a run folder that no other run has or will have.
 
     Default: ``<runs_root>/<run_name>/<YYYY-mm-dd_HH-MM-SS>``, made with an exclusive mkdir
     and a ``_1``, ``_2``, ... suffix when another run (another process, a torchrun rank, a
-    search worker) made that name first; ``name`` replaces the timestamp (a sweep's job number). An explicit ``run_dir`` must not exist yet or be
+    search worker) made that name first. An explicit ``run_dir`` must not exist yet or be
     empty (claimed through an exclusive marker file); one that holds anything is refused,
     so a record is never appended to or overwritten by another run.
     """
@@ -70,7 +68,7 @@ def claim_run_dir(
         return path
     parent = Path(runs_root) / run_name
     parent.mkdir(parents=True, exist_ok=True)
-    base = name or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    base = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     for k in range(10_000):
         path = parent / (base if k == 0 else f"{base}_{k}")
         try:

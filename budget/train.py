@@ -449,6 +449,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                 "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "allocator": allocator.state_dict() if allocator is not None else None, "rng": rngs,
+                # the open logging window, so a resumed run logs the same mean losses
+                "window": window, "running": torch.stack([running_loss, running_orth]).cpu(),
             })  # fmt: skip
 
     def dev_eval(at_step: int) -> tuple[dict, bool]:
@@ -486,6 +488,10 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     running_loss = torch.zeros((), device=device)
     running_orth = torch.zeros((), device=device)
     window, last_checkpoint = 0, time.time()
+    if ckpt is not None and "window" in ckpt:
+        window = ckpt["window"]
+        running_loss.fill_(ckpt["running"][0].item())
+        running_orth.fill_(ckpt["running"][1].item())
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not (tc.progress and dist.main), desc=run.run_name,
