@@ -93,11 +93,12 @@ def run_job(cfg, hydra_cfg, multirun: bool) -> float:
         if multirun:
             raise
         sys.exit(130)
-    if cfg.resume is None and Path(result["run_dir"]).is_dir():
-        _save_hydra_record(Path(result["run_dir"]), cfg, hydra_cfg)
-    print(summary(result))
-    if result.get("note"):
-        print(result["note"])
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for the run
+        if cfg.resume is None and Path(result["run_dir"]).is_dir():
+            _save_hydra_record(Path(result["run_dir"]), cfg, hydra_cfg)
+        print(summary(result))
+        if result.get("note"):
+            print(result["note"])
     if not multirun and _exit_code(result):
         sys.exit(_exit_code(result))
     if result["status"] != "completed":
@@ -114,7 +115,11 @@ class MultirunSummary(Callback):
         self.overrides: dict[str, list[str]] = {}
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
-        self.overrides[str(config.hydra.job.num)] = list(job_return.overrides or [])
+        from omegaconf import OmegaConf
+
+        num = OmegaConf.select(config, "hydra.job.num", default=None, throw_on_missing=False)
+        if num is not None:  # single runs (no job number) have nothing to summarise
+            self.overrides[str(num)] = list(job_return.overrides or [])
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)

@@ -63,3 +63,47 @@ def test_masks_identical_across_ranks():
     assert len(out[0]) >= 3
     # The local scores really differ between ranks: only the reduction makes the masks agree.
     assert out["local0"] != out["local1"]
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    """`torchrun --nproc_per_node 2 adabudget train ...` (gloo, CPU): the global batch of 32 is
+    sharded 2 x 16; the losses and rank allocations equal a 1 x 32 run's, both ranks end with
+    identical adapters, and one record is written (rank 0's)."""
+    import json
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    script = Path(sysconfig.get_path("scripts")) / "adabudget"  # the console script itself
+    common = ["train", "model=tiny-bert", "debug=fast", "method.init_r=4", "method.target_r=2",
+              "train.num_threads=1", "model.dropout=0.0", "train.batch_size=32", "train.log_every=1",
+              "train.lr=5e-3", "method.mask_interval=2"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *common,
+         f"runs_root={tmp_path / 'two'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("status: completed") == 1  # rank 0 speaks for the run
+    one = subprocess.run([str(script), *common, f"runs_root={tmp_path / 'one'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    (run2,) = (tmp_path / "two" / "default").iterdir()  # one record
+    (run1,) = (tmp_path / "one" / "default").iterdir()
+    result = json.loads((run2 / "result.json").read_text())
+    assert result["world_size"] == 2 and result["ddp"]["identical_on_all_ranks"] is True
+
+    def rows(run, name):
+        return [json.loads(line) for line in (run / name).read_text().splitlines()]
+
+    loss1 = [r["loss"] for r in rows(run1, "metrics.jsonl") if r["split"] == "train"]
+    loss2 = [r["loss"] for r in rows(run2, "metrics.jsonl") if r["split"] == "train"]
+    assert len(loss1) == len(loss2) == 20
+    for a, b in zip(loss1, loss2):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert [r["ranks"] for r in rows(run1, "ranks.jsonl")] == [r["ranks"] for r in rows(run2, "ranks.jsonl")]
+    assert (
+        len(rows(run2, "ranks.jsonl")) > 3 and rows(run2, "ranks.jsonl")[-1]["final"]
+    )  # shrunk, re-wrapped, went on
