@@ -11,6 +11,7 @@ or refused job does not end the sweep.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ commands:
   bench step [options]    per-step time/memory of LoRA vs AdaLoRA (ours and peft's)
   bench lr [options]      the learning-rate grid of AdaLoRA variants, peft's AdaLoRA and LoRA
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
+  search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
 
 examples:
   adabudget train                                  # AdaLoRA on packaged MiniLM + movie reviews
@@ -37,7 +39,7 @@ examples:
   torchrun --nproc_per_node 2 $(command -v adabudget) train train.device=cuda
   eval "$(adabudget train -sc install=bash)"       # shell completion of overrides
 """
-COMMANDS = ("train", "bench", "data")
+COMMANDS = ("train", "search", "bench", "data")
 REFUSED: dict[int, str] = {}  # multirun job number -> why its config was refused (this process's jobs)
 
 
@@ -156,7 +158,7 @@ def _train_app(args: list[str]) -> None:
 
     register_configs()
     # Hydra reads sys.argv; its shell-completion script registers argv[0]'s name: `adabudget`
-    sys.argv = ["adabudget", *args]
+    sys.argv = ["adabudget", *_experiment_files(args)]
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def app(cfg) -> float:
@@ -164,6 +166,49 @@ def _train_app(args: list[str]) -> None:
         return run_job(cfg, hydra_cfg, hydra_cfg.mode == RunMode.MULTIRUN)
 
     app()
+
+
+def _search_app(args: list[str]) -> None:
+    """``adabudget search``: the train config plus a ``search`` node (``search.study.run_search``)."""
+    import hydra
+
+    from budget.compose import config_dir, register_configs
+    from search.config import register_schema
+
+    register_configs()
+    register_schema()
+    sys.argv = ["adabudget", *args]
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="search")
+    def app(cfg) -> None:
+        from budget.config import ConfigError
+        from search.study import run_search
+
+        try:
+            run_search(cfg)
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    app()
+
+
+def _experiment_files(args: list[str]) -> list[str]:
+    """``experiment=<file>.yaml`` (a search's best.yaml, any preset outside configs/): the file is
+    put in Hydra's ConfigStore under the experiment group and selected by that name."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    out = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "experiment" and value.endswith((".yaml", ".yml")) and Path(value).is_file():
+            name = "file_" + hashlib.sha256(str(Path(value).resolve()).encode()).hexdigest()[:12]
+            ConfigStore.instance().store(group="experiment", name=name, node=OmegaConf.load(value),
+                                         package="_global_")  # fmt: skip
+            arg = f"{key}={name}"
+        out.append(arg)
+    return out
 
 
 def _shell_completion(args: list[str]) -> None:
@@ -202,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         _shell_completion(argv)
     elif command == "train":
         _train_app(rest)
+    elif command == "search":
+        _search_app(rest)
     elif command == "bench":
         from budget.bench import main as bench_main
 

@@ -108,6 +108,7 @@ class LoggerConfig:
     # offline unless the user set WANDB_MODE; a missing network never blocks a run.
     mode: Optional[str] = None
     tags: list = field(default_factory=list)
+    group: Optional[str] = None  # W&B run group (a search: the study name)
 
 
 @dataclass
@@ -124,6 +125,11 @@ class RunConfig:
     resume: Optional[str] = None  # a run folder to continue
     export_adapter: bool = True  # write adapter/ in peft's LoRA format
     export_merged: bool = False  # also write merged/ as a plain HF checkpoint
+    # Free-form labels recorded with the run (config.yaml, result.json): a search trial's study,
+    # number and parameters. Training never reads them.
+    meta: dict = field(default_factory=dict)
+    # The `search` node of `adabudget search` (its schema: search/config.py); training never reads it.
+    search: Any = None
 
 
 def _check(cond: bool, fld: str, msg: str) -> None:

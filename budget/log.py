@@ -220,6 +220,7 @@ def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume: bool):
             config=config,
             mode=mode,
             tags=list(logger_cfg.tags) or None,
+            group=logger_cfg.group,
             name=f"{run_dir.parent.name}/{run_dir.name}",
             id=run_id,
             resume="allow" if run_id else None,

@@ -45,7 +45,7 @@ from budget.models import count_params, freeze_backbone, load_model, pick_device
 RESUMABLE = (
     "train.max_steps", "train.epochs", "train.stop_after_step", "train.progress", "train.num_threads",
     "train.device", "train.eval_batch_size", "train.log_every", "train.eval_every", "train.checkpoint",
-    "train.checkpoint_minutes", "train.checkpoint_every", "logger", "export_adapter", "export_merged",
+    "train.checkpoint_minutes", "train.checkpoint_every", "logger", "export_adapter", "export_merged", "meta",
 )  # fmt: skip
 OnEval = Callable[[int, dict], object]
 
@@ -396,7 +396,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         "task": run.data.task, "data_version": getattr(task, "version", None), "split_sizes": task.sizes(),
         "primary_metric": main_metric, "regression": task.regression, "total_steps": total_steps,
         "trainable_params": trainable_before, "total_params": total_params, "world_size": dist.world,
-        "groups": groups, "modules": modules,
+        "groups": groups, "modules": modules, "meta": run.meta,
     }  # fmt: skip
     record = None
     if dist.main:
