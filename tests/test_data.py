@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from budget import data
+from budget import data, fetch
 from budget.config import ConfigError, DataConfig
 from budget.data import describe, hub, load_task, load_tokenizer, make_batches, num_batches, packaged
 from budget.data.split import normalised_text
@@ -296,12 +296,13 @@ def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
     files = {name: lines for name in packaged._VADER_FILES.values()}
     calls = []
 
-    def fake_download(dest):
+    def fake_download(command, dest, by_hand):  # budget.fetch's pip download, without the network
+        assert "--no-binary" in command and packaged.VADER_SDIST in command
         calls.append(dest)
         dest.mkdir(parents=True)
         return _fake_sdist(dest / "vaderSentiment-3.3.2.tar.gz", files)
 
-    monkeypatch.setattr(packaged, "_download_vader_sdist", fake_download)
+    monkeypatch.setattr(fetch, "_pip_download", fake_download)
     (tmp_path / "vader").mkdir()
     (tmp_path / "vader" / "partial.txt").write_text("left by an interrupted copy")
     folder = data.ensure_vader(tmp_path)

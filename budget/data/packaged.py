@@ -9,13 +9,11 @@ from __future__ import annotations
 import html
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from budget import fetch
 from budget.config import ConfigError, DataConfig
 from budget.data.raw import RawTask, Rows
 from budget.data.split import SPLIT_PROCEDURE, seeded_split, split_note, truncate
@@ -39,82 +37,46 @@ _MR_LAST_POSITIVE_ID = 5152
 
 def cache_root(cfg: DataConfig) -> Path:
     """``data.cache_dir``, else ``$ADABUDGET_CACHE``, else ``~/.cache/adabudget``."""
-    root = cfg.cache_dir or os.environ.get("ADABUDGET_CACHE") or "~/.cache/adabudget"
-    return Path(root).expanduser()
+    return fetch.cache_root(cfg.cache_dir)
 
 
 def ensure_vader(root: Path) -> Path:
     """Return ``<root>/vader``, fetching and unpacking the VADER data if it is missing.
 
-    The files are unpacked into a temporary folder beside the target and renamed into
-    place in one step, so an interrupted fetch or a concurrent one never leaves a
-    half-written ``vader/`` behind.
+    ``budget.fetch.fetch_member`` downloads the sdist (the wheel leaves out
+    ``additional_resources/``), stages the inner archive's files beside the target and renames
+    them into place in one step, so an interrupted or concurrent fetch never leaves a
+    half-written ``vader/``. A folder that lacks a file (left by hand) is set aside first.
     """
     target = root / "vader"
     if _vader_complete(target):
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".vader-tmp-") as tmp:
-        tmp = Path(tmp)
-        sdist = _download_vader_sdist(tmp / "download")
-        staged = tmp / "vader"
-        staged.mkdir()
-        _extract_vader(sdist, staged)
-        try:
-            staged.rename(target)
-        except OSError:
-            # target exists: either a concurrent fetch finished first (keep it) or a
-            # partial folder was left by hand (move it aside; it goes with tmp).
-            if not _vader_complete(target):
-                target.rename(tmp / "stale")
-                staged.rename(target)
-    return target
+    if target.exists():
+        shutil.rmtree(target.rename(root / f".vader-stale-{os.getpid()}"))
+    return fetch.fetch_member(
+        VADER_SDIST, _VADER_INNER_ARCHIVE, target, pip_args=("--no-binary", ":all:"), prepare=_unpack_inner,
+        hint=f"Or unpack {_VADER_INNER_ARCHIVE} from that sdist into <data.cache_dir>/vader/ by hand.",
+    )  # fmt: skip
 
 
 def _vader_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _VADER_FILES.values())
 
 
-def _download_vader_sdist(dest: Path) -> Path:
-    # The wheel leaves out additional_resources/; only the sdist carries the data.
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        VADER_SDIST,
-        "-d",
-        str(dest),
-    ]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    found = sorted(dest.glob("vaderSentiment-*.tar.gz")) if dest.is_dir() else []
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(
-            f"could not download the {VADER_SDIST} sdist that carries the packaged tasks "
-            f"(`{' '.join(cmd)}` exited {proc.returncode}):\n{proc.stderr[-2000:]}\n"
-            "Fix the network / package index, or unpack additional_resources/hutto_ICWSM_2014.tar.gz "
-            "from that sdist into <data.cache_dir>/vader/ by hand."
-        )
-    return found[0]
-
-
-def _extract_vader(sdist: Path, dest: Path) -> None:
-    """Copy the files of the inner ``hutto_ICWSM_2014.tar.gz`` flat into ``dest``."""
-    with tarfile.open(sdist, "r:gz") as outer:
-        inner_member = next((m for m in outer.getmembers() if m.name.endswith(_VADER_INNER_ARCHIVE)), None)
-        if inner_member is None:
-            raise RuntimeError(f"{sdist.name} has no {_VADER_INNER_ARCHIVE}")
-        with tarfile.open(fileobj=outer.extractfile(inner_member), mode="r:gz") as inner:
-            for member in inner.getmembers():
-                if not member.isfile():
-                    continue
-                # Written by basename through extractfile: no path in the archive can
-                # escape dest.
-                with inner.extractfile(member) as src, open(dest / Path(member.name).name, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+def _unpack_inner(staged: Path) -> None:
+    """Replace the staged ``hutto_ICWSM_2014.tar.gz`` by its files, flat."""
+    archive = staged / Path(_VADER_INNER_ARCHIVE).name
+    with tarfile.open(archive, mode="r:gz") as inner:
+        for member in inner.getmembers():
+            if not member.isfile():
+                continue
+            # Written by basename through extractfile: no path in the archive can escape staged.
+            with inner.extractfile(member) as src, open(staged / Path(member.name).name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    archive.unlink()
+    missing = [n for n in _VADER_FILES.values() if not (staged / n).is_file()]
+    if missing:
+        raise fetch.FetchError(f"{_VADER_INNER_ARCHIVE} of {VADER_SDIST} lacks {missing}")
 
 
 def _read_vader_file(path: Path) -> tuple[list[str], list[float], list[str]]:
