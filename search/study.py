@@ -315,6 +315,10 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
         else:
             drawn = sample(trial, space, ctx)
         trial.set_user_attr("overrides", drawn.overrides)
+        twin = _trained_twin(trial, drawn.overrides) if drawn.feasible else None
+        if twin is not None:  # the sampler proposed a trained configuration again: its result, no training
+            trial.set_user_attr("duplicate_of", twin.number)
+            return list(twin.values)
         if not drawn.feasible:  # its constraint (> 0) keeps it out of every sampler's and best's reach
             return [(-1.0 if d == "maximize" else (drawn.budget_params or 0) if n == "params" else 0.0)
                     for n, d in zip(names, directions)]  # fmt: skip
@@ -364,12 +368,27 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     return objective
 
 
+def _trained_twin(trial, overrides: dict):
+    """A completed, trained trial of the same study with exactly these overrides, or None."""
+    key = json.dumps(overrides, sort_keys=True, default=str)
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if (
+            t.number != trial.number
+            and finished(t)
+            and json.dumps(t.user_attrs.get("overrides"), sort_keys=True, default=str) == key
+        ):
+            return t
+    return None
+
+
 # ---------------------------------------------------------------- the record of a study
 def finished(trial) -> bool:
-    """A trained trial: completed within the budget, or pruned. Infeasible and failed ones are not."""
+    """A trained trial: completed within the budget, or pruned. Infeasible and failed ones are not,
+    nor a repeat of a trained configuration (its result was copied, ``duplicate_of``)."""
     if trial.state == TrialState.PRUNED:
         return True
-    return trial.state == TrialState.COMPLETE and not trial.user_attrs.get("infeasible")
+    return (trial.state == TrialState.COMPLETE and not trial.user_attrs.get("infeasible")
+            and trial.user_attrs.get("duplicate_of") is None)  # fmt: skip
 
 
 def trial_row(t) -> dict:
@@ -384,6 +403,7 @@ def trial_row(t) -> dict:
         "trainable_params": t.user_attrs.get("trainable_params"), "budget_params": t.user_attrs.get("budget_params"),
         "run_dir": t.user_attrs.get("run_dir"), "wall_time_s": t.user_attrs.get("wall_time_s"),
         "baseline": t.user_attrs.get("baseline"), "retry_of": t.user_attrs.get("retry_of"),
+        "duplicate_of": t.user_attrs.get("duplicate_of"),
         "infeasible": t.user_attrs.get("infeasible"), "error": t.user_attrs.get("error") or t.user_attrs.get("failed_because"),
         "overrides": t.user_attrs.get("overrides"),
     }  # fmt: skip

@@ -137,12 +137,12 @@ def recover_stale(study: optuna.Study, setup: Setup) -> list[int]:
 
 
 def counts(study: optuna.Study) -> tuple[int, int, int]:
-    """(trained, running, infeasible) trials."""
+    """(trained, running, untrained: infeasible or repeated) trials."""
     trials = study.get_trials(deepcopy=False)
     done = sum(finished(t) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
-    infeasible = sum(t.state == TrialState.COMPLETE and bool(t.user_attrs.get("infeasible")) for t in trials)
-    return done, running, infeasible
+    untrained = sum(t.state == TrialState.COMPLETE and not finished(t) for t in trials)  # infeasible, repeats
+    return done, running, untrained
 
 
 def worker_loop(setup: Setup, after_trial=None) -> int:
@@ -163,8 +163,8 @@ def worker_loop(setup: Setup, after_trial=None) -> int:
                     break
                 if infeasible > 20 * setup.scfg.n_trials:
                     raise ConfigError(
-                        f"search.budget: {infeasible} sampled configurations missed the budget for {done} trained; "
-                        "widen the space or change the budget"
+                        f"search.space: {infeasible} sampled configurations were infeasible or repeats for {done} "
+                        "trained; widen the space or change search.budget"
                     )
                 before = len(study.get_trials(deepcopy=False))
                 study.optimize(make_objective(setup, ctx, space, lock.release), n_trials=1,
