@@ -217,12 +217,10 @@ def _primary(r: dict) -> str:
 
 
 def _alive(r: dict) -> bool | None:
-    """For a running record: does the run still live (fresh heartbeat, or its pid on this host)?"""
+    """For a running record: does the run still live? On its own host the pid answers; elsewhere a
+    heartbeat fresher than ``STALE_AFTER_S`` does."""
     if r.get("status") != "running":
         return None
-    beat = r.get("heartbeat_at")
-    if beat is not None and time.time() - beat < STALE_AFTER_S:
-        return True
     if r.get("host") == socket.gethostname() and r.get("pid"):
         try:
             os.kill(int(r["pid"]), 0)
@@ -231,7 +229,8 @@ def _alive(r: dict) -> bool | None:
             return False
         except PermissionError:
             return True
-    return False
+    beat = r.get("heartbeat_at")
+    return beat is not None and time.time() - beat < STALE_AFTER_S
 
 
 def _guess_module(name: str) -> dict:

@@ -212,8 +212,8 @@ def render(table: pd.DataFrame, fmt: str = "markdown", provenance: str = "") -> 
         lines.append(f"{latex_escape(str(label))} & {latex_escape(params)} & "
                      + " & ".join(cell(h, row[h], True).replace(MISSING, "--") for h in headings) + " \\\\")  # fmt: skip
     lines += ["\\bottomrule", "\\end{tabular}"]
-    if provenance:
-        lines.append("% " + provenance.replace("\n", "\n% "))
+    if provenance:  # a comment, in ASCII
+        lines.append("% " + provenance.replace("±", "+-").replace(MISSING, "--").replace("\n", "\n% "))
     return "\n".join(lines) + "\n"
 
 
@@ -227,17 +227,19 @@ def latex_escape(text: str) -> str:
     return "".join(out)
 
 
-def provenance(runs: pd.DataFrame, layout: Layout | None) -> str:
+def provenance(runs: pd.DataFrame, layout: Layout | None, made: str | None = None) -> str:
     commits = sorted({str(c)[:12] for c in runs["git_commit"].dropna()}) if "git_commit" in runs else []
     seeds = sorted({int(s) for s in runs["seed"].dropna()}) if "seed" in runs else []
     versions = sorted({str(v) for v in runs["data_version"].dropna()}) if "data_version" in runs else []
     split = layout.split if layout else "dev"
     return (f"Mean ± std over seeds ({', '.join(map(str, seeds)) or 'unknown'}), n in parentheses, {split} split, "
             f"x100; best per column in bold; {MISSING} = no run. {len(runs)} runs, commit(s) "
-            f"{', '.join(commits) or 'unknown'}, data {', '.join(versions) or 'unknown'}, made {date.today()}.")  # fmt: skip
+            f"{', '.join(commits) or 'unknown'}, data {', '.join(versions) or 'unknown'}, made {made or date.today()}.")  # fmt: skip
 
 
-def table(paths, layout: str | None = None, rows: str = "label", fmt: str = "markdown") -> str:
+def table(
+    paths, layout: str | None = None, rows: str = "label", fmt: str = "markdown", made: str | None = None
+) -> str:
     """``adabudget table``: the text of the table of the completed runs at ``paths``."""
     from analysis.records import load
 
@@ -245,4 +247,4 @@ def table(paths, layout: str | None = None, rows: str = "label", fmt: str = "mar
         raise ValueError(f"layout={layout}: use one of {sorted(LAYOUTS)}")
     chosen = LAYOUTS[layout] if layout else None
     runs = load(paths, status="completed").runs
-    return render(build(runs, chosen, rows), fmt, provenance(runs, chosen))
+    return render(build(runs, chosen, rows), fmt, provenance(runs, chosen, made))

@@ -29,6 +29,7 @@ commands:
   bench lr [options]      the learning-rate grid of AdaLoRA variants, peft's AdaLoRA and LoRA
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
   search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
+  table PATH... [options] a paper table (mean ± std over seeds) from run records, Markdown or LaTeX
 
 examples:
   adabudget train                                  # AdaLoRA on packaged MiniLM + movie reviews
@@ -39,7 +40,7 @@ examples:
   torchrun --nproc_per_node 2 $(command -v adabudget) train train.device=cuda
   eval "$(adabudget train -sc install=bash)"       # shell completion of overrides
 """
-COMMANDS = ("train", "search", "bench", "data")
+COMMANDS = ("train", "search", "table", "bench", "data")
 REFUSED: dict[int, str] = {}  # multirun job number -> why its config was refused (this process's jobs)
 
 
@@ -225,6 +226,35 @@ def _shell_completion(args: list[str]) -> None:
     _train_app(args)
 
 
+def _table(args: list[str]) -> None:
+    """``adabudget table PATH...``: a paper table of the completed runs at PATH (analysis.tables)."""
+    import argparse
+
+    from analysis.records import RecordError
+    from analysis.tables import LAYOUTS, table
+
+    p = argparse.ArgumentParser(prog="adabudget table", description="A paper table (AdaLoRA Table 1 layout) "
+                                "from run records: run folders, trees of them, or study folders.")  # fmt: skip
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), help="named columns (tasks, metrics, split)")
+    p.add_argument(
+        "--rows", default="label", help="label (meta.label, else method and params) or a runs column"
+    )
+    p.add_argument("--format", default="markdown", choices=["markdown", "latex"])
+    p.add_argument("--out", help="write to this file instead of stdout")
+    a = p.parse_args(args)
+    try:
+        text = table(a.paths, a.layout, a.rows, a.format)
+    except (RecordError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if a.out:
+        Path(a.out).write_text(text)
+        print(f"wrote {a.out}")
+    else:
+        print(text, end="")
+
+
 def _data(args: list[str]) -> None:
     from budget.compose import compose, resolve
     from budget.config import ConfigError
@@ -249,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         _train_app(rest)
     elif command == "search":
         _search_app(rest)
+    elif command == "table":
+        _table(rest)
     elif command == "bench":
         from budget.bench import main as bench_main
 

@@ -1,0 +1,115 @@
+"""analysis.records reads what budget and search write: real run folders of every status (made
+here with tiny models, one of them killed with SIGKILL), a real study, and old or unknown
+record versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis.records import RecordError, load, read_result, run_dirs, trials
+from budget.compose import compose
+from budget.train import train
+from tests.conftest import TINY_ADALORA, TINY_RUN
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """One run of each status under one folder."""
+    root = tmp_path_factory.mktemp("zoo")
+    base = TINY_RUN + TINY_ADALORA + [f"runs_root={root}"]
+    train(compose(base + ["run_name=completed"]))
+    train(
+        compose(base + ["run_name=failed", "train.lr=1e30", "train.max_grad_norm=null", "train.log_every=1"])
+    )
+    train(compose(base + ["run_name=pruned"]), on_eval=lambda step, metrics: True)
+    train(compose(base + ["run_name=interrupted", "train.stop_after_step=5"]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-c", "from budget.cli import main; main()", "train", *base, "run_name=killed",
+           "train.max_steps=5000", "train.log_every=1", "train.eval_every=0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((root / "killed").rglob("metrics.jsonl")):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return root
+
+
+def test_status_filter_and_every_row_knows_its_folder(zoo):
+    assert set(load([zoo]).runs["status"]) == {"completed"}
+    everything = load([zoo], status=None).runs
+    assert sorted(everything["status"]) == ["completed", "failed", "interrupted", "pruned", "running"]
+    for _, row in everything.iterrows():
+        assert (Path(row["run_dir"]) / "result.json").exists()
+    killed = everything[everything["status"] == "running"].iloc[0]
+    assert not killed["alive"]  # its pid is gone
+    assert set(load([zoo], status=["failed", "pruned"]).runs["status"]) == {"failed", "pruned"}
+    with pytest.raises(RecordError, match="status"):
+        load([zoo], status="bogus")
+
+
+def test_tables_of_a_completed_run(zoo):
+    rec = load([zoo / "completed"])
+    run = rec.runs.iloc[0]
+    assert run["method"] == "adalora" and run["dev.accuracy"] > 0 and run["cfg.train.seed"] == 42
+    assert run["record_version"] == 2 and run["primary_metric"] == "accuracy"
+    ranks = rec.ranks
+    assert set(ranks["role"]) == {"q", "k", "v", "o", "ffn_in", "ffn_out"} and set(ranks["layer"]) == {0, 1}
+    final = ranks[ranks["final"]]
+    assert final["rank"].sum() == 24  # b(T)
+    assert ranks[ranks["step"] == 0]["rank"].sum() == 48  # b(0), the step-0 row
+    scores = rec.scores
+    assert len(scores) and scores.groupby("step")["kept"].sum().max() <= 48
+    assert {"train", "dev", "test"} <= set(rec.metrics["split"])
+    result = json.loads(next((zoo / "completed").glob("*/result.json")).read_text())
+    assert run["final_params"] == result["adapter_params_final"]  # AdaLoRA's kept triplets, no head
+
+
+def test_versions(tmp_path, zoo):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "result.json").write_text(json.dumps({  # what Engine 0.1 wrote: no record_version, no modules
+        "status": "completed", "method": "adalora", "task": "mr", "final": {"dev": {"accuracy": 0.7}},
+        "ranks": {"bert.encoder.layer.3.attention.self.query": 5}}))  # fmt: skip
+    (old / "ranks.jsonl").write_text(json.dumps({"step": 10, "budget": 5, "kept": 5, "final": True,
+                                                 "ranks": {"bert.encoder.layer.3.attention.self.query": 5}}) + "\n")  # fmt: skip
+    rec = load([old])
+    assert rec.runs.iloc[0]["record_version"] == 1
+    assert rec.ranks.iloc[0][["layer", "role"]].tolist() == [3, "q"]
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "result.json").write_text(json.dumps({"record_version": 99, "status": "completed"}))
+    with pytest.raises(RecordError, match="record_version 99"):
+        read_result(new)
+    with pytest.raises(RecordError, match="no such"):
+        run_dirs([tmp_path / "nowhere"])
+
+
+def test_a_study_reads_the_same_from_its_folder_and_its_storage(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-c", "from budget.cli import main; main()", "search", "model=tiny-bert", "debug=fast",
+           "train.max_steps=6", "train.num_threads=1", "search.space=s4", "search.n_trials=3",
+           "search.budget=3000", f"runs_root={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = tmp_path / "search" / "s4-mr"
+    table = trials(study)
+    trained = table[table["state"] == "complete"]
+    assert len(trained) >= 3 and trained["run_dir"].notna().all()
+    assert "dev.accuracy" in table and table["trainable_params"].notna().any()
+    from_study = load([study]).runs.set_index("run_dir")
+    from_runs = load(list(trained["run_dir"])).runs.set_index("run_dir")
+    assert set(from_runs.index) <= set(from_study.index)
+    cols = ["dev.accuracy", "final_params", "meta.trial"]
+    assert from_study.loc[from_runs.index, cols].equals(from_runs[cols])
+    same = trials(study / "journal.log", "s4-mr")
+    assert same["number"].tolist() == table["number"].tolist()
