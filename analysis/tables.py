@@ -87,7 +87,9 @@ def build(runs: pd.DataFrame, layout: Layout | None = None, rows: str = "label")
         primary = {t: runs.loc[runs["task"] == t, "primary_metric"].iloc[0] for t in tasks}
         layout = Layout([Column(t, t, [primary[t]]) for t in tasks])
     runs["_row"] = _row_labels(runs) if rows == "label" else runs[rows].astype(str)
-    order = list(dict.fromkeys(runs.sort_values("_order")["_row"] if "_order" in runs else runs["_row"]))
+    # rows in a protocol's order (meta.row, written by adabudget reproduce), else as found
+    ordered = runs.sort_values("meta.row", kind="stable") if "meta.row" in runs else runs
+    order = list(dict.fromkeys(ordered["_row"]))
     out = {}
     for label in order:
         mine = runs[runs["_row"] == label]

@@ -30,6 +30,7 @@ commands:
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
   search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
   table PATH... [options] a paper table (mean ± std over seeds) from run records, Markdown or LaTeX
+  reproduce PROTOCOL      run the missing cells of a paper table (configs/reproduce/), then write it
 
 examples:
   adabudget train                                  # AdaLoRA on packaged MiniLM + movie reviews
@@ -40,7 +41,7 @@ examples:
   torchrun --nproc_per_node 2 $(command -v adabudget) train train.device=cuda
   eval "$(adabudget train -sc install=bash)"       # shell completion of overrides
 """
-COMMANDS = ("train", "search", "table", "bench", "data")
+COMMANDS = ("train", "search", "table", "reproduce", "bench", "data")
 REFUSED: dict[int, str] = {}  # multirun job number -> why its config was refused (this process's jobs)
 
 
@@ -255,6 +256,29 @@ def _table(args: list[str]) -> None:
         print(text, end="")
 
 
+def _reproduce(args: list[str]) -> None:
+    """``adabudget reproduce PROTOCOL``: the missing cells of a paper table, then the table."""
+    import argparse
+
+    from budget.config import ConfigError
+    from search.reproduce import reproduce
+
+    p = argparse.ArgumentParser(prog="adabudget reproduce", description="Run the missing cells of a "
+                                "protocol (configs/reproduce/<name>.yaml), then write its table.")  # fmt: skip
+    p.add_argument("protocol", help="minilm-budget, adalora-glue, or a path to a protocol .yaml")
+    p.add_argument("--variant", help="a named variant of the protocol (e.g. cpu: a reduced schedule)")
+    p.add_argument("--workers", type=int, default=1, help="processes taking cells in turn")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--runs-root", default="runs")
+    p.add_argument("--out", help="also write the Markdown table here")
+    a = p.parse_args(args)
+    try:
+        print(reproduce(a.protocol, a.variant, a.workers, a.runs_root, a.threads, a.out), end="")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _data(args: list[str]) -> None:
     from budget.compose import compose, resolve
     from budget.config import ConfigError
@@ -281,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         _search_app(rest)
     elif command == "table":
         _table(rest)
+    elif command == "reproduce":
+        _reproduce(rest)
     elif command == "bench":
         from budget.bench import main as bench_main
 

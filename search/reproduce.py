@@ -1,0 +1,255 @@
+"""``adabudget reproduce PROTOCOL``: run the missing cells of a paper table, then write the table.
+
+A protocol is ``configs/reproduce/<name>.yaml``: rows (a label and the overrides of a method at
+a budget) x tasks (the overrides that select a task and its schedule) x seeds, the overrides of
+every cell (``base``), the table layout, and named variants (a reduced schedule for a CPU, say)::
+
+    adabudget reproduce minilm-budget                  # 12 rows x 4 tasks x 3 seeds, then the table
+    adabudget reproduce minilm-budget --variant cpu --workers 2
+
+Each cell is an ordinary run in ``<runs_root>/reproduce/<protocol>[-<variant>]/<row>/<task>/s<seed>/
+<timestamp>/`` with ``meta.label`` (the table's row) and ``meta.protocol`` in its record. A cell
+that holds a completed run is skipped, one with a checkpoint is resumed, so the command resumes
+after any stop. ``--workers N`` processes take cells in turn: a cell is claimed with an exclusive
+file beside its runs, and the claim of a worker that died (its pid gone from this host) is taken
+over. When every cell is done the table is printed and written (Markdown and LaTeX) from the
+records with ``analysis.tables``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from budget.config import ConfigError
+
+CLAIM = ".claim"
+
+
+@dataclass
+class Protocol:
+    name: str
+    rows: list[dict]  # {label, overrides}
+    tasks: dict[str, list[str]]  # task name -> overrides
+    seeds: list[int]
+    base: list[str] = field(default_factory=list)
+    layout: str | None = None
+    description: str = ""
+    variant: str | None = None
+
+
+def protocol_dir() -> Path:
+    from budget.compose import config_dir
+
+    return Path(config_dir()) / "reproduce"
+
+
+def load_protocol(name: str, variant: str | None = None) -> Protocol:
+    """Read ``configs/reproduce/<name>.yaml`` (or a path); a variant overrides seeds, tasks, rows
+    or adds overrides to every cell."""
+    import yaml
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else protocol_dir() / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in protocol_dir().glob("*.yaml"))
+        raise ConfigError(f"reproduce {name}: no protocol {path}; known protocols: {known}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    variants = spec.pop("variants", {}) or {}
+    if variant is not None:
+        if variant not in variants:
+            raise ConfigError(f"--variant {variant}: protocol {path.stem} has variants {sorted(variants)}")
+        chosen = variants[variant]
+        spec["base"] = list(spec.get("base", [])) + list(chosen.get("overrides", []))
+        for key in ("seeds", "tasks", "rows"):
+            if key in chosen:
+                spec[key] = (
+                    chosen[key]
+                    if key != "rows"
+                    else [r for r in spec["rows"] if r["label"] in chosen["rows"]]
+                )
+    unknown = sorted(set(spec) - {"name", "description", "base", "rows", "tasks", "seeds", "table"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; a protocol has name, description, base, rows, "
+                          "tasks, seeds, table, variants")  # fmt: skip
+    rows = spec.get("rows") or []
+    if not rows or not all(isinstance(r, dict) and "label" in r for r in rows):
+        raise ConfigError(f"{path}: rows must be a list of {{label, overrides}}")
+    return Protocol(
+        name=spec.get("name", path.stem), rows=rows, tasks=dict(spec.get("tasks") or {}),
+        seeds=[int(s) for s in spec.get("seeds") or [42]], base=list(spec.get("base") or []),
+        layout=(spec.get("table") or {}).get("layout"), description=spec.get("description", ""), variant=variant,
+    )  # fmt: skip
+
+
+@dataclass
+class Cell:
+    label: str
+    task: str
+    seed: int
+    overrides: list[str]
+    folder: str  # <root>/<row>/<task>/s<seed>: the cell's runs (timestamped) and its claim
+    row: int = 0  # the row's place in the protocol (the table keeps that order)
+
+
+def cells(protocol: Protocol, root: Path) -> list[Cell]:
+    out = []
+    for index, row in enumerate(protocol.rows):
+        for task, task_overrides in protocol.tasks.items():
+            for seed in protocol.seeds:
+                folder = root / _slug(row["label"]) / task / f"s{seed}"
+                overrides = [*protocol.base, *task_overrides, *row.get("overrides", []), f"train.seed={seed}"]
+                out.append(Cell(row["label"], task, seed, overrides, str(folder), index))
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")
+
+
+def cell_state(cell: Cell) -> tuple[str, Path | None]:
+    """``done`` (a completed run), ``resume`` (a checkpointed one) or ``new``."""
+    for result in sorted(Path(cell.folder).glob("*/result.json"), reverse=True):
+        status = json.loads(result.read_text()).get("status")
+        if status == "completed":
+            return "done", result.parent
+        if status != "completed" and (result.parent / "checkpoints" / "last.pt").exists():
+            return "resume", result.parent
+    return "new", None
+
+
+def compose_cell(cell: Cell, protocol: Protocol, runs_root: str):
+    from omegaconf import OmegaConf, open_dict
+
+    from budget.compose import compose
+
+    cfg = compose(cell.overrides)
+    with open_dict(cfg):
+        cfg.runs_root = str(Path(cell.folder).parent)
+        cfg.run_name = Path(cell.folder).name
+        cfg.train.progress = False
+        cfg.meta = OmegaConf.create({"label": cell.label, "row": cell.row, "protocol": protocol.name,
+                                     "variant": protocol.variant, "task": cell.task, "seed": cell.seed})  # fmt: skip
+    return cfg
+
+
+def check(protocol: Protocol, runs_root: str) -> None:
+    """Compose and validate every distinct configuration before any cell runs."""
+    from budget.compose import resolve
+    from budget.config import validate
+
+    seen = set()
+    for cell in cells(protocol, Path(runs_root)):
+        key = (cell.label, cell.task)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            validate(resolve(compose_cell(cell, protocol, runs_root)))
+        except Exception as err:  # Hydra's composition errors too: name the cell
+            raise ConfigError(f"reproduce {protocol.name}: row '{cell.label}' on {cell.task}: {err}") from err
+
+
+def _claim(cell: Cell) -> bool:
+    """Take the cell for this process (an exclusive file), or take over a dead worker's claim."""
+    path = Path(cell.folder) / CLAIM
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, me.encode())
+        os.close(fd)
+        return True
+    except FileExistsError:
+        pass
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner["pid"]), 0)
+            return False
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)  # its worker died: take it over
+            return _claim(cell)
+    return False
+
+
+def run_cells(protocol: Protocol, runs_root: str, threads: int | None = None, log=print) -> int:
+    """Run every cell that is not done (this process's share of them); returns how many ran."""
+    import torch
+
+    from budget.compose import resume_config
+    from budget.train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    ran = 0
+    for cell in cells(protocol, Path(runs_root)):
+        state, run_dir = cell_state(cell)
+        if state == "done" or not _claim(cell):
+            continue
+        try:
+            state, run_dir = cell_state(cell)  # another worker may have finished it meanwhile
+            if state == "done":
+                continue
+            if state == "resume":
+                result = train(resume_config(run_dir, [f"train.num_threads={threads}"] if threads else []))
+            else:
+                cfg = compose_cell(cell, protocol, runs_root)
+                if threads:
+                    cfg.train.num_threads = threads
+                result = train(cfg)
+            ran += 1
+            metric = result.get("primary_metric", "accuracy")
+            dev = (result.get("final") or {}).get("dev", {}).get(metric)
+            log(f"{cell.label} | {cell.task} | seed {cell.seed}: {result['status']}"
+                + (f" dev {metric}={dev:.4f}" if dev is not None else "") + f" ({result['wall_time_s']:.0f} s)")  # fmt: skip
+        finally:
+            (Path(cell.folder) / CLAIM).unlink(missing_ok=True)
+    return ran
+
+
+def _worker(protocol: Protocol, runs_root: str, threads: int) -> None:
+    run_cells(protocol, runs_root, threads)
+
+
+def reproduce(name: str, variant: str | None = None, workers: int = 1, runs_root: str = "runs",
+              threads: int | None = None, out: str | None = None) -> str:  # fmt: skip
+    """Run the missing cells with ``workers`` processes, then return the table (also written)."""
+    from analysis.tables import table
+
+    protocol = load_protocol(name, variant)
+    root = Path(runs_root) / "reproduce" / (protocol.name + (f"-{variant}" if variant else ""))
+    check(protocol, str(root))
+    todo = [c for c in cells(protocol, root) if cell_state(c)[0] != "done"]
+    total = len(cells(protocol, root))
+    print(f"reproduce {protocol.name}{f' ({variant})' if variant else ''}: {total} cells, {total - len(todo)} done, "
+          f"{len(todo)} to run, {workers} worker(s)")  # fmt: skip
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    if todo and workers == 1:
+        run_cells(protocol, str(root), threads)
+    elif todo:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(protocol, str(root), threads)) for _ in range(workers)]
+        for p in procs:
+            p.start()
+            time.sleep(0.2)  # stagger the first claims
+        for p in procs:
+            p.join()
+    missing = [c for c in cells(protocol, root) if cell_state(c)[0] != "done"]
+    if missing:
+        print(f"{len(missing)} cell(s) did not complete (e.g. {missing[0].label} | {missing[0].task} | seed "
+              f"{missing[0].seed}); run the command again to retry them")  # fmt: skip
+    text = table([root], layout=protocol.layout)
+    (root / "table.md").write_text(text)
+    (root / "table.tex").write_text(table([root], layout=protocol.layout, fmt="latex"))
+    if out:
+        Path(out).write_text(text)
+    return text
