@@ -299,6 +299,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     import socket
 
     from budget.train import train
+    from search.wandb import trial_summary
 
     scfg = setup.scfg
     names = scfg.objective_names(setup.primary)
@@ -321,6 +322,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
         run_dir = str(Path(setup.root) / "trials" / str(trial.number))
         trial.set_user_attr("run_dir", run_dir)
         meta = {"study": setup.study, "trial": trial.number, "params": trial.params, "storage": setup.storage}
+        meta.update(trial_summary(setup, trial.number, trial.params, drawn.budget_params))  # W&B summary
         cfg = trial_config(setup, drawn.overrides, run_dir, meta)
         on_eval = None
         if scfg.pruner != "none":
