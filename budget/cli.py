@@ -19,7 +19,13 @@ import signal
 import sys
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
+if __name__ == "__main__" and not __package__:
+    # `python budget/cli.py train ...` (a W&B sweep's ${program}): Python put budget/ itself first
+    # on sys.path, where its config.py, data/ and metrics.py would shadow top-level modules of
+    # that name; import from the folder that holds the package instead.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from hydra.experimental.callback import Callback  # noqa: E402
 
 USAGE = """usage: adabudget <command> [args]
 
@@ -29,6 +35,8 @@ commands:
   bench lr [options]      the learning-rate grid of AdaLoRA variants, peft's AdaLoRA and LoRA
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
   search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
+  search export-wandb-sweep [key=value ...] [--out FILE]
+                          the search as a W&B sweep YAML (declarative spaces, one objective)
 
 examples:
   adabudget train                                  # AdaLoRA on packaged MiniLM + movie reviews
@@ -247,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
         _shell_completion(argv)
     elif command == "train":
         _train_app(rest)
+    elif command == "search" and rest[:1] == ["export-wandb-sweep"]:
+        from search.wandb import export_main
+
+        export_main(rest[1:])
     elif command == "search":
         _search_app(rest)
     elif command == "bench":
