@@ -33,6 +33,7 @@ commands:
   train [key=value ...]   train one configuration (Hydra overrides; -m sweeps)
   bench step [options]    per-step time/memory of LoRA vs AdaLoRA (ours and peft's)
   bench lr [options]      the learning-rate grid of AdaLoRA variants, peft's AdaLoRA and LoRA
+  bench search [options]  search overhead per trial outside train(), 1 and 2 workers side by side
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
   search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
   search export-wandb-sweep [key=value ...] [--out FILE]
@@ -261,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         export_main(rest[1:])
     elif command == "search":
         _search_app(rest)
+    elif command == "bench" and rest[:1] == ["search"]:  # budget.bench imports no search: route it here
+        from search.bench import main as search_bench_main
+
+        search_bench_main(rest[1:])
     elif command == "bench":
         from budget.bench import main as bench_main
 
