@@ -19,7 +19,13 @@ import signal
 import sys
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
+if __name__ == "__main__" and not __package__:
+    # `python budget/cli.py train ...` (a W&B sweep's ${program}): Python put budget/ itself first
+    # on sys.path, where its config.py, data/ and metrics.py would shadow top-level modules of
+    # that name; import from the folder that holds the package instead.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from hydra.experimental.callback import Callback  # noqa: E402
 
 USAGE = """usage: adabudget <command> [args]
 
@@ -27,10 +33,13 @@ commands:
   train [key=value ...]   train one configuration (Hydra overrides; -m sweeps)
   bench step [options]    per-step time/memory of LoRA vs AdaLoRA (ours and peft's)
   bench lr [options]      the learning-rate grid of AdaLoRA variants, peft's AdaLoRA and LoRA
+  bench search [options]  search overhead per trial outside train(), 1 and 2 workers side by side
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
   search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
   table PATH... [options] a paper table (mean ± std over seeds) from run records, Markdown or LaTeX
   reproduce PROTOCOL      run the missing cells of a paper table (configs/reproduce/), then write it
+  search export-wandb-sweep [key=value ...] [--out FILE]
+                          the search as a W&B sweep YAML (declarative spaces, one objective)
 
 examples:
   adabudget train                                  # AdaLoRA on packaged MiniLM + movie reviews
@@ -301,12 +310,20 @@ def main(argv: list[str] | None = None) -> None:
         _shell_completion(argv)
     elif command == "train":
         _train_app(rest)
+    elif command == "search" and rest[:1] == ["export-wandb-sweep"]:
+        from search.wandb import export_main
+
+        export_main(rest[1:])
     elif command == "search":
         _search_app(rest)
     elif command == "table":
         _table(rest)
     elif command == "reproduce":
         _reproduce(rest)
+    elif command == "bench" and rest[:1] == ["search"]:  # budget.bench imports no search: route it here
+        from search.bench import main as search_bench_main
+
+        search_bench_main(rest[1:])
     elif command == "bench":
         from budget.bench import main as bench_main
 

@@ -180,6 +180,17 @@ class RunRecord:
         for split, metrics in (result.get("final") or {}).items():
             for k, v in metrics.items():
                 self.wandb.summary[f"final/{split}/{k}"] = v
+        # What the caller labels the run with (RunConfig.meta; a search trial: its number,
+        # parameters and objectives, see search/wandb.py): ``summary`` entries as given, and
+        # ``summary_from_result`` entries read from this result by their dotted path, for values
+        # known only now ({"objective/dev.accuracy": "final.dev.accuracy"}).
+        meta = result.get("meta") or {}
+        for key, value in (meta.get("summary") or {}).items():
+            self.wandb.summary[key] = value
+        for key, path in (meta.get("summary_from_result") or {}).items():
+            value = _lookup(result, path)
+            if value is not None:
+                self.wandb.summary[key] = value
         path = self.dir / "ranks.jsonl"
         if path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -205,9 +216,37 @@ class RunRecord:
             self.wandb = None
 
 
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """The config as W&B sees it: one entry per dotted key (``method.r``, ``train.lr``), the names
+    Hydra overrides and W&B sweep parameters use, so a run started by a sweep agent (which sets
+    ``method.r`` itself) and any other run agree. Lists stay values; ``meta``'s W&B summary
+    entries stay out (they are in the summary)."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if name in ("meta.summary", "meta.summary_from_result"):
+            continue
+        if isinstance(value, dict) and value:
+            out.update(flat_config(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _lookup(data: dict, path: str):
+    """``data["final"]["dev"]["accuracy"]`` for ``final.dev.accuracy``; None where a key is missing."""
+    for key in path.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
 def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume: bool):
-    # Offline unless the user chose otherwise (config or their environment).
-    mode = logger_cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+    # Offline unless the user chose otherwise (config or their environment). A run started by a
+    # W&B sweep agent (WANDB_SWEEP_ID) reports to its sweep: offline, the sweep would never see it.
+    agent = "online" if os.environ.get("WANDB_SWEEP_ID") else None
+    mode = logger_cfg.mode or os.environ.get("WANDB_MODE") or agent or "offline"
     try:
         import wandb
 
@@ -217,7 +256,7 @@ def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume: bool):
             project=logger_cfg.project,
             entity=logger_cfg.entity,
             dir=str(run_dir),
-            config=config,
+            config=flat_config(config),
             mode=mode,
             tags=list(logger_cfg.tags) or None,
             group=logger_cfg.group,

@@ -170,14 +170,26 @@ def make_sampler(setup: Setup):
         return optuna.samplers.GPSampler(seed=scfg.seed)
     if scfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=scfg.seed)
-    space = get_space(scfg.space_names())
-    grid = getattr(space, "grid", None)
-    if grid is None:
-        raise ConfigError(
-            "search.sampler=grid: needs a declarative space (configs/search/space/*.yaml) of choice(...) and "
-            "range(...) only; use tpe or random for code spaces"
-        )
-    return optuna.samplers.GridSampler(grid, seed=scfg.seed)
+    return optuna.samplers.GridSampler(grid_of(get_space(scfg.space_names())), seed=scfg.seed)
+
+
+def grid_of(space) -> dict:
+    """The values of every parameter of a declarative space, for Optuna's GridSampler."""
+    dists = getattr(space, "distributions", None)
+    why = "needs a declarative space (configs/search/space/*.yaml)"
+    grid = {}
+    for name, d in (dists or {}).items():
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            grid[name] = list(d.choices)
+        elif isinstance(d, optuna.distributions.IntDistribution) and not d.log:
+            grid[name] = list(range(d.low, d.high + 1, d.step))
+        else:
+            why = f"cannot enumerate {name} ({type(d).__name__}: an interval)"
+            dists = None
+            break
+    if not dists:
+        raise ConfigError(f"search.sampler=grid: {why}; use choice(...) and range(...) only, or search.sampler=tpe")
+    return grid
 
 
 def make_pruner(setup: Setup):
@@ -299,6 +311,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     import socket
 
     from budget.train import train
+    from search.wandb import trial_summary
 
     scfg = setup.scfg
     names = scfg.objective_names(setup.primary)
@@ -325,6 +338,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
         run_dir = str(Path(setup.root) / "trials" / str(trial.number))
         trial.set_user_attr("run_dir", run_dir)
         meta = {"study": setup.study, "trial": trial.number, "params": trial.params, "storage": setup.storage}
+        meta.update(trial_summary(setup, trial.number, trial.params, drawn.budget_params))  # W&B summary
         cfg = trial_config(setup, drawn.overrides, run_dir, meta)
         on_eval = None
         if scfg.pruner != "none":

@@ -482,3 +482,13 @@ def test_merge_overrides_replaces_a_named_method_and_merges_the_rest():
         "train": {"lr": 5e-4, "epochs": 2},
     }
     assert merge_overrides(base, {"method": {"init_r": 6}})["method"] == {"name": "adalora", "init_r": 6}
+
+
+def test_grid_needs_an_enumerable_declarative_space():
+    from search.study import grid_of
+
+    assert grid_of(get_space("lora_grid")) == {"method.r": [2, 4, 8, 16], "train.lr": [2e-4, 5e-4, 1e-3]}
+    with pytest.raises(ConfigError, match="cannot enumerate train.lr"):
+        grid_of(get_space("lora_rank_lr"))
+    with pytest.raises(ConfigError, match="declarative space"):
+        grid_of(get_space("s4"))
