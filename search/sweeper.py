@@ -26,11 +26,14 @@ Design, and where it departs from that plugin (its ``_impl.py`` in facebookresea
   a new trial is asked as soon as a job ends, so a slow trial never holds the others back and
   a pruner sees the finished trials. Each job is a forked process that runs Hydra's own
   ``hydra.core.utils.run_job`` (the job's config, ``HydraConfig``, ``env_set`` and callbacks,
-  as the basic launcher does it, in the job's process as with any out-of-process launcher).
-  Forking keeps the sweep's imports (a tiny job starts in well under a second) and needs no
-  pickling of the task function; it is why ``hydra/launcher`` is not used (a warning says so).
-  Each job gets ``cores / n_jobs`` torch threads unless ``train.num_threads`` says otherwise.
-  A job folder is ``<sweep dir>/<trial number>``.
+  as the basic launcher does it, in the job's process as with any out-of-process launcher;
+  the multirun summary reads each job's overrides from its run folder). Forking needs no
+  pickling of the task function and keeps the sweep's imports: the engine and transformers'
+  lazy modules are imported once before the first job (``_preload``), so a tiny job starts in
+  about a second instead of ten. That is why ``hydra/launcher`` is not used (a warning says
+  so). Each job gets ``cores / n_jobs`` torch threads unless ``train.num_threads`` says
+  otherwise. A job's folder is ``<sweep dir>/<trial number>``, the sweep folder as resolved in
+  the sweep's process (its name holds a timestamp and a pid).
 - **The job sees its trial.** In the job's process ``budget.cli.TRIAL_HOOK`` is set to a
   ``TrialHook``: ``budget.cli.run_job`` adds its ``meta`` (study, trial number, params, storage)
   to the run record and passes its ``on_eval`` to ``train``, which reports each dev evaluation
@@ -375,7 +378,10 @@ class TrialHook:
 
 
 def _detach_from_sweep(parent: int) -> None:
-    """Our own process group (the sweep forwards Ctrl-C once), and SIGTERM if the sweep dies."""
+    """Our own process group (the sweep forwards Ctrl-C once), SIGTERM if the sweep dies, and
+    Python's own signal handlers, not the sweep's (``train`` installs its own while it runs)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.setpgid(0, 0)
     if sys.platform.startswith("linux"):
         try:
@@ -407,41 +413,27 @@ class SweeperImpl:
             if not cond:
                 raise ConfigError(f"hydra.sweeper.{name}: {msg}")
 
-        check(int(n_trials) >= 1, "n_trials", f"must be >= 1, got {n_trials}")
-        check(int(n_jobs) >= 1, "n_jobs", f"must be >= 1, got {n_jobs}")
-        check(
-            0.0 <= float(max_failure_rate) <= 1.0,
-            "max_failure_rate",
-            f"must be in [0, 1], got {max_failure_rate}",
-        )
+        self.n_trials, self.n_jobs, rate = int(n_trials), int(n_jobs), float(max_failure_rate)
+        check(self.n_trials >= 1, "n_trials", f"must be >= 1, got {n_trials}")
+        check(self.n_jobs >= 1, "n_jobs", f"must be >= 1, got {n_jobs}")
+        check(0 <= rate <= 1, "max_failure_rate", f"must be in [0, 1], got {max_failure_rate}")
+        self.max_failure_rate = rate
         self.sampler_spec, self.pruner_spec = sampler, pruner
         self.params = OmegaConf.to_container(params, resolve=False) if OmegaConf.is_config(params) else params
         self.objectives = list(objectives) if objectives is not None else None
         check_objectives(self.objectives)
-        self.directions = directions_of(
-            OmegaConf.to_container(direction) if OmegaConf.is_config(direction) else direction,
-            self.objectives,
-        )
+        if OmegaConf.is_config(direction):
+            direction = OmegaConf.to_container(direction)
+        self.directions = directions_of(direction, self.objectives)
         self.storage, self.study_name = storage, study_name
-        self.n_trials, self.n_jobs, self.max_failure_rate = (
-            int(n_trials),
-            int(n_jobs),
-            float(max_failure_rate),
-        )
         self.custom_search_space = custom_search_space
         # the job reports its dev evaluations to a single-objective trial (the pruners' input)
-        self.report = len(self.directions) == 1 and (
-            not self.objectives or self.objectives[0].startswith("dev.")
-        )
+        single = len(self.directions) == 1
+        self.report = single and (not self.objectives or self.objectives[0].startswith("dev."))
         self.metric = self.objectives[0][4:] if self.objectives and self.report else None
         pruning = str(pruner).lower() not in ("none", "null")
-        check(not pruning or len(self.directions) == 1, "pruner",
-              "Optuna prunes single-objective studies only; set pruner=none")  # fmt: skip
-        check(
-            not pruning or self.report,
-            "pruner",
-            f"the pruner hears dev evaluations; {self.objectives} is not one",
-        )
+        check(not pruning or single, "pruner", "Optuna prunes single-objective studies only; set pruner=none")
+        check(not pruning or self.report, "pruner", f"it hears dev evaluations; {self.objectives} is not one")
         self.pool: dict[int, _Job] = {}
         self.signals = 0
 
@@ -496,17 +488,15 @@ class SweeperImpl:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(study_name=name, storage=make_storage(setup), sampler=sampler,
                                     pruner=self.pruner, directions=self.directions, load_if_exists=True)  # fmt: skip
-        saved = study.user_attrs.get("adabudget_sweeper")
-        if [d.name.lower() for d in study.directions] != self.directions:
-            saved = {**(saved or {}), "directions": [d.name.lower() for d in study.directions]}
-        if saved is None:
-            study.set_user_attr("adabudget_sweeper", settings)
-        else:
-            differ = [k for k in settings if saved.get(k) != settings[k]]
-            if differ:
-                what = "; ".join(f"{k}: {saved.get(k)} -> {settings[k]}" for k in differ)
-                raise ConfigError(f"hydra.sweeper.study_name={name}: this study in {url} was made with other "
-                                  f"settings ({what}); resume it with its own, or name a new study")  # fmt: skip
+        # a new study, or one made by hand (known configurations enqueued first): adopted as it is
+        made = [d.name.lower() for d in study.directions]
+        saved = study.user_attrs.get("adabudget_sweeper") or {**settings, "directions": made}
+        differ = [k for k in settings if saved.get(k) != settings[k]]
+        if differ:
+            what = "; ".join(f"{k}: {saved.get(k)} -> {settings[k]}" for k in differ)
+            raise ConfigError(f"hydra.sweeper.study_name={name}: this study in {url} was made with other "
+                              f"settings ({what}); resume it with its own, or name a new study")  # fmt: skip
+        study.set_user_attr("adabudget_sweeper", settings)
         return study, setup, grid
 
     # ------------------------------------------------------------ the sweep

@@ -226,8 +226,11 @@ from search.sweeper import current_trial
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def sphere(cfg) -> float:
     trial = current_trial()  # any task function can reach its trial
-    trial.set_user_attr("job_saw", {"number": trial.number, "x": cfg.x})
+    trial.set_user_attr("job_saw", {"number": trial.number, "x": cfg.x, "z": cfg.z})
     return float(cfg.x) ** 2 + float(cfg.y) ** 2
+
+def extend(cfg, trial):  # hydra-optuna-sweeper's custom_search_space: fn(cfg, trial)
+    trial.suggest_int("z", 2, 4)
 
 if __name__ == "__main__":
     sphere()
@@ -272,15 +275,19 @@ def test_a_hydra_optuna_sweeper_config_runs_by_renaming_the_sweeper(tmp_path):
     best = min(study.trials, key=lambda t: t.value)
     assert results["best_value"] == best.value == best.params["x"] ** 2 + best.params["y"] ** 2
     assert study.trials[0].distributions["x"] == FloatDistribution(-5.5, 5.5, step=0.5)
-    assert all(t.user_attrs["job_saw"] == {"number": t.number, "x": t.params["x"]} for t in study.trials)
+    assert all(
+        t.user_attrs["job_saw"] == {"number": t.number, "x": t.params["x"], "z": 1} for t in study.trials
+    )
     # several objectives from a tuple, as their multi-objective example returns
     (tmp_path / "sphere.py").write_text(SPHERE.replace("return float", "return 1.0, float"))
     proc = subprocess.run([*cmd, "hydra.sweeper.direction=[minimize,minimize]", "hydra.sweeper.study_name=two",
-                           "hydra/sweeper/sampler=nsgaii", "hydra.sweeper.n_trials=3"],
+                           "hydra/sweeper/sampler=nsgaii", "hydra.sweeper.n_trials=3",
+                           "hydra.sweeper.custom_search_space=__main__.extend"],
                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = journal_study(tmp_path / "out" / "sweeps" / "two" / "journal.log", "two")
     assert len(two.best_trials) >= 1 and all(len(t.values) == 2 for t in two.trials)
+    assert all(t.user_attrs["job_saw"]["z"] == t.params["z"] for t in two.trials)  # the extended space
 
 
 # ---------------------------------------------------------------- adabudget train sweeps
