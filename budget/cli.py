@@ -52,6 +52,11 @@ examples:
 """
 COMMANDS = ("train", "search", "table", "reproduce", "bench", "data")
 REFUSED: dict[int, str] = {}  # multirun job number -> why its config was refused (this process's jobs)
+# The job's trial, set in the job's process by a sweeper that runs it for one (search/sweeper.py,
+# hydra/sweeper=adabudget): an object with ``meta`` (a dict added to the record's meta: study, trial
+# number, params), ``on_eval(step, metrics) -> bool`` (train's hook: report to the trial; True
+# prunes the run) and ``finished(result)``. budget knows no optuna: this is the whole interface.
+TRIAL_HOOK = None
 
 
 def _exit_code(result: dict) -> int:
@@ -77,7 +82,7 @@ def _save_hydra_record(run_dir: Path, cfg, hydra_cfg) -> None:
 def run_job(cfg, hydra_cfg, multirun: bool) -> float:
     """One ``adabudget train`` job: returns the primary dev metric (NaN when the run did not complete),
     the objective any Hydra sweeper reads. A single run exits with its code instead."""
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     from budget.compose import resume_config
     from budget.config import ConfigError
@@ -85,6 +90,7 @@ def run_job(cfg, hydra_cfg, multirun: bool) -> float:
     from budget.train import train
 
     overrides = list(hydra_cfg.overrides.task)
+    hook = TRIAL_HOOK
     try:
         if cfg.resume is not None:
             cfg = resume_config(cfg.resume, overrides)
@@ -94,7 +100,12 @@ def run_job(cfg, hydra_cfg, multirun: bool) -> float:
         elif not multirun and cfg.run_dir is None and str(hydra_cfg.run.dir) != ".":
             with open_dict(cfg):
                 cfg.run_dir = str(hydra_cfg.run.dir)  # a user's hydra.run.dir=... names the run folder
-        result = train(cfg)
+        if hook is not None and cfg.resume is None:
+            with open_dict(cfg):
+                cfg.meta = {**OmegaConf.to_container(cfg.meta), **hook.meta}
+        result = train(cfg, on_eval=hook.on_eval if hook is not None else None)
+        if hook is not None:
+            hook.finished(result)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         if multirun:
@@ -150,7 +161,8 @@ class MultirunSummary(Callback):
                                        "run_dir": None, "error": why})  # fmt: skip
         rows = [rows[k] for k in sorted(rows, key=lambda k: (len(k), k))]
         for row in rows:
-            row["overrides"] = self.overrides.get(row["job"].split("_")[0], [])
+            job = row["job"].split("_")[0]
+            row["overrides"] = self.overrides.get(job) or _saved_overrides(row["run_dir"])
         (sweep / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
         done = sum(r["status"] == "completed" for r in rows)
         print(f"\nsweep {sweep}: {done} of {len(rows)} job(s) completed")
@@ -158,6 +170,17 @@ class MultirunSummary(Callback):
             dev = f"{r['metric']}={r['dev']:.4f}" if r["dev"] is not None else "-"
             print(f"  job {r['job']:>3}  {r['status']:<11} dev {dev:<18} {' '.join(r['overrides'])}")
         print(f"  (runs in {sweep}/<job>, this table in {sweep / 'summary.json'})")
+
+
+def _saved_overrides(run_dir: str | None) -> list[str]:
+    """A job's overrides from its run folder (``.hydra/overrides.yaml``), for jobs that ran in
+    another process (the adabudget sweeper's pool, other launchers)."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml" if run_dir else None
+    if path is None or not path.exists():
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
 
 
 def _train_app(args: list[str]) -> None:
@@ -168,6 +191,10 @@ def _train_app(args: list[str]) -> None:
     from budget.compose import config_dir, register_configs
 
     register_configs()
+    if "hydra/sweeper=adabudget" in args and not _sweeper_installed():
+        print("hydra/sweeper=adabudget: the sweeper plugin is not installed here; run `pip install -e .` "
+              "again (pyproject.toml maps hydra_plugins from search/plugins/)", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     # Hydra reads sys.argv; its shell-completion script registers argv[0]'s name: `adabudget`
     sys.argv = ["adabudget", *_experiment_files(args)]
 
@@ -177,6 +204,16 @@ def _train_app(args: list[str]) -> None:
         return run_job(cfg, hydra_cfg, hydra_cfg.mode == RunMode.MULTIRUN)
 
     app()
+
+
+def _sweeper_installed() -> bool:
+    """Whether Hydra can find the adabudget sweeper (an editable install made before it existed cannot)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("hydra_plugins.adabudget_sweeper") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _search_app(args: list[str]) -> None:
