@@ -319,10 +319,24 @@ def _reproduce(args: list[str]) -> None:
     p.add_argument("--out", help="also write the Markdown table here")
     a = p.parse_args(args)
     try:
-        print(reproduce(a.protocol, a.variant, a.workers, a.runs_root, a.threads, a.out), end="")
+        root, protocol, missing = reproduce(a.protocol, a.variant, a.workers, a.runs_root, a.threads)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    from analysis.tables import table
+
+    try:
+        text = table([root], layout=protocol.layout)
+    except ValueError as err:  # no completed cell yet
+        print(f"no table yet: {err}", file=sys.stderr)
+        sys.exit(1)
+    (root / "table.md").write_text(text)
+    (root / "table.tex").write_text(table([root], layout=protocol.layout, fmt="latex"))
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text, end="")
+    if missing:
+        sys.exit(1)
 
 
 def _data(args: list[str]) -> None:

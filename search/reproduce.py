@@ -12,8 +12,9 @@ Each cell is an ordinary run in ``<runs_root>/reproduce/<protocol>[-<variant>]/<
 that holds a completed run is skipped, one with a checkpoint is resumed, so the command resumes
 after any stop. ``--workers N`` processes take cells in turn: a cell is claimed with an exclusive
 file beside its runs, and the claim of a worker that died (its pid gone from this host) is taken
-over. When every cell is done the table is printed and written (Markdown and LaTeX) from the
-records with ``analysis.tables``.
+over. Then the command (``budget/cli.py``, the one place that names search and analysis) prints
+the table and writes ``table.md`` and ``table.tex`` beside the cells, built from the records by
+``analysis.tables``.
 """
 
 from __future__ import annotations
@@ -221,10 +222,9 @@ def _worker(protocol: Protocol, runs_root: str, threads: int) -> None:
 
 
 def reproduce(name: str, variant: str | None = None, workers: int = 1, runs_root: str = "runs",
-              threads: int | None = None, out: str | None = None) -> str:  # fmt: skip
-    """Run the missing cells with ``workers`` processes, then return the table (also written)."""
-    from analysis.tables import table
-
+              threads: int | None = None) -> tuple[Path, Protocol, int]:  # fmt: skip
+    """Run the missing cells with ``workers`` processes. Returns the protocol's folder, the protocol
+    and how many cells are still missing (the table is ``analysis.tables``' job)."""
     protocol = load_protocol(name, variant)
     root = Path(runs_root) / "reproduce" / (protocol.name + (f"-{variant}" if variant else ""))
     check(protocol, str(root))
@@ -247,9 +247,4 @@ def reproduce(name: str, variant: str | None = None, workers: int = 1, runs_root
     if missing:
         print(f"{len(missing)} cell(s) did not complete (e.g. {missing[0].label} | {missing[0].task} | seed "
               f"{missing[0].seed}); run the command again to retry them")  # fmt: skip
-    text = table([root], layout=protocol.layout)
-    (root / "table.md").write_text(text)
-    (root / "table.tex").write_text(table([root], layout=protocol.layout, fmt="latex"))
-    if out:
-        Path(out).write_text(text)
-    return text
+    return root, protocol, len(missing)

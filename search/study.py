@@ -188,7 +188,9 @@ def grid_of(space) -> dict:
             dists = None
             break
     if not dists:
-        raise ConfigError(f"search.sampler=grid: {why}; use choice(...) and range(...) only, or search.sampler=tpe")
+        raise ConfigError(
+            f"search.sampler=grid: {why}; use choice(...) and range(...) only, or search.sampler=tpe"
+        )
     return grid
 
 
