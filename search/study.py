@@ -436,9 +436,21 @@ def write_outputs(study: optuna.Study, setup: Setup, retrain: dict | None = None
 
 
 def best_yaml(trial, setup: Setup) -> str:
-    """The trial's configuration as an experiment preset: ``adabudget train experiment=<this file>``."""
+    """The trial's configuration as an experiment preset: ``adabudget train experiment=<this file>``.
+
+    It holds the trial's whole method node and selects that method's preset: merged into the
+    default method (AdaLoRA) a LoRA node fails (``Key 'r' not in 'AdaLoRAConfig'``), and a study
+    whose space sets no method (``method=lora search.space=lr``) would otherwise train AdaLoRA.
+    """
     from omegaconf import OmegaConf
 
+    from budget.compose import config_dir, resolve
+    from budget.config import to_dict
+
+    overrides = copy.deepcopy(trial.user_attrs.get("overrides") or {})
+    method = to_dict(resolve(merge_overrides(setup.base, overrides)))["method"]
+    preset = method["name"] if (Path(config_dir()) / "method" / f"{method['name']}.yaml").exists() else None
+    body = {"defaults": [{"override /method": preset}], **overrides, "method": method}
     values = ", ".join(
         f"{n}={v:.4g}" for n, v in zip(setup.scfg.objective_names(setup.primary), trial.values)
     )
@@ -447,7 +459,7 @@ def best_yaml(trial, setup: Setup) -> str:
         f"{trial.user_attrs.get('trainable_params'):,} trainable adapter parameters.\n"
         f"# Run it: adabudget train experiment={Path(setup.root) / 'best.yaml'}\n"
     )
-    return head + OmegaConf.to_yaml(OmegaConf.create(trial.user_attrs.get("overrides") or {}))
+    return head + OmegaConf.to_yaml(OmegaConf.create(body))
 
 
 # ---------------------------------------------------------------- final evaluation
