@@ -159,17 +159,23 @@ def make_storage(setup: Setup):
     return JournalStorage(JournalFileBackend(url))
 
 
-def make_sampler(setup: Setup):
+def make_sampler(setup: Setup, salt: tuple[int, ...] = ()):
+    """The sampler, seeded with ``search.seed`` mixed with ``salt`` (a worker's index and the study's
+    trial count when it started): with one seed in every process, two workers, or a resumed run,
+    drew the same configurations as each other (TPE's random start-up above all)."""
+    import numpy as np
+
     scfg = setup.scfg
+    seed = int(np.random.SeedSequence([scfg.seed, *salt]).generate_state(1)[0]) if salt else scfg.seed
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if scfg.sampler == "tpe":  # multivariate + group: TPE that understands conditional spaces
-        return optuna.samplers.TPESampler(seed=scfg.seed, multivariate=True, group=True, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
     if scfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=scfg.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if scfg.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=scfg.seed)
+        return optuna.samplers.GPSampler(seed=seed)
     if scfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=scfg.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     space = get_space(scfg.space_names())
     grid = getattr(space, "grid", None)
     if grid is None:
@@ -177,7 +183,7 @@ def make_sampler(setup: Setup):
             "search.sampler=grid: needs a declarative space (configs/search/space/*.yaml) of choice(...) and "
             "range(...) only; use tpe or random for code spaces"
         )
-    return optuna.samplers.GridSampler(grid, seed=scfg.seed)
+    return optuna.samplers.GridSampler(grid, seed=seed)
 
 
 def make_pruner(setup: Setup):

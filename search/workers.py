@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from budget.config import ConfigError
 from search.space import get_space
-from search.study import Setup, finished, make_context, make_objective, open_study
+from search.study import Setup, finished, make_context, make_objective, make_sampler, open_study
 
 HOST = socket.gethostname()
 log = logging.getLogger("adabudget.search")
@@ -145,11 +145,13 @@ def counts(study: optuna.Study) -> tuple[int, int, int]:
     return done, running, infeasible
 
 
-def worker_loop(setup: Setup, after_trial=None) -> int:
-    """Run trials until the study is full; returns how many this worker ran."""
+def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
+    """Run trials until the study is full; returns how many this worker ran. ``index``: this
+    worker's number among the processes started together (its sampler's own random stream)."""
     from search.study import TrialFailed
 
     study = open_study(setup)
+    study.sampler = make_sampler(setup, salt=(index, len(study.get_trials(deepcopy=False))))
     ctx, space = make_context(setup), get_space(setup.scfg.space_names())
     lock = StartLock(setup)
     ran, failures = 0, 0
@@ -184,13 +186,13 @@ def worker_loop(setup: Setup, after_trial=None) -> int:
     return ran
 
 
-def worker_main(setup: Setup) -> None:
+def worker_main(setup: Setup, index: int = 0) -> None:
     """A worker process: quiet, its own thread budget."""
     import torch
 
     torch.set_num_threads(setup.scfg.worker_threads())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    worker_loop(setup)
+    worker_loop(setup, index=index)
 
 
 class Progress:
@@ -275,8 +277,8 @@ def run_workers(setup: Setup) -> None:
         else:
             ctx = multiprocessing.get_context("spawn")
             procs = [
-                ctx.Process(target=worker_main, args=(setup,), daemon=False)
-                for _ in range(setup.scfg.workers)
+                ctx.Process(target=worker_main, args=(setup, index), daemon=False)
+                for index in range(setup.scfg.workers)
             ]
             for p in procs:
                 p.start()
