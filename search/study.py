@@ -90,7 +90,7 @@ def prepare(cfg) -> Setup:
             )
     study = scfg.study or f"{'-'.join(scfg.space_names())}-{Path(str(run.data.task)).name.replace('/', '_')}"
     root = Path(scfg.root or Path(run.runs_root) / "search") / study
-    storage = scfg.storage or str(root / "journal.log")
+    storage = database_url(scfg.storage) if scfg.storage else str(root / "journal.log")
     base = to_dict(run)
     base.update(run_dir=None, resume=None)
     setup = Setup(base, asdict(scfg), study, storage, str(root), task_meta["primary"], task_meta["regression"],
@@ -101,6 +101,18 @@ def prepare(cfg) -> Setup:
     for name in _baseline_names(scfg):
         baseline_overrides(name, ctx)  # unknown names and unusable override dicts fail here
     return setup
+
+
+def database_url(url: str) -> str:
+    """``postgresql://`` names no driver, and SQLAlchemy 2.1 then imports psycopg (3); with only
+    psycopg2 installed (psycopg2-binary, as the docs say) that failed with an ImportError in
+    every process: name psycopg2 then."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
 
 
 def _search_config(values: dict) -> SearchConfig:
