@@ -12,8 +12,8 @@ A worker killed mid-trial (``kill -9``, a lost machine) leaves its trial RUNNING
 database, Optuna's heartbeats fail it after ``search.grace_period`` and re-queue it with the
 same parameters (``RetryHeartbeatStaleTrialCallback``). A journal file has no heartbeats, so
 ``recover_stale`` does it: a RUNNING trial whose worker (host and pid, in its user attributes)
-is gone from this host, or whose run record's heartbeat is older than the grace period, is
-failed and re-queued (at most ``search.max_retries`` times). A re-run trial says
+is gone from this host, or another host's whose run record's heartbeat is older than the grace
+period, is failed and re-queued (at most ``search.max_retries`` times). A re-run trial says
 ``retry_of: <number>``; a failed one is never counted, so no trial is lost or counted twice.
 """
 
@@ -112,13 +112,19 @@ def heartbeat_age(trial) -> float:
 
 
 def recover_stale(study: optuna.Study, setup: Setup) -> list[int]:
-    """Fail the RUNNING trials whose worker died and re-queue them with the same parameters."""
+    """Fail the RUNNING trials whose worker died and re-queue them with the same parameters.
+
+    On this host the worker's pid decides, however long its run goes without a heartbeat (a live
+    trial failed here was trained twice, and its worker crashed telling it). Another host's trial
+    is stale after ``search.grace_period`` without a heartbeat in its run record; on a database
+    that is Optuna's heartbeat, so those are left to it."""
     grace = setup.scfg.grace_period
+    heartbeats = setup.storage.startswith(("postgresql", "mysql"))  # make_storage turns them on
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         gone = worker.get("host") == HOST and not pid_alive(int(worker.get("pid", -1)))
-        if not gone and heartbeat_age(t) <= grace:
+        if not gone and (worker.get("host") == HOST or heartbeats or heartbeat_age(t) <= grace):
             continue
         why = f"its worker ({worker.get('host')}:{worker.get('pid')}) died" if gone else (
             f"no heartbeat for more than search.grace_period={grace:g} s")  # fmt: skip
