@@ -90,7 +90,7 @@ def prepare(cfg) -> Setup:
             )
     study = scfg.study or f"{'-'.join(scfg.space_names())}-{Path(str(run.data.task)).name.replace('/', '_')}"
     root = Path(scfg.root or Path(run.runs_root) / "search") / study
-    storage = scfg.storage or str(root / "journal.log")
+    storage = database_url(scfg.storage) if scfg.storage else str(root / "journal.log")
     base = to_dict(run)
     base.update(run_dir=None, resume=None)
     setup = Setup(base, asdict(scfg), study, storage, str(root), task_meta["primary"], task_meta["regression"],
@@ -101,6 +101,18 @@ def prepare(cfg) -> Setup:
     for name in _baseline_names(scfg):
         baseline_overrides(name, ctx)  # unknown names and unusable override dicts fail here
     return setup
+
+
+def database_url(url: str) -> str:
+    """``postgresql://`` names no driver, and SQLAlchemy 2.1 then imports psycopg (3); with only
+    psycopg2 installed (psycopg2-binary, as the docs say) that failed with an ImportError in
+    every process: name psycopg2 then."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
 
 
 def _search_config(values: dict) -> SearchConfig:
@@ -159,18 +171,24 @@ def make_storage(setup: Setup):
     return JournalStorage(JournalFileBackend(url))
 
 
-def make_sampler(setup: Setup):
+def make_sampler(setup: Setup, salt: tuple[int, ...] = ()):
+    """The sampler, seeded with ``search.seed`` mixed with ``salt`` (a worker's index and the study's
+    trial count when it started): with one seed in every process, two workers, or a resumed run,
+    drew the same configurations as each other (TPE's random start-up above all)."""
+    import numpy as np
+
     scfg = setup.scfg
+    seed = int(np.random.SeedSequence([scfg.seed, *salt]).generate_state(1)[0]) if salt else scfg.seed
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if scfg.sampler == "tpe":  # multivariate + group: TPE that understands conditional spaces
-        return optuna.samplers.TPESampler(seed=scfg.seed, multivariate=True, group=True, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
     if scfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=scfg.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if scfg.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=scfg.seed)
+        return optuna.samplers.GPSampler(seed=seed)
     if scfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=scfg.seed)
-    return optuna.samplers.GridSampler(grid_of(get_space(scfg.space_names())), seed=scfg.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GridSampler(grid_of(get_space(scfg.space_names())), seed=seed)
 
 
 def grid_of(space) -> dict:
@@ -472,9 +490,21 @@ def write_outputs(study: optuna.Study, setup: Setup, retrain: dict | None = None
 
 
 def best_yaml(trial, setup: Setup) -> str:
-    """The trial's configuration as an experiment preset: ``adabudget train experiment=<this file>``."""
+    """The trial's configuration as an experiment preset: ``adabudget train experiment=<this file>``.
+
+    It holds the trial's whole method node and selects that method's preset: merged into the
+    default method (AdaLoRA) a LoRA node fails (``Key 'r' not in 'AdaLoRAConfig'``), and a study
+    whose space sets no method (``method=lora search.space=lr``) would otherwise train AdaLoRA.
+    """
     from omegaconf import OmegaConf
 
+    from budget.compose import config_dir, resolve
+    from budget.config import to_dict
+
+    overrides = copy.deepcopy(trial.user_attrs.get("overrides") or {})
+    method = to_dict(resolve(merge_overrides(setup.base, overrides)))["method"]
+    preset = method["name"] if (Path(config_dir()) / "method" / f"{method['name']}.yaml").exists() else None
+    body = {"defaults": [{"override /method": preset}], **overrides, "method": method}
     values = ", ".join(
         f"{n}={v:.4g}" for n, v in zip(setup.scfg.objective_names(setup.primary), trial.values)
     )
@@ -483,7 +513,7 @@ def best_yaml(trial, setup: Setup) -> str:
         f"{trial.user_attrs.get('trainable_params'):,} trainable adapter parameters.\n"
         f"# Run it: adabudget train experiment={Path(setup.root) / 'best.yaml'}\n"
     )
-    return head + OmegaConf.to_yaml(OmegaConf.create(trial.user_attrs.get("overrides") or {}))
+    return head + OmegaConf.to_yaml(OmegaConf.create(body))
 
 
 # ---------------------------------------------------------------- final evaluation

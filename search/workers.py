@@ -12,8 +12,8 @@ A worker killed mid-trial (``kill -9``, a lost machine) leaves its trial RUNNING
 database, Optuna's heartbeats fail it after ``search.grace_period`` and re-queue it with the
 same parameters (``RetryHeartbeatStaleTrialCallback``). A journal file has no heartbeats, so
 ``recover_stale`` does it: a RUNNING trial whose worker (host and pid, in its user attributes)
-is gone from this host, or whose run record's heartbeat is older than the grace period, is
-failed and re-queued (at most ``search.max_retries`` times). A re-run trial says
+is gone from this host, or another host's whose run record's heartbeat is older than the grace
+period, is failed and re-queued (at most ``search.max_retries`` times). A re-run trial says
 ``retry_of: <number>``; a failed one is never counted, so no trial is lost or counted twice.
 """
 
@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from budget.config import ConfigError
 from search.space import get_space
-from search.study import Setup, finished, make_context, make_objective, open_study
+from search.study import Setup, finished, make_context, make_objective, make_sampler, open_study
 
 HOST = socket.gethostname()
 log = logging.getLogger("adabudget.search")
@@ -112,13 +112,19 @@ def heartbeat_age(trial) -> float:
 
 
 def recover_stale(study: optuna.Study, setup: Setup) -> list[int]:
-    """Fail the RUNNING trials whose worker died and re-queue them with the same parameters."""
+    """Fail the RUNNING trials whose worker died and re-queue them with the same parameters.
+
+    On this host the worker's pid decides, however long its run goes without a heartbeat (a live
+    trial failed here was trained twice, and its worker crashed telling it). Another host's trial
+    is stale after ``search.grace_period`` without a heartbeat in its run record; on a database
+    that is Optuna's heartbeat, so those are left to it."""
     grace = setup.scfg.grace_period
+    heartbeats = setup.storage.startswith(("postgresql", "mysql"))  # make_storage turns them on
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         gone = worker.get("host") == HOST and not pid_alive(int(worker.get("pid", -1)))
-        if not gone and heartbeat_age(t) <= grace:
+        if not gone and (worker.get("host") == HOST or heartbeats or heartbeat_age(t) <= grace):
             continue
         why = f"its worker ({worker.get('host')}:{worker.get('pid')}) died" if gone else (
             f"no heartbeat for more than search.grace_period={grace:g} s")  # fmt: skip
@@ -145,11 +151,13 @@ def counts(study: optuna.Study) -> tuple[int, int, int]:
     return done, running, untrained
 
 
-def worker_loop(setup: Setup, after_trial=None) -> int:
-    """Run trials until the study is full; returns how many this worker ran."""
+def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
+    """Run trials until the study is full; returns how many this worker ran. ``index``: this
+    worker's number among the processes started together (its sampler's own random stream)."""
     from search.study import TrialFailed
 
     study = open_study(setup)
+    study.sampler = make_sampler(setup, salt=(index, len(study.get_trials(deepcopy=False))))
     ctx, space = make_context(setup), get_space(setup.scfg.space_names())
     lock = StartLock(setup)
     ran, failures = 0, 0
@@ -184,13 +192,13 @@ def worker_loop(setup: Setup, after_trial=None) -> int:
     return ran
 
 
-def worker_main(setup: Setup) -> None:
+def worker_main(setup: Setup, index: int = 0) -> None:
     """A worker process: quiet, its own thread budget."""
     import torch
 
     torch.set_num_threads(setup.scfg.worker_threads())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    worker_loop(setup)
+    worker_loop(setup, index=index)
 
 
 class Progress:
@@ -275,8 +283,8 @@ def run_workers(setup: Setup) -> None:
         else:
             ctx = multiprocessing.get_context("spawn")
             procs = [
-                ctx.Process(target=worker_main, args=(setup,), daemon=False)
-                for _ in range(setup.scfg.workers)
+                ctx.Process(target=worker_main, args=(setup, index), daemon=False)
+                for index in range(setup.scfg.workers)
             ]
             for p in procs:
                 p.start()
