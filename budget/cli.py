@@ -237,6 +237,9 @@ def _search_app(args: list[str]) -> None:
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
             sys.exit(2)
+        except RuntimeError as err:  # a worker died; the study and its record are kept
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
 
     app()
 

@@ -353,8 +353,9 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             trial.set_user_attr("duplicate_of", twin.number)
             return list(twin.values)
         if not drawn.feasible:  # its constraint (> 0) keeps it out of every sampler's and best's reach
-            return [(-1.0 if d == "maximize" else (drawn.budget_params or 0) if n == "params" else 0.0)
-                    for n, d in zip(names, directions)]  # fmt: skip
+            # placeholders no feasible trial can lose to (Optuna and optuna-dashboard take ±inf)
+            return [float(drawn.budget_params or 0) if n == "params" else
+                    -math.inf if d == "maximize" else math.inf for n, d in zip(names, directions)]  # fmt: skip
         run_dir = str(Path(setup.root) / "trials" / str(trial.number))
         trial.set_user_attr("run_dir", run_dir)
         meta = {"study": setup.study, "trial": trial.number, "params": trial.params, "storage": setup.storage}
@@ -594,7 +595,11 @@ def run_search(cfg) -> dict:
     study = open_study(setup, create=True)
     print(f"study {setup.study} in {setup.storage}: {setup.scfg.n_trials} trials wanted, "
           f"{sum(finished(t) for t in study.get_trials(deepcopy=False))} done")  # fmt: skip
-    run_workers(setup)
+    try:
+        run_workers(setup)
+    except RuntimeError:  # a worker died: its trial was re-queued; record what exists, then say so
+        write_outputs(open_study(setup), setup)
+        raise
     study = open_study(setup)
     report = write_outputs(study, setup)
     if setup.scfg.retrain_top_k:
