@@ -175,14 +175,14 @@ def budget_figure(ranks: pd.DataFrame, metrics: pd.DataFrame):
     import plotly.graph_objects as go
 
     per_step = ranks.groupby("step").agg(budget=("budget", "first"), kept=("kept", "first")).reset_index()
-    logged = metrics[(metrics["split"] == "train") & (metrics["metric"] == "budget")].sort_values("step")
+    # b(t) at every allocation and at every training log line: together, the schedule's shape
+    logged = metrics[(metrics["split"] == "train") & (metrics["metric"] == "budget")]
+    schedule = pd.concat(
+        [per_step[["step", "budget"]], logged[["step", "value"]].rename(columns={"value": "budget"})]
+    )
+    schedule = schedule.dropna().drop_duplicates("step").sort_values("step")
     fig = go.Figure()
-    if len(logged):  # the training log has b(t) at every log line: the schedule's shape
-        fig.add_trace(go.Scatter(x=logged["step"], y=logged["value"], mode="lines", name="scheduled b(t)"))
-    else:
-        fig.add_trace(
-            go.Scatter(x=per_step["step"], y=per_step["budget"], mode="lines", name="scheduled b(t)")
-        )
+    fig.add_trace(go.Scatter(x=schedule["step"], y=schedule["budget"], mode="lines", name="scheduled b(t)"))
     fig.add_trace(go.Scatter(x=per_step["step"], y=per_step["kept"], mode="markers+lines", line={"shape": "hv"},
                              name="kept (triplets above the threshold)"))  # fmt: skip
     fig.update_layout(title="Budget: scheduled b(t) and kept", height=HEIGHT)

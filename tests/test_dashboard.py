@@ -23,7 +23,7 @@ from budget.train import train
 from tests.conftest import TINY_ADALORA, TINY_RUN
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
 )
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
@@ -183,6 +183,7 @@ def _screenshot(page, path: Path) -> None:
     print(f"screenshot: {path} ({width}x{height}, {len(data) // 1024} KiB)")
 
 
+@needs_chromium
 def test_exported_file_opens_offline(records, browser, tmp_path, capsys):
     from budget.cli import main
 
@@ -214,6 +215,7 @@ def test_exported_file_opens_offline(records, browser, tmp_path, capsys):
     page.context.close()
 
 
+@needs_chromium
 def test_served_page_and_live_reload(records, browser, tmp_path):
     paths = [records["adalora"], records["sensitivity"], records["live"], records["study"]]
     cmd = CLI + ["dashboard", *map(str, paths), "--port", "0", "--refresh", "0.5"]
@@ -250,6 +252,7 @@ def test_served_page_and_live_reload(records, browser, tmp_path):
         server.wait(timeout=30)
 
 
+@needs_chromium
 def test_png_and_pdf_per_figure(records, tmp_path, capsys):
     from analysis.dashboard import build
     from budget.cli import main
