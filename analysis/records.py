@@ -7,6 +7,7 @@ here imports ``budget`` or ``search`` (a record is the interface, README "The ru
     rec.metrics                 # step, split, metric, value (long form)
     rec.ranks                   # step, module, layer, role, group, rank per allocation
     rec.scores                  # step, module, triplet, score, kept: why the ranks moved
+    rec.groups                  # group, layers, method, params: what a hybrid trains where
     trials("runs/search/s4-mr/journal.log")   # a study's trials (journal, sqlite:///, postgresql://)
 
 A path may be a run folder (it holds ``result.json``), any folder above run folders, or a
@@ -46,6 +47,7 @@ class Records:
     metrics: pd.DataFrame
     ranks: pd.DataFrame
     scores: pd.DataFrame
+    groups: pd.DataFrame
 
 
 # ---------------------------------------------------------------- finding runs
@@ -104,7 +106,7 @@ def load(paths, status: str | Iterable[str] | None = "completed") -> Records:
     wanted = None if status is None else ({status} if isinstance(status, str) else set(status))
     if wanted is not None and not wanted <= set(STATUSES):
         raise RecordError(f"status={sorted(wanted)}: use some of {STATUSES} (or None for all)")
-    runs, metrics, ranks, scores = [], [], [], []
+    runs, metrics, ranks, scores, groups = [], [], [], [], []
     for run_dir in run_dirs(paths):
         result = read_result(run_dir)
         row = _run_row(run_dir, result)
@@ -112,6 +114,10 @@ def load(paths, status: str | Iterable[str] | None = "completed") -> Records:
             continue
         runs.append(row)
         modules = {m["name"]: m for m in result.get("modules") or []}
+        for g in result.get("groups") or []:
+            for name, m in (g.get("methods") if isinstance(g.get("methods"), dict) else {}).items():
+                groups.append({"run_dir": str(run_dir), "group": g.get("group"), "layers": g.get("layers"),
+                               "method": name, "params": m.get("params")})  # fmt: skip
         for m in _jsonl(run_dir / "metrics.jsonl"):
             for key, value in m.items():
                 if key not in ("step", "split") and isinstance(value, (int, float)):
@@ -149,6 +155,7 @@ def load(paths, status: str | Iterable[str] | None = "completed") -> Records:
             ],
         ),  # fmt: skip
         scores=pd.DataFrame(scores, columns=["run_dir", "step", "module", "triplet", "score", "kept"]),
+        groups=pd.DataFrame(groups, columns=["run_dir", "group", "layers", "method", "params"]),
     )
 
 
@@ -253,20 +260,11 @@ def trials(storage: str | Path, study: str | None = None) -> pd.DataFrame:
     """One row per trial of an Optuna study: state, values, params, the run folder, the counts.
 
     ``storage``: a journal file, a study folder (its ``journal.log`` / ``search.json``),
-    ``sqlite:///...`` or ``postgresql://...``. ``study`` may be omitted when there is one.
+    ``sqlite:///...`` or ``postgresql://...`` (or a loaded ``optuna.Study``). ``study`` may be
+    omitted when there is one.
     """
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage, study = _storage(storage, study)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if study is None:
-        if len(names) != 1:
-            raise RecordError(f"{storage}: holds studies {names}; name one")
-        study = names[0]
-    if study not in names:
-        raise RecordError(f"{storage}: no study {study!r}; it holds {names}")
-    s = optuna.load_study(study_name=study, storage=storage)
+    s = storage if hasattr(storage, "get_trials") else load_study(storage, study)
+    study = s.study_name
     objectives = (s.user_attrs.get("adabudget") or {}).get("objectives") or [
         f"value{i}" for i in range(len(s.directions))
     ]
@@ -287,6 +285,22 @@ def trials(storage: str | Path, study: str | None = None) -> pd.DataFrame:
             row["last_report_step"], row["last_report"] = step, v
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def load_study(storage: str | Path, study: str | None = None):
+    """The ``optuna.Study`` at ``storage`` (as for ``trials``), for Optuna's own analyses."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage, study = _storage(storage, study)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if study is None:
+        if len(names) != 1:
+            raise RecordError(f"{storage}: holds studies {names}; name one")
+        study = names[0]
+    if study not in names:
+        raise RecordError(f"{storage}: no study {study!r}; it holds {names}")
+    return optuna.load_study(study_name=study, storage=storage)
 
 
 def _storage(path: str | Path, study: str | None):

@@ -1,5 +1,5 @@
-"""The ``adabudget`` console script: ``train``, ``bench``, ``data`` (``search``, ``dashboard``,
-``table`` come with the search and analysis releases). Each subcommand is a thin wrapper.
+"""The ``adabudget`` console script: ``train``, ``search``, ``dashboard``, ``table``, ``bench``,
+``data``. Each subcommand is a thin wrapper.
 
 ``adabudget train`` is a Hydra app. Hydra's own output folders are switched off
 (``hydra.run.dir=.``, no ``.hydra/`` subdir, console-only logging: ``configs/train.yaml``):
@@ -40,6 +40,8 @@ commands:
   reproduce PROTOCOL      run the missing cells of a paper table (configs/reproduce/), then write it
   search export-wandb-sweep [key=value ...] [--out FILE]
                           the search as a W&B sweep YAML (declarative spaces, one objective)
+  dashboard PATH... [opts] rank allocations, runs side by side, studies: served on localhost,
+                          or --out FILE.html (self-contained), --png DIR (PNG + PDF per figure)
 
 examples:
   adabudget train                                  # AdaLoRA on packaged MiniLM + movie reviews
@@ -47,10 +49,11 @@ examples:
   adabudget train model=bert-base-uncased data=glue_sst2 method.target_r=2
   adabudget train -m method.score=adalora,sensitivity,magnitude
   adabudget train resume=runs/default/2026-11-22_12-00-00
+  adabudget dashboard runs/default runs/search/s4-mr --out dashboard.html
   torchrun --nproc_per_node 2 $(command -v adabudget) train train.device=cuda
   eval "$(adabudget train -sc install=bash)"       # shell completion of overrides
 """
-COMMANDS = ("train", "search", "table", "reproduce", "bench", "data")
+COMMANDS = ("train", "search", "dashboard", "table", "reproduce", "bench", "data")
 REFUSED: dict[int, str] = {}  # multirun job number -> why its config was refused (this process's jobs)
 # The job's trial, set in the job's process by a sweeper that runs it for one (search/sweeper.py,
 # hydra/sweeper=adabudget): an object with ``meta`` (a dict added to the record's meta: study, trial
@@ -342,6 +345,47 @@ def _reproduce(args: list[str]) -> None:
         sys.exit(1)
 
 
+def _dashboard(args: list[str]) -> None:
+    """``adabudget dashboard PATH...``: serve the dashboard (analysis.dashboard), or write it."""
+    import argparse
+
+    from analysis.dashboard import DashboardError, build, export_images, serve, to_html
+    from analysis.records import STATUSES, RecordError
+
+    p = argparse.ArgumentParser(prog="adabudget dashboard", description="Rank allocations of runs, runs side by "
+                                "side, and studies: served on localhost (refreshing while a run or study lives), or "
+                                "written as one self-contained HTML file and as images.")  # fmt: skip
+    p.add_argument("paths", nargs="+", help="run folders, folders above them, study folders or storages")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8050, help="0: any free port")
+    p.add_argument("--refresh", type=float, default=5.0, help="seconds between a live page's checks")
+    p.add_argument(
+        "--status", action="append", choices=STATUSES, help="only runs of this status (repeat; default all)"
+    )
+    p.add_argument(
+        "--out", help="write one self-contained HTML file (opens with no network) instead of serving"
+    )
+    p.add_argument(
+        "--png", metavar="DIR", help="write every figure as PNG and PDF into DIR instead of serving"
+    )
+    a = p.parse_args(args)
+    try:
+        if a.out or a.png:
+            dash = build(a.paths, a.status)
+            if a.out:
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.out).write_text(to_html(dash))
+                print(f"wrote {a.out}")
+            if a.png:
+                written = export_images(dash, a.png)
+                print(f"wrote {len(written)} images to {a.png}")
+        else:
+            serve(a.paths, a.host, a.port, a.status, a.refresh)
+    except (RecordError, DashboardError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _data(args: list[str]) -> None:
     from budget.compose import compose, resolve
     from budget.config import ConfigError
@@ -370,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
         export_main(rest[1:])
     elif command == "search":
         _search_app(rest)
+    elif command == "dashboard":
+        _dashboard(rest)
     elif command == "table":
         _table(rest)
     elif command == "reproduce":
