@@ -20,7 +20,7 @@ import pytest
 
 from budget.compose import compose
 from budget.train import train
-from tests.conftest import TINY_ADALORA, TINY_RUN
+from conftest import TINY_ADALORA, TINY_RUN
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(

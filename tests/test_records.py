@@ -17,7 +17,7 @@ import pytest
 from analysis.records import RecordError, load, read_result, run_dirs, trials
 from budget.compose import compose
 from budget.train import train
-from tests.conftest import TINY_ADALORA, TINY_RUN
+from conftest import TINY_ADALORA, TINY_RUN
 
 
 @pytest.fixture(scope="module")
