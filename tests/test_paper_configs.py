@@ -147,6 +147,7 @@ def test_table8_lands_in_the_config(task):
     assert (m.name, m.init_r, m.target_total_rank) == ("adalora", 12, 576)  # Table 1's 1.27M row
     assert (m.orth_reg_weight, m.warmup_steps, m.mask_interval, m.final_steps) == (gamma, t_i, delta_t, t_f)
     assert (m.beta1, m.beta2) == (0.85, 0.85)  # Table 7
+    assert m.lambda_lr_ratio == 1  # the paper's regime: one learning rate for P, λ and Q
 
 
 @pytest.mark.parametrize("task", SCRIPTS)
@@ -161,6 +162,7 @@ def test_scripts_variant_lands_in_the_config(task):
     m = run.method
     assert (m.name, m.init_r, m.target_total_rank) == ("adalora", init_r, 72)
     assert (m.orth_reg_weight, m.warmup_steps, m.mask_interval, m.final_steps) == (gamma, t_i, delta_t, t_f)
+    assert m.lambda_lr_ratio == 1  # the authors' code: one learning rate for P, λ and Q
     T = total_steps_for(run, GLUE_TRAIN[task])
     if warmup is None:
         assert run.train.warmup_ratio == 0.1
