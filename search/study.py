@@ -457,6 +457,22 @@ def best_trials(study: optuna.Study, setup: Setup) -> list:
     return sorted(front, key=lambda t: -sign[0] * t.values[0])
 
 
+def top_trials(study: optuna.Study, setup: Setup, k: int) -> list:
+    """The ``k`` configurations to re-train, best first: single objective, the ``k`` best feasible
+    trials; several, the Pareto front in order of the first objective. Repeats of a trained
+    configuration (not ``finished``) and the LoRA / AdaLoRA baselines (re-trained as such) are
+    left out, so ``k`` counts distinct configurations."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and finished(t)]
+    done = [t for t in done if t.user_attrs.get("baseline") not in RETRAINED]
+    sign = [1 if d == "maximize" else -1 for d in setup.scfg.direction_names(setup.primary)]
+    if len(sign) > 1:
+        done = [t for t in done if not any(_dominates(o, t, sign) for o in done)]
+    return sorted(done, key=lambda t: (-sign[0] * t.values[0], t.number))[:k]
+
+
+RETRAINED = ("lora", "adalora")  # the baselines every final evaluation re-trains
+
+
 def _dominates(a, b, sign) -> bool:
     va = [s * v for s, v in zip(sign, a.values)]
     vb = [s * v for s, v in zip(sign, b.values)]
@@ -526,9 +542,9 @@ def retrain(study: optuna.Study, setup: Setup, log=print) -> dict:
     ctx = make_context(setup)
     picks = [
         (f"trial {t.number}", t.user_attrs["overrides"])
-        for t in best_trials(study, setup)[: scfg.retrain_top_k]
+        for t in top_trials(study, setup, scfg.retrain_top_k)
     ]
-    picks += [(name, baseline_overrides(name, ctx)) for name in ("lora", "adalora")]
+    picks += [(name, baseline_overrides(name, ctx)) for name in RETRAINED]
     rows = []
     for label, overrides in picks:
         results = []

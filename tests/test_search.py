@@ -490,3 +490,33 @@ def test_retrain_best_and_baselines_on_seeds(tmp_path, capsys):
     assert set((root / "retrain").rglob("*")) == folders
     assert len(re.findall(r"^retrain .* seed \d: completed$", again, re.M)) == 6  # read from the records
     assert read_record(root)["retrain"] == report
+
+
+@pytest.mark.parametrize("objectives", [["dev.accuracy"], ["dev.accuracy", "params"]])
+def test_top_trials_gives_k_distinct_configurations(objectives):
+    """retrain_top_k=K re-trains the K best distinct configurations (single objective), or the
+    Pareto front in order (several): never one trial only, never a repeat or a LoRA / AdaLoRA
+    baseline (re-trained as baselines anyway), never an infeasible one."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from search.study import Setup, top_trials
+
+    directions = ["maximize"] if len(objectives) == 1 else ["maximize", "minimize"]
+    study = optuna.create_study(directions=directions)
+    rows = [  # (accuracy, params, user attrs)
+        (0.70, 100, {}), (0.90, 300, {"baseline": "lora"}), (0.85, 200, {}), (0.85, 200, {"duplicate_of": 2}),
+        (0.80, 50, {}), (0.99, 10, {"infeasible": True}), (0.60, 400, {"baseline": "s4"}), (0.75, 90, {}),
+    ]  # fmt: skip
+    for acc, params, attrs in rows:
+        values = [acc] if len(objectives) == 1 else [acc, params]
+        study.add_trial(create_trial(values=values, params={"x": acc}, distributions={"x": FloatDistribution(0, 1)},
+                                     user_attrs=attrs))  # fmt: skip
+    setup = Setup(base={}, search={"objectives": objectives}, study="s", storage="", root="", primary="accuracy",
+                  regression=False, num_labels=2)  # fmt: skip
+    numbers = [t.number for t in top_trials(study, setup, 3)]
+    if len(objectives) == 1:
+        assert numbers == [2, 4, 7]  # 0.85, 0.80, 0.75: the baseline, the repeat and the infeasible one skipped
+        assert [t.number for t in top_trials(study, setup, 10)] == [2, 4, 7, 0, 6]
+    else:  # front of (max accuracy, min params) among 0, 2, 4, 6, 7: 2 (0.85, 200), 4 (0.80, 50)
+        assert numbers == [2, 4]
