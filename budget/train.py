@@ -203,6 +203,21 @@ def evaluate(model, examples: list[dict], task: TaskData, batch_size: int, pad_i
     return compute_metrics(p.squeeze(-1) if task.regression else p, y, task.regression)
 
 
+def batch_stream(examples: list[dict], tc, pad_id: int, inputs: set[str], start_step: int):
+    """The training batches from optimizer step ``start_step`` on, endlessly (``tc``: ``TrainConfig``).
+
+    Optimizer step k consumes batches [k * grad_accum, (k+1) * grad_accum) of one endless
+    stream of seeded epochs, so a resumed run sees the same batches. Keys the model's forward
+    does not take (``inputs``: its parameter names) are dropped.
+    """
+    batches_per_epoch = num_batches(len(examples), tc.batch_size)
+    epoch, skip = divmod(start_step * tc.grad_accum, batches_per_epoch)
+    while True:
+        for batch in make_batches(examples, tc.batch_size, pad_id, True, tc.seed, epoch, skip):
+            yield {k: v for k, v in batch.items() if k in inputs}
+        epoch, skip = epoch + 1, 0
+
+
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -429,17 +444,6 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     pad_id = tokenizer.pad_token_id
     # Tokenizers emit token_type_ids that some models (LLaMA) do not accept.
     inputs = set(inspect.signature(model.forward).parameters)
-    batches_per_epoch = num_batches(len(task.train), tc.batch_size)
-
-    def batch_stream(start_step: int):
-        # Optimizer step k consumes batches [k * grad_accum, (k+1) * grad_accum) of one
-        # endless stream of seeded epochs, so a resumed run sees the same batches.
-        position = start_step * tc.grad_accum
-        epoch, skip = divmod(position, batches_per_epoch)
-        while True:
-            for batch in make_batches(task.train, tc.batch_size, pad_id, True, tc.seed, epoch, skip):
-                yield {k: v for k, v in batch.items() if k in inputs}
-            epoch, skip = epoch + 1, 0
 
     def checkpoint(at_step: int) -> None:
         rngs = ddp.gather(rng_state(device), dist)  # a collective: every rank checkpoints together
@@ -484,7 +488,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
 
     # 5. the loop: one iteration = one optimizer step of grad_accum micro-batches
     model.train()
-    stream = batch_stream(step)
+    stream = batch_stream(task.train, tc, pad_id, inputs, step)
     running_loss = torch.zeros((), device=device)
     running_orth = torch.zeros((), device=device)
     window, last_checkpoint = 0, time.time()

@@ -6,16 +6,86 @@ that run with the sampled configuration merged on top.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from budget.config import ConfigError
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid", "evolution")
 PRUNERS = ("none", "median", "hyperband")
+SCORERS = ("train", "supernet")
+SUPERNET_SAMPLING = ("sandwich", "random", "largest")
+ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer")
 # Objectives that are minimised; every dev.<metric> but mse is maximised.
 MINIMISED = ("params", "wall_time", "dev.mse")
+
+
+@dataclass
+class SupernetConfig:
+    """The weight-sharing supernet of ``search.scorer=supernet`` (``search.supernet``; design in its
+    module docstring). Example: on MiniLM with ``search.budget=331776`` (LoRA r=8's count) and the
+    default menus every sampled sub-configuration holds 331,776 +- 5% trainable parameters: per
+    block a LoRA rank, an adapter bottleneck and a prefix length from these menus (0 = off there).
+    """
+
+    # size menus per block, 0 = the method is off in that block; [0] leaves the method out
+    lora: list = field(default_factory=lambda: [0, 2, 4, 8, 16])  # r
+    adapter: list = field(default_factory=lambda: [0, 8, 16, 32, 64])  # bottleneck d
+    prefix: list = field(default_factory=lambda: [0, 5, 10, 20])  # length l
+    parallel_adapter: list = field(default_factory=lambda: [0])  # bottleneck d (beside the FFN, scale 4)
+    # |count - budget| <= tolerance x budget: the band a sub-configuration must fall in (menus are
+    # coarse, so wider than the hybrid solver's 2%)
+    tolerance: float = 0.05
+    lora_scaling: float = 2.0  # s = alpha / r of every LoRA slice (alpha = s r, so slices share a meaning)
+    adapter_placement: str = "houlsby"  # houlsby (after attention and FFN) | pfeiffer (after the FFN)
+    steps: Optional[int] = None  # supernet training steps; None: the run's own T (one training's cost)
+    sampling: str = "sandwich"  # sandwich: largest, smallest, random ... | random | largest only
+    random_paths: int = 2  # random sub-configurations per sandwich cycle (after the largest and smallest)
+    paths_per_step: int = 1  # sub-configurations whose gradients one optimizer step sums (BigNAS: 4)
+    calibration_steps: int = 0  # scoring: steps training only the scored slice first (weights restored)
+    calibration_lr: Optional[float] = None  # None: train.lr
+    run_dir: Optional[str] = None  # a trained supernet to score with; default <study folder>/supernet
+    # search.sampler=evolution (AutoFormer): population size, parents kept, per-unit mutation probability
+    population: int = 16
+    parents: int = 8
+    mutation_prob: float = 0.2
+    crossover_share: float = 0.5  # of each new generation: crossovers of two parents; the rest mutants
+
+    def validate(self) -> None:
+        def check(cond: bool, fld: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"search.supernet.{fld}: {msg}")
+
+        for name in ("lora", "adapter", "prefix", "parallel_adapter"):
+            menu = list(getattr(self, name))
+            check(
+                bool(menu)
+                and all(isinstance(v, int) and v >= 0 for v in menu)
+                and len(set(menu)) == len(menu),
+                name,
+                f"{menu}: give distinct sizes >= 0 (0 = off in that block; [0] leaves the method out)",
+            )
+        check(0 < self.tolerance < 1, "tolerance", f"must be in (0, 1), got {self.tolerance}")
+        check(self.lora_scaling > 0, "lora_scaling", f"must be > 0, got {self.lora_scaling}")
+        check(
+            self.adapter_placement in ADAPTER_PLACEMENTS,
+            "adapter_placement",
+            f"use one of {ADAPTER_PLACEMENTS}",
+        )
+        check(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
+        check(self.sampling in SUPERNET_SAMPLING, "sampling", f"use one of {SUPERNET_SAMPLING}")
+        check(self.random_paths >= 0, "random_paths", "must be >= 0")
+        check(self.paths_per_step >= 1, "paths_per_step", "must be >= 1")
+        check(self.calibration_steps >= 0, "calibration_steps", "must be >= 0")
+        check(self.calibration_lr is None or self.calibration_lr > 0, "calibration_lr", "must be > 0 or null")
+        check(self.population >= 2, "population", "must be >= 2")
+        check(
+            1 <= self.parents <= self.population, "parents", f"must be in [1, population={self.population}]"
+        )
+        check(0 <= self.mutation_prob <= 1, "mutation_prob", "must be in [0, 1]")
+        check(0 <= self.crossover_share <= 1, "crossover_share", "must be in [0, 1]")
 
 
 @dataclass
@@ -39,7 +109,9 @@ class SearchConfig:
     directions: Optional[list] = (
         None  # default: inferred (dev.* maximise, dev.mse / params / wall_time minimise)
     )
-    sampler: str = "tpe"  # tpe | nsga2 | gp | random | grid (grid: declarative spaces of choices)
+    # tpe | nsga2 | gp | random | grid (grid: declarative spaces of choices) | evolution (AutoFormer's,
+    # over a supernet's inherited scores: search.scorer=supernet)
+    sampler: str = "tpe"
     pruner: str = "none"  # none | median | hyperband: single objective, fed by the dev evaluations
     budget: Optional[int] = None  # trainable adapter parameters every sampled configuration is solved to
     budget_percent: Optional[float] = None  # the budget as % of the backbone instead
@@ -54,6 +126,20 @@ class SearchConfig:
     max_retries: int = 2  # a trial whose worker died is re-run with the same parameters this often
     grace_period: float = 600.0  # s without a heartbeat before another host's running trial is stale
     root: Optional[str] = None  # default <runs_root>/search
+    # train: every trial trains its configuration; supernet: trials score sub-configurations of one
+    # trained weight-sharing supernet with inherited weights (search.supernet; search/supernet.py)
+    scorer: str = "train"
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+
+    def __post_init__(self):
+        if isinstance(self.supernet, SupernetConfig):
+            return
+        values = dict(self.supernet or {})
+        names = {f.name for f in dataclasses.fields(SupernetConfig)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"search.supernet.{unknown[0]}: unknown key; known keys: {sorted(names)}")
+        self.supernet = SupernetConfig(**values)
 
     def validate(self, primary: str | None = None) -> None:
         def check(cond: bool, fld: str, msg: str) -> None:
@@ -81,6 +167,29 @@ class SearchConfig:
             not self.retrain_top_k or len(self.retrain_seeds) >= 1, "retrain_seeds", "give at least one seed"
         )
         check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        check(self.scorer in SCORERS, "scorer", f"unknown scorer '{self.scorer}'; use one of {SCORERS}")
+        self.supernet.validate()
+        if self.scorer == "supernet":
+            check(
+                self.pruner == "none",
+                "pruner",
+                "a supernet scores a configuration in one evaluation, there is nothing to prune; set search.pruner=none",
+            )
+            check(
+                self.space_names() in (["s4"], ["supernet"]),
+                "space",
+                f"{self.space_names()}: search.scorer=supernet searches the supernet's own space (its menus: "
+                "search.supernet.lora / adapter / prefix); drop search.space or set search.space=supernet",
+            )
+        if self.sampler == "evolution":
+            check(
+                self.scorer == "supernet",
+                "sampler",
+                "evolution runs over a supernet's inherited scores; add search.scorer=supernet",
+            )
+            check(
+                self.workers == 1, "workers", "search.sampler=evolution runs its generations in one process"
+            )
         objectives = self.objective_names(primary)
         for name in objectives:
             check(
@@ -96,6 +205,11 @@ class SearchConfig:
                 "directions",
                 f"give one of maximize / minimize per objective ({len(objectives)}), got {self.directions}",
             )
+        check(
+            self.sampler != "evolution" or len(objectives) == 1,
+            "sampler",
+            f"evolution ranks one objective; with objectives {objectives} use search.sampler=nsga2",
+        )
         check(
             self.pruner == "none" or len(objectives) == 1,
             "pruner",

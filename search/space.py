@@ -13,6 +13,7 @@ method node; every other section merges key by key. Built-in spaces (``SPACES``)
   size, parallel adapter size, prefix length.
 - ``adalora``: AdaLoRA's own knobs (init_r, target, t_i, t_f, ΔT, γ, score).
 - ``lr``: learning rate and warm-up; composes with any of the above (``[s4, lr]``).
+- ``supernet``: a weight-sharing supernet's menus per block (``search/supernet.py``), exact sizes.
 
 Every space reads the backbone from ``SpaceContext`` (the number of layers, which methods
 apply to the architecture), so any space runs on any supported model. ``configs/search/space/
@@ -104,6 +105,7 @@ class SpaceContext:
     method: Optional[dict] = None
     tolerance: float = HybridConfig.tolerance  # |count - budget| <= tolerance x budget
     max_length: Optional[int] = None  # data.max_length, for soft prompts on absolute positions
+    supernet: Any = None  # search.supernet (search.config.SupernetConfig): the ``supernet`` space's menus
 
     @classmethod
     def from_config(
@@ -117,6 +119,7 @@ class SpaceContext:
         method: dict | None = None,
         tolerance: float = HybridConfig.tolerance,
         max_length: int | None = None,
+        supernet=None,
     ) -> SpaceContext:
         """The context for an HF config; ``budget_percent`` is % of the backbone's parameters.
 
@@ -154,6 +157,7 @@ class SpaceContext:
             method=dict(method) if method is not None else None,
             tolerance=tolerance,
             max_length=max_length,
+            supernet=supernet,
         )
 
     @classmethod
@@ -329,7 +333,8 @@ def sample(trial, space: Space, ctx: SpaceContext) -> Sample:
         _record(trial, result, 0.0)
         return result
     unsized = node.get("budget") is None and node.get("budget_percent") is None
-    if ctx.budget is not None and node.get("name") in HYBRIDS and unsized:
+    exact = getattr(space, "exact_sizes", False)  # sizes from a menu (the supernet's): checked, never solved
+    if ctx.budget is not None and node.get("name") in HYBRIDS and unsized and not exact:
         extra = {"budget": ctx.budget}  # equal budget: the solver sizes every sampled hybrid
         if node.get("tolerance", HybridConfig.tolerance) != ctx.tolerance:
             extra["tolerance"] = ctx.tolerance
@@ -734,6 +739,23 @@ def adalora_space(trial, ctx: SpaceContext) -> dict:
     return {"method": method}
 
 
+def supernet_space(trial, ctx: SpaceContext) -> dict:
+    """The space of a weight-sharing supernet (``search.supernet``; ``search/supernet.py``): per block
+    ``l<i>.<method>`` a size from each method's menu (``search.supernet.lora`` ranks, ``adapter``
+    bottlenecks, ``prefix`` lengths, 0 = off in that block), as a hybrid of one group per run of
+    identical blocks. The sizes are exact (never solved to the budget): with ``search.budget`` a
+    configuration outside ``search.supernet.tolerance`` of it is infeasible. ``search.scorer=supernet``
+    scores these on a trained supernet; the default scorer trains each (the plain search to compare with).
+    """
+    from search.supernet import SupernetSpace
+
+    space = SupernetSpace.from_context(ctx)
+    return {"method": space.to_method(space.suggest(trial))}
+
+
+supernet_space.exact_sizes = True
+
+
 def lr_space(trial, ctx: SpaceContext) -> dict:
     """Learning rate log-uniform in [1e-4, 3e-3] and warm-up ratio in [0, 0.2]."""
     return {
@@ -749,6 +771,7 @@ SPACES: dict[str, Space] = {
     "autopeft": autopeft_space,
     "adalora": adalora_space,
     "lr": lr_space,
+    "supernet": supernet_space,
 }
 for _name, _space in SPACES.items():
     _space.space_name = _name
@@ -814,4 +837,5 @@ def get_space(names: str | Iterable[str]) -> Space:
 
     composed.space_name = "+".join(names)
     composed.__name__ = composed.space_name
+    composed.exact_sizes = any(getattr(space, "exact_sizes", False) for _, space in parts)
     return composed

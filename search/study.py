@@ -8,6 +8,8 @@ the study, enqueues the baselines, lets ``search.workers`` processes run trials
 (``search.workers``), then writes ``runs/search/<study>/search.json`` and ``best.yaml`` and,
 with ``search.retrain_top_k``, re-trains the best configurations and the baselines on the
 full schedule with several seeds and scores them on test. The search itself sees only dev.
+With ``search.scorer=supernet`` a weight-sharing supernet is trained once (``search.supernet``)
+and trials score its sub-configurations with inherited weights instead of training them.
 
 A trial (``make_objective``): the space samples a configuration (``search.space.sample``:
 analytic count, budget solving; an infeasible one is recorded with an Optuna constraint and
@@ -36,7 +38,8 @@ from search.config import SearchConfig
 from search.space import SpaceContext, check_space, get_space, merge_overrides, sample
 
 BASELINES = ("lora", "adalora", "s4")
-STUDY_KEYS = ("space", "objectives", "directions", "budget", "model", "task", "trial_overrides")
+STUDY_KEYS = ("space", "objectives", "directions", "budget", "model", "task", "trial_overrides", "scorer")
+STUDY_KEY_DEFAULTS = {"scorer": "train"}  # what a study made before the key existed has
 
 
 class TrialFailed(Exception):
@@ -74,6 +77,9 @@ def prepare(cfg) -> Setup:
     cfg = dict(cfg)
     cfg.pop("hydra", None)
     scfg = _search_config(cfg.pop("search", None) or {})
+    if scfg.scorer == "supernet" and scfg.space_names() == ["s4"]:
+        # the default space becomes the supernet's own (its menus); validate refuses any other
+        scfg.space = "supernet"
     run = resolve(cfg)
     validate(run)
     task_meta = _task_meta(run)
@@ -97,7 +103,12 @@ def prepare(cfg) -> Setup:
                   task_meta["num_labels"])  # fmt: skip
     ctx = make_context(setup)
     space = get_space(scfg.space_names())
-    check_space(space, ctx)  # every configuration missing the budget fails here, before any trial
+    if "supernet" in scfg.space_names():  # exact menus: rejection finds narrow bands 64 draws miss
+        from search.supernet import SupernetSpace
+
+        SupernetSpace.from_context(ctx).check()
+    else:
+        check_space(space, ctx)  # every configuration missing the budget fails here, before any trial
     for name in _baseline_names(scfg):
         baseline_overrides(name, ctx)  # unknown names and unusable override dicts fail here
     return setup
@@ -142,11 +153,13 @@ def _task_meta(run) -> dict:
 def make_context(setup: Setup) -> SpaceContext:
     scfg = setup.scfg
     base = setup.base
+    supernet = "supernet" in scfg.space_names()  # its band is search.supernet.tolerance wide
     return SpaceContext.from_model(
         base["model"]["name"], num_labels=setup.num_labels, regression=setup.regression,
         revision=base["model"]["revision"], budget=scfg.budget, budget_percent=scfg.budget_percent,
         extra_methods=scfg.extra_methods, method=copy.deepcopy(base["method"]),
-        max_length=base["data"]["max_length"],
+        max_length=base["data"]["max_length"], supernet=scfg.supernet,
+        **({"tolerance": scfg.supernet.tolerance} if supernet else {}),
     )  # fmt: skip
 
 
@@ -186,7 +199,7 @@ def make_sampler(setup: Setup, salt: tuple[int, ...] = ()):
         return optuna.samplers.NSGAIISampler(seed=seed)
     if scfg.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    if scfg.sampler == "random":
+    if scfg.sampler in ("random", "evolution"):  # evolution enqueues its candidates (search.supernet)
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.GridSampler(grid_of(get_space(scfg.space_names())), seed=seed)
 
@@ -230,7 +243,7 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
         "space": scfg.space_names(), "objectives": scfg.objective_names(setup.primary),
         "directions": scfg.direction_names(setup.primary), "budget": scfg.budget or scfg.budget_percent,
         "model": setup.base["model"]["name"], "task": setup.base["data"]["task"],
-        "trial_overrides": list(scfg.trial_overrides),
+        "trial_overrides": list(scfg.trial_overrides), "scorer": scfg.scorer,
     }  # fmt: skip
     if not create:
         return optuna.load_study(study_name=setup.study, storage=storage, sampler=make_sampler(setup),
@@ -247,7 +260,7 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
                 {}, user_attrs={"baseline": name if isinstance(name, str) else json.dumps(name)}
             )
     else:
-        differ = [k for k in STUDY_KEYS if saved.get(k) != settings.get(k)]
+        differ = [k for k in STUDY_KEYS if saved.get(k, STUDY_KEY_DEFAULTS.get(k)) != settings.get(k)]
         if differ:
             what = ", ".join(f"{k}: {saved.get(k)} -> {settings.get(k)}" for k in differ)
             raise ConfigError(
@@ -261,6 +274,13 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
 def _baseline_names(scfg: SearchConfig) -> list:
     if scfg.enqueue in (None, "none", []):
         return []
+    if scfg.scorer == "supernet":
+        if scfg.enqueue == "default":
+            return []  # LoRA, AdaLoRA and S4 are not sub-configurations; retrain_top_k re-trains the first two
+        raise ConfigError(
+            "search.enqueue: a supernet scores its own sub-configurations only; drop search.enqueue (the LoRA "
+            "and AdaLoRA baselines are re-trained beside the best with search.retrain_top_k)"
+        )
     if scfg.enqueue == "default":
         return list(BASELINES)
     items = [scfg.enqueue] if isinstance(scfg.enqueue, (str, dict)) else list(scfg.enqueue)
@@ -334,6 +354,10 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     from search.wandb import trial_summary
 
     scfg = setup.scfg
+    if scfg.scorer == "supernet":
+        from search.supernet import make_objective as supernet_objective
+
+        return supernet_objective(setup, ctx, release)
     names = scfg.objective_names(setup.primary)
     directions = scfg.direction_names(setup.primary)
     head = ctx.arch.head_params if setup.base["model"]["train_head"] else 0
@@ -353,9 +377,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             trial.set_user_attr("duplicate_of", twin.number)
             return list(twin.values)
         if not drawn.feasible:  # its constraint (> 0) keeps it out of every sampler's and best's reach
-            # placeholders no feasible trial can lose to (Optuna and optuna-dashboard take ±inf)
-            return [float(drawn.budget_params or 0) if n == "params" else
-                    -math.inf if d == "maximize" else math.inf for n, d in zip(names, directions)]  # fmt: skip
+            return infeasible_values(drawn, names, directions)
         run_dir = str(Path(setup.root) / "trials" / str(trial.number))
         trial.set_user_attr("run_dir", run_dir)
         meta = {"study": setup.study, "trial": trial.number, "params": trial.params, "storage": setup.storage}
@@ -403,6 +425,13 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     return objective
 
 
+def infeasible_values(drawn, names: list[str], directions: list[str]) -> list[float]:
+    """An infeasible trial's values: placeholders no feasible trial can lose to (Optuna and
+    optuna-dashboard take ±inf); its constraint (> 0) keeps it out of every sampler's reach."""
+    return [float(drawn.budget_params or 0) if n == "params" else
+            -math.inf if d == "maximize" else math.inf for n, d in zip(names, directions)]  # fmt: skip
+
+
 def _trained_twin(trial, overrides: dict):
     """A completed, trained trial of the same study with exactly these overrides, or None."""
     key = json.dumps(overrides, sort_keys=True, default=str)
@@ -441,6 +470,9 @@ def trial_row(t) -> dict:
         "duplicate_of": t.user_attrs.get("duplicate_of"),
         "infeasible": t.user_attrs.get("infeasible"), "error": t.user_attrs.get("error") or t.user_attrs.get("failed_because"),
         "overrides": t.user_attrs.get("overrides"),
+        # search.scorer=supernet: the scored sub-configuration and its dev metrics with inherited weights
+        **({"sub": t.user_attrs.get("sub"), "inherited": t.user_attrs.get("inherited")}
+           if t.user_attrs.get("scorer") == "supernet" else {}),
     }  # fmt: skip
 
 
@@ -496,8 +528,13 @@ def write_outputs(study: optuna.Study, setup: Setup, retrain: dict | None = None
         "trial_overrides": list(scfg.trial_overrides), "trials": trials,
         ("best" if len(best) <= 1 and len(scfg.objective_names(setup.primary)) == 1 else "pareto_front"):
             [trial_row(t) for t in best],
-        "retrain": retrain, **environment(),
+        "retrain": retrain, "scorer": scfg.scorer, **environment(),
     }  # fmt: skip
+    if scfg.scorer == "supernet":
+        from search.supernet import SupernetSpace, describe, supernet_dir
+
+        out["supernet"] = {"run_dir": str(supernet_dir(setup)), "calibration_steps": scfg.supernet.calibration_steps,
+                           **describe(SupernetSpace.from_context(make_context(setup)))}  # fmt: skip
     root = Path(setup.root)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "search.json", out)
@@ -611,8 +648,17 @@ def run_search(cfg) -> dict:
     study = open_study(setup, create=True)
     print(f"study {setup.study} in {setup.storage}: {setup.scfg.n_trials} trials wanted, "
           f"{sum(finished(t) for t in study.get_trials(deepcopy=False))} done")  # fmt: skip
+    if setup.scfg.scorer == "supernet":  # train it first (or resume, or reuse the study's)
+        from search.supernet import ensure_supernet
+
+        ensure_supernet(setup)
     try:
-        run_workers(setup)
+        if setup.scfg.sampler == "evolution":
+            from search.supernet import run_evolution
+
+            run_evolution(setup)
+        else:
+            run_workers(setup)
     except RuntimeError:  # a worker died: its trial was re-queued; record what exists, then say so
         write_outputs(open_study(setup), setup)
         raise
@@ -623,6 +669,11 @@ def run_search(cfg) -> dict:
         print(retrain_table(report["retrain"]))
     best = report.get("best") or report.get("pareto_front") or []
     if best:
-        print(f"best: trial {best[0]['number']} {best[0]['values']} in {best[0]['run_dir']}")
+        where = (
+            f"in {best[0]['run_dir']}"
+            if best[0]["run_dir"]
+            else f"scored on the supernet ({best[0].get('sub')})"
+        )
+        print(f"best: trial {best[0]['number']} {best[0]['values']} {where}")
     print(f"record: {Path(setup.root) / 'search.json'}; best configuration: {Path(setup.root) / 'best.yaml'}")
     return report

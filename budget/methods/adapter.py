@@ -18,6 +18,11 @@ starts at the identity (W_up = 0, b_up = 0): the model output right after ``appl
 the pretrained model's. The adapter is nonlinear and so cannot merge into the base weights.
 UniPELT (``budget.methods.unipelt``) sets the optional ``gate``, a per-example G_A ∈ (0, 1):
 y' = y + G_A (W_up f(W_down y + b_down) + b_up).
+
+``set_active(adapter, d)`` makes an adapter built D wide compute with its first d hidden units
+(W_down[:d], b_down[:d], W_up[:, :d], b_up; views): a weight-sharing supernet
+(``search.supernet``) trains one D-wide adapter for every smaller bottleneck at once, and d = 0
+switches it off (the identity, as a block without an adapter).
 """
 
 from __future__ import annotations
@@ -131,9 +136,19 @@ class BottleneckAdapter(nn.Module):
         self._handles: list = []  # hook handles, so ``detach`` can remove the adapter's effect
         # Optional learned gate y -> (B, 1, 1) on the adapter path (UniPELT's G_A); None: ungated.
         self.gate = None
+        self.active: int | None = None  # bottleneck in use (a supernet's slice, ``set_active``); None: all
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        delta = self.up(self._act(self.down(y.to(self.down.weight.dtype))))  # (..., h)
+        if self.active is None:
+            delta = self.up(self._act(self.down(y.to(self.down.weight.dtype))))  # (..., h)
+        elif self.active == 0:
+            return y
+        else:  # a supernet slice: the first d hidden units (views)
+            d = self.active
+            hidden = F.linear(
+                y.to(self.down.weight.dtype), self.down.weight[:d], self.down.bias[:d]
+            )  # (..., d)
+            delta = F.linear(self._act(hidden), self.up.weight[:, :d], self.up.bias)  # (..., h)
         if self.gate is not None:
             delta = delta * self.gate(y).to(delta.dtype)  # (B, T, h) * (B, 1, 1): per-example G_A
         return y + delta.to(y.dtype)
@@ -153,6 +168,28 @@ class BottleneckAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"h={self.up.out_features}, d={self.down.out_features}, f={self.activation}"
+
+
+def set_active(adapter: BottleneckAdapter, d: int | None) -> dict[str, tuple]:
+    """Compute with the first ``d`` hidden units only (0: off, the identity; None: all).
+
+    Returns the index of each parameter's part in use (empty when off), for a supernet's
+    masked optimizer: W_down and b_down their first d rows, W_up its first d columns, b_up whole.
+    """
+    width = adapter.down.out_features
+    if d is not None and not 0 <= d <= width:
+        raise ValueError(f"adapter slice d={d} outside 0..{width}")
+    adapter.active = None if d is None or d == width else d
+    d = width if d is None else d
+    if d == 0:
+        return {}
+    rows = (slice(0, d),)
+    return {
+        "down.weight": rows,
+        "down.bias": rows,
+        "up.weight": (slice(None), slice(0, d)),
+        "up.bias": (slice(None),),
+    }
 
 
 def bottleneck_of(cfg: AdapterConfig, hidden: int) -> int:

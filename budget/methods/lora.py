@@ -1,4 +1,10 @@
-"""LoRA (Hu et al., 2022): W = W0 + (alpha / r) B A, B zero-initialised."""
+"""LoRA (Hu et al., 2022): W = W0 + (alpha / r) B A, B zero-initialised.
+
+``set_active(layer, r)`` makes a layer built at rank R compute with its first r rank-one
+components, A[:r] and B[:, :r] (views, no copy), keeping its scaling: a weight-sharing
+supernet (``search.supernet``) trains one R-wide layer for every smaller rank at once, and a
+stand-alone layer of rank r holding those rows and columns computes the same function.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ class LoRALinear(nn.Module):
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gate = None  # UniPELT sets a learned gate x -> (B, 1, 1) on the LoRA path
+        self.active: int | None = None  # rank in use (a supernet's slice, ``set_active``); None: all
 
     @property
     def rank(self) -> int:
@@ -53,21 +60,42 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        h = F.linear(self.dropout(x).to(self.A.dtype), self.A)  # (..., r)
+        A, B = self.A, self.B
+        if self.active is not None:  # a supernet slice: the first r components (views)
+            if self.active == 0:
+                return out
+            A, B = A[: self.active], B[:, : self.active]  # (r, in), (out, r)
+        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r)
         if self.gate is not None:
             h = h * self.gate(x).to(h.dtype)  # (B, T, r) * (B, 1, 1): gates s B A x per example
         if out.dtype == h.dtype:
             # out += s h Bᵀ in one fused GEMM (as SVDLinear does), no (..., out) temporary
             return (
                 out.view(-1, out.shape[-1])
-                .addmm_(h.reshape(-1, h.shape[-1]), self.B.t(), alpha=self.scaling)
+                .addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scaling)
                 .view(out.shape)
             )
-        return out + (F.linear(h, self.B) * self.scaling).to(out.dtype)
+        return out + (F.linear(h, B) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW in nn.Linear layout (out, in)."""
-        return self.scaling * self.B @ self.A
+        """ΔW in nn.Linear layout (out, in) (of the active slice)."""
+        r = self.rank if self.active is None else self.active
+        return self.scaling * self.B[:, :r] @ self.A[:r]
+
+
+def set_active(layer: LoRALinear, r: int | None) -> dict[str, tuple]:
+    """Compute with the first ``r`` rank-one components only (0: the base layer alone; None: all).
+
+    The scaling stays: a stand-alone rank-r layer with the same s (alpha = s r) and the weights
+    A[:r], B[:, :r] computes exactly this. Returns the index of each parameter's part in use,
+    ``{"A": (slice(0, r),), "B": (slice(None), slice(0, r))}``, empty when off: the rest gets
+    zero gradient and must not be updated (a supernet's masked optimizer reads this).
+    """
+    if r is not None and not 0 <= r <= layer.rank:
+        raise ValueError(f"LoRA slice r={r} outside 0..{layer.rank}")
+    layer.active = None if r is None or r == layer.rank else r
+    r = layer.rank if r is None else r
+    return {} if r == 0 else {"A": (slice(0, r),), "B": (slice(None), slice(0, r))}
 
 
 def apply(model: nn.Module, cfg: LoRAConfig, layers: list[int] | None = None) -> dict[str, LoRALinear]:

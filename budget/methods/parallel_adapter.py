@@ -20,6 +20,8 @@ block clears the slot at the start of every block call, so a forward interrupted
 (an exception, an early-stopped checkpoint recompute) never leaks x into the next one.
 
 Starts at the identity (W_up = 0, b_up = 0); nonlinear, so it cannot merge into the base weights.
+``set_active(adapter, d)`` slices it to its first d hidden units for a weight-sharing supernet
+(as ``budget.methods.adapter.set_active``; d = 0 adds nothing).
 """
 
 from __future__ import annotations
@@ -127,10 +129,15 @@ class ParallelAdapter(nn.Module):
         self._act = ACTIVATIONS[activation]
         self._x: torch.Tensor | None = None  # the sublayer input of the block call in progress
         self._handles: list = []
+        self.active: int | None = None  # bottleneck in use (a supernet's slice, ``set_active``); None: all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """s · (W_up f(W_down x + b_down) + b_up), in the adapter's dtype."""
-        return self.scale * self.up(self._act(self.down(x.to(self.down.weight.dtype))))  # (..., h)
+        if self.active is None:
+            return self.scale * self.up(self._act(self.down(x.to(self.down.weight.dtype))))  # (..., h)
+        d = self.active  # a supernet slice: the first d hidden units (views)
+        hidden = F.linear(x.to(self.down.weight.dtype), self.down.weight[:d], self.down.bias[:d])  # (..., d)
+        return self.scale * F.linear(self._act(hidden), self.up.weight[:, :d], self.up.bias)  # (..., h)
 
     def _reset(self, module: nn.Module, inputs: tuple) -> None:
         self._x = None
@@ -143,6 +150,8 @@ class ParallelAdapter(nn.Module):
 
     def _add(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         x, self._x = self._x, None  # drop the reference now: nothing outlives the forward
+        if self.active == 0:  # switched off by a supernet: the sublayer alone
+            return output
         if x is None:
             raise RuntimeError(
                 "parallel adapter: the sublayer's output linear ran without its input having been "
@@ -170,6 +179,28 @@ class ParallelAdapter(nn.Module):
             f"in={self.down.in_features}, d={self.down.out_features}, out={self.up.out_features}, "
             f"s={self.scale:g}, f={self.activation}"
         )
+
+
+def set_active(adapter: ParallelAdapter, d: int | None) -> dict[str, tuple]:
+    """Compute with the first ``d`` hidden units only (0: off, adds nothing; None: all).
+
+    Returns the index of each parameter's part in use (empty when off), as
+    ``budget.methods.adapter.set_active``.
+    """
+    width = adapter.down.out_features
+    if d is not None and not 0 <= d <= width:
+        raise ValueError(f"parallel adapter slice d={d} outside 0..{width}")
+    adapter.active = None if d is None or d == width else d
+    d = width if d is None else d
+    if d == 0:
+        return {}
+    rows = (slice(0, d),)
+    return {
+        "down.weight": rows,
+        "down.bias": rows,
+        "up.weight": (slice(None), slice(0, d)),
+        "up.bias": (slice(None),),
+    }
 
 
 def _specs(arch, position: str):

@@ -28,6 +28,11 @@ does not use the attention interface and is refused.
 The method cannot start at the identity (the prefix adds attention positions) and cannot
 merge into the base weights. UniPELT (``budget.methods.unipelt``) sets the optional ``gate``
 of a PrefixKV: the prefix is then per example, G_P P_k and G_P P_v with G_P ∈ (0, 1)^B.
+
+``set_active(prefix, k)`` makes a PrefixKV built with l vectors use its first k (P_k[:, :k],
+P_v[:, :k]; reparameterised: E[:k] through the whole MLP): a weight-sharing supernet
+(``search.supernet``) trains one l-long prefix for every shorter one at once; k = 0 leaves the
+layer's attention as without a prefix.
 """
 
 from __future__ import annotations
@@ -111,6 +116,9 @@ class PrefixKV(nn.Module):
         super().__init__()
         self.length, self.num_kv_heads, self.head_dim = length, num_kv_heads, head_dim
         self.reparam_dim = reparam_dim
+        self.active: int | None = (
+            None  # prefix vectors in use (a supernet's slice, ``set_active``); None: all
+        )
         # Optional per-example gate (UniPELT's G_P): a module whose ``pop()`` returns the factor (B, 1, 1)
         # computed from the attention input of the current forward; None: ungated.
         self.gate = None
@@ -128,11 +136,14 @@ class PrefixKV(nn.Module):
             )
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_k, P_v), each (kv_heads, l, d_head)."""
+        """(P_k, P_v), each (kv_heads, l, d_head) (l: the active length under a supernet)."""
+        k = self.length if self.active is None else self.active
         if self.reparam_dim == 0:
-            return self.key, self.value
-        kv = self.mlp(self.embedding)  # (l, 2 kv_dim)
-        kv = kv.view(self.length, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2, kvh, l, hd)
+            if self.active is None:
+                return self.key, self.value
+            return self.key[:, :k], self.value[:, :k]  # views: the first k vectors
+        kv = self.mlp(self.embedding[:k])  # (l, 2 kv_dim)
+        kv = kv.view(k, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2, kvh, l, hd)
         return kv[0], kv[1]
 
     @torch.no_grad()
@@ -190,7 +201,7 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
 
         inner = ALL_ATTENTION_FUNCTIONS[base]
     prefix = getattr(module, "adabudget_prefix", None)
-    if prefix is not None:
+    if prefix is not None and prefix.active != 0:  # active 0: switched off by a supernet
         batch = key.shape[0]
         p_key, p_value = prefix()  # (kv_heads, l, d_head) each
         kv_len = key.shape[2]
@@ -203,8 +214,29 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
         value = torch.cat([p_value, value], dim=2)
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal  # sdpa's default
-        attention_mask = _widen_mask(attention_mask, prefix.length, query, kv_len, causal, base)
+        attention_mask = _widen_mask(attention_mask, p_key.shape[2], query, kv_len, causal, base)
     return inner(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def set_active(prefix: PrefixKV, k: int | None) -> dict[str, tuple]:
+    """Use the first ``k`` prefix vectors only (0: no prefix in this layer; None: all).
+
+    Returns the index of each parameter's part in use (empty when off), for a supernet's
+    masked optimizer: P_k, P_v their first k positions (dim 1); reparameterised, E its first k
+    rows and the MLP whole.
+    """
+    if k is not None and not 0 <= k <= prefix.length:
+        raise ValueError(f"prefix slice k={k} outside 0..{prefix.length}")
+    prefix.active = None if k is None or k == prefix.length else k
+    k = prefix.length if k is None else k
+    if k == 0:
+        return {}
+    if prefix.reparam_dim == 0:
+        return {"key": (slice(None), slice(0, k)), "value": (slice(None), slice(0, k))}
+    return {
+        "embedding": (slice(0, k),),
+        **{f"mlp.{n}": (slice(None),) for n, _ in prefix.mlp.named_parameters()},
+    }
 
 
 def register() -> None:

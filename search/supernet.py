@@ -1,0 +1,1044 @@
+"""A weight-sharing supernet over hybrid PEFT configurations (AutoFormer / NOAH style).
+
+One model holds every PEFT module at its largest size; a *sub-configuration* uses the leading
+part of each (weight entanglement: Chen et al., AutoFormer, ICCV 2021; Zhang et al., NOAH,
+2022) and switches modules off per block. One training of the supernet then scores thousands
+of sub-configurations with inherited weights, each in one dev evaluation.
+
+**The space.** Per block i and per method m in {lora, adapter, parallel_adapter, prefix} (those
+that apply to the backbone and whose menu is not ``[0]``) a size from the method's menu
+(``search.supernet.lora = [0, 2, 4, 8, 16]`` ranks, ``adapter = [0, 8, 16, 32, 64]``
+bottlenecks, ``prefix = [0, 5, 10, 20]`` lengths; ``parallel_adapter`` is off by default),
+0 meaning "off in that block". A sub-configuration (``Sub``) is a real ``hybrid`` method
+(``SupernetSpace.to_method``): one group per run of identical consecutive blocks (explicit
+``grouping`` sizes), each with the methods whose size is > 0 at exactly that size, LoRA with
+alpha = s r (``lora_scaling`` s, so every slice has the same scaling s as the stand-alone
+layer), adapters with ``adapter_placement``. ``count_trainable`` counts it exactly, and the
+count is additive over (method, block) units, so the space keeps a table of unit costs
+(``SupernetSpace.count``; tests/test_supernet.py checks it against the stand-alone build).
+
+**AdaLoRA is left out.** An AdaLoRA sub-network is not a slice: its allocator keeps the
+highest-scoring triplets of every matrix over a decaying budget b(t), so which triplets a
+configuration ends with depends on its whole run (scores, EMAs, the global top-k across all
+its matrices), never "the first r". Entangling it would mean sharing one allocator among
+sub-networks that are switched every step, whose importance EMAs and masks then describe no
+configuration; and a "max rank as a LoRA-style slice" variant would be LoRA in SVD form, not
+AdaLoRA (its count would be b(0) while the budget counts b(T)). AdaLoRA configurations are
+searched with ``search.scorer=train`` (the ``adalora`` and ``s4`` spaces); ``retrain`` still
+re-trains AdaLoRA at the budget as a reference. BitFit is left out as well: its "modules" are
+the backbone's own biases, so "off" would need a second, pretrained copy of each.
+
+**Slicing.** Each method file has a small ``set_active(module, size)`` (``budget.methods.lora``,
+``adapter``, ``parallel_adapter``, ``prefix``; no base class): LoRA uses A[:r], B[:, :r];
+adapters their first d hidden units (W_down[:d], b_down[:d], W_up[:, :d], b_up); prefix its
+first k vectors; size 0 switches the module off. Slices are views and the stand-alone path is
+the same code with ``active = None``. It returns which part of each parameter is in use; that
+part, copied out (``Supernet.state_of``), is exactly the trainable state of the stand-alone
+model of that configuration, which then computes the same outputs (tested).
+
+**The budget.** With ``search.budget`` (or ``budget_percent``) a sub-configuration is feasible
+when |count - budget| <= ``search.supernet.tolerance`` x budget (the menus are coarse: 5% by
+default, not the hybrid solver's 2%). ``SupernetSpace.sample`` draws uniformly among the
+feasible sub-configurations: uniform menu indices, vectorised, rejected outside the band (a
+greedy repair from random starts when the band is too narrow for rejection). Without a
+budget, every non-empty sub-configuration is feasible.
+
+**Training** (``train_supernet(cfg) -> dict``): the ``budget`` pieces of a run (data, model,
+batches, seeded stream, lr schedule, run folder and ``RunRecord``, checkpoints loaded with
+``weights_only=True``, resume with ``budget.train.resumed_config``), in its own short loop.
+Each optimizer step trains ``paths_per_step`` sub-configurations from a deterministic stream:
+``sandwich`` cycles largest, smallest, then ``random_paths`` random ones (BigNAS's sandwich
+rule spread over steps; ``paths_per_step=4, random_paths=2`` is BigNAS's per-step form);
+``random`` only random ones (AutoFormer); ``largest`` only the largest (a plain training). The
+largest and smallest are taken *within the budget band*: the feasible sub-configurations of
+largest and smallest count (hill-climbed from a seeded pool). The path of step t depends on
+(seed, t) only, so a resumed run trains the same paths.
+
+Only the active slices are updated: ``MaskedAdamW`` keeps AdamW's moments and a step count per
+element and updates only the elements in use this step (the union of the step's slices and the
+task head). Plain ``torch.optim.AdamW`` with zeroed gradients would not do: an inactive element's
+moments still decay and its stale first moment keeps moving it (and weight decay shrinks it)
+every step it is *not* trained; dropping whole parameters (``grad = None``) works only for
+modules switched off, not for the unused columns of a slice. With the masked update an element
+follows exactly AdamW's trajectory over the steps in which it was trained (bias correction by its
+own step count), and a sub-configuration trained alone follows the stand-alone model of that
+configuration trained with ``torch.optim.AdamW`` (tested step by step in tests/test_supernet.py).
+
+**Scoring** (``score(net, sub, calibration_steps=0)``): activate the slice and evaluate on dev
+with inherited weights; with calibration, first train that slice (and the head) for a few steps
+on a fixed stream of training batches, then restore every weight. **Search**: ``adabudget
+search search.scorer=supernet`` trains the supernet into ``<study>/supernet`` (or resumes or
+reuses it), and its trials score sub-configurations (Optuna's samplers over the ``l<i>.<method>``
+choices, out-of-band ones recorded as infeasible with the study's constraint) or
+``search.sampler=evolution`` (``run_evolution``: AutoFormer's population, top-k parents, mutation
+and crossover, every candidate in the band); ``search.retrain_top_k`` re-trains the best
+stand-alone with seeds (``search.study.retrain``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from budget.arch import Arch
+from budget.config import ConfigError, RunConfig, to_dict, validate
+from budget.data import load_task, load_tokenizer, make_batches
+from budget.log import RunRecord, claim_run_dir, environment, log
+from budget.methods import REGISTRY, adapter, lora, parallel_adapter, plan_of, prefix
+from budget.metrics import primary_metric
+from budget.models import count_params, freeze_backbone, load_model, pick_device, prepare_hub_access
+from budget.schedule import lr_factor
+from budget.train import (
+    StopSignals,
+    batch_stream,
+    evaluate,
+    load_checkpoint,
+    peak_memory_mb,
+    resumed_config,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_dropout,
+    set_rng_state,
+    total_steps_for,
+)
+from search.config import SupernetConfig
+
+METHODS = ("lora", "adapter", "parallel_adapter", "prefix")  # the order budget.methods.hybrid applies them in
+SET_ACTIVE = {
+    "lora": lora.set_active,
+    "adapter": adapter.set_active,
+    "parallel_adapter": parallel_adapter.set_active,
+    "prefix": prefix.set_active,
+}
+# SupernetConfig fields that define the trained supernet (saved in its config.yaml; a resume keeps
+# them). The others only say how it is trained for how long (steps -> train.max_steps) or used.
+DEFINING = ("lora", "adapter", "prefix", "parallel_adapter", "tolerance", "lora_scaling", "adapter_placement",
+            "sampling", "random_paths", "paths_per_step")  # fmt: skip
+BATCH = 4096  # candidates per vectorised rejection round
+MAX_DRAWS = 400_000  # rejection draws before a greedy repair takes over
+
+
+# ---------------------------------------------------------------- the space
+@dataclass(frozen=True)
+class Sub:
+    """A sub-configuration: per method, its size in every block (0: off in that block)."""
+
+    sizes: tuple  # ((method, (size in block 0, block 1, ...)), ...), methods in METHODS order
+
+    @classmethod
+    def of(cls, mapping: dict) -> Sub:
+        return cls(tuple((m, tuple(int(v) for v in mapping[m])) for m in METHODS if m in mapping))
+
+    def get(self, method: str) -> tuple[int, ...]:
+        return dict(self.sizes)[method]
+
+    def as_dict(self) -> dict[str, list[int]]:
+        return {m: list(s) for m, s in self.sizes}
+
+    def key(self) -> str:
+        """``lora=8,0 adapter=16,16 prefix=0,5``: per method, the sizes of blocks 0, 1, ..."""
+        return " ".join(f"{m}={','.join(map(str, s))}" for m, s in self.sizes)
+
+    @classmethod
+    def from_key(cls, key: str) -> Sub:
+        return cls.of(
+            {m: [int(v) for v in s.split(",")] for m, s in (part.split("=") for part in key.split())}
+        )
+
+
+class SupernetSpace:
+    """The sub-configurations of one supernet on one backbone, their exact counts and the budget band.
+
+    Args:
+        arch: the backbone (``budget.arch.Arch``).
+        menus: method -> sizes (0 = off); methods left out have none.
+        scfg: the supernet's knobs (LoRA scaling, adapter placement, tolerance).
+        budget: the trainable-parameter budget (task head excluded), or None.
+    """
+
+    def __init__(
+        self, arch: Arch, menus: dict[str, tuple[int, ...]], scfg: SupernetConfig, budget: int | None
+    ):
+        self.arch, self.scfg, self.budget, self.tolerance = arch, scfg, budget, scfg.tolerance
+        self.methods = tuple(m for m in METHODS if m in menus)
+        self.menus = {m: tuple(sorted(menus[m])) for m in self.methods}
+        self.layers = arch.num_layers
+        # units (method, block) in order; per unit its menu and each choice's exact count
+        self.units = [(m, i) for m in self.methods for i in range(self.layers)]
+        width = max(len(self.menus[m]) for m in self.methods)
+        self.choices = np.array([len(self.menus[m]) for m, _ in self.units])  # (U,)
+        self.table = np.zeros((len(self.units), width), dtype=np.int64)  # (U, K) count of choice k
+        for u, (m, i) in enumerate(self.units):
+            for k, size in enumerate(self.menus[m]):
+                self.table[u, k] = self.unit_count(m, size, i)
+        self._extremes: dict[str, Sub] = {}
+
+    @classmethod
+    def from_context(cls, ctx, scfg: SupernetConfig | None = None) -> SupernetSpace:
+        """The space of ``scfg`` (default: ``ctx.supernet``) on ``ctx``'s backbone and budget."""
+        scfg = scfg or getattr(ctx, "supernet", None) or SupernetConfig()
+        menus = {}
+        for m in METHODS:
+            menu = [int(v) for v in getattr(scfg, m)]
+            if m != "prefix":  # a rank or bottleneck beyond h buys nothing (as search.space's menus)
+                menu = [v for v in menu if v <= ctx.arch.hidden]
+            if m in ctx.applicable and menu and max(menu) > 0:
+                menus[m] = tuple(sorted(set(menu) | {0}))
+        if not menus:
+            raise ConfigError(
+                f"search.supernet: no method of the supernet applies to this {ctx.arch.model_type} with these "
+                f"menus (lora / adapter / prefix / parallel_adapter all [0] or excluded: {ctx.excluded})"
+            )
+        return cls(ctx.arch, menus, scfg, ctx.budget)
+
+    # ---- configurations
+    def knobs(self, method: str, size: int) -> dict:
+        """The method's knobs at ``size`` (what the stand-alone hybrid group holds)."""
+        if method == "lora":
+            return {"r": size, "alpha": self.scfg.lora_scaling * size}
+        if method == "adapter":
+            return {"bottleneck": size, "placement": self.scfg.adapter_placement}
+        if method == "parallel_adapter":
+            return {"bottleneck": size}
+        return {"length": size}
+
+    def unit_count(self, method: str, size: int, layer: int) -> int:
+        if size == 0:
+            return 0
+        spec = REGISTRY[method]
+        return spec.count(spec.config(**self.knobs(method, size)), self.arch, [layer])
+
+    def to_method(self, sub: Sub) -> dict:
+        """The stand-alone ``hybrid`` method node of ``sub``: one group per run of identical blocks."""
+        per_block = []
+        for i in range(self.layers):
+            entry = {m: self.knobs(m, sub.get(m)[i]) for m in self.methods if sub.get(m)[i] > 0}
+            per_block.append(entry or "none")
+        sizes, groups = [], []
+        for entry in per_block:
+            if groups and groups[-1] == entry:
+                sizes[-1] += 1
+            else:
+                sizes.append(1)
+                groups.append(entry)
+        return {"name": "hybrid", "num_groups": len(groups), "grouping": sizes, "allocation": "uniform",
+                "groups": copy.deepcopy(groups)}  # fmt: skip
+
+    def full(self) -> Sub:
+        """Every module at its largest size: what the supernet holds."""
+        return Sub.of({m: [max(self.menus[m])] * self.layers for m in self.methods})
+
+    def count(self, sub: Sub) -> int:
+        """Trainable parameters of ``sub`` (task head excluded): ``count_trainable`` of ``to_method``."""
+        return int(self.table[np.arange(len(self.units)), self._index(sub)].sum())
+
+    def band(self) -> tuple[float, float]:
+        if self.budget is None:
+            return 1.0, math.inf
+        return self.budget * (1 - self.tolerance), self.budget * (1 + self.tolerance)
+
+    def feasible(self, sub: Sub) -> bool:
+        return bool(self._in_band(np.array([self.count(sub)]))[0])
+
+    def _in_band(self, counts: np.ndarray) -> np.ndarray:
+        if self.budget is None:
+            return counts > 0
+        return np.abs(counts - self.budget) <= self.tolerance * self.budget
+
+    def _index(self, sub: Sub) -> np.ndarray:
+        sizes = sub.as_dict()
+        return np.array([self.menus[m].index(sizes[m][i]) for m, i in self.units])
+
+    def _sub(self, index) -> Sub:
+        per = {m: [0] * self.layers for m in self.methods}
+        for (m, i), k in zip(self.units, index):
+            per[m][i] = self.menus[m][int(k)]
+        return Sub.of(per)
+
+    def _counts(self, index: np.ndarray) -> np.ndarray:
+        """Counts of rows of menu indices (N, U)."""
+        return self.table[np.arange(len(self.units)), index].sum(-1)
+
+    # ---- Optuna
+    def suggest(self, trial) -> Sub:
+        """``l<block>.<method>`` categorical choices on an Optuna trial."""
+        return Sub.of({m: [trial.suggest_categorical(f"l{i}.{m}", list(self.menus[m])) for i in range(self.layers)]
+                       for m in self.methods})  # fmt: skip
+
+    def params(self, sub: Sub) -> dict:
+        return {f"l{i}.{m}": s[i] for m, s in sub.sizes for i in range(self.layers)}
+
+    def from_params(self, params: dict) -> Sub:
+        return Sub.of({m: [params[f"l{i}.{m}"] for i in range(self.layers)] for m in self.methods})
+
+    # ---- sampling under the budget
+    def sample(self, rng: np.random.Generator, n: int = 1) -> list[Sub]:
+        """``n`` sub-configurations drawn uniformly among the feasible ones (with repetition).
+
+        Raises:
+            ConfigError: naming ``search.budget`` when no sub-configuration meets the budget.
+        """
+        out: list[Sub] = []
+        drawn = 0
+        while len(out) < n and drawn < MAX_DRAWS:
+            index = rng.integers(0, self.choices, size=(BATCH, len(self.units)))  # (BATCH, U)
+            ok = np.nonzero(self._in_band(self._counts(index)))[0]
+            out += [self._sub(index[j]) for j in ok[: n - len(out)]]
+            drawn += BATCH
+        for _ in range(n - len(out)):  # a narrow band: greedy repair from random starts
+            out.append(self._repair(rng))
+        return out
+
+    def _repair(self, rng: np.random.Generator) -> Sub:
+        lo, hi = self.band()
+        goal = self.budget if self.budget is not None else 1
+        for _ in range(64):
+            index = rng.integers(0, self.choices)
+            for _ in range(8 * len(self.units)):
+                now = int(self._counts(index))
+                if lo <= now <= hi:
+                    return self._sub(index)
+                best, move = abs(now - goal), None
+                for u in range(len(self.units)):
+                    for k in range(self.choices[u]):
+                        c = now - self.table[u, index[u]] + self.table[u, k]
+                        if abs(c - goal) < best:
+                            best, move = abs(c - goal), (u, k)
+                if move is None:
+                    break
+                index[move[0]] = move[1]
+        total = int(self.table.max(1).sum())
+        raise ConfigError(
+            f"search.budget={self.budget}: no sub-configuration of the supernet holds {lo:.0f}..{hi:.0f} "
+            f"trainable parameters (search.supernet.tolerance={self.tolerance:g}; the largest holds {total}); "
+            "change the budget, the menus (search.supernet.lora / adapter / prefix) or the tolerance"
+        )
+
+    def check(self) -> float:
+        """Raise a ConfigError if no sub-configuration is feasible; returns the feasible fraction
+        of uniform draws (an estimate)."""
+        rng = np.random.default_rng(0)
+        index = rng.integers(0, self.choices, size=(BATCH, len(self.units)))
+        fraction = float(self._in_band(self._counts(index)).mean())
+        if fraction == 0:
+            self.sample(rng, 1)
+        return fraction
+
+    def extreme(self, which: str) -> Sub:
+        """The feasible sub-configuration of largest (``"largest"``) or smallest count: the best of a
+        seeded pool, then single-unit moves while they grow (shrink) the count within the band.
+        Without a budget: every module at its largest; the cheapest single module."""
+        if which in self._extremes:
+            return self._extremes[which]
+        sign = 1 if which == "largest" else -1
+        pool = self.sample(np.random.default_rng(0), 256)
+        index = self._index(max(pool, key=lambda s: sign * self.count(s)))
+        lo, hi = self.band()
+        while True:
+            now = int(self._counts(index))
+            best, move = 0, None
+            for u in range(len(self.units)):
+                for k in range(self.choices[u]):
+                    c = now - self.table[u, index[u]] + self.table[u, k]
+                    if lo <= c <= hi and sign * (c - now) > best:
+                        best, move = sign * (c - now), (u, k)
+            if move is None:
+                break
+            index[move[0]] = move[1]
+        self._extremes[which] = self._sub(index)
+        return self._extremes[which]
+
+    def spread(self, n: int, rng: np.random.Generator) -> list[Sub]:
+        """``n`` distinct feasible sub-configurations spread over the space: farthest-point picks
+        (L1 distance of normalised menu positions) from a uniform feasible pool."""
+        pool = list(dict.fromkeys(self.sample(rng, max(40 * n, 512))))
+        points = np.array([self._index(s) / np.maximum(self.choices - 1, 1) for s in pool])  # (P, U)
+        picked = [int(rng.integers(len(pool)))]
+        dist = np.abs(points - points[picked[0]]).sum(1)
+        while len(picked) < min(n, len(pool)):
+            j = int(dist.argmax())
+            picked.append(j)
+            dist = np.minimum(dist, np.abs(points - points[j]).sum(1))
+        return [pool[j] for j in picked]
+
+    def mutate(self, sub: Sub, rng: np.random.Generator, prob: float) -> Sub:
+        """Each unit re-drawn from its menu with probability ``prob`` (at least one), within the band."""
+        base = self._index(sub)
+        for _ in range(100):
+            index = base.copy()
+            change = rng.random(len(self.units)) < prob
+            change[rng.integers(len(self.units))] = True
+            index[change] = rng.integers(0, self.choices[change])
+            if (index != base).any() and self._in_band(np.array([self._counts(index)]))[0]:
+                return self._sub(index)
+        return self.sample(rng, 1)[0]
+
+    def crossover(self, a: Sub, b: Sub, rng: np.random.Generator) -> Sub:
+        """Each unit from ``a`` or ``b`` with equal odds, within the band (else a mutant of ``a``)."""
+        ia, ib = self._index(a), self._index(b)
+        for _ in range(100):
+            index = np.where(rng.random(len(self.units)) < 0.5, ia, ib)
+            if self._in_band(np.array([self._counts(index)]))[0]:
+                return self._sub(index)
+        return self.mutate(a, rng, 1 / len(self.units))
+
+
+def space_function(space: SupernetSpace):
+    """The space as a ``search.space`` function (``(trial, ctx) -> overrides``) with exact sizes:
+    ``search.space.sample`` counts it and checks the band, and never rescales it."""
+
+    def supernet(trial, ctx) -> dict:
+        return {"method": space.to_method(space.suggest(trial))}
+
+    supernet.space_name = "supernet"
+    supernet.exact_sizes = True
+    return supernet
+
+
+# ---------------------------------------------------------------- the supernet
+class Supernet:
+    """One model with every module of ``space`` at its largest size, and the slice in use.
+
+    ``units[(method, block)]`` lists the (module name, module) pairs a size controls (LoRA: the
+    block's adapted linears; a Houlsby adapter: two). The data of its run (``task``, ``pad_id``,
+    ``device``, ``inputs``, ``run``) is set by ``build``.
+    """
+
+    def __init__(self, model: nn.Module, space: SupernetSpace, units: dict):
+        self.model, self.space, self.units = model, space, units
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # (trainable)
+        owned = {f"{name}.{local}" for mods in units.values() for name, mod in mods
+                 for local, _ in mod.named_parameters()}  # fmt: skip
+        self.shared = [n for n in self.params if n not in owned]  # the task head: in every slice
+        self.run: RunConfig | None = None
+        self.task = None
+        self.pad_id = 0
+        self.device = torch.device("cpu")
+        self.inputs: set[str] = set()
+
+    @classmethod
+    def attach(cls, model: nn.Module, space: SupernetSpace) -> Supernet:
+        """Apply ``space.full()`` (as ``budget.methods.apply_plan`` would apply that hybrid) to ``model``."""
+        plan = plan_of(_method_config(space.to_method(space.full())), space.arch)
+        units: dict = {}
+        for group in plan.groups:
+            for name, mcfg in group.methods.items():
+                for path, module in REGISTRY[name].apply(model, mcfg, group.layers).items():
+                    block = next(i for i in range(space.layers) if path.startswith(space.arch.block(i) + "."))
+                    units.setdefault((name, block), []).append((path, module))
+        return cls(model, space, units)
+
+    def activate(self, sub: Sub) -> dict[str, tuple]:
+        """Switch to ``sub``; returns {trainable parameter name: index of its part in use}."""
+        regions = {n: (slice(None),) for n in self.shared}
+        for m, sizes in sub.sizes:
+            for i, size in enumerate(sizes):
+                for path, module in self.units.get((m, i), []):
+                    for local, index in SET_ACTIVE[m](module, size).items():
+                        regions[f"{path}.{local}"] = index
+        return regions
+
+    def state_of(self, sub: Sub) -> dict[str, torch.Tensor]:
+        """The trainable state of the stand-alone model of ``sub``: each part in use, copied."""
+        return {n: self.params[n].detach()[index].clone() for n, index in self.activate(sub).items()}
+
+    def active_count(self, sub: Sub) -> int:
+        """Parameters in use by ``sub``, the task head excluded."""
+        return sum(
+            self.params[n][index].numel() for n, index in self.activate(sub).items() if n not in self.shared
+        )
+
+
+def _method_config(node: dict):
+    from budget.methods import method_config_from_dict
+
+    return method_config_from_dict(node)
+
+
+def build(run: RunConfig, space_of=None) -> Supernet:
+    """Data, backbone and supernet of a supernet run config, set up as ``budget.train.train`` sets up a
+    run (same calls, same order, so the same seed gives the same initial weights)."""
+    tc = run.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    device = pick_device(tc.device)
+    prepare_hub_access(run.model.name, run.model.revision)
+    tokenizer = load_tokenizer(run.model.name, run.model.revision)
+    task = load_task(run.data, tokenizer)
+    seed_everything(tc.seed)
+    model = load_model(run.model, task.num_labels, task.regression, tokenizer.pad_token_id)
+    if run.model.dropout is not None:
+        set_dropout(model, run.model.dropout)
+    freeze_backbone(model, run.model.train_head)
+    space = (space_of or space_from_run)(run, model)
+    net = Supernet.attach(model, space)
+    model.to(device)
+    net.run, net.task, net.pad_id, net.device = run, task, tokenizer.pad_token_id, device
+    net.inputs = set(inspect.signature(model.forward).parameters)
+    return net
+
+
+def space_from_run(run: RunConfig, model) -> SupernetSpace:
+    """The space a supernet run config describes (its ``search`` node: budget and menus)."""
+    from search.space import SpaceContext
+
+    node = run.search or {}
+    scfg = SupernetConfig(**node.get("supernet", {}))
+    ctx = SpaceContext.from_config(
+        model.config, budget=node.get("budget"), budget_percent=node.get("budget_percent")
+    )
+    return SupernetSpace.from_context(ctx, scfg)
+
+
+# ---------------------------------------------------------------- masked AdamW
+class MaskedAdamW:
+    """AdamW (Loshchilov & Hutter; ``torch.optim.AdamW``'s update) on the elements in use only.
+
+    Each element keeps its own moments and step count t, and a step touches only the elements
+    listed in its ``regions``: they take AdamW's update with bias corrections 1 - β^t of their
+    own t; every other element keeps its value and its moments. So an element follows AdamW's
+    trajectory over the steps in which it was trained, and nothing moves that was not (see the
+    module docstring for why zeroed gradients are not enough).
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):  # fmt: skip
+        self.params, self.betas, self.eps, self.weight_decay = params, betas, eps, weight_decay
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def step(self, regions: dict[str, list[tuple]], lr: float) -> None:
+        """Update the parts ``regions`` names ({name: [index, ...]}: their union) at learning rate ``lr``."""
+        b1, b2 = self.betas
+        for name, indices in regions.items():
+            p = self.params[name]
+            if p.grad is None:
+                continue
+            mask = torch.zeros_like(p, dtype=torch.bool)
+            for index in indices:
+                mask[index] = True
+            st = self.state.get(name)
+            if st is None:
+                st = self.state[name] = {k: torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq", "step")}
+            g, m, v, t = p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"]
+            t.add_(mask.to(t.dtype))
+            m.copy_(torch.where(mask, m.lerp(g, 1 - b1), m))
+            v.copy_(torch.where(mask, v * b2 + (1 - b2) * g * g, v))
+            correction1 = 1 - torch.pow(b1, t)  # 0 where never trained: masked out below
+            correction2 = 1 - torch.pow(b2, t)
+            update = lr * (m / correction1) / (v.sqrt() / correction2.sqrt() + self.eps)
+            if self.weight_decay:
+                p.mul_(torch.where(mask, 1 - lr * self.weight_decay, 1.0))
+            p.sub_(torch.where(mask, update, 0.0))
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {n: dict(s) for n, s in self.state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {n: {k: v.to(self.params[n].device) for k, v in s.items()} for n, s in state.items()}
+
+
+# ---------------------------------------------------------------- the run
+def supernet_run(cfg) -> RunConfig:
+    """The supernet's run config from an ``adabudget search`` config (run + ``search`` node) or from a
+    supernet run's own saved config (``budget.compose.resume_config``): the run, its method the
+    supernet's largest hybrid, its ``search`` node reduced to what defines the supernet (budget and
+    the ``DEFINING`` knobs), ``search.supernet.steps`` as ``train.max_steps``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from budget.compose import resolve
+    from search.space import SpaceContext
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = copy.deepcopy(dict(cfg))
+    cfg.pop("hydra", None)
+    search = dict(cfg.pop("search", None) or {})
+    given = dict(search.get("supernet") or {})
+    scfg = SupernetConfig(**given)
+    scfg.validate()
+    node = {"budget": search.get("budget"), "budget_percent": search.get("budget_percent"),
+            "supernet": {k: getattr(scfg, k) for k in DEFINING}}  # fmt: skip
+    cfg["method"] = None
+    run = resolve(cfg)
+    if scfg.steps is not None:
+        run.train.max_steps = scfg.steps
+    if run.run_name == "default":
+        run.run_name = "supernet"
+    run.meta = {**run.meta, "supernet": True}
+    ctx = SpaceContext.from_model(run.model.name, revision=run.model.revision, budget=node["budget"],
+                                  budget_percent=node["budget_percent"])  # fmt: skip
+    space = SupernetSpace.from_context(ctx, scfg)
+    space.check()
+    run.method = _method_config(space.to_method(space.full()))
+    run.search = node
+    return run
+
+
+def path_at(space: SupernetSpace, scfg, seed: int, step: int, k: int) -> tuple[str, Sub]:
+    """The k-th sub-configuration trained at optimizer step ``step`` (a pure function of them)."""
+    n = step * scfg.paths_per_step + k
+    if scfg.sampling == "largest":
+        return "largest", space.extreme("largest")
+    if scfg.sampling == "sandwich":
+        position = n % (2 + scfg.random_paths)
+        if position < 2:
+            which = ("largest", "smallest")[position]
+            return which, space.extreme(which)
+    return "random", space.sample(np.random.default_rng([seed, n]), 1)[0]
+
+
+def train_supernet(cfg) -> dict:
+    """Train a supernet; returns its result record (also in ``result.json``).
+
+    Args:
+        cfg: an ``adabudget search`` config (the run and its ``search`` node: ``search.budget``,
+            ``search.supernet.*``), or a supernet run folder's config with ``resume`` set
+            (``budget.compose.resume_config(folder)``), which continues it.
+    """
+    run = supernet_run(cfg)
+    resume_dir = Path(run.resume) if run.resume else None
+    if resume_dir is not None:
+        run = resumed_config(run)
+        saved = _completed(resume_dir, run)
+        if saved is not None:  # nothing to do: never append a second ending
+            return {**saved, "note": "already completed; nothing to resume (raise train.max_steps to go on)"}
+    validate(run)
+    tc = run.train
+    net = build(run)
+    model, space, task, device = net.model, net.space, net.task, net.device
+    scfg = SupernetConfig(**run.search["supernet"])
+    total_steps = total_steps_for(run, len(task.train))  # T
+    largest, smallest = space.extreme("largest"), space.extreme("smallest")
+
+    # the run folder: a new one, or the resumed run's own
+    ckpt = load_checkpoint(resume_dir / "checkpoints" / "last.pt") if resume_dir else None
+    run_dir = resume_dir or claim_run_dir(run.runs_root, run.run_name, run.run_dir)
+    checkpoint_path = run_dir / "checkpoints" / "last.pt"
+    main_metric = primary_metric(task.regression)
+    trainable, total_params = count_params(model)
+    header = {
+        "run_dir": str(run_dir), "run_name": run.run_name, "method": "supernet", "model": run.model.name,
+        "task": run.data.task, "data_version": getattr(task, "version", None), "split_sizes": task.sizes(),
+        "primary_metric": main_metric, "regression": task.regression, "total_steps": total_steps,
+        "trainable_params": trainable, "total_params": total_params, "world_size": 1,
+        "groups": plan_of(run.method, space.arch).report(space.arch), "modules": [], "meta": run.meta,
+        "supernet": {
+            "methods": list(space.methods), "menus": {m: list(v) for m, v in space.menus.items()},
+            "budget": space.budget, "band": [space.band()[0], space.band()[1] if space.budget else None],
+            "largest": {"sub": largest.key(), "params": space.count(largest)},
+            "smallest": {"sub": smallest.key(), "params": space.count(smallest)},
+            "sampling": scfg.sampling, "paths_per_step": scfg.paths_per_step,
+        },
+    }  # fmt: skip
+    record = RunRecord(run_dir, to_dict(run), run.logger, ckpt["step"] if ckpt else None, header)
+
+    optimizer = MaskedAdamW(net.params, weight_decay=tc.weight_decay)
+    params = list(net.params.values())
+    warmup = int(tc.warmup_ratio * total_steps)
+    step, best, elapsed_before = 0, {}, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best, elapsed_before = ckpt["step"], ckpt["best"], ckpt.get("elapsed", 0.0)
+        set_rng_state(ckpt["rng"], device)
+    start_time = time.time()
+
+    def checkpoint(at_step: int) -> None:
+        if tc.checkpoint != "none":
+            save_checkpoint(checkpoint_path, {
+                "step": at_step, "best": best, "elapsed": elapsed_before + time.time() - start_time,
+                "trainable": {n: p.detach() for n, p in net.params.items()}, "optimizer": optimizer.state_dict(),
+                "rng": rng_state(device), "window": window, "running": running_loss.detach().cpu(),
+            })  # fmt: skip
+
+    def dev_eval(at_step: int) -> dict:
+        """Dev metrics of the largest and smallest sub-configurations (the sandwich's bounds)."""
+        out = {}
+        for which, sub in (("largest", largest), ("smallest", smallest)):
+            out[which] = score(net, sub)
+            record.metrics({"step": at_step, "split": "dev", "path": which, **out[which]})
+        if not best or out["largest"][main_metric] > best["dev"][main_metric]:
+            best.update({"step": at_step, "dev": out["largest"]})
+        return out
+
+    def result(status: str, **extra) -> dict:
+        out = {**header, "status": status, "steps": step, "trainable_params_final": trainable,
+               "adapter_params_final": None, "ranks": None, "best": best,
+               "wall_time_s": round(elapsed_before + time.time() - start_time, 2),
+               "peak_memory_mb": round(peak_memory_mb(device), 1), **environment(), **extra}  # fmt: skip
+        record.result(out)
+        return out
+
+    # the loop: one iteration = one optimizer step over paths_per_step sub-configurations
+    model.train()
+    stream = batch_stream(task.train, tc, net.pad_id, net.inputs, step)
+    running_loss = torch.zeros((), device=device)
+    window, last_checkpoint = 0, time.time()
+    if ckpt is not None and "window" in ckpt:
+        window = ckpt["window"]
+        running_loss.fill_(ckpt["running"].item())
+    signals = StopSignals()
+    resume_with = f"train_supernet(budget.compose.resume_config('{run_dir}'))"
+    done = False
+    try:
+        with signals:
+            while step < total_steps:
+                paths = [path_at(space, scfg, tc.seed, step, k)[1] for k in range(scfg.paths_per_step)]
+                regions: dict[str, list] = {}
+                for sub in paths:
+                    for name, index in net.activate(sub).items():
+                        regions.setdefault(name, []).append(index)
+                share = 1.0 / (tc.grad_accum * len(paths))
+                for _ in range(tc.grad_accum):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+                    for sub in paths:
+                        net.activate(sub)
+                        task_loss = model(**batch).loss
+                        (task_loss * share).backward()
+                        running_loss += task_loss.detach() * share
+                if tc.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step(regions, tc.lr * lr_factor(step, warmup, total_steps))
+                optimizer.zero_grad()
+                step += 1
+                window += 1
+
+                if step % tc.log_every == 0 or step == total_steps:
+                    mean_loss = (running_loss / window).item()
+                    record.metrics({"step": step, "split": "train", "loss": mean_loss,
+                                    "lr": tc.lr * lr_factor(step, warmup, total_steps)})  # fmt: skip
+                    record.heartbeat(step)
+                    running_loss.zero_()
+                    window = 0
+                    if not math.isfinite(mean_loss):
+                        log.error("non-finite loss %s at step %d: stopping", mean_loss, step)
+                        return result(
+                            "failed", error=f"non-finite training loss ({mean_loss}) at step {step}"
+                        )
+                if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
+                    dev_eval(step)
+                    model.train()
+                periodic = tc.checkpoint == "periodic" and (
+                    (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+                    or time.time() - last_checkpoint > 60 * tc.checkpoint_minutes
+                )
+                stop_asked = tc.stop_after_step is not None and step >= tc.stop_after_step
+                if (signals.received or stop_asked) and step < total_steps:
+                    checkpoint(step)
+                    cause = signals.received or f"train.stop_after_step={tc.stop_after_step}"
+                    return result("interrupted", interrupted_by=cause, resume_with=resume_with)
+                if periodic and step < total_steps:
+                    checkpoint(step)
+                    last_checkpoint = time.time()
+        done = True
+    except BaseException as err:
+        result("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if not done:
+            record.close()
+
+    final = dev_eval(step)
+    checkpoint(step)
+    out = result("completed", final={"dev": final["largest"]}, paths=final)
+    record.close()
+    return out
+
+
+def _completed(run_dir: Path, run: RunConfig) -> dict | None:
+    """The saved result of a completed supernet run that ``run`` would not extend (same T), else None."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "result.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("status") != "completed":
+        return None
+    before = OmegaConf.load(run_dir / "config.yaml").train
+    same = run.train.max_steps == before.max_steps and run.train.epochs == before.epochs
+    return saved if same else None
+
+
+# ---------------------------------------------------------------- scoring
+def score(net: Supernet, sub: Sub, calibration_steps: int = 0, calibration_lr: float | None = None,
+          split: str = "dev") -> dict:  # fmt: skip
+    """Metrics of ``sub`` on ``split`` with inherited weights.
+
+    With ``calibration_steps`` > 0, first trains only that slice and the head for that many steps
+    (a fresh ``MaskedAdamW`` at ``calibration_lr``, default ``train.lr``, on the same seeded batches
+    for every sub-configuration, dropout from a fixed seed), then restores every weight.
+    """
+    tc = net.run.train
+    regions = net.activate(sub)
+    saved = None
+    if calibration_steps:
+        saved = {n: p.detach().clone() for n, p in net.params.items()}
+        optimizer = MaskedAdamW(net.params, weight_decay=tc.weight_decay)
+        batches = make_batches(net.task.train, tc.batch_size, net.pad_id, True, tc.seed + 1, 0)
+        with torch.random.fork_rng(devices=[net.device] if net.device.type == "cuda" else []):
+            torch.manual_seed(tc.seed + 1)
+            net.model.train()
+            for _ in range(calibration_steps):
+                batch = next(batches, None)
+                if batch is None:
+                    batches = make_batches(net.task.train, tc.batch_size, net.pad_id, True, tc.seed + 1, 1)
+                    batch = next(batches)
+                batch = {k: v.to(net.device) for k, v in batch.items() if k in net.inputs}
+                net.model(**batch).loss.backward()
+                if tc.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(list(net.params.values()), tc.max_grad_norm)
+                optimizer.step({n: [i] for n, i in regions.items()}, calibration_lr or tc.lr)
+                optimizer.zero_grad()
+    examples = getattr(net.task, split)
+    try:
+        return evaluate(net.model, examples, net.task, tc.eval_batch_size, net.pad_id, net.device)
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for n, p in net.params.items():
+                    p.copy_(saved[n])
+
+
+def load_supernet(run_dir: str | Path) -> Supernet:
+    """A trained supernet from its run folder (``checkpoints/last.pt``), ready to ``score``."""
+    from omegaconf import OmegaConf
+
+    from budget.compose import resolve
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints" / "last.pt").exists():
+        raise ConfigError(
+            f"search.supernet.run_dir={run_dir}: no trained supernet there (no checkpoints/last.pt)"
+        )
+    run = resolve(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+    net = build(run)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["trainable"]
+    net.model.load_state_dict(state, strict=False)
+    net.model.eval()
+    return net
+
+
+_LOADED: dict[str, Supernet] = {}
+
+
+def loaded(run_dir: str | Path) -> Supernet:
+    """``load_supernet``, once per process and folder."""
+    key = str(Path(run_dir).resolve())
+    if key not in _LOADED:
+        _LOADED[key] = load_supernet(run_dir)
+    return _LOADED[key]
+
+
+# ---------------------------------------------------------------- search
+def supernet_dir(setup) -> Path:
+    return Path(setup.scfg.supernet.run_dir or Path(setup.root) / "supernet")
+
+
+def ensure_supernet(setup, log=print) -> dict:
+    """The study's trained supernet: trained into ``supernet_dir`` if that holds none, resumed if it
+    holds an interrupted one, else reused (any setting that defines it must be the same)."""
+    from budget.compose import resume_config
+
+    folder = supernet_dir(setup)
+    cfg = {**copy.deepcopy(setup.base), "search": copy.deepcopy(setup.search), "run_dir": str(folder)}
+    cfg["train"] = {**cfg["train"], "num_threads": setup.scfg.worker_threads()}
+    if (folder / "config.yaml").exists():
+        if not (folder / "checkpoints" / "last.pt").exists():
+            raise ConfigError(
+                f"search.supernet.run_dir={folder}: holds a supernet killed before its first checkpoint; "
+                "delete the folder to train it again"
+            )
+        # the same run, as resume_config would give it, checked against the saved one (resumed_config)
+        saved = resume_config(folder)
+        cfg = {**cfg, "resume": str(folder), "run_name": saved.run_name, "meta": dict(saved.meta)}
+        cfg["train"] = {**cfg["train"], "stop_after_step": None}
+        log(f"supernet: {folder} (reused or resumed)")
+    else:
+        log(f"supernet: training it in {folder}")
+    try:
+        result = train_supernet(cfg)
+    except ConfigError as err:
+        if "resume=" not in str(err):
+            raise
+        raise ConfigError(
+            f"search.supernet.run_dir={folder}: the supernet there was trained with other settings ({err}); "
+            "score with it under its own settings, or give a new search.supernet.run_dir (or search.study)"
+        ) from err
+    if result["status"] != "completed":
+        raise RuntimeError(f"supernet training ended {result['status']}: {result.get('error')}; see {folder}")
+    return result
+
+
+def make_objective(setup, ctx, release=lambda: None):
+    """The trial function of ``search.scorer=supernet``: sample a sub-configuration (Optuna's
+    sampler, or an enqueued evolution candidate), check it against the band, score it."""
+    from search.study import TrialFailed, _trained_twin, infeasible_values, sample
+
+    scfg = setup.scfg
+    names = scfg.objective_names(setup.primary)
+    directions = scfg.direction_names(setup.primary)
+    space = SupernetSpace.from_context(ctx, scfg.supernet)
+    space_fn = space_function(space)
+    folder = supernet_dir(setup)
+
+    def objective(trial):
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        release()
+        drawn = sample(trial, space_fn, ctx)
+        trial.set_user_attr("overrides", drawn.overrides)
+        trial.set_user_attr("scorer", "supernet")
+        if not drawn.feasible:
+            return infeasible_values(drawn, names, directions)
+        twin = _trained_twin(trial, drawn.overrides)
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin.number)
+            return list(twin.values)
+        sub = space.from_params(trial.params)
+        if space.count(sub) != drawn.trainable_params:
+            raise TrialFailed(f"{sub.key()}: unit table counts {space.count(sub)}, count_trainable "
+                              f"{drawn.trainable_params}: a count bug")  # fmt: skip
+        net = loaded(folder)
+        t0 = time.time()
+        metrics = score(net, sub, scfg.supernet.calibration_steps, scfg.supernet.calibration_lr)
+        seconds = time.time() - t0
+        trial.set_user_attr("sub", sub.key())
+        trial.set_user_attr("inherited", metrics)
+        trial.set_user_attr("calibration_steps", scfg.supernet.calibration_steps)
+        trial.set_user_attr("wall_time_s", round(seconds, 3))
+        trial.set_user_attr("run_dir", None)
+        values = []
+        for n in names:
+            if n == "params":
+                values.append(float(drawn.budget_params))
+            elif n == "wall_time":
+                values.append(seconds)
+            else:
+                values.append(float(metrics[n[4:]]))
+        return values
+
+    return objective
+
+
+def propose(space: SupernetSpace, scored: list[tuple[Sub, float]], scfg: SupernetConfig, n: int,
+            rng: np.random.Generator) -> list[Sub]:  # fmt: skip
+    """The next ``n`` candidates of the evolution (AutoFormer, Sec. 3.3): random feasible ones until
+    the first population is scored; then, from the ``parents`` best scored so far (higher is better),
+    ``crossover_share`` crossovers of two parents and mutants of one for the rest. Every candidate
+    is in the budget band and new (not scored, not proposed twice)."""
+    seen = {s for s, _ in scored}
+    out: list[Sub] = []
+
+    def add(sub: Sub) -> bool:
+        if sub in seen:
+            return False
+        seen.add(sub)
+        out.append(sub)
+        return True
+
+    if len(scored) < scfg.population:
+        for sub in space.sample(rng, 50 * n):
+            if len(out) >= n:
+                break
+            add(sub)
+    else:
+        parents = [s for s, _ in sorted(scored, key=lambda x: -x[1])[: scfg.parents]]
+        crossovers = round(scfg.crossover_share * n)
+        for _ in range(200 * n):
+            if len(out) >= n:
+                break
+            if len(out) < crossovers and len(parents) > 1:
+                a, b = rng.choice(len(parents), size=2, replace=False)
+                add(space.crossover(parents[a], parents[b], rng))
+            else:
+                add(space.mutate(parents[rng.integers(len(parents))], rng, scfg.mutation_prob))
+    for sub in space.sample(rng, 50 * n) if len(out) < n else []:  # a small space, mostly seen: any new one
+        if len(out) >= n:
+            break
+        add(sub)
+    return out
+
+
+def run_evolution(setup) -> None:
+    """``search.sampler=evolution``: generations of ``population`` candidates enqueued as trials of
+    the study (so the record, resume and ``retrain`` are the study's), until ``n_trials`` are scored.
+    The state is the study itself: a resumed search goes on from the trials it holds."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.study import TrialFailed, finished, make_context, open_study
+    from search.workers import Progress
+
+    scfg = setup.scfg
+    torch.set_num_threads(scfg.worker_threads())
+    study = open_study(setup)
+    ctx = make_context(setup)
+    space = SupernetSpace.from_context(ctx, scfg.supernet)
+    sign = 1 if scfg.direction_names(setup.primary)[0] == "maximize" else -1
+    objective = make_objective(setup, ctx)
+    progress = Progress(setup)
+    try:
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            wanted = scfg.n_trials - sum(finished(t) for t in trials)
+            if wanted <= 0:
+                break
+            waiting = [t for t in trials if t.state == TrialState.WAITING]
+            if not waiting:
+                scored = [(space.from_params(t.params), sign * t.values[0]) for t in trials
+                          if t.state == TrialState.COMPLETE and finished(t)]  # fmt: skip
+                generation = len(scored) // scfg.supernet.population
+                rng = np.random.default_rng([scfg.seed, len(trials)])
+                batch = propose(space, scored, scfg.supernet, min(wanted, scfg.supernet.population), rng)
+                if not batch:
+                    log.warning("evolution: every sub-configuration of the band is scored; stopping")
+                    break
+                for sub in batch:
+                    study.enqueue_trial(space.params(sub), user_attrs={"generation": generation})
+                waiting = batch
+            study.optimize(objective, n_trials=min(wanted, len(waiting)), catch=(TrialFailed,),
+                           gc_after_trial=False)  # fmt: skip
+            progress.poll(study)
+    finally:
+        progress.close()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def describe(space: SupernetSpace) -> dict:
+    """What a study's ``search.json`` says about its supernet space."""
+    lo, hi = space.band()
+    return {"methods": list(space.methods), "menus": {m: list(v) for m, v in space.menus.items()},
+            "budget": space.budget, "band": [lo, None if math.isinf(hi) else hi],
+            "configurations": int(np.prod(space.choices.astype(float)))}  # fmt: skip
+
+
+__all__ = [
+    "MaskedAdamW",
+    "Sub",
+    "Supernet",
+    "SupernetSpace",
+    "build",
+    "ensure_supernet",
+    "load_supernet",
+    "make_objective",
+    "propose",
+    "run_evolution",
+    "score",
+    "space_function",
+    "train_supernet",
+]
