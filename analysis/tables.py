@@ -249,4 +249,6 @@ def table(
         raise ValueError(f"layout={layout}: use one of {sorted(LAYOUTS)}")
     chosen = LAYOUTS[layout] if layout else None
     runs = load(paths, status="completed").runs
+    if "meta.supernet" in runs:  # a study's weight-sharing supernet scores configurations, it is not one
+        runs = runs[runs["meta.supernet"] != True]  # noqa: E712 (NaN for ordinary runs)
     return render(build(runs, chosen, rows), fmt, provenance(runs, chosen, made))

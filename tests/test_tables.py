@@ -112,3 +112,19 @@ def test_unknown_layout_and_empty(tmp_path):
         table([tmp_path], layout="nope")
     with pytest.raises(ValueError, match="no completed runs"):
         table([tmp_path])
+
+
+def test_a_supernet_run_is_not_a_row(fixed):
+    """A study's supernet folder (``meta.supernet``, method ``supernet``) scores configurations;
+    a table over the study leaves it out instead of printing it as a configuration."""
+    run = fixed / "supernet"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  seed: 42\nmethod:\n  name: hybrid\ndata:\n  task: mr\nmeta:\n  supernet: true\n")
+    result = {"record_version": 2, "status": "completed", "method": "supernet", "task": "mr", "model": "minilm",
+              "data_version": "vader-3.3.2/groups-v2", "primary_metric": "accuracy", "regression": False,
+              "trainable_params": 999999, "adapter_params_final": None, "groups": [],
+              "final": {"dev": {"accuracy": 0.99}, "test": {"accuracy": 0.99}}, "best": {"step": 10, "dev": {}},
+              "meta": {"supernet": True}, "git_commit": "0123456789abcdef", "steps": 265}  # fmt: skip
+    (run / "result.json").write_text(json.dumps(result))
+    assert len(load([fixed], status="completed").runs) == 21  # 20 fixed runs and the supernet: the records show it
+    assert table([fixed], layout="packaged", made=MADE) == (GOLDEN / "table_packaged.md").read_text()
