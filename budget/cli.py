@@ -233,10 +233,14 @@ def _search_app(args: list[str]) -> None:
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="search")
     def app(cfg) -> None:
         from budget.config import ConfigError
-        from search.study import run_search
+        from search.study import SearchInterrupted, run_search
 
         try:
             run_search(cfg)
+        except SearchInterrupted as err:  # the trial checkpointed and is queued again
+            print(f"search interrupted ({err}): the running trial will be re-run; the same command "
+                  "resumes the study", file=sys.stderr)  # fmt: skip
+            sys.exit(err.code)
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
             sys.exit(2)

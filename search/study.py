@@ -46,6 +46,16 @@ class TrialFailed(Exception):
     """The trial's run ended without a result (diverged, crashed, interrupted)."""
 
 
+class SearchInterrupted(Exception):
+    """Ctrl-C or SIGTERM reached a trial's run: it checkpointed and ended ``interrupted``, its trial
+    is failed and queued again, and this worker stops (a scheduler's SIGTERM means stop, not
+    "go on with the next trial"). ``code``: the exit code, 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.code = 143 if "SIGTERM" in cause else 130
+
+
 @dataclass
 class Setup:
     """Everything a worker process needs to run trials (plain values: it is pickled to spawn them)."""
@@ -411,6 +421,8 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
                 if baseline is not None:
                     attrs["baseline"] = baseline
                 trial.study.enqueue_trial(trial.params, user_attrs=attrs)
+            if result["status"] == "interrupted" and result.get("interrupted_by"):
+                raise SearchInterrupted(result["interrupted_by"])  # not caught by optimize: the worker stops
             raise TrialFailed(result.get("error") or result["status"])
         values = []
         for n in names:
@@ -659,7 +671,7 @@ def run_search(cfg) -> dict:
             run_evolution(setup)
         else:
             run_workers(setup)
-    except RuntimeError:  # a worker died: its trial was re-queued; record what exists, then say so
+    except (RuntimeError, SearchInterrupted):  # a worker died or was stopped: record what exists, then say so
         write_outputs(open_study(setup), setup)
         raise
     study = open_study(setup)

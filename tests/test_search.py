@@ -291,6 +291,40 @@ def test_killed_worker_is_rerun(tmp_path):
     assert row["state"] == "fail" and "died" in row["error"]
 
 
+def test_sigterm_stops_a_one_worker_search(tmp_path):
+    """SIGTERM (what a scheduler sends) to a one-worker search mid-trial: the run checkpoints and
+    ends interrupted, its trial is failed and queued again, and the search stops with exit 143
+    instead of going on with the next trial; the same command then finishes the study with the
+    stopped trial's parameters re-run."""
+    runs = tmp_path / "runs"
+    args = ["search", *LR_STUDY, *KILL_SCHEDULE, "search.n_trials=2", f"runs_root={runs}"]
+    root = runs / "search" / "lr-mr"
+    url = str(root / "journal.log")
+    proc = popen(args, tmp_path)
+    try:
+        victim = wait_for_running_trial(root, url, "lr-mr", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "search interrupted (SIGTERM)" in err and "resumes the study" in err
+    stored = trials_of(url, "lr-mr")
+    assert [t.state for t in stored] == [TrialState.FAIL, TrialState.WAITING]  # no next trial was started
+    assert stored[1].user_attrs["retry_of"] == victim.number
+    assert stored[1].system_attrs["fixed_params"] == victim.params  # queued: its parameters are fixed
+    result = json.loads((Path(victim.user_attrs["run_dir"]) / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["interrupted_by"] == "SIGTERM"
+    assert read_record(root)["trials"][0]["state"] == "fail"  # the record is written on the way out
+
+    again = cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stored = trials_of(url, "lr-mr")
+    assert stored[1].state == TrialState.COMPLETE and stored[1].params == victim.params
+    check_study(stored, 2)
+
+
 # ---------------------------------------------------------------- 5: pruning
 def test_median_pruner_stops_a_bad_trial(tmp_path, capsys):
     """Three good learning rates, then one too small to move (lr 1e-8): its dev MSE at the first
