@@ -226,10 +226,7 @@ class Progress:
                 continue
             self.seen.add(t.number)
             row = trial_row(t)
-            if row["state"] == "complete" and (
-                self.best is None or self.sign[0] * t.values[0] > self.sign[0] * self.best[1]
-            ):
-                self.best = (t.number, t.values[0])
+            self.note_best(t)
             value = (
                 " ".join(f"{n}={v:.4g}" for n, v in zip(self.names, row["values"])) if row["values"] else "-"
             )
@@ -256,6 +253,15 @@ class Progress:
             self.bar.n = min(done, self.setup.scfg.n_trials)
             self.bar.refresh()
 
+    def note_best(self, t) -> None:
+        """Keep the best trained trial (first objective); infeasible ones carry placeholders."""
+        from search.study import finished
+
+        if t.state == TrialState.COMPLETE and finished(t) and (
+            self.best is None or self.sign[0] * t.values[0] > self.sign[0] * self.best[1]
+        ):
+            self.best = (t.number, t.values[0])
+
     def close(self) -> None:
         self.bar.close()
 
@@ -274,6 +280,9 @@ def run_workers(setup: Setup) -> None:
     study = open_study(setup)
     progress.seen = {t.number for t in study.get_trials(deepcopy=False)
                      if t.state not in (TrialState.RUNNING, TrialState.WAITING)}  # fmt: skip
+    for t in study.get_trials(deepcopy=False):  # a resumed study: "best" counts the earlier trials
+        if t.number in progress.seen:
+            progress.note_best(t)
     try:
         if setup.scfg.workers == 1:
             import torch

@@ -170,6 +170,10 @@ def test_resume_reaches_the_requested_total(s4_study, capsys):
         n: ("complete" if s == "infeasible" else s) for n, s in before.items()
     }
     assert read_record(s4_study["root"])["finished"] == 5
+    # the progress lines' "best" counts the first run's trials too
+    earlier = max(t.values[0] for t in stored if t.number in before and trained(t) and t.state == TrialState.COMPLETE)
+    first = re.search(r"best (\S+) \(#(\d+)\)", out)
+    assert first and float(first.group(1)) >= float(f"{earlier:.4g}"), out
     # the resumed run draws new configurations, not the first run's again (the sampler's seed)
     drawn = [t.params for t in stored if t.params and "baseline" not in t.user_attrs]
     assert all(a != b for i, a in enumerate(drawn) for b in drawn[i + 1 :]), drawn
