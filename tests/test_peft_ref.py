@@ -95,3 +95,40 @@ def test_peft_adalora_trains_in_our_loop(compose_run):
     assert sum(result["ranks"].values()) == 24
     lines = (result["run_dir"] + "/ranks.jsonl").strip()
     assert open(lines).read().count("\n") >= 3
+
+
+def test_our_lora_computes_what_peft_lora_computes():
+    """The parity check's premise: on the same backbone and the same targets, our LoRA r=8 and
+    peft's LoRA r=8 (method=peft_lora) hold the same trainable parameters and, given the same A and
+    B, compute the same function (so the README's accuracy comparison differs only in the draws)."""
+    models, layers = [], []
+    for name in ("lora", "peft_lora"):
+        torch.manual_seed(0)
+        model = load_model(ModelConfig(name="tiny-bert"), 2, False)
+        freeze_backbone(model, train_head=True)
+        layers.append(apply_method(model, method_config_from_dict({"name": name, "r": 8, "alpha": 16})))
+        models.append(model.eval())
+    ours, theirs = layers
+    assert len(ours) == len(theirs) > 0
+    count = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in models]
+    assert count[0] == count[1]
+    batch = next(batches(1))
+    with torch.no_grad():  # B = 0 in both: the backbone's function
+        base = models[0](input_ids=batch["input_ids"]).logits
+    g = torch.Generator().manual_seed(1)
+    theirs_by_name = {n: m for n, m in models[1].named_modules() if hasattr(m, "lora_A")}
+    matched = 0
+    for name, layer in ours.items():
+        peft_layer = next(m for n, m in theirs_by_name.items() if n.endswith(name))
+        A, B = torch.randn(layer.A.shape, generator=g), torch.randn(layer.B.shape, generator=g)
+        with torch.no_grad():
+            layer.A.copy_(A)
+            layer.B.copy_(B)
+            peft_layer.lora_A["default"].weight.copy_(A)
+            peft_layer.lora_B["default"].weight.copy_(B)
+        matched += 1
+    assert matched == len(theirs)
+    with torch.no_grad():
+        logits = [m(input_ids=batch["input_ids"]).logits for m in models]
+    assert not torch.allclose(logits[0], base, atol=1e-3)  # the adapters are in the path
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
