@@ -143,6 +143,10 @@ def test_study_end_to_end(s4_study, tmp_path):
         assert result["meta"]["study"] == "s4-mr" and result["meta"]["trial"] == row["number"]
         assert result["meta"]["params"] == row["params"]
         assert row["values"] == [result["final"]["dev"]["accuracy"]]
+        if row["baseline"] == "adalora":  # its kept triplets fit the budget, whichever matrices win them
+            config = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())
+            assert config["method"]["target_params"] == 3000
+            assert 0.9 * 3000 <= result["adapter_params_final"] <= 3000
     check_study(stored, 3)
     best = record["best"][0]
     assert best["values"] == [max(r["values"][0] for r in rows if r["state"] == "complete")]
