@@ -140,6 +140,7 @@ def test_runs_started_together_get_their_own_folders(tmp_path):
         assert steps == sorted(steps)  # nobody else's lines in between
 
 
+@pytest.mark.slow  # ~20 s: several CLI runs into one folder
 def test_explicit_run_dir_is_never_reused(tmp_path):
     target = tmp_path / "mine"
     first = run_cli(
@@ -174,6 +175,7 @@ def test_signal_checkpoints_and_resumes(tmp_path, sig, code):
     assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # ~27 s: a run killed mid-interval, then resumed
 def test_kill_9_loses_at_most_one_interval(tmp_path):
     """SIGKILL mid-run: the periodic checkpoint (every 5 steps here) is where resume goes on from;
     the record holds every step once and ends like an uninterrupted run's."""
