@@ -176,9 +176,14 @@ def set_active(adapter: BottleneckAdapter, d: int | None) -> dict[str, tuple]:
     Returns the index of each parameter's part in use (empty when off), for a supernet's
     masked optimizer: W_down and b_down their first d rows, W_up its first d columns, b_up whole.
     """
+    return slice_bottleneck(adapter, d, "adapter")
+
+
+def slice_bottleneck(adapter: nn.Module, d: int | None, what: str) -> dict[str, tuple]:
+    """``set_active`` of any down / up bottleneck (this adapter, the parallel one)."""
     width = adapter.down.out_features
     if d is not None and not 0 <= d <= width:
-        raise ValueError(f"adapter slice d={d} outside 0..{width}")
+        raise ValueError(f"{what} slice d={d} outside 0..{width}")
     adapter.active = None if d is None or d == width else d
     d = width if d is None else d
     if d == 0:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from budget.config import ConfigError
+from budget.methods.adapter import slice_bottleneck
 from budget.models import base_linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
@@ -187,20 +188,7 @@ def set_active(adapter: ParallelAdapter, d: int | None) -> dict[str, tuple]:
     Returns the index of each parameter's part in use (empty when off), as
     ``budget.methods.adapter.set_active``.
     """
-    width = adapter.down.out_features
-    if d is not None and not 0 <= d <= width:
-        raise ValueError(f"parallel adapter slice d={d} outside 0..{width}")
-    adapter.active = None if d is None or d == width else d
-    d = width if d is None else d
-    if d == 0:
-        return {}
-    rows = (slice(0, d),)
-    return {
-        "down.weight": rows,
-        "down.bias": rows,
-        "up.weight": (slice(None), slice(0, d)),
-        "up.bias": (slice(None),),
-    }
+    return slice_bottleneck(adapter, d, "parallel adapter")
 
 
 def _specs(arch, position: str):
