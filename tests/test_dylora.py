@@ -149,6 +149,33 @@ def test_only_the_trained_slice_gets_gradients_and_moves(knobs, b, trained):
     assert all(nonzero(m.A.grad, 0) == trained for m in wrapped.values())
 
 
+def test_hold_false_lets_adamw_move_the_untrained_components_as_the_reference_code():
+    """``hold=False``: the reference code's behaviour. Gradients are still masked to the b-th
+    component, but AdamW's decay (and, from the second step, momentum) moves the others."""
+    model, cfg, wrapped = applied(hold=False)
+    hooks = dylora.hooks(model, wrapped, cfg)
+    steps = [step_with_rank(hooks.seed, b, cfg.r_min, cfg.r_max) for b in (3, 1)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    model.train()
+    for i, step in enumerate(steps):
+        before = {n: (m.A.detach().clone(), m.B.detach().clone()) for n, m in wrapped.items()}
+        hooks.before_step(step)
+        model(**batch()).loss.backward()
+        for layer in wrapped.values():
+            assert nonzero(layer.A.grad, 0) == [hooks.rank - 1]  # the gradient mask is unchanged
+        optimizer.step()
+        hooks.after_step(step, optimizer)
+        optimizer.zero_grad()
+        for name, layer in wrapped.items():
+            a0, b0 = before[name]
+            assert nonzero(layer.A.detach() - a0, 0) == [0, 1, 2, 3]
+            if i == 1:  # b = 1 now: component 3 (b = 3 before) moves on its first-step momentum
+                moved = (layer.A.detach() - a0)[2].abs().max()
+                decay_only = (1e-2 * 0.1 * a0[2].abs()).max()
+                assert moved > 10 * decay_only
+
+
 def test_no_step_in_progress_means_no_masking():
     """Outside a training step (no ``before_step``) the hooks leave gradients alone."""
     model, cfg, wrapped = applied()

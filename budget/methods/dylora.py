@@ -7,29 +7,36 @@ layer computes with the first b rank-one components (nested dropout's truncation
 
     h = W0 x + (alpha / b) B[:, :b] A[:b] x,   A (r_max, in) Kaiming-uniform, B (out, r_max) zero.
 
-Which components learn in that step (eq. 6): by default the paper's "frozen" mode, only the
-b-th row of A and the b-th column of B (the newly added component; the smaller ranks keep what
-they learned); ``frozen=False`` trains all of A[:b], B[:, :b] (Algorithm 1's other mode).
+Which components learn in that step (eq. 6): by default the "frozen" mode, only the b-th row
+of A and the b-th column of B (the newly added component; the smaller ranks keep what they
+learned); ``frozen=False`` trains all of A[:b], B[:, :b].
+
+Checked against the authors' code (huawei-noah/Efficient-NLP, ``DyLoRA/loralib/DyLoRA.py`` and
+``examples/NLU/.../run_glue.py``): its training callback draws the rank index uniformly in
+[0, r) before every step, the same for every layer, and calls ``set_rank(b, frozen=True)`` (the
+frozen mode is what its GLUE runs train); its truncation multiplies A[:b] and B[:, :b] by
+sqrt(r / b) each on top of alpha / r, which is the scale alpha / b used here; it evaluates dev
+at every rank after training (our ``rank_curve``).
 
 The layers are ``budget.methods.lora.LoRALinear`` at rank r_max, truncated with its
 ``set_active`` slicing; ``set_rank`` also sets the scale alpha / b. The training loop drives
 them through ``hooks`` (``budget.methods`` docstring): ``before_step`` samples b and masks the
-gradients, ``after_step`` holds the components that were not trained at their values (AdamW
-would otherwise move them with old momentum and weight decay) and puts the layers back at the
-serving rank, ``final`` evaluates dev at every rank (``rank_curve``). Between steps, for dev and
-test evaluation, the merge and both exports, the layers compute at the serving rank
-``export_rank`` (default r_max): ``merge`` and ``save_adapter`` / ``export_peft_adapter`` take
-the rank the layers are at, so ``set_rank(wrapped, k)`` before them exports rank k.
+gradients, ``after_step`` holds the components that were not trained at their values (``hold``)
+and puts the layers back at the serving rank, ``final`` evaluates dev at every rank
+(``rank_curve``). Between steps, for dev and test evaluation, the merge and both exports, the
+layers compute at the serving rank ``export_rank`` (default r_max): ``merge`` and
+``save_adapter`` / ``export_peft_adapter`` take the rank the layers are at, so
+``set_rank(wrapped, k)`` before them exports rank k.
 
-Departures from the paper:
-- b is drawn from a generator seeded by (run seed, step), the same b for every layer, so a
-  resumed run samples the same sequence.
+Departures from the paper and its code:
+- b is drawn from a generator seeded by (run seed, step), so a resumed run samples the same
+  sequence (the reference uses torch's global stream).
+- ``hold=True`` (default): a component that does not train in a step keeps its value exactly,
+  as eq. 6 states. The reference code only detaches it, so its AdamW (weight decay 0.1 in its
+  GLUE scripts) still moves it with old momentum and decay; ``hold=False`` reproduces that.
 - Frozen mode with r_min > 1: at b = r_min all of the first r_min components train (in the
-  paper's frozen update the components below r_min would never learn; the paper uses r_min = 1,
-  where both agree).
-- AdamW, not the SGD of eq. 6: a component that does not train in a step sees a zero gradient
-  (its moments decay as for any zero gradient) and keeps its value exactly; bias correction
-  counts the tensor's steps, not the component's.
+  frozen update the components below r_min would never learn; the paper and its code use
+  r_min = 1, where both agree).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class DyLoRAConfig:
     r_max: int = 8  # largest rank trained; A, B hold r_max components
     alpha: float = 16.0  # scale alpha / b at rank b (eq. 4)
     frozen: bool = True  # paper's "frozen" mode (eq. 6): only component b learns; False: all of 1..b
+    hold: bool = True  # untrained components keep their values (eq. 6); False: AdamW moves them (the reference code)
     dropout: float = 0.0
     export_rank: Optional[int] = None  # the rank evaluated, merged and exported after training (None = r_max)
     layers: Optional[list] = None  # restrict to these block indices (None = all)
@@ -174,12 +182,13 @@ class DyLoRAHooks:
     def before_step(self, step: int) -> None:
         self.rank = sample_rank(self.seed, step, self.cfg.r_min, self.cfg.r_max)
         set_rank(self.layers, self.rank)
-        self.held = {n: (m.A.detach().clone(), m.B.detach().clone()) for n, m in self.layers.items()}
+        if self.cfg.hold:
+            self.held = {n: (m.A.detach().clone(), m.B.detach().clone()) for n, m in self.layers.items()}
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer) -> None:
         keep = self._trained()
-        for name, layer in self.layers.items():
+        for name, layer in self.layers.items() if self.cfg.hold else ():
             a0, b0 = self.held[name]
             a, b = layer.A, layer.B
             a[: keep.start], a[keep.stop :] = a0[: keep.start], a0[keep.stop :]
