@@ -19,15 +19,22 @@ K = 8: 3 x (9 + 11) - 4 + 8 = 64, against LoRA r = 8's 15,360.
 
 Worked example of the circuit: q = 1, θ = π/2 gives U = [[cos π/4], [sin π/4]] = [0.707, 0.707]ᵀ.
 
-Departures from the paper, which we could not read while writing this (the construction above is
-from memory, its count (2L + 1) log2 N - 2L as we recall it): for N not a power of two the paper
-builds larger unitaries by quantum Shannon decomposition; here the circuit runs on the next power
-of two, the first N rows of its K columns are kept and re-orthonormalised by Cholesky QR (twice,
-exact to float rounding, differentiable; the angles are the same, so the count is unchanged).
-The angles start uniform in [-π, π) (random orthonormal frames, as AdaLoRA's random P, Q) and λ at
-zero, so the layer starts as the base layer; the paper's Lie-algebra (Taylor / Cayley) variants,
-its angle quantisation and its tensor-network variants are not implemented. The scaling
-s = alpha / K keeps LoRA's convention.
+Sources: the paper's full text was not reachable from where this was written (only its
+abstract and Figure 1: W + U Λ Vᵀ with U, V left-orthogonal, computed from intrinsic parameters,
+Λ trained). The circuit (alternating RY layers and CZ entanglers, real SO(N), not SU(N)) and the
+count per Pauli circuit, (2L + 1) log2 N - 2L, agree with an independent implementer's notes on
+the paper (which also give the total per matrix as 2 (2L + 1) log2 N + K, an upper bound that
+omits the -2L of each circuit) and with a second third-party implementation's docstring. Check
+them against the paper's Sec. 4 when it can be read.
+
+Departures: for N not a power of two the paper builds larger unitaries by quantum Shannon
+decomposition; here the circuit runs on the next power of two, the first N rows of its K
+columns are kept and re-orthonormalised by Cholesky QR (twice, exact to float rounding,
+differentiable; the angles are the same, so the count is unchanged). The angles start uniform in
+[-π, π) (random orthonormal frames, as AdaLoRA's random P, Q) and λ at zero, so the layer starts
+as the base layer; the paper's Lie-algebra (Taylor / Cayley) variants, its angle quantisation
+and its tensor-network variants are not implemented. The scaling s = alpha / K keeps LoRA's
+convention.
 """
 
 from __future__ import annotations
