@@ -70,12 +70,15 @@ def total_steps_for(run: RunConfig, n_train: int) -> int:
 
 
 def check_schedule(method, total_steps: int) -> None:
-    """The AdaLoRA phases must leave a budgeting phase (peft#2337 crashes instead)."""
+    """The AdaLoRA phases must leave a budgeting phase (peft#2337 crashes instead); a method
+    config with ``validate_steps(T)`` checks its own step schedule (RoSA's warm-up)."""
     from budget.schedule import phase_steps
 
     ada = adalora_config_of(method)
     if ada is not None:
         phase_steps(ada.warmup_steps, ada.final_steps, total_steps)
+    if callable(getattr(method, "validate_steps", None)):
+        method.validate_steps(total_steps)
 
 
 def check_exports(run: RunConfig) -> None:

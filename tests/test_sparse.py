@@ -369,3 +369,85 @@ def test_run_adapter_reloads_the_calibrated_mask(compose_run, method):
     assert idx, "no index buffers found"
     for saved in ckpt["hooks"][0]["indices"].values():
         assert any(torch.equal(saved, b) for b in idx.values())
+
+
+# ---------------------------------------------------------------- RoSA's warm-up schedule (wl{N})
+def test_rosa_warmup_trains_lora_alone_then_masks_by_the_collected_fisher():
+    """warmup_steps=2, calibration_steps=2: steps 0-3 train LoRA only (S's values stay zero),
+    steps 2-3 sum (∇W0 L)² of their own backward passes, and after step 3 the mask is the top-k
+    of that sum, computed here independently on a copy of the model at each of those steps;
+    S trains from step 4 with fresh AdamW state."""
+    values = {"name": "rosa", "r": 2, "density": 0.05, "warmup_steps": 2, "calibration_steps": 2}
+    model, cfg, wrapped, hooks, layers = prepared(values, calibrate=False)
+    hooks.calibrate(loss_of(model), batches)  # with a warm-up: nothing chosen before training
+    assert cfg.sparse_from == 4 and not hooks.active
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    expected = {n: torch.zeros(m.base.weight.shape) for n, m in layers.items()}
+    lora_before = {n: m.B.detach().clone() for n, m in wrapped.items()}
+    model.eval()  # no dropout: the copies must see the forward the model sees
+    for step, b in enumerate(batches(6)):
+        if step in (2, 3):  # the score, by hand: (∇W0 L)² at this step's parameters
+            twin = copy.deepcopy(model)
+            twin_layers = {n: twin.get_submodule(n).base for n in layers}
+            ws = [m.base.weight.requires_grad_(True) for m in twin_layers.values()]
+            for n, g in zip(twin_layers, torch.autograd.grad(twin(**b).loss, ws)):
+                expected[n] += g.square()
+        hooks.before_step(step)
+        model(**b).loss.backward()
+        opt.step()
+        hooks.after_step(step, opt)
+        opt.zero_grad()
+        if step < 4:
+            assert all(torch.count_nonzero(m.values) == 0 for m in layers.values()), step
+        if step == 3:  # the mask is chosen: the zero-gradient moments are dropped
+            assert all(m.values not in opt.state for m in layers.values())
+        assert all(not m.base.weight.requires_grad and m.base.weight.grad is None for m in layers.values())
+    assert all(not torch.equal(m.B.detach(), lora_before[n]) for n, m in wrapped.items())  # LoRA trained
+    for name, layer in layers.items():
+        k = layer.k
+        want = expected[name].flatten().topk(k).indices.sort().values
+        assert torch.equal(layer.idx, want), name
+        assert torch.count_nonzero(layer.values) > 0  # S trains from step 4
+        assert opt.state[layer.values]["step"] == 2  # steps 4 and 5: its AdamW state started afresh
+    assert hooks.active and hooks.scores is None
+
+
+def test_rosa_warmup_with_magnitude_needs_no_collection():
+    values = {"name": "rosa", "r": 2, "density": 0.05, "warmup_steps": 1, "score": "magnitude"}
+    model, cfg, wrapped, hooks, layers = prepared(values)
+    assert cfg.sparse_from == 1
+    before = {n: m.idx.clone() for n, m in layers.items()}
+    opt = train_steps(model, steps=1)
+    hooks.after_step(0, opt)
+    assert hooks.active and all(torch.equal(m.idx, before[n]) for n, m in layers.items())
+
+
+def test_rosa_warmup_run_resumes_inside_the_collection_window(compose_run):
+    """Stopped at step 4, inside the steps scoring the mask (3 and 4 of 3 + 2), and resumed: the
+    partial score travels in the checkpoint, so the mask and every weight end as in one run."""
+    method = ["method=rosa", "method.r=2", "method.density=0.02", "method.calibration_steps=2",
+              "method.warmup_steps=3"]  # fmt: skip
+    full = train(compose_run(*method, "run_name=full"))
+    assert full["status"] == "completed" and full["sparse_from_step"] == 5
+    first = train(compose_run(*method, "run_name=killed", "train.stop_after_step=4"))
+    assert first["status"] == "interrupted"
+    mid = torch.load(Path(first["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+    assert mid["hooks"][0]["active"] is False and mid["hooks"][0]["scores"]
+    resumed = train(resume_config(first["run_dir"]))
+    assert resumed["status"] == "completed" and resumed["final"] == full["final"]
+    a = torch.load(Path(full["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+    for (name, x), (_, y) in zip(a["trainable"].items(), b["trainable"].items()):
+        assert torch.equal(x, y), name
+    for x, y in zip(a["hooks"][0]["indices"].values(), b["hooks"][0]["indices"].values()):
+        assert torch.equal(x, y)
+
+
+def test_rosa_warmup_longer_than_the_run_is_refused_before_any_compute(compose_run, tmp_path):
+    run = compose_run("method=rosa", "method.warmup_steps=20", "method.calibration_steps=4")
+    with pytest.raises(ConfigError, match=r"method\.warmup_steps=20.*24"):
+        train(run)
+    assert not any((tmp_path / "runs").glob("*/checkpoints"))
+    with pytest.raises(ConfigError, match=r"method\.warmup_steps"):
+        method_config_from_dict({"name": "rosa", "warmup_steps": -1}).validate()

@@ -12,25 +12,34 @@ Built from the pieces of the other two files: each target becomes ``lora.LoRALin
 chosen by ``sparse.importance`` / ``sparse.select`` in ``calibrate``, and the sparse knobs
 (``density``, ``budget``, ``score``, ``scope``) mean what they mean for ``sparse``.
 
-Departures: the paper (reference schedule ``wl64``) first trains LoRA alone for a warm-up of
-the training run, then accumulates the full-weight gradients over a few training batches at
-that point, picks the mask and trains both from there; ours scores ``calibration_steps``
-batches at the base model (B = 0) before training starts, so LoRA and S train together from
-step 0 and the run's trainable set never changes. The reference keeps S in a CSR matrix and
-uses SDDMM / sparse-add kernels (spops, GPU); ours stores the k values and their indices
-and builds W0 + S densely per forward (``budget.methods.sparse``). ``score: grad``
-(|θ ∇θ|) and ``magnitude`` are extra options, not the paper's.
+When the mask is chosen (``warmup_steps``):
+- an integer N (the paper's schedule; the reference code's ``schedule: wl{N}``, ``wl64`` in its
+  scripts): LoRA trains alone for N steps, the squared gradients of the dense weights are
+  summed over the next ``calibration_steps`` training steps (LoRA still training, the
+  reference's ``grad_collection`` agenda, one score per backward pass), then the mask is chosen
+  and S trains with LoRA from there, its AdamW state starting fresh. S's k values exist from
+  step 0 (the trainable count is the method's from the start) but get zero gradients, and so
+  stay zero, until then. ``validate_steps`` refuses a run too short to reach the mask.
+- ``null`` (default): the mask is scored over ``calibration_steps`` batches of its own at the
+  base model (B = 0) before training starts, and LoRA and S train together from step 0.
+
+Departures: the reference keeps S in a CSR matrix and uses SDDMM / sparse-add kernels
+(spops, GPU); ours stores the k values and their indices and builds W0 + S densely per
+forward (``budget.methods.sparse``). ``score: grad`` (|θ ∇θ|) and ``magnitude`` are extra
+options, not the paper's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from budget.config import ConfigError
 from budget.methods import lora, sparse
 from budget.methods.lora import LoRALinear
 from budget.methods.sparse import SparseHooks, SparseLinear
@@ -56,12 +65,36 @@ class RoSAConfig:
     budget: Optional[int] = None  # entries of S in all; wins over density
     score: str = "fisher"  # the mask's score: fisher Σ(∇θ)² (paper) | grad Σ|θ ∇θ| | magnitude |θ|
     scope: str = "matrix"  # matrix: top-k per matrix (paper) | global: top-k over all matrices
-    calibration_steps: int = 8  # batches the mask's score is accumulated over
+    calibration_steps: int = 8  # batches (or training steps, with warmup_steps) the mask's score sums over
+    warmup_steps: Optional[int] = None  # LoRA-only steps before the mask (paper: wl64); None: mask before step 0
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
     def validate(self) -> None:
         self.lora_part().validate()
         self.sparse_part().validate()
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(
+                f"method.warmup_steps: must be >= 0 (LoRA-only steps before the mask), or null to choose "
+                f"the mask before training; got {self.warmup_steps}"
+            )
+
+    @property
+    def sparse_from(self) -> int:
+        """The first step S trains in: 0 without warm-up; else after the warm-up and, unless the
+        score needs no gradients, the steps the score is collected over."""
+        if self.warmup_steps is None:
+            return 0
+        return self.warmup_steps + (0 if self.score == "magnitude" else self.calibration_steps)
+
+    def validate_steps(self, total_steps: int) -> None:
+        """Called by the training loop once T is known, before the model is built."""
+        if self.sparse_from >= total_steps > 0 and self.warmup_steps is not None:
+            raise ConfigError(
+                f"method.warmup_steps={self.warmup_steps} (+ method.calibration_steps={self.calibration_steps} "
+                f"steps scoring the mask) leaves no step of the run's {total_steps} for the sparse part: "
+                "lower method.warmup_steps, raise train.max_steps / train.epochs, or set "
+                "method.warmup_steps=null to choose the mask before training"
+            )
 
     def lora_part(self) -> lora.LoRAConfig:
         return lora.LoRAConfig(
@@ -104,8 +137,100 @@ def sparse_layers(modules: dict) -> dict[str, SparseLinear]:
     }
 
 
-def hooks(model: nn.Module, modules: dict, cfg: RoSAConfig) -> SparseHooks:
-    return SparseHooks(sparse_layers(modules), cfg.sparse_part())
+class RoSAHooks(SparseHooks):
+    """``SparseHooks`` plus the paper's schedule: with ``warmup_steps`` set, S's gradients are
+    zeroed until step ``sparse_from``; the dense weights' scores are summed over the training
+    steps before it (one score per backward pass); at its end the mask is chosen, S is reset to
+    zero on it and its optimizer state is dropped (AdamW starts it afresh)."""
+
+    def __init__(self, layers: dict[str, SparseLinear], cfg: RoSAConfig):
+        super().__init__(layers, cfg.sparse_part())
+        self.rosa = cfg
+        self.active = cfg.sparse_from == 0  # S trains
+        self.scores: dict[str, torch.Tensor] | None = None  # summed over the collection steps
+        self._handles: list = []
+        for layer in layers.values():  # bound method: follows the parameter (same k, same tensor)
+            layer.values.register_hook(self._mask_values)
+
+    def _mask_values(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad if self.active else torch.zeros_like(grad)
+
+    def _collecting(self, step: int) -> bool:
+        cfg = self.rosa
+        return cfg.warmup_steps is not None and cfg.score != "magnitude" and (
+            cfg.warmup_steps <= step < cfg.sparse_from
+        )
+
+    def calibrate(self, loss_of: Callable, batches: Callable) -> None:
+        if self.rosa.warmup_steps is None:  # the mask before training, from batches of its own
+            super().calibrate(loss_of, batches)
+
+    def before_step(self, step: int) -> None:
+        if not self._collecting(step):
+            return
+        if self.scores is None:
+            self.scores = {
+                n: torch.zeros(m.base.weight.shape, dtype=torch.float32, device=m.base.weight.device)
+                for n, m in self.layers.items()
+            }
+        for name, layer in self.layers.items():
+            w = layer.base.weight
+            w.requires_grad_(True)  # W0 is in no optimizer: its gradient is read here, then dropped
+            self._handles.append(w.register_hook(self._collector(name, w)))
+
+    def _collector(self, name: str, w: torch.Tensor):
+        def collect(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                g = grad.float()
+                self.scores[name] += (w.float() * g).abs() if self.cfg.score == "grad" else g.square()
+
+        return collect
+
+    @torch.no_grad()
+    def after_step(self, step: int, optimizer) -> None:
+        if self._collecting(step):
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            for layer in self.layers.values():
+                layer.base.weight.requires_grad_(False)
+                layer.base.weight.grad = None
+        if not self.active and step + 1 == self.rosa.sparse_from:
+            self._choose_mask(optimizer)
+
+    def _choose_mask(self, optimizer) -> None:
+        scores = self.scores
+        if scores is None:  # magnitude: the weights themselves
+            scores = sparse.importance(self.layers, None, (), "magnitude")
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            for t in scores.values():  # every rank must keep the same entries
+                torch.distributed.all_reduce(t)
+        for name, idx in sparse.select(self.layers, scores, self.cfg).items():
+            layer = self.layers[name]
+            layer.select_(idx)  # same k: the same parameter, zeroed
+            if optimizer is not None:
+                optimizer.state.pop(layer.values, None)  # moments of zero gradients: start afresh
+        self.scores, self.active = None, True
+
+    def state_dict(self) -> dict:
+        state = {**super().state_dict(), "active": self.active}
+        if self.scores is not None:
+            state["scores"] = {n: t.cpu() for n, t in self.scores.items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.active = state.get("active", True)
+        scores = state.get("scores")
+        if scores is not None:
+            self.scores = {n: t.to(self.layers[n].base.weight.device) for n, t in scores.items()}
+
+    def final(self, evaluate) -> dict:
+        return {"sparse_from_step": self.rosa.sparse_from}
+
+
+def hooks(model: nn.Module, modules: dict, cfg: RoSAConfig) -> RoSAHooks:
+    return RoSAHooks(sparse_layers(modules), cfg)
 
 
 @torch.no_grad()
