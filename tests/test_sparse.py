@@ -445,9 +445,57 @@ def test_rosa_warmup_run_resumes_inside_the_collection_window(compose_run):
 
 
 def test_rosa_warmup_longer_than_the_run_is_refused_before_any_compute(compose_run, tmp_path):
-    run = compose_run("method=rosa", "method.warmup_steps=20", "method.calibration_steps=4")
-    with pytest.raises(ConfigError, match=r"method\.warmup_steps=20.*24"):
+    run = compose_run("method=rosa", "method.warmup_steps=21", "method.calibration_steps=4")
+    with pytest.raises(ConfigError, match=r"method\.warmup_steps=21.*24 steps"):
         train(run)
     assert not any((tmp_path / "runs").glob("*/checkpoints"))
     with pytest.raises(ConfigError, match=r"method\.warmup_steps"):
         method_config_from_dict({"name": "rosa", "warmup_steps": -1}).validate()
+
+
+def test_rosa_restarts_on_the_mask_of_a_warmed_up_run(compose_run, tmp_path):
+    """The reference README's recommended flow: one run warms LoRA up and ends right after its
+    mask is chosen (T = warmup + calibration steps, S never trained); a second run with
+    ``mask_from`` starts LoRA and S from scratch on exactly that mask."""
+    warm = train(compose_run("method=rosa", "method.r=2", "method.density=0.02", "method.warmup_steps=6",
+                             "method.calibration_steps=2", "train.max_steps=8", "run_name=warm"))  # fmt: skip
+    assert warm["status"] == "completed" and warm["sparse_from_step"] == 8
+    ckpt = torch.load(Path(warm["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+    mask = ckpt["hooks"][0]["indices"]
+    assert ckpt["hooks"][0]["active"] and all(v.numel() > 0 for v in mask.values())
+    assert all(torch.count_nonzero(v) == 0 for n, v in ckpt["trainable"].items() if n.endswith("values"))
+    # a different mask than the cold start's, or the test proves nothing
+    cold = train(compose_run("method=rosa", "method.r=2", "method.density=0.02", "method.calibration_steps=2",
+                             "train.max_steps=1", "run_name=cold"))  # fmt: skip
+    cold_mask = torch.load(Path(cold["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)["hooks"][0]["indices"]
+    assert any(not torch.equal(mask[n], cold_mask[n]) for n in mask)
+
+    again = train(compose_run("method=rosa", "method.r=2", "method.density=0.02",
+                              f"method.mask_from={warm['run_dir']}", "run_name=again"))  # fmt: skip
+    assert again["status"] == "completed" and again["sparse_from_step"] == 0
+    after = torch.load(Path(again["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+    for name, idx in mask.items():
+        assert torch.equal(after["hooks"][0]["indices"][name], idx), name
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["method.warmup_steps=2"], "set one of them"),
+        (["method.density=0.05"], "keeps"),
+        (["method.layers=[0]"], "other matrices"),
+    ],
+    ids=["both", "other-density", "other-layers"],
+)
+def test_rosa_mask_from_a_mismatched_run_is_refused(compose_run, extra, match):
+    warm = train(compose_run("method=rosa", "method.r=2", "method.density=0.02", "method.warmup_steps=1",
+                             "method.calibration_steps=1", "train.max_steps=2", "run_name=warm"))  # fmt: skip
+    run = compose_run("method=rosa", "method.r=2", "method.density=0.02", f"method.mask_from={warm['run_dir']}",
+                      *extra, "run_name=again")  # fmt: skip
+    with pytest.raises(ConfigError, match=match):
+        train(run)
+
+
+def test_rosa_mask_from_a_folder_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"method\.mask_from=.*no checkpoints/last\.pt"):
+        method_config_from_dict({"name": "rosa", "mask_from": str(tmp_path)}).validate()

@@ -20,6 +20,12 @@ When the mask is chosen (``warmup_steps``):
   and S trains with LoRA from there, its AdamW state starting fresh. S's k values exist from
   step 0 (the trainable count is the method's from the start) but get zero gradients, and so
   stay zero, until then. ``validate_steps`` refuses a run too short to reach the mask.
+  A run may end right at that step (T = ``sparse_from``): its checkpoint then holds the mask
+  and S never trained, the reference's ``terminate_after_mask_generation``.
+- ``mask_from``: a run folder whose checkpoint holds a chosen mask (the run above). LoRA and S
+  start from scratch on that mask at step 0: the restart the reference README recommends
+  ("warm up with low-rank adapter only, generate the masks, and then restart the training with
+  both adapters activated", its ``mask_load_path``).
 - ``null`` (default): the mask is scored over ``calibration_steps`` batches of its own at the
   base model (B = 0) before training starts, and LoRA and S train together from step 0.
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -67,6 +74,7 @@ class RoSAConfig:
     scope: str = "matrix"  # matrix: top-k per matrix (paper) | global: top-k over all matrices
     calibration_steps: int = 8  # batches (or training steps, with warmup_steps) the mask's score sums over
     warmup_steps: Optional[int] = None  # LoRA-only steps before the mask (paper: wl64); None: mask before step 0
+    mask_from: Optional[str] = None  # a run folder holding a chosen mask: train LoRA + S on it from step 0
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
     def validate(self) -> None:
@@ -77,6 +85,17 @@ class RoSAConfig:
                 f"method.warmup_steps: must be >= 0 (LoRA-only steps before the mask), or null to choose "
                 f"the mask before training; got {self.warmup_steps}"
             )
+        if self.mask_from is not None:
+            if self.warmup_steps is not None:
+                raise ConfigError(
+                    "method.mask_from and method.warmup_steps both choose the mask: set one of them "
+                    "(mask_from restarts on a mask a warmed-up run chose)"
+                )
+            if not mask_checkpoint(self.mask_from).is_file():
+                raise ConfigError(
+                    f"method.mask_from={self.mask_from}: no checkpoints/last.pt there; give the folder of a "
+                    "RoSA run that chose its mask (e.g. one run with method.warmup_steps=64)"
+                )
 
     @property
     def sparse_from(self) -> int:
@@ -87,11 +106,12 @@ class RoSAConfig:
         return self.warmup_steps + (0 if self.score == "magnitude" else self.calibration_steps)
 
     def validate_steps(self, total_steps: int) -> None:
-        """Called by the training loop once T is known, before the model is built."""
-        if self.sparse_from >= total_steps > 0 and self.warmup_steps is not None:
+        """Called by the training loop once T is known, before the model is built. T equal to
+        ``sparse_from`` is allowed: the run ends with its mask chosen (for ``mask_from``)."""
+        if self.sparse_from > total_steps > 0 and self.warmup_steps is not None:
             raise ConfigError(
                 f"method.warmup_steps={self.warmup_steps} (+ method.calibration_steps={self.calibration_steps} "
-                f"steps scoring the mask) leaves no step of the run's {total_steps} for the sparse part: "
+                f"steps scoring the mask) ends after the run's {total_steps} steps, so no mask would be chosen: "
                 "lower method.warmup_steps, raise train.max_steps / train.epochs, or set "
                 "method.warmup_steps=null to choose the mask before training"
             )
@@ -137,6 +157,29 @@ def sparse_layers(modules: dict) -> dict[str, SparseLinear]:
     }
 
 
+def mask_checkpoint(run_dir: str) -> Path:
+    return Path(run_dir).expanduser() / "checkpoints" / "last.pt"
+
+
+def load_mask(run_dir: str, layers: dict[str, SparseLinear]) -> dict[str, torch.Tensor]:
+    """The mask a RoSA run chose (its checkpoint's hook state), checked against ``layers``."""
+    where = f"method.mask_from={run_dir}"
+    states = torch.load(mask_checkpoint(run_dir), map_location="cpu", weights_only=True).get("hooks") or []
+    state = next((s for s in states if isinstance(s, dict) and "indices" in s), None)
+    if state is None or not state.get("active", True):
+        raise ConfigError(f"{where}: that run holds no chosen mask (not RoSA, or stopped before its mask step); "
+                          "let it reach method.warmup_steps + method.calibration_steps")  # fmt: skip
+    indices = state["indices"]
+    if set(indices) != set(layers):
+        raise ConfigError(f"{where}: its mask covers other matrices ({len(indices)} vs this run's {len(layers)}); "
+                          "use the same model and method.target_modules / method.layers")  # fmt: skip
+    for name, layer in layers.items():
+        if indices[name].numel() != layer.k or int(indices[name].max()) >= layer.base.weight.numel():
+            raise ConfigError(f"{where}: its mask keeps {indices[name].numel()} entries of {name}, this run "
+                              f"{layer.k}; use the same method.density / method.budget / method.scope")  # fmt: skip
+    return indices
+
+
 class RoSAHooks(SparseHooks):
     """``SparseHooks`` plus the paper's schedule: with ``warmup_steps`` set, S's gradients are
     zeroed until step ``sparse_from``; the dense weights' scores are summed over the training
@@ -162,7 +205,10 @@ class RoSAHooks(SparseHooks):
         )
 
     def calibrate(self, loss_of: Callable, batches: Callable) -> None:
-        if self.rosa.warmup_steps is None:  # the mask before training, from batches of its own
+        if self.rosa.mask_from is not None:  # a warmed-up run's mask, LoRA and S from scratch
+            for name, idx in load_mask(self.rosa.mask_from, self.layers).items():
+                self.layers[name].select_(idx)
+        elif self.rosa.warmup_steps is None:  # the mask before training, from batches of its own
             super().calibrate(loss_of, batches)
 
     def before_step(self, step: int) -> None:
