@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from budget.methods import dylora
 from budget.methods.adalora import SVDLinear
 from budget.methods.lora import LoRALinear
 from budget.models import is_head, set_module
@@ -54,6 +55,7 @@ def export_peft_adapter(
     out_dir: str | Path,
     base_model_name_or_path: str,
     task_type: str = "SEQ_CLS",
+    rank: int | None = None,
 ) -> dict:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors`` in peft's LoRA format.
 
@@ -68,6 +70,8 @@ def export_peft_adapter(
         out_dir: folder to write (created if missing).
         base_model_name_or_path: recorded in the config (``AutoPeftModel`` loads it).
         task_type: peft task type; ``SEQ_CLS`` for our sequence-classification models.
+        rank: DyLoRA only: export rank ``rank`` (A[:rank], B[:, :rank] at scale alpha / rank);
+            None exports the rank the layers compute at (``method.export_rank``).
 
     Returns:
         {"path", "modules": {name: exported rank}, "pruned": [rank-0 modules left out],
@@ -84,7 +88,7 @@ def export_peft_adapter(
             raise ValueError(f"{name}: {type(layer).__name__} has no peft LoRA equivalent; use save_merged")
     if not adapters:
         raise ValueError("no adapter layers to export (full fine-tuning?); use save_merged instead")
-    with torch.no_grad():
+    with torch.no_grad(), dylora.at_rank(wrapped, rank):
         factors = {name: _lora_factors(layer) for name, layer in adapters.items()}
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     kept = {name: r for name, r in ranks.items() if r > 0}
@@ -179,11 +183,14 @@ def merge_into_base(model: nn.Module, wrapped: dict[str, nn.Module]) -> nn.Modul
 
 
 @torch.no_grad()
-def merge_methods(model: nn.Module, wrapped: dict[str, nn.Module], methods: list[str]) -> nn.Module:
+def merge_methods(
+    model: nn.Module, wrapped: dict[str, nn.Module], methods: list[str], rank: int | None = None
+) -> nn.Module:
     """Fold every method of ``methods`` into the base weights with its registered ``merge``, in place.
 
     LoRA, AdaLoRA, (IA)³, BitFit and layer freezing merge (outputs unchanged); adapters,
-    prefixes and prompts add computation and cannot: ValueError names them.
+    prefixes and prompts add computation and cannot: ValueError names them. ``rank``: DyLoRA
+    only, merge rank ``rank`` (None: the rank the layers compute at).
     """
     from budget.methods import REGISTRY
 
@@ -192,6 +199,8 @@ def merge_methods(model: nn.Module, wrapped: dict[str, nn.Module], methods: list
         raise ValueError(
             f"{', '.join(cannot)} cannot merge into the base weights; export the adapter instead"
         )
+    if rank is not None:
+        dylora.choose_rank(wrapped, rank)  # the wrappers are gone after the merge: nothing to put back
     for m in reversed(methods):  # the reverse of the order they were applied in
         if m != "full":
             REGISTRY[m].merge(model, wrapped)
@@ -199,13 +208,19 @@ def merge_methods(model: nn.Module, wrapped: dict[str, nn.Module], methods: list
 
 
 def save_merged(
-    model: nn.Module, wrapped: dict[str, nn.Module], out_dir: str | Path, tokenizer=None, methods=None
+    model: nn.Module,
+    wrapped: dict[str, nn.Module],
+    out_dir: str | Path,
+    tokenizer=None,
+    methods=None,
+    rank: int | None = None,
 ) -> Path:
     """Save a merged copy as a plain HF checkpoint (``AutoModelFor*.from_pretrained`` loads it).
 
     ``model`` itself is left unmerged: a deep copy is merged and saved, with the tokenizer when
     given (a 4-bit base is dequantised in place first, computing the same; the checkpoint is fp32). Works for full fine-tuning too (nothing to merge). ``methods`` (names, in
     application order) selects the registered merges; by default the LoRA/AdaLoRA wrappers.
+    ``rank``: DyLoRA only, merge rank ``rank`` (None: the rank the layers compute at).
     """
     from budget.models import dequantize_base
 
@@ -214,7 +229,8 @@ def save_merged(
     # computes the same function afterwards (forward used exactly these weights), in fp32 storage.
     dequantize_base(model)
     memo: dict = {}
-    merged = copy.deepcopy(model, memo)
+    with dylora.at_rank(wrapped, rank):  # the copy computes at that rank; ``model`` is put back
+        merged = copy.deepcopy(model, memo)
     if methods is None:
         names = list(_adapters(wrapped))
         merge_into_base(merged, {name: merged.get_submodule(name) for name in names})
@@ -229,7 +245,13 @@ def save_merged(
 
 
 def save_adapter(
-    model: nn.Module, method_cfg, wrapped: dict, out_dir: str | Path, base_model: str, hooks: list = ()
+    model: nn.Module,
+    method_cfg,
+    wrapped: dict,
+    out_dir: str | Path,
+    base_model: str,
+    hooks: list = (),
+    rank: int | None = None,
 ) -> str:
     """Any method's trainable state: ``adapter_model.safetensors`` + ``adabudget_adapter.json``.
 
@@ -237,6 +259,8 @@ def save_adapter(
     key/value prefixes themselves. ``hooks``: the run's training-loop hooks (``budget.methods``);
     what they hold beyond the trainable parameters (a sparse method's chosen entries, Delta-LoRA's
     change of W0) goes to ``hooks.pt``. ``load_adapter`` rebuilds the model from these files.
+    ``rank``: DyLoRA only, the rank the saved adapter loads at (all r_max components are saved,
+    so ``load_adapter(..., rank=k)`` can still pick another).
     """
     import dataclasses
 
@@ -244,6 +268,11 @@ def save_adapter(
 
     from budget.methods import fold_all
 
+    if rank is not None:
+        with dylora.at_rank(wrapped, rank):  # refused here, before anything is written, if it cannot apply
+            pass
+        method_cfg = dataclasses.replace(method_cfg, export_rank=rank)
+        method_cfg.validate()  # a rank outside [method.r_min, method.r_max] was not trained
     fold_all(model, wrapped)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,10 +289,11 @@ def save_adapter(
     return str(out)
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
+def load_adapter(model: nn.Module, adapter_dir: str | Path, rank: int | None = None) -> dict:
     """Apply the saved method to ``model`` (the frozen base) and load its state; returns ``wrapped``.
 
-    The model then computes exactly what the saved one did.
+    The model then computes exactly what the saved one did; ``rank``: DyLoRA only, compute at
+    rank ``rank`` instead of the saved export rank.
     """
     from safetensors.torch import load_file
 
@@ -293,6 +323,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
         if name in params:
             params[name].requires_grad_(True)  # the head was trained and saved too
     load_trainable_state_dict(model, state)
+    if rank is not None:
+        dylora.choose_rank(wrapped, rank)
     return wrapped
 
 

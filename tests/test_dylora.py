@@ -14,8 +14,8 @@ from transformers import AutoModelForSequenceClassification
 
 from budget.compose import resume_config
 from budget.config import ConfigError
-from budget.export import export_peft_adapter, load_adapter, save_adapter
-from budget.methods import dylora, method_config_from_dict
+from budget.export import export_peft_adapter, load_adapter, merge_methods, save_adapter, save_merged
+from budget.methods import apply_method, dylora, method_config_from_dict
 from budget.methods.dylora import DyLoRAConfig, sample_rank, set_rank
 from budget.methods.lora import LoRALinear
 from budget.models import freeze_backbone, tiny_config
@@ -254,6 +254,59 @@ def test_peft_export_at_rank_k(tmp_path, k):
     peft = pytest.importorskip("peft")
     loaded = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=0)
+
+
+def at_serving_rank(wrapped, cfg) -> bool:
+    return all(m.active is None and m.scaling == cfg.alpha / cfg.r_max for m in wrapped.values())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_export_and_merge_take_rank(tmp_path, k):
+    """``rank=k`` of the peft export, the merged checkpoint and the adapter (save and load) gives
+    what computing at rank k gives, and leaves the model at its serving rank."""
+    model, cfg, wrapped = applied()
+    set_rank(wrapped, k)
+    expected = logits(model)
+    set_rank(wrapped, cfg.r_max)
+    full = logits(model)
+    assert not torch.allclose(full, expected, atol=1e-4)
+
+    summary = export_peft_adapter(model, wrapped, tmp_path / "peft", base_model_name_or_path="tiny-bert", rank=k)
+    assert set(summary["modules"].values()) == {k} and at_serving_rank(wrapped, cfg)
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftModel.from_pretrained(build(), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
+
+    save_merged(model, wrapped, tmp_path / "merged", rank=k)
+    assert at_serving_rank(wrapped, cfg)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model), full, atol=0, rtol=0)
+
+    save_adapter(model, cfg, wrapped, tmp_path / "adapter", "tiny-bert", rank=k)
+    fresh = build()
+    again = load_adapter(fresh, tmp_path / "adapter")  # saved with rank k: loads at k
+    torch.testing.assert_close(logits(fresh), expected, atol=1e-6, rtol=0)
+    load_adapter(fresh2 := build(), tmp_path / "adapter", rank=cfg.r_max)  # every component was saved
+    torch.testing.assert_close(logits(fresh2), full, atol=1e-6, rtol=0)
+    assert all(m.active in (None, k) for m in again.values())
+
+    in_place, in_place_wrapped = copy.deepcopy((model, wrapped))
+    merge_methods(in_place, in_place_wrapped, ["dylora"], rank=k)
+    torch.testing.assert_close(logits(in_place), expected, atol=1e-5, rtol=0)
+
+
+def test_rank_is_refused_where_it_cannot_apply(tmp_path):
+    model, cfg, wrapped = applied(r_min=2)
+    with pytest.raises(ValueError, match=r"rank=5: these DyLoRA layers hold ranks 1\.\.4"):
+        export_peft_adapter(model, wrapped, tmp_path / "peft", base_model_name_or_path="tiny-bert", rank=5)
+    with pytest.raises(ConfigError, match="method.export_rank"):  # rank 1 was never trained (r_min 2)
+        save_adapter(model, cfg, wrapped, tmp_path / "adapter", "tiny-bert", rank=1)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "peft").exists()
+    lora_model = build()
+    lora_wrapped = apply_method(lora_model, method_config_from_dict({"name": "lora", "r": 2}))
+    with pytest.raises(ValueError, match="only DyLoRA layers have a rank"):
+        save_merged(lora_model, lora_wrapped, tmp_path / "merged", rank=2)
 
 
 # ---------------------------------------------------------------- refused configurations

@@ -24,9 +24,9 @@ them through ``hooks`` (``budget.methods`` docstring): ``before_step`` samples b
 gradients, ``after_step`` holds the components that were not trained at their values (``hold``)
 and puts the layers back at the serving rank, ``final`` evaluates dev at every rank
 (``rank_curve``). Between steps, for dev and test evaluation, the merge and both exports, the
-layers compute at the serving rank ``export_rank`` (default r_max): ``merge`` and
-``save_adapter`` / ``export_peft_adapter`` take the rank the layers are at, so
-``set_rank(wrapped, k)`` before them exports rank k.
+layers compute at the serving rank ``export_rank`` (default r_max); ``export_peft_adapter``,
+``save_adapter``, ``save_merged``, ``merge_methods`` and ``load_adapter`` (``budget.export``) take
+``rank=k`` to export, merge or load rank k instead (``at_rank``).
 
 Departures from the paper and its code:
 - b is drawn from a generator seeded by (run seed, step), so a resumed run samples the same
@@ -41,6 +41,8 @@ Departures from the paper and its code:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -110,6 +112,38 @@ def set_rank(modules: dict[str, nn.Module], b: int) -> None:
         if is_dylora(layer):
             set_active(layer, b)
             layer.scaling = layer.dylora_alpha / b
+
+
+def choose_rank(modules: dict[str, nn.Module], rank: int) -> None:
+    """``set_rank`` for a caller's ``rank=``: refused, naming the range, where it cannot apply."""
+    layers = {n: m for n, m in modules.items() if is_dylora(m)}
+    if not layers:
+        raise ValueError(f"rank={rank}: only DyLoRA layers have a rank to choose, and this model has none; "
+                         "leave rank=None")  # fmt: skip
+    r_max = min(m.rank for m in layers.values())
+    if not 1 <= rank <= r_max:
+        raise ValueError(f"rank={rank}: these DyLoRA layers hold ranks 1..{r_max} (trained: method.r_min.."
+                         "method.r_max)")  # fmt: skip
+    set_rank(layers, rank)
+
+
+@contextmanager
+def at_rank(modules: dict[str, nn.Module], rank: int | None) -> Iterator[None]:
+    """Within the block every DyLoRA layer of ``modules`` computes at ``rank`` (None: as it is);
+    each layer's rank and scale are put back afterwards. The ``rank=`` of the export and merge
+    functions (``budget.export``)."""
+    if rank is None:
+        yield
+        return
+    layers = {n: m for n, m in modules.items() if is_dylora(m)}
+    saved = {n: (m.active, m.scaling) for n, m in layers.items()}
+    choose_rank(layers, rank)
+    try:
+        yield
+    finally:
+        for name, (active, scaling) in saved.items():
+            set_active(layers[name], active)
+            layers[name].scaling = scaling
 
 
 def trained_slice(b: int, r_min: int, frozen: bool) -> slice:
