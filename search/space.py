@@ -760,8 +760,8 @@ supernet_space.exact_sizes = True
 
 
 # The single methods of the ``methods`` space; LongLoRA is not a budget alternative (a long-context
-# training recipe for LLaMA: LoRA plus embeddings and norms) and QLoRA is a property of the base
-# (``model.quantize``), so neither is a choice here.
+# training recipe for LLaMA: LoRA plus embeddings and norms; its own axes are the ``longlora`` space)
+# and QLoRA is a property of the base (``model.quantize``), so neither is a choice here.
 SINGLE_METHODS = ("lora", "adalora", "dylora", "delta_lora", "rosa", "sparse", "quantum_peft", "adapter",
                   "parallel_adapter", "prefix", "ia3")  # fmt: skip
 SINGLE_SIZES = {"dylora": (4, 8, 16), "delta_lora": (2, 4, 8, 16), "rosa": (2, 4, 8, 16),
@@ -821,6 +821,42 @@ def methods_space(trial, ctx: SpaceContext) -> dict:
     return {"method": {"name": name, **knobs}}
 
 
+LONGLORA_GROUP_FRACTIONS = (8, 4, 2)  # G = N/8, N/4 (the paper's G = N/4), N/2 of data.max_length
+
+
+def longlora_space(trial, ctx: SpaceContext) -> dict:
+    """LongLoRA's own design choices (Chen et al., ICLR 2024; the axes of its ablations), for
+    LLaMA-family models: the S²-Attn group size G as a fraction of ``data.max_length``
+    (``longlora.group``: N/8, N/4 as in the paper, or N/2; even, at least 2), whether the
+    embedding table and the norms train (``longlora.train_embeddings`` / ``train_norms``, the
+    paper's LoRA+), and LoRA's rank: with ``search.budget``, sized to what the budget leaves
+    after the embeddings and norms (a choice whose embeddings alone exceed the budget is
+    infeasible, not trained); without one, from ``SIZES["lora"]``.
+    """
+    from budget.methods import longlora
+
+    probe = longlora.LongLoRAConfig()
+    try:
+        longlora._check_arch(probe, ctx.arch, None)
+    except ConfigError as err:
+        raise ConfigError(f"search.space=longlora: {err}") from None
+    n = ctx.max_length or 64
+    fraction = trial.suggest_categorical("longlora.group", list(LONGLORA_GROUP_FRACTIONS))
+    group = max(2, (n // fraction) // 2 * 2)
+    knobs = dict(ctx.knobs.get("longlora", {}))
+    knobs.update(
+        name="longlora",
+        group_size=group,
+        train_embeddings=trial.suggest_categorical("longlora.train_embeddings", [True, False]),
+        train_norms=trial.suggest_categorical("longlora.train_norms", [True, False]),
+    )
+    if ctx.budget is None:
+        knobs["r"] = trial.suggest_categorical("longlora.r", _size_choices("lora", ctx))
+    else:
+        knobs["r"] = closest_size(REGISTRY["longlora"].config(**knobs), ctx.arch, ctx.budget)
+    return {"method": knobs}
+
+
 def lr_space(trial, ctx: SpaceContext) -> dict:
     """Learning rate log-uniform in [1e-4, 3e-3] and warm-up ratio in [0, 0.2]."""
     return {
@@ -838,6 +874,7 @@ SPACES: dict[str, Space] = {
     "lr": lr_space,
     "supernet": supernet_space,
     "methods": methods_space,
+    "longlora": longlora_space,
 }
 for _name, _space in SPACES.items():
     _space.space_name = _name

@@ -333,6 +333,24 @@ def test_sigterm_stops_a_one_worker_search(tmp_path):
     check_study(stored, 2)
 
 
+def test_longlora_space_searches_a_llama(tmp_path, capsys):
+    """``search.space=longlora`` end to end on the tiny LLaMA at a budget: trials train LongLoRA
+    with S²-Attn at the drawn group size, their counts at the budget."""
+    code, out, err = search_here(
+        capsys, "model=tiny-llama", "debug=fast", "train.max_steps=4", "train.num_threads=1", "search.threads=1",
+        "search.space=longlora", "search.budget=8192", "search.n_trials=2", "search.enqueue=none", "data.max_length=32",
+        f"runs_root={tmp_path}",
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    record = read_record(tmp_path / "search" / next(p.name for p in (tmp_path / "search").iterdir()))
+    trained = [t for t in record["trials"] if t["state"] == "complete" and t.get("run_dir")]
+    assert len(trained) == 2
+    for t in trained:
+        result = json.loads((Path(t["run_dir"]) / "result.json").read_text())
+        assert result["status"] == "completed" and result["method"] == "longlora"
+        assert t["params"]["longlora.group"] in (8, 4, 2) and not t["params"]["longlora.train_embeddings"]
+
+
 # ---------------------------------------------------------------- 5: pruning
 def test_median_pruner_stops_a_bad_trial(tmp_path, capsys):
     """Three good learning rates, then one too small to move (lr 1e-8): its dev MSE at the first

@@ -537,3 +537,40 @@ def test_methods_space_sizes_every_method_to_the_budget(model, budgeted):
     assert seen["rosa"].trainable_params == ctx.budget and rosa["budget"] == ctx.budget - rosa["r"] * (
         lora8_budget(model) // 8
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the longlora space
+@pytest.mark.parametrize("budgeted", [False, True], ids=["free", "budget"])
+def test_longlora_space_draws_the_papers_axes(budgeted):
+    """``search.space=longlora`` on a LLaMA: group sizes N/8, N/4, N/2 of data.max_length, the
+    embeddings and norms on or off, LoRA's rank sized to what the budget leaves (a choice whose
+    embeddings alone pass the budget is infeasible); every feasible draw trains as drawn."""
+    from budget.methods import REGISTRY
+
+    ctx = context("tiny-llama", budgeted, max_length=64)
+    _, drawn = draw(SPACES["longlora"], ctx, 40)
+    groups, embeds = set(), set()
+    for _, s in drawn:
+        m = s.overrides["method"]
+        assert m["name"] == "longlora"
+        groups.add(m["group_size"])
+        embeds.add(m["train_embeddings"])
+        if not s.feasible:
+            assert budgeted and m["train_embeddings"]
+            alone = REGISTRY["longlora"].count(REGISTRY["longlora"].config(**{**m, "r": 1}), ctx.arch)
+            assert alone > (1 + ctx.tolerance) * ctx.budget
+            continue
+        run = resolve(merge_overrides({"model": {"name": "tiny-llama"}}, s.overrides))
+        validate(run)
+        assert count_trainable(run.method, hf_config("tiny-llama")) == s.trainable_params > 0
+        if budgeted:
+            assert abs(s.budget_params - ctx.budget) <= ctx.tolerance * ctx.budget, m
+        else:
+            assert m["r"] in (2, 4, 8, 16)  # SIZES["lora"]
+    assert groups == {8, 16, 32} and embeds == {True, False}
+    assert any(s.feasible for _, s in drawn)
+
+
+def test_longlora_space_refuses_a_model_it_cannot_apply_to():
+    with pytest.raises(ConfigError, match=r"search\.space=longlora: .*LLaMA"):
+        draw(SPACES["longlora"], context("tiny-bert"), 1)
