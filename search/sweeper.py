@@ -53,7 +53,10 @@ Design, and where it departs from that plugin (its ``_impl.py`` in facebookresea
   the same command resumes the same study. ``n_trials`` counts the study's finished (completed
   or pruned) trials, so a resumed sweep runs only the missing ones and a failed trial is
   replaced; trials left RUNNING by a killed sweep are failed and re-queued with the same
-  parameters (``search.workers.recover_stale``). A study named explicitly must keep its space,
+  parameters (``search.workers.recover_stale``). The count and the next ``ask`` happen under the
+  study's start lock (``search.workers.StartLock``, the one ``adabudget search`` workers take), so
+  two sweeps on one storage, or a sweep beside search workers, start n_trials between them, not
+  n_trials each. A study named explicitly must keep its space,
   objectives and directions. The record of the whole study is ``sweeps/<study>/sweep.json``
   (every trial, its run folder and overrides, the best or the Pareto front with a command that
   re-runs it); the multirun folder gets the plugin's ``optimization_results.yaml``.
@@ -503,7 +506,7 @@ class SweeperImpl:
     def sweep(self, arguments: list[str]) -> None:
         from hydra.core.utils import configure_log, setup_globals
 
-        from search.workers import Progress, recover_stale
+        from search.workers import Progress, StartLock, recover_stale
 
         space = parse_space(self.params, arguments)
         study, self.setup_, grid = self._open_study(space)
@@ -517,7 +520,15 @@ class SweeperImpl:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         if getattr(self.task_function, "__module__", None) == "budget.cli":  # adabudget's own jobs
             _preload()
-        recovered = recover_stale(study, self.setup_)
+        # the study's start lock (``search.workers.StartLock``: a file lock beside a journal, an
+        # advisory lock in PostgreSQL), held while counting and asking: two sweeps, or a sweep and
+        # ``adabudget search`` workers, on one study never start more than n_trials between them
+        lock = StartLock(self.setup_)
+        lock.acquire()
+        try:
+            recovered = recover_stale(study, self.setup_)
+        finally:
+            lock.release()
         done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
         print(f"study {study.study_name} in {self.setup_.storage}: {done} of {n_trials} trials done"
               + (f", {len(recovered)} stale trial(s) re-queued" if recovered else "")
@@ -531,12 +542,17 @@ class SweeperImpl:
             while True:
                 if self.signals and stop is None:
                     stop = "interrupted"
-                while stop is None and len(self.pool) < self.n_jobs and self._wanted(study, n_trials):
+                while stop is None and len(self.pool) < self.n_jobs:
+                    lock.acquire()
                     try:
-                        job = self._start(study, space)
+                        if not self._wanted(study, n_trials):
+                            break
+                        job = self._start(study, space, lock.release)  # released once the trial exists
                     except ConfigError as err:
                         stop = str(err)
                         break
+                    finally:
+                        lock.release()
                     self.pool[job.process.sentinel] = job
                 if not self.pool:
                     break
@@ -551,6 +567,7 @@ class SweeperImpl:
                            f"{self.max_failure_rate:g} of n_trials={self.n_trials})"  # fmt: skip
                     print(f"stopping: {stop}; waiting for {len(self.pool)} running job(s)", file=sys.stderr)
         finally:
+            lock.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             progress.poll(study)
@@ -578,8 +595,13 @@ class SweeperImpl:
         trials = study.get_trials(deepcopy=False)
         return sum(_finished(t) or t.state == TrialState.RUNNING for t in trials) < n_trials
 
-    def _start(self, study, space: Space) -> _Job:
+    def _start(self, study, space: Space, release: Callable[[], None] = lambda: None) -> _Job:
+        """Ask a trial and fork its job; ``release`` (the start lock's) is called once the trial
+        is RUNNING and owned, before the fork."""
         trial = study.ask(space.distributions)
+        # the sweep owns its trials (it tells them): if it dies, they are stale (its jobs get SIGTERM)
+        trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})
+        release()
         if self.custom_search_space:
             self.extend(self.config, trial)
         overrides = space.overrides(trial.params)
@@ -587,8 +609,6 @@ class SweeperImpl:
         trial.set_user_attr(
             "run_dir", str(self.sweep_dir / str(trial.number))
         )  # budget.cli's multirun folder
-        # the sweep owns its trials (it tells them): if it dies, they are stale (its jobs get SIGTERM)
-        trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})
         try:
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         except Exception as err:  # the overrides do not compose: the command is wrong, not the trial

@@ -472,3 +472,43 @@ def test_old_install_without_the_plugin_says_what_to_do(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, *SWEEP, *TINY], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "pip install -e ." in proc.stderr
+
+
+def _waits_on(path: Path, pid: int) -> bool:
+    """Whether ``pid`` is blocked on a flock of ``path`` (a ``->`` line of /proc/locks)."""
+    inode = f":{path.stat().st_ino} "
+    return any(line.split()[1] == "->" and f" {pid} " in line and inode in line
+               for line in Path("/proc/locks").read_text().splitlines())  # fmt: skip
+
+
+def test_sweep_counts_and_asks_under_the_studys_start_lock(tmp_path):
+    """Two sweeps on one study (two machines on one storage, or a sweep beside ``adabudget
+    search`` workers) count the study's trials and ask the next one under its start lock
+    (``search.workers.StartLock``), so together they never start more than n_trials. While
+    another process holds the lock the sweep waits on it and starts nothing; released, it runs."""
+    import fcntl
+    from subprocess import PIPE
+
+    root = tmp_path / "default" / "sweeps" / "locked"
+    root.mkdir(parents=True)
+    lock = root / ".start.lock"
+    held = open(lock, "a+")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *SWEEP, *TINY, f"runs_root={tmp_path}",
+           "hydra.sweeper.study_name=locked", "hydra.sweeper.n_trials=2", "train.max_steps=4",
+           "train.lr=choice(5e-3,1e-3)"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=PIPE, stderr=PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not _waits_on(lock, proc.pid):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "the sweep never waited on the study's start lock"
+            time.sleep(0.2)
+        assert journal_study(root / "journal.log", "locked").trials == []  # nothing started meanwhile
+    finally:
+        fcntl.flock(held, fcntl.LOCK_UN)
+        held.close()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    trials = journal_study(root / "journal.log", "locked").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
