@@ -38,7 +38,7 @@ from torch import nn
 from budget.methods import dylora
 from budget.methods.adalora import SVDLinear
 from budget.methods.lora import LoRALinear
-from budget.models import is_head, set_module
+from budget.models import is_head, is_linear, set_module
 
 PEFT_PREFIX = "base_model.model."
 # Heads peft adds to modules_to_save by itself for these task types (peft_model.py).
@@ -86,6 +86,14 @@ def export_peft_adapter(
     for name, layer in adapters.items():
         if not isinstance(layer, (SVDLinear, LoRALinear)):
             raise ValueError(f"{name}: {type(layer).__name__} has no peft LoRA equivalent; use save_merged")
+        # a LoRA layer over more than a frozen linear (RoSA's W0 + S) or whose W0 moved (Delta-LoRA):
+        # B A alone is not the layer's change, and the adapter would silently compute something else
+        if not is_linear(layer.base) or getattr(layer, "moves_base", False):
+            raise ValueError(
+                f"{name}: {type(layer).__name__} over {type(layer.base).__name__} changes more than B A "
+                "(a sparse part, or an updated W0); a peft LoRA adapter cannot carry it: use save_adapter "
+                "(export_adapter=true) or save_merged (export_merged=true)"
+            )
     if not adapters:
         raise ValueError("no adapter layers to export (full fine-tuning?); use save_merged instead")
     with torch.no_grad(), dylora.at_rank(wrapped, rank):
@@ -307,10 +315,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, rank: int | None = N
     wrapped = apply_method(model, cfg)
     if meta.get("folded"):
         fold_all(model, wrapped)
-    for name, rank in meta.get("ranks", {}).items():  # AdaLoRA layers shrunk during training
+    for name, kept in meta.get("ranks", {}).items():  # AdaLoRA layers shrunk during training
         layer = wrapped[name]
-        if layer.rank != rank:
-            layer.shrink_(torch.arange(rank, device=layer.lam.device))
+        if layer.rank != kept:
+            layer.shrink_(torch.arange(kept, device=layer.lam.device))
     if meta.get("hooks"):  # restored as a resumed run restores them: before the trainable state
         from budget.arch import arch_of
         from budget.methods import load_hook_states, plan_of, step_hooks

@@ -190,3 +190,15 @@ def test_hooks_refuse_a_foreign_checkpoint():
     hooks = delta_lora.hooks(model, wrapped, cfg)
     with pytest.raises(ValueError, match="does not adapt"):
         hooks.load_state_dict({"weights": {"nowhere.dense": torch.zeros(1)}})
+
+
+def test_peft_export_is_refused_since_b_a_is_not_the_change(tmp_path):
+    """A peft LoRA adapter holds B A only; Delta-LoRA also moved W, so it would compute another
+    function: refused, pointing at the adapter and merged exports, before anything is written."""
+    from budget.export import export_peft_adapter
+
+    model, cfg, wrapped = setup()
+    steps(model, wrapped, cfg, 2)
+    with pytest.raises(ValueError, match="updated W0.*save_adapter.*save_merged"):
+        export_peft_adapter(model, wrapped, tmp_path / "peft", base_model_name_or_path="tiny-bert")
+    assert not (tmp_path / "peft").exists()

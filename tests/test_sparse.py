@@ -499,3 +499,12 @@ def test_rosa_mask_from_a_mismatched_run_is_refused(compose_run, extra, match):
 def test_rosa_mask_from_a_folder_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"method\.mask_from=.*no checkpoints/last\.pt"):
         method_config_from_dict({"name": "rosa", "mask_from": str(tmp_path)}).validate()
+
+
+def test_rosa_peft_export_is_refused_since_b_a_is_not_the_change(tmp_path):
+    from budget.export import export_peft_adapter
+
+    model, cfg, wrapped, hooks, layers = prepared({"name": "rosa", "r": 2, "density": 0.05})
+    with pytest.raises(ValueError, match="a sparse part.*save_adapter"):
+        export_peft_adapter(model, wrapped, tmp_path / "peft", base_model_name_or_path="tiny-bert")
+    assert not (tmp_path / "peft").exists()

@@ -71,6 +71,8 @@ class DeltaLoRAConfig:
 class DeltaLoRALinear(LoRALinear):
     """A ``LoRALinear`` whose base weight the Delta-LoRA hooks update after every optimizer step."""
 
+    moves_base = True  # B A alone is not its change: ``export_peft_adapter`` refuses it
+
 
 def scaling_of(cfg: DeltaLoRAConfig) -> float:
     return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
