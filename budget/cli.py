@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -201,13 +202,59 @@ def _train_app(args: list[str]) -> None:
         sys.exit(2)
     # Hydra reads sys.argv; its shell-completion script registers argv[0]'s name: `adabudget`
     sys.argv = ["adabudget", *_experiment_files(args)]
+    started = []
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def app(cfg) -> float:
+        started.append(True)
         hydra_cfg = HydraConfig.get()
         return run_job(cfg, hydra_cfg, hydra_cfg.mode == RunMode.MULTIRUN)
 
-    app()
+    _exit_2_on_composition_error(app, sys.argv[1:], "train", started)
+
+
+def _exit_2_on_composition_error(app: Callable[[], object], args: list[str], config_name: str,
+                                 started: list) -> None:  # fmt: skip
+    """Run Hydra's ``app``; an override Hydra cannot apply (an unknown key, a value of the wrong
+    type) makes it print its report and exit 1 before the job starts: that is a config error
+    (exit 2, as ours are), with a line naming the key and the fix. Composed again only then, to
+    tell it from Hydra's other early exits; sweeps (``-m``) keep Hydra's handling."""
+    try:
+        app()
+    except SystemExit as err:
+        if err.code != 1 or started or any(a in ("-m", "--multirun") or a.startswith("-") for a in args):
+            raise
+        message = _composition_error(args, config_name)
+        if message is None:
+            raise
+        print(f"config error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _composition_error(args: list[str], config_name: str) -> str | None:
+    """Why ``args`` do not compose (None: they do), naming the key and its fix."""
+    import dataclasses
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from budget.compose import compose
+
+    try:
+        compose(args, config_name=config_name)
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+            kind = getattr(cause, "object_type", None)
+            known = [f.name for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else []
+            where = key.rsplit(".", 1)[0] if "." in key else "the config"
+            listed = f"; the keys of {where}: {', '.join(known)}" if known else ""
+            return f"{key}: unknown key{listed} (`adabudget {config_name} --cfg job` prints the whole config)"
+        if key:
+            return f"{key}: {str(cause).splitlines()[0]}"
+        return str(err).splitlines()[0]
+    return None
 
 
 def _sweeper_installed() -> bool:
@@ -231,8 +278,11 @@ def _search_app(args: list[str]) -> None:
     register_schema()
     sys.argv = ["adabudget", *args]
 
+    started = []
+
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="search")
     def app(cfg) -> None:
+        started.append(True)
         from budget.config import ConfigError
         from search.study import SearchInterrupted, run_search
 
@@ -249,7 +299,7 @@ def _search_app(args: list[str]) -> None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
 
-    app()
+    _exit_2_on_composition_error(app, args, "search", started)
 
 
 def _experiment_files(args: list[str]) -> list[str]:

@@ -93,6 +93,24 @@ def popen_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.nope=1", "config error: train.nope: unknown key; the keys of train: epochs, max_steps"),
+        ("nope=1", "config error: nope: unknown key; the keys of the config: model, data"),
+        ("train.lr=abc", "config error: train.lr: Value 'abc'"),
+    ],
+    ids=["unknown-key", "unknown-top-key", "bad-type"],
+)
+def test_override_hydra_cannot_apply_is_a_config_error(tmp_path, override, message):
+    """Hydra reports such an override and exits 1 before any job; the CLI makes it exit 2, as
+    every other config error, with a line naming the key (and, for an unknown one, the keys)."""
+    proc = run_cli(["train", "model=tiny-bert", override, f"runs_root={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def folders(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_dir()}
 

@@ -477,12 +477,13 @@ def test_unknown_search_key_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Hydra's own composition error exits 1; budget/cli.py does not map it to 2"
-)
 def test_unknown_search_key_exit_code(tmp_path, capsys):
+    """Hydra reports an override it cannot apply and exits 1; the CLI makes it a config error
+    (exit 2) with a line naming the key and the keys that exist."""
     code, out, err = search_here(capsys, *TINY, "search.nope=1", f"runs_root={tmp_path / 'runs'}")
     assert code == 2
+    assert "config error: search.nope: unknown key; the keys of search: " in err and "n_trials" in err
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("change", ["search.space=s4", "search.objectives=[dev.f1]"])
