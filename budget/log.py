@@ -35,6 +35,17 @@ RECORD_VERSION = 2
 CLAIM = ".claimed"  # exists only while a process claims an explicit, empty run folder
 
 
+def release_run_dir(path: Path) -> None:
+    """Give back a folder ``claim_run_dir`` made for a run refused before it wrote anything:
+    removed if it holds nothing but the claim marker (anything else is left alone)."""
+    path = Path(path)
+    (path / CLAIM).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 def claim_run_dir(runs_root: str | Path, run_name: str, run_dir: str | Path | None = None) -> Path:
     """Create and return a run folder that no other run has or will have.
 

@@ -35,7 +35,7 @@ from budget.arch import arch_of
 from budget.compose import resolve
 from budget.config import ConfigError, RunConfig, to_dict, validate
 from budget.data import TaskData, load_task, load_tokenizer, make_batches, num_batches
-from budget.log import RunRecord, claim_run_dir, environment, log
+from budget.log import RunRecord, claim_run_dir, environment, log, release_run_dir
 from budget.methods import (
     REGISTRY,
     adalora_config_of,
@@ -422,22 +422,27 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     # methods acting outside forward/backward (budget.methods docstring): restored, or calibrated
     # on their own seeded batches (the training stream and its randomness are left as they are)
     # Tokenizers emit token_type_ids that some models (LLaMA) do not accept.
-    inputs = set(inspect.signature(model.forward).parameters)
-    hooks = step_hooks(model, plan, wrapped)
-    if ckpt is not None:
-        load_hook_states(hooks, ckpt.get("hooks"))
-    elif any(hasattr(h, "calibrate") for h in hooks):
-        # the training stream's batches under seed + 2: endless seeded epochs, as the loop's own
-        calibration = batch_stream(task.train, dataclasses.replace(tc, seed=tc.seed + 2), tokenizer.pad_token_id,
-                                   inputs, 0)  # fmt: skip
+    try:
+        inputs = set(inspect.signature(model.forward).parameters)
+        hooks = step_hooks(model, plan, wrapped)
+        if ckpt is not None:
+            load_hook_states(hooks, ckpt.get("hooks"))
+        elif any(hasattr(h, "calibrate") for h in hooks):
+            # the training stream's batches under seed + 2: endless seeded epochs, as the loop's own
+            calibration = batch_stream(task.train, dataclasses.replace(tc, seed=tc.seed + 2), tokenizer.pad_token_id,
+                                       inputs, 0)  # fmt: skip
 
-        def calibration_batches(n: int):
-            for _ in range(n):
-                yield {k: v.to(device) for k, v in next(calibration).items()}
+            def calibration_batches(n: int):
+                for _ in range(n):
+                    yield {k: v.to(device) for k, v in next(calibration).items()}
 
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(tc.seed + 2)
-            call_hooks(hooks, "calibrate", lambda batch: model(**batch).loss, calibration_batches)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(tc.seed + 2)
+                call_hooks(hooks, "calibrate", lambda batch: model(**batch).loss, calibration_batches)
+    except ConfigError:  # a mask or state a method refuses: the new run folder holds nothing yet
+        if resume_dir is None and dist.main:
+            release_run_dir(run_dir)
+        raise
     if hooks:  # calibration may have created or re-shaped trainable parameters
         trainable_before, total_params = count_params(model)
     main_metric = primary_metric(task.regression)

@@ -487,13 +487,14 @@ def test_rosa_restarts_on_the_mask_of_a_warmed_up_run(compose_run, tmp_path):
     ],
     ids=["both", "other-density", "other-layers"],
 )
-def test_rosa_mask_from_a_mismatched_run_is_refused(compose_run, extra, match):
+def test_rosa_mask_from_a_mismatched_run_is_refused(compose_run, tmp_path, extra, match):
     warm = train(compose_run("method=rosa", "method.r=2", "method.density=0.02", "method.warmup_steps=1",
                              "method.calibration_steps=1", "train.max_steps=2", "run_name=warm"))  # fmt: skip
     run = compose_run("method=rosa", "method.r=2", "method.density=0.02", f"method.mask_from={warm['run_dir']}",
                       *extra, "run_name=again")  # fmt: skip
     with pytest.raises(ConfigError, match=match):
         train(run)
+    assert not any((tmp_path / "runs" / "again").glob("*"))  # the claimed run folder is given back
 
 
 def test_rosa_mask_from_a_folder_without_a_checkpoint_is_refused(tmp_path):
