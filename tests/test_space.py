@@ -447,7 +447,7 @@ def test_yaml_spaces_from_the_config_dir(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="must hold one `params:` mapping"):
         get_space("broken")
     with pytest.raises(ConfigError, match=r"search.space=nope: unknown space; known spaces: s4, autopeft, "
-                                          r"adalora, lr, supernet, methods, adapter_width, broken"):  # fmt: skip
+                                          r"adalora, lr, supernet, methods, longlora, adapter_width, broken"):  # fmt: skip
         get_space("nope")
 
 
