@@ -74,6 +74,7 @@ ROWS = [
     # sparse / rosa: apply alone picks the entries by magnitude (calibrate is tests/test_sparse.py's)
     ("sparse", {"name": "sparse", "density": 0.05}, {}),
     ("sparse-rows", {"name": "sparse", "selection": "structured", "budget": 3000}, {}),
+    ("sparse-heads", {"name": "sparse", "selection": "heads", "density": 0.5}, {}),
     ("sparse-global", {"name": "sparse", "scope": "global", "budget": 500}, {}),
     # S's Adam steps of 1e-2 on tiny LLaMA's 0.02-scale weights overshoot by step 8, as adapter's do
     ("rosa", {"name": "rosa", "r": 2, "density": 0.02}, {"lr": 1e-3}),

@@ -102,6 +102,8 @@ MODES = [
     ("magnitude", {"name": "sparse", "density": 0.05, "score": "magnitude"}),
     ("rosa", {"name": "rosa", "r": 2, "density": 0.05}),
     ("rosa-global", {"name": "rosa", "r": 2, "budget": 500, "scope": "global", "score": "grad"}),
+    ("heads-density", {"name": "sparse", "density": 0.5, "selection": "heads"}),
+    ("heads-budget", {"name": "sparse", "budget": 5000, "selection": "heads"}),
 ]
 MODE_IDS = [m[0] for m in MODES]
 
@@ -122,6 +124,11 @@ def test_count_worked_examples():
     # budget 2000: shares 125 / 250 entries -> 3 rows of 32 (96) and 7 of 32 or 3 of 64 (224 / 192)
     assert n(name="sparse", budget=2000, selection="structured") == 8 * 96 + 2 * 224 + 2 * 192
     assert n(name="rosa", r=2, density=0.01) == 1792 + 160
+    # heads (2 of 16 per attention matrix; FFN matrices not targeted): half of them is one head,
+    # 16 rows x 32 of query / key / value, 32 x 16 columns of the output projection, 8 matrices
+    assert n(name="sparse", density=0.5, selection="heads") == 8 * 512
+    # budget 5000 over 8 x 1024 entries: shares of 625 -> one head of 512 each
+    assert n(name="sparse", budget=5000, selection="heads") == 8 * 512
 
 
 def test_budget_shares_are_exact():
@@ -142,12 +149,22 @@ def test_count_equals_trainable_after_calibrate(mode, values, arch_name):
         for m in layers.values():
             rows = kept_mask(m).sum(1)
             assert set(rows.tolist()) <= {0, m.in_features} and rows.sum() == m.k
+    if "heads" in values.values():  # whole heads: head_dim rows (q, k, v, qkv) or columns (o)
+        assert {m.heads[0] for m in layers.values()} == {"rows", "cols"}
+        for m in layers.values():
+            axis, hd = m.heads
+            mask = kept_mask(m) if axis == "rows" else kept_mask(m).t()  # heads along dim 0
+            per_head = mask.reshape(-1, hd * mask.shape[1]).sum(1)
+            assert set(per_head.tolist()) <= {0, hd * mask.shape[1]} and per_head.sum() == m.k
 
 
 @pytest.mark.parametrize(
     "values, field",
     [
         ({"name": "sparse", "selection": "structured", "scope": "global"}, "method.scope"),
+        ({"name": "sparse", "selection": "heads", "scope": "global"}, "method.scope"),
+        ({"name": "sparse", "selection": "heads", "target_modules": ["intermediate.dense"]}, "method.selection"),
+        ({"name": "sparse", "selection": "heads", "budget": 100}, "method.budget"),  # < 1 head
         ({"name": "sparse", "budget": 10**9}, "method.budget"),
         ({"name": "sparse", "density": 0.01, "selection": "structured"}, "method.density"),  # < 1 row
         ({"name": "sparse", "score": "random"}, "method.score"),
@@ -211,9 +228,10 @@ def _direct_scores(values: dict, arch_name: str) -> dict[str, torch.Tensor]:
         {"name": "sparse", "density": 0.05, "calibration_steps": 3},
         {"name": "sparse", "budget": 777, "scope": "global", "calibration_steps": 3},
         {"name": "sparse", "density": 0.1, "selection": "structured", "calibration_steps": 3},
+        {"name": "sparse", "density": 0.5, "selection": "heads", "calibration_steps": 3},
         {"name": "rosa", "r": 2, "density": 0.05, "calibration_steps": 3},  # fisher
     ],
-    ids=["grad", "global", "rows", "rosa-fisher"],
+    ids=["grad", "global", "rows", "heads", "rosa-fisher"],
 )
 def test_selection_takes_the_largest_scores(values, arch_name):
     """The calibrated mask is the top of a direct autograd computation on the same batches."""
@@ -230,6 +248,12 @@ def test_selection_takes_the_largest_scores(values, arch_name):
         mask, score = kept_mask(m), direct[name]
         if values.get("selection") == "structured":
             mask, score = mask.all(1), score.sum(1)  # the kept rows, by their summed scores
+        if values.get("selection") == "heads":  # the kept heads, by their summed scores
+            axis, hd = m.heads
+            if axis == "cols":
+                mask, score = mask.t(), score.t()
+            mask = mask.reshape(-1, hd * mask.shape[1]).all(1)
+            score = score.reshape(-1, hd * score.shape[1]).sum(1)
         assert mask.any() and not mask.all()
         assert score[mask].min() >= score[~mask].max() * (1 - 1e-5), name
 

@@ -10,7 +10,10 @@ allocator uses; Sanh et al., 2020, "Movement Pruning", and Ansell et al., ACL 20
 ``score: magnitude`` by |θ| (no data needed). ``selection: unstructured`` keeps single
 entries (``scope: matrix``: top-k of each matrix; ``scope: global``: top-k over all of them);
 ``selection: structured`` keeps whole rows of W in its (out, in) layout, i.e. every input
-weight of the chosen output units.
+weight of the chosen output units; ``selection: heads`` keeps whole attention heads: the
+head_dim rows of a head in a query / key / value (or GPT-2's fused qkv) projection, the
+head_dim input columns of a head in the attention output projection, ranked by their summed
+scores (targets default to those attention matrices; any other target is refused).
 
 Memory is real: each matrix holds its k trainable values as a 1-D parameter and their int64
 flat indices (into W0's own storage, so GPT-2's Conv1D is indexed as it is stored) as a
@@ -30,7 +33,9 @@ the total is the budget; ``scope: global`` keeps exactly ``budget`` entries wher
 score best. With ``density``, each matrix keeps floor(density · numel) entries (global:
 floor(density · Σ numel) in all). ``structured`` keeps floor(k_i / in_i) whole rows of each
 matrix, k_i its unstructured share (density: floor(density · out_i) rows), so it counts
-Σ rows_i · in_i, the budget rounded down to whole rows per matrix.
+Σ rows_i · in_i, the budget rounded down to whole rows per matrix; ``heads`` likewise keeps
+floor(k_i / unit_i) heads (density: floor(density · heads_i)), unit_i = head_dim · in_i for a
+q / k / v head and out_i · head_dim for an output-projection head.
 
 Before calibration (``apply`` alone: the tests, ``load_adapter``, a magnitude-scored run) the
 entries are chosen by magnitude, so the model is valid, equal to the base (S = 0) and exactly
@@ -38,12 +43,13 @@ entries are chosen by magnitude, so the model is valid, equal to the base (S = 0
 may then move entries between matrices: the value parameters are rebuilt).
 
 Departures: the mask is fixed after calibration (no regrowth or re-selection as in Ansell
-et al.'s two-phase LT-SFT); structured selection is rows only (no attention heads).
+et al.'s two-phase LT-SFT).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional
@@ -56,7 +62,8 @@ from budget.config import ConfigError
 from budget.models import find_targets, linear_shape, resolve_targets, set_module
 
 SCORES = ("grad", "fisher", "magnitude")
-SELECTIONS = ("unstructured", "structured")
+SELECTIONS = ("unstructured", "structured", "heads")
+HEAD_ROLES = {"q": "rows", "k": "rows", "v": "rows", "qkv": "rows", "o": "cols"}  # where a head sits
 SCOPES = ("matrix", "global")
 
 
@@ -77,7 +84,7 @@ class SparseConfig:
     density: float = 0.01  # fraction of each matrix kept (when budget is None)
     budget: Optional[int] = None  # trainable entries in all; wins over density
     score: str = "grad"  # grad: Σ|θ ∇θ| | fisher: Σ (∇θ)² | magnitude: |θ|
-    selection: str = "unstructured"  # unstructured: entries | structured: whole rows of W (out, in)
+    selection: str = "unstructured"  # unstructured: entries | structured: whole rows of W (out, in) | heads
     scope: str = "matrix"  # matrix: top-k per matrix | global: top-k over all (unstructured only)
     calibration_steps: int = 8  # batches the grad / fisher score is summed over
     layers: Optional[list] = None  # restrict to these block indices (None = all)
@@ -97,18 +104,21 @@ class SparseConfig:
         ):
             if value not in allowed:
                 raise ConfigError(f"method.{field}={value}: use one of {list(allowed)}")
-        if self.selection == "structured" and self.scope == "global":
+        if self.selection != "unstructured" and self.scope == "global":
             # rows of different widths make a global top-k count depend on which rows win
             raise ConfigError(
-                "method.scope=global: only with selection=unstructured; use scope=matrix for rows"
+                f"method.scope=global: only with selection=unstructured; use scope=matrix for {self.selection}"
             )
         if self.calibration_steps < 1:
             raise ConfigError(f"method.calibration_steps: must be >= 1, got {self.calibration_steps}")
 
 
 # ---------------------------------------------------------------- sizes (exact, from shapes alone)
-def allot(cfg: SparseConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, int] | int:
+def allot(
+    cfg: SparseConfig, shapes: dict[str, tuple[int, int]], heads: dict[str, tuple[str, int]] | None = None
+) -> dict[str, int] | int:
     """Entries each matrix keeps, {name: k_i} from {name: (out, in)}; ``scope: global``: the total.
+    ``heads`` ({name: (axis, head_dim)}, ``head_layout``) is needed for ``selection: heads``.
 
     ``count`` and ``apply`` both call this, so the analytic count is the built one.
     """
@@ -135,19 +145,58 @@ def allot(cfg: SparseConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, in
             kept = {n: math.floor(cfg.density * o) * i for n, (o, i) in shapes.items()}
         else:
             kept = {n: (k // shapes[n][1]) * shapes[n][1] for n, k in kept.items()}
+    if cfg.selection == "heads":
+        units = {n: head_unit(shapes[n], *heads[n]) for n in shapes}  # (entries per head, heads)
+        if budget is None:
+            kept = {n: math.floor(cfg.density * h) * u for n, (u, h) in units.items()}
+        else:
+            kept = {n: (k // units[n][0]) * units[n][0] for n, k in kept.items()}
     if (kept if isinstance(kept, int) else sum(kept.values())) == 0:
         what = f"budget={budget}" if budget is not None else f"density={cfg.density}"
-        unit = "a whole row" if cfg.selection == "structured" else "an entry"
+        unit = {"structured": "a whole row", "heads": "a whole head"}.get(cfg.selection, "an entry")
         raise ConfigError(f"method.{what}: keeps no entry (less than {unit} per matrix); raise it")
     return kept
 
 
+def head_unit(shape: tuple[int, int], axis: str, head_dim: int) -> tuple[int, int]:
+    """(entries per head, heads) of an (out, in) matrix whose heads lie along ``axis``."""
+    out_f, in_f = shape
+    return (head_dim * in_f, out_f // head_dim) if axis == "rows" else (out_f * head_dim, in_f // head_dim)
+
+
+def default_patterns(cfg: SparseConfig, arch) -> list[str]:
+    """The target patterns: the user's, or the architecture's (attention matrices only for heads)."""
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    if cfg.selection == "heads":
+        return [re.escape(s.rel) for s in arch.by_role(*HEAD_ROLES)]
+    return arch.default_targets()
+
+
+def head_layout(cfg: SparseConfig, named: list[tuple[str, object]], arch) -> dict[str, tuple[str, int]] | None:
+    """{name: (axis, head_dim)} for ``selection: heads`` from (name, LinearSpec) pairs; None otherwise.
+
+    Raises:
+        ConfigError: naming method.selection for a target that is not an attention projection.
+    """
+    if cfg.selection != "heads":
+        return None
+    other = [f"{n} ({spec.role})" for n, spec in named if spec.role not in HEAD_ROLES]
+    if other:
+        raise ConfigError(
+            f"method.selection=heads: {', '.join(other[:3])}{' ...' if len(other) > 3 else ''} has no attention "
+            "heads; target only query / key / value / attention-output matrices (or leave "
+            "method.target_modules=null for exactly those)"
+        )
+    return {n: (HEAD_ROLES[spec.role], arch.head_dim) for n, spec in named}
+
+
 def count(cfg: SparseConfig, arch, layers: list[int] | None = None) -> int:
-    """The kept entries (``allot``): the budget, Σ floor(density · numel), or whole rows of it."""
+    """The kept entries (``allot``): the budget, Σ floor(density · numel), or whole rows / heads of it."""
     layers = layers if layers is not None else cfg.layers
-    patterns = cfg.target_modules or arch.default_targets()
-    shapes = {n: (s.out_features, s.in_features) for n, s in arch.match_linears(patterns, layers)}
-    kept = allot(cfg, shapes)
+    named = arch.match_linears(default_patterns(cfg, arch), layers)
+    shapes = {n: (s.out_features, s.in_features) for n, s in named}
+    kept = allot(cfg, shapes, head_layout(cfg, named, arch))
     return kept if isinstance(kept, int) else sum(kept.values())
 
 
@@ -193,6 +242,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base)
         w = base.weight
         self.value_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.heads: tuple[str, int] | None = None  # (axis, head_dim) under selection: heads
         self.register_buffer("idx", torch.zeros(0, dtype=torch.int64, device=w.device))  # (k,)
         self.values = nn.Parameter(torch.zeros(0, dtype=self.value_dtype, device=w.device))  # (k,)
 
@@ -244,7 +294,7 @@ def select(
     """The flat indices (W0's storage) each layer keeps, the best ``scores`` (W0's shape) within
     the sizes ``allot`` gives."""
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
-    kept = allot(cfg, shapes)
+    kept = allot(cfg, shapes, {n: m.heads for n, m in layers.items()} if cfg.selection == "heads" else None)
     if cfg.scope == "global":
         # each matrix's own top-min(k, numel) holds all its global winners: no concatenated copy
         names = list(layers)
@@ -261,13 +311,27 @@ def select(
             out[name] = s.flatten().topk(kept[name]).indices
             continue
         logical = s.t() if layer.fan_in_fan_out else s  # (out, in)
-        rows = logical.sum(1).topk(kept[name] // layer.in_features).indices  # (n_rows,)
-        cols = torch.arange(layer.in_features, device=rows.device)
-        if layer.fan_in_fan_out:  # storage (in, out): entry (o, i) sits at i * out + o
-            out[name] = (cols[None, :] * layer.out_features + rows[:, None]).flatten()
-        else:
-            out[name] = (rows[:, None] * layer.in_features + cols[None, :]).flatten()
+        every_row = torch.arange(layer.out_features, device=s.device)
+        every_col = torch.arange(layer.in_features, device=s.device)
+        if cfg.selection == "structured":
+            rows, cols = logical.sum(1).topk(kept[name] // layer.in_features).indices, every_col
+        else:  # heads: head_dim consecutive rows (q, k, v) or columns (the output projection)
+            axis, hd = layer.heads
+            unit, _ = head_unit((layer.out_features, layer.in_features), axis, hd)
+            per_head = (logical.view(-1, hd, layer.in_features).sum((1, 2)) if axis == "rows"
+                        else logical.view(layer.out_features, -1, hd).sum((0, 2)))  # fmt: skip
+            chosen = per_head.topk(kept[name] // unit).indices
+            span = (chosen[:, None] * hd + torch.arange(hd, device=s.device)[None, :]).flatten()
+            rows, cols = (span, every_col) if axis == "rows" else (every_row, span)
+        out[name] = block_indices(layer, rows, cols)
     return out
+
+
+def block_indices(layer: SparseLinear, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Flat indices into W0's storage of every entry (o, i), o in ``rows``, i in ``cols``."""
+    if layer.fan_in_fan_out:  # storage (in, out): entry (o, i) sits at i * out + o
+        return (cols[None, :] * layer.out_features + rows[:, None]).flatten()
+    return (rows[:, None] * layer.in_features + cols[None, :]).flatten()
 
 
 def importance(
@@ -327,19 +391,31 @@ class SparseHooks:
 def wrap(model: nn.Module, cfg: SparseConfig, layers: list[int] | None = None) -> dict[str, SparseLinear]:
     """Put a ``SparseLinear`` on every target, its entries chosen by magnitude (S = 0)."""
     layers = layers if layers is not None else cfg.layers
-    patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
-    names = find_targets(model, patterns, "method.target_modules", layers)
+    heads = None
+    if cfg.selection == "heads":  # attention roles and head_dim come from the architecture
+        from budget.arch import arch_of
+
+        arch = arch_of(model)
+        patterns = default_patterns(cfg, arch)
+        names = find_targets(model, patterns, "method.target_modules", layers)
+        specs = dict(arch.match_linears(patterns, layers))
+        heads = head_layout(cfg, [(n, specs[n]) for n in names], arch)
+    else:
+        patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
+        names = find_targets(model, patterns, "method.target_modules", layers)
     shapes = {}
     for name in names:
         in_f, out_f, _ = linear_shape(model.get_submodule(name))
         shapes[name] = (out_f, in_f)
-    allot(cfg, shapes)  # a budget that does not fit fails before the model is touched
+    allot(cfg, shapes, heads)  # a budget that does not fit fails before the model is touched
     wrapped = {}
     for name in names:
         base = model.get_submodule(name)
         # W0 is frozen with the backbone; its bias is left alone (another method may train it)
         base.weight.requires_grad_(False)
         wrapped[name] = SparseLinear(base)
+        if heads is not None:
+            wrapped[name].heads = heads[name]
     for name, idx in select(wrapped, importance(wrapped, None, (), "magnitude"), cfg).items():
         wrapped[name].select_(idx)
     for name, layer in wrapped.items():
