@@ -46,6 +46,17 @@ class TrialFailed(Exception):
     """The trial's run ended without a result (diverged, crashed, interrupted)."""
 
 
+# A stop signal that reached a search worker outside a training (``search.workers`` installs the
+# handler; while a run trains, ``budget.train``'s own handler takes the signal and checkpoints).
+STOP: dict = {"signal": None}
+
+
+def stop_if_requested() -> None:
+    """Raise ``SearchInterrupted`` if a stop signal arrived since the worker started."""
+    if STOP["signal"]:
+        raise SearchInterrupted(STOP["signal"])
+
+
 class SearchInterrupted(Exception):
     """Ctrl-C or SIGTERM reached a trial's run: it checkpointed and ended ``interrupted``, its trial
     is failed and queued again, and this worker stops (a scheduler's SIGTERM means stop, not
@@ -403,6 +414,10 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
                 trial.report(metrics[metric], step)
                 return trial.should_prune()
 
+        if STOP["signal"]:  # stopped between sampling and training: run it again, stop this worker
+            trial.set_user_attr("error", STOP["signal"])
+            _requeue(trial, baseline)
+            stop_if_requested()
         result = train(cfg, on_eval=on_eval)
         trial.set_user_attr("status", result["status"])
         trial.set_user_attr("wall_time_s", result["wall_time_s"])
@@ -415,14 +430,8 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             raise optuna.TrialPruned(f"pruned at step {result['pruned_at']}")
         if result["status"] != "completed":
             trial.set_user_attr("error", result.get("error") or result.get("interrupted_by"))
-            retries = int(trial.user_attrs.get("retries", 0))
-            if (
-                result["status"] == "interrupted" and retries < scfg.max_retries
-            ):  # stopped, not bad: run it again
-                attrs = {"retry_of": trial.user_attrs.get("retry_of", trial.number), "retries": retries + 1}
-                if baseline is not None:
-                    attrs["baseline"] = baseline
-                trial.study.enqueue_trial(trial.params, user_attrs=attrs)
+            if result["status"] == "interrupted":  # stopped, not bad: run it again
+                _requeue(trial, baseline)
             if result["status"] == "interrupted" and result.get("interrupted_by"):
                 raise SearchInterrupted(result["interrupted_by"])  # not caught by optimize: the worker stops
             raise TrialFailed(result.get("error") or result["status"])
@@ -435,6 +444,15 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             else:
                 values.append(float(result["final"]["dev"][n[4:]]))
         return values
+
+    def _requeue(trial, baseline) -> None:
+        """Queue ``trial``'s parameters again (at most ``search.max_retries`` times in a row)."""
+        retries = int(trial.user_attrs.get("retries", 0))
+        if retries < scfg.max_retries:
+            attrs = {"retry_of": trial.user_attrs.get("retry_of", trial.number), "retries": retries + 1}
+            if baseline is not None:
+                attrs["baseline"] = baseline
+            trial.study.enqueue_trial(trial.params, user_attrs=attrs)
 
     return objective
 

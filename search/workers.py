@@ -25,8 +25,10 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +37,16 @@ from optuna.trial import TrialState
 
 from budget.config import ConfigError
 from search.space import get_space
-from search.study import Setup, finished, make_context, make_objective, make_sampler, open_study
+from search.study import (
+    STOP,
+    SearchInterrupted,
+    Setup,
+    finished,
+    make_context,
+    make_objective,
+    make_sampler,
+    open_study,
+)
 
 HOST = socket.gethostname()
 log = logging.getLogger("adabudget.search")
@@ -163,6 +174,8 @@ def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
     ran, failures = 0, 0
     try:
         while True:
+            if STOP["signal"]:  # a stop signal between trials: end here, nothing is running
+                raise SearchInterrupted(STOP["signal"])
             lock.acquire()
             try:
                 recover_stale(study, setup)
@@ -193,12 +206,31 @@ def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
 
 
 def worker_main(setup: Setup, index: int = 0) -> None:
-    """A worker process: quiet, its own thread budget."""
+    """A worker process: quiet, its own thread budget; stopped by a signal, it exits with the
+    signal's code (its trial checkpointed and is queued again), without a traceback."""
     import torch
 
     torch.set_num_threads(setup.scfg.worker_threads())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    worker_loop(setup, index=index)
+    signal.signal(signal.SIGTERM, _request_stop)  # outside a training; ``train`` handles it inside one
+    try:
+        worker_loop(setup, index=index)
+    except SearchInterrupted as err:
+        sys.exit(err.code)
+
+
+def _request_stop(signum, frame) -> None:
+    """SIGTERM outside a training: remembered, acted on at the next safe point (before a trial's
+    training, or between trials), never in the middle of a storage write."""
+    STOP["signal"] = signal.Signals(signum).name
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the main process of a multi-worker search."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
 
 
 class Progress:
@@ -288,7 +320,14 @@ def run_workers(setup: Setup) -> None:
             import torch
 
             torch.set_num_threads(setup.scfg.worker_threads())
-            worker_loop(setup, after_trial=lambda: progress.poll(study))
+            STOP["signal"] = None  # this process may have searched before (tests, notebooks)
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _request_stop) if main else None
+            try:
+                worker_loop(setup, after_trial=lambda: progress.poll(study))
+            finally:
+                if main:
+                    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         else:
             ctx = multiprocessing.get_context("spawn")
             procs = [
@@ -297,15 +336,23 @@ def run_workers(setup: Setup) -> None:
             ]
             for p in procs:
                 p.start()
+            # SIGTERM to this process (a scheduler, ``kill``) must reach the workers too: by default
+            # it would end this process alone and leave them training as orphans
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
             try:
                 while any(p.is_alive() for p in procs):
                     progress.poll(study)
                     time.sleep(2.0)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, _Terminated) as stop:
                 for p in procs:
                     p.terminate()  # SIGTERM: each run checkpoints and ends 'interrupted'; resume re-runs it
+                if isinstance(stop, _Terminated):
+                    raise SearchInterrupted("SIGTERM") from None
                 raise
             finally:
+                if main:  # a second SIGTERM while joining ends this process
+                    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
                 for p in procs:
                     p.join()
             bad = [p.exitcode for p in procs if p.exitcode]

@@ -333,6 +333,48 @@ def test_sigterm_stops_a_one_worker_search(tmp_path):
     check_study(stored, 2)
 
 
+@pytest.mark.slow  # ~1 min: two workers, then the same command again
+def test_sigterm_to_a_multi_worker_search_stops_its_workers(tmp_path):
+    """SIGTERM to the main process of a two-worker search (a scheduler's stop): it reaches the
+    workers, whose runs checkpoint and end interrupted; no worker outlives the command (before,
+    the main process died alone and its workers trained on as orphans); exit 143, and the same
+    command then finishes the study."""
+    from search.workers import pid_alive
+
+    runs = tmp_path / "runs"
+    args = ["search", *LR_STUDY, *KILL_SCHEDULE, "search.n_trials=3", "search.workers=2", f"runs_root={runs}"]
+    root = runs / "search" / "lr-mr"
+    url = str(root / "journal.log")
+    proc = popen(args, tmp_path)
+    try:
+        victim = wait_for_running_trial(root, url, "lr-mr", proc)
+        workers = {t.user_attrs["worker"]["pid"] for t in trials_of(url, "lr-mr") if t.state == TrialState.RUNNING}
+        assert victim.user_attrs["worker"]["pid"] in workers and os.getpid() not in workers
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    # the workers exit with the signal's code, not an uncaught SearchInterrupted (Optuna's own
+    # warning about the interrupted trial still logs its exception)
+    assert "search interrupted (SIGTERM)" in err and "in worker_main" not in err, err[-3000:]
+    deadline = time.time() + 10
+    while any(pid_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(pid_alive(pid) for pid in workers)
+    stored = trials_of(url, "lr-mr")
+    # a worker between trials or before its run started stops too, leaving no trial RUNNING
+    assert not any(t.state == TrialState.RUNNING for t in stored), [(t.number, t.state) for t in stored]
+    result = json.loads((Path(victim.user_attrs["run_dir"]) / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["interrupted_by"] == "SIGTERM"
+
+    again = cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    check_study(trials_of(url, "lr-mr"), 3)
+
+
+@pytest.mark.slow  # ~15 s: a two-trial search on the tiny LLaMA
 def test_longlora_space_searches_a_llama(tmp_path, capsys):
     """``search.space=longlora`` end to end on the tiny LLaMA at a budget: trials train LongLoRA
     with S²-Attn at the drawn group size, their counts at the budget."""
