@@ -502,6 +502,7 @@ def test_rosa_restarts_on_the_mask_of_a_warmed_up_run(compose_run, tmp_path):
         assert torch.equal(after["hooks"][0]["indices"][name], idx), name
 
 
+@pytest.mark.slow  # ~15 s: a warmed-up run, then three refused ones
 @pytest.mark.parametrize(
     "extra, match",
     [

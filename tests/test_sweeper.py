@@ -481,6 +481,7 @@ def _waits_on(path: Path, pid: int) -> bool:
                for line in Path("/proc/locks").read_text().splitlines())  # fmt: skip
 
 
+@pytest.mark.slow  # ~20 s: a sweep of two jobs in a subprocess
 def test_sweep_counts_and_asks_under_the_studys_start_lock(tmp_path):
     """Two sweeps on one study (two machines on one storage, or a sweep beside ``adabudget
     search`` workers) count the study's trials and ask the next one under its start lock
