@@ -247,6 +247,21 @@ def wait_for_running_trial(root: Path, url: str, study: str, proc: subprocess.Po
     raise AssertionError("no trial got far enough")
 
 
+def sigterm_mid_trial(args: list[str], root: Path, url: str, cwd: Path):
+    """Start the search, SIGTERM its main process once a trial trains, let it end; returns the
+    process, the running trial, the worker pids of the RUNNING trials then, and stderr."""
+    proc = popen(args, cwd)
+    try:
+        victim = wait_for_running_trial(root, url, "lr-mr", proc)
+        workers = {t.user_attrs["worker"]["pid"] for t in trials_of(url, "lr-mr") if t.state == TrialState.RUNNING}
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, victim, workers, err
+
+
 def kill_a_worker_mid_trial(args: list[str], root: Path, url: str, study: str, cwd: Path):
     """Start the search, SIGKILL the worker of a running trial, let the command end; returns the
     killed trial and the command's result."""
@@ -308,14 +323,7 @@ def test_sigterm_stops_a_one_worker_search(tmp_path):
     args = ["search", *LR_STUDY, *KILL_SCHEDULE, "search.n_trials=2", f"runs_root={runs}"]
     root = runs / "search" / "lr-mr"
     url = str(root / "journal.log")
-    proc = popen(args, tmp_path)
-    try:
-        victim = wait_for_running_trial(root, url, "lr-mr", proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, victim, workers, err = sigterm_mid_trial(args, root, url, tmp_path)
     assert proc.returncode == 143, err[-3000:]
     assert "search interrupted (SIGTERM)" in err and "resumes the study" in err
     stored = trials_of(url, "lr-mr")
@@ -345,16 +353,8 @@ def test_sigterm_to_a_multi_worker_search_stops_its_workers(tmp_path):
     args = ["search", *LR_STUDY, *KILL_SCHEDULE, "search.n_trials=3", "search.workers=2", f"runs_root={runs}"]
     root = runs / "search" / "lr-mr"
     url = str(root / "journal.log")
-    proc = popen(args, tmp_path)
-    try:
-        victim = wait_for_running_trial(root, url, "lr-mr", proc)
-        workers = {t.user_attrs["worker"]["pid"] for t in trials_of(url, "lr-mr") if t.state == TrialState.RUNNING}
-        assert victim.user_attrs["worker"]["pid"] in workers and os.getpid() not in workers
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, victim, workers, err = sigterm_mid_trial(args, root, url, tmp_path)
+    assert victim.user_attrs["worker"]["pid"] in workers and proc.pid not in workers
     assert proc.returncode == 143, err[-3000:]
     # the workers exit with the signal's code, not an uncaught SearchInterrupted (Optuna's own
     # warning about the interrupted trial still logs its exception)

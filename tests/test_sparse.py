@@ -91,6 +91,16 @@ def train_steps(model, steps: int = 3, lr: float = 1e-2):
     return opt
 
 
+def assert_same_end(full: dict, resumed: dict) -> None:
+    """Two runs' last checkpoints hold the same trainable state and the same chosen entries."""
+    a = torch.load(Path(full["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+    for (name, x), (_, y) in zip(a["trainable"].items(), b["trainable"].items()):
+        assert torch.equal(x, y), name
+    for x, y in zip(a["hooks"][0]["indices"].values(), b["hooks"][0]["indices"].values()):
+        assert torch.equal(x, y)
+
+
 MODES = [
     ("density", {"name": "sparse", "density": 0.05}),
     ("budget", {"name": "sparse", "budget": 777}),
@@ -356,12 +366,7 @@ def test_run_calibrates_counts_and_resumes(compose_run, method):
     assert first["status"] == "interrupted"
     resumed = train(resume_config(first["run_dir"]))
     assert resumed["status"] == "completed" and resumed["final"] == full["final"]
-    a = torch.load(Path(full["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
-    for (name, x), (_, y) in zip(a["trainable"].items(), b["trainable"].items()):
-        assert torch.equal(x, y), name
-    for x, y in zip(a["hooks"][0]["indices"].values(), b["hooks"][0]["indices"].values()):
-        assert torch.equal(x, y)
+    assert_same_end(full, resumed)
 
 
 @pytest.mark.parametrize(
@@ -460,12 +465,7 @@ def test_rosa_warmup_run_resumes_inside_the_collection_window(compose_run):
     assert mid["hooks"][0]["active"] is False and mid["hooks"][0]["scores"]
     resumed = train(resume_config(first["run_dir"]))
     assert resumed["status"] == "completed" and resumed["final"] == full["final"]
-    a = torch.load(Path(full["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
-    for (name, x), (_, y) in zip(a["trainable"].items(), b["trainable"].items()):
-        assert torch.equal(x, y), name
-    for x, y in zip(a["hooks"][0]["indices"].values(), b["hooks"][0]["indices"].values()):
-        assert torch.equal(x, y)
+    assert_same_end(full, resumed)
 
 
 def test_rosa_warmup_longer_than_the_run_is_refused_before_any_compute(compose_run, tmp_path):
