@@ -623,3 +623,36 @@ def test_top_trials_gives_k_distinct_configurations(objectives):
         assert [t.number for t in top_trials(study, setup, 10)] == [2, 4, 7, 0, 6]
     else:  # front of (max accuracy, min params) among 0, 2, 4, 6, 7: 2 (0.85, 200), 4 (0.80, 50)
         assert numbers == [2, 4]
+
+
+def test_a_stop_signal_outside_a_training_stops_the_worker_at_a_safe_point(tmp_path):
+    """SIGTERM that reaches a worker between trials or between sampling and training (its handler
+    only sets ``search.study.STOP``): the worker asks no new trial, and a trial already asked is
+    queued again with its parameters instead of training; both raise SearchInterrupted (exit 143)."""
+    from budget.compose import compose
+    from search.config import register_schema
+    from search.space import get_space
+    from search.study import STOP, SearchInterrupted, make_context, make_objective, open_study, prepare
+    from search.workers import worker_loop
+
+    register_schema()
+    args = [*TINY, "method=lora", "search.space=lr", "search.enqueue=none", "search.n_trials=2",
+            f"runs_root={tmp_path / 'runs'}"]  # fmt: skip
+    setup = prepare(compose(args, config_name="search"))
+    study = open_study(setup, create=True)
+    STOP["signal"] = "SIGTERM"
+    try:
+        with pytest.raises(SearchInterrupted) as stopped:
+            worker_loop(setup)
+        assert stopped.value.code == 143 and study.get_trials() == []  # nothing asked
+        trial = study.ask()
+        objective = make_objective(setup, make_context(setup), get_space(setup.scfg.space_names()))
+        with pytest.raises(SearchInterrupted):
+            objective(trial)
+        assert not (tmp_path / "runs" / "search" / setup.study / "trials" / str(trial.number)).exists()
+        study.tell(trial, state=TrialState.FAIL)
+        queued = [t for t in study.get_trials() if t.state == TrialState.WAITING]
+        assert len(queued) == 1 and queued[0].user_attrs["retry_of"] == trial.number
+        assert queued[0].system_attrs["fixed_params"] == trial.params
+    finally:
+        STOP["signal"] = None
