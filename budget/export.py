@@ -91,8 +91,8 @@ def export_peft_adapter(
         if not is_linear(layer.base) or getattr(layer, "moves_base", False):
             raise ValueError(
                 f"{name}: {type(layer).__name__} over {type(layer.base).__name__} changes more than B A "
-                "(a sparse part, or an updated W0); a peft LoRA adapter cannot carry it: use save_adapter "
-                "(export_adapter=true) or save_merged (export_merged=true)"
+                "(a sparse part, or an updated W0 whose start is not known); a peft LoRA adapter cannot "
+                "carry it: use save_adapter (export_adapter=true) or save_merged (export_merged=true)"
             )
     if not adapters:
         raise ValueError("no adapter layers to export (full fine-tuning?); use save_merged instead")
@@ -411,6 +411,8 @@ def _lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         keep = layer.lam.nonzero().squeeze(1)
         a = layer.Q[keep]  # (r, in)
         b = layer.P[:, keep] * (layer.lam[keep] * layer.scaling)  # (out, r)
+    elif hasattr(layer, "peft_factors"):  # Delta-LoRA: the change of W0 too
+        a, b = layer.peft_factors()
     else:
         r = layer.rank if layer.active is None else layer.active
         a, b = layer.A[:r], layer.B[:, :r] * layer.scaling  # (r, in), (out, r)

@@ -192,13 +192,34 @@ def test_hooks_refuse_a_foreign_checkpoint():
         hooks.load_state_dict({"weights": {"nowhere.dense": torch.zeros(1)}})
 
 
-def test_peft_export_is_refused_since_b_a_is_not_the_change(tmp_path):
-    """A peft LoRA adapter holds B A only; Delta-LoRA also moved W, so it would compute another
-    function: refused, pointing at the adapter and merged exports, before anything is written."""
+@pytest.mark.parametrize("arch_name", ["tiny-bert", "tiny-gpt2"])
+@pytest.mark.parametrize("start_step", [0, 1], ids=["K=0", "K=1"])
+def test_peft_export_carries_the_change_of_w(tmp_path, arch_name, start_step):
+    """The telescoped change, (1 + λ) s B A - λ s B_K A_K, as a plain peft LoRA adapter on the
+    original backbone computes what the trained model computes (rank r with K = 0, 2r after)."""
+    peft = pytest.importorskip("peft")
+    from budget.export import export_peft_adapter
+
+    model, cfg, wrapped = setup(arch_name, start_step=start_step)
+    steps(model, wrapped, cfg, 3)
+    summary = export_peft_adapter(model, wrapped, tmp_path / "peft", base_model_name_or_path=arch_name)
+    assert set(summary["modules"].values()) == {cfg.r if start_step == 0 else 2 * cfg.r}
+    loaded = peft.PeftModel.from_pretrained(build(arch_name), tmp_path / "peft").eval()
+    model.eval()
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=0)
+
+
+def test_peft_export_is_refused_when_the_start_of_w_is_unknown(tmp_path):
+    """W restored from a checkpoint that holds no (A_K, B_K): the change cannot be written as
+    factors; refused, pointing at the adapter and merged exports, before anything is written."""
     from budget.export import export_peft_adapter
 
     model, cfg, wrapped = setup()
-    steps(model, wrapped, cfg, 2)
-    with pytest.raises(ValueError, match="updated W0.*save_adapter.*save_merged"):
-        export_peft_adapter(model, wrapped, tmp_path / "peft", base_model_name_or_path="tiny-bert")
+    hooks = steps(model, wrapped, cfg, 2)
+    state = hooks.state_dict()
+    del state["start"]
+    fresh, _, fresh_wrapped = setup()
+    REGISTRY["delta_lora"].hooks(fresh, fresh_wrapped, cfg).load_state_dict(state)
+    with pytest.raises(ValueError, match="updated W0 whose start is not known.*save_adapter.*save_merged"):
+        export_peft_adapter(fresh, fresh_wrapped, tmp_path / "peft", base_model_name_or_path="tiny-bert")
     assert not (tmp_path / "peft").exists()

@@ -16,7 +16,11 @@ before each step (``before_step``) and adds λ s (B' A' - B A) to W in place aft
 layer (a checkpoint otherwise holds only trainable parameters), so a resumed run continues bit
 for bit. Checkpoints grow by the adapted matrices (MiniLM's 36: 10.6M values, 42 MB in fp32).
 
-Export: ``merge`` folds s B A into the updated W (``export_merged`` is exact). The adapter
+Export: ``merge`` folds s B A into the updated W (``export_merged`` is exact).
+``budget.export.export_peft_adapter`` writes the whole change as a plain peft LoRA adapter
+onto the original W0: W_T - W_0 = λ s (B_T A_T - B_K A_K) telescopes, so the layer's change is
+(1 + λ) s B_T A_T - λ s B_K A_K, rank 2r (rank r with K = 0, where B_K = 0); exact up to the
+rounding of the accumulated updates (``DeltaLoRALinear.peft_factors``). The adapter
 (``export_adapter``, ``budget.export.save_adapter``) holds the factors as trainable state and the
 updated W of each adapted layer in ``hooks.pt`` (this hooks object's ``state_dict``), which
 ``load_adapter`` restores: it reloads exactly onto the original backbone, at the size of the
@@ -69,9 +73,30 @@ class DeltaLoRAConfig:
 
 
 class DeltaLoRALinear(LoRALinear):
-    """A ``LoRALinear`` whose base weight the Delta-LoRA hooks update after every optimizer step."""
+    """A ``LoRALinear`` whose base weight the Delta-LoRA hooks update after every optimizer step.
 
-    moves_base = True  # B A alone is not its change: ``export_peft_adapter`` refuses it
+    ``start``: (A_K, B_K, λ) from before the first update of W (the hooks set it), so the change
+    of W is λ s (B A - B_K A_K) (the sum telescopes) and ``export_peft_adapter`` can write the
+    layer's whole change as a rank-2r LoRA (rank r when B_K = 0, i.e. K = 0); None while W has
+    not moved; "unknown" for W restored from a checkpoint that predates it (then refused).
+    """
+
+    start = None
+
+    @property
+    def moves_base(self) -> bool:  # B A alone is not its change, and the start is not known
+        return isinstance(self.start, str)
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') with B' A' = (W - W0) + s B A, the scale folded into B': (r', in), (out, r')."""
+        r = self.rank if self.active is None else self.active
+        a, b = self.A[:r], self.B[:, :r] * self.scaling
+        if self.start is None:
+            return a, b
+        a0, b0, ratio = self.start
+        if not b0.any():  # K = 0: B_0 = 0, the change is (1 + λ) s B A
+            return a, (1 + ratio) * b
+        return torch.cat([a, a0[:r]]), torch.cat([(1 + ratio) * b, -ratio * self.scaling * b0[:, :r]], dim=1)
 
 
 def scaling_of(cfg: DeltaLoRAConfig) -> float:
@@ -143,6 +168,9 @@ class DeltaLoRAHooks:
             if self._moves(step)
             else {}
         )
+        for name, (a0, b0) in self._before.items():  # the first update: (A_K, B_K) for the export
+            if self.layers[name].start is None:
+                self.layers[name].start = (a0, b0, self.update_ratio)
 
     def after_step(self, step: int, optimizer) -> None:
         for name, (a0, b0) in self._before.items():
@@ -154,7 +182,8 @@ class DeltaLoRAHooks:
         """The updated W of every adapted layer (detached views: the checkpoint is written at once)."""
         if self.update_ratio == 0:
             return {"weights": {}}
-        return {"weights": {n: m.base.weight.detach() for n, m in self.layers.items()}}
+        start = {n: m.start[:2] for n, m in self.layers.items() if isinstance(m.start, tuple)}
+        return {"weights": {n: m.base.weight.detach() for n, m in self.layers.items()}, "start": start}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -164,8 +193,15 @@ class DeltaLoRAHooks:
             raise ValueError(
                 f"delta_lora checkpoint holds W of modules this model does not adapt: {unknown[:5]}"
             )
+        start = state.get("start")
         for name, value in weights.items():
-            self.layers[name].base.weight.copy_(value)
+            layer = self.layers[name]
+            layer.base.weight.copy_(value)
+            if start is None:  # a checkpoint from before the start was kept: W moved, from where unknown
+                layer.start = "unknown"
+            elif name in start:
+                a0, b0 = start[name]
+                layer.start = (a0.to(layer.A.device), b0.to(layer.B.device), self.update_ratio)
 
 
 def hooks(model: nn.Module, modules: dict, cfg: DeltaLoRAConfig) -> DeltaLoRAHooks:
