@@ -277,8 +277,7 @@ def save_adapter(
     from budget.methods import fold_all
 
     if rank is not None:
-        with dylora.at_rank(wrapped, rank):  # refused here, before anything is written, if it cannot apply
-            pass
+        dylora.check_rank(wrapped, rank)  # refused here, before anything is written, if it cannot apply
         method_cfg = dataclasses.replace(method_cfg, export_rank=rank)
         method_cfg.validate()  # a rank outside [method.r_min, method.r_max] was not trained
     fold_all(model, wrapped)

@@ -45,7 +45,6 @@ from torch import nn
 from budget.config import ConfigError
 from budget.methods import lora
 from budget.methods.lora import LoRALinear
-from budget.models import find_targets, resolve_targets, set_module
 
 
 @dataclass
@@ -99,28 +98,22 @@ class DeltaLoRALinear(LoRALinear):
         return torch.cat([a, a0[:r]]), torch.cat([(1 + ratio) * b, -ratio * self.scaling * b0[:, :r]], dim=1)
 
 
-def scaling_of(cfg: DeltaLoRAConfig) -> float:
-    return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
+def as_lora(cfg: DeltaLoRAConfig) -> lora.LoRAConfig:
+    """The LoRA it trains (no dropout on the LoRA branch, as the paper)."""
+    return lora.LoRAConfig(target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora,
+                           dropout=0.0, layers=cfg.layers)  # fmt: skip
 
 
 def apply(
     model: nn.Module, cfg: DeltaLoRAConfig, layers: list[int] | None = None
 ) -> dict[str, DeltaLoRALinear]:
-    layers = layers if layers is not None else cfg.layers
-    patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
-    wrapped = {}
-    for name in find_targets(model, patterns, "method.target_modules", layers):
-        base = model.get_submodule(name)
-        base.weight.requires_grad_(False)  # W moves only through the hooks, never by a gradient
-        wrapped[name] = DeltaLoRALinear(base, cfg.r, scaling_of(cfg), dropout=0.0)
-        set_module(model, name, wrapped[name])
-    return wrapped
+    """W frozen (it moves only through the hooks, never by a gradient), LoRA's factors trained."""
+    return lora.apply(model, as_lora(cfg), layers, layer_cls=DeltaLoRALinear)
 
 
 def count(cfg: DeltaLoRAConfig, arch, layers: list[int] | None = None) -> int:
     """LoRA's r (in + out) per adapted matrix: W's change is not a trainable parameter."""
-    as_lora = lora.LoRAConfig(target_modules=cfg.target_modules, r=cfg.r, layers=cfg.layers)
-    return lora.count(as_lora, arch, layers)
+    return lora.count(as_lora(cfg), arch, layers)
 
 
 def merge(model: nn.Module, modules: dict) -> None:

@@ -53,7 +53,6 @@ from torch import nn
 from budget.config import ConfigError
 from budget.methods import lora
 from budget.methods.lora import LoRALinear, set_active
-from budget.models import find_targets, resolve_targets, set_module
 
 
 @dataclass
@@ -116,6 +115,11 @@ def set_rank(modules: dict[str, nn.Module], b: int) -> None:
 
 def choose_rank(modules: dict[str, nn.Module], rank: int) -> None:
     """``set_rank`` for a caller's ``rank=``: refused, naming the range, where it cannot apply."""
+    set_rank(check_rank(modules, rank), rank)
+
+
+def check_rank(modules: dict[str, nn.Module], rank: int) -> dict[str, LoRALinear]:
+    """The DyLoRA layers of ``modules``, if ``rank`` is one they hold; else ValueError naming the range."""
     layers = {n: m for n, m in modules.items() if is_dylora(m)}
     if not layers:
         raise ValueError(f"rank={rank}: only DyLoRA layers have a rank to choose, and this model has none; "
@@ -124,7 +128,7 @@ def choose_rank(modules: dict[str, nn.Module], rank: int) -> None:
     if not 1 <= rank <= r_max:
         raise ValueError(f"rank={rank}: these DyLoRA layers hold ranks 1..{r_max} (trained: method.r_min.."
                          "method.r_max)")  # fmt: skip
-    set_rank(layers, rank)
+    return layers
 
 
 @contextmanager
@@ -152,25 +156,23 @@ def trained_slice(b: int, r_min: int, frozen: bool) -> slice:
     return slice(b - 1 if frozen and b > r_min else 0, b)
 
 
+def as_lora(cfg: DyLoRAConfig) -> lora.LoRAConfig:
+    """The LoRA at rank r_max (scale alpha / r_max) that holds every component."""
+    return lora.LoRAConfig(target_modules=cfg.target_modules, r=cfg.r_max, alpha=cfg.alpha, dropout=cfg.dropout,
+                           layers=cfg.layers)  # fmt: skip
+
+
 def apply(model: nn.Module, cfg: DyLoRAConfig, layers: list[int] | None = None) -> dict[str, LoRALinear]:
-    layers = layers if layers is not None else cfg.layers
-    patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
-    wrapped = {}
-    for name in find_targets(model, patterns, "method.target_modules", layers):
-        base = model.get_submodule(name)
-        base.weight.requires_grad_(False)  # W0 frozen; its bias left alone, as in lora.apply
-        wrapped[name] = LoRALinear(base, cfg.r_max, cfg.alpha / cfg.r_max, cfg.dropout)
-        wrapped[name].dylora_alpha = cfg.alpha  # marks the layer as DyLoRA's (set_rank rescales it)
-        set_module(model, name, wrapped[name])
+    wrapped = lora.apply(model, as_lora(cfg), layers)
+    for layer in wrapped.values():
+        layer.dylora_alpha = cfg.alpha  # marks the layer as DyLoRA's (set_rank rescales it)
     set_rank(wrapped, cfg.serving_rank)  # a model built from this config computes at the export rank
     return wrapped
 
 
 def count(cfg: DyLoRAConfig, arch, layers: list[int] | None = None) -> int:
     """r_max (in + out) per adapted matrix: every component of A and B trains over the run."""
-    layers = layers if layers is not None else cfg.layers
-    patterns = cfg.target_modules or arch.default_targets()
-    return sum(cfg.r_max * (s.in_features + s.out_features) for _, s in arch.match_linears(patterns, layers))
+    return lora.count(as_lora(cfg), arch, layers)
 
 
 @torch.no_grad()

@@ -98,7 +98,11 @@ def set_active(layer: LoRALinear, r: int | None) -> dict[str, tuple]:
     return {} if r == 0 else {"A": (slice(0, r),), "B": (slice(None), slice(0, r))}
 
 
-def apply(model: nn.Module, cfg: LoRAConfig, layers: list[int] | None = None) -> dict[str, LoRALinear]:
+def apply(
+    model: nn.Module, cfg: LoRAConfig, layers: list[int] | None = None, layer_cls: type = LoRALinear
+) -> dict[str, LoRALinear]:
+    """Wrap every target in ``layer_cls`` (``LoRALinear`` or a subclass: DyLoRA's and Delta-LoRA's
+    layers are built here too)."""
     layers = layers if layers is not None else cfg.layers
     patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
     scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
@@ -108,7 +112,7 @@ def apply(model: nn.Module, cfg: LoRAConfig, layers: list[int] | None = None) ->
         # W0 is frozen with the backbone (freeze_backbone); its bias is left alone, so that
         # BitFit or layer freezing applied before in the same group keeps training it.
         base.weight.requires_grad_(False)
-        wrapped[name] = LoRALinear(base, cfg.r, scaling, cfg.dropout)
+        wrapped[name] = layer_cls(base, cfg.r, scaling, cfg.dropout)
         set_module(model, name, wrapped[name])
     return wrapped
 
