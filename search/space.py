@@ -774,8 +774,10 @@ def methods_space(trial, ctx: SpaceContext) -> dict:
     and Delta-LoRA's r, DyLoRA's r_max, Quantum-PEFT's r, adapter bottlenecks, prefix length;
     AdaLoRA's ``target_params`` at init_r = 1.5 x its rank; sparse fine-tuning's ``budget``
     exactly; RoSA splits the budget, ``rosa.sparse_share`` in [0.1, 0.9] of it in its sparse part
-    and the rest in LoRA's rank). A method whose count cannot come near the budget (Quantum-PEFT's
-    few angles, (IA)³'s fixed size) is infeasible at that budget, not trained. Without a budget,
+    and the rest in LoRA's rank). Quantum-PEFT also draws its parameterisation
+    (``quantum_peft.unitary``: the Pauli circuit's few angles or the Lie-algebra chart, whose count
+    grows like LoRA's). A method whose count cannot come near the budget (Quantum-PEFT's Pauli
+    angles, (IA)³'s fixed size) is infeasible at that budget, not trained. Without a budget,
     a size from ``SIZES`` / ``SINGLE_SIZES`` (sparse: a density).
     """
     arch = ctx.arch
@@ -790,6 +792,8 @@ def methods_space(trial, ctx: SpaceContext) -> dict:
     knobs = dict(ctx.knobs.get(name, {}))
     if name == "ia3":
         return {"method": {"name": "ia3", **knobs}}
+    if name == "quantum_peft":  # Pauli: log2 N angles per side; Lie: N K - K(K+1)/2, LoRA's scale
+        knobs["unitary"] = trial.suggest_categorical("quantum_peft.unitary", ["pauli", "lie"])
     if ctx.budget is None:
         if name == "sparse":
             knobs["density"] = trial.suggest_categorical("sparse.density", list(SINGLE_SIZES["sparse"]))

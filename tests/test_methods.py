@@ -71,6 +71,7 @@ ROWS = [
     ("delta_lora", {"name": "delta_lora", "r": 4}, {}),
     ("quantum_peft", {"name": "quantum_peft", "r": 4}, {}),
     ("quantum_peft-deep", {"name": "quantum_peft", "r": 2, "depth": 3, "alpha": 4.0}, {}),
+    ("quantum_peft-lie", {"name": "quantum_peft", "r": 2, "unitary": "lie"}, {}),
     # sparse / rosa: apply alone picks the entries by magnitude (calibrate is tests/test_sparse.py's)
     ("sparse", {"name": "sparse", "density": 0.05}, {}),
     ("sparse-rows", {"name": "sparse", "selection": "structured", "budget": 3000}, {}),

@@ -1,7 +1,9 @@
 """Quantum-PEFT (budget/methods/quantum_peft.py): the Pauli circuit is the documented one (against a
 dense kron-product reference), U_L and U_R have orthonormal columns for any size, the count is
 (2L + 1) q - 2L per circuit plus K and equals what apply trains, every angle gets a gradient, the
-layer starts as the base layer and merges exactly."""
+layer starts as the base layer and merges exactly; the Lie-algebra side (unitary=lie) is the
+exponential of its skew generator (against torch.linalg.matrix_exp of the whole N x N matrix) and
+counts N K - K (K + 1) / 2 per side."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from budget.methods.quantum_peft import (
     circuit_columns,
     circuit_params,
     entangler_signs,
+    lie_columns,
+    lie_params,
     orthonormal_columns,
     qubits,
 )
@@ -183,7 +187,99 @@ def test_rank_above_a_dimension_is_refused_by_count_and_apply():
     assert not any(isinstance(m, QuantumPEFTLinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("knobs, field", [({"r": 0}, "method.r"), ({"depth": -1}, "method.depth")])
+def dense_generator(theta: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The whole n x n skew-symmetric A = [[B, -Cᵀ], [C, 0]] the packed ``theta`` stands for."""
+    m = k * (k - 1) // 2
+    a = torch.zeros(n, n, dtype=torch.float64)
+    rows, cols = torch.tril_indices(k, k, -1)
+    a[rows, cols] = theta[:m].double()
+    a[k:, :k] = theta[m:].double().view(n - k, k)
+    return a - a.T
+
+
+LIE_SIZES = [(2, 1), (3, 3), (8, 2), (17, 4), (64, 8), (100, 7), (5, 5)]
+
+
+@pytest.mark.parametrize("n, k", LIE_SIZES, ids=[f"{n}x{k}" for n, k in LIE_SIZES])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0])
+def test_lie_columns_are_the_matrix_exponential(n, k, scale):
+    torch.manual_seed(n + k)
+    theta = torch.randn(lie_params(n, k), dtype=torch.float64) * scale
+    a = dense_generator(theta, n, k)
+    assert bool((a + a.T == 0).all()) and int((a != 0).sum()) == 2 * theta.numel()  # every value placed once
+    u = lie_columns(theta, n, k)
+    torch.testing.assert_close(u, torch.linalg.matrix_exp(a)[:, :k], atol=1e-10, rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_lie_reaches_a_given_frame_and_its_count_is_the_stiefel_dimension():
+    # The chart is onto the Stiefel manifold: fit a random target frame's projector by gradient descent
+    torch.manual_seed(0)
+    n, k = 12, 3
+    target = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64)).Q
+    theta = (torch.randn(lie_params(n, k), dtype=torch.float64) * 0.1).requires_grad_()
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(400):
+        u = lie_columns(theta, n, k)
+        loss = (u @ u.T - target @ target.T).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-6
+    assert [lie_params(n, k) for n, k in ((384, 8), (1536, 8), (4, 4), (9, 1))] == [3036, 12252, 6, 8]
+    assert lie_params(384, 8) + lie_params(1536, 8) + 8 == 15296  # the docstring's MiniLM FFN matrix
+
+
+@pytest.mark.parametrize("n, k", [(384, 8), (1536, 8), (1536, 32)])
+def test_lie_columns_are_orthonormal_in_float32_at_model_sizes(n, k):
+    torch.manual_seed(n)
+    layer = QuantumPEFTLinear(torch.nn.Linear(n, n), k, 1, 1.0, "lie")
+    for u in (layer.u_left(), layer.u_right()):
+        torch.testing.assert_close(u.T @ u, torch.eye(k), atol=1e-5, rtol=0)
+        assert u[:k].abs().max() < 0.5  # the random start turns U off the first K basis vectors
+
+
+@pytest.mark.parametrize("arch_name", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+def test_lie_count_is_the_formula_and_what_apply_trains(arch_name):
+    model = build(arch_name)
+    cfg = method_config_from_dict({"name": "quantum_peft", "r": 3, "unitary": "lie"})
+    counted = count_method(cfg, arch_of(model))
+    wrapped = apply_method(model, cfg)
+    formula = sum((m.out_features + m.in_features) * 3 - 3 * 4 + 3 for m in wrapped.values())
+    assert counted == formula == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch_name", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+def test_lie_trains_stays_orthogonal_and_merges(arch_name):
+    base = build(arch_name)
+    model, _, wrapped = trained(arch_name, unitary="lie")
+    torch.testing.assert_close(logits(model), logits(base), atol=0, rtol=0)  # λ = 0: the base layer
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    before = {n: (m.theta_left.detach().clone(), m.theta_right.detach().clone()) for n, m in wrapped.items()}
+    for step in range(4):
+        model(**batch()).loss.backward()
+        if step == 1:  # λ has moved off zero by now, so every generator value has a gradient
+            for name, m in wrapped.items():
+                for p in (m.theta_left, m.theta_right, m.lambdas):
+                    assert bool((p.grad != 0).all()), name
+        opt.step()
+        opt.zero_grad()
+    for name, m in wrapped.items():
+        assert not torch.equal(before[name][0], m.theta_left) and not torch.equal(
+            before[name][1], m.theta_right
+        )
+        for u in (m.u_left(), m.u_right()):
+            torch.testing.assert_close(u.T @ u, torch.eye(m.rank), atol=1e-5, rtol=0)
+    expected = logits(model)
+    merge_methods(model, wrapped, ["quantum_peft"])
+    assert not any(isinstance(m, QuantumPEFTLinear) for m in model.modules())
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "knobs, field",
+    [({"r": 0}, "method.r"), ({"depth": -1}, "method.depth"), ({"unitary": "cayley"}, "method.unitary")],
+)
 def test_validate_names_the_field(knobs, field):
     with pytest.raises(ConfigError, match=field):
         method_config_from_dict({"name": "quantum_peft", **knobs}).validate()

@@ -505,13 +505,17 @@ def test_methods_space_sizes_every_method_to_the_budget(model, budgeted):
 
     ctx = context(model, budgeted)
     seen = {}
-    for name in SINGLE_METHODS:
+    choices = [(n, {}) for n in SINGLE_METHODS if n != "quantum_peft"]
+    choices += [(f"quantum_peft-{u}", {"quantum_peft.unitary": u}) for u in ("pauli", "lie")]
+    for key, fixed in choices:
+        name = key.split("-")[0]
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-        study.enqueue_trial({"method": name})
+        study.enqueue_trial({"method": name, **fixed})
         trial = study.ask()
         s = sample(trial, SPACES["methods"], ctx)
         assert s.overrides["method"]["name"] == name
-        seen[name] = s
+        assert s.overrides["method"].get("unitary") == fixed.get("quantum_peft.unitary")
+        seen[key] = s
         if not s.feasible:
             continue
         run = resolve(merge_overrides({"model": {"name": model}}, s.overrides))
@@ -521,7 +525,7 @@ def test_methods_space_sizes_every_method_to_the_budget(model, budgeted):
             assert abs(s.budget_params - ctx.budget) <= 0.02 * ctx.budget, (name, s.budget_params)
     feasible = {n for n, s in seen.items() if s.feasible}
     if not budgeted:
-        assert feasible == set(SINGLE_METHODS)
+        assert feasible == {key for key, _ in choices}
         return
     assert {
         "lora",
@@ -530,8 +534,9 @@ def test_methods_space_sizes_every_method_to_the_budget(model, budgeted):
         "delta_lora",
         "rosa",
         "sparse",
+        "quantum_peft-lie",
     } <= feasible  # size steps: others may miss 2%
-    assert "quantum_peft" not in feasible and "ia3" not in feasible  # a few angles; a fixed size
+    assert "quantum_peft-pauli" not in feasible and "ia3" not in feasible  # a few angles; a fixed size
     assert seen["sparse"].overrides["method"]["budget"] == ctx.budget  # exact
     rosa = seen["rosa"].overrides["method"]
     assert seen["rosa"].trainable_params == ctx.budget and rosa["budget"] == ctx.budget - rosa["r"] * (

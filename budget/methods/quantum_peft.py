@@ -27,14 +27,30 @@ the paper (which also give the total per matrix as 2 (2L + 1) log2 N + K, an upp
 omits the -2L of each circuit) and with a second third-party implementation's docstring. Check
 them against the paper's Sec. 4 when it can be read.
 
+Lie-algebra parameterisation (``method.unitary=lie``, the linear-count alternative the Pauli
+circuit is measured against): U = exp(A) E_K, the first K columns of the exponential of a skew-
+symmetric generator A in so(N) whose nonzero entries are confined to the first K columns and
+rows, A = [[B, -Cᵀ], [C, 0]] with B (K, K) skew and C (N - K, K) free. That is a chart of the
+whole Stiefel manifold of orthonormal K-frames (SO(N) acts transitively on it for K < N), with
+its dimension as the count: K(K-1)/2 + (N - K) K = N K - K(K+1)/2 values per side, so
+(N_out + N_in) K - K(K+1) + K per matrix (MiniLM 384 x 1536, K = 8: 15,296, LoRA r = 8's 15,360
+less the redundancy LoRA's A B carries). The exponential is exact, not a truncated Taylor
+series: with Z = [E_K, F C] (F the last N - K basis vectors), A = Z M Zᵀ, M = [[B, -I], [I, 0]],
+so A^p Z = Z (M G)^p with G = ZᵀZ = diag(I, CᵀC) and exp(A) E_K = Z exp(M G)[:, :K]: one
+2K x 2K matrix exponential (float64) and an (N - K, K) x (K, K) product per forward, never an
+N x N matrix. Its columns are orthonormal to float rounding for any C (no re-orthonormalisation,
+no penalty).
+
 Departures: for N not a power of two the paper builds larger unitaries by quantum Shannon
 decomposition; here the circuit runs on the next power of two, the first N rows of its K
 columns are kept and re-orthonormalised by Cholesky QR (twice, exact to float rounding,
 differentiable; the angles are the same, so the count is unchanged). The angles start uniform in
 [-π, π) (random orthonormal frames, as AdaLoRA's random P, Q) and λ at zero, so the layer starts
-as the base layer; the paper's Lie-algebra (Taylor / Cayley) variants, its angle quantisation
-and its tensor-network variants are not implemented. The scaling s = alpha / K keeps LoRA's
-convention.
+as the base layer. The Lie-algebra side computes the exponential exactly through the 2K x 2K
+reduction above where a truncated Taylor series would leave U slightly off orthogonal; whether
+the paper confines the generator to K columns as here is among the things to check against its
+Sec. 4. Angle quantisation and the tensor-network variants are not implemented. The scaling
+s = alpha / K keeps LoRA's convention.
 """
 
 from __future__ import annotations
@@ -56,7 +72,8 @@ class QuantumPEFTConfig:
     name: str = "quantum_peft"
     target_modules: Optional[list] = None  # regex name suffixes; None = architecture default
     r: int = 8  # K: intrinsic rank, the used columns of U_L, U_R and the length of λ
-    depth: int = 1  # L: entangling layers of each Pauli circuit
+    depth: int = 1  # L: entangling layers of each Pauli circuit (unitary=pauli only)
+    unitary: str = "pauli"  # pauli: log2 N angles per side; lie: the Stiefel chart, N K - K(K+1)/2
     alpha: float = 16.0  # s = alpha / r
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
@@ -65,6 +82,13 @@ class QuantumPEFTConfig:
             raise ConfigError(f"method.r: must be >= 1, got {self.r}")
         if self.depth < 0:
             raise ConfigError(f"method.depth: must be >= 0 (0 = one layer of rotations), got {self.depth}")
+        if self.unitary not in UNITARIES:
+            raise ConfigError(
+                f"method.unitary: unknown parameterisation {self.unitary!r}; use one of {', '.join(UNITARIES)}"
+            )
+
+
+UNITARIES = ("pauli", "lie")
 
 
 def qubits(n: int) -> int:
@@ -78,6 +102,34 @@ def circuit_params(n: int, depth: int) -> int:
     if q <= 1:
         return q
     return (2 * depth + 1) * q - 2 * depth
+
+
+def lie_params(n: int, k: int) -> int:
+    """Generator values of one Lie-algebra side: dim of the Stiefel manifold, n k - k (k + 1) / 2."""
+    return n * k - k * (k + 1) // 2
+
+
+def side_params(n: int, k: int, depth: int, unitary: str) -> int:
+    """Trainable values that build one U (n, k)."""
+    return circuit_params(n, depth) if unitary == "pauli" else lie_params(n, k)
+
+
+def lie_columns(theta: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """U = exp(A) E_K (n, k) for the generator packed in ``theta`` (module docstring).
+
+    ``theta``: B's strictly lower triangle (k (k - 1) / 2, row by row) then C (n - k, k) row-major.
+    """
+    m = k * (k - 1) // 2
+    rows, cols = torch.tril_indices(k, k, -1, device=theta.device)
+    low = torch.zeros(k, k, dtype=torch.float64, device=theta.device).index_put(
+        (rows, cols), theta[:m].double()
+    )
+    c = theta[m:].view(n - k, k)
+    g = c.double().T @ c.double()  # CᵀC (k, k)
+    eye, zero = torch.eye(k, dtype=torch.float64, device=theta.device), torch.zeros_like(g)
+    mg = torch.cat([torch.cat([low - low.T, -g], 1), torch.cat([eye, zero], 1)])  # M G (2k, 2k)
+    x = torch.linalg.matrix_exp(mg)[:, :k].to(theta.dtype)  # (2k, k)
+    return torch.cat([x[:k], c @ x[k:]])  # Z x: E_K x_top + F C x_bottom
 
 
 def entangler_signs(q: int, parity: int) -> torch.Tensor:
@@ -136,41 +188,45 @@ def orthonormal_columns(theta: torch.Tensor, n: int, k: int, depth: int, signs: 
 class QuantumPEFTLinear(nn.Module):
     """y = W0 x + b + s U_L diag(λ) U_Rᵀ x; U_L, U_R from the angles ``theta_left``, ``theta_right``."""
 
-    def __init__(self, base: nn.Module, r: int, depth: int, scaling: float):
+    def __init__(self, base: nn.Module, r: int, depth: int, scaling: float, unitary: str = "pauli"):
         super().__init__()
         self.base = base
         self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base)
         self.depth = depth
         self.scaling = scaling
+        self.unitary = unitary
         dev = base.weight.device
         dt = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
-        self.theta_left = nn.Parameter(
-            torch.empty(circuit_params(self.out_features, depth), device=dev, dtype=dt).uniform_(
-                -math.pi, math.pi
-            )
-        )
-        self.theta_right = nn.Parameter(
-            torch.empty(circuit_params(self.in_features, depth), device=dev, dtype=dt).uniform_(
-                -math.pi, math.pi
-            )
-        )
+        self.theta_left = nn.Parameter(self._initial(self.out_features, r, dev, dt))
+        self.theta_right = nn.Parameter(self._initial(self.in_features, r, dev, dt))
         self.lambdas = nn.Parameter(torch.zeros(r, device=dev, dtype=dt))  # λ (K,): zero, so ΔW = 0 at init
         for side, n in (("left", self.out_features), ("right", self.in_features)):
             q = max(qubits(n), 1)
             signs = torch.stack([entangler_signs(q, 0), entangler_signs(q, 1)]).to(dev, dt)
             self.register_buffer(f"signs_{side}", signs, persistent=False)  # (2, 2^q)
 
+    def _initial(self, n: int, k: int, dev, dt) -> torch.Tensor:
+        """Random frames: Pauli angles uniform in [-π, π); Lie generators N(0, (π/2)² / (n - k)), so
+        C's columns have norm about π/2 and U turns most of the way off the first K basis vectors."""
+        theta = torch.empty(side_params(n, k, self.depth, self.unitary), device=dev, dtype=dt)
+        if self.unitary == "pauli":
+            return theta.uniform_(-math.pi, math.pi)
+        return theta.normal_(0.0, (math.pi / 2) / math.sqrt(max(n - k, 1)))
+
     @property
     def rank(self) -> int:
         return self.lambdas.shape[0]
 
+    def _columns(self, theta: torch.Tensor, n: int, signs: torch.Tensor) -> torch.Tensor:
+        if self.unitary == "lie":
+            return lie_columns(theta, n, self.rank)
+        return orthonormal_columns(theta, n, self.rank, self.depth, signs)
+
     def u_left(self) -> torch.Tensor:  # (out, K)
-        return orthonormal_columns(self.theta_left, self.out_features, self.rank, self.depth, self.signs_left)
+        return self._columns(self.theta_left, self.out_features, self.signs_left)
 
     def u_right(self) -> torch.Tensor:  # (in, K)
-        return orthonormal_columns(
-            self.theta_right, self.in_features, self.rank, self.depth, self.signs_right
-        )
+        return self._columns(self.theta_right, self.in_features, self.signs_right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -197,19 +253,22 @@ def apply(
     for name in names:
         base = model.get_submodule(name)
         base.weight.requires_grad_(False)
-        wrapped[name] = QuantumPEFTLinear(base, cfg.r, cfg.depth, cfg.alpha / cfg.r)
+        wrapped[name] = QuantumPEFTLinear(base, cfg.r, cfg.depth, cfg.alpha / cfg.r, cfg.unitary)
         set_module(model, name, wrapped[name])
     return wrapped
 
 
 def count(cfg: QuantumPEFTConfig, arch, layers: list[int] | None = None) -> int:
-    """Per adapted matrix: ((2L + 1) q_out - 2L) + ((2L + 1) q_in - 2L) + K, q = ceil(log2 dim)."""
+    """Per adapted matrix: ((2L + 1) q_out - 2L) + ((2L + 1) q_in - 2L) + K, q = ceil(log2 dim)
+    (Pauli), or (out + in) K - K (K + 1) + K (Lie)."""
     layers = layers if layers is not None else cfg.layers
     patterns = cfg.target_modules or arch.default_targets()
     total = 0
     for name, s in arch.match_linears(patterns, layers):
         _check_rank(cfg, name, s.in_features, s.out_features)
-        total += circuit_params(s.out_features, cfg.depth) + circuit_params(s.in_features, cfg.depth) + cfg.r
+        total += cfg.r + sum(
+            side_params(n, cfg.r, cfg.depth, cfg.unitary) for n in (s.out_features, s.in_features)
+        )
     return total
 
 
