@@ -249,6 +249,14 @@ def _at_lora_count(name: str, knobs: dict, base: nn.Module, target: int):
     return dataclasses.replace(cfg, **{size: best})
 
 
+def spec_label(spec: str) -> str:
+    """``NAME`` or ``NAME[k:v,k:v]`` for ``NAME:k=v;k=v``: one ratio key per --methods entry, free of
+    the ``=`` and spaces the ratio line uses."""
+    name, _, rest = spec.partition(":")
+    knobs = [kv.replace("=", ":", 1) for kv in rest.split(";") if kv]
+    return f"{name}[{','.join(knobs)}]".replace(" ", "") if knobs else name
+
+
 def method_variant(base: nn.Module, spec: str, target: int, batch: dict) -> Variant:
     """A registered method (``NAME`` or ``NAME:k=v;k=v``) as a variant at ``target`` parameters."""
     import yaml
@@ -276,8 +284,8 @@ def method_variant(base: nn.Module, spec: str, target: int, batch: dict) -> Vari
         call_hooks(hooks, "after_step", steps[0], optimizer)
         steps[0] += 1
 
-    knob_text = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("r", "r_max", "bottleneck", "budget", "rank")
-                          if hasattr(cfg, k))  # fmt: skip
+    sizes = [k for k in ("r", "r_max", "bottleneck", "budget", "rank") if hasattr(cfg, k)]
+    knob_text = ", ".join(f"{k}={getattr(cfg, k)}" for k in sizes + [k for k in knobs if k not in sizes])
     return Variant(f"{name} ({knob_text})" if knob_text else name, model, optimizer, loss_fn, after)
 
 
@@ -478,9 +486,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     for key in results:
         if key.startswith("method:"):
-            ratios[f"{key[7:].partition(':')[0]}/lora"] = (
-                results[key]["median_s"] / results["lora"]["median_s"]
-            )
+            ratios[f"{spec_label(key[7:])}/lora"] = results[key]["median_s"] / results["lora"]["median_s"]
     cpu = {k: r["cpu_s"] for k, r in results.items()}
     cpu_ratios = {
         "adalora/lora": cpu["adalora"] / cpu["lora"],

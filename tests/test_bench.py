@@ -109,7 +109,8 @@ def test_bench_methods_run_at_loras_count(capsys):
     target = lora - (adapter - counts[b])
     assert abs(counts[b] - target) <= min(abs(counts[b - 1] - target), abs(counts[b + 1] - target))
     assert v["method:lora:r=2"]["trainable"] == v["lora_final"]["trainable"]  # the knob given wins
-    assert set(res["ratios"]) >= {"adapter/lora", "lora/lora"}
+    assert set(res["ratios"]) >= {"adapter/lora", "lora[r:2]/lora"}  # one key per entry, knobs shown
     bench.report(bench.parse_args(["step", "--model", "tiny-bert", "--methods", "adapter,lora:r=2"]), res)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("ratio adapter/lora=") and RATIO.fullmatch(lines[-1])
+    assert re.search(r" lora\[r:2\]/lora=\d+\.\d{3}$", lines[-2])
