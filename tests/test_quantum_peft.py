@@ -228,6 +228,8 @@ def test_lie_reaches_a_given_frame_and_its_count_is_the_stiefel_dimension():
     assert loss.item() < 1e-6
     assert [lie_params(n, k) for n, k in ((384, 8), (1536, 8), (4, 4), (9, 1))] == [3036, 12252, 6, 8]
     assert lie_params(384, 8) + lie_params(1536, 8) + 8 == 15296  # the docstring's MiniLM FFN matrix
+    for n, k in ((768, 8), (4096, 16), (64, 64)):  # square: the notes' 2 N K - K² for the Taylor variant
+        assert 2 * lie_params(n, k) + k == 2 * n * k - k * k
 
 
 @pytest.mark.parametrize("n, k", [(384, 8), (1536, 8), (1536, 32)])

@@ -34,8 +34,9 @@ rows, A = [[B, -Cᵀ], [C, 0]] with B (K, K) skew and C (N - K, K) free. That is
 whole Stiefel manifold of orthonormal K-frames (SO(N) acts transitively on it for K < N), with
 its dimension as the count: K(K-1)/2 + (N - K) K = N K - K(K+1)/2 values per side, so
 (N_out + N_in) K - K(K+1) + K per matrix (MiniLM 384 x 1536, K = 8: 15,296, LoRA r = 8's 15,360
-less the redundancy LoRA's A B carries). The exponential is exact, not a truncated Taylor
-series: with Z = [E_K, F C] (F the last N - K basis vectors), A = Z M Zᵀ, M = [[B, -I], [I, 0]],
+less the redundancy LoRA's A B carries); for a square N x N matrix that is 2 N K - K², the count
+the independent notes above give for the paper's Lie-algebra (Taylor) variant. The exponential
+is exact, not the paper's truncated Taylor series: with Z = [E_K, F C] (F the last N - K basis vectors), A = Z M Zᵀ, M = [[B, -I], [I, 0]],
 so A^p Z = Z (M G)^p with G = ZᵀZ = diag(I, CᵀC) and exp(A) E_K = Z exp(M G)[:, :K]: one
 2K x 2K matrix exponential (float64) and an (N - K, K) x (K, K) product per forward, never an
 N x N matrix. Its columns are orthonormal to float rounding for any C (no re-orthonormalisation,
@@ -47,9 +48,9 @@ columns are kept and re-orthonormalised by Cholesky QR (twice, exact to float ro
 differentiable; the angles are the same, so the count is unchanged). The angles start uniform in
 [-π, π) (random orthonormal frames, as AdaLoRA's random P, Q) and λ at zero, so the layer starts
 as the base layer. The Lie-algebra side computes the exponential exactly through the 2K x 2K
-reduction above where a truncated Taylor series would leave U slightly off orthogonal; whether
-the paper confines the generator to K columns as here is among the things to check against its
-Sec. 4. Angle quantisation and the tensor-network variants are not implemented. The scaling
+reduction above where a truncated Taylor series would leave U slightly off orthogonal (the
+count, 2 N K - K² for a square matrix, implies the paper's generator is confined to K columns
+too; check against its Sec. 4). Angle quantisation and the tensor-network variants are not implemented. The scaling
 s = alpha / K keeps LoRA's convention.
 """
 
