@@ -1,7 +1,7 @@
 """Quantum-PEFT (Koike-Akino et al., ICLR 2025, "Quantum-PEFT: Ultra Parameter-Efficient
 Fine-Tuning"): y = W0 x + b + s U_L diag(λ) U_Rᵀ x, with U_L (out, K) and U_R (in, K) orthonormal
-columns computed from a few circuit angles, not trained as matrices (AdaLoRA's P, Q need a
-penalty to stay near-orthogonal; these are orthogonal by construction).
+columns computed from a few circuit angles (or a Lie-algebra generator), not trained as matrices
+(AdaLoRA's P, Q need a penalty to stay near-orthogonal; these are orthogonal by construction).
 
 Pauli parameterisation (the paper's real, SO(N) case): on q = ceil(log2 N) qubits the orthogonal
 2^q x 2^q matrix is a circuit of RY rotations, RY(θ) = [[cos θ/2, -sin θ/2], [sin θ/2, cos θ/2]],
@@ -34,13 +34,13 @@ rows, A = [[B, -Cᵀ], [C, 0]] with B (K, K) skew and C (N - K, K) free. That is
 whole Stiefel manifold of orthonormal K-frames (SO(N) acts transitively on it for K < N), with
 its dimension as the count: K(K-1)/2 + (N - K) K = N K - K(K+1)/2 values per side, so
 (N_out + N_in) K - K(K+1) + K per matrix (MiniLM 384 x 1536, K = 8: 15,296, LoRA r = 8's 15,360
-less the redundancy LoRA's A B carries); for a square N x N matrix that is 2 N K - K², the count
+less the K² redundancy of LoRA's A B); for a square N x N matrix that is 2 N K - K², the count
 the independent notes above give for the paper's Lie-algebra (Taylor) variant. The exponential
-is exact, not the paper's truncated Taylor series: with Z = [E_K, F C] (F the last N - K basis vectors), A = Z M Zᵀ, M = [[B, -I], [I, 0]],
-so A^p Z = Z (M G)^p with G = ZᵀZ = diag(I, CᵀC) and exp(A) E_K = Z exp(M G)[:, :K]: one
-2K x 2K matrix exponential (float64) and an (N - K, K) x (K, K) product per forward, never an
-N x N matrix. Its columns are orthonormal to float rounding for any C (no re-orthonormalisation,
-no penalty).
+is exact, not the paper's truncated Taylor series: with Z = [E_K, F C] (F the last N - K basis
+vectors), A = Z M Zᵀ, M = [[B, -I], [I, 0]], so A^p Z = Z (M G)^p with G = ZᵀZ = diag(I, CᵀC)
+and exp(A) E_K = Z exp(M G)[:, :K]: one 2K x 2K matrix exponential (float64) and an (N - K, K) x
+(K, K) product per forward, never an N x N matrix. Its columns are orthonormal to float rounding
+(no re-orthonormalisation, no penalty).
 
 Departures: for N not a power of two the paper builds larger unitaries by quantum Shannon
 decomposition; here the circuit runs on the next power of two, the first N rows of its K
@@ -50,8 +50,9 @@ differentiable; the angles are the same, so the count is unchanged). The angles 
 as the base layer. The Lie-algebra side computes the exponential exactly through the 2K x 2K
 reduction above where a truncated Taylor series would leave U slightly off orthogonal (the
 count, 2 N K - K² for a square matrix, implies the paper's generator is confined to K columns
-too; check against its Sec. 4). Angle quantisation and the tensor-network variants are not implemented. The scaling
-s = alpha / K keeps LoRA's convention.
+too; check against its Sec. 4). Its generator starts N(0, (π/2)² / (N - K)) per value, a random
+frame turned most of the way off E_K. Angle quantisation and the tensor-network variants are not
+implemented. The scaling s = alpha / K keeps LoRA's convention.
 """
 
 from __future__ import annotations
