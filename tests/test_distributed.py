@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -65,6 +66,7 @@ def test_masks_identical_across_ranks():
     assert out["local0"] != out["local1"]
 
 
+@pytest.mark.slow  # 18 s: two torchrun processes; test_masks_identical_across_ranks stays default
 def test_torchrun_two_processes_equal_one(tmp_path):
     """`torchrun --nproc_per_node 2 adabudget train ...` (gloo, CPU): the global batch of 32 is
     sharded 2 x 16; the losses and rank allocations equal a 1 x 32 run's, both ranks end with

@@ -401,6 +401,7 @@ def search(tmp_path, capsys, *overrides: str) -> tuple[int, dict]:
     return code, json.loads(path.read_text()) if path.exists() else {}
 
 
+@pytest.mark.slow  # 26 s; the default suite keeps the supernet space trained stand-alone
 def test_search_with_the_supernet_scorer(tmp_path, capsys):
     """Trials score sub-configurations of the study's supernet (trained once, then reused); each
     trial's value is its inherited score, its count the stand-alone count, and out-of-band draws

@@ -329,6 +329,7 @@ def test_sweep_prunes_through_dev_evaluations_and_the_job_sees_its_trial(tmp_pat
     assert record["best"][0]["command"].startswith("adabudget train model=tiny-bert")
 
 
+@pytest.mark.slow  # 22 s: a sweep killed and rerun
 def test_killed_sweep_resumes_to_n_trials_without_resetting(tmp_path):
     """kill -9 of the sweep's process group mid-trial; the same command finishes the study with
     exactly n_trials (the killed trial failed and re-queued), and a third run has nothing to do."""
