@@ -410,11 +410,8 @@ def _lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         keep = layer.lam.nonzero().squeeze(1)
         a = layer.Q[keep]  # (r, in)
         b = layer.P[:, keep] * (layer.lam[keep] * layer.scaling)  # (out, r)
-    elif hasattr(layer, "peft_factors"):  # Delta-LoRA: the change of W0 too
-        a, b = layer.peft_factors()
-    else:
-        r = layer.rank if layer.active is None else layer.active
-        a, b = layer.A[:r], layer.B[:, :r] * layer.scaling  # (r, in), (out, r)
+    else:  # LoRALinear or a subclass (Delta-LoRA's adds the change of W0)
+        a, b = layer.peft_factors()  # (r, in), (out, r)
     return a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
 
 

@@ -88,13 +88,13 @@ class DeltaLoRALinear(LoRALinear):
 
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') with B' A' = (W - W0) + s B A, the scale folded into B': (r', in), (out, r')."""
-        r = self.rank if self.active is None else self.active
-        a, b = self.A[:r], self.B[:, :r] * self.scaling
+        a, b = super().peft_factors()
         if self.start is None:
             return a, b
         a0, b0, ratio = self.start
         if not b0.any():  # K = 0: B_0 = 0, the change is (1 + λ) s B A
             return a, (1 + ratio) * b
+        r = a.shape[0]
         return torch.cat([a, a0[:r]]), torch.cat([(1 + ratio) * b, -ratio * self.scaling * b0[:, :r]], dim=1)
 
 

@@ -77,10 +77,21 @@ class LoRALinear(nn.Module):
             )
         return out + (F.linear(h, B) * self.scaling).to(out.dtype)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the active slice, views: (r, in), (out, r)."""
+        r = self.rank if self.active is None else self.active
+        return self.A[:r], self.B[:, :r]
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW in nn.Linear layout (out, in) (of the active slice)."""
-        r = self.rank if self.active is None else self.active
-        return self.scaling * self.B[:, :r] @ self.A[:r]
+        a, b = self.factors()
+        return self.scaling * b @ a
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') with B' A' the layer's whole change, the scale folded into B': what a peft LoRA
+        adapter holds (``budget.export.export_peft_adapter``)."""
+        a, b = self.factors()
+        return a, b * self.scaling
 
 
 def set_active(layer: LoRALinear, r: int | None) -> dict[str, tuple]:
