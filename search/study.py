@@ -417,7 +417,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
         if STOP["signal"]:  # stopped between sampling and training: run it again, stop this worker
             trial.set_user_attr("error", STOP["signal"])
             _requeue(trial, baseline)
-            stop_if_requested()
+            raise SearchInterrupted(STOP["signal"])
         result = train(cfg, on_eval=on_eval)
         trial.set_user_attr("status", result["status"])
         trial.set_user_attr("wall_time_s", result["wall_time_s"])

@@ -19,6 +19,7 @@ period, is failed and re-queued (at most ``search.max_retries`` times). A re-run
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -46,6 +47,7 @@ from search.study import (
     make_objective,
     make_sampler,
     open_study,
+    stop_if_requested,
 )
 
 HOST = socket.gethostname()
@@ -174,8 +176,7 @@ def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
     ran, failures = 0, 0
     try:
         while True:
-            if STOP["signal"]:  # a stop signal between trials: end here, nothing is running
-                raise SearchInterrupted(STOP["signal"])
+            stop_if_requested()  # a stop signal between trials: end here, nothing is running
             lock.acquire()
             try:
                 recover_stale(study, setup)
@@ -223,6 +224,20 @@ def _request_stop(signum, frame) -> None:
     """SIGTERM outside a training: remembered, acted on at the next safe point (before a trial's
     training, or between trials), never in the middle of a storage write."""
     STOP["signal"] = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _on_sigterm(handler):
+    """``handler`` takes SIGTERM inside the block and the previous handler is back after it; off
+    the main thread (where Python cannot set handlers) the block runs with the signal as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class _Terminated(Exception):
@@ -321,13 +336,8 @@ def run_workers(setup: Setup) -> None:
 
             torch.set_num_threads(setup.scfg.worker_threads())
             STOP["signal"] = None  # this process may have searched before (tests, notebooks)
-            main = threading.current_thread() is threading.main_thread()
-            previous = signal.signal(signal.SIGTERM, _request_stop) if main else None
-            try:
+            with _on_sigterm(_request_stop):
                 worker_loop(setup, after_trial=lambda: progress.poll(study))
-            finally:
-                if main:
-                    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         else:
             ctx = multiprocessing.get_context("spawn")
             procs = [
@@ -336,14 +346,14 @@ def run_workers(setup: Setup) -> None:
             ]
             for p in procs:
                 p.start()
-            # SIGTERM to this process (a scheduler, ``kill``) must reach the workers too: by default
-            # it would end this process alone and leave them training as orphans
-            main = threading.current_thread() is threading.main_thread()
-            previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
             try:
-                while any(p.is_alive() for p in procs):
-                    progress.poll(study)
-                    time.sleep(2.0)
+                # SIGTERM to this process (a scheduler, ``kill``) must reach the workers too: by
+                # default it would end this process alone and leave them training as orphans. The
+                # handler is put back when the block ends: a second SIGTERM while joining ends this process
+                with _on_sigterm(_raise_terminated):
+                    while any(p.is_alive() for p in procs):
+                        progress.poll(study)
+                        time.sleep(2.0)
             except (KeyboardInterrupt, _Terminated) as stop:
                 for p in procs:
                     p.terminate()  # SIGTERM: each run checkpoints and ends 'interrupted'; resume re-runs it
@@ -351,8 +361,6 @@ def run_workers(setup: Setup) -> None:
                     raise SearchInterrupted("SIGTERM") from None
                 raise
             finally:
-                if main:  # a second SIGTERM while joining ends this process
-                    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
                 for p in procs:
                     p.join()
             bad = [p.exitcode for p in procs if p.exitcode]
