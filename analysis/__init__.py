@@ -1,1 +1,1 @@
-"""Analysis: rank-allocation dashboards and paper tables from run records (next release)."""
+"""Analysis: rank-allocation dashboards and paper tables from run records."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SUPPORTED_VERSIONS = (1, 2)  # 1: Engine 0.1 records, which have no record_version field
+SUPPORTED_VERSIONS = (1, 2)  # 1: the first records, which have no record_version field
 STALE_AFTER_S = 600.0
 STATUSES = ("completed", "pruned", "interrupted", "failed", "running")
 _BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")

@@ -1,1 +1,1 @@
-"""Search: an Optuna outer loop over hybrid PEFT configurations (next release)."""
+"""Search: an Optuna outer loop over hybrid PEFT configurations."""

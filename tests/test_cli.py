@@ -83,7 +83,7 @@ def test_main_job_full(tmp_path):
     assert accuracy > 0.70  # chance is 0.5; one LoRA epoch reaches ~0.82 (REFERENCE.md)
 
 
-# ---------------------------------------------------------------- Engine 0.2: what a user hits
+# ---------------------------------------------------------------- what a user hits
 TINY = ["model=tiny-bert", "debug=fast", "method.init_r=4", "method.target_r=2", "train.num_threads=1"]
 
 

@@ -1,5 +1,5 @@
 """On a CUDA device: AdaLoRA and an AdaLoRA hybrid train, stop, resume to the same result and
-export (Engine 0.1 crashed at step 1: its allocator's buffers stayed on the CPU). Run with
+export (an earlier allocator crashed at step 1: its allocator's buffers stayed on the CPU). Run with
 ``pytest -m gpu`` on a machine with a GPU."""
 
 from __future__ import annotations

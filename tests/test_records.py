@@ -77,7 +77,7 @@ def test_tables_of_a_completed_run(zoo):
 def test_versions(tmp_path, zoo):
     old = tmp_path / "old"
     old.mkdir()
-    (old / "result.json").write_text(json.dumps({  # what Engine 0.1 wrote: no record_version, no modules
+    (old / "result.json").write_text(json.dumps({  # what the first record version wrote: no record_version, no modules
         "status": "completed", "method": "adalora", "task": "mr", "final": {"dev": {"accuracy": 0.7}},
         "ranks": {"bert.encoder.layer.3.attention.self.query": 5}}))  # fmt: skip
     (old / "ranks.jsonl").write_text(json.dumps({"step": 10, "budget": 5, "kept": 5, "final": True,

@@ -26,11 +26,11 @@ SHRINK = ("final", "every", "never")
 class AdaLoRAConfig:
     """AdaLoRA knobs; the paper symbol is in each comment.
 
-    Worked example of the schedule (defaults on the packaged ``mr`` task, T = 265 steps,
+    Worked example of the schedule (defaults on the packaged ``mr`` task, T = 266 steps,
     36 adapted matrices): b(0) = 12 * 36 = 432 triplets, b(T) = 8 * 36 = 288;
-    t_i = 0.1 T = 26, t_f = 0.3 T = 80; every ΔT = 10 steps between them the budget
-    follows the cubic decay; at step 185 the pattern is fixed at 288 and the pruned
-    triplets are physically removed.
+    t_i = round(0.1 T) = 27, t_f = round(0.3 T) = 80; every ΔT = 10 steps between them the
+    budget follows the cubic decay (b(60) = 359); from step 186 = T - t_f the pattern is
+    fixed at 288 and the pruned triplets are physically removed.
     """
 
     name: str = "adalora"
