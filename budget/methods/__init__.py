@@ -127,7 +127,20 @@ def method_config_from_dict(values: dict, field_prefix: str = "method"):
 
 
 def apply_method(model, cfg) -> dict:
-    """Apply the method described by ``cfg`` (a registered config dataclass)."""
+    """Apply the method described by ``cfg`` (a registered config dataclass).
+
+    A configuration the model cannot take is refused before any module is touched: the exact
+    count checks every part of a composition (MAM's prefix, an S4 group's) first, so a refusal
+    of the second part does not leave the first one attached.
+    """
+    from budget.arch import arch_of
+
+    try:
+        arch = arch_of(model)
+    except ConfigError:  # an architecture without roles: methods with explicit targets still apply
+        arch = None
+    if arch is not None:
+        count_method(cfg, arch)
     return REGISTRY[cfg.name].apply(model, cfg)
 
 
