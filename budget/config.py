@@ -9,8 +9,11 @@ of ``budget`` (the methods import ``ConfigError`` from here).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib.util
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -76,6 +79,9 @@ class DataConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     cache_dir: Optional[str] = None  # default: $ADABUDGET_CACHE or ~/.cache/adabudget
+    # Text encoding of csv / jsonl files (any Python codec name); utf-8-sig also reads a
+    # spreadsheet's byte-order mark, which would otherwise glue onto the first column name.
+    encoding: str = "utf-8-sig"
 
 
 @dataclass
@@ -89,7 +95,7 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06  # linear LR warmup, then linear decay to 0
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: Optional[float] = 1.0  # > 0; null turns gradient clipping off
     eval_every: int = 100  # also evaluates at the end; 0 = only at the end
     eval_batch_size: int = 128
     log_every: int = 10
@@ -150,8 +156,32 @@ def validate(run: RunConfig) -> None:
     t, d = run.train, run.data
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
-    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be a finite number > 0, got {t.lr}")
+    _check(
+        math.isfinite(t.epochs),
+        "train.epochs",
+        f"must be a finite number, got {t.epochs}; set train.max_steps to give the length in steps",
+    )
     _check(t.epochs > 0 or t.max_steps, "train.epochs", "must be > 0 (or set train.max_steps)")
+    # A negative norm flips every clipped gradient (gradient ascent); 0 reads as "no clipping"
+    # but is not how to say it.
+    _check(
+        t.max_grad_norm is None or t.max_grad_norm > 0,
+        "train.max_grad_norm",
+        f"must be > 0 (the norm gradients are clipped to), got {t.max_grad_norm}; "
+        "use train.max_grad_norm=null to turn clipping off",
+    )
+    _check(
+        math.isfinite(t.weight_decay) and t.weight_decay >= 0,
+        "train.weight_decay",
+        f"must be a finite number >= 0 (AdamW's decoupled decay; 0 = none), got {t.weight_decay}",
+    )
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
+    _check(
+        0 <= t.seed < 2**32,
+        "train.seed",
+        f"must be in [0, 2**32 - 1] (numpy's seed range), got {t.seed}",
+    )
     _check(
         t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1 or null, got {t.max_steps}"
     )
@@ -191,6 +221,13 @@ def validate(run: RunConfig) -> None:
             "bits; use model.quantize=null, or a method that trains on top (lora, adalora, dylora, adapter, ...)",
         )
     _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
+    try:
+        codecs.lookup(d.encoding)
+    except (LookupError, TypeError):
+        raise ConfigError(
+            f"data.encoding: unknown text encoding {d.encoding!r}; use a Python codec name such as "
+            "utf-8-sig (the default), utf-16, cp1252 or latin-1"
+        ) from None
     _check(0 < d.dev_fraction < 1, "data.dev_fraction", f"must be in (0, 1), got {d.dev_fraction}")
     _check(0 <= d.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {d.test_fraction}")
     _check(
@@ -213,9 +250,47 @@ def validate(run: RunConfig) -> None:
         "logger.mode",
         "use offline | online | disabled",
     )
+    for where, knobs in method_knobs(run.method):
+        check_method_knobs(where, knobs)
     validate_method = getattr(run.method, "validate", None)
     if validate_method is not None:
         validate_method()
+
+
+def method_knobs(method: Any) -> list[tuple[str, dict]]:
+    """(field prefix, knobs) of a method config and, for a hybrid, of each method of each group
+    (``method.groups[1].lora``), so that rules shared by every method are checked in one place."""
+    if not dataclasses.is_dataclass(method):
+        return []
+    out = [("method", {f.name: getattr(method, f.name) for f in dataclasses.fields(method)})]
+    for g, entry in enumerate(getattr(method, "groups", None) or []):
+        for name, knobs in entry.items() if isinstance(entry, dict) else ():
+            if isinstance(knobs, dict):
+                out.append((f"method.groups[{g}].{name}", knobs))
+    return out
+
+
+def check_method_knobs(where: str, knobs: dict) -> None:
+    """The knobs every method means the same by: the LoRA scale numerator and target patterns."""
+    for key in ("alpha", "lora_alpha"):
+        value = knobs.get(key)
+        if value is not None:
+            # alpha / r scales every update: 0 trains nothing, a negative one flips the update,
+            # inf or nan poison the first step
+            _check(
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                f"{where}.{key}",
+                f"must be a finite number > 0 (the scale is {key} / r), got {value}",
+            )
+    for pattern in knobs.get("target_modules") or []:
+        try:
+            re.compile(rf"(.*\.)?(?:{pattern})")
+        except re.error as err:
+            raise ConfigError(
+                f"{where}.target_modules: {str(pattern)!r} is not a valid regular expression ({err}); "
+                r"each pattern is a regex matched against the end of a module name, e.g. [query,value] "
+                r"or ['layer\.\d+\.output\.dense']"
+            ) from None
 
 
 def to_dict(run: RunConfig) -> dict:

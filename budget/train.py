@@ -48,6 +48,7 @@ from budget.methods import (
 )
 from budget.metrics import compute_metrics, primary_metric
 from budget.models import count_params, freeze_backbone, load_model, pick_device, prepare_hub_access
+from budget.preflight import check_against_model
 
 # What may change when a run is resumed: more steps (T; the LR and budget schedules are
 # recomputed for the new T from the checkpoint's step on), how it is logged, evaluated,
@@ -395,6 +396,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         arch = None
     plan = plan_of(run.method, arch)  # a hybrid's sizes are solved here, once
     check_positions(run, model, plan)
+    check_against_model(run, model, plan)  # target patterns, data.max_length vs the position table
     wrapped = apply_plan(model, plan)
     groups = plan.report(arch) if arch is not None else None
     modules = module_table(wrapped, arch, plan)

@@ -167,6 +167,12 @@ class SearchConfig:
             not self.retrain_top_k or len(self.retrain_seeds) >= 1, "retrain_seeds", "give at least one seed"
         )
         check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        # 0 or less would make every other host's running trial stale at once: re-queued twice
+        check(
+            self.grace_period > 0,
+            "grace_period",
+            f"must be > 0 seconds without a heartbeat, got {self.grace_period} (default 600)",
+        )
         check(self.scorer in SCORERS, "scorer", f"unknown scorer '{self.scorer}'; use one of {SCORERS}")
         self.supernet.validate()
         if self.scorer == "supernet":

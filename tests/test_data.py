@@ -453,6 +453,43 @@ def test_describe_local(tmp_path):
     assert "local csv" in text and "train 16 / dev 2 / test 2" in text and "2 classes (train: a " in text
 
 
+@pytest.mark.parametrize("encoding", ["cp1252", "utf-16", "latin-1"])
+def test_local_files_in_another_encoding_read_with_data_encoding(tmp_path, encoding):
+    """A file in another encoding reads exactly with ``data.encoding`` set; without it the default
+    (utf-8-sig) refuses it naming the file and the knob (tests/test_bad_input.py: the messages)."""
+    texts = [f"caf\u00e9 cr\u00e8me {i}" for i in range(20)]
+    for kind, body in {
+        "csv": "text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(texts)),
+        "jsonl": "".join(json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) + "\n"
+                         for i, t in enumerate(texts)),
+    }.items():  # fmt: skip
+        path = tmp_path / f"d.{kind}"
+        path.write_bytes(body.encode(encoding))
+        raw = load_raw(DataConfig(task=kind, path=str(path), encoding=encoding))
+        assert sorted(t for split in raw.splits.values() for t in split.text) == sorted(texts)
+        with pytest.raises(
+            ConfigError, match=rf"data\.encoding: {re.escape(str(path))} (is not valid|read as)"
+        ):
+            load_raw(DataConfig(task=kind, path=str(path)))
+
+
+def test_utf8_bom_and_crlf_still_read_by_default(tmp_path):
+    """A spreadsheet's export: a byte-order mark (not glued onto the first column) and CRLF lines."""
+    path = tmp_path / "d.csv"
+    path.write_bytes(
+        b"\xef\xbb\xbftext,label\r\n" + b"".join(b"row %d,%d\r\n" % (i, i % 2) for i in range(20))
+    )
+    raw = load_raw(DataConfig(task="csv", path=str(path)))
+    assert sorted(raw.splits["train"].text + raw.splits["dev"].text + raw.splits["test"].text) == sorted(
+        f"row {i}" for i in range(20)
+    )
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(
+        b"\xef\xbb\xbf" + b"".join(b'{"text": "r %d", "label": %d}\r\n' % (i, i % 2) for i in range(20))
+    )
+    assert sum(len(r) for r in load_raw(DataConfig(task="jsonl", path=str(jsonl))).splits.values()) == 20
+
+
 # ----------------------------------------------------------------------- hub-shaped
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -40,7 +41,7 @@ def load_local(kind: str, cfg: DataConfig) -> RawTask:
         files = {"train": path}
     splits = {}
     for split, file in files.items():
-        records, columns = _read_records(file, kind)
+        records, columns = _read_records(file, kind, cfg.encoding)
         where = f"{file}"
         if not records:
             raise ConfigError(f"data.path: {file} has no rows; the {split} split would be empty")
@@ -67,30 +68,57 @@ def _find_split_file(folder: Path, stems: tuple[str, ...], kind: str) -> Optiona
     return next((folder / f"{s}.{kind}" for s in stems if (folder / f"{s}.{kind}").is_file()), None)
 
 
-def _read_records(path: Path, kind: str) -> tuple[list[dict], list[str]]:
+def _read_records(path: Path, kind: str, encoding: str = "utf-8-sig") -> tuple[list[dict], list[str]]:
     """Rows of a csv (tab-separated when named ``.tsv``) or jsonl file, and its columns."""
+    text = _read_text(path, encoding)
     if kind == "csv":
-        # utf-8-sig: spreadsheet exports start with a BOM that would glue onto the first
-        # column name.
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            records = list(reader)
-            columns = list(reader.fieldnames or [])
+        reader = csv.DictReader(
+            io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ","
+        )
+        records = list(reader)
+        columns = list(reader.fieldnames or [])
         return records, columns
     records, columns = [], {}
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"data.path: line {lineno} of {path} is not valid JSON ({err})") from err
-            if not isinstance(record, dict):
-                raise ConfigError(f"data.path: line {lineno} of {path} is not a JSON object")
-            records.append(record)
-            columns.update(dict.fromkeys(record))
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):  # \n, \r\n or \r, as open()
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"data.path: line {lineno} of {path} is not valid JSON ({err})") from err
+        if not isinstance(record, dict):
+            raise ConfigError(f"data.path: line {lineno} of {path} is not a JSON object")
+        records.append(record)
+        columns.update(dict.fromkeys(record))
     return records, list(columns)
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    """The whole file decoded with ``data.encoding``. A file that does not decode, or that decodes
+    to NUL characters (UTF-16 read as UTF-8: every other byte is 0), is refused naming both."""
+    raw = path.read_bytes()
+    utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw[:2]
+    fix = (
+        "set data.encoding=utf-16 (the file looks like UTF-16)"
+        if utf16
+        else "set data.encoding to the file's encoding (data.encoding=cp1252 for a Windows export, latin-1, ...)"
+    )
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"data.encoding: {path} is not valid {encoding} (byte {raw[err.start]:#04x} on line {line}: "
+            f"{err.reason}); {fix}, or re-save it as UTF-8"
+        ) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise ConfigError(
+            f"data.encoding: {path} read as {encoding} holds a NUL character (line {line}), which no text "
+            f"holds: it is another encoding or not a text file; {fix}, or re-save it as UTF-8"
+        )
+    return text.removeprefix("\ufeff")  # utf-8-sig drops a byte-order mark, other codecs may not
 
 
 def _coerce_label(value: Any) -> Any:
