@@ -293,10 +293,27 @@ def job_outcome(ret, result: dict | None, refused: str | None, objectives: list[
 
 # ---------------------------------------------------------------- samplers and pruners
 def _optuna_target(spec: Mapping, module: str, what: str):
-    target = str(spec.get("_target_", ""))
-    if not target.startswith(f"optuna.{module}."):
-        raise ConfigError(f"hydra.sweeper.{what}: _target_ '{target}' must be a class of optuna.{module}")
-    return target
+    """The ``_target_`` of ``spec``, which it and every ``_target_`` nested in its arguments must
+    name in ``optuna.<module>``: Hydra's ``instantiate`` builds the nested ones first, so an
+    unchecked one would run any callable (``PatientPruner(wrapped_pruner={_target_: ...})``
+    and ``PartialFixedSampler(base_sampler={_target_: ...})`` nest legitimately)."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"hydra.sweeper.{what}: {spec!r}: give a name or a _target_ dict")
+
+    def check(node, where: str, top: bool = False) -> None:
+        if isinstance(node, Mapping):
+            if top or "_target_" in node:
+                target = str(node.get("_target_", ""))
+                if not target.startswith(f"optuna.{module}."):
+                    raise ConfigError(f"{where}: _target_ '{target}' must be a class of optuna.{module}")
+            for key, value in node.items():
+                check(value, f"{where}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                check(value, f"{where}[{i}]")
+
+    check(spec, f"hydra.sweeper.{what}", top=True)
+    return str(spec["_target_"])
 
 
 def make_sampler(spec: Any, space: Space) -> tuple[optuna.samplers.BaseSampler, int | None]:

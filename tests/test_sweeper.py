@@ -169,6 +169,48 @@ def test_samplers_by_name_and_by_target_dict():
         make_pruner({"_target_": "builtins.print"})
 
 
+def test_nested_targets_are_held_to_the_allow_list(tmp_path):
+    """Hydra's instantiate builds a nested ``_target_`` before its parent: every one of them must
+    name an Optuna sampler (pruner), or a sampler's kwargs could run any callable."""
+    space = parse_space(None, ["a=choice(1,2,3)", "b=interval(0,1)"])
+    pruner = make_pruner({"_target_": "optuna.pruners.PatientPruner", "patience": 2,
+                          "wrapped_pruner": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 3}})  # fmt: skip
+    assert type(pruner) is optuna.pruners.PatientPruner
+    assert type(pruner._wrapped_pruner) is optuna.pruners.MedianPruner
+    assert pruner._wrapped_pruner._n_startup_trials == 3
+    sampler, _ = make_sampler({"_target_": "optuna.samplers.PartialFixedSampler", "fixed_params": {"a": 2},
+                               "base_sampler": {"_target_": "optuna.samplers.TPESampler", "seed": 1}}, space)  # fmt: skip
+    assert type(sampler) is optuna.samplers.PartialFixedSampler
+    assert type(sampler._base_sampler) is optuna.samplers.TPESampler
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_categorical("a", [1, 2, 3]) + t.suggest_float("b", 0, 1), n_trials=3)
+    assert [t.params["a"] for t in study.trials] == [2, 2, 2]  # the fixed parameter held
+
+    ran = tmp_path / "ran"
+    command = f"touch {ran}"
+    refused = [
+        (make_pruner, {"_target_": "optuna.pruners.PatientPruner", "patience": 2,
+                       "wrapped_pruner": {"_target_": "os.system", "command": command}},
+         r"hydra\.sweeper\.pruner\.wrapped_pruner: _target_ 'os\.system' must be a class of optuna\.pruners"),
+        (make_sampler, {"_target_": "optuna.samplers.PartialFixedSampler", "fixed_params": {"a": 2},
+                        "base_sampler": {"_target_": "os.system", "command": command}},
+         r"hydra\.sweeper\.sampler\.base_sampler: _target_ 'os\.system' must be a class of optuna\.samplers"),
+        (make_sampler, {"_target_": "optuna.samplers.TPESampler",
+                        "seed": {"_target_": "builtins.exec", "_args_": [f"open({str(ran)!r}, 'w')"]}},
+         r"hydra\.sweeper\.sampler\.seed: _target_ 'builtins\.exec'"),
+        (make_sampler, {"_target_": "optuna.samplers.PartialFixedSampler", "fixed_params": {"a": 2},  # deeper, in a list
+                        "base_sampler": {"_target_": "optuna.samplers.TPESampler",
+                                         "_args_": [{"_target_": "os.system", "command": command}]}},
+         r"hydra\.sweeper\.sampler\.base_sampler\._args_\[0\]: _target_ 'os\.system'"),
+        (make_pruner, {"_target_": "optuna.pruners.PatientPruner", "patience": 2,  # a sampler where a pruner goes
+                       "wrapped_pruner": {"_target_": "optuna.samplers.TPESampler"}}, "must be a class of optuna.pruners"),
+    ]  # fmt: skip
+    for make, spec, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            make(spec) if make is make_pruner else make(spec, space)
+    assert not ran.exists()  # nothing nested was called
+
+
 def test_directions_objectives_and_what_a_job_end_means():
     assert directions_of(None, None) == ["maximize"]  # adabudget train returns the dev metric
     assert directions_of(None, ["dev.accuracy", "params", "wall_time"]) == [
