@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from budget.config import ConfigError
-from budget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty
+from budget.methods.adalora import AdaLoRAConfig, SVDLinear, check_budget, kept_params, orth_penalty
 from budget.schedule import budget_at, phase_steps
 
 SCORE_CHUNK = 32768  # elements; at::internal::GRAIN_SIZE, below which CPU kernels stay single-threaded
@@ -71,46 +70,12 @@ class RankAllocator:
         self.final_step = total_steps - self.final_steps  # T - t_f: first step of the fixed pattern
         # A triplet costs one rank, or its out + in + 1 parameters when the budget is in parameters.
         self.param_budget = cfg.target_params is not None
-        self.costs = [
-            (lay.out_features + lay.in_features + 1) if self.param_budget else 1 for lay in self.layers
-        ]
-        self.initial_budget = sum(c * lay.rank for c, lay in zip(self.costs, self.layers))  # b(0)
-        if cfg.target_params is not None:
-            self.target_budget = int(cfg.target_params)
-        elif cfg.target_total_rank is not None:
-            self.target_budget = int(cfg.target_total_rank)
-        else:
-            self.target_budget = int(round(cfg.target_r * len(self.layers)))
-        self._check_budget()
+        budget = check_budget(cfg, [(lay, lay.rank) for lay in self.layers])
+        self.costs, self.initial_budget, self.target_budget = budget.costs, budget.initial, budget.target  # b(0), b(T)
         self.fixed = False
         self._rebuild()
 
     # ---------------------------------------------------------------- set-up
-    def _check_budget(self) -> None:
-        cfg, n = self.cfg, len(self.layers)
-        field = "method.target_params" if self.param_budget else "method.target_total_rank"
-        if not self.param_budget and cfg.target_total_rank is None:
-            field = "method.target_r"  # b(T) came from target_r x #matrices
-        if not 0 < self.target_budget < self.initial_budget:
-            raise ConfigError(
-                f"{field}: the final budget b(T)={self.target_budget} must be > 0 and below the initial "
-                f"budget b(0)={self.initial_budget} ({n} matrices x init_r={cfg.init_r}); lower the target "
-                "or raise method.init_r"
-            )
-        floor = sum(c * min(cfg.min_rank, lay.rank) for c, lay in zip(self.costs, self.layers))
-        if self.target_budget < floor:
-            raise ConfigError(
-                f"method.min_rank: {n} matrices x min_rank={cfg.min_rank} need {floor} > b(T)={self.target_budget}; "
-                "lower method.min_rank or raise the target"
-            )
-        cap = cfg.max_rank if cfg.max_rank is not None else cfg.init_r
-        ceiling = sum(c * min(cap, lay.rank) for c, lay in zip(self.costs, self.layers))
-        if self.target_budget > ceiling:
-            raise ConfigError(
-                f"method.max_rank: {n} matrices x max_rank={cap} hold only {ceiling} < b(T)={self.target_budget}; "
-                "raise method.max_rank or lower the target"
-            )
-
     def _factors(self) -> list[nn.Parameter]:
         return [p for lay in self.layers for p in (lay.P, lay.lam, lay.Q)]
 
@@ -286,9 +251,7 @@ class RankAllocator:
             step=step,
             budget=budget,
             kept=sum(ranks),
-            kept_params=sum(
-                r * (lay.out_features + lay.in_features + 1) for r, lay in zip(ranks, self.layers)
-            ),
+            kept_params=kept_params(dict(zip(self.names, ranks)), dict(zip(self.names, self.layers))),
             ranks=dict(zip(self.names, ranks)),
             final=final,
             shrink=shrink,

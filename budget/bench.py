@@ -162,7 +162,7 @@ def _adam(model: nn.Module, method=None) -> torch.optim.Optimizer:
     """The optimizer of ``budget.train`` for our variants (AdaLoRA's λ in its own lr group),
     plain AdamW over the trainable parameters for peft's."""
     from budget.methods import adalora_config_of
-    from budget.train import param_groups
+    from budget.methods.adalora import param_groups
 
     if method is None:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)

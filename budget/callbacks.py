@@ -49,7 +49,7 @@ from transformers import TrainerCallback
 from budget.allocator import RankAllocator
 from budget.config import ConfigError
 from budget.methods import method_config_from_dict
-from budget.methods.adalora import AdaLoRAConfig, SVDLinear, apply, orth_penalty
+from budget.methods.adalora import AdaLoRAConfig, SVDLinear, apply, orth_penalty, param_groups
 from budget.models import freeze_backbone
 
 
@@ -288,15 +288,9 @@ def adalora_optimizer(
     """
     if isinstance(cfg, dict):
         cfg = method_config_from_dict({"name": "adalora", **cfg})
-    lam_ids = {id(m.lam) for m in model.modules() if isinstance(m, SVDLinear)}
-    if not lam_ids:
+    if not any(isinstance(m, SVDLinear) for m in model.modules()):
         raise ConfigError("method.name: adalora_optimizer found no AdaLoRA layer; call add_adalora first")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if id(p) not in lam_ids]},
-        {"params": [p for p in trainable if id(p) in lam_ids], "lr": lr * cfg.lambda_lr_ratio},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg, lr), lr=lr, weight_decay=weight_decay, **adamw_kwargs)
 
 
 def add_adalora(

@@ -50,7 +50,7 @@ from budget.config import ConfigError, RunConfig
 from budget.groups import ALLOCATIONS, PATTERNS, allocation_shares, split_layers
 from budget.methods import REGISTRY, closest_size, count_trainable, method_config_from_dict, methods_in
 from budget.methods import hybrid as hybrid_method
-from budget.methods.adalora import SCORES, AdaLoRAConfig
+from budget.methods.adalora import SCORES, AdaLoRAConfig, check_budget, triplet_cost
 from budget.methods.hybrid import ORDER, HybridConfig
 from search.declarative import compile_params, distribution_from_override, load_space_file
 
@@ -414,7 +414,7 @@ def _budget_count(mcfg, arch: Arch, trainable: int, groups) -> int:
         if mcfg.target_params is not None:
             return int(mcfg.target_params)
         matrices = arch.match_linears(mcfg.target_modules or arch.default_targets(), mcfg.layers)
-        per_rank = sum(s.in_features + s.out_features + 1 for _, s in matrices)
+        per_rank = sum(triplet_cost(s) for _, s in matrices)
         if mcfg.target_total_rank is not None:  # nominal: the allocator picks which matrices keep them
             return round(mcfg.target_total_rank * per_rank / len(matrices))
         return round(mcfg.target_r * per_rank)
@@ -427,7 +427,7 @@ def _budget_count(mcfg, arch: Arch, trainable: int, groups) -> int:
 
 
 def _check_adalora(mcfg, arch: Arch, groups, tolerance: float | None) -> None:
-    """The allocator's start-of-training budget checks (``RankAllocator._check_budget``), analytically.
+    """The allocator's budget rule (``adalora.check_budget``) on the configuration's shapes, before training.
 
     ``tolerance``: also require that whole triplets can meet a parameter target that closely
     (the allocator keeps triplets while their cost fits, so it may stop one triplet short).
@@ -435,42 +435,20 @@ def _check_adalora(mcfg, arch: Arch, groups, tolerance: float | None) -> None:
     if isinstance(mcfg, AdaLoRAConfig):
         acfg = mcfg
         patterns = mcfg.target_modules or arch.default_targets()
-        ranks = [(s, mcfg.init_r) for _, s in arch.match_linears(patterns, mcfg.layers)]
+        matrices = [(s, mcfg.init_r) for _, s in arch.match_linears(patterns, mcfg.layers)]
     else:
         acfg = hybrid_method.adalora_config(mcfg, arch)
-        ranks = []
+        matrices = []
         for g in groups:
             if "adalora" in g.methods:
                 c = g.methods["adalora"]
                 patterns = c.target_modules or arch.default_targets()
-                ranks += [(s, c.init_r) for _, s in arch.match_linears(patterns, g.layers)]
-    if not ranks:
-        raise ConfigError("method.target_modules: AdaLoRA matches no linear layer here")
-    by_params = acfg.target_params is not None
-    costs = [(s.in_features + s.out_features + 1) if by_params else 1 for s, _ in ranks]
-    initial = sum(c * r for c, (_, r) in zip(costs, ranks))  # b(0)
-    if acfg.target_params is not None:
-        target, fld = int(acfg.target_params), "method.target_params"
-    elif acfg.target_total_rank is not None:
-        target, fld = int(acfg.target_total_rank), "method.target_total_rank"
-    else:
-        target, fld = int(round(acfg.target_r * len(ranks))), "method.target_r"
-    if not 0 < target < initial:
+                matrices += [(s, c.init_r) for _, s in arch.match_linears(patterns, g.layers)]
+    budget = check_budget(acfg, matrices)
+    if acfg.target_params is not None and tolerance is not None and max(budget.costs) > tolerance * budget.target:
         raise ConfigError(
-            f"{fld}: the final budget b(T)={target} must be > 0 and below the initial budget b(0)={initial}; "
-            "lower the target or raise method.init_r"
-        )
-    floor = sum(c * min(acfg.min_rank, r) for c, (_, r) in zip(costs, ranks))
-    cap = acfg.max_rank if acfg.max_rank is not None else acfg.init_r
-    ceiling = sum(c * min(cap, r) for c, (_, r) in zip(costs, ranks))
-    if not floor <= target <= ceiling:
-        raise ConfigError(
-            f"{fld}: b(T)={target} is outside what method.min_rank / method.max_rank allow ({floor} .. {ceiling})"
-        )
-    if by_params and tolerance is not None and max(costs) > tolerance * target:
-        raise ConfigError(
-            f"method.target_params={target}: AdaLoRA keeps whole triplets of up to {max(costs)} parameters, "
-            f"so it can end up to that far below the target (more than the {100 * tolerance:g}% tolerance)"
+            f"method.target_params={budget.target}: AdaLoRA keeps whole triplets of up to {max(budget.costs)} "
+            f"parameters, so it can end up to that far below the target (more than the {100 * tolerance:g}% tolerance)"
         )
 
 

@@ -136,7 +136,7 @@ def apply_method(model, cfg) -> dict:
     from budget.arch import arch_of
 
     try:
-        arch = arch_of(model)
+        arch = arch_of(model) if hasattr(model, "config") else None
     except ConfigError:  # an architecture without roles: methods with explicit targets still apply
         arch = None
     if arch is not None:

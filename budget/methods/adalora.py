@@ -195,13 +195,85 @@ def apply(model: nn.Module, cfg: AdaLoRAConfig, layers: list[int] | None = None)
     return wrapped
 
 
+def triplet_cost(shape) -> int:
+    """Parameters of one triplet (a column of P, one λ, a row of Q) of a matrix: in + out + 1.
+    ``shape``: anything with ``in_features`` and ``out_features`` (a linear, an ``SVDLinear``,
+    an ``arch`` shape)."""
+    return shape.in_features + shape.out_features + 1
+
+
 def count(cfg: AdaLoRAConfig, arch, layers: list[int] | None = None) -> int:
     """init_r (in + out + 1) per adapted matrix (P, Λ, Q) at the start of training."""
     layers = layers if layers is not None else cfg.layers
     patterns = cfg.target_modules or arch.default_targets()
-    return sum(
-        cfg.init_r * (s.in_features + s.out_features + 1) for _, s in arch.match_linears(patterns, layers)
-    )
+    return sum(cfg.init_r * triplet_cost(s) for _, s in arch.match_linears(patterns, layers))
+
+
+def kept_params(ranks: dict[str, int], shapes: dict) -> int:
+    """Adapter parameters the kept triplets hold: r (in + out + 1) per matrix (``shapes``: name -> layer)."""
+    return sum(r * triplet_cost(shapes[n]) for n, r in ranks.items())
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One run's rank budget: ``costs[i]`` is what a triplet of matrix i costs (1, or its parameters
+    when the budget is in parameters), ``initial`` = b(0), ``target`` = b(T)."""
+
+    costs: list[int]
+    initial: int
+    target: int
+    field: str  # the knob b(T) came from, named in errors
+
+
+def check_budget(cfg: AdaLoRAConfig, matrices: list[tuple[object, int]]) -> Budget:
+    """The one budget rule, before any training: b(T) must lie in (0, b(0)) and within what
+    ``min_rank`` / ``max_rank`` allow. ``matrices``: (shape, initial rank) per adapted matrix.
+    Pure: the allocator calls it on its layers, the search on a configuration's shapes."""
+    n = len(matrices)
+    if not n:
+        raise ConfigError("method.target_modules: AdaLoRA matches no linear layer here")
+    by_params = cfg.target_params is not None
+    costs = [triplet_cost(s) if by_params else 1 for s, _ in matrices]
+    initial = sum(c * r for c, (_, r) in zip(costs, matrices))  # b(0)
+    if by_params:
+        target, field = int(cfg.target_params), "method.target_params"
+    elif cfg.target_total_rank is not None:
+        target, field = int(cfg.target_total_rank), "method.target_total_rank"
+    else:  # b(T) from target_r x #matrices
+        target, field = int(round(cfg.target_r * n)), "method.target_r"
+    if not 0 < target < initial:
+        raise ConfigError(
+            f"{field}: the final budget b(T)={target} must be > 0 and below the initial budget "
+            f"b(0)={initial} ({n} matrices x init_r={cfg.init_r}); lower the target or raise method.init_r"
+        )
+    floor = sum(c * min(cfg.min_rank, r) for c, (_, r) in zip(costs, matrices))
+    if target < floor:
+        raise ConfigError(
+            f"method.min_rank: {n} matrices x min_rank={cfg.min_rank} need {floor} > b(T)={target}; "
+            "lower method.min_rank or raise the target"
+        )
+    cap = cfg.max_rank if cfg.max_rank is not None else cfg.init_r
+    ceiling = sum(c * min(cap, r) for c, (_, r) in zip(costs, matrices))
+    if target > ceiling:
+        raise ConfigError(
+            f"method.max_rank: {n} matrices x max_rank={cap} hold only {ceiling} < b(T)={target}; "
+            "raise method.max_rank or lower the target"
+        )
+    return Budget(costs, initial, target, field)
+
+
+def param_groups(model: nn.Module, cfg, lr: float) -> list[dict]:
+    """AdamW groups of ``model``'s trainable parameters: ``[rest, λ]``, the λ of every ``SVDLinear``
+    at ``lr x cfg.lambda_lr_ratio`` and everything else at ``lr``; one group when ``cfg`` has no
+    ratio (no AdaLoRA in the run: ``cfg`` None). The one rule for ``budget.train``, the Trainer
+    callback's ``adalora_optimizer`` and the bench."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if getattr(cfg, "lambda_lr_ratio", None) is None:
+        return [{"params": trainable}]
+    lam_ids = {id(m.lam) for m in model.modules() if isinstance(m, SVDLinear)}
+    rest = [p for p in trainable if id(p) not in lam_ids]
+    lam = [p for p in trainable if id(p) in lam_ids]
+    return [{"params": rest}, {"params": lam, "lr": lr * cfg.lambda_lr_ratio}]
 
 
 @torch.no_grad()

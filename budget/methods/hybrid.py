@@ -275,12 +275,9 @@ def final_count(name: str, c, arch, layers) -> int:
 
     if name == "adalora":
         patterns = c.target_modules or arch.default_targets()
-        return round(
-            sum(
-                c.target_r * (s.in_features + s.out_features + 1)
-                for _, s in arch.match_linears(patterns, layers)
-            )
-        )
+        from budget.methods.adalora import triplet_cost
+
+        return round(sum(c.target_r * triplet_cost(s) for _, s in arch.match_linears(patterns, layers)))
     return REGISTRY[name].count(c, arch, layers)
 
 

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from budget.config import ConfigError
+from budget.methods.adalora import kept_params as adalora_kept_params
+from budget.methods.adalora import triplet_cost
 from budget.models import find_targets, resolve_targets
 
 ADAPTER = "default"
@@ -132,7 +134,7 @@ def count(cfg, arch, layers: list[int] | None = None) -> int:
     linears = arch.match_linears(cfg.target_modules or arch.default_targets(), layers)
     if cfg.name == "peft_lora":
         return sum(cfg.r * (s.in_features + s.out_features) for _, s in linears)
-    return sum(cfg.init_r * (s.in_features + s.out_features + 1) for _, s in linears)
+    return sum(cfg.init_r * triplet_cost(s) for _, s in linears)
 
 
 def orth_penalty(model: nn.Module) -> torch.Tensor:
@@ -196,11 +198,8 @@ class PeftAllocator:
             self.peft.mask_using_rank_pattern(self.model, peft_cfg.rank_pattern)
             return None
         ranks = self._ranks(pattern)
-        kept_params = sum(
-            r * (self.model.get_submodule(n).in_features + self.model.get_submodule(n).out_features + 1)
-            for n, r in ranks.items()
-        )
-        return Allocation(step=step, budget=budget, kept=sum(ranks.values()), kept_params=kept_params,
+        kept = adalora_kept_params(ranks, {n: self.model.get_submodule(n) for n in ranks})
+        return Allocation(step=step, budget=budget, kept=sum(ranks.values()), kept_params=kept,
                           ranks=ranks, final=self.fixed, shrink=False)  # fmt: skip
 
     def _ranks(self, pattern: dict) -> dict[str, int]:
