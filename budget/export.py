@@ -202,7 +202,7 @@ def merge_methods(
     """
     from budget.methods import REGISTRY
 
-    cannot = [m for m in methods if m != "full" and REGISTRY[m].merge is None]
+    cannot = [m for m in methods if not REGISTRY[m].mergeable]
     if cannot:
         raise ValueError(
             f"{', '.join(cannot)} cannot merge into the base weights; export the adapter instead"
@@ -210,8 +210,7 @@ def merge_methods(
     if rank is not None:
         dylora.choose_rank(wrapped, rank)  # the wrappers are gone after the merge: nothing to put back
     for m in reversed(methods):  # the reverse of the order they were applied in
-        if m != "full":
-            REGISTRY[m].merge(model, wrapped)
+        REGISTRY[m].merge(model, wrapped)
     return model
 
 

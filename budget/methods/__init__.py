@@ -68,13 +68,22 @@ class Method:
     size: Optional[str] = None  # the integer size knob a budget solver scales (None: fixed size)
     merge: Optional[Callable] = None  # None: the method cannot merge into the base weights
     hooks: Optional[Callable] = None  # (model, modules, cfg) -> the loop's hooks object (module docstring)
+    trains_base: bool = False  # trains or writes the base weights themselves (no 4-bit base under it)
+    peft_export: bool = False  # adapter/ is written in peft's LoRA format (budget.export.export_peft_adapter)
+
+    @property
+    def mergeable(self) -> bool:
+        """``export_merged`` works: the method folds into the base weights (outputs unchanged)."""
+        return self.merge is not None
 
 
 REGISTRY: dict[str, Method] = {
-    "adalora": Method(adalora.AdaLoRAConfig, adalora.apply, adalora.count, "init_r", adalora.merge),
-    "lora": Method(lora.LoRAConfig, lora.apply, lora.count, "r", lora.merge),
-    "dylora": Method(dylora.DyLoRAConfig, dylora.apply, dylora.count, "r_max", dylora.merge, dylora.hooks),
-    "full": Method(full.FullConfig, full.apply, full.count),
+    "adalora": Method(adalora.AdaLoRAConfig, adalora.apply, adalora.count, "init_r", adalora.merge,
+                      peft_export=True),  # fmt: skip
+    "lora": Method(lora.LoRAConfig, lora.apply, lora.count, "r", lora.merge, peft_export=True),
+    "dylora": Method(dylora.DyLoRAConfig, dylora.apply, dylora.count, "r_max", dylora.merge, dylora.hooks,
+                     peft_export=True),  # fmt: skip
+    "full": Method(full.FullConfig, full.apply, full.count, None, full.merge, trains_base=True),
     "adapter": Method(adapter.AdapterConfig, adapter.apply, adapter.count, "bottleneck"),
     "parallel_adapter": Method(
         parallel_adapter.ParallelAdapterConfig, parallel_adapter.apply, parallel_adapter.count, "bottleneck"
@@ -85,10 +94,11 @@ REGISTRY: dict[str, Method] = {
     "unipelt": Method(unipelt.UniPELTConfig, unipelt.apply, unipelt.count),
     "bitfit": Method(bitfit.BitFitConfig, bitfit.apply, bitfit.count, None, bitfit.merge),
     "ia3": Method(ia3.IA3Config, ia3.apply, ia3.count, None, ia3.merge),
-    "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge),
+    "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge, trains_base=True),
     "longlora": Method(longlora.LongLoRAConfig, longlora.apply, longlora.count, "r", longlora.merge),
-    "sparse": Method(sparse.SparseConfig, sparse.apply, sparse.count, "budget", sparse.merge, sparse.hooks),
-    "rosa": Method(rosa.RoSAConfig, rosa.apply, rosa.count, "r", rosa.merge, rosa.hooks),
+    "sparse": Method(sparse.SparseConfig, sparse.apply, sparse.count, "budget", sparse.merge, sparse.hooks,
+                     trains_base=True),  # fmt: skip
+    "rosa": Method(rosa.RoSAConfig, rosa.apply, rosa.count, "r", rosa.merge, rosa.hooks, trains_base=True),
     "delta_lora": Method(
         delta_lora.DeltaLoRAConfig,
         delta_lora.apply,
@@ -96,6 +106,7 @@ REGISTRY: dict[str, Method] = {
         "r",
         delta_lora.merge,
         delta_lora.hooks,
+        trains_base=True,
     ),
     "quantum_peft": Method(
         quantum_peft.QuantumPEFTConfig, quantum_peft.apply, quantum_peft.count, "r", quantum_peft.merge

@@ -24,6 +24,10 @@ def apply(model: nn.Module, cfg: FullConfig, layers: list[int] | None = None) ->
     return {"": model}
 
 
+def merge(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Nothing to fold: full fine-tuning trained the base weights themselves."""
+
+
 def count(cfg: FullConfig, arch, layers: list[int] | None = None) -> int:
     """Every backbone parameter (the task head is counted by ``train_head``)."""
     return arch.backbone_params()
