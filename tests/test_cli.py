@@ -80,7 +80,7 @@ def test_main_job_full(tmp_path):
     proc = run_cli(["train", f"runs_root={tmp_path}", "train.progress=false"], cwd=tmp_path, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     accuracy = float(re.search(r"dev: accuracy=(0\.\d+)", proc.stdout).group(1))
-    assert accuracy > 0.70  # chance is 0.5; one LoRA epoch reaches ~0.82 (REFERENCE.md)
+    assert accuracy > 0.70  # chance is 0.5; one LoRA epoch reaches ~0.82 (docs/reference.md)
 
 
 # ---------------------------------------------------------------- what a user hits

@@ -108,7 +108,7 @@ class SVDLinear(nn.Module):
     manifold that the orthogonal penalty (eq. 4) pulls them to, and λ are then true
     singular values of ΔW / s. peft draws P, Q ~ N(0, 0.02) instead, which makes each
     λ_i act on ΔW through |P_:i||Q_i:| ~ 0.1-0.3 and so needs a 4x larger learning rate
-    than LoRA (REFERENCE.md); unit-norm factors train at LoRA's learning rates.
+    than LoRA (docs/reference.md); unit-norm factors train at LoRA's learning rates.
 
     Scaling s = alpha / r_initial, fixed for the whole run (rslora: alpha / sqrt(r_initial)).
     It is not tied to the current rank: pruning zeroes λ_i, and rescaling the surviving
