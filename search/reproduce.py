@@ -12,9 +12,11 @@ Each cell is an ordinary run in ``<runs_root>/reproduce/<protocol>[-<variant>]/<
 that holds a completed run is skipped, one with a checkpoint is resumed, so the command resumes
 after any stop. ``--workers N`` processes take cells in turn: a cell is claimed with an exclusive
 file beside its runs, and the claim of a worker that died (its pid gone from this host) is taken
-over. Then the command (``budget/cli.py``, the one place that names search and analysis) prints
-the table and writes ``table.md`` and ``table.tex`` beside the cells, built from the records by
-``analysis.tables``.
+over. A cell whose run raises (out of memory, a disk error) is reported and left missing: the
+other cells go on, the command ends with exit code 1 naming a missing cell, and running it again
+retries it. Then the command (``budget/cli.py``, the one place that names search and analysis)
+prints the table and writes ``table.md`` and ``table.tex`` beside the cells, built from the
+records by ``analysis.tables``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import re
 import socket
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,13 +203,20 @@ def run_cells(protocol: Protocol, runs_root: str, threads: int | None = None, lo
             state, run_dir = cell_state(cell)  # another worker may have finished it meanwhile
             if state == "done":
                 continue
-            if state == "resume":
-                result = train(resume_config(run_dir, [f"train.num_threads={threads}"] if threads else []))
-            else:
-                cfg = compose_cell(cell, protocol, runs_root)
-                if threads:
-                    cfg.train.num_threads = threads
-                result = train(cfg)
+            try:
+                if state == "resume":
+                    result = train(resume_config(run_dir, [f"train.num_threads={threads}"] if threads else []))
+                else:
+                    cfg = compose_cell(cell, protocol, runs_root)
+                    if threads:
+                        cfg.train.num_threads = threads
+                    result = train(cfg)
+            except Exception as err:  # one bad cell (out of memory, a disk error) never stops the rest
+                ran += 1
+                traceback.print_exception(type(err), err, err.__traceback__)
+                log(f"{cell.label} | {cell.task} | seed {cell.seed}: failed ({type(err).__name__}: {err}); "
+                    "the other cells go on, the same command retries it")  # fmt: skip
+                continue
             ran += 1
             metric = result.get("primary_metric", "accuracy")
             dev = (result.get("final") or {}).get("dev", {}).get(metric)

@@ -46,6 +46,10 @@ class TrialFailed(Exception):
     """The trial's run ended without a result (diverged, crashed, interrupted)."""
 
 
+class SearchRefused(ConfigError):
+    """A refusal of the search itself, not of one trial (a broken space): it ends the search at once."""
+
+
 # A stop signal that reached a search worker outside a training (``search.workers`` installs the
 # handler; while a run trains, ``budget.train``'s own handler takes the signal and checkpoints).
 STOP: dict = {"signal": None}
@@ -185,23 +189,27 @@ def make_context(setup: Setup) -> SpaceContext:
 
 
 def make_storage(setup: Setup):
-    """A journal file (several processes on one machine) or a database (several machines; RDB
-    heartbeats re-queue the trials of workers that died, with the same parameters)."""
+    """A journal file (several processes on one machine) or a database (several machines).
+
+    Stale trials have one owner on every storage, ``search.liveness`` (through
+    ``search.workers.recover_stale``): Optuna's RDB heartbeat stays off. With it on, two
+    mechanisms failed and re-queued killed trials, each with its own retry count, and Optuna's
+    often got there first (its failed trial had no ``failed_because``)."""
     url = setup.storage
     if url.startswith(("postgresql", "mysql", "sqlite")):
-        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+        from optuna.storages import RDBStorage
 
         if url.startswith("sqlite"):
             return RDBStorage(url)
-        grace = int(max(2, setup.scfg.grace_period))
-        return RDBStorage(
-            url, heartbeat_interval=max(1, grace // 4), grace_period=grace,
-            failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=setup.scfg.max_retries),
-        )  # fmt: skip
+        # a pooled connection the server closed during a long trial is replaced, not used
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    from search.journal import repair_journal
+
     Path(url).parent.mkdir(parents=True, exist_ok=True)
+    repair_journal(url)  # a line cut by a full disk or a kill: Optuna would fail on it for good
     return JournalStorage(JournalFileBackend(url))
 
 
@@ -369,11 +377,17 @@ def trial_config(setup: Setup, overrides: dict, run_dir: str, meta: dict, for_se
 
 def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None):
     """The function Optuna calls for one trial; ``release`` is called once the trial exists
-    (the worker's start lock, see ``search.workers``)."""
+    (the worker's start lock, see ``search.workers``).
+
+    The trial may be failed as stale while it trains (a lost race: another host judged its worker
+    dead); it then trains on and returns its values, which ``search.liveness.tell`` keeps as a
+    duplicate: the attributes it writes after the training are kept where the storage still takes them."""
+    import contextlib
     import os
     import socket
 
     from budget.train import train
+    from search.liveness import identity
     from search.wandb import trial_summary
 
     scfg = setup.scfg
@@ -385,15 +399,22 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     directions = scfg.direction_names(setup.primary)
     head = ctx.arch.head_params if setup.base["model"]["train_head"] else 0
 
+    def note(trial, key: str, value) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale: a lost race
+            trial.set_user_attr(key, value)
+
     def objective(trial: optuna.Trial):
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "id": identity()["id"]})
         release()
         baseline = trial.user_attrs.get("baseline")
-        if baseline is not None:  # a reference point: sized by baseline_overrides, its real count recorded
-            fixed = baseline_overrides(baseline, ctx)
-            drawn = sample(trial, lambda t, c: copy.deepcopy(fixed), dataclasses.replace(ctx, budget=None))
-        else:
-            drawn = sample(trial, space, ctx)
+        try:
+            if baseline is not None:  # a reference point: sized by baseline_overrides, its real count recorded
+                fixed = baseline_overrides(baseline, ctx)
+                drawn = sample(trial, lambda t, c: copy.deepcopy(fixed), dataclasses.replace(ctx, budget=None))
+            else:
+                drawn = sample(trial, space, ctx)
+        except ConfigError as err:  # a broken space (not a dict, an unknown key): every draw would fail alike
+            raise SearchRefused(str(err)) from err
         trial.set_user_attr("overrides", drawn.overrides)
         twin = _trained_twin(trial, drawn.overrides) if drawn.feasible else None
         if twin is not None:  # the sampler proposed a trained configuration again: its result, no training
@@ -411,7 +432,10 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             metric = names[0][4:]
 
             def on_eval(step, metrics):
-                trial.report(metrics[metric], step)
+                try:
+                    trial.report(metrics[metric], step)
+                except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale meanwhile: train on
+                    return False
                 return trial.should_prune()
 
         if STOP["signal"]:  # stopped between sampling and training: run it again, stop this worker
@@ -419,8 +443,8 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             _requeue(trial, baseline)
             raise SearchInterrupted(STOP["signal"])
         result = train(cfg, on_eval=on_eval)
-        trial.set_user_attr("status", result["status"])
-        trial.set_user_attr("wall_time_s", result["wall_time_s"])
+        note(trial, "status", result["status"])
+        note(trial, "wall_time_s", result["wall_time_s"])
         built = result["trainable_params"] - head
         if built != drawn.trainable_params:
             raise TrialFailed(
@@ -429,11 +453,11 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
         if result["status"] == "pruned":
             raise optuna.TrialPruned(f"pruned at step {result['pruned_at']}")
         if result["status"] != "completed":
-            trial.set_user_attr("error", result.get("error") or result.get("interrupted_by"))
+            note(trial, "error", result.get("error") or result.get("interrupted_by"))
             if result["status"] == "interrupted":  # stopped, not bad: run it again
                 _requeue(trial, baseline)
             if result["status"] == "interrupted" and result.get("interrupted_by"):
-                raise SearchInterrupted(result["interrupted_by"])  # not caught by optimize: the worker stops
+                raise SearchInterrupted(result["interrupted_by"])  # the worker stops (search.workers.run_trial)
             raise TrialFailed(result.get("error") or result["status"])
         values = []
         for n in names:
@@ -446,9 +470,10 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
         return values
 
     def _requeue(trial, baseline) -> None:
-        """Queue ``trial``'s parameters again (at most ``search.max_retries`` times in a row)."""
+        """Queue ``trial``'s parameters again (at most ``search.max_retries`` times in a row), unless
+        it was failed as stale meanwhile (that queued it already)."""
         retries = int(trial.user_attrs.get("retries", 0))
-        if retries < scfg.max_retries:
+        if retries < scfg.max_retries and not trial.study._storage.get_trial(trial._trial_id).state.is_finished():
             attrs = {"retry_of": trial.user_attrs.get("retry_of", trial.number), "retries": retries + 1}
             if baseline is not None:
                 attrs["baseline"] = baseline

@@ -420,6 +420,7 @@ class _Job:
     conn: Any
     overrides: list
     retries: int = 0
+    beat: Any = None  # search.liveness.Beat: the trial's heartbeat while its job runs
 
 
 class SweeperImpl:
@@ -615,10 +616,22 @@ class SweeperImpl:
     def _start(self, study, space: Space, release: Callable[[], None] = lambda: None) -> _Job:
         """Ask a trial and fork its job; ``release`` (the start lock's) is called once the trial
         is RUNNING and owned, before the fork."""
+        from search.liveness import Beat, beat_interval
+
         trial = study.ask(space.distributions)
-        # the sweep owns its trials (it tells them): if it dies, they are stale (its jobs get SIGTERM)
+        # the sweep owns its trials (it tells them): if it dies, they are stale (its jobs get SIGTERM).
+        # Its heartbeat (search.liveness) keeps them alive for other hosts' workers however long a job
+        # goes without logging a step, on every storage (PostgreSQL too: Optuna's own heartbeat is off)
         trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})
+        beat = Beat(study._storage, trial._trial_id, beat_interval(self.setup_.scfg.grace_period)).__enter__()
         release()
+        try:
+            return self._fork(study, space, trial, beat)
+        except BaseException:
+            beat.stop()
+            raise
+
+    def _fork(self, study, space: Space, trial, beat) -> _Job:
         if self.custom_search_space:
             self.extend(self.config, trial)
         overrides = space.overrides(trial.params)
@@ -649,7 +662,7 @@ class SweeperImpl:
         trial.set_user_attr("job_pid", process.pid)
         sampled = " ".join(f"{k}={render(v, space.decoders.get(k))}" for k, v in trial.params.items())
         print(f"trial {trial.number} started (pid {process.pid}): {sampled}", flush=True)
-        return _Job(trial, process, receive, overrides, int(trial.user_attrs.get("retries", 0)))
+        return _Job(trial, process, receive, overrides, int(trial.user_attrs.get("retries", 0)), beat)
 
     def _job_main(self, send, config, trial_id: int, parent: int) -> None:
         """The job's process: its trial hook, a thread budget, then Hydra's ``run_job``."""
@@ -681,24 +694,26 @@ class SweeperImpl:
         if outcome is None:
             why = f"the job's process ended with exit code {job.process.exitcode} before reporting"
             outcome = {"state": "interrupted" if interrupted else "fail", "error": why}
+        from search.liveness import tell
+
         trial, state = job.trial, outcome["state"]
-        for key in ("run_dir", "status", "wall_time_s", "trainable_params", "error"):
-            if outcome.get(key) is not None:
-                trial.set_user_attr(key, outcome[key])
+        attrs = {key: outcome[key] for key in ("run_dir", "status", "wall_time_s", "trainable_params", "error")
+                 if outcome.get(key) is not None}  # fmt: skip
         if outcome.get("refused"):
             from budget import cli
 
             cli.REFUSED[trial.number] = outcome["refused"]  # the multirun summary lists refused jobs
-        try:
+        try:  # failed as stale meanwhile (a lost race): logged, a result kept as a duplicate, no crash
             if state == "complete":
-                study.tell(trial, outcome["values"])
-            elif state == "pruned":
-                study.tell(trial, state=TrialState.PRUNED)
+                told = tell(study, trial, outcome["values"], attrs=attrs)
             else:
-                study.tell(trial, state=TrialState.FAIL)
-        except RuntimeError as err:  # GridSampler stops the study when the grid is done: nothing to stop here
-            if "Study.stop" not in str(err):
-                raise
+                told = tell(study, trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL,
+                            attrs=attrs)  # fmt: skip
+        finally:
+            if job.beat is not None:
+                job.beat.stop()
+        if not told:  # the worker that failed it queued it again already
+            return "lost", None
         if state == "interrupted" and job.retries < MAX_RETRIES:  # stopped, not bad: run it again
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number),
                                                           "retries": job.retries + 1})  # fmt: skip

@@ -2,45 +2,52 @@
 holds ``search.n_trials`` trained trials, not one more.
 
 Each worker loops: take the study's start lock, recover the trials of dead workers, count the
-trained and running trials, and if more are wanted start one (``study.optimize(n_trials=1)``);
-the trial releases the lock as soon as it exists. So every start decision sees every other
+trained and running trials, and if more are wanted ask one and run it (``run_trial``); the trial
+releases the lock as soon as it exists and is owned. So every start decision sees every other
 worker's running trials and the study ends with exactly ``n_trials``. The lock is a file lock
 beside a journal file (processes on one machine) or a PostgreSQL advisory lock (machines
-sharing a database).
+sharing a database; its connection is opened again if the server dropped it during a trial).
 
-A worker killed mid-trial (``kill -9``, a lost machine) leaves its trial RUNNING. On a
-database, Optuna's heartbeats fail it after ``search.grace_period`` and re-queue it with the
-same parameters (``RetryHeartbeatStaleTrialCallback``). A journal file has no heartbeats, so
-``recover_stale`` does it: a RUNNING trial whose worker (host and pid, in its user attributes)
-is gone from this host, or another host's whose run record's heartbeat is older than the grace
-period, is failed and re-queued (at most ``search.max_retries`` times). A re-run trial says
-``retry_of: <number>``; a failed one is never counted, so no trial is lost or counted twice.
+One bad trial never ends a search: any exception inside a trial (CUDA out of memory, a sampled
+configuration ``train`` refuses, an ``OSError`` on export) makes it a failed trial with its error
+in its user attributes, ``search.json`` and the printed line, and the worker goes on; only
+``MAX_CONSECUTIVE_FAILURES`` failed trials in a row end it, naming their errors. Ctrl-C and the
+stop signals keep their meaning (the trial is failed and queued again, the worker stops), and so
+do the search's own refusals (a space whose draws are all infeasible, a broken space).
+
+A worker killed mid-trial (``kill -9``, a lost machine) leaves its trial RUNNING; ``recover_stale``
+fails it and queues it again with the same parameters (at most ``search.max_retries`` times),
+on every storage alike: whether its worker lives is ``search.liveness``'s judgment (the pid in
+the worker's own pid space, else the trial's heartbeat against ``search.grace_period``). A re-run
+trial says ``retry_of: <number>``; a failed one is never counted, so no trial is lost or counted
+twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
-import json
 import logging
 import multiprocessing
-import os
 import signal
-import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from budget.config import ConfigError
+from search.liveness import HOST, Beat, beat_interval, pid_alive, stale_reason, tell
 from search.space import get_space
 from search.study import (
     STOP,
     SearchInterrupted,
+    SearchRefused,
     Setup,
     finished,
     make_context,
@@ -50,28 +57,39 @@ from search.study import (
     stop_if_requested,
 )
 
-HOST = socket.gethostname()
+__all__ = ["HOST", "pid_alive"]  # kept importable from here (tests, older callers)
 log = logging.getLogger("adabudget.search")
 MAX_CONSECUTIVE_FAILURES = 5
 
 
+class TooManyFailures(RuntimeError):
+    """``MAX_CONSECUTIVE_FAILURES`` trials in a row failed on one worker."""
+
+
 class StartLock:
-    """The study's start lock: ``acquire`` blocks; ``release`` may be called more than once."""
+    """The study's start lock: ``acquire`` blocks; ``release`` may be called more than once.
+
+    On PostgreSQL it is a session advisory lock on one connection kept for the worker's life. A
+    server may drop that connection while a long trial runs (``idle_session_timeout``, a restart,
+    ``pg_terminate_backend``): the lock went with it, so ``release`` just forgets the connection,
+    and ``acquire`` opens a new one and tries once more."""
 
     def __init__(self, setup: Setup):
         self.setup = setup
         self.held = False
         self._file = None
+        self._engine = None
         self._conn = None
         self.key = int(hashlib.sha256(setup.study.encode()).hexdigest()[:15], 16)  # a bigint for PostgreSQL
 
     def acquire(self) -> None:
         if self.setup.storage.startswith("postgresql"):
-            from sqlalchemy import create_engine, text
-
-            if self._conn is None:
-                self._conn = create_engine(self.setup.storage, poolclass=None).connect()
-            self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+            try:
+                self._advisory("SELECT pg_advisory_lock(:k)")
+            except _disconnects() as err:  # dropped while idle: a new connection, once
+                log.warning("start lock: the database connection was lost (%s); reconnecting", _first_line(err))
+                self._drop()
+                self._advisory("SELECT pg_advisory_lock(:k)")
         else:
             path = Path(self.setup.root) / ".start.lock"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,10 +101,11 @@ class StartLock:
         if not self.held:
             return
         if self._conn is not None:
-            from sqlalchemy import text
-
-            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-            self._conn.commit()
+            try:
+                self._advisory("SELECT pg_advisory_unlock(:k)")
+            except _disconnects() as err:  # the lock ended with its session: nothing left to unlock
+                log.warning("start lock: the database connection was lost while held (%s)", _first_line(err))
+                self._drop()
         if self._file is not None:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
@@ -95,55 +114,57 @@ class StartLock:
 
     def close(self) -> None:
         self.release()
+        self._drop()
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def _advisory(self, sql: str) -> None:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        if self._conn is None:
+            if self._engine is None:  # NullPool: a dropped connection is closed, never handed back
+                self._engine = create_engine(self.setup.storage, poolclass=NullPool)
+            self._conn = self._engine.connect()
+        self._conn.execute(text(sql), {"k": self.key})
+        self._conn.commit()  # a session lock outlives the transaction; none is left open between trials
+
+    def _drop(self) -> None:
         if self._conn is not None:
-            self._conn.close()
+            with contextlib.suppress(Exception):  # closing a dead connection may raise again
+                self._conn.close()
             self._conn = None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process of that pid
-        return True
-    return True
+def _disconnects() -> tuple[type[Exception], ...]:
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return (OperationalError, DBAPIError)
 
 
-def heartbeat_age(trial) -> float:
-    """Seconds since the trial's run last wrote its heartbeat (or since the trial started)."""
-    run_dir = trial.user_attrs.get("run_dir")
-    if run_dir and (Path(run_dir) / "result.json").exists():
-        try:
-            beat = json.loads((Path(run_dir) / "result.json").read_text()).get("heartbeat_at")
-            if beat:
-                return time.time() - beat
-        except (OSError, ValueError):
-            pass
-    start = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
-    return time.time() - start
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def recover_stale(study: optuna.Study, setup: Setup) -> list[int]:
-    """Fail the RUNNING trials whose worker died and re-queue them with the same parameters.
+    """Fail the RUNNING trials whose worker is gone and queue them again with the same parameters.
 
-    On this host the worker's pid decides, however long its run goes without a heartbeat (a live
-    trial failed here was trained twice, and its worker crashed telling it). Another host's trial
-    is stale after ``search.grace_period`` without a heartbeat in its run record; on a database
-    that is Optuna's heartbeat, so those are left to it."""
+    ``search.liveness.stale_reason`` judges each: the pid in the worker's own pid space (at once),
+    else its heartbeat against ``search.grace_period``. Call it under the start lock (two callers
+    would queue a trial twice)."""
     grace = setup.scfg.grace_period
-    heartbeats = setup.storage.startswith(("postgresql", "mysql"))  # make_storage turns them on
+    storage = study._storage  # the storage API is public; Optuna exposes the study's only here
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker") or {}
-        gone = worker.get("host") == HOST and not pid_alive(int(worker.get("pid", -1)))
-        if not gone and (worker.get("host") == HOST or heartbeats or heartbeat_age(t) <= grace):
+        why = stale_reason(t, grace)
+        if why is None:
             continue
-        why = f"its worker ({worker.get('host')}:{worker.get('pid')}) died" if gone else (
-            f"no heartbeat for more than search.grace_period={grace:g} s")  # fmt: skip
-        storage = study._storage  # the storage API is public; Optuna exposes the study's only here
-        storage.set_trial_user_attr(t._trial_id, "failed_because", why)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        try:
+            storage.set_trial_user_attr(t._trial_id, "failed_because", why)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # its worker told it meanwhile: alive after all
+            continue
         retries = int(t.user_attrs.get("retries", 0))
         if retries < setup.scfg.max_retries:
             attrs = {"retry_of": t.user_attrs.get("retry_of", t.number), "retries": retries + 1}
@@ -164,16 +185,52 @@ def counts(study: optuna.Study) -> tuple[int, int, int]:
     return done, running, untrained
 
 
+def run_trial(study: optuna.Study, trial, objective, interval: float) -> tuple[str, str | None]:
+    """Run ``objective`` on the asked ``trial`` with its heartbeat on, and tell how it ended.
+
+    Returns (``complete`` / ``pruned`` / ``fail`` / ``lost``, the error of a failed trial). Every
+    exception is a failed trial, its error (type and message) in the trial's ``error`` attribute
+    and its traceback on stderr; a stop (Ctrl-C, ``SearchInterrupted``, ``SystemExit``) or a
+    refusal of the search itself (``SearchRefused``) fails the trial and is raised again."""
+    values, state, error = None, None, None
+    with Beat(study._storage, trial._trial_id, interval):
+        try:
+            values = objective(trial)
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except (SearchInterrupted, SearchRefused):
+            tell(study, trial, state=TrialState.FAIL)
+            raise
+        except Exception as err:
+            state, error = TrialState.FAIL, f"{type(err).__name__}: {err}"[:2000]
+            traceback.print_exception(type(err), err, err.__traceback__)
+        except BaseException:  # KeyboardInterrupt, SystemExit: the trial ends with this process
+            tell(study, trial, state=TrialState.FAIL)
+            raise
+    attrs = {}
+    if error is not None and not trial.user_attrs.get("error"):  # TrialFailed's run already said why
+        attrs["error"] = error
+    if not tell(study, trial, values, state, attrs):
+        return "lost", None
+    gc.collect()  # a trial's model and data loaders, before the next one
+    if state == TrialState.FAIL:
+        return "fail", trial.user_attrs.get("error") or error
+    told = study._storage.get_trial(trial._trial_id).state
+    if told == TrialState.FAIL:  # values Optuna refused (NaN)
+        return "fail", f"objective values {values} refused"
+    return told.name.lower(), None
+
+
 def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
     """Run trials until the study is full; returns how many this worker ran. ``index``: this
     worker's number among the processes started together (its sampler's own random stream)."""
-    from search.study import TrialFailed
-
     study = open_study(setup)
     study.sampler = make_sampler(setup, salt=(index, len(study.get_trials(deepcopy=False))))
     ctx, space = make_context(setup), get_space(setup.scfg.space_names())
     lock = StartLock(setup)
-    ran, failures = 0, 0
+    objective = make_objective(setup, ctx, space, lock.release)
+    interval = beat_interval(setup.scfg.grace_period)
+    ran, errors = 0, []
     try:
         while True:
             stop_if_requested()  # a stop signal between trials: end here, nothing is running
@@ -188,17 +245,18 @@ def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
                         f"search.space: {infeasible} sampled configurations were infeasible or repeats for {done} "
                         "trained; widen the space or change search.budget"
                     )
-                before = len(study.get_trials(deepcopy=False))
-                study.optimize(make_objective(setup, ctx, space, lock.release), n_trials=1,
-                               catch=(TrialFailed,), gc_after_trial=True)  # fmt: skip
+                trial = study.ask()
+                outcome, error = run_trial(study, trial, objective, interval)
             finally:
                 lock.release()
-            last = study.get_trials(deepcopy=False)[before:]
-            mine = [t for t in last if (t.user_attrs.get("worker") or {}).get("pid") == os.getpid()]
             ran += 1
-            failures = failures + 1 if mine and mine[-1].state == TrialState.FAIL else 0
-            if failures >= MAX_CONSECUTIVE_FAILURES:
-                raise RuntimeError(f"{failures} trials in a row failed on this worker; see their run folders")
+            errors = [*errors, f"trial {trial.number}: {error}"] if outcome == "fail" else []
+            if len(errors) >= MAX_CONSECUTIVE_FAILURES:
+                raise TooManyFailures(
+                    f"{len(errors)} trials in a row failed on this worker, so it stops (a trial that fails alone "
+                    "is recorded and the search goes on); the last errors:\n  " + "\n  ".join(errors[-5:])
+                    + "\nsee their run folders; fix the cause, then the same command resumes the study"
+                )  # fmt: skip
             if after_trial is not None:
                 after_trial()
     finally:
@@ -218,6 +276,9 @@ def worker_main(setup: Setup, index: int = 0) -> None:
         worker_loop(setup, index=index)
     except SearchInterrupted as err:
         sys.exit(err.code)
+    except (TooManyFailures, ConfigError) as err:  # said once, without a traceback; the main process sums up
+        print(f"worker {index}: {'config error: ' if isinstance(err, ConfigError) else ''}{err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
 
 
 def _request_stop(signum, frame) -> None:
@@ -365,7 +426,11 @@ def run_workers(setup: Setup) -> None:
                     p.join()
             bad = [p.exitcode for p in procs if p.exitcode]
             if bad:
-                raise RuntimeError(f"{len(bad)} worker(s) exited with {bad}; the study is resumable as it is")
+                failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+                last = "".join(f"\n  trial {t.number}: {t.user_attrs.get('error') or t.user_attrs.get('failed_because')}"
+                               for t in failed[-5:])  # fmt: skip
+                raise RuntimeError(f"{len(bad)} worker(s) exited with {bad}; the study is resumable as it is"
+                                   + (f"; the last failed trials:{last}" if last else ""))  # fmt: skip
         progress.poll(study)
     finally:
         progress.close()

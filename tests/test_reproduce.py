@@ -73,3 +73,30 @@ def test_unknown_protocol_and_variant():
         load_protocol("nope")
     with pytest.raises(ConfigError, match="variants"):
         load_protocol("minilm-budget", "nope")
+
+
+def test_one_bad_cell_does_not_stop_the_rest(tmp_path, capsys, monkeypatch):
+    """The LoRA cell's run raises (an injected OSError inside ``train``): it is reported and left
+    missing, the AdaLoRA cell after it still runs and completes, and the count of missing cells
+    says 1 (the CLI exits 1 and the same command retries it)."""
+    import budget.train
+    from search.reproduce import reproduce
+
+    real = budget.train.train
+
+    def train(cfg, on_eval=None):
+        if cfg.meta.label == "LoRA r=2":
+            raise OSError(28, "No space left on device")
+        return real(cfg, on_eval=on_eval)
+
+    monkeypatch.setattr(budget.train, "train", train)
+    proto = tmp_path / "tiny.yaml"
+    proto.write_text(TINY)
+    root, protocol, missing = reproduce(str(proto), runs_root=str(tmp_path / "runs"), threads=1)
+    out = capsys.readouterr()
+    lora, ada = cells(protocol, root)
+    assert missing == 1 and cell_state(lora)[0] == "new" and cell_state(ada)[0] == "done"
+    assert "LoRA r=2 | mr | seed 42: failed (OSError: [Errno 28] No space left on device)" in out.out
+    assert "AdaLoRA 4->2 | mr | seed 42: completed" in out.out
+    assert "1 cell(s) did not complete (e.g. LoRA r=2 | mr | seed 42)" in out.out
+    assert not (Path(lora.folder) / ".claim").exists()  # its claim is given back: a later run retries it

@@ -442,7 +442,9 @@ def test_two_workers_postgresql(postgres, tmp_path):
 
 @pytest.mark.slow
 def test_killed_worker_is_rerun_postgresql(postgres, tmp_path):
-    """As on the journal, with RDB heartbeats (grace period 4 s)."""
+    """As on the journal, on PostgreSQL: one owner of stale trials (``search.liveness``; Optuna's RDB
+    heartbeat is off), so the killed trial is failed by ``recover_stale`` (``failed_because``: its
+    worker died) and re-run once, never also by a second mechanism with its own retry count."""
     url = postgres.create_db("killed_worker")
     runs = tmp_path / "runs"
     args = ["search", *LR_STUDY, *KILL_SCHEDULE, "search.n_trials=3", "search.workers=2", f"search.storage={url}",
@@ -451,7 +453,9 @@ def test_killed_worker_is_rerun_postgresql(postgres, tmp_path):
     assert code != 0 and "exited with [-9]" in err, err[-3000:]
     again = cli(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    check_killed_trial_rerun(trials_of(url, "lr-mr"), victim, 3)
+    stored = trials_of(url, "lr-mr")
+    check_killed_trial_rerun(stored, victim, 3)
+    assert "died" in next(t for t in stored if t.number == victim.number).user_attrs["failed_because"]
 
 
 # ---------------------------------------------------------------- 8: several objectives

@@ -1,0 +1,268 @@
+"""Which RUNNING trials still have a live worker: one owner of stale trials on every storage.
+
+A trial is RUNNING from ``ask`` until ``tell``; a worker killed in between (``kill -9``, a lost
+machine, a container stopped) leaves it so, and ``search.workers.recover_stale`` fails it and
+queues its parameters again. Whether a worker is gone is decided here, the same way on a journal
+file, PostgreSQL or any other Optuna storage (Optuna's own RDB heartbeat stays off: two owners
+raced, each with its own retry count):
+
+- **Who runs the trial** (``WORKER_KEY``, a system attribute written before the start lock is
+  released): a random id of the worker process, its host, pid, the process's start time (clock
+  ticks since boot, ``/proc/<pid>/stat`` field 22) and its pid space (the kernel's boot id and the
+  pid namespace's inode). Containers on one kernel share a boot id and may share a hostname and
+  pids; they never share a pid namespace, so a pid is only ever judged inside its own.
+- **That it lives** (``ALIVE_KEY``, the worker's clock): written every few seconds by a daemon
+  thread (``Beat``) through the storage API, whatever the training loop is doing (loading a
+  model, calibrating, evaluating, exporting: none of them logs a step).
+- **The judgment** (``stale_reason``): in the observer's own pid space the pid decides at once (no
+  such process, or a process of that pid that started at another time: the pid was reused);
+  elsewhere, a last beat older than ``search.grace_period``. Hosts' clocks must agree to well
+  within the grace period (NTP does).
+- **A lost race** (``tell``): a trial failed as stale while its worker lived (a network partition,
+  a frozen machine that woke up) is told by that worker later; that is logged, and a result it
+  reached is kept as a duplicate (a COMPLETE trial ``duplicate_of`` it, never counted: its
+  re-queued copy counts), so the worker goes on instead of crashing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+WORKER_KEY = "adabudget:worker"
+ALIVE_KEY = "adabudget:alive_at"
+HOST = socket.gethostname()
+log = logging.getLogger("adabudget.search")
+_IDS: dict[int, str] = {}  # pid -> this process's random worker id (a forked child gets its own)
+
+
+# ---------------------------------------------------------------- who runs a trial
+def identity() -> dict:
+    """This process as a trial's worker: random id, host, pid, start time and pid space."""
+    pid = os.getpid()
+    return {"id": _IDS.setdefault(pid, uuid.uuid4().hex), "host": HOST, "pid": pid,
+            "start_ticks": start_ticks(pid), "pid_space": pid_space()}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _pid_space() -> str | None:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:  # not Linux: the hostname stands in (see same_pid_space)
+        return None
+
+
+def pid_space() -> str | None:
+    """Where this process's pids mean something: ``<boot id>/pid:[<namespace inode>]`` (Linux)."""
+    return _pid_space()
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (None: no such process, or no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name may hold spaces
+
+
+def started_at(pid: int) -> float | None:
+    """When process ``pid`` started, as a Unix time (to about 10 ms: now minus the time since)."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        return None
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])  # the clock the start ticks count on
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process of that pid
+        return True
+    return True
+
+
+def same_pid_space(worker: dict) -> bool:
+    """Whether ``worker``'s pid names a process this one can see. A record without a pid space
+    (written before this module, or off Linux) is judged by its hostname, as it always was."""
+    if "pid_space" not in worker:  # the older ``worker`` user attribute: host and pid only
+        return worker.get("host") == HOST
+    mine, theirs = pid_space(), worker["pid_space"]
+    if mine is not None and theirs is not None:
+        return mine == theirs
+    return mine is None and theirs is None and worker.get("host") == HOST
+
+
+# ---------------------------------------------------------------- that it lives
+def beat_interval(grace_period: float) -> float:
+    """Seconds between beats: four beats fit in a grace period, and at most 10 s apart (a journal
+    file gets one short line per beat)."""
+    return max(0.2, min(10.0, grace_period / 4))
+
+
+class Beat:
+    """``with Beat(storage, trial_id, interval):`` the trial is this worker's (``WORKER_KEY``,
+    written on entry) and alive (``ALIVE_KEY``, written on entry and every ``interval`` seconds by
+    a daemon thread) while the block runs. ``worker``: the identity to record (default: this
+    process's). ``lost`` is set when the trial turned out finished by someone else."""
+
+    def __init__(self, storage, trial_id: int, interval: float, worker: dict | None = None):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.worker = worker or identity()
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Beat:
+        self.storage.set_trial_system_attr(self.trial_id, WORKER_KEY, self.worker)
+        self.storage.set_trial_system_attr(self.trial_id, ALIVE_KEY, time.time())
+        self._thread = threading.Thread(target=self._run, name=f"adabudget-beat-{self.trial_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        missed = 0
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.set_trial_system_attr(self.trial_id, ALIVE_KEY, time.time())
+                missed = 0
+            except (UpdateFinishedTrialError, KeyError):  # told, or failed by another worker: no more beats
+                self.lost = True
+                return
+            except Exception as err:  # a dropped connection, a busy database: the next beat tries again
+                missed += 1
+                if missed == 1:
+                    log.warning("trial heartbeat failed (%s: %s); retrying every %g s", type(err).__name__, err,
+                                self.interval)  # fmt: skip
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, 2 * self.interval))  # a daemon: a hung write cannot hold us
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- the judgment
+def stale_reason(trial, grace_period: float, now: float | None = None) -> str | None:
+    """Why the RUNNING ``trial``'s worker is gone, or None while it may live.
+
+    Args:
+        trial: a FrozenTrial; its worker is ``WORKER_KEY`` (or the older ``worker`` user attribute,
+            host and pid only).
+        grace_period: seconds without a beat before a worker in another pid space is gone.
+        now: the observer's clock (default: ``time.time()``).
+    """
+    now = time.time() if now is None else now
+    worker = trial.system_attrs.get(WORKER_KEY)
+    legacy = worker is None
+    worker = worker or trial.user_attrs.get("worker") or {}
+    if worker.get("id") is not None and worker.get("id") == identity()["id"]:
+        return None  # this process's own trial
+    pid = worker.get("pid")
+    if pid is not None and same_pid_space(worker):
+        who = f"{worker.get('host')}:{pid}"
+        if not pid_alive(int(pid)):
+            return f"its worker ({who}) died"
+        if not legacy and worker.get("start_ticks") is not None:
+            ticks = start_ticks(int(pid))
+            reused = ticks is not None and ticks != worker["start_ticks"]
+        else:  # a record without the start time: a process that began after the trial is not its worker
+            begun, trial_start = started_at(int(pid)), trial.datetime_start
+            reused = begun is not None and trial_start is not None and begun > trial_start.timestamp() + 1.0
+        if reused:
+            return f"its worker ({who}) died; pid {pid} is now another process's (started later)"
+        return None  # the pid decides, however long the run goes without a beat
+    beat = trial.system_attrs.get(ALIVE_KEY)
+    if beat is None:
+        beat = _older_heartbeat(trial)
+    age = now - beat
+    if age <= grace_period:
+        return None
+    where = f" ({worker.get('host')}:{pid})" if pid is not None else ""
+    return f"its worker{where} sent no heartbeat for {age:.0f} s, more than search.grace_period={grace_period:g} s"
+
+
+def _older_heartbeat(trial) -> float:
+    """A trial without beats (written before them): its run record's heartbeat, else its start."""
+    run_dir = trial.user_attrs.get("run_dir")
+    if run_dir and (Path(run_dir) / "result.json").exists():
+        try:
+            beat = json.loads((Path(run_dir) / "result.json").read_text()).get("heartbeat_at")
+            if beat:
+                return float(beat)
+        except (OSError, ValueError):
+            pass
+    return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+
+
+# ---------------------------------------------------------------- the end of a trial
+def tell(
+    study: optuna.Study, trial, values=None, state: TrialState | None = None, attrs: dict | None = None
+) -> bool:
+    """Write ``attrs`` (user attributes) and tell the trial's end; False when the race was lost.
+
+    A trial already finished by another worker (failed as stale while it lived) cannot be told:
+    that is logged, and a result (``values`` without a state, or COMPLETE) is kept as a new
+    COMPLETE trial with the same parameters, ``duplicate_of`` the failed one and ``lost_race``
+    saying why; it is never counted (the failed trial's re-queued copy is).
+    """
+    storage = study._storage  # the storage API is public; Optuna exposes the study's only here
+    attrs = attrs or {}
+    try:
+        if not storage.get_trial(trial._trial_id).state.is_finished():
+            for key, value in attrs.items():
+                storage.set_trial_user_attr(trial._trial_id, key, value)
+            study.tell(trial, values, state=state)
+            return True
+    except RuntimeError as err:  # UpdateFinishedTrialError is one: finished between the check and the write
+        if "Study.stop" in str(err):  # GridSampler ends the study when the grid is done; the trial is told
+            return True
+        if not storage.get_trial(trial._trial_id).state.is_finished():
+            raise
+    except ValueError:  # "Cannot tell a FAIL trial": finished between the check and the tell
+        if not storage.get_trial(trial._trial_id).state.is_finished():
+            raise
+    frozen = storage.get_trial(trial._trial_id)
+    why = frozen.user_attrs.get("failed_because") or f"ended {frozen.state.name} by another worker"
+    kept = ""
+    if values is not None and state in (None, TrialState.COMPLETE):
+        values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+        if all(not math.isnan(v) for v in values):
+            user = {
+                k: v
+                for k, v in {**frozen.user_attrs, **attrs}.items()
+                if k not in ("run_dir", "failed_because")
+            }
+            user.update(
+                duplicate_of=frozen.number, lost_race=f"trial {frozen.number} was failed while it ran: {why}"
+            )
+            system = {k: v for k, v in frozen.system_attrs.items() if k not in (WORKER_KEY, ALIVE_KEY)}
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.COMPLETE, values=values, params=frozen.params, distributions=frozen.distributions,
+                user_attrs=user, system_attrs=system,
+            ))  # fmt: skip
+            kept = f"; its result {values} is kept as a duplicate_of {frozen.number} (not counted)"
+    log.warning("trial %d finished, but it had been failed while it ran (%s): a lost race%s", frozen.number,
+                why, kept)  # fmt: skip
+    return False
