@@ -3,8 +3,11 @@ start`` on a free localhost port, one database per test, ``pg_ctl stop`` and rem
 
 PostgreSQL refuses to run as root, so under root the server commands run as the ``postgres``
 user (Debian's package creates it; ``nobody`` otherwise) through ``runuser``, on a data
-directory that user owns. Authentication is ``trust``: the server listens on localhost only
-and lives for one test session.
+directory that user owns. Authentication is ``trust`` by default: the server listens on localhost
+only and lives for one test session. ``PostgresServer(bindir, password="...")`` makes TCP
+connections authenticate with SCRAM-SHA-256 instead (the superuser's password set by ``initdb
+--pwfile``), and ``create_db`` then returns ``postgresql://postgres:<password>@...``, the form the
+docs show, so tests can check where that password goes.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    """``with PostgresServer(bindir) as pg: pg.create_db("x")`` -> ``postgresql://postgres@127.0.0.1:<port>/x``."""
+    """``with PostgresServer(bindir) as pg: pg.create_db("x")`` -> ``postgresql://postgres@127.0.0.1:<port>/x``
+    (with ``password``: ``postgresql://postgres:<password>@127.0.0.1:<port>/x``, SCRAM authentication)."""
 
-    def __init__(self, bindir: Path):
+    def __init__(self, bindir: Path, password: str | None = None):
         self.bindir = bindir
+        self.password = password
         self.port = free_port()
         self.user = None
         if os.geteuid() == 0:
@@ -59,8 +64,18 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         if self.user is not None:
             shutil.chown(self.dir, self.user)
-        self._as_server_user(["initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+        auth = ["--auth=trust"]
+        # with a password, TCP connections (every test URL) need it; the server's own socket stays trust
+        if self.password is not None:
+            pwfile = self.dir / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self.user is not None:
+                shutil.chown(pwfile, self.user)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        self._as_server_user(["initdb", "-D", str(self.data), "-U", "postgres", *auth, "-E", "UTF8",
                               "--no-sync"])  # fmt: skip
+        if self.password is not None:
+            (self.dir / "pwfile").unlink()
         # fsync off: a test server need not survive a power cut
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
@@ -74,9 +89,11 @@ class PostgresServer:
         return self
 
     def create_db(self, name: str) -> str:
+        env = dict(os.environ, **({"PGPASSWORD": self.password} if self.password is not None else {}))
         subprocess.run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                        name], check=True, capture_output=True, timeout=60)  # fmt: skip
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+                        name], check=True, capture_output=True, timeout=60, env=env)  # fmt: skip
+        login = "postgres" if self.password is None else f"postgres:{self.password}"
+        return f"postgresql://{login}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
         try:
