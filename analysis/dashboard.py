@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.records import RecordError, load, load_study, run_dirs, trials
+from analysis.records import RecordError, hide_password, load, load_study, run_dirs, trials
 
 # Matrix roles in the order of a transformer block (README "The run record": modules table).
 ROLES = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_out")
@@ -747,7 +747,7 @@ def to_html(dash: Dashboard, stamp: str | None = None, refresh_s: float = 5.0) -
     if dash.live and stamp is not None:
         scripts.append(_POLL % {"stamp": json.dumps(stamp), "ms": int(refresh_s * 1000)})
     glue = "\n".join(scripts[1:])
-    sources = ", ".join(html.escape(s) for s in dash.sources)
+    sources = ", ".join(html.escape(hide_password(s)) for s in dash.sources)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>adabudget dashboard</title>
 <style>{_STYLE}</style>
@@ -880,7 +880,8 @@ def serve(
     """Serve the dashboard until Ctrl-C, printing its address."""
     server = make_server(paths, host, port, status, refresh_s)
     name = f"[{host}]" if ":" in host else host
-    print(f"dashboard of {', '.join(map(str, paths))}: http://{name}:{server.server_address[1]}/ (Ctrl-C to stop)",
+    shown = ", ".join(hide_password(p) for p in paths)
+    print(f"dashboard of {shown}: http://{name}:{server.server_address[1]}/ (Ctrl-C to stop)",
           flush=True)  # fmt: skip
     try:
         server.serve_forever()

@@ -35,6 +35,9 @@ SUPPORTED_VERSIONS = (1, 2)  # 1: the first records, which have no record_versio
 STALE_AFTER_S = 600.0
 STATUSES = ("completed", "pruned", "interrupted", "failed", "running")
 _BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+# scheme://user:password@ in a storage URL (search.credentials.scrub's twin: analysis imports no search)
+_LOGIN = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s]*@")
+_QUERY = re.compile(r"([?&]password=)[^&\s]*", re.IGNORECASE)
 
 
 class RecordError(ValueError):
@@ -288,26 +291,54 @@ def trials(storage: str | Path, study: str | None = None) -> pd.DataFrame:
 
 
 def load_study(storage: str | Path, study: str | None = None):
-    """The ``optuna.Study`` at ``storage`` (as for ``trials``), for Optuna's own analyses."""
+    """The ``optuna.Study`` at ``storage`` (as for ``trials``), for Optuna's own analyses.
+
+    A database URL without a password (as ``search.json`` stores it) logs in with libpq's
+    ``PGPASSWORD`` or ``~/.pgpass``; a refused login is a ``RecordError`` that names them.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage, study = _storage(storage, study)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    shown = hide_password(storage) if isinstance(storage, str) else storage
+    try:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    except Exception as err:  # SQLAlchemy's OperationalError: its text names no password
+        text = str(err)
+        if not any(s in text for s in ("password authentication failed", "no password supplied")):
+            raise
+        raise RecordError(f"{shown}: the database refused the login ({text.splitlines()[0]}); give the password "
+                          "in PGPASSWORD or a ~/.pgpass line (host:port:database:user:password, mode 0600)") from None  # fmt: skip
     if study is None:
         if len(names) != 1:
-            raise RecordError(f"{storage}: holds studies {names}; name one")
+            raise RecordError(f"{shown}: holds studies {names}; name one")
         study = names[0]
     if study not in names:
-        raise RecordError(f"{storage}: no study {study!r}; it holds {names}")
+        raise RecordError(f"{shown}: no study {study!r}; it holds {names}")
     return optuna.load_study(study_name=study, storage=storage)
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` names no driver and SQLAlchemy 2.1 then imports psycopg (3): with only
+    psycopg2 installed (psycopg2-binary, as the docs say), name it (as ``search`` does)."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
+def hide_password(text: str) -> str:
+    """``text`` with the password of every URL in it removed (``postgresql://u:p@h/db`` -> ``postgresql://u@h/db``)."""
+    return _QUERY.sub(r"\1***", _LOGIN.sub(r"\1@", str(text)))
 
 
 def _storage(path: str | Path, study: str | None):
     """An Optuna storage for ``path`` (and the study name a study folder implies)."""
     text = str(path)
     if text.startswith(("sqlite:", "postgresql", "mysql")):
-        return text, study
+        return _with_driver(text), study
     p = Path(path)
     if p.is_dir():
         meta = p / "search.json"
@@ -316,7 +347,7 @@ def _storage(path: str | Path, study: str | None):
             return _storage(info["storage"], study or info["study"])
         p = p / "journal.log"
     if not p.is_file():
-        raise RecordError(f"{path}: not a journal file, study folder or database URL")
+        raise RecordError(f"{hide_password(path)}: not a journal file, study folder or database URL")
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 

@@ -75,13 +75,26 @@ def _exit_code(result: dict) -> int:
 
 
 def _save_hydra_record(run_dir: Path, cfg, hydra_cfg) -> None:
-    """Hydra's record of the command line, in the run's own folder (Hydra writes none itself)."""
+    """Hydra's record of the command line, in the run's own folder (Hydra writes none itself),
+    without the password of any URL in it (a database storage given on the command line)."""
     from omegaconf import OmegaConf
+
+    from search.credentials import scrub
 
     out = run_dir / ".hydra"
     out.mkdir(exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml")
-    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), out / "overrides.yaml")
+    (out / "config.yaml").write_text(scrub(OmegaConf.to_yaml(cfg)))
+    overrides = [scrub(o) for o in hydra_cfg.overrides.task]
+    (out / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+
+def _forget_passwords() -> None:
+    """Once Hydra has composed the config: ``sys.argv`` without the password of any URL in it. W&B
+    records ``sys.argv`` in each run's metadata, and forked or spawned workers inherit it; the
+    composed config keeps the password where the command needs it (``search.storage``)."""
+    from search.credentials import scrub
+
+    sys.argv = [scrub(a) for a in sys.argv]
 
 
 def run_job(cfg, hydra_cfg, multirun: bool) -> float:
@@ -207,6 +220,7 @@ def _train_app(args: list[str]) -> None:
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def app(cfg) -> float:
         started.append(True)
+        _forget_passwords()
         hydra_cfg = HydraConfig.get()
         return run_job(cfg, hydra_cfg, hydra_cfg.mode == RunMode.MULTIRUN)
 
@@ -283,20 +297,27 @@ def _search_app(args: list[str]) -> None:
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="search")
     def app(cfg) -> None:
         started.append(True)
+        import traceback
+
         from budget.config import ConfigError
+        from search.credentials import scrub
         from search.study import SearchInterrupted, run_search
 
+        _forget_passwords()
         try:
             run_search(cfg)
         except SearchInterrupted as err:  # the trial checkpointed and is queued again
             print(f"search interrupted ({err}): the running trial will be re-run; the same command "
                   "resumes the study", file=sys.stderr)  # fmt: skip
             sys.exit(err.code)
-        except ConfigError as err:
-            print(f"config error: {err}", file=sys.stderr)
+        except ConfigError as err:  # scrubbed: a message may quote search.storage as given
+            print(f"config error: {scrub(err)}", file=sys.stderr)
             sys.exit(2)
         except RuntimeError as err:  # a worker died; the study and its record are kept
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {scrub(err)}", file=sys.stderr)
+            sys.exit(1)
+        except Exception:  # Hydra would print the traceback after the overrides, search.storage's password too
+            print(scrub(traceback.format_exc()), file=sys.stderr, end="")
             sys.exit(1)
 
     _exit_2_on_composition_error(app, args, "search", started)
@@ -437,7 +458,9 @@ def _dashboard(args: list[str]) -> None:
         else:
             serve(a.paths, a.host, a.port, a.status, a.refresh)
     except (RecordError, DashboardError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        from search.credentials import scrub
+
+        print(f"error: {scrub(err)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -78,7 +78,7 @@ class Setup:
     base: dict  # the run config every trial starts from (resolved to plain values, no search node)
     search: dict  # SearchConfig as a dict
     study: str
-    storage: str  # a journal path or a database URL
+    storage: str  # a journal path or a database URL, as given (a password too): show without_password(storage)
     root: str  # runs/search/<study>
     primary: str  # the task's primary metric (accuracy / pearson)
     regression: bool
@@ -265,8 +265,17 @@ def make_pruner(setup: Setup):
 def open_study(setup: Setup, create: bool = False) -> optuna.Study:
     """The study; with ``create`` a new one gets its settings and baselines, and an existing one
     must have been made by the same space, objectives and budget (else a ConfigError)."""
+    from search.credentials import PASSWORD_HELP, refused_login, without_password
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = make_storage(setup)
+    try:
+        storage = make_storage(setup)
+    except Exception as err:  # SQLAlchemy's OperationalError; its text names no password
+        if not refused_login(err):
+            raise
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"search.storage={without_password(setup.storage)}: the database refused the login "
+                          f"({reason}); {PASSWORD_HELP}") from None  # fmt: skip
     scfg = setup.scfg
     settings = {
         "space": scfg.space_names(), "objectives": scfg.objective_names(setup.primary),
@@ -293,7 +302,8 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
         if differ:
             what = ", ".join(f"{k}: {saved.get(k)} -> {settings.get(k)}" for k in differ)
             raise ConfigError(
-                f"search.study={setup.study}: this study exists in {setup.storage} with other settings ({what}); "
+                f"search.study={setup.study}: this study exists in {without_password(setup.storage)} with other "
+                f"settings ({what}); "
                 f"resume it with its own settings, or start a new study with search.study=<new name>"
             )
     return study
@@ -424,7 +434,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             return infeasible_values(drawn, names, directions)
         run_dir = str(Path(setup.root) / "trials" / str(trial.number))
         trial.set_user_attr("run_dir", run_dir)
-        meta = {"study": setup.study, "trial": trial.number, "params": trial.params, "storage": setup.storage}
+        meta = {"study": setup.study, "trial": trial.number, "params": trial.params}  # no storage: it may hold a password
         meta.update(trial_summary(setup, trial.number, trial.params, drawn.budget_params))  # W&B summary
         cfg = trial_config(setup, drawn.overrides, run_dir, meta)
         on_eval = None
@@ -572,12 +582,13 @@ def write_outputs(study: optuna.Study, setup: Setup, retrain: dict | None = None
     """``search.json`` (every trial, the best or the Pareto front, settings, provenance) and
     ``best.yaml`` (the best configuration as an experiment preset)."""
     from budget.log import environment, write_json_atomic
+    from search.credentials import without_password
 
     scfg = setup.scfg
     best = best_trials(study, setup)
     trials = [trial_row(t) for t in study.get_trials(deepcopy=False)]
     out = {
-        "study": setup.study, "storage": setup.storage, "space": scfg.space_names(),
+        "study": setup.study, "storage": without_password(setup.storage), "space": scfg.space_names(),
         "objectives": scfg.objective_names(setup.primary), "directions": scfg.direction_names(setup.primary),
         "sampler": scfg.sampler, "pruner": scfg.pruner, "budget": scfg.budget, "budget_percent": scfg.budget_percent,
         "n_trials": scfg.n_trials, "finished": sum(finished(t) for t in study.get_trials(deepcopy=False)),
@@ -699,11 +710,12 @@ def retrain_table(report: dict) -> str:
 def run_search(cfg) -> dict:
     """``adabudget search``: prepare, open or create the study, run the workers to
     ``search.n_trials`` trained trials, write the record, re-train the best."""
+    from search.credentials import without_password
     from search.workers import run_workers
 
     setup = prepare(cfg)
     study = open_study(setup, create=True)
-    print(f"study {setup.study} in {setup.storage}: {setup.scfg.n_trials} trials wanted, "
+    print(f"study {setup.study} in {without_password(setup.storage)}: {setup.scfg.n_trials} trials wanted, "
           f"{sum(finished(t) for t in study.get_trials(deepcopy=False))} done")  # fmt: skip
     if setup.scfg.scorer == "supernet":  # train it first (or resume, or reuse the study's)
         from search.supernet import ensure_supernet

@@ -35,8 +35,9 @@ Design, and where it departs from that plugin (its ``_impl.py`` in facebookresea
   otherwise. A job's folder is ``<sweep dir>/<trial number>``, the sweep folder as resolved in
   the sweep's process (its name holds a timestamp and a pid).
 - **The job sees its trial.** In the job's process ``budget.cli.TRIAL_HOOK`` is set to a
-  ``TrialHook``: ``budget.cli.run_job`` adds its ``meta`` (study, trial number, params, storage)
-  to the run record and passes its ``on_eval`` to ``train``, which reports each dev evaluation
+  ``TrialHook``: ``budget.cli.run_job`` adds its ``meta`` (study, trial number, params; not the
+  storage, whose URL may hold a password) to the run record and passes its ``on_eval`` to
+  ``train``, which reports each dev evaluation
   to the trial and asks ``should_prune`` (a pruned run ends with status ``pruned`` and its trial
   is PRUNED). ``budget`` imports neither ``search`` nor Optuna: the hook is duck-typed. Any
   other task function reaches the trial with ``search.sweeper.current_trial()`` (and may raise
@@ -101,6 +102,7 @@ from optuna.distributions import (
 from optuna.trial import TrialState
 
 from budget.config import ConfigError
+from search.credentials import PASSWORD_HELP, refused_login, scrub, without_password
 from search.declarative import parse_param
 
 HOST = socket.gethostname()
@@ -380,8 +382,9 @@ class TrialHook:
         self.metric = metric  # the dev metric reported; None: the task's primary metric
         self.report = report
         self.result: dict | None = None
+        # no storage: a database URL may hold a password, and the record is a file
         self.meta = {"study": setup.study, "trial": self.trial.number, "params": dict(self.trial.params),
-                     "storage": setup.storage, "sweeper": "adabudget"}  # fmt: skip
+                     "sweeper": "adabudget"}  # fmt: skip
 
     def on_eval(self, step: int, metrics: dict) -> bool:
         """``train``'s hook: report the dev metric at this step; True when the pruner says stop."""
@@ -460,6 +463,7 @@ class SweeperImpl:
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+        _forget_password(config)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))  # resolved once, in this process
         launcher = str(config.hydra.launcher.get("_target_", ""))
         if not launcher.endswith("BasicLauncher"):
@@ -488,7 +492,7 @@ class SweeperImpl:
                      storage=storage, root=str(root), primary="accuracy", regression=False, num_labels=2)  # fmt: skip
 
     def _open_study(self, space: Space):
-        from search.study import make_storage
+        from search.study import database_url, make_storage
 
         settings = self._settings(space)
         digest = hashlib.sha256(
@@ -496,18 +500,27 @@ class SweeperImpl:
         )
         name = self.study_name or f"sweep-{digest.hexdigest()[:8]}"
         root = self.sweep_dir.parent / "sweeps" / name
-        url = str(self.storage) if self.storage else str(root / "journal.log")
+        # postgresql:// with psycopg2 named (SQLAlchemy 2.1 would import psycopg 3), as adabudget search does
+        url = database_url(str(self.storage)) if self.storage else str(root / "journal.log")
+        shown = without_password(url)
         if url.startswith("sqlite") and self.n_jobs > 1:
             raise ConfigError("hydra.sweeper.storage: SQLite loses trials with several writers ('database is locked'); "
                               "with n_jobs > 1 use the default journal file (storage=null) or postgresql://")  # fmt: skip
         if not url.startswith(("postgresql", "mysql", "sqlite:///")) and not url.endswith(".log"):
-            raise ConfigError(f"hydra.sweeper.storage: '{url}': use null (a journal file), a path ending in .log, "
+            raise ConfigError(f"hydra.sweeper.storage: '{shown}': use null (a journal file), a path ending in .log, "
                               "postgresql://... or sqlite:///...")  # fmt: skip
         setup = self._make_setup(name, url, root)
         sampler, grid = make_sampler(self.sampler_spec, space)
         self.pruner = make_pruner(self.pruner_spec)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=name, storage=make_storage(setup), sampler=sampler,
+        try:
+            storage = make_storage(setup)
+        except Exception as err:  # SQLAlchemy's OperationalError; its text names no password
+            if not refused_login(err):
+                raise
+            raise ConfigError(f"hydra.sweeper.storage={shown}: the database refused the login "
+                              f"({str(err).splitlines()[0]}); {PASSWORD_HELP}") from None  # fmt: skip
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                     pruner=self.pruner, directions=self.directions, load_if_exists=True)  # fmt: skip
         # a new study, or one made by hand (known configurations enqueued first): adopted as it is
         made = [d.name.lower() for d in study.directions]
@@ -515,7 +528,7 @@ class SweeperImpl:
         differ = [k for k in settings if saved.get(k) != settings[k]]
         if differ:
             what = "; ".join(f"{k}: {saved.get(k)} -> {settings[k]}" for k in differ)
-            raise ConfigError(f"hydra.sweeper.study_name={name}: this study in {url} was made with other "
+            raise ConfigError(f"hydra.sweeper.study_name={name}: this study in {shown} was made with other "
                               f"settings ({what}); resume it with its own, or name a new study")  # fmt: skip
         study.set_user_attr("adabudget_sweeper", settings)
         return study, setup, grid
@@ -548,7 +561,7 @@ class SweeperImpl:
         finally:
             lock.release()
         done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
-        print(f"study {study.study_name} in {self.setup_.storage}: {done} of {n_trials} trials done"
+        print(f"study {study.study_name} in {without_password(self.setup_.storage)}: {done} of {n_trials} trials done"
               + (f", {len(recovered)} stale trial(s) re-queued" if recovered else "")
               + f"; jobs in {self.sweep_dir}/<trial>, {self.n_jobs} at a time")  # fmt: skip
         progress = Progress(self.setup_)
@@ -734,7 +747,7 @@ class SweeperImpl:
             shlex.quote(o) for o in t.user_attrs.get("overrides", []))} for t in best_trials(study, setup)]  # fmt: skip
         key = "best" if len(self.directions) == 1 else "pareto_front"
         record = {
-            "study": setup.study, "storage": setup.storage, "objectives": setup.scfg.objectives,
+            "study": setup.study, "storage": without_password(setup.storage), "objectives": setup.scfg.objectives,
             "directions": self.directions, "n_trials": n_trials, "finished": sum(_finished(t) for t in trials),
             "settings": study.user_attrs.get("adabudget_sweeper"), "sampler": type(study.sampler).__name__,
             "pruner": type(self.pruner).__name__, "trials": [trial_row(t) for t in trials], key: best,
@@ -757,6 +770,20 @@ class SweeperImpl:
         print(
             f"study record: {Path(setup.root) / 'sweep.json'} ({record['finished']} of {n_trials} trials finished)"
         )
+
+
+def _forget_password(config) -> None:
+    """Keep the storage's password out of everything that outlives this process's memory: the
+    sweeper read it already (``SweeperImpl.storage``), so the config every job is composed from
+    (``hydra.overrides.hydra``, ``hydra.sweeper.storage``) and ``sys.argv`` (W&B records it in
+    each job's metadata; forked jobs inherit it) get the URL without it."""
+    from omegaconf import read_write
+
+    sys.argv = [scrub(a) for a in sys.argv]
+    with read_write(config.hydra):
+        config.hydra.overrides.hydra = [scrub(o) for o in config.hydra.overrides.hydra]
+        if config.hydra.sweeper.get("storage"):
+            config.hydra.sweeper.storage = without_password(str(config.hydra.sweeper.storage))
 
 
 def _preload() -> None:

@@ -238,8 +238,10 @@ def _check_presets(method, parameters: dict) -> None:
 def sweep_yaml(config: dict, overrides: list[str]) -> str:
     import yaml
 
-    head = (
-        f"# W&B sweep of: adabudget search {' '.join(overrides)}\n"
+    from search.credentials import scrub
+
+    head = (  # the command without a storage's password (search.storage is not in the sweep itself)
+        f"# W&B sweep of: adabudget search {scrub(' '.join(overrides))}\n"
         "# Written by `adabudget search export-wandb-sweep`. W&B sweeps need the W&B server:\n"
         "#   wandb sweep <this file>   then, from the folder `program` is relative to,\n"
         "#   wandb agent <entity>/<project>/<sweep id>\n"
