@@ -150,7 +150,7 @@ class RunRecord:
         }
         self.heartbeat(resume_step or 0)
         if logger_cfg.wandb:
-            self.wandb = _init_wandb(self.dir, config, logger_cfg, resume)
+            self.wandb = _init_wandb(self.dir, config, logger_cfg, resume_step)
 
     def heartbeat(self, step: int) -> None:
         """Refresh the live ``result.json``: a run whose heartbeat is old and whose pid is gone was killed."""
@@ -164,18 +164,12 @@ class RunRecord:
     def metrics(self, record: dict) -> None:
         self._append("metrics.jsonl", record)
         if self.wandb is not None:
-            prefix = record.get("split", "train")
-            flat = {f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split")}
-            self._wandb_call(self.wandb.log, flat, step=record["step"])
+            self._wandb_call(self.wandb.log, _wandb_metrics(record), step=record["step"])
 
     def ranks(self, record: dict) -> None:
         self._append("ranks.jsonl", record)
-        if self.wandb is not None:
-            data = {"budget/scheduled": record["budget"], "budget/kept": record["kept"]}
-            if record.get("step") == 0:
-                return  # the initial ranks: nothing to plot yet
-            data.update({f"rank/{k}": v for k, v in record["ranks"].items()})
-            self._wandb_call(self.wandb.log, data, step=record["step"])
+        if self.wandb is not None and record.get("step") != 0:  # the initial ranks: nothing to plot yet
+            self._wandb_call(self.wandb.log, _wandb_ranks(record), step=record["step"])
 
     def result(self, result: dict) -> None:
         write_json_atomic(self.dir / "result.json", {**self.header, **result})
@@ -253,7 +247,29 @@ def _lookup(data: dict, path: str):
     return data
 
 
-def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume: bool):
+def _wandb_metrics(record: dict) -> dict:
+    """A metrics.jsonl line as W&B rows see it: ``train/loss``, ``dev/accuracy``, ..."""
+    prefix = record.get("split", "train")
+    return {f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split")}
+
+
+def _wandb_ranks(record: dict) -> dict:
+    """A ranks.jsonl line as W&B rows see it: the budget and every module's rank."""
+    return {"budget/scheduled": record["budget"], "budget/kept": record["kept"],
+            **{f"rank/{k}": v for k, v in record["ranks"].items()}}  # fmt: skip
+
+
+def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume_step: int | None):
+    """The W&B run mirroring ``run_dir``; on resume, one whose history ends at the checkpoint's step.
+
+    A killed run logged past its last checkpoint; the resumed run logs those steps again, and W&B
+    drops a step at or below the last one it has. So a resumed run's mirror is, in this order:
+    the same W&B run rewound to the checkpoint's step (``resume_from``: a W&B server feature, in
+    preview), a fork of it at that step (``fork_from``: a new run id), or, offline or where the
+    server refuses both, a new W&B run into which the record (metrics.jsonl, ranks.jsonl, already
+    cut at that step) is replayed before training goes on. ``wandb_id.txt`` names the run to
+    sync; an earlier offline segment of a replayed run is left as it was.
+    """
     # Offline unless the user chose otherwise (config or their environment). A run started by a
     # W&B sweep agent (WANDB_SWEEP_ID) reports to its sweep: offline, the sweep would never see it.
     agent = "online" if os.environ.get("WANDB_SWEEP_ID") else None
@@ -262,20 +278,25 @@ def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume: bool):
         import wandb
 
         run_id_file = run_dir / "wandb_id.txt"
-        run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
-        run = wandb.init(
-            project=logger_cfg.project,
-            entity=logger_cfg.entity,
-            dir=str(run_dir),
-            config=flat_config(config),
-            mode=mode,
-            tags=list(logger_cfg.tags) or None,
-            group=logger_cfg.group,
-            name=f"{run_dir.parent.name}/{run_dir.name}",
-            id=run_id,
-            resume="allow" if run_id else None,
-            settings=wandb.Settings(init_timeout=30, silent=True),
-        )
+        previous = run_id_file.read_text().strip() if resume_step is not None and run_id_file.exists() else None
+        common = dict(
+            project=logger_cfg.project, entity=logger_cfg.entity, dir=str(run_dir), config=flat_config(config),
+            mode=mode, tags=list(logger_cfg.tags) or None, group=logger_cfg.group,
+            name=f"{run_dir.parent.name}/{run_dir.name}", settings=wandb.Settings(init_timeout=30, silent=True),
+        )  # fmt: skip
+        run = None
+        if previous and mode == "online":
+            # W&B keeps the history up to and including the step given, then logs from the next one
+            for how in ("resume_from", "fork_from"):
+                try:
+                    run = wandb.init(**common, **{how: f"{previous}?_step={resume_step}"})
+                    break
+                except Exception as err:  # a server without the feature (rewind is a preview)
+                    warnings.warn(f"W&B {how} refused ({err})", stacklevel=2)
+        if run is None:
+            run = wandb.init(**common)
+            if previous:
+                _replay(run, run_dir, previous, resume_step)
         run_id_file.write_text(run.id)
         return run
     except Exception as err:
@@ -283,6 +304,21 @@ def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume: bool):
             f"W&B mirror not started ({err}); the run folder still records everything", stacklevel=2
         )
         return None
+
+
+def _replay(run, run_dir: Path, previous: str, resume_step: int) -> None:
+    """Log the record up to ``resume_step`` into the new W&B run ``run``, in step order, so that it
+    alone holds the run's whole history (the steps after it follow as training goes on)."""
+    rows = []
+    for name, row in (("metrics.jsonl", _wandb_metrics), ("ranks.jsonl", _wandb_ranks)):
+        path = run_dir / name
+        lines = path.read_text().splitlines() if path.exists() else []
+        for record in map(json.loads, filter(str.strip, lines)):
+            if name == "metrics.jsonl" or record.get("step") != 0:
+                rows.append((record["step"], row(record)))
+    for step, data in sorted(rows, key=lambda r: r[0]):  # stable: a step's rows in file order
+        run.log(data, step=step)
+    run.config.update({"mirror.replaces": previous, "mirror.replayed_to_step": resume_step})
 
 
 def environment() -> dict:

@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- reading an offline run
-def wandb_records(run_dir: Path):
-    """The records of the one offline W&B run under ``run_dir``: its ``.wandb`` file is a LevelDB-style
+def wandb_records(run_dir: Path, run_id: str = "*"):
+    """The records of the one offline W&B run under ``run_dir`` (or of the one with ``run_id``): its ``.wandb`` file is a LevelDB-style
     log (a 7-byte ``:W&B`` header, then 32 KiB blocks of chunks with a 7-byte header each: CRC,
     length, type full/first/middle/last) of ``wandb_internal_pb2.Record`` messages. W&B 0.31 has
     no Python reader of its own (wandb-core writes it), and offline it writes no summary file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    (path,) = run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb")
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     pos, block, chunks = 7, 32768, b""
@@ -50,12 +50,12 @@ def wandb_records(run_dir: Path):
             yield record
 
 
-def read_offline_run(run_dir: Path) -> dict:
+def read_offline_run(run_dir: Path, run_id: str = "*") -> dict:
     """group, config (key -> value), summary (key -> value, nested keys joined with '.') of a run."""
     import json
 
     out = {"group": None, "config": {}, "summary": {}}
-    for record in wandb_records(run_dir):
+    for record in wandb_records(run_dir, run_id):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["group"] = record.run.run_group
@@ -329,3 +329,125 @@ def test_every_grammar_form_maps_to_a_wandb_parameter():
     log_int = compile_params({"h": "tag(log, int(interval(1, 64)))"}).distributions["h"]
     with pytest.raises(ConfigError, match="no integer log-uniform"):
         parameter("h", log_int)
+
+
+# ---------------------------------------------------------------- a resumed run's mirror
+def history_steps(run_dir: Path, run_id: str) -> dict[int, dict]:
+    """step -> the row W&B recorded at it, in the offline run ``run_id`` under ``run_dir``."""
+    import json
+
+    rows: dict[int, dict] = {}
+    for record in wandb_records(run_dir, run_id):
+        if record.WhichOneof("record_type") == "history":
+            row = {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            assert row["_step"] not in rows, f"step {row['_step']} recorded twice"
+            rows[row["_step"]] = row
+    return rows
+
+
+def test_a_resumed_run_is_mirrored_offline_by_one_run_holding_each_step_once(compose_run, monkeypatch):
+    """Killed at step 16 with its last checkpoint at step 8 (the record and the mirror went on past
+    it), then resumed: offline there is no rewind (a W&B server feature), so the mirror is a new
+    W&B run (``wandb_id.txt``) into which the record, cut at step 8, is replayed before training
+    goes on. It holds every step of metrics.jsonl exactly once, with the record's values."""
+    import json
+
+    from budget.compose import resume_config
+    from budget.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    knobs = ("logger=wandb", "run_name=killed", "train.log_every=1", "train.checkpoint_every=8")
+    first = train(compose_run(*knobs, "train.stop_after_step=8"))
+    run_dir = Path(first["run_dir"])
+    at_8 = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    train(resume_config(run_dir, ["train.stop_after_step=16"]))
+    # what a kill at step 16 leaves: the record and its mirror at 16, the checkpoint of step 8
+    (run_dir / "checkpoints" / "last.pt").write_bytes(at_8)
+    killed = (run_dir / "wandb_id.txt").read_text().strip()
+    assert max(history_steps(run_dir, killed)) == 16
+    resumed = train(resume_config(run_dir))
+    assert resumed["status"] == "completed" and resumed["steps"] == 24
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert run_id != killed
+    rows = history_steps(run_dir, run_id)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(rows) == sorted({m["step"] for m in metrics}) and max(rows) == 24
+    for m in metrics:  # replayed (steps <= 8) and logged after the resume alike
+        split = m.get("split", "train")
+        for key, value in m.items():
+            if key not in ("step", "split"):
+                assert rows[m["step"]][f"{split}/{key}"] == pytest.approx(value), (m["step"], key)
+    ranks = [json.loads(line) for line in (run_dir / "ranks.jsonl").read_text().splitlines()]
+    for r in ranks[1:]:  # step 0 is not plotted
+        assert rows[r["step"]]["budget/kept"] == r["kept"]
+    config = read_offline_run(run_dir, run_id)["config"]
+    assert config["mirror.replaces"] == killed and config["mirror.replayed_to_step"] == 8
+
+
+class _OnlineRun:
+    """What ``wandb.init`` returns online, as far as the mirror uses it."""
+
+    def __init__(self, run_id: str):
+        self.id, self.logged, self.config = run_id, [], {}
+        self.summary = {}
+
+    def log(self, data, step=None):
+        self.logged.append((step, data))
+
+    def finish(self):
+        pass
+
+
+@pytest.mark.parametrize("server", ["rewinds", "forks", "neither"])
+def test_online_a_resumed_run_is_rewound_else_forked_else_replayed(tmp_path, monkeypatch, compose_run, server):
+    """Online the W&B server does the work: ``resume_from={id}?_step={checkpoint step}`` (rewind,
+    a preview feature) where it is enabled, else ``fork_from`` (a new run id), else a new run with
+    the record replayed, as offline. The server's answers are faked; the order and arguments of
+    the calls, wandb_id.txt and the replay are ours."""
+    import json
+
+    import wandb
+
+    from budget.log import _init_wandb
+
+    calls = []
+
+    class Config(dict):
+        def update(self, values):
+            super().update(values)
+
+    def init(**kwargs):
+        how = next((k for k in ("resume_from", "fork_from") if kwargs.get(k)), None)
+        calls.append((how, kwargs.get(how)))
+        if how == "resume_from" and server != "rewinds" or how == "fork_from" and server != "forks":
+            raise wandb.errors.CommError(f"{how}: this feature is not enabled on the server")
+        run = _OnlineRun({"resume_from": "old", "fork_from": "forked"}.get(how, "new"))
+        run.config = Config()
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "wandb_id.txt").write_text("old")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 4, "loss": 0.9}, {"step": 8, "loss": 0.7}, {"step": 8, "split": "dev", "accuracy": 0.5}]))  # fmt: skip
+    (run_dir / "ranks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "budget": 48, "kept": 48, "ranks": {"m": 4}}, {"step": 6, "budget": 40, "kept": 40,
+                                                                    "ranks": {"m": 3}}]))  # fmt: skip
+    logger = compose_run("logger=wandb", "logger.mode=online").logger
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = _init_wandb(run_dir, {"train": {"lr": 1e-3}}, logger, resume_step=8)
+    expected = {"rewinds": [("resume_from", "old?_step=8")],
+                "forks": [("resume_from", "old?_step=8"), ("fork_from", "old?_step=8")],
+                "neither": [("resume_from", "old?_step=8"), ("fork_from", "old?_step=8"), (None, None)]}[server]  # fmt: skip
+    assert calls == expected
+    assert (run_dir / "wandb_id.txt").read_text() == run.id == {"rewinds": "old", "forks": "forked",
+                                                                 "neither": "new"}[server]  # fmt: skip
+    assert len([w for w in caught if "refused" in str(w.message)]) == len(expected) - 1
+    if server == "neither":  # the record up to the checkpoint, in step order, then the mirror goes on
+        assert run.logged == [(4, {"train/loss": 0.9}), (6, {"budget/scheduled": 40, "budget/kept": 40,
+                              "rank/m": 3}), (8, {"train/loss": 0.7}), (8, {"dev/accuracy": 0.5})]  # fmt: skip
+        assert run.config == {"mirror.replaces": "old", "mirror.replayed_to_step": 8}
+    else:
+        assert run.logged == []
