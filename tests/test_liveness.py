@@ -280,3 +280,53 @@ def test_start_lock_reconnects_after_its_connection_is_terminated(postgres, tmp_
     finally:
         lock.close()
         admin.close()
+
+
+@pytest.mark.slow  # ~25 s: a one-job sweep on PostgreSQL in a subprocess
+def test_a_sweeps_silent_job_on_postgresql_stays_alive_for_other_hosts(postgres, tmp_path, monkeypatch):
+    """The Hydra sweeper's ask/tell trials get the same heartbeat: a sweep on PostgreSQL whose job
+    spends 5 s logging nothing, watched by a worker of another machine with a 1.5 s grace period
+    (the sweep beats every 0.3 s here instead of every 10 s), is never failed, and completes."""
+    repo = Path(__file__).resolve().parents[1]
+    url = database_url(postgres.create_db("sweep"))
+    script = textwrap.dedent("""
+        import sys, time
+        import budget.train, search.liveness
+        real = budget.train.train
+        def slow(cfg, on_eval=None):
+            time.sleep(5)  # loading, calibrating, evaluating: no step logged
+            return real(cfg, on_eval=on_eval)
+        budget.train.train = slow
+        search.liveness.beat_interval = lambda grace_period: 0.3
+        from budget.cli import main
+        main(sys.argv[1:])
+    """)  # fmt: skip
+    args = ["train", "-m", "hydra/sweeper=adabudget", "model=tiny-bert", "debug=fast", "train.max_steps=4",
+            "train.num_threads=1", "method=lora", f"runs_root={tmp_path}", f"hydra.sweeper.storage={url}",
+            "hydra.sweeper.study_name=silent", "hydra.sweeper.n_trials=1", "train.lr=choice(1e-3,2e-3)"]  # fmt: skip
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(repo), str(repo / "search" / "plugins")]))
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    monkeypatch.setattr(liveness, "pid_space", lambda: ELSEWHERE)
+    setup = bare_setup(url, tmp_path, grace=1.5, study="silent")
+    study, watched = None, 0.0
+    try:
+        while proc.poll() is None:
+            time.sleep(0.3)
+            if study is None:
+                try:
+                    study = optuna.load_study(study_name="silent", storage=url)
+                except KeyError:  # not created yet
+                    continue
+            assert recover_stale(study, setup) == []
+            watched += 0.3 * any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    [trial] = optuna.load_study(study_name="silent", storage=url).get_trials()
+    assert trial.state == TrialState.COMPLETE and "failed_because" not in trial.user_attrs
+    assert watched > 3  # checked while it ran, for twice the grace period and more
+    assert trial.system_attrs[WORKER_KEY]["pid"] == proc.pid  # the sweep process owns and beats its trials
+    assert trial.system_attrs[ALIVE_KEY] > trial.datetime_start.timestamp() + 4
