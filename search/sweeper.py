@@ -54,10 +54,12 @@ Design, and where it departs from that plugin (its ``_impl.py`` in facebookresea
   the same command resumes the same study. ``n_trials`` counts the study's finished (completed
   or pruned) trials, so a resumed sweep runs only the missing ones and a failed trial is
   replaced; trials left RUNNING by a killed sweep are failed and re-queued with the same
-  parameters (``search.workers.recover_stale``). The count and the next ``ask`` happen under the
-  study's start lock (``search.workers.StartLock``, the one ``adabudget search`` workers take), so
-  two sweeps on one storage, or a sweep beside search workers, start n_trials between them, not
-  n_trials each. A study named explicitly must keep its space,
+  parameters (``search.workers.recover_stale``); while a job runs, the sweep writes its trial's
+  heartbeat (``search.liveness``), so workers on other machines never take a job that logs
+  nothing for a while (loading, evaluating) for a dead one. The count and the next ``ask``
+  happen under the study's start lock (``search.workers.StartLock``, the one ``adabudget
+  search`` workers take), so two sweeps on one storage, or a sweep beside search workers, start
+  n_trials between them, not n_trials each. A study named explicitly must keep its space,
   objectives and directions. The record of the whole study is ``sweeps/<study>/sweep.json``
   (every trial, its run folder and overrides, the best or the Pareto front with a command that
   re-runs it); the multirun folder gets the plugin's ``optimization_results.yaml``.
