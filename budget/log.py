@@ -15,13 +15,16 @@ created: a folder belongs to one run, always.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from datetime import datetime
@@ -33,6 +36,9 @@ log = logging.getLogger("adabudget")
 #    the modules table, a step-0 row and triplet scores in ranks.jsonl (1: the first release).
 RECORD_VERSION = 2
 CLAIM = ".claimed"  # exists only while a process claims an explicit, empty run folder
+LOCK = ".lock"  # flock-ed by the process running the run; says its host, pid and start time
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
 
 
 def release_run_dir(path: Path) -> None:
@@ -90,23 +96,180 @@ def claim_run_dir(runs_root: str | Path, run_name: str, run_dir: str | Path | No
     raise RuntimeError(f"no free run folder name under {parent}")
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop the lines written after ``last_step`` (a resumed run redoes those steps)."""
+def lock_run(run_dir: Path) -> int:
+    """Lock ``run_dir`` for this process and return the open descriptor holding the lock (``unlock_run``
+    gives it back; the kernel does when the process dies). The lock file says the holder's host, pid
+    and start time.
+
+    A live holder is refused, naming its pid; the lock of a process that died without giving it
+    back (kill -9, a lost node) is taken over with a warning. Where the file system has no
+    ``flock`` (some network file systems), the recorded host, pid and start time decide.
+    """
+    from budget.config import ConfigError
+
+    path = Path(run_dir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alive = False
+        except BlockingIOError:
+            alive = True
+        except OSError:  # no flock on this file system: judge the recorded holder
+            alive = _holder_alive(_holder(fd))
+        holder = _holder(fd) or {}
+        if alive:
+            pid = holder.get("pid", "unknown")
+            raise ConfigError(
+                f"resume={run_dir}: the run is still alive: pid {pid} on {holder.get('host', 'unknown')} "
+                f"(started {holder.get('started_at', 'unknown')}) holds {path}; stop it first (kill -TERM {pid} "
+                f"checkpoints it), or, if that process is gone, delete {path}"
+            )
+        if holder:  # written, never given back: its process died
+            log.warning("%s: taking over the lock of pid %s on %s (started %s), which is gone", run_dir,
+                        holder.get("pid"), holder.get("host"), holder.get("started_at"))  # fmt: skip
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+              "started_at": datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def unlock_run(fd: int) -> None:
+    """Give back ``lock_run``'s lock: emptied (an empty lock file is a free one), then unlocked."""
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> dict | None:
+    try:
+        data = os.pread(fd, 4096, 0)
+        return json.loads(data) if data.strip() else None
+    except ValueError:
+        return None
+
+
+def _holder_alive(holder: dict | None) -> bool:
+    """A holder on this host lives while its pid runs the same process (same start time); one on
+    another host cannot be checked from here, so it counts as alive."""
+    if not holder:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    start = _pid_start(pid)
+    return start is None or holder.get("pid_start") in (None, start)
+
+
+def _pid_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, Linux ``/proc``): a reused pid starts later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, counted after the command name
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def truncate_jsonl(path: Path, last_step: int, evals_at_last_step: bool = True) -> None:
+    """Drop the lines written after ``last_step`` (a resumed run redoes those steps); with
+    ``evals_at_last_step=False`` also the evaluation lines of ``last_step`` (the final phase of a
+    run resumed at its last step evaluates again).
+
+    A torn last line (a kill or a full disk during an append) is dropped, with the file as it
+    was kept as ``<name>.bak``; an unreadable line before the last is refused, naming the line.
+    """
+    from budget.config import ConfigError
+
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+    rows, torn = [], None
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:  # UnicodeDecodeError too: a write cut inside a character
+            if i < len(lines) - 1:
+                raise ConfigError(
+                    f"{path}: line {n} is not a JSON object ({line[:60]!r}...), and {len(lines) - 1 - i} lines "
+                    "follow it: the file is corrupt in the middle, not torn at its end; repair or delete that "
+                    "line, then resume"
+                ) from None
+            torn = n
+            continue
+        rows.append((line, row))
+
+    def keep(row: dict) -> bool:
+        step = row.get("step", 0)
+        return step < last_step or (
+            step == last_step and (evals_at_last_step or row.get("split") in (None, "train"))
+        )
+
+    kept = [line for line, row in rows if keep(row)]
+    if torn is None and len(kept) == len(lines):
+        return
+    if torn is not None:
+        backup = path.with_name(path.name + ".bak")
+        shutil.copyfile(path, backup)
+        log.warning("%s: its last line (%d) was cut mid-write (a kill or a full disk) and is dropped; the file as "
+                    "it was is kept in %s", path, torn, backup)  # fmt: skip
+    write_text_atomic(path, b"".join(line + b"\n" for line in kept))
+
+
+def write_text_atomic(path: Path, text: str | bytes, fsync: bool = False) -> None:
+    """Write via a uniquely named temporary file and a rename, so a crash never leaves half a file
+    and two writers never truncate each other's temporary file; ``fsync``: durable before the rename."""
+    path = Path(path)
+    fd, tmp = temp_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A new, uniquely named temporary file in ``path``'s folder (open descriptor, name), with the
+    permissions an ordinary new file gets (``mkstemp`` makes it private to its owner)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (skipped where a folder cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write via a temp file and rename, so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(obj):
@@ -125,20 +288,33 @@ class RunRecord:
         logger_cfg: the ``logger`` section (W&B mirror).
         resume_step: on resume, the checkpoint's step: later lines are dropped.
         header: what ``result.json`` says while the run lives (``status: running``).
+        final_again: the resumed run runs only its final phase again (its checkpoint is at the last
+            step): the evaluation lines of ``resume_step`` are dropped too.
+
+    The record holds the run folder's lock (``lock_run``) from here to ``close``: a second process
+    resuming a live run is refused before it writes anything.
     """
 
     def __init__(self, run_dir: Path, config: dict, logger_cfg, resume_step: int | None = None,
-                 header: dict | None = None):  # fmt: skip
+                 header: dict | None = None, final_again: bool = False):  # fmt: skip
         from omegaconf import OmegaConf
 
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.wandb = None
-        resume = resume_step is not None
-        if resume:
-            for name in ("metrics.jsonl", "ranks.jsonl"):
-                truncate_jsonl(self.dir / name, resume_step)
-        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        self._lock = lock_run(self.dir)
+        try:
+            resume = resume_step is not None
+            if resume:
+                for name in ("metrics.jsonl", "ranks.jsonl"):
+                    truncate_jsonl(self.dir / name, resume_step, evals_at_last_step=not final_again)
+            text = OmegaConf.to_yaml(OmegaConf.create(config))
+            path = self.dir / "config.yaml"
+            if not path.exists() or path.read_text() != text:  # unchanged: left as it is
+                write_text_atomic(path, text, fsync=True)
+        except BaseException:
+            self._release()
+            raise
         (self.dir / CLAIM).unlink(missing_ok=True)
         self.header = {
             "record_version": RECORD_VERSION,
@@ -158,8 +334,13 @@ class RunRecord:
                                                       "heartbeat_at": time.time()})  # fmt: skip
 
     def _append(self, name: str, record: dict) -> None:
-        with open(self.dir / name, "a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+        line = (json.dumps(record, default=_jsonable) + "\n").encode()
+        with open(self.dir / name, "a+b") as f:
+            if f.tell() > 0:  # after a torn write (a full disk), start on a line of its own
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)
 
     def metrics(self, record: dict) -> None:
         self._append("metrics.jsonl", record)
@@ -219,6 +400,12 @@ class RunRecord:
         if self.wandb is not None:
             self._wandb_call(self.wandb.finish)
             self.wandb = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            unlock_run(self._lock)
+            self._lock = None
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

@@ -1,13 +1,16 @@
 """The training loop: one function, ``train(cfg, on_eval=None) -> dict``, for the CLI, tests and search.
 
 Read it top to bottom: set-up (validate, data, model, plan and method, allocator, run folder,
-optimizer), then one ``while`` loop over optimizer steps, then the final evaluation and export.
+optimizer), then one ``while`` loop over optimizer steps, then the final phase (checkpoint at T,
+final evaluation, the methods' final hooks, export) under the same signal handler and ``try``.
 Every loss term is visible in the loop; hooks are plain ``if``s. Under ``torchrun`` the same
 code runs on every rank (``budget.ddp``): batches are sharded, rank 0 writes.
 
 A run stops early, with a complete record, when ``on_eval(step, metrics)`` says so (status
-``pruned``: a search pruner), on Ctrl-C or SIGTERM (``interrupted``, after a checkpoint, with
-the command that resumes it) or on a non-finite loss (``failed``).
+``pruned``: a search pruner), on Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 (``interrupted``, after a
+checkpoint, with the command that resumes it; in the final phase the checkpoint at T stands and
+a resume runs that phase alone) or on non-finite weights or loss (``failed``, before any
+checkpoint or allocation keeps them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import nn
 
 from budget import ddp
 from budget.arch import arch_of
+from budget.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from budget.compose import resolve
 from budget.config import ConfigError, RunConfig, to_dict, validate
 from budget.data import TaskData, load_task, load_tokenizer, make_batches, num_batches
@@ -241,47 +245,6 @@ def peak_memory_mb(device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-# ---------------------------------------------------------------- checkpoints
-def rng_state(device) -> dict:
-    """Every RNG of this process as tensors and plain values (loadable with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": pos,
-            "has_gauss": has_gauss,
-            "gauss": gauss,
-        },  # fmt: skip
-    }
-
-
-def set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["torch"])  # a CPU byte tensor: the checkpoint is loaded on the CPU
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write to a temp file, then rename over the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Tensors and plain values only: a crafted file in a shared run folder cannot run code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # ---------------------------------------------------------------- resume
 def resumed_config(run: RunConfig) -> RunConfig:
     """The saved config of the run folder ``run.resume``, with the ``RESUMABLE`` knobs of ``run``.
@@ -294,7 +257,7 @@ def resumed_config(run: RunConfig) -> RunConfig:
     run_dir = Path(run.resume)
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"resume={run_dir}: not a run folder (no config.yaml); pass a folder under runs/")
-    if not (run_dir / "checkpoints" / "last.pt").exists():
+    if not has_checkpoint(run_dir / "checkpoints" / "last.pt"):
         raise ConfigError(
             f"resume={run_dir}: no checkpoints/last.pt to continue from (the run was killed before its first "
             "checkpoint, or ran with train.checkpoint=none)"
@@ -326,8 +289,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 class StopSignals:
-    """Ctrl-C and SIGTERM (what schedulers send) ask the loop to stop at the end of the step;
-    a second Ctrl-C stops at once. Installed only in the main thread, restored on exit."""
+    """Ctrl-C, SIGTERM (what schedulers send), SIGHUP (a closed SSH session) and SIGUSR1 (Slurm's
+    ``--signal=USR1@90``) ask the loop to stop at the end of the step; a second Ctrl-C stops at
+    once. Installed only in the main thread, restored on exit.
+
+    The handler only sets ``received``: the loop logs. A handler that logs can land inside a
+    write to the same stream (a tqdm bar, a log line) and CPython then raises a reentrant-write
+    error in the middle of training.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
     def __init__(self):
         self.received: str | None = None
@@ -335,7 +306,7 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -343,7 +314,6 @@ class StopSignals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.received = signal.Signals(signum).name
-        log.warning("%s: stopping after this step (checkpoint, then exit)", self.received)
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -408,7 +378,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     # 3. the run folder: a new one claimed by rank 0, or the resumed run's own
     resume_dir = Path(run.resume) if run.resume else None
     ckpt = load_checkpoint(resume_dir / "checkpoints" / "last.pt") if resume_dir else None
-    if ckpt is not None and ckpt["step"] >= total_steps:
+    final_only = ckpt is not None and ckpt["step"] >= total_steps  # stopped in its final phase, or completed
+    if final_only:
         saved = _saved_result(resume_dir)
         if saved.get("status") == "completed":  # nothing to do: never append a second ending
             ddp.shutdown(dist)
@@ -455,13 +426,6 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         "trainable_params": trainable_before, "total_params": total_params, "world_size": dist.world,
         "groups": groups, "modules": modules, "meta": run.meta,
     }  # fmt: skip
-    record = None
-    if dist.main:
-        record = RunRecord(run_dir, to_dict(run), run.logger, ckpt["step"] if ckpt else None, header)
-        if ckpt is None and allocator is not None:  # the allocation before any step: every matrix at init_r
-            ranks0 = allocator.ranks()
-            record.ranks({"step": 0, "budget": allocator.budget_at(0), "kept": sum(ranks0.values()),
-                          "kept_params": kept_params(ranks0, wrapped), "final": False, "ranks": ranks0})  # fmt: skip
 
     # 4. optimizer: AdamW with linear warm-up and decay over T optimizer steps
     params = [p for p in model.parameters() if p.requires_grad]
@@ -497,6 +461,16 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                 # the open logging window, so a resumed run logs the same mean losses
                 "window": window, "running": torch.stack([running_loss, running_orth]).cpu(),
             })  # fmt: skip
+
+    def nonfinite(before: str) -> str | None:
+        """The error when the weights or the open logging window's loss are not finite on some rank.
+        Checked before every checkpoint and allocation (one host sync), so that neither keeps NaN
+        weights: the loss itself is looked at only at log steps."""
+        finite = torch.stack([p.detach().isfinite().all() for p in params] + [running_loss.isfinite()]).all()
+        if not ddp.any_flag([not finite.item()], dist, device)[0]:
+            return None
+        log.error("non-finite weights or loss at step %d, before %s: stopping", step, before)
+        return f"non-finite training loss or weights at step {step} (found before {before})"
 
     def dev_eval(at_step: int) -> tuple[dict, bool]:
         """Dev metrics, and whether ``on_eval`` asks to stop (rank 0 decides for everyone)."""
@@ -537,13 +511,27 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         window = ckpt["window"]
         running_loss.fill_(ckpt["running"][0].item())
         running_orth.fill_(ckpt["running"][1].item())
+    record = None
+    if dist.main:  # holds the run folder's lock until closed: a live run is never resumed twice
+        record = RunRecord(run_dir, to_dict(run), run.logger, ckpt["step"] if ckpt else None, header,
+                           final_again=final_only)  # fmt: skip
+        if ckpt is None and allocator is not None:  # the allocation before any step: every matrix at init_r
+            ranks0 = allocator.ranks()
+            record.ranks({"step": 0, "budget": allocator.budget_at(0), "kept": sum(ranks0.values()),
+                          "kept_params": kept_params(ranks0, wrapped), "final": False, "ranks": ranks0})  # fmt: skip
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not (tc.progress and dist.main), desc=run.run_name,
                leave=False)  # fmt: skip
     resume_with = f"adabudget train resume={run_dir}"
     signals = StopSignals()
-    loop_done = False
+
+    def signalled() -> str | None:
+        """The stop signal some rank received (every rank agrees), or None."""
+        if not ddp.any_flag([signals.received is not None], dist, device)[0]:
+            return None
+        return signals.received or "a stop signal to another rank"
+
     try:
         with signals:
             while step < total_steps:
@@ -576,6 +564,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                 if allocator is not None:
                     allocation = allocator.update_and_allocate(step)
                     if allocation is not None:
+                        if error := nonfinite("an allocation"):
+                            return result("failed", error=error)
                         if record is not None:
                             record.ranks(
                                 {**allocation.to_record(), **group_ranks(allocation.ranks, modules, groups)}
@@ -619,20 +609,47 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                     (tc.checkpoint_every and step % tc.checkpoint_every == 0)
                     or time.time() - last_checkpoint > 60 * tc.checkpoint_minutes
                 )
-                stop_asked = tc.stop_after_step is not None and step >= tc.stop_after_step
-                periodic, signalled = ddp.any_flag(
+                periodic, stop_signal = ddp.any_flag(
                     [bool(periodic), signals.received is not None], dist, device
                 )
-                if (signalled or stop_asked) and step < total_steps:
-                    checkpoint(step)
-                    cause = signals.received or f"train.stop_after_step={tc.stop_after_step}"
-                    return result("interrupted", interrupted_by=cause, resume_with=resume_with)
-                if periodic and step < total_steps:
+                cause = (signals.received or "a stop signal to another rank") if stop_signal else None
+                if tc.stop_after_step is not None and step >= tc.stop_after_step:
+                    cause = cause or f"train.stop_after_step={tc.stop_after_step}"
+                if (cause or periodic) and step < total_steps:
+                    if error := nonfinite("a checkpoint"):
+                        return result("failed", error=error)
                     checkpoint(step)
                     last_checkpoint = time.time()
-        loop_done = True
+                    if cause:
+                        log.warning("%s: checkpoint at step %d, then exit", cause, step)
+                        return result("interrupted", interrupted_by=cause, resume_with=resume_with)
+
+            # 6. the final phase, under the same handler: the checkpoint at T comes first, so that an
+            #    error or a signal in evaluation, the methods' final hooks or export loses no training
+            #    step (a resume then runs this phase alone), and the run ends completed, failed or
+            #    interrupted like the loop
+            if error := nonfinite("the final checkpoint"):
+                return result("failed", error=error)
+            checkpoint(step)
+            final, extra = {"dev": dev_eval(step)[0]}, {}
+            if task.test and not signalled():
+                final["test"] = evaluate(model, task.test, task, tc.eval_batch_size, pad_id, device, dist)
+                if record is not None:
+                    record.metrics({"step": step, "split": "test", **final["test"]})
+            if not signalled():
+                for fields in call_hooks(hooks, "final", lambda split: evaluate(
+                        model, getattr(task, split), task, tc.eval_batch_size, pad_id, device, dist)):  # fmt: skip
+                    extra.update(fields or {})
+            if cause := signalled():
+                log.warning("%s in the final phase: the checkpoint at step %d stands", cause, step)
+                return result("interrupted", interrupted_by=cause, resume_with=resume_with)
+            if dist.active:  # every rank must hold the same adapters: say so in the record
+                digests = ddp.gather(_digest(model), dist)
+                extra["ddp"] = {"world_size": dist.world, "identical_on_all_ranks": len(set(digests)) == 1}
+            exports = _export(run, model, wrapped, plan, tokenizer, run_dir, hooks) if dist.main else {}
+            return result("completed", final=final, exports=exports, **extra)
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step; the last one stands
-        has_ckpt = checkpoint_path.exists()
+        has_ckpt = has_checkpoint(checkpoint_path)
         result("interrupted", interrupted_by="SIGINT (twice)", resume_with=resume_with if has_ckpt else None)
         raise
     except BaseException as err:
@@ -640,34 +657,9 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         raise
     finally:
         bar.close()
-        if not loop_done:  # stopped early, failed or crashed: the record ends here
-            if record is not None:
-                record.close()
-            ddp.shutdown(dist)
-
-    # 6. final evaluation, record and export
-    final = {"dev": dev_eval(step)[0]}
-    if task.test:
-        final["test"] = evaluate(model, task.test, task, tc.eval_batch_size, pad_id, device, dist)
         if record is not None:
-            record.metrics({"step": step, "split": "test", **final["test"]})
-    checkpoint(step)
-    extra = {}
-    for fields in call_hooks(
-        hooks,
-        "final",
-        lambda split: evaluate(model, getattr(task, split), task, tc.eval_batch_size, pad_id, device, dist),
-    ):
-        extra.update(fields or {})  # fmt: skip
-    if dist.active:  # every rank must hold the same adapters: say so in the record
-        digests = ddp.gather(_digest(model), dist)
-        extra["ddp"] = {"world_size": dist.world, "identical_on_all_ranks": len(set(digests)) == 1}
-    exports = _export(run, model, wrapped, plan, tokenizer, run_dir, hooks) if dist.main else {}
-    out = result("completed", final=final, exports=exports, **extra)
-    if record is not None:
-        record.close()
-    ddp.shutdown(dist)
-    return out
+            record.close()  # gives back the run folder's lock
+        ddp.shutdown(dist)
 
 
 def kept_params(ranks: dict[str, int], wrapped: dict) -> int:
