@@ -8,7 +8,7 @@ Hydra finds the plugin through the ``hydra_plugins`` namespace package
 and the class Hydra instantiates live there, the work here. It takes hydra-optuna-sweeper's
 configuration (the ``params`` grammar, ``direction``, ``n_trials``, ``n_jobs``, ``sampler``,
 ``storage``, ``study_name``, ``max_failure_rate``, ``custom_search_space``), so a config written
-for that plugin runs by changing the sweeper's name, and does what it cannot (REFERENCE.md,
+for that plugin runs by changing the sweeper's name, and does what it cannot (docs/reference.md,
 "Search and tooling facts"): it runs on the Optuna installed here (5.x), prunes through the
 job's dev evaluations, lets the job see its trial, resumes without resetting ``n_trials``, reads
 several objectives from the job's record, and keeps a rolling pool of jobs.
