@@ -294,3 +294,32 @@ def test_the_repair_waits_for_the_journal_lock(tmp_path):
     lock.release()
     repair.join(timeout=30)
     assert done and done[0] and path.read_bytes().endswith(b"}\n")
+
+
+def test_the_hydra_sweeper_repairs_its_journal_when_it_resumes(tmp_path):
+    """The sweeper opens its journal through the same ``make_storage``: a sweep whose journal a
+    full disk cut goes on (a second ``-m`` run to more trials) instead of failing for good."""
+    from test_sweeper import SPHERE, SPHERE_CONF, cli_env, journal_study
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "sphere.py").write_text(SPHERE)
+    (tmp_path / "conf" / "config.yaml").write_text(SPHERE_CONF.replace("n_trials: 6", "n_trials: 2"))
+    journal = tmp_path / "out" / "sweeps" / "sphere" / "journal.log"
+
+    def sweep(n_trials: int) -> None:
+        cmd = [
+            sys.executable,
+            "sphere.py",
+            "-m",
+            "hydra.sweep.dir=out/sweep",
+            f"hydra.sweeper.n_trials={n_trials}",
+        ]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    sweep(2)
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code":4,"worker_id":"cut-by-a-full-di')
+    sweep(4)
+    assert (journal.parent / "journal.log.bak").exists()
+    assert sum(t.state.name == "COMPLETE" for t in journal_study(journal, "sphere").trials) == 4
