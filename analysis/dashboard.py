@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-
-from analysis.records import RecordError, hide_password, load, load_study, run_dirs, trials
+from adabudget.analysis.records import RecordError, hide_password, load, load_study, run_dirs, trials
 
 # Matrix roles in the order of a transformer block (README "The run record": modules table).
 ROLES = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_out")
@@ -106,8 +105,16 @@ def _grid(ranks: pd.DataFrame, layers: list[str], matrices: list[str]) -> list[l
 def _heatmap(z, layers, matrices, **kw):
     import plotly.graph_objects as go
 
-    return go.Heatmap(z=z, x=layers, y=matrices, texttemplate="%{z}", xgap=1, ygap=1,
-                      hovertemplate="layer %{x}, %{y}: rank %{z}<extra></extra>", **kw)  # fmt: skip
+    return go.Heatmap(
+        z=z,
+        x=layers,
+        y=matrices,
+        texttemplate="%{z}",
+        xgap=1,
+        ygap=1,
+        hovertemplate="layer %{x}, %{y}: rank %{z}<extra></extra>",
+        **kw,
+    )
 
 
 def _heatmap_layout(fig, title: str, n_matrices: int, panels: bool = False) -> None:
@@ -134,8 +141,17 @@ def rank_heatmap(ranks: pd.DataFrame, title: str = "Final rank allocation"):
     last = r[r["step"] == r["step"].max()]
     layers, matrices = _axes(r)
     zmax = r["init_rank"].max() if r["init_rank"].notna().any() else r["rank"].max()
-    fig = go.Figure(_heatmap(_grid(last, layers, matrices), layers, matrices, zmin=0, zmax=zmax,
-                             colorscale="Viridis", colorbar={"title": {"text": "rank"}}))  # fmt: skip
+    fig = go.Figure(
+        _heatmap(
+            _grid(last, layers, matrices),
+            layers,
+            matrices,
+            zmin=0,
+            zmax=zmax,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "rank"}},
+        )
+    )
     total = int(last["rank"].sum())
     _heatmap_layout(fig, f"{title} (step {int(last['step'].iloc[0])}, total rank {total})", len(matrices))
     return fig
@@ -153,20 +169,37 @@ def allocation_slider(ranks: pd.DataFrame):
     for step in steps:
         at = r[r["step"] == step]
         budget, kept = at["budget"].iloc[0], at["kept"].iloc[0]
-        title = (f"Allocation at step {int(step)}: scheduled b(t) = {_fmt(budget)}, "
-                 f"kept {_fmt(kept)}, total rank {int(at['rank'].sum())}")  # fmt: skip
+        title = (
+            f"Allocation at step {int(step)}: scheduled b(t) = {_fmt(budget)}, "
+            f"kept {_fmt(kept)}, total rank {int(at['rank'].sum())}"
+        )
         frames.append((step, _grid(at, layers, matrices), title))
-    fig = go.Figure(_heatmap(frames[-1][1], layers, matrices, zmin=0, zmax=zmax, colorscale="Viridis",
-                             colorbar={"title": {"text": "rank"}}))  # fmt: skip
+    fig = go.Figure(
+        _heatmap(
+            frames[-1][1],
+            layers,
+            matrices,
+            zmin=0,
+            zmax=zmax,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "rank"}},
+        )
+    )
     _heatmap_layout(fig, frames[-1][2], len(matrices))
     fig.update_layout(
         height=max(HEIGHT, 60 * len(matrices) + 230),
-        sliders=[{
-            "active": len(frames) - 1, "currentvalue": {"prefix": "step "}, "pad": {"t": 60},
-            "steps": [{"label": str(int(s)), "method": "update", "args": [{"z": [z]}, {"title.text": t}]}
-                      for s, z, t in frames],
-        }],
-    )  # fmt: skip
+        sliders=[
+            {
+                "active": len(frames) - 1,
+                "currentvalue": {"prefix": "step "},
+                "pad": {"t": 60},
+                "steps": [
+                    {"label": str(int(s)), "method": "update", "args": [{"z": [z]}, {"title.text": t}]}
+                    for s, z, t in frames
+                ],
+            }
+        ],
+    )
     return fig
 
 
@@ -183,8 +216,15 @@ def budget_figure(ranks: pd.DataFrame, metrics: pd.DataFrame):
     schedule = schedule.dropna().drop_duplicates("step").sort_values("step")
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=schedule["step"], y=schedule["budget"], mode="lines", name="scheduled b(t)"))
-    fig.add_trace(go.Scatter(x=per_step["step"], y=per_step["kept"], mode="markers+lines", line={"shape": "hv"},
-                             name="kept (triplets above the threshold)"))  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=per_step["step"],
+            y=per_step["kept"],
+            mode="markers+lines",
+            line={"shape": "hv"},
+            name="kept (triplets above the threshold)",
+        )
+    )
     fig.update_layout(title="Budget: scheduled b(t) and kept", height=HEIGHT)
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="total rank (triplets)")
@@ -199,13 +239,21 @@ def scores_figure(scores: pd.DataFrame):
     s = scores[scores["step"].isin(steps)].copy()
     s["triplet"] = s["kept"].map({True: "kept", False: "pruned"})
     s["allocation step"] = s["step"].astype(int).astype(str)
-    fig = px.strip(s, x="allocation step", y="score", color="triplet", hover_data=["module"],
-                   category_orders={"triplet": ["kept", "pruned"], "allocation step": [str(int(v)) for v in steps]},
-                   color_discrete_map={"kept": "#1f77b4", "pruned": "#d62728"})  # fmt: skip
+    fig = px.strip(
+        s,
+        x="allocation step",
+        y="score",
+        color="triplet",
+        hover_data=["module"],
+        category_orders={"triplet": ["kept", "pruned"], "allocation step": [str(int(v)) for v in steps]},
+        color_discrete_map={"kept": "#1f77b4", "pruned": "#d62728"},
+    )
     fig.update_layout(title="Triplet scores S_i at each allocation: kept vs pruned", height=HEIGHT)
     fig.update_xaxes(title="allocation step")
-    fig.update_yaxes(title="score S_i" + (" (log)" if (s["score"] > 0).all() else ""),
-                     type="log" if (s["score"] > 0).all() else "linear")  # fmt: skip
+    fig.update_yaxes(
+        title="score S_i" + (" (log)" if (s["score"] > 0).all() else ""),
+        type="log" if (s["score"] > 0).all() else "linear",
+    )
     return fig
 
 
@@ -237,8 +285,9 @@ def params_figure(groups: pd.DataFrame):
     g = groups.copy()
     g["layer group"] = [f"group {gr} (layers {_layers(ls)})" for gr, ls in zip(g["group"], g["layers"])]
     fig = px.bar(g, x="layer group", y="params", color="method", text="params")
-    fig.update_layout(title="Trainable parameters per layer group and method (at the start)", height=HEIGHT,
-                      barmode="stack")  # fmt: skip
+    fig.update_layout(
+        title="Trainable parameters per layer group and method (at the start)", height=HEIGHT, barmode="stack"
+    )
     fig.update_xaxes(title="layer group")
     fig.update_yaxes(title="trainable parameters")
     return fig
@@ -274,8 +323,11 @@ def run_labels(runs: pd.DataFrame) -> dict[str, str]:
     """A short label per run: the config keys in which the runs differ (``method.score=sensitivity``),
     else the run folder."""
     skip = re.compile(r"^cfg\.(run_dir|run_name|runs_root|resume|logger\.|meta)")
-    keys = [c for c in runs.columns if c.startswith("cfg.") and not skip.match(c)
-            and runs[c].astype(str).nunique() > 1]  # fmt: skip
+    keys = [
+        c
+        for c in runs.columns
+        if c.startswith("cfg.") and not skip.match(c) and runs[c].astype(str).nunique() > 1
+    ]
     names = {rid: Path(rid).parent.name for rid in runs["run_dir"]}  # run_name, unless a sweep's job
     if len(set(names.values())) < len(names):
         names = {rid: _short(rid) for rid in names}
@@ -302,12 +354,29 @@ def compare_metrics(runs: pd.DataFrame, metrics: pd.DataFrame, labels: dict[str,
     palette = plotly.colors.qualitative.Plotly
     for i, (_, run) in enumerate(runs.iterrows()):
         label, color = labels[run["run_dir"]], palette[i % len(palette)]
-        fig.add_trace(go.Bar(x=cols, y=[run[c] for c in cols], name=label, legendgroup=label,
-                             marker_color=color), row=1, col=1)  # fmt: skip
-        m = metrics[(metrics["run_dir"] == run["run_dir"]) & (metrics["split"] == "dev")
-                    & (metrics["metric"] == primary)].sort_values("step")  # fmt: skip
-        fig.add_trace(go.Scatter(x=m["step"], y=m["value"], mode="lines+markers", name=label, legendgroup=label,
-                                 showlegend=False, line={"color": color}), row=1, col=2)  # fmt: skip
+        fig.add_trace(
+            go.Bar(x=cols, y=[run[c] for c in cols], name=label, legendgroup=label, marker_color=color),
+            row=1,
+            col=1,
+        )
+        m = metrics[
+            (metrics["run_dir"] == run["run_dir"])
+            & (metrics["split"] == "dev")
+            & (metrics["metric"] == primary)
+        ].sort_values("step")
+        fig.add_trace(
+            go.Scatter(
+                x=m["step"],
+                y=m["value"],
+                mode="lines+markers",
+                name=label,
+                legendgroup=label,
+                showlegend=False,
+                line={"color": color},
+            ),
+            row=1,
+            col=2,
+        )
     fig.update_layout(title="Metrics side by side", barmode="group", height=HEIGHT)
     fig.update_xaxes(title="split.metric", row=1, col=1)
     fig.update_xaxes(title="step", row=1, col=2)
@@ -331,8 +400,14 @@ def _panels(n: int, titles: list[str]):
 
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    return make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.04, shared_yaxes=True,
-                         vertical_spacing=0.18 if rows > 1 else 0.1), cols  # fmt: skip
+    return make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=titles,
+        horizontal_spacing=0.04,
+        shared_yaxes=True,
+        vertical_spacing=0.18 if rows > 1 else 0.1,
+    ), cols
 
 
 def compare_heatmaps(ranks: pd.DataFrame, labels: dict[str, str]):
@@ -341,8 +416,9 @@ def compare_heatmaps(ranks: pd.DataFrame, labels: dict[str, str]):
     layers, matrices, grids = _final_grids(ranks, run_ids)
     fig, cols = _panels(len(run_ids), [labels[r] for r in run_ids])
     for i, rid in enumerate(run_ids):
-        fig.add_trace(_heatmap(grids[rid], layers, matrices, coloraxis="coloraxis"),
-                      row=i // cols + 1, col=i % cols + 1)  # fmt: skip
+        fig.add_trace(
+            _heatmap(grids[rid], layers, matrices, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1
+        )
     top = ranks["init_rank"].max() if ranks["init_rank"].notna().any() else ranks["rank"].max()
     fig.update_layout(
         coloraxis={"colorscale": "Viridis", "cmin": 0, "cmax": top, "colorbar": {"title": {"text": "rank"}}}
@@ -368,10 +444,20 @@ def difference_heatmap(ranks: pd.DataFrame, labels: dict[str, str]):
         fig.add_trace(
             _heatmap(z, layers, matrices, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1
         )
-    fig.update_layout(coloraxis={"colorscale": "RdBu", "reversescale": True, "cmid": 0,
-                                 "colorbar": {"title": {"text": "rank difference"}}})  # fmt: skip
-    _heatmap_layout(fig, f"Rank difference: each run minus {labels[run_ids[0]]}",
-                    len(matrices) * math.ceil(len(others) / cols), True)  # fmt: skip
+    fig.update_layout(
+        coloraxis={
+            "colorscale": "RdBu",
+            "reversescale": True,
+            "cmid": 0,
+            "colorbar": {"title": {"text": "rank difference"}},
+        }
+    )
+    _heatmap_layout(
+        fig,
+        f"Rank difference: each run minus {labels[run_ids[0]]}",
+        len(matrices) * math.ceil(len(others) / cols),
+        True,
+    )
     return fig
 
 
@@ -412,14 +498,32 @@ def _trial_markers(fig, tr: pd.DataFrame, x: str, y: str, **kw) -> None:
 
     sampled = tr[tr["baseline"].isna()]
     base = tr[tr["baseline"].notna()]
-    fig.add_trace(go.Scatter(x=sampled[x], y=sampled[y], mode="markers", name="sampled trial",
-                             customdata=sampled["number"], marker={"size": 10},
-                             hovertemplate="trial %{customdata}<br>%{x}<br>%{y}<extra></extra>", **kw))  # fmt: skip
-    fig.add_trace(go.Scatter(x=base[x], y=base[y], mode="markers+text", name="baseline",
-                             customdata=base["number"], text=base["baseline"], textposition="top center",
-                             marker={"size": 15, "symbol": "star", "color": "#ff7f0e"},
-                             hovertemplate="trial %{customdata} (baseline %{text})<br>%{x}<br>%{y}<extra></extra>",
-                             **kw))  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=sampled[x],
+            y=sampled[y],
+            mode="markers",
+            name="sampled trial",
+            customdata=sampled["number"],
+            marker={"size": 10},
+            hovertemplate="trial %{customdata}<br>%{x}<br>%{y}<extra></extra>",
+            **kw,
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=base[x],
+            y=base[y],
+            mode="markers+text",
+            name="baseline",
+            customdata=base["number"],
+            text=base["baseline"],
+            textposition="top center",
+            marker={"size": 15, "symbol": "star", "color": "#ff7f0e"},
+            hovertemplate="trial %{customdata} (baseline %{text})<br>%{x}<br>%{y}<extra></extra>",
+            **kw,
+        )
+    )
 
 
 def history_figure(tr: pd.DataFrame, objective: str, maximise: bool):
@@ -437,8 +541,16 @@ def history_figure(tr: pd.DataFrame, objective: str, maximise: bool):
     )  # clicks and hovers go to the trials beneath it
     pruned = tr[(tr["state"] == "pruned") & tr["last_report"].notna()] if "last_report" in tr else tr[:0]
     if len(pruned):
-        fig.add_trace(go.Scatter(x=pruned["number"], y=pruned["last_report"], mode="markers", name="pruned (last report)",
-                                 customdata=pruned["number"], marker={"symbol": "x", "color": "grey"}))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=pruned["number"],
+                y=pruned["last_report"],
+                mode="markers",
+                name="pruned (last report)",
+                customdata=pruned["number"],
+                marker={"symbol": "x", "color": "grey"},
+            )
+        )
     fig.update_layout(
         title=f"Optimisation history: {objective} ({'max' if maximise else 'min'}imised)", height=HEIGHT
     )
@@ -454,8 +566,16 @@ def pareto_figure(tr: pd.DataFrame, objective: str, params: str, maximise: bool)
     done = tr[(tr["state"] == "complete") & tr[params].notna() & tr[objective].notna()]
     fig = go.Figure()
     front = _front(done, params, objective, maximise)
-    fig.add_trace(go.Scatter(x=front[params], y=front[objective], mode="lines", line={"shape": "hv", "dash": "dot"},
-                             name="Pareto front", hoverinfo="skip"))  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=front[params],
+            y=front[objective],
+            mode="lines",
+            line={"shape": "hv", "dash": "dot"},
+            name="Pareto front",
+            hoverinfo="skip",
+        )
+    )
     _trial_markers(fig, done, params, objective)
     fig.update_layout(title=f"Pareto front: {objective} against trainable parameters", height=HEIGHT)
     fig.update_xaxes(title=f"trainable parameters ({params})")
@@ -468,8 +588,11 @@ def _sampled_study(study):
     sampled parameters; an infeasible trial's values are a sentinel)."""
     import optuna
 
-    keep = [t for t in study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE and t.params and not t.user_attrs.get("infeasible")]  # fmt: skip
+    keep = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE and t.params and not t.user_attrs.get("infeasible")
+    ]
     copy = optuna.create_study(directions=study.directions)
     copy.add_trials(keep)
     return copy, keep
@@ -551,11 +674,31 @@ def trial_ranks_figure(tr: pd.DataFrame, rec, first: int | None):
             {"label": f"trial {n}", "method": "update", "args": [{"z": [z]}, {"title.text": title}]}
         )
     active = next((i for i, b in enumerate(buttons) if b["label"] == f"trial {first}"), 0)
-    fig = go.Figure(_heatmap(buttons[active]["args"][0]["z"][0], layers, matrices, zmin=0, zmax=zmax,
-                             colorscale="Viridis", colorbar={"title": {"text": "rank"}}))  # fmt: skip
+    fig = go.Figure(
+        _heatmap(
+            buttons[active]["args"][0]["z"][0],
+            layers,
+            matrices,
+            zmin=0,
+            zmax=zmax,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "rank"}},
+        )
+    )
     _heatmap_layout(fig, buttons[active]["args"][1]["title.text"], len(matrices))
-    fig.update_layout(updatemenus=[{"buttons": buttons, "active": active, "x": 1.0, "xanchor": "right", "y": 1.18,
-                                    "yanchor": "top", "direction": "down"}])  # fmt: skip
+    fig.update_layout(
+        updatemenus=[
+            {
+                "buttons": buttons,
+                "active": active,
+                "x": 1.0,
+                "xanchor": "right",
+                "y": 1.18,
+                "yanchor": "top",
+                "direction": "down",
+            }
+        ]
+    )
     return fig
 
 
@@ -590,8 +733,12 @@ def study_section(storage) -> Section:
     k = objectives.index(objective)
     slug = _slug("study-" + study.study_name)
     counts = tr["state"].value_counts().to_dict() if len(tr) else {}
-    sec = Section(slug, f"Study {study.study_name}: {len(tr)} trials (" +
-                  ", ".join(f"{v} {s}" for s, v in sorted(counts.items())) + ")")  # fmt: skip
+    sec = Section(
+        slug,
+        f"Study {study.study_name}: {len(tr)} trials ("
+        + ", ".join(f"{v} {s}" for s, v in sorted(counts.items()))
+        + ")",
+    )
     sec.live = bool(counts.get("running"))
     if not len(tr) or "baseline" not in tr:
         sec.notes.append("No trials yet.")
@@ -679,8 +826,13 @@ def build(paths: list[str], status=None) -> Dashboard:
             sections.append(compare_section(rec, runs))
         for i, (_, run) in enumerate(runs.iterrows()):
             if i == MAX_RUN_SECTIONS:
-                sections.append(Section("more", f"{len(runs) - i} more runs",
-                                        notes=["Pass fewer run folders to see each of them."]))  # fmt: skip
+                sections.append(
+                    Section(
+                        "more",
+                        f"{len(runs) - i} more runs",
+                        notes=["Pass fewer run folders to see each of them."],
+                    )
+                )
                 break
             sections.append(run_section(rec, run))
     return Dashboard(sections, [str(p) for p in paths], live)
@@ -739,8 +891,14 @@ def to_html(dash: Dashboard, stamp: str | None = None, refresh_s: float = 5.0) -
                 PLOT_CONFIG,
                 toImageButtonOptions={"format": "png", "scale": 2, "filename": f"{s.slug}_{name}"},
             )
-            div = pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=_div_id(s.slug, name),
-                              config=config, default_height=f"{fig.layout.height or HEIGHT}px")  # fmt: skip
+            div = pio.to_html(
+                fig,
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=_div_id(s.slug, name),
+                config=config,
+                default_height=f"{fig.layout.height or HEIGHT}px",
+            )
             body.append(f'<div class="figure{" wide" if name in s.wide else ""}">{div}</div>')
         body.append("</div></section>")
     scripts = [_EXPORT] + [s.script for s in dash.sections if s.script]
@@ -832,8 +990,9 @@ def stamp(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def make_server(paths: list[str], host: str = "127.0.0.1", port: int = 8050, status=None,
-                refresh_s: float = 5.0) -> http.server.ThreadingHTTPServer:  # fmt: skip
+def make_server(
+    paths: list[str], host: str = "127.0.0.1", port: int = 8050, status=None, refresh_s: float = 5.0
+) -> http.server.ThreadingHTTPServer:
     """An HTTP server whose ``/`` is the dashboard, rebuilt from the records when they changed, and
     ``/stamp`` their fingerprint (what a live page polls). ``port=0`` picks a free port."""
     run_dirs(p for p in paths if not _is_study(p))  # fail now on a missing path, not on the first request
@@ -881,8 +1040,7 @@ def serve(
     server = make_server(paths, host, port, status, refresh_s)
     name = f"[{host}]" if ":" in host else host
     shown = ", ".join(hide_password(p) for p in paths)
-    print(f"dashboard of {shown}: http://{name}:{server.server_address[1]}/ (Ctrl-C to stop)",
-          flush=True)  # fmt: skip
+    print(f"dashboard of {shown}: http://{name}:{server.server_address[1]}/ (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

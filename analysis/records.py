@@ -1,7 +1,7 @@
 """Run records and Optuna studies as pandas DataFrames. Reads files and storages only: nothing
 here imports ``budget`` or ``search`` (a record is the interface, README "The run record").
 
-    from analysis.records import load
+    from adabudget.analysis.records import load
     rec = load(["runs/default", "runs/search/s4-mr"])       # folders, trees of them, studies
     rec.runs                    # one row per run: status, metrics, params, config, meta
     rec.metrics                 # step, split, metric, value (long form)
@@ -119,25 +119,58 @@ def load(paths, status: str | Iterable[str] | None = "completed") -> Records:
         modules = {m["name"]: m for m in result.get("modules") or []}
         for g in result.get("groups") or []:
             for name, m in (g.get("methods") if isinstance(g.get("methods"), dict) else {}).items():
-                groups.append({"run_dir": str(run_dir), "group": g.get("group"), "layers": g.get("layers"),
-                               "method": name, "params": m.get("params")})  # fmt: skip
+                groups.append(
+                    {
+                        "run_dir": str(run_dir),
+                        "group": g.get("group"),
+                        "layers": g.get("layers"),
+                        "method": name,
+                        "params": m.get("params"),
+                    }
+                )
         for m in _jsonl(run_dir / "metrics.jsonl"):
             for key, value in m.items():
                 if key not in ("step", "split") and isinstance(value, (int, float)):
-                    metrics.append({"run_dir": str(run_dir), "step": m["step"], "split": m.get("split", "train"),
-                                    "metric": key, "value": float(value)})  # fmt: skip
+                    metrics.append(
+                        {
+                            "run_dir": str(run_dir),
+                            "step": m["step"],
+                            "split": m.get("split", "train"),
+                            "metric": key,
+                            "value": float(value),
+                        }
+                    )
         for a in _jsonl(run_dir / "ranks.jsonl"):
             for name, rank in (a.get("ranks") or {}).items():
                 info = modules.get(name) or _guess_module(name)
-                ranks.append({"run_dir": str(run_dir), "step": a["step"], "budget": a.get("budget"),
-                              "kept": a.get("kept"), "final": bool(a.get("final")), "module": name,
-                              "layer": info["layer"], "role": info["role"], "group": info.get("group", 0),
-                              "init_rank": info.get("init_rank"), "rank": rank})  # fmt: skip
+                ranks.append(
+                    {
+                        "run_dir": str(run_dir),
+                        "step": a["step"],
+                        "budget": a.get("budget"),
+                        "kept": a.get("kept"),
+                        "final": bool(a.get("final")),
+                        "module": name,
+                        "layer": info["layer"],
+                        "role": info["role"],
+                        "group": info.get("group", 0),
+                        "init_rank": info.get("init_rank"),
+                        "rank": rank,
+                    }
+                )
             for name, values in (a.get("scores") or {}).items():
                 mask = (a.get("kept_mask") or {}).get(name) or [None] * len(values)
                 for i, (s, k) in enumerate(zip(values, mask)):
-                    scores.append({"run_dir": str(run_dir), "step": a["step"], "module": name, "triplet": i,
-                                   "score": s, "kept": bool(k)})  # fmt: skip
+                    scores.append(
+                        {
+                            "run_dir": str(run_dir),
+                            "step": a["step"],
+                            "module": name,
+                            "triplet": i,
+                            "score": s,
+                            "kept": bool(k),
+                        }
+                    )
     return Records(
         runs=pd.DataFrame(runs, columns=None if runs else ["run_dir", "status"]),
         metrics=pd.DataFrame(metrics, columns=["run_dir", "step", "split", "metric", "value"]),
@@ -156,7 +189,7 @@ def load(paths, status: str | Iterable[str] | None = "completed") -> Records:
                 "init_rank",
                 "rank",
             ],
-        ),  # fmt: skip
+        ),
         scores=pd.DataFrame(scores, columns=["run_dir", "step", "module", "triplet", "score", "kept"]),
         groups=pd.DataFrame(groups, columns=["run_dir", "group", "layers", "method", "params"]),
     )
@@ -165,17 +198,29 @@ def load(paths, status: str | Iterable[str] | None = "completed") -> Records:
 def _run_row(run_dir: Path, r: dict) -> dict:
     cfg = _config(run_dir)
     row = {
-        "run_dir": str(run_dir), "status": r.get("status"), "record_version": r.get("record_version", 1),
-        "method": r.get("method"), "model": r.get("model"), "task": r.get("task"),
-        "data_version": r.get("data_version"), "primary_metric": r.get("primary_metric") or _primary(r),
-        "regression": r.get("regression"), "seed": cfg.get("train.seed"), "lr": cfg.get("train.lr"),
-        "steps": r.get("steps"), "total_steps": r.get("total_steps"),
-        "trainable_params": r.get("trainable_params"), "trainable_params_final": r.get("trainable_params_final"),
-        "adapter_params_final": r.get("adapter_params_final"), "wall_time_s": r.get("wall_time_s"),
-        "peak_memory_mb": r.get("peak_memory_mb"), "git_commit": r.get("git_commit"),
-        "error": r.get("error"), "alive": _alive(r),
+        "run_dir": str(run_dir),
+        "status": r.get("status"),
+        "record_version": r.get("record_version", 1),
+        "method": r.get("method"),
+        "model": r.get("model"),
+        "task": r.get("task"),
+        "data_version": r.get("data_version"),
+        "primary_metric": r.get("primary_metric") or _primary(r),
+        "regression": r.get("regression"),
+        "seed": cfg.get("train.seed"),
+        "lr": cfg.get("train.lr"),
+        "steps": r.get("steps"),
+        "total_steps": r.get("total_steps"),
+        "trainable_params": r.get("trainable_params"),
+        "trainable_params_final": r.get("trainable_params_final"),
+        "adapter_params_final": r.get("adapter_params_final"),
+        "wall_time_s": r.get("wall_time_s"),
+        "peak_memory_mb": r.get("peak_memory_mb"),
+        "git_commit": r.get("git_commit"),
+        "error": r.get("error"),
+        "alive": _alive(r),
         "final_params": _final_params(r),
-    }  # fmt: skip
+    }
     for split, values in (r.get("final") or {}).items():
         for k, v in values.items():
             row[f"{split}.{k}"] = v
@@ -197,8 +242,13 @@ def _final_params(r: dict) -> int | None:
     start = sum(g.get("params", 0) for g in r["groups"])
     if r.get("adapter_params_final") is None:
         return start
-    adalora = sum(m["params"] for g in r["groups"] if isinstance(g.get("methods"), dict)
-                  for name, m in g["methods"].items() if name == "adalora")  # fmt: skip
+    adalora = sum(
+        m["params"]
+        for g in r["groups"]
+        if isinstance(g.get("methods"), dict)
+        for name, m in g["methods"].items()
+        if name == "adalora"
+    )
     return start - adalora + r["adapter_params_final"]
 
 
@@ -247,8 +297,20 @@ def _guess_module(name: str) -> dict:
     """Layer and role of a module in a version-1 record (no modules table): from its name."""
     m = _BLOCK.search("." + name + ".")
     leaf = name.rsplit(".", 1)[-1].removesuffix("_proj")
-    roles = {"query": "q", "key": "k", "value": "v", "q": "q", "k": "k", "v": "v", "o": "o", "c_attn": "qkv",
-             "gate": "ffn_in", "up": "ffn_in", "down": "ffn_out", "c_fc": "ffn_in"}  # fmt: skip
+    roles = {
+        "query": "q",
+        "key": "k",
+        "value": "v",
+        "q": "q",
+        "k": "k",
+        "v": "v",
+        "o": "o",
+        "c_attn": "qkv",
+        "gate": "ffn_in",
+        "up": "ffn_in",
+        "down": "ffn_out",
+        "c_fc": "ffn_in",
+    }
     if leaf == "dense":
         role = "o" if "attention" in name else "ffn_in" if "intermediate" in name else "ffn_out"
     elif leaf == "c_proj":
@@ -275,11 +337,18 @@ def trials(storage: str | Path, study: str | None = None) -> pd.DataFrame:
     for t in s.get_trials(deepcopy=False):
         infeasible = t.user_attrs.get("infeasible")
         state = "infeasible" if infeasible and t.state.name == "COMPLETE" else t.state.name.lower()
-        row = {"study": study, "number": t.number, "state": state, "run_dir": t.user_attrs.get("run_dir"),
-               "trainable_params": t.user_attrs.get("trainable_params"),
-               "budget_params": t.user_attrs.get("budget_params"), "baseline": t.user_attrs.get("baseline"),
-               "retry_of": t.user_attrs.get("retry_of"), "infeasible": infeasible,
-               "duration_s": t.duration.total_seconds() if t.duration else None}  # fmt: skip
+        row = {
+            "study": study,
+            "number": t.number,
+            "state": state,
+            "run_dir": t.user_attrs.get("run_dir"),
+            "trainable_params": t.user_attrs.get("trainable_params"),
+            "budget_params": t.user_attrs.get("budget_params"),
+            "baseline": t.user_attrs.get("baseline"),
+            "retry_of": t.user_attrs.get("retry_of"),
+            "infeasible": infeasible,
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+        }
         for name, v in zip(objectives, t.values if state == "complete" else [None] * len(objectives)):
             row[name] = v
         for k, v in t.params.items():
@@ -307,8 +376,10 @@ def load_study(storage: str | Path, study: str | None = None):
         text = str(err)
         if not any(s in text for s in ("password authentication failed", "no password supplied")):
             raise
-        raise RecordError(f"{shown}: the database refused the login ({text.splitlines()[0]}); give the password "
-                          "in PGPASSWORD or a ~/.pgpass line (host:port:database:user:password, mode 0600)") from None  # fmt: skip
+        raise RecordError(
+            f"{shown}: the database refused the login ({text.splitlines()[0]}); give the password "
+            "in PGPASSWORD or a ~/.pgpass line (host:port:database:user:password, mode 0600)"
+        ) from None
     if study is None:
         if len(names) != 1:
             raise RecordError(f"{shown}: holds studies {names}; name one")

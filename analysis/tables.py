@@ -55,7 +55,7 @@ LAYOUTS = {
             Column("glue/stsb", "STS-B", ["pearson"]),
         ],
         title="GLUE dev (AdaLoRA Table 1 layout)",
-    ),  # fmt: skip
+    ),
     # The packaged counterpart (MiniLM on the four human-rated sets); test is our held-out split.
     "packaged": Layout(
         [
@@ -66,7 +66,7 @@ LAYOUTS = {
         ],
         split="test",
         title="packaged tasks, test split",
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -99,19 +99,39 @@ def build(runs: pd.DataFrame, layout: Layout | None = None, rows: str = "label")
             cells[col.heading] = [_stats(task_runs, f"{layout.split}.{m}", layout.scale) for m in col.metrics]
         if layout.all_column:
             firsts = [cells[c.heading][0] for c in layout.columns]
-            cells["All"] = [None if any(c is None for c in firsts) else
-                            {"mean": statistics.mean(c["mean"] for c in firsts), "std": None,
-                             "n": min(c["n"] for c in firsts)}]  # fmt: skip
+            cells["All"] = [
+                None
+                if any(c is None for c in firsts)
+                else {
+                    "mean": statistics.mean(c["mean"] for c in firsts),
+                    "std": None,
+                    "n": min(c["n"] for c in firsts),
+                }
+            ]
         out[label] = cells
     return pd.DataFrame.from_dict(out, orient="index")
 
 
 # Config keys that do not make a configuration different: the seed (rows average over it), the
 # task (it picks the column), and where / how a run was run and logged.
-_NOT_IDENTITY = ("cfg.train.seed", "cfg.data.", "cfg.run_dir", "cfg.run_name", "cfg.runs_root", "cfg.resume",
-                 "cfg.meta", "cfg.logger.", "cfg.train.progress", "cfg.train.num_threads", "cfg.train.device",
-                 "cfg.train.checkpoint", "cfg.train.eval_batch_size", "cfg.train.stop_after_step",
-                 "cfg.export_", "cfg.search")  # fmt: skip
+_NOT_IDENTITY = (
+    "cfg.train.seed",
+    "cfg.data.",
+    "cfg.run_dir",
+    "cfg.run_name",
+    "cfg.runs_root",
+    "cfg.resume",
+    "cfg.meta",
+    "cfg.logger.",
+    "cfg.train.progress",
+    "cfg.train.num_threads",
+    "cfg.train.device",
+    "cfg.train.checkpoint",
+    "cfg.train.eval_batch_size",
+    "cfg.train.stop_after_step",
+    "cfg.export_",
+    "cfg.search",
+)
 
 
 def _row_labels(runs: pd.DataFrame) -> pd.Series:
@@ -123,8 +143,14 @@ def _row_labels(runs: pd.DataFrame) -> pd.Series:
         meta = row.get("meta.label")
         if isinstance(meta, str) and meta:
             return meta
-        return repr([(k, None if pd.isna(row[k]) else row[k]) if not isinstance(row[k], (list, dict))
-                     else (k, row[k]) for k in keys])  # fmt: skip
+        return repr(
+            [
+                (k, None if pd.isna(row[k]) else row[k])
+                if not isinstance(row[k], (list, dict))
+                else (k, row[k])
+                for k in keys
+            ]
+        )
 
     def label(row) -> str:
         meta = row.get("meta.label")
@@ -155,8 +181,11 @@ def _stats(runs: pd.DataFrame, column: str, scale: float) -> dict | None:
     values = [v * scale for v in runs[column] if v is not None and not pd.isna(v)]
     if not values:
         return None
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}  # fmt: skip
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def _short(n: float) -> str:
@@ -205,14 +234,21 @@ def render(table: pd.DataFrame, fmt: str = "markdown", provenance: str = "") -> 
         return "\n".join(lines) + (f"\n\n{provenance}" if provenance else "") + "\n"
     if fmt != "latex":
         raise ValueError(f"format={fmt}: use markdown or latex")
-    lines = ["\\begin{tabular}{l r " + "r " * len(headings) + "}", "\\toprule",
-             "Method & Params & " + " & ".join(latex_escape(h) for h in headings) + " \\\\", "\\midrule"]  # fmt: skip
+    lines = [
+        "\\begin{tabular}{l r " + "r " * len(headings) + "}",
+        "\\toprule",
+        "Method & Params & " + " & ".join(latex_escape(h) for h in headings) + " \\\\",
+        "\\midrule",
+    ]
     for label, row in table.iterrows():
         params = (
             _short(row["params"]) if row["params"] is not None and not pd.isna(row["params"]) else MISSING
         )
-        lines.append(f"{latex_escape(str(label))} & {latex_escape(params)} & "
-                     + " & ".join(cell(h, row[h], True).replace(MISSING, "--") for h in headings) + " \\\\")  # fmt: skip
+        lines.append(
+            f"{latex_escape(str(label))} & {latex_escape(params)} & "
+            + " & ".join(cell(h, row[h], True).replace(MISSING, "--") for h in headings)
+            + " \\\\"
+        )
     lines += ["\\bottomrule", "\\end{tabular}"]
     if provenance:  # a comment, in ASCII
         lines.append("% " + provenance.replace("±", "+-").replace(MISSING, "--").replace("\n", "\n% "))
@@ -223,9 +259,22 @@ def latex_escape(text: str) -> str:
     """LaTeX's special characters, escaped (the labels come from config files and run names)."""
     out = []
     for ch in text:
-        out.append({"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                    "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
-                    "–": "--", "±": r"$\pm$"}.get(ch, ch))  # fmt: skip
+        out.append(
+            {
+                "&": r"\&",
+                "%": r"\%",
+                "$": r"\$",
+                "#": r"\#",
+                "_": r"\_",
+                "{": r"\{",
+                "}": r"\}",
+                "~": r"\textasciitilde{}",
+                "^": r"\textasciicircum{}",
+                "\\": r"\textbackslash{}",
+                "–": "--",
+                "±": r"$\pm$",
+            }.get(ch, ch)
+        )
     return "".join(out)
 
 
@@ -234,16 +283,18 @@ def provenance(runs: pd.DataFrame, layout: Layout | None, made: str | None = Non
     seeds = sorted({int(s) for s in runs["seed"].dropna()}) if "seed" in runs else []
     versions = sorted({str(v) for v in runs["data_version"].dropna()}) if "data_version" in runs else []
     split = layout.split if layout else "dev"
-    return (f"Mean ± std over seeds ({', '.join(map(str, seeds)) or 'unknown'}), n in parentheses, {split} split, "
-            f"x100; best per column in bold; {MISSING} = no run. {len(runs)} runs, commit(s) "
-            f"{', '.join(commits) or 'unknown'}, data {', '.join(versions) or 'unknown'}, made {made or date.today()}.")  # fmt: skip
+    return (
+        f"Mean ± std over seeds ({', '.join(map(str, seeds)) or 'unknown'}), n in parentheses, {split} split, "
+        f"x100; best per column in bold; {MISSING} = no run. {len(runs)} runs, commit(s) "
+        f"{', '.join(commits) or 'unknown'}, data {', '.join(versions) or 'unknown'}, made {made or date.today()}."
+    )
 
 
 def table(
     paths, layout: str | None = None, rows: str = "label", fmt: str = "markdown", made: str | None = None
 ) -> str:
     """``adabudget table``: the text of the table of the completed runs at ``paths``."""
-    from analysis.records import load
+    from adabudget.analysis.records import load
 
     if layout and layout not in LAYOUTS:
         raise ValueError(f"layout={layout}: use one of {sorted(LAYOUTS)}")

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from adabudget.methods.adalora import AdaLoRAConfig, SVDLinear, check_budget, kept_params, orth_penalty
+from adabudget.schedule import budget_at, phase_steps
 from torch import nn
-
-from budget.methods.adalora import AdaLoRAConfig, SVDLinear, check_budget, kept_params, orth_penalty
-from budget.schedule import budget_at, phase_steps
 
 SCORE_CHUNK = 32768  # elements; at::internal::GRAIN_SIZE, below which CPU kernels stay single-threaded
 
@@ -71,7 +70,11 @@ class RankAllocator:
         # A triplet costs one rank, or its out + in + 1 parameters when the budget is in parameters.
         self.param_budget = cfg.target_params is not None
         budget = check_budget(cfg, [(lay, lay.rank) for lay in self.layers])
-        self.costs, self.initial_budget, self.target_budget = budget.costs, budget.initial, budget.target  # b(0), b(T)
+        self.costs, self.initial_budget, self.target_budget = (
+            budget.costs,
+            budget.initial,
+            budget.target,
+        )  # b(0), b(T)
         self.fixed = False
         self._rebuild()
 
@@ -327,8 +330,9 @@ def replace_param(
     is left out of a resumed run's optimizer: the two must hold the same parameters.
     """
     for group in optimizer.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]
-                           if p is not old or new.requires_grad]  # fmt: skip
+        group["params"] = [
+            new if p is old else p for p in group["params"] if p is not old or new.requires_grad
+        ]
     state = optimizer.state.pop(old, None)
     if state and new.requires_grad:
         optimizer.state[new] = {

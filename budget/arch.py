@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from budget.config import ConfigError
+from adabudget.config import ConfigError
 
 FAMILIES = {
     "bert": "bert",
@@ -94,7 +94,7 @@ class Arch:
     def match_linears(
         self, patterns: list[str], layers: list[int] | None = None
     ) -> list[tuple[str, LinearSpec]]:
-        """(full name, spec) of the linear layers ``budget.models.find_targets`` would pick, analytically."""
+        """(full name, spec) of the linear layers ``adabudget.models.find_targets`` would pick, analytically."""
         regexes = [re.compile(rf"(.*\.)?(?:{p})") for p in patterns]
         names = [(f"{self.block(i)}.{s.rel}", s) for i in self.layers(layers) for s in self.linears]
         if layers is None:
@@ -102,7 +102,7 @@ class Arch:
         return [(n, s) for n, s in names if any(r.fullmatch(n) for r in regexes)]
 
     def default_targets(self) -> list[str]:
-        from budget.models import DEFAULT_TARGETS
+        from adabudget.models import DEFAULT_TARGETS
 
         return DEFAULT_TARGETS[self.model_type]
 
@@ -180,7 +180,7 @@ def _bert_family(c, mtype: str, n: int) -> Arch:
             outside += h
             outside_biases[f"{prefix}.encoder.LayerNorm.bias"] = h
         # The ContextPooler is freshly initialised, so it is part of the task head
-        # (budget.models.is_head): trained with model.train_head, never adapted.
+        # (adabudget.models.is_head): trained with model.train_head, never adapted.
         head, head_params = "pooler", h * h + h + h * n + n
     else:
         outside += c.max_position_embeddings * emb + c.type_vocab_size * emb
@@ -198,13 +198,26 @@ def _bert_family(c, mtype: str, n: int) -> Arch:
     ]
     norms = [NormSpec("attention.output.LayerNorm", h, True), NormSpec("output.LayerNorm", h, True)]
     return Arch(
-        model_type=mtype, family="bert", num_layers=c.num_hidden_layers, hidden=h, intermediate=i,
-        num_heads=c.num_attention_heads, num_kv_heads=c.num_attention_heads,
-        head_dim=h // c.num_attention_heads, prefix=prefix, blocks=f"{prefix}.encoder.layer",
-        attention="attention.self", linears=linears, norms=norms, outside_biases=outside_biases,
-        outside_params=outside, outside_linears=outside_linears, head=head, head_params=head_params,
+        model_type=mtype,
+        family="bert",
+        num_layers=c.num_hidden_layers,
+        hidden=h,
+        intermediate=i,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_attention_heads,
+        head_dim=h // c.num_attention_heads,
+        prefix=prefix,
+        blocks=f"{prefix}.encoder.layer",
+        attention="attention.self",
+        linears=linears,
+        norms=norms,
+        outside_biases=outside_biases,
+        outside_params=outside,
+        outside_linears=outside_linears,
+        head=head,
+        head_params=head_params,
         prefix_attention=mtype != "deberta-v2",
-    )  # fmt: skip
+    )
 
 
 def _gpt2(c, n: int) -> Arch:
@@ -218,12 +231,24 @@ def _gpt2(c, n: int) -> Arch:
     ]
     norms = [NormSpec("ln_1", h, True), NormSpec("ln_2", h, True)]
     return Arch(
-        model_type="gpt2", family="gpt2", num_layers=c.n_layer, hidden=h, intermediate=i,
-        num_heads=c.n_head, num_kv_heads=c.n_head, head_dim=h // c.n_head, prefix="transformer",
-        blocks="transformer.h", attention="attn", linears=linears, norms=norms,
+        model_type="gpt2",
+        family="gpt2",
+        num_layers=c.n_layer,
+        hidden=h,
+        intermediate=i,
+        num_heads=c.n_head,
+        num_kv_heads=c.n_head,
+        head_dim=h // c.n_head,
+        prefix="transformer",
+        blocks="transformer.h",
+        attention="attn",
+        linears=linears,
+        norms=norms,
         outside_biases={"transformer.ln_f.bias": h},
-        outside_params=c.vocab_size * h + c.n_positions * h + h, head="score", head_params=h * n,
-    )  # fmt: skip
+        outside_params=c.vocab_size * h + c.n_positions * h + h,
+        head="score",
+        head_params=h * n,
+    )
 
 
 def _llama(c, mtype: str, n: int) -> Arch:
@@ -246,8 +271,21 @@ def _llama(c, mtype: str, n: int) -> Arch:
     # RMSNorm: a weight and no bias
     norms = [NormSpec("input_layernorm", h, False), NormSpec("post_attention_layernorm", h, False)]
     return Arch(
-        model_type=mtype, family="llama", num_layers=c.num_hidden_layers, hidden=h, intermediate=i,
-        num_heads=heads, num_kv_heads=kv, head_dim=hd, prefix="model", blocks="model.layers",
-        attention="self_attn", linears=linears, norms=norms, outside_biases={},
-        outside_params=c.vocab_size * h + h, head="score", head_params=h * n,
-    )  # fmt: skip
+        model_type=mtype,
+        family="llama",
+        num_layers=c.num_hidden_layers,
+        hidden=h,
+        intermediate=i,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=hd,
+        prefix="model",
+        blocks="model.layers",
+        attention="self_attn",
+        linears=linears,
+        norms=norms,
+        outside_biases={},
+        outside_params=c.vocab_size * h + h,
+        head="score",
+        head_params=h * n,
+    )

@@ -27,7 +27,7 @@ a separate step under ``saved_tensors_hooks``, the activations saved for backwar
 ``--methods dylora,sparse,...`` adds one variant per registered method (``NAME`` or
 ``NAME:key=value;key=value``) at LoRA r=init_r's trainable count: a method with a ``budget``
 knob gets that count, one with a size knob the size whose count is closest (or the knobs given),
-and its training-loop hooks run as ``budget.train`` runs them (``calibrate`` once on the bench
+and its training-loop hooks run as ``adabudget.training`` runs them (``calibrate`` once on the bench
 batch before the optimizer, ``before_step`` / ``after_step`` around each step); their
 ``ratio <method>/lora=R`` line comes just before the summary line.
 
@@ -47,13 +47,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from adabudget.allocator import RankAllocator
+from adabudget.config import ModelConfig
+from adabudget.methods import apply_method, method_config_from_dict
+from adabudget.methods.adalora import orth_penalty
+from adabudget.models import find_targets, freeze_backbone, load_model, pick_device, resolve_targets
 from torch import nn
-
-from budget.allocator import RankAllocator
-from budget.config import ModelConfig
-from budget.methods import apply_method, method_config_from_dict
-from budget.methods.adalora import orth_penalty
-from budget.models import find_targets, freeze_backbone, load_model, pick_device, resolve_targets
 
 MASK_INTERVAL = 10  # ΔT for both allocators
 BUDGET_STEPS = 100_000  # T: large, so every benchmarked step stays in the budgeting phase
@@ -159,10 +158,10 @@ def train_step(v: Variant, batch: dict, device: torch.device, record: bool) -> N
 
 # ---------------------------------------------------------------- variants
 def _adam(model: nn.Module, method=None) -> torch.optim.Optimizer:
-    """The optimizer of ``budget.train`` for our variants (AdaLoRA's λ in its own lr group),
+    """The optimizer of ``adabudget.training`` for our variants (AdaLoRA's λ in its own lr group),
     plain AdamW over the trainable parameters for peft's."""
-    from budget.methods import adalora_config_of
-    from budget.methods.adalora import param_groups
+    from adabudget.methods import adalora_config_of
+    from adabudget.methods.adalora import param_groups
 
     if method is None:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -226,8 +225,8 @@ def _at_lora_count(name: str, knobs: dict, base: nn.Module, target: int):
     few angles) keeps its defaults, at its own count."""
     import dataclasses
 
-    from budget.arch import arch_of
-    from budget.methods import REGISTRY, closest_size, count_method
+    from adabudget.arch import arch_of
+    from adabudget.methods import REGISTRY, closest_size, count_method
 
     cfg = method_config_from_dict({"name": name, **knobs})
     fields = {f.name for f in dataclasses.fields(cfg)}
@@ -260,9 +259,8 @@ def spec_label(spec: str) -> str:
 def method_variant(base: nn.Module, spec: str, target: int, batch: dict) -> Variant:
     """A registered method (``NAME`` or ``NAME:k=v;k=v``) as a variant at ``target`` parameters."""
     import yaml
-
-    from budget.arch import arch_of
-    from budget.methods import apply_plan, call_hooks, plan_of, step_hooks
+    from adabudget.arch import arch_of
+    from adabudget.methods import apply_plan, call_hooks, plan_of, step_hooks
 
     name, _, rest = spec.partition(":")
     knobs = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in rest.split(";") if kv)}
@@ -391,8 +389,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="", help="more variants: registered methods at LoRA r=init_r's count, "
-                   "NAME or NAME:key=value;key=value, comma-separated (e.g. dylora,sparse,rosa)")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        default="",
+        help="more variants: registered methods at LoRA r=init_r's count, "
+        "NAME or NAME:key=value;key=value, comma-separated (e.g. dylora,sparse,rosa)",
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.alloc_reps < 1:
         p.error("--steps and --alloc-reps must be >= 1, --warmup >= 0")
@@ -535,9 +537,12 @@ def report(args: argparse.Namespace, res: dict) -> None:
     )
     print(
         "act MB = activations saved for backward by one forward (hooks; parameters excluded)"
-        + ("; peak MB = CUDA max_memory_allocated within each step's own window + persistent state." if cuda else
-           ". CPU has no peak counter: neither column is a measured peak.")
-    )  # fmt: skip
+        + (
+            "; peak MB = CUDA max_memory_allocated within each step's own window + persistent state."
+            if cuda
+            else ". CPU has no peak counter: neither column is a measured peak."
+        )
+    )
     print(f"{'state detail (MB)':<32}{'params':>9}{'grads':>9}{'AdamW':>9}{'alloc':>9}")
     for r in v.values():
         print(
@@ -569,9 +574,9 @@ def report(args: argparse.Namespace, res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``adabudget bench step [options]``: print the table and, last, the ratio line.
-    ``adabudget bench lr [options]``: the learning-rate grid of ``budget.bench_lr``."""
+    ``adabudget bench lr [options]``: the learning-rate grid of ``adabudget.bench_lr``."""
     if argv and argv[0] == "lr":
-        from budget.bench_lr import main as lr_main
+        from adabudget.bench_lr import main as lr_main
 
         return lr_main(argv[1:])
     args = parse_args(argv)

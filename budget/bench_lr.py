@@ -1,7 +1,7 @@
 """``adabudget bench lr``: dev/test accuracy of AdaLoRA variants, peft's AdaLoRA and LoRA over a
 grid of learning rates, through the same training loop: the evidence for λ's learning rate.
 
-Every cell (variant x learning rate x seed) is an ordinary run of ``budget.train.train`` on
+Every cell (variant x learning rate x seed) is an ordinary run of ``adabudget.training.train`` on
 the default job (packaged MiniLM, ``mr``, one epoch, batch 32), with the variant's overrides,
 landing in ``<root>/<variant>/lr<lr>/s<seed>/<timestamp>/``. Cells that already hold a
 completed run are skipped, so the command resumes; the table is built from the run records
@@ -52,8 +52,8 @@ def completed(root: Path, variant: str, lr: float, seed: int) -> dict | None:
 
 
 def run_cell(root: Path, variant: str, lr: float, seed: int, extra: list[str]) -> dict:
-    from budget.compose import compose
-    from budget.train import train
+    from adabudget.compose import compose
+    from adabudget.training import train
 
     overrides = [
         *VARIANTS[variant],
@@ -92,8 +92,13 @@ def table(root: Path, variants: list[str], lrs: list[float], seeds: list[int]) -
         best_lr = max(means, key=means.get)
         gaps = [means[best_lr] - means[lr] for lr in ROBUST_LRS if lr in means]
         gap = f"{max(gaps) * 100:.1f} pts" if gaps else "-"
-        row = [v, *[fmt(dev[lr]) for lr in lrs], f"{means[best_lr]:.3f} (lr {best_lr:g})", gap,
-               fmt(test[best_lr])]  # fmt: skip
+        row = [
+            v,
+            *[fmt(dev[lr]) for lr in lrs],
+            f"{means[best_lr]:.3f} (lr {best_lr:g})",
+            gap,
+            fmt(test[best_lr]),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     n = {len([s for s in seeds if completed(root, v, lr, s)]) for v in variants for lr in lrs}
     lines.append(
@@ -123,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             result = run_cell(root, v, lr, s, extra)
             dev = (result.get("final") or {}).get("dev", {}).get("accuracy", math.nan)
-            print(f"[{i}/{len(cells)}] {cell_name(v, lr, s)}: {result['status']} dev accuracy {dev:.4f} "
-                  f"({result['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"[{i}/{len(cells)}] {cell_name(v, lr, s)}: {result['status']} dev accuracy {dev:.4f} "
+                f"({result['wall_time_s']:.0f} s)",
+                flush=True,
+            )
     print(table(root, args.variants, args.lrs, args.seeds))

@@ -9,7 +9,7 @@
 The optimizer. Because P and Q get gradients only through λ, which starts at 0, ``budget``
 trains λ at ``lr x method.lambda_lr_ratio`` (64 by default) in an AdamW group of its own
 (see the README, "How it works"). The Trainer's own optimizer has one learning rate for
-everything, so ``adalora_optimizer`` builds the same groups as ``budget.train``; the Trainer
+everything, so ``adalora_optimizer`` builds the same groups as ``adabudget.training``; the Trainer
 still creates its scheduler (``lr_scheduler_type``, warm-up) over that optimizer, and the
 scheduler scales every group by the same factor, so the ratio holds at every step
 (``args.learning_rate`` is then unused: pass the same value as ``lr``). The callback checks
@@ -43,14 +43,13 @@ import math
 import warnings
 
 import torch
+from adabudget.allocator import RankAllocator
+from adabudget.config import ConfigError
+from adabudget.methods import method_config_from_dict
+from adabudget.methods.adalora import AdaLoRAConfig, SVDLinear, apply, orth_penalty, param_groups
+from adabudget.models import freeze_backbone
 from torch import nn
 from transformers import TrainerCallback
-
-from budget.allocator import RankAllocator
-from budget.config import ConfigError
-from budget.methods import method_config_from_dict
-from budget.methods.adalora import AdaLoRAConfig, SVDLinear, apply, orth_penalty, param_groups
-from budget.models import freeze_backbone
 
 
 class AdaBudgetCallback(TrainerCallback):
@@ -215,7 +214,7 @@ class AdaBudgetCallback(TrainerCallback):
                 f"method.lambda_lr_ratio={ratio:g}: the optimizer trains λ of {name} at lr {lr_lam:g} and its "
                 f"P at {lr_p:g} (ratio {lr_lam / lr_p if lr_p else float('inf'):g}), so AdaLoRA would train "
                 f"at a different speed than in budget's own loop. Build the optimizer with "
-                "budget.callbacks.adalora_optimizer(model, cfg, lr) and pass "
+                "adabudget.callbacks.adalora_optimizer(model, cfg, lr) and pass "
                 "Trainer(optimizers=(optimizer, None)), or set lambda_lr_ratio=1 to keep the Trainer's "
                 "single learning rate (AdaLoRA then needs a larger one)"
             )
@@ -267,7 +266,7 @@ def _distributed(args) -> bool:
 def adalora_optimizer(
     model: nn.Module, cfg: AdaLoRAConfig | dict, lr: float, weight_decay: float = 0.0, **adamw_kwargs
 ) -> torch.optim.AdamW:
-    """torch AdamW over the trainable parameters with λ in its own group, as ``budget.train`` builds it.
+    """torch AdamW over the trainable parameters with λ in its own group, as ``adabudget.training`` builds it.
 
     Groups: every trainable parameter but λ at ``lr``; the λ of every ``SVDLinear`` at
     ``lr x cfg.lambda_lr_ratio``. Pass it as ``Trainer(optimizers=(optimizer, None))``: the
@@ -279,7 +278,7 @@ def adalora_optimizer(
         model: the model after ``add_adalora`` (or ``apply_method``).
         cfg: its AdaLoRA config, or a dict of knobs (only ``lambda_lr_ratio`` is read).
         lr: the peak learning rate of everything but λ; use the Trainer's ``learning_rate``.
-        weight_decay: AdamW weight decay of every group (``budget.train`` uses ``train.weight_decay``
+        weight_decay: AdamW weight decay of every group (``adabudget.training`` uses ``train.weight_decay``
             for all of them; unlike the Trainer's own optimizer, biases are not exempt).
         **adamw_kwargs: further ``torch.optim.AdamW`` arguments (``betas``, ``eps``, ``fused``).
 

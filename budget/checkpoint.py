@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from budget.log import fsync_dir, log, temp_beside
+from adabudget.log import fsync_dir, log, temp_beside
 
 PREVIOUS = "prev.pt"
 
@@ -34,7 +33,7 @@ def rng_state(device) -> dict:
             "pos": pos,
             "has_gauss": has_gauss,
             "gauss": gauss,
-        },  # fmt: skip
+        },
     }
 
 
@@ -83,7 +82,7 @@ def load_checkpoint(path: Path) -> dict:
     """The checkpoint at ``path``, or, when it is missing or unreadable (a zero-byte or torn
     file), the previous one with a warning naming both. Tensors and plain values only: a
     crafted file in a shared run folder cannot run code."""
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     path = Path(path)
     prev = previous_of(path)
@@ -92,13 +91,16 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as err:
         why = _why(path, err)
     if not prev.exists():
-        raise ConfigError(f"{why}, and there is no {prev} to fall back to: no checkpoint is left to continue "
-                          "from; start a new run") from None  # fmt: skip
+        raise ConfigError(
+            f"{why}, and there is no {prev} to fall back to: no checkpoint is left to continue "
+            "from; start a new run"
+        ) from None
     try:
         state = _load(prev)
     except Exception as err:
-        raise ConfigError(f"{why}, and {_why(prev, err)}: no checkpoint is left to continue from; start a "
-                          "new run") from None  # fmt: skip
+        raise ConfigError(
+            f"{why}, and {_why(prev, err)}: no checkpoint is left to continue from; start a new run"
+        ) from None
     log.warning(
         "%s; continuing from the previous checkpoint %s (step %s) instead", why, prev, state.get("step")
     )

@@ -3,7 +3,7 @@
 
 ``adabudget train`` is a Hydra app. Hydra's own output folders are switched off
 (``hydra.run.dir=.``, no ``.hydra/`` subdir, console-only logging: ``configs/train.yaml``):
-``budget.train`` claims each run's folder itself, atomically, and this wrapper then copies
+``adabudget.training`` claims each run's folder itself, atomically, and this wrapper then copies
 Hydra's record (config, overrides) into ``<run>/.hydra/``. In a multirun each job's folder is
 ``<sweep dir>/<job number>`` and the sweep folder gets ``summary.json`` at the end; one failed
 or refused job does not end the sweep.
@@ -77,9 +77,8 @@ def _exit_code(result: dict) -> int:
 def _save_hydra_record(run_dir: Path, cfg, hydra_cfg) -> None:
     """Hydra's record of the command line, in the run's own folder (Hydra writes none itself),
     without the password of any URL in it (a database storage given on the command line)."""
+    from adabudget.search.credentials import scrub
     from omegaconf import OmegaConf
-
-    from search.credentials import scrub
 
     out = run_dir / ".hydra"
     out.mkdir(exist_ok=True)
@@ -92,7 +91,7 @@ def _forget_passwords() -> None:
     """Once Hydra has composed the config: ``sys.argv`` without the password of any URL in it. W&B
     records ``sys.argv`` in each run's metadata, and forked or spawned workers inherit it; the
     composed config keeps the password where the command needs it (``search.storage``)."""
-    from search.credentials import scrub
+    from adabudget.search.credentials import scrub
 
     sys.argv = [scrub(a) for a in sys.argv]
 
@@ -100,12 +99,11 @@ def _forget_passwords() -> None:
 def run_job(cfg, hydra_cfg, multirun: bool) -> float:
     """One ``adabudget train`` job: returns the primary dev metric (NaN when the run did not complete),
     the objective any Hydra sweeper reads. A single run exits with its code instead."""
+    from adabudget.compose import resume_config
+    from adabudget.config import ConfigError
+    from adabudget.report import summary
+    from adabudget.training import train
     from omegaconf import OmegaConf, open_dict
-
-    from budget.compose import resume_config
-    from budget.config import ConfigError
-    from budget.report import summary
-    from budget.train import train
 
     overrides = list(hydra_cfg.overrides.task)
     hook = TRIAL_HOOK
@@ -172,11 +170,26 @@ class MultirunSummary(Callback):
             r = json.loads(path.read_text())
             metric = r.get("primary_metric", "accuracy")
             value = ((r.get("final") or {}).get("dev") or {}).get(metric)
-            rows[path.parent.name] = {"job": path.parent.name, "status": r.get("status"), "metric": metric,
-                                      "dev": value, "run_dir": str(path.parent), "error": r.get("error")}  # fmt: skip
+            rows[path.parent.name] = {
+                "job": path.parent.name,
+                "status": r.get("status"),
+                "metric": metric,
+                "dev": value,
+                "run_dir": str(path.parent),
+                "error": r.get("error"),
+            }
         for num, why in REFUSED.items():
-            rows.setdefault(str(num), {"job": str(num), "status": "refused", "metric": None, "dev": None,
-                                       "run_dir": None, "error": why})  # fmt: skip
+            rows.setdefault(
+                str(num),
+                {
+                    "job": str(num),
+                    "status": "refused",
+                    "metric": None,
+                    "dev": None,
+                    "run_dir": None,
+                    "error": why,
+                },
+            )
         rows = [rows[k] for k in sorted(rows, key=lambda k: (len(k), k))]
         for row in rows:
             job = row["job"].split("_")[0]
@@ -203,15 +216,17 @@ def _saved_overrides(run_dir: str | None) -> list[str]:
 
 def _train_app(args: list[str]) -> None:
     import hydra
+    from adabudget.compose import config_dir, register_configs
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from budget.compose import config_dir, register_configs
-
     register_configs()
     if "hydra/sweeper=adabudget" in args and not _sweeper_installed():
-        print("hydra/sweeper=adabudget: the sweeper plugin is not installed here; run `pip install -e .` "
-              "again (pyproject.toml maps hydra_plugins from search/plugins/)", file=sys.stderr)  # fmt: skip
+        print(
+            "hydra/sweeper=adabudget: the sweeper plugin is not installed here; run `pip install -e .` "
+            "again (pyproject.toml maps hydra_plugins from search/plugins/)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     # Hydra reads sys.argv; its shell-completion script registers argv[0]'s name: `adabudget`
     sys.argv = ["adabudget", *_experiment_files(args)]
@@ -227,8 +242,9 @@ def _train_app(args: list[str]) -> None:
     _exit_2_on_composition_error(app, sys.argv[1:], "train", started)
 
 
-def _exit_2_on_composition_error(app: Callable[[], object], args: list[str], config_name: str,
-                                 started: list) -> None:  # fmt: skip
+def _exit_2_on_composition_error(
+    app: Callable[[], object], args: list[str], config_name: str, started: list
+) -> None:
     """Run Hydra's ``app``; an override Hydra cannot apply (an unknown key, a value of the wrong
     type) makes it print its report and exit 1 before the job starts: that is a config error
     (exit 2, as ours are), with a line naming the key and the fix. Composed again only then, to
@@ -249,10 +265,9 @@ def _composition_error(args: list[str], config_name: str) -> str | None:
     """Why ``args`` do not compose (None: they do), naming the key and its fix."""
     import dataclasses
 
+    from adabudget.compose import compose
     from hydra.errors import HydraException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    from budget.compose import compose
 
     try:
         compose(args, config_name=config_name)
@@ -284,9 +299,8 @@ def _sweeper_installed() -> bool:
 def _search_app(args: list[str]) -> None:
     """``adabudget search``: the train config plus a ``search`` node (``search.study.run_search``)."""
     import hydra
-
-    from budget.compose import config_dir, register_configs
-    from search.config import register_schema
+    from adabudget.compose import config_dir, register_configs
+    from adabudget.search.config import register_schema
 
     register_configs()
     register_schema()
@@ -299,16 +313,19 @@ def _search_app(args: list[str]) -> None:
         started.append(True)
         import traceback
 
-        from budget.config import ConfigError
-        from search.credentials import scrub
-        from search.study import SearchInterrupted, run_search
+        from adabudget.config import ConfigError
+        from adabudget.search.credentials import scrub
+        from adabudget.search.study import SearchInterrupted, run_search
 
         _forget_passwords()
         try:
             run_search(cfg)
         except SearchInterrupted as err:  # the trial checkpointed and is queued again
-            print(f"search interrupted ({err}): the running trial will be re-run; the same command "
-                  "resumes the study", file=sys.stderr)  # fmt: skip
+            print(
+                f"search interrupted ({err}): the running trial will be re-run; the same command "
+                "resumes the study",
+                file=sys.stderr,
+            )
             sys.exit(err.code)
         except ConfigError as err:  # scrubbed: a message may quote search.storage as given
             print(f"config error: {scrub(err)}", file=sys.stderr)
@@ -316,7 +333,9 @@ def _search_app(args: list[str]) -> None:
         except RuntimeError as err:  # a worker died; the study and its record are kept
             print(f"error: {scrub(err)}", file=sys.stderr)
             sys.exit(1)
-        except Exception:  # Hydra would print the traceback after the overrides, search.storage's password too
+        except (
+            Exception
+        ):  # Hydra would print the traceback after the overrides, search.storage's password too
             print(scrub(traceback.format_exc()), file=sys.stderr, end="")
             sys.exit(1)
 
@@ -334,8 +353,9 @@ def _experiment_files(args: list[str]) -> list[str]:
         key, _, value = arg.partition("=")
         if key.lstrip("+") == "experiment" and value.endswith((".yaml", ".yml")) and Path(value).is_file():
             name = "file_" + hashlib.sha256(str(Path(value).resolve()).encode()).hexdigest()[:12]
-            ConfigStore.instance().store(group="experiment", name=name, node=OmegaConf.load(value),
-                                         package="_global_")  # fmt: skip
+            ConfigStore.instance().store(
+                group="experiment", name=name, node=OmegaConf.load(value), package="_global_"
+            )
             arg = f"{key}={name}"
         out.append(arg)
     return out
@@ -359,11 +379,14 @@ def _table(args: list[str]) -> None:
     """``adabudget table PATH...``: a paper table of the completed runs at PATH (analysis.tables)."""
     import argparse
 
-    from analysis.records import RecordError
-    from analysis.tables import LAYOUTS, table
+    from adabudget.analysis.records import RecordError
+    from adabudget.analysis.tables import LAYOUTS, table
 
-    p = argparse.ArgumentParser(prog="adabudget table", description="A paper table (AdaLoRA Table 1 layout) "
-                                "from run records: run folders, trees of them, or study folders.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="adabudget table",
+        description="A paper table (AdaLoRA Table 1 layout) "
+        "from run records: run folders, trees of them, or study folders.",
+    )
     p.add_argument("paths", nargs="+")
     p.add_argument("--layout", choices=sorted(LAYOUTS), help="named columns (tasks, metrics, split)")
     p.add_argument(
@@ -388,11 +411,14 @@ def _reproduce(args: list[str]) -> None:
     """``adabudget reproduce PROTOCOL``: the missing cells of a paper table, then the table."""
     import argparse
 
-    from budget.config import ConfigError
-    from search.reproduce import reproduce
+    from adabudget.config import ConfigError
+    from adabudget.search.reproduce import reproduce
 
-    p = argparse.ArgumentParser(prog="adabudget reproduce", description="Run the missing cells of a "
-                                "protocol (configs/reproduce/<name>.yaml), then write its table.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="adabudget reproduce",
+        description="Run the missing cells of a "
+        "protocol (configs/reproduce/<name>.yaml), then write its table.",
+    )
     p.add_argument("protocol", help="minilm-budget, adalora-glue, or a path to a protocol .yaml")
     p.add_argument("--variant", help="a named variant of the protocol (e.g. cpu: a reduced schedule)")
     p.add_argument("--workers", type=int, default=1, help="processes taking cells in turn")
@@ -405,7 +431,7 @@ def _reproduce(args: list[str]) -> None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
-    from analysis.tables import table
+    from adabudget.analysis.tables import table
 
     try:
         text = table([root], layout=protocol.layout)
@@ -425,12 +451,15 @@ def _dashboard(args: list[str]) -> None:
     """``adabudget dashboard PATH...``: serve the dashboard (analysis.dashboard), or write it."""
     import argparse
 
-    from analysis.dashboard import DashboardError, build, export_images, serve, to_html
-    from analysis.records import STATUSES, RecordError
+    from adabudget.analysis.dashboard import DashboardError, build, export_images, serve, to_html
+    from adabudget.analysis.records import STATUSES, RecordError
 
-    p = argparse.ArgumentParser(prog="adabudget dashboard", description="Rank allocations of runs, runs side by "
-                                "side, and studies: served on localhost (refreshing while a run or study lives), or "
-                                "written as one self-contained HTML file and as images.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="adabudget dashboard",
+        description="Rank allocations of runs, runs side by "
+        "side, and studies: served on localhost (refreshing while a run or study lives), or "
+        "written as one self-contained HTML file and as images.",
+    )
     p.add_argument("paths", nargs="+", help="run folders, folders above them, study folders or storages")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8050, help="0: any free port")
@@ -458,16 +487,16 @@ def _dashboard(args: list[str]) -> None:
         else:
             serve(a.paths, a.host, a.port, a.status, a.refresh)
     except (RecordError, DashboardError, OSError) as err:
-        from search.credentials import scrub
+        from adabudget.search.credentials import scrub
 
         print(f"error: {scrub(err)}", file=sys.stderr)
         sys.exit(2)
 
 
 def _data(args: list[str]) -> None:
-    from budget.compose import compose, resolve
-    from budget.config import ConfigError
-    from budget.data import describe
+    from adabudget.compose import compose, resolve
+    from adabudget.config import ConfigError
+    from adabudget.data import describe
 
     try:
         print(describe(resolve(compose(args)).data))
@@ -487,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "train":
         _train_app(rest)
     elif command == "search" and rest[:1] == ["export-wandb-sweep"]:
-        from search.wandb import export_main
+        from adabudget.search.wandb import export_main
 
         export_main(rest[1:])
     elif command == "search":
@@ -498,16 +527,16 @@ def main(argv: list[str] | None = None) -> None:
         _table(rest)
     elif command == "reproduce":
         _reproduce(rest)
-    elif command == "bench" and rest[:1] == ["search"]:  # budget.bench imports no search: route it here
-        from search.bench import main as search_bench_main
+    elif command == "bench" and rest[:1] == ["search"]:  # adabudget.bench imports no search: route it here
+        from adabudget.search.bench import main as search_bench_main
 
         search_bench_main(rest[1:])
     elif command == "bench" and rest[:1] == ["supernet"]:
-        from search.bench_supernet import main as supernet_bench_main
+        from adabudget.search.bench_supernet import main as supernet_bench_main
 
         supernet_bench_main(rest[1:])
     elif command == "bench":
-        from budget.bench import main as bench_main
+        from adabudget.bench import main as bench_main
 
         bench_main(rest)
     elif command == "data":

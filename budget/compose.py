@@ -1,7 +1,7 @@
 """Hydra glue and config resolution: where ``configs/`` lives, the dataclass schemas in
 Hydra's ConfigStore, ``compose(overrides)`` for tests and programs that want the real
 composed config, and ``resolve(cfg)``, which turns it into the dataclasses of
-``budget.config`` with the method section built by its registered dataclass."""
+``adabudget.config`` with the method section built by its registered dataclass."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from adabudget.config import ConfigError, DataConfig, LoggerConfig, ModelConfig, RunConfig, TrainConfig
 from hydra.core.config_store import ConfigStore
-
-from budget.config import ConfigError, DataConfig, LoggerConfig, ModelConfig, RunConfig, TrainConfig
 
 
 def config_dir() -> str:
@@ -38,9 +37,8 @@ def register_configs() -> None:
     global _registered
     if _registered:
         return
+    from adabudget.methods import REGISTRY
     from omegaconf import OmegaConf
-
-    from budget.methods import REGISTRY
 
     cs = ConfigStore.instance()
     cs.store(group="schema", name="run", node=RunConfig)
@@ -80,9 +78,8 @@ def preset(group: str, name: str) -> dict:
 def resolve(cfg: Any) -> RunConfig:
     """Turn a composed Hydra/OmegaConf config (or a plain dict, or a RunConfig) into
     the dataclasses, with the method section built by its registered dataclass."""
+    from adabudget.methods import method_config_from_dict
     from omegaconf import DictConfig, OmegaConf
-
-    from budget.methods import method_config_from_dict
 
     if isinstance(cfg, RunConfig):
         run = dataclasses.replace(cfg)
@@ -121,12 +118,11 @@ def _build(cls, values: Any, prefix: str):
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None):
     """The saved config of a run folder, with ``overrides`` applied, ready for ``train`` to resume.
 
-    Only the knobs in ``budget.train.RESUMABLE`` may change (more steps, logging, evaluation,
+    Only the knobs in ``adabudget.training.RESUMABLE`` may change (more steps, logging, evaluation,
     checkpoints, exports, device); any other override is refused with a ConfigError naming it.
     """
+    from adabudget.training import RESUMABLE
     from omegaconf import OmegaConf
-
-    from budget.train import RESUMABLE
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():

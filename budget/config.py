@@ -1,7 +1,7 @@
 """The one schema of a run: nested dataclasses that hold every default.
 
 Hydra YAML under ``configs/`` only holds named presets and experiments; the CLI only
-overrides. ``budget.compose.resolve(cfg)`` turns a composed Hydra config into these
+overrides. ``adabudget.compose.resolve(cfg)`` turns a composed Hydra config into these
 dataclasses and ``validate(run)`` checks every cross-field rule before any model or data is
 loaded, with an error that names the field and the fix. This module imports no other part
 of ``budget`` (the methods import ``ConfigError`` from here).
@@ -129,7 +129,7 @@ class LoggerConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # One of the method dataclasses of budget.methods (AdaLoRAConfig, LoRAConfig, ...).
+    # One of the method dataclasses of adabudget.methods (AdaLoRAConfig, LoRAConfig, ...).
     method: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -33,12 +33,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from adabudget.methods import dylora
+from adabudget.methods.adalora import SVDLinear
+from adabudget.methods.lora import LoRALinear
+from adabudget.models import is_head, is_linear, set_module
 from torch import nn
-
-from budget.methods import dylora
-from budget.methods.adalora import SVDLinear
-from budget.methods.lora import LoRALinear
-from budget.models import is_head, is_linear, set_module
 
 PEFT_PREFIX = "base_model.model."
 # Heads peft adds to modules_to_save by itself for these task types (peft_model.py).
@@ -200,7 +199,7 @@ def merge_methods(
     prefixes and prompts add computation and cannot: ValueError names them. ``rank``: DyLoRA
     only, merge rank ``rank`` (None: the rank the layers compute at).
     """
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     cannot = [m for m in methods if not REGISTRY[m].mergeable]
     if cannot:
@@ -229,7 +228,7 @@ def save_merged(
     application order) selects the registered merges; by default the LoRA/AdaLoRA wrappers.
     ``rank``: DyLoRA only, merge rank ``rank`` (None: the rank the layers compute at).
     """
-    from budget.models import dequantize_base
+    from adabudget.models import dequantize_base
 
     # A 4-bit base (model.quantize=nf4) is dequantised in place first: QLoRA's merge adds ΔW to the
     # dequantised weights, and torchao's NF4 tensor cannot be deep-copied at every shape. The model
@@ -263,7 +262,7 @@ def save_adapter(
     """Any method's trainable state: ``adapter_model.safetensors`` + ``adabudget_adapter.json``.
 
     Prefix-tuning's MLP reparameterisation is folded away first, so the file holds the
-    key/value prefixes themselves. ``hooks``: the run's training-loop hooks (``budget.methods``);
+    key/value prefixes themselves. ``hooks``: the run's training-loop hooks (``adabudget.methods``);
     what they hold beyond the trainable parameters (a sparse method's chosen entries, Delta-LoRA's
     change of W0) goes to ``hooks.pt``. ``load_adapter`` rebuilds the model from these files.
     ``rank``: DyLoRA only, the rank the saved adapter loads at (all r_max components are saved,
@@ -271,9 +270,8 @@ def save_adapter(
     """
     import dataclasses
 
+    from adabudget.methods import fold_all
     from safetensors.torch import save_file
-
-    from budget.methods import fold_all
 
     if rank is not None:
         dylora.check_rank(wrapped, rank)  # refused here, before anything is written, if it cannot apply
@@ -283,9 +281,13 @@ def save_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state_dict(model), out / "adapter_model.safetensors")
-    meta = {"base_model": base_model, "method": dataclasses.asdict(method_cfg), "folded": True,
-            "ranks": {n: m.rank for n, m in wrapped.items() if hasattr(m, "lam")}}  # fmt: skip
-    from budget.methods import call_hooks
+    meta = {
+        "base_model": base_model,
+        "method": dataclasses.asdict(method_cfg),
+        "folded": True,
+        "ranks": {n: m.rank for n, m in wrapped.items() if hasattr(m, "lam")},
+    }
+    from adabudget.methods import call_hooks
 
     states = call_hooks(hooks, "state_dict")
     if any(state is not None for state in states):
@@ -301,10 +303,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, rank: int | None = N
     The model then computes exactly what the saved one did; ``rank``: DyLoRA only, compute at
     rank ``rank`` instead of the saved export rank.
     """
+    from adabudget.methods import apply_method, fold_all, method_config_from_dict
+    from adabudget.models import freeze_backbone
     from safetensors.torch import load_file
-
-    from budget.methods import apply_method, fold_all, method_config_from_dict
-    from budget.models import freeze_backbone
 
     adapter_dir = Path(adapter_dir)
     meta = json.loads((adapter_dir / "adabudget_adapter.json").read_text())
@@ -318,8 +319,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, rank: int | None = N
         if layer.rank != kept:
             layer.shrink_(torch.arange(kept, device=layer.lam.device))
     if meta.get("hooks"):  # restored as a resumed run restores them: before the trainable state
-        from budget.arch import arch_of
-        from budget.methods import load_hook_states, plan_of, step_hooks
+        from adabudget.arch import arch_of
+        from adabudget.methods import load_hook_states, plan_of, step_hooks
 
         states = torch.load(adapter_dir / meta["hooks"], map_location="cpu", weights_only=True)
         load_hook_states(step_hooks(model, plan_of(cfg, arch_of(model)), wrapped), states)

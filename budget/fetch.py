@@ -133,7 +133,7 @@ def check_sha256(dist: Path) -> str:
     expected = SHA256.get(dist.name)
     if expected is None:
         raise FetchError(
-            f"{dist.name}: no sha256 pinned for this file in budget.fetch.SHA256 (pinned: {sorted(SHA256)}); "
+            f"{dist.name}: no sha256 pinned for this file in adabudget.fetch.SHA256 (pinned: {sorted(SHA256)}); "
             "nothing was unpacked. The index served another file than the one adabudget pins"
         )
     if actual != expected:

@@ -15,7 +15,7 @@ Allocation patterns (S4 Sec. 4.2), the share of the budget per group: ``uniform`
 
 from __future__ import annotations
 
-from budget.config import ConfigError
+from adabudget.config import ConfigError
 
 PATTERNS = ("uniform", "spindle", "increasing", "decreasing")
 ALLOCATIONS = ("uniform", "increasing", "decreasing")

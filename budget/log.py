@@ -61,7 +61,7 @@ def claim_run_dir(runs_root: str | Path, run_name: str, run_dir: str | Path | No
     empty (claimed through an exclusive marker file); one that holds anything is refused,
     so a record is never appended to or overwritten by another run.
     """
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     if run_dir is not None:
         path = Path(run_dir)
@@ -105,7 +105,7 @@ def lock_run(run_dir: Path) -> int:
     back (kill -9, a lost node) is taken over with a warning. Where the file system has no
     ``flock`` (some network file systems), the recorded host, pid and start time decide.
     """
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     path = Path(run_dir) / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -126,10 +126,19 @@ def lock_run(run_dir: Path) -> int:
                 f"checkpoints it), or, if that process is gone, delete {path}"
             )
         if holder:  # written, never given back: its process died
-            log.warning("%s: taking over the lock of pid %s on %s (started %s), which is gone", run_dir,
-                        holder.get("pid"), holder.get("host"), holder.get("started_at"))  # fmt: skip
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
-              "started_at": datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+            log.warning(
+                "%s: taking over the lock of pid %s on %s (started %s), which is gone",
+                run_dir,
+                holder.get("pid"),
+                holder.get("host"),
+                holder.get("started_at"),
+            )
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _pid_start(os.getpid()),
+            "started_at": datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         return fd
@@ -189,7 +198,7 @@ def truncate_jsonl(path: Path, last_step: int, evals_at_last_step: bool = True) 
     A torn last line (a kill or a full disk during an append) is dropped, with the file as it
     was kept as ``<name>.bak``; an unreadable line before the last is refused, naming the line.
     """
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     if not path.exists():
         return
@@ -223,8 +232,13 @@ def truncate_jsonl(path: Path, last_step: int, evals_at_last_step: bool = True) 
     if torn is not None:
         backup = path.with_name(path.name + ".bak")
         shutil.copyfile(path, backup)
-        log.warning("%s: its last line (%d) was cut mid-write (a kill or a full disk) and is dropped; the file as "
-                    "it was is kept in %s", path, torn, backup)  # fmt: skip
+        log.warning(
+            "%s: its last line (%d) was cut mid-write (a kill or a full disk) and is dropped; the file as "
+            "it was is kept in %s",
+            path,
+            torn,
+            backup,
+        )
     write_text_atomic(path, b"".join(line + b"\n" for line in kept))
 
 
@@ -295,8 +309,15 @@ class RunRecord:
     resuming a live run is refused before it writes anything.
     """
 
-    def __init__(self, run_dir: Path, config: dict, logger_cfg, resume_step: int | None = None,
-                 header: dict | None = None, final_again: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        logger_cfg,
+        resume_step: int | None = None,
+        header: dict | None = None,
+        final_again: bool = False,
+    ):
         from omegaconf import OmegaConf
 
         self.dir = Path(run_dir)
@@ -330,8 +351,9 @@ class RunRecord:
 
     def heartbeat(self, step: int) -> None:
         """Refresh the live ``result.json``: a run whose heartbeat is old and whose pid is gone was killed."""
-        write_json_atomic(self.dir / "result.json", {**self.header, "steps": step,
-                                                      "heartbeat_at": time.time()})  # fmt: skip
+        write_json_atomic(
+            self.dir / "result.json", {**self.header, "steps": step, "heartbeat_at": time.time()}
+        )
 
     def _append(self, name: str, record: dict) -> None:
         line = (json.dumps(record, default=_jsonable) + "\n").encode()
@@ -442,8 +464,11 @@ def _wandb_metrics(record: dict) -> dict:
 
 def _wandb_ranks(record: dict) -> dict:
     """A ranks.jsonl line as W&B rows see it: the budget and every module's rank."""
-    return {"budget/scheduled": record["budget"], "budget/kept": record["kept"],
-            **{f"rank/{k}": v for k, v in record["ranks"].items()}}  # fmt: skip
+    return {
+        "budget/scheduled": record["budget"],
+        "budget/kept": record["kept"],
+        **{f"rank/{k}": v for k, v in record["ranks"].items()},
+    }
 
 
 def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume_step: int | None):
@@ -465,12 +490,20 @@ def _init_wandb(run_dir: Path, config: dict, logger_cfg, resume_step: int | None
         import wandb
 
         run_id_file = run_dir / "wandb_id.txt"
-        previous = run_id_file.read_text().strip() if resume_step is not None and run_id_file.exists() else None
+        previous = (
+            run_id_file.read_text().strip() if resume_step is not None and run_id_file.exists() else None
+        )
         common = dict(
-            project=logger_cfg.project, entity=logger_cfg.entity, dir=str(run_dir), config=flat_config(config),
-            mode=mode, tags=list(logger_cfg.tags) or None, group=logger_cfg.group,
-            name=f"{run_dir.parent.name}/{run_dir.name}", settings=wandb.Settings(init_timeout=30, silent=True),
-        )  # fmt: skip
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            dir=str(run_dir),
+            config=flat_config(config),
+            mode=mode,
+            tags=list(logger_cfg.tags) or None,
+            group=logger_cfg.group,
+            name=f"{run_dir.parent.name}/{run_dir.name}",
+            settings=wandb.Settings(init_timeout=30, silent=True),
+        )
         run = None
         if previous and mode == "online":
             # W&B keeps the history up to and including the step given, then logs from the next one
@@ -510,14 +543,13 @@ def _replay(run, run_dir: Path, previous: str, resume_step: int) -> None:
 
 def environment() -> dict:
     """Package versions and the git commit, for result.json."""
+    import adabudget
     import torch
     import transformers
 
-    import budget
-
     versions = {
         "python": platform.python_version(),
-        "adabudget": budget.__version__,
+        "adabudget": adabudget.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

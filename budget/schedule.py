@@ -31,7 +31,7 @@ def budget_at(
 
 def steps_from(value: float, total_steps: int, field_name: str) -> int:
     """A phase length given as a step count (>= 1) or a fraction of T (< 1)."""
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     if value < 0:
         raise ConfigError(f"{field_name}: must be >= 0, got {value}")
@@ -46,7 +46,7 @@ def steps_from(value: float, total_steps: int, field_name: str) -> int:
 
 def phase_steps(warmup: float, final: float, total_steps: int) -> tuple[int, int]:
     """(t_i, t_f) in steps; refuses a schedule that leaves no budgeting phase (peft#2337)."""
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     t_i = steps_from(warmup, total_steps, "method.warmup_steps")
     t_f = steps_from(final, total_steps, "method.final_steps")

@@ -4,14 +4,14 @@ One process runs, for each worker count, a small study in a temporary folder (``
 tiny trials of ``--steps`` steps, ``--space``, the random sampler, no baselines, no W&B) the
 way ``adabudget search`` runs it (``search.workers.worker_loop``: one worker in this process,
 several in spawned processes), with two functions timed where they are called:
-``budget.train.train`` and ``search.space.sample`` (the space, the analytic count, the budget
+``adabudget.training.train`` and ``adabudget.search.space.sample`` (the space, the analytic count, the budget
 solver). Each worker also notes when it was launched, when it could run trials and when it
 ended. Per trained trial, in seconds:
 
     trial           the storage's datetime_start -> datetime_complete (Optuna ask -> tell)
       train()       the call, timed around it in the worker
         loop        the run's own wall_time_s (result.json): steps, final evaluation, export
-      sample        search.space.sample
+      sample        adabudget.search.space.sample
       other         the rest of the trial: Optuna ask/tell, user attributes, the objective
     between trials  the worker loop outside trials: start lock, stale-trial check, counting,
                     opening the study, Optuna's set-up of each optimize() call
@@ -59,13 +59,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def study_overrides(args, workers: int, root: Path) -> list[str]:
     out = [
-        f"model={args.model}", f"data.max_train_samples={args.train_samples}",
-        f"data.max_eval_samples={args.eval_samples}", f"train.max_steps={args.steps}",
-        f"train.batch_size={args.batch_size}", f"train.eval_every={max(1, args.steps // 2)}",
-        "train.log_every=4", "logger.wandb=false", f"runs_root={root / 'runs'}",
-        f"search.space={args.space}", f"search.n_trials={args.trials}", f"search.workers={workers}",
-        "search.enqueue=[]", "search.sampler=random", f"search.study=bench-w{workers}", f"search.root={root}",
-    ]  # fmt: skip
+        f"model={args.model}",
+        f"data.max_train_samples={args.train_samples}",
+        f"data.max_eval_samples={args.eval_samples}",
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.eval_every={max(1, args.steps // 2)}",
+        "train.log_every=4",
+        "logger.wandb=false",
+        f"runs_root={root / 'runs'}",
+        f"search.space={args.space}",
+        f"search.n_trials={args.trials}",
+        f"search.workers={workers}",
+        "search.enqueue=[]",
+        "search.sampler=random",
+        f"search.study=bench-w{workers}",
+        f"search.root={root}",
+    ]
     if args.threads:
         out.append(f"search.threads={args.threads}")
     return out + list(args.overrides)
@@ -79,24 +89,30 @@ def _append(path: str, record: dict) -> None:
 
 def timed_worker(setup, log_path: str, launched: float) -> None:
     """``search.workers.worker_loop`` with ``train`` and ``sample`` timed where the trial calls them."""
+    import adabudget.search.study
+    import adabudget.training
     import optuna
     import torch
-
-    import budget.train
-    import search.study
-    from search.study import make_context
-    from search.workers import worker_loop
+    from adabudget.search.study import make_context
+    from adabudget.search.workers import worker_loop
 
     torch.set_num_threads(setup.scfg.worker_threads())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     make_context(setup)  # once per process: the backbone's config and the modelling imports it pulls in
-    train, sample = budget.train.train, search.study.sample
+    train, sample = adabudget.training.train, adabudget.search.study.sample
 
     def timed_train(cfg, on_eval=None):
         t0 = time.time()
         result = train(cfg, on_eval=on_eval)
-        _append(log_path, {"kind": "train", "run_dir": cfg["run_dir"], "s": time.time() - t0,
-                           "wall_time_s": result.get("wall_time_s")})  # fmt: skip
+        _append(
+            log_path,
+            {
+                "kind": "train",
+                "run_dir": cfg["run_dir"],
+                "s": time.time() - t0,
+                "wall_time_s": result.get("wall_time_s"),
+            },
+        )
         return result
 
     def timed_sample(trial, space, ctx):
@@ -105,22 +121,30 @@ def timed_worker(setup, log_path: str, launched: float) -> None:
         _append(log_path, {"kind": "sample", "trial": trial.number, "s": time.time() - t0})
         return drawn
 
-    # make_objective imports budget.train.train when it is called, and calls search.study.sample
-    budget.train.train, search.study.sample = timed_train, timed_sample
+    # make_objective imports adabudget.training.train when it is called, and calls adabudget.search.study.sample
+    adabudget.training.train, adabudget.search.study.sample = timed_train, timed_sample
     ready = time.time()
     try:
         worker_loop(setup)
     finally:
-        budget.train.train, search.study.sample = train, sample
-        _append(log_path, {"kind": "worker", "pid": os.getpid(), "launched": launched, "ready": ready,
-                           "ended": time.time()})  # fmt: skip
+        adabudget.training.train, adabudget.search.study.sample = train, sample
+        _append(
+            log_path,
+            {
+                "kind": "worker",
+                "pid": os.getpid(),
+                "launched": launched,
+                "ready": ready,
+                "ended": time.time(),
+            },
+        )
 
 
 def run_study(args, workers: int, root: Path) -> dict:
     """One study with ``workers`` workers, as ``search.workers.run_workers`` runs it; its timings."""
-    from budget.compose import compose
-    from search.config import register_schema
-    from search.study import open_study, prepare
+    from adabudget.compose import compose
+    from adabudget.search.config import register_schema
+    from adabudget.search.study import open_study, prepare
 
     register_schema()
     setup = prepare(compose(study_overrides(args, workers, root), config_name="search"))
@@ -214,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     """``adabudget bench search [options] [key=value ...]``: the table, then the overhead line."""
     args = parse_args(argv)
     counts = [int(w) for w in str(args.workers).split(",")]
-    import budget.train  # noqa: F401  (the search process's own imports, paid once, not per trial)
+    import adabudget.training  # noqa: F401  (the search process's own imports, paid once, not per trial)
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="adabudget-bench-search-") as tmp:

@@ -1,6 +1,6 @@
 """The ``search`` node of ``adabudget search``: one dataclass, its defaults and its checks.
 
-The rest of the config is an ordinary run config (``budget.config.RunConfig``): every trial is
+The rest of the config is an ordinary run config (``adabudget.config.RunConfig``): every trial is
 that run with the sampled configuration merged on top.
 """
 
@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from budget.config import ConfigError
+from adabudget.config import ConfigError
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid", "evolution")
 PRUNERS = ("none", "median", "hyperband")

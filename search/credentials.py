@@ -8,7 +8,7 @@ so nothing written holds the secret. A reader reopening such a URL (``adabudget 
 ``PGPASSWORD`` or ``~/.pgpass`` (``PGPASSFILE``) when the URL has none.
 
 A leaf module (not ``secrets``: run as ``python search/bench.py``, that name would shadow the
-standard library's): ``search.study``, ``search.sweeper``, ``search.wandb`` and ``budget.cli``
+standard library's): ``search.study``, ``search.sweeper``, ``search.wandb`` and ``adabudget.cli``
 import it; ``analysis`` keeps its own copy of ``scrub`` (it imports nothing from ``search``).
 """
 

@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from budget.config import ConfigError
-from budget.log import fsync_dir, write_text_atomic
+from adabudget.config import ConfigError
+from adabudget.log import fsync_dir, write_text_atomic
 
 log = logging.getLogger("adabudget.search")
 RECORD = b'{"op_code":'  # how every record of JournalFileBackend begins (compact separators)

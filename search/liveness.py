@@ -52,8 +52,13 @@ _IDS: dict[int, str] = {}  # pid -> this process's random worker id (a forked ch
 def identity() -> dict:
     """This process as a trial's worker: random id, host, pid, start time and pid space."""
     pid = os.getpid()
-    return {"id": _IDS.setdefault(pid, uuid.uuid4().hex), "host": HOST, "pid": pid,
-            "start_ticks": start_ticks(pid), "pid_space": pid_space()}  # fmt: skip
+    return {
+        "id": _IDS.setdefault(pid, uuid.uuid4().hex),
+        "host": HOST,
+        "pid": pid,
+        "start_ticks": start_ticks(pid),
+        "pid_space": pid_space(),
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,8 +156,12 @@ class Beat:
             except Exception as err:  # a dropped connection, a busy database: the next beat tries again
                 missed += 1
                 if missed == 1:
-                    log.warning("trial heartbeat failed (%s: %s); retrying every %g s", type(err).__name__, err,
-                                self.interval)  # fmt: skip
+                    log.warning(
+                        "trial heartbeat failed (%s: %s); retrying every %g s",
+                        type(err).__name__,
+                        err,
+                        self.interval,
+                    )
 
     def stop(self) -> None:
         self._stop.set()
@@ -258,11 +267,18 @@ def tell(
                 duplicate_of=frozen.number, lost_race=f"trial {frozen.number} was failed while it ran: {why}"
             )
             system = {k: v for k, v in frozen.system_attrs.items() if k not in (WORKER_KEY, ALIVE_KEY)}
-            study.add_trial(optuna.trial.create_trial(
-                state=TrialState.COMPLETE, values=values, params=frozen.params, distributions=frozen.distributions,
-                user_attrs=user, system_attrs=system,
-            ))  # fmt: skip
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.COMPLETE,
+                    values=values,
+                    params=frozen.params,
+                    distributions=frozen.distributions,
+                    user_attrs=user,
+                    system_attrs=system,
+                )
+            )
             kept = f"; its result {values} is kept as a duplicate_of {frozen.number} (not counted)"
-    log.warning("trial %d finished, but it had been failed while it ran (%s): a lost race%s", frozen.number,
-                why, kept)  # fmt: skip
+    log.warning(
+        "trial %d finished, but it had been failed while it ran (%s): a lost race%s", frozen.number, why, kept
+    )
     return False

@@ -31,7 +31,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from budget.config import ConfigError
+from adabudget.config import ConfigError
 
 CLAIM = ".claim"
 
@@ -49,7 +49,7 @@ class Protocol:
 
 
 def protocol_dir() -> Path:
-    from budget.compose import config_dir
+    from adabudget.compose import config_dir
 
     return Path(config_dir()) / "reproduce"
 
@@ -79,16 +79,23 @@ def load_protocol(name: str, variant: str | None = None) -> Protocol:
                 )
     unknown = sorted(set(spec) - {"name", "description", "base", "rows", "tasks", "seeds", "table"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; a protocol has name, description, base, rows, "
-                          "tasks, seeds, table, variants")  # fmt: skip
+        raise ConfigError(
+            f"{path}: unknown key(s) {unknown}; a protocol has name, description, base, rows, "
+            "tasks, seeds, table, variants"
+        )
     rows = spec.get("rows") or []
     if not rows or not all(isinstance(r, dict) and "label" in r for r in rows):
         raise ConfigError(f"{path}: rows must be a list of {{label, overrides}}")
     return Protocol(
-        name=spec.get("name", path.stem), rows=rows, tasks=dict(spec.get("tasks") or {}),
-        seeds=[int(s) for s in spec.get("seeds") or [42]], base=list(spec.get("base") or []),
-        layout=(spec.get("table") or {}).get("layout"), description=spec.get("description", ""), variant=variant,
-    )  # fmt: skip
+        name=spec.get("name", path.stem),
+        rows=rows,
+        tasks=dict(spec.get("tasks") or {}),
+        seeds=[int(s) for s in spec.get("seeds") or [42]],
+        base=list(spec.get("base") or []),
+        layout=(spec.get("table") or {}).get("layout"),
+        description=spec.get("description", ""),
+        variant=variant,
+    )
 
 
 @dataclass
@@ -128,24 +135,31 @@ def cell_state(cell: Cell) -> tuple[str, Path | None]:
 
 
 def compose_cell(cell: Cell, protocol: Protocol, runs_root: str):
+    from adabudget.compose import compose
     from omegaconf import OmegaConf, open_dict
-
-    from budget.compose import compose
 
     cfg = compose(cell.overrides)
     with open_dict(cfg):
         cfg.runs_root = str(Path(cell.folder).parent)
         cfg.run_name = Path(cell.folder).name
         cfg.train.progress = False
-        cfg.meta = OmegaConf.create({"label": cell.label, "row": cell.row, "protocol": protocol.name,
-                                     "variant": protocol.variant, "task": cell.task, "seed": cell.seed})  # fmt: skip
+        cfg.meta = OmegaConf.create(
+            {
+                "label": cell.label,
+                "row": cell.row,
+                "protocol": protocol.name,
+                "variant": protocol.variant,
+                "task": cell.task,
+                "seed": cell.seed,
+            }
+        )
     return cfg
 
 
 def check(protocol: Protocol, runs_root: str) -> None:
     """Compose and validate every distinct configuration before any cell runs."""
-    from budget.compose import resolve
-    from budget.config import validate
+    from adabudget.compose import resolve
+    from adabudget.config import validate
 
     seen = set()
     for cell in cells(protocol, Path(runs_root)):
@@ -188,9 +202,8 @@ def _claim(cell: Cell) -> bool:
 def run_cells(protocol: Protocol, runs_root: str, threads: int | None = None, log=print) -> int:
     """Run every cell that is not done (this process's share of them); returns how many ran."""
     import torch
-
-    from budget.compose import resume_config
-    from budget.train import train
+    from adabudget.compose import resume_config
+    from adabudget.training import train
 
     if threads:
         torch.set_num_threads(threads)
@@ -205,7 +218,9 @@ def run_cells(protocol: Protocol, runs_root: str, threads: int | None = None, lo
                 continue
             try:
                 if state == "resume":
-                    result = train(resume_config(run_dir, [f"train.num_threads={threads}"] if threads else []))
+                    result = train(
+                        resume_config(run_dir, [f"train.num_threads={threads}"] if threads else [])
+                    )
                 else:
                     cfg = compose_cell(cell, protocol, runs_root)
                     if threads:
@@ -214,14 +229,19 @@ def run_cells(protocol: Protocol, runs_root: str, threads: int | None = None, lo
             except Exception as err:  # one bad cell (out of memory, a disk error) never stops the rest
                 ran += 1
                 traceback.print_exception(type(err), err, err.__traceback__)
-                log(f"{cell.label} | {cell.task} | seed {cell.seed}: failed ({type(err).__name__}: {err}); "
-                    "the other cells go on, the same command retries it")  # fmt: skip
+                log(
+                    f"{cell.label} | {cell.task} | seed {cell.seed}: failed ({type(err).__name__}: {err}); "
+                    "the other cells go on, the same command retries it"
+                )
                 continue
             ran += 1
             metric = result.get("primary_metric", "accuracy")
             dev = (result.get("final") or {}).get("dev", {}).get(metric)
-            log(f"{cell.label} | {cell.task} | seed {cell.seed}: {result['status']}"
-                + (f" dev {metric}={dev:.4f}" if dev is not None else "") + f" ({result['wall_time_s']:.0f} s)")  # fmt: skip
+            log(
+                f"{cell.label} | {cell.task} | seed {cell.seed}: {result['status']}"
+                + (f" dev {metric}={dev:.4f}" if dev is not None else "")
+                + f" ({result['wall_time_s']:.0f} s)"
+            )
         finally:
             (Path(cell.folder) / CLAIM).unlink(missing_ok=True)
     return ran
@@ -231,8 +251,13 @@ def _worker(protocol: Protocol, runs_root: str, threads: int) -> None:
     run_cells(protocol, runs_root, threads)
 
 
-def reproduce(name: str, variant: str | None = None, workers: int = 1, runs_root: str = "runs",
-              threads: int | None = None) -> tuple[Path, Protocol, int]:  # fmt: skip
+def reproduce(
+    name: str,
+    variant: str | None = None,
+    workers: int = 1,
+    runs_root: str = "runs",
+    threads: int | None = None,
+) -> tuple[Path, Protocol, int]:
     """Run the missing cells with ``workers`` processes. Returns the protocol's folder, the protocol
     and how many cells are still missing (the table is ``analysis.tables``' job)."""
     protocol = load_protocol(name, variant)
@@ -240,8 +265,10 @@ def reproduce(name: str, variant: str | None = None, workers: int = 1, runs_root
     check(protocol, str(root))
     todo = [c for c in cells(protocol, root) if cell_state(c)[0] != "done"]
     total = len(cells(protocol, root))
-    print(f"reproduce {protocol.name}{f' ({variant})' if variant else ''}: {total} cells, {total - len(todo)} done, "
-          f"{len(todo)} to run, {workers} worker(s)")  # fmt: skip
+    print(
+        f"reproduce {protocol.name}{f' ({variant})' if variant else ''}: {total} cells, {total - len(todo)} done, "
+        f"{len(todo)} to run, {workers} worker(s)"
+    )
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     if todo and workers == 1:
         run_cells(protocol, str(root), threads)
@@ -255,6 +282,8 @@ def reproduce(name: str, variant: str | None = None, workers: int = 1, runs_root
             p.join()
     missing = [c for c in cells(protocol, root) if cell_state(c)[0] != "done"]
     if missing:
-        print(f"{len(missing)} cell(s) did not complete (e.g. {missing[0].label} | {missing[0].task} | seed "
-              f"{missing[0].seed}); run the command again to retry them")  # fmt: skip
+        print(
+            f"{len(missing)} cell(s) did not complete (e.g. {missing[0].label} | {missing[0].task} | seed "
+            f"{missing[0].seed}); run the command again to retry them"
+        )
     return root, protocol, len(missing)

@@ -24,7 +24,7 @@ apply to the architecture), so any space runs on any supported model. ``configs/
 (``search.declarative``).
 
 Equal budget: with ``search.budget`` every sampled hybrid carries that budget and the existing
-solver (``budget.methods.hybrid.solve_sizes``) sizes it, within its tolerance. ``sample`` does
+solver (``adabudget.methods.hybrid.solve_sizes``) sizes it, within its tolerance. ``sample`` does
 this analytically, before any model exists, and marks a configuration that cannot reach the
 budget as infeasible (``trial.set_constraint("budget", violation > 0)``) instead of raising:
 the study records it and trains nothing.
@@ -44,15 +44,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-
-from budget.arch import Arch, arch_from_config
-from budget.config import ConfigError, RunConfig
-from budget.groups import ALLOCATIONS, PATTERNS, allocation_shares, split_layers
-from budget.methods import REGISTRY, closest_size, count_trainable, method_config_from_dict, methods_in
-from budget.methods import hybrid as hybrid_method
-from budget.methods.adalora import SCORES, AdaLoRAConfig, check_budget, triplet_cost
-from budget.methods.hybrid import ORDER, HybridConfig
-from search.declarative import compile_params, distribution_from_override, load_space_file
+from adabudget.arch import Arch, arch_from_config
+from adabudget.config import ConfigError, RunConfig
+from adabudget.groups import ALLOCATIONS, PATTERNS, allocation_shares, split_layers
+from adabudget.methods import REGISTRY, closest_size, count_trainable, method_config_from_dict, methods_in
+from adabudget.methods import hybrid as hybrid_method
+from adabudget.methods.adalora import SCORES, AdaLoRAConfig, check_budget, triplet_cost
+from adabudget.methods.hybrid import ORDER, HybridConfig
+from adabudget.search.declarative import compile_params, distribution_from_override, load_space_file
 
 __all__ = [
     "SPACES",
@@ -168,7 +167,7 @@ class SpaceContext:
         cls, name: str, num_labels: int = 2, regression: bool = False, revision: str | None = None, **kwargs
     ) -> SpaceContext:
         """The context for ``model.name`` (``minilm``, ``tiny-bert``, an HF id or path); reads only its config."""
-        from budget.models import PACKAGED, TINY, packaged_path, pretrained_kwargs, tiny_config
+        from adabudget.models import PACKAGED, TINY, packaged_path, pretrained_kwargs, tiny_config
 
         if name in TINY:
             hf_config = tiny_config(name, num_labels, regression)
@@ -207,7 +206,7 @@ def _applicability(arch: Arch, hf_config) -> tuple[tuple[str, ...], dict, dict]:
                 excluded[name] = str(err)
                 continue
         if name == "prompt":
-            # budget.methods.prompt.apply refuses input embeddings narrower than the hidden size
+            # adabudget.methods.prompt.apply refuses input embeddings narrower than the hidden size
             width = getattr(hf_config, "embedding_size", None) or arch.hidden
             if width != arch.hidden:
                 excluded[name] = f"input embeddings of width {width} != hidden size {arch.hidden}"
@@ -267,7 +266,7 @@ def _check_sections(overrides: dict) -> None:
 
 def _check_group_keys(cfg: HybridConfig) -> None:
     """Unknown methods or knobs in a hybrid's groups mean a broken space (validate() checks values)."""
-    allowed = sorted(ORDER)  # what budget.methods.hybrid.parse_groups accepts
+    allowed = sorted(ORDER)  # what adabudget.methods.hybrid.parse_groups accepts
     for g, entry in enumerate(cfg.groups):
         if entry is None or entry == "none" or entry == {}:
             continue
@@ -357,9 +356,11 @@ def sample(trial, space: Space, ctx: SpaceContext) -> Sample:
             _check_wrapping(mcfg, ctx.arch)
         result.trainable_params = count_trainable(mcfg, ctx.hf_config)
         used = methods_in(mcfg)
-        groups = hybrid_method.plan(mcfg, ctx.arch) if isinstance(mcfg, HybridConfig) and (
-            "adalora" in used or "prompt" in used
-        ) else None  # fmt: skip
+        groups = (
+            hybrid_method.plan(mcfg, ctx.arch)
+            if isinstance(mcfg, HybridConfig) and ("adalora" in used or "prompt" in used)
+            else None
+        )
         result.budget_params = _budget_count(mcfg, ctx.arch, result.trainable_params, groups)
         if "adalora" in used:
             _check_adalora(mcfg, ctx.arch, groups, ctx.tolerance if ctx.budget is not None else None)
@@ -445,7 +446,11 @@ def _check_adalora(mcfg, arch: Arch, groups, tolerance: float | None) -> None:
                 patterns = c.target_modules or arch.default_targets()
                 matrices += [(s, c.init_r) for _, s in arch.match_linears(patterns, g.layers)]
     budget = check_budget(acfg, matrices)
-    if acfg.target_params is not None and tolerance is not None and max(budget.costs) > tolerance * budget.target:
+    if (
+        acfg.target_params is not None
+        and tolerance is not None
+        and max(budget.costs) > tolerance * budget.target
+    ):
         raise ConfigError(
             f"method.target_params={budget.target}: AdaLoRA keeps whole triplets of up to {max(budget.costs)} "
             f"parameters, so it can end up to that far below the target (more than the {100 * tolerance:g}% tolerance)"
@@ -477,7 +482,7 @@ def _check_wrapping(cfg: HybridConfig, arch: Arch) -> None:
 
 def _check_positions(mcfg, ctx: SpaceContext, groups) -> None:
     """A soft prompt (its solved length) plus the text must fit an absolute position table."""
-    from budget.methods.prompt import PromptConfig, position_limit
+    from adabudget.methods.prompt import PromptConfig, position_limit
 
     limit = position_limit(ctx.hf_config)
     if limit is None:
@@ -485,7 +490,7 @@ def _check_positions(mcfg, ctx: SpaceContext, groups) -> None:
     if isinstance(mcfg, PromptConfig):
         lengths = [mcfg.length]
     else:
-        # the solved length, and the written one, which budget.train.check_positions reads
+        # the solved length, and the written one, which adabudget.training.check_positions reads
         lengths = [g.methods["prompt"].length for g in groups or [] if "prompt" in g.methods]
         lengths += [g["prompt"].length for g in hybrid_method.parse_groups(mcfg) if "prompt" in g]
     text = ctx.max_length or 1
@@ -550,7 +555,7 @@ def _expected_sizes(shares: dict, costs: dict, group_budget: float) -> dict:
 
     The solver treats them as proportions and rescales them together; writing them at the
     expected scale keeps the overrides readable (near the solved sizes) and keeps a soft
-    prompt's written length near its solved one (``budget.train.check_positions`` reads the
+    prompt's written length near its solved one (``adabudget.training.check_positions`` reads the
     written length).
     """
     total = sum(shares.values())
@@ -632,8 +637,10 @@ def s4_space(trial, ctx: SpaceContext) -> dict:
     groups = []
     for g, picked in enumerate(chosen):
         if ctx.budget is not None and scalable[g]:
-            shares = {m: trial.suggest_float(f"g{g}.{m}.share", 0.1, 1.0) if len(scalable[g]) > 1 else 1.0
-                      for m in scalable[g]}  # fmt: skip
+            shares = {
+                m: trial.suggest_float(f"g{g}.{m}.share", 0.1, 1.0) if len(scalable[g]) > 1 else 1.0
+                for m in scalable[g]
+            }
             costs = {m: _unit_cost(m, ctx.knobs.get(m, {}), arch, layers[g]) for m in scalable[g]}
             sizes = _expected_sizes(shares, costs, free * weights[g] / sum(weights))
         else:
@@ -683,8 +690,13 @@ def autopeft_space(trial, ctx: SpaceContext) -> dict:
             if size:
                 module[name] = {**ctx.knobs.get(name, {}), **knobs, REGISTRY[name].size: int(size)}
     groups = [copy.deepcopy(module) if layer_on and module else "none" for layer_on in on]
-    method = {"name": "hybrid", "num_groups": arch.num_layers, "grouping": "uniform", "allocation": "uniform",
-              "groups": groups}  # fmt: skip
+    method = {
+        "name": "hybrid",
+        "num_groups": arch.num_layers,
+        "grouping": "uniform",
+        "allocation": "uniform",
+        "groups": groups,
+    }
     if ctx.budget is not None:
         method["budget"] = ctx.budget
     return {"method": method}
@@ -728,7 +740,7 @@ def supernet_space(trial, ctx: SpaceContext) -> dict:
     configuration outside ``search.supernet.tolerance`` of it is infeasible. ``search.scorer=supernet``
     scores these on a trained supernet; the default scorer trains each (the plain search to compare with).
     """
-    from search.supernet import SupernetSpace
+    from adabudget.search.supernet import SupernetSpace
 
     space = SupernetSpace.from_context(ctx)
     return {"method": space.to_method(space.suggest(trial))}
@@ -740,10 +752,26 @@ supernet_space.exact_sizes = True
 # The single methods of the ``methods`` space; LongLoRA is not a budget alternative (a long-context
 # training recipe for LLaMA: LoRA plus embeddings and norms; its own axes are the ``longlora`` space)
 # and QLoRA is a property of the base (``model.quantize``), so neither is a choice here.
-SINGLE_METHODS = ("lora", "adalora", "dylora", "delta_lora", "rosa", "sparse", "quantum_peft", "adapter",
-                  "parallel_adapter", "prefix", "ia3")  # fmt: skip
-SINGLE_SIZES = {"dylora": (4, 8, 16), "delta_lora": (2, 4, 8, 16), "rosa": (2, 4, 8, 16),
-                "quantum_peft": (2, 4, 8, 16), "sparse": (0.001, 0.003, 0.01)}  # fmt: skip
+SINGLE_METHODS = (
+    "lora",
+    "adalora",
+    "dylora",
+    "delta_lora",
+    "rosa",
+    "sparse",
+    "quantum_peft",
+    "adapter",
+    "parallel_adapter",
+    "prefix",
+    "ia3",
+)
+SINGLE_SIZES = {
+    "dylora": (4, 8, 16),
+    "delta_lora": (2, 4, 8, 16),
+    "rosa": (2, 4, 8, 16),
+    "quantum_peft": (2, 4, 8, 16),
+    "sparse": (0.001, 0.003, 0.01),
+}
 
 
 def methods_space(trial, ctx: SpaceContext) -> dict:
@@ -815,7 +843,7 @@ def longlora_space(trial, ctx: SpaceContext) -> dict:
     after the embeddings and norms (a choice whose embeddings alone exceed the budget is
     infeasible, not trained); without one, from ``SIZES["lora"]``.
     """
-    from budget.methods import longlora
+    from adabudget.methods import longlora
 
     probe = longlora.LongLoRAConfig()
     try:
@@ -864,7 +892,7 @@ for _name, _space in SPACES.items():
 
 # ---------------------------------------------------------------- lookup and composition
 def _space_dir() -> Path:
-    from budget.compose import config_dir
+    from adabudget.compose import config_dir
 
     return Path(config_dir()) / "search" / "space"
 

@@ -13,7 +13,7 @@ and trials score its sub-configurations with inherited weights instead of traini
 
 A trial (``make_objective``): the space samples a configuration (``search.space.sample``:
 analytic count, budget solving; an infeasible one is recorded with an Optuna constraint and
-never trained), it is merged onto the run config, and ``budget.train.train`` runs it in
+never trained), it is merged onto the run config, and ``adabudget.training.train`` runs it in
 ``runs/search/<study>/trials/<number>/`` with the trial's study, number and parameters in the
 record (``meta``); the folder is in the trial's user attributes. Pruners hear every dev
 evaluation through ``train``'s ``on_eval`` hook.
@@ -31,11 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
+from adabudget.config import ConfigError
+from adabudget.search.config import SearchConfig
+from adabudget.search.space import SpaceContext, check_space, get_space, merge_overrides, sample
 from optuna.trial import TrialState
-
-from budget.config import ConfigError
-from search.config import SearchConfig
-from search.space import SpaceContext, check_space, get_space, merge_overrides, sample
 
 BASELINES = ("lora", "adalora", "s4")
 STUDY_KEYS = ("space", "objectives", "directions", "budget", "model", "task", "trial_overrides", "scorer")
@@ -51,7 +50,7 @@ class SearchRefused(ConfigError):
 
 
 # A stop signal that reached a search worker outside a training (``search.workers`` installs the
-# handler; while a run trains, ``budget.train``'s own handler takes the signal and checkpoints).
+# handler; while a run trains, ``adabudget.training``'s own handler takes the signal and checkpoints).
 STOP: dict = {"signal": None}
 
 
@@ -78,7 +77,9 @@ class Setup:
     base: dict  # the run config every trial starts from (resolved to plain values, no search node)
     search: dict  # SearchConfig as a dict
     study: str
-    storage: str  # a journal path or a database URL, as given (a password too): show without_password(storage)
+    storage: (
+        str  # a journal path or a database URL, as given (a password too): show without_password(storage)
+    )
     root: str  # runs/search/<study>
     primary: str  # the task's primary metric (accuracy / pearson)
     regression: bool
@@ -92,10 +93,9 @@ class Setup:
 # ---------------------------------------------------------------- set-up
 def prepare(cfg) -> Setup:
     """Check the search and the run config and settle the study's name and storage (no trial runs)."""
+    from adabudget.compose import resolve
+    from adabudget.config import to_dict, validate
     from omegaconf import DictConfig, OmegaConf
-
-    from budget.compose import resolve
-    from budget.config import to_dict, validate
 
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -124,12 +124,20 @@ def prepare(cfg) -> Setup:
     storage = database_url(scfg.storage) if scfg.storage else str(root / "journal.log")
     base = to_dict(run)
     base.update(run_dir=None, resume=None)
-    setup = Setup(base, asdict(scfg), study, storage, str(root), task_meta["primary"], task_meta["regression"],
-                  task_meta["num_labels"])  # fmt: skip
+    setup = Setup(
+        base,
+        asdict(scfg),
+        study,
+        storage,
+        str(root),
+        task_meta["primary"],
+        task_meta["regression"],
+        task_meta["num_labels"],
+    )
     ctx = make_context(setup)
     space = get_space(scfg.space_names())
     if "supernet" in scfg.space_names():  # exact menus: rejection finds narrow bands 64 draws miss
-        from search.supernet import SupernetSpace
+        from adabudget.search.supernet import SupernetSpace
 
         SupernetSpace.from_context(ctx).check()
     else:
@@ -161,14 +169,14 @@ def _search_config(values: dict) -> SearchConfig:
 
 def _task_meta(run) -> dict:
     """The task's label kind, read once in the main process (a packaged task: no tokenizing)."""
-    from budget.data import PACKAGED_TASKS
-    from budget.metrics import primary_metric
+    from adabudget.data import PACKAGED_TASKS
+    from adabudget.metrics import primary_metric
 
     if run.data.task in PACKAGED_TASKS:
         regression = run.data.task != "mr" or bool(run.data.regression)
         num_labels = 1 if regression else 2
     else:
-        from budget.data import load_task, load_tokenizer
+        from adabudget.data import load_task, load_tokenizer
 
         task = load_task(run.data, load_tokenizer(run.model.name, run.model.revision))
         regression, num_labels = task.regression, task.num_labels
@@ -180,12 +188,18 @@ def make_context(setup: Setup) -> SpaceContext:
     base = setup.base
     supernet = "supernet" in scfg.space_names()  # its band is search.supernet.tolerance wide
     return SpaceContext.from_model(
-        base["model"]["name"], num_labels=setup.num_labels, regression=setup.regression,
-        revision=base["model"]["revision"], budget=scfg.budget, budget_percent=scfg.budget_percent,
-        extra_methods=scfg.extra_methods, method=copy.deepcopy(base["method"]),
-        max_length=base["data"]["max_length"], supernet=scfg.supernet,
+        base["model"]["name"],
+        num_labels=setup.num_labels,
+        regression=setup.regression,
+        revision=base["model"]["revision"],
+        budget=scfg.budget,
+        budget_percent=scfg.budget_percent,
+        extra_methods=scfg.extra_methods,
+        method=copy.deepcopy(base["method"]),
+        max_length=base["data"]["max_length"],
+        supernet=scfg.supernet,
         **({"tolerance": scfg.supernet.tolerance} if supernet else {}),
-    )  # fmt: skip
+    )
 
 
 def make_storage(setup: Setup):
@@ -203,10 +217,9 @@ def make_storage(setup: Setup):
             return RDBStorage(url)
         # a pooled connection the server closed during a long trial is replaced, not used
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    from adabudget.search.journal import repair_journal
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-
-    from search.journal import repair_journal
 
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     repair_journal(url)  # a line cut by a full disk or a kill: Optuna would fail on it for good
@@ -265,7 +278,7 @@ def make_pruner(setup: Setup):
 def open_study(setup: Setup, create: bool = False) -> optuna.Study:
     """The study; with ``create`` a new one gets its settings and baselines, and an existing one
     must have been made by the same space, objectives and budget (else a ConfigError)."""
-    from search.credentials import PASSWORD_HELP, refused_login, without_password
+    from adabudget.search.credentials import PASSWORD_HELP, refused_login, without_password
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -274,22 +287,33 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
         if not refused_login(err):
             raise
         reason = str(err).splitlines()[0]
-        raise ConfigError(f"search.storage={without_password(setup.storage)}: the database refused the login "
-                          f"({reason}); {PASSWORD_HELP}") from None  # fmt: skip
+        raise ConfigError(
+            f"search.storage={without_password(setup.storage)}: the database refused the login "
+            f"({reason}); {PASSWORD_HELP}"
+        ) from None
     scfg = setup.scfg
     settings = {
-        "space": scfg.space_names(), "objectives": scfg.objective_names(setup.primary),
-        "directions": scfg.direction_names(setup.primary), "budget": scfg.budget or scfg.budget_percent,
-        "model": setup.base["model"]["name"], "task": setup.base["data"]["task"],
-        "trial_overrides": list(scfg.trial_overrides), "scorer": scfg.scorer,
-    }  # fmt: skip
+        "space": scfg.space_names(),
+        "objectives": scfg.objective_names(setup.primary),
+        "directions": scfg.direction_names(setup.primary),
+        "budget": scfg.budget or scfg.budget_percent,
+        "model": setup.base["model"]["name"],
+        "task": setup.base["data"]["task"],
+        "trial_overrides": list(scfg.trial_overrides),
+        "scorer": scfg.scorer,
+    }
     if not create:
-        return optuna.load_study(study_name=setup.study, storage=storage, sampler=make_sampler(setup),
-                                 pruner=make_pruner(setup))  # fmt: skip
+        return optuna.load_study(
+            study_name=setup.study, storage=storage, sampler=make_sampler(setup), pruner=make_pruner(setup)
+        )
     study = optuna.create_study(
-        study_name=setup.study, storage=storage, directions=settings["directions"], sampler=make_sampler(setup),
-        pruner=make_pruner(setup), load_if_exists=True,
-    )  # fmt: skip
+        study_name=setup.study,
+        storage=storage,
+        directions=settings["directions"],
+        sampler=make_sampler(setup),
+        pruner=make_pruner(setup),
+        load_if_exists=True,
+    )
     saved = study.user_attrs.get("adabudget")
     if saved is None:
         study.set_user_attr("adabudget", settings)
@@ -336,7 +360,7 @@ def baseline_overrides(name, ctx: SpaceContext) -> dict:
     on MiniLM a rank costs 41,472 parameters), AdaLoRA whose kept triplets fit the budget
     (``target_params``; b(0) about 1.5 b(T), Table 7), or the S4 paper's pattern solved to it. Baselines are reference points: their real
     count is recorded and not held to the search's tolerance."""
-    from budget.compose import preset
+    from adabudget.compose import preset
 
     if isinstance(name, str) and name.startswith("{"):
         name = json.loads(name)
@@ -396,13 +420,13 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     import os
     import socket
 
-    from budget.train import train
-    from search.liveness import identity
-    from search.wandb import trial_summary
+    from adabudget.search.liveness import identity
+    from adabudget.search.wandb import trial_summary
+    from adabudget.training import train
 
     scfg = setup.scfg
     if scfg.scorer == "supernet":
-        from search.supernet import make_objective as supernet_objective
+        from adabudget.search.supernet import make_objective as supernet_objective
 
         return supernet_objective(setup, ctx, release)
     names = scfg.objective_names(setup.primary)
@@ -414,13 +438,19 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             trial.set_user_attr(key, value)
 
     def objective(trial: optuna.Trial):
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "id": identity()["id"]})
+        trial.set_user_attr(
+            "worker", {"host": socket.gethostname(), "pid": os.getpid(), "id": identity()["id"]}
+        )
         release()
         baseline = trial.user_attrs.get("baseline")
         try:
-            if baseline is not None:  # a reference point: sized by baseline_overrides, its real count recorded
+            if (
+                baseline is not None
+            ):  # a reference point: sized by baseline_overrides, its real count recorded
                 fixed = baseline_overrides(baseline, ctx)
-                drawn = sample(trial, lambda t, c: copy.deepcopy(fixed), dataclasses.replace(ctx, budget=None))
+                drawn = sample(
+                    trial, lambda t, c: copy.deepcopy(fixed), dataclasses.replace(ctx, budget=None)
+                )
             else:
                 drawn = sample(trial, space, ctx)
         except ConfigError as err:  # a broken space (not a dict, an unknown key): every draw would fail alike
@@ -434,7 +464,11 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             return infeasible_values(drawn, names, directions)
         run_dir = str(Path(setup.root) / "trials" / str(trial.number))
         trial.set_user_attr("run_dir", run_dir)
-        meta = {"study": setup.study, "trial": trial.number, "params": trial.params}  # no storage: it may hold a password
+        meta = {
+            "study": setup.study,
+            "trial": trial.number,
+            "params": trial.params,
+        }  # no storage: it may hold a password
         meta.update(trial_summary(setup, trial.number, trial.params, drawn.budget_params))  # W&B summary
         cfg = trial_config(setup, drawn.overrides, run_dir, meta)
         on_eval = None
@@ -467,7 +501,9 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             if result["status"] == "interrupted":  # stopped, not bad: run it again
                 _requeue(trial, baseline)
             if result["status"] == "interrupted" and result.get("interrupted_by"):
-                raise SearchInterrupted(result["interrupted_by"])  # the worker stops (search.workers.run_trial)
+                raise SearchInterrupted(
+                    result["interrupted_by"]
+                )  # the worker stops (search.workers.run_trial)
             raise TrialFailed(result.get("error") or result["status"])
         values = []
         for n in names:
@@ -483,7 +519,10 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
         """Queue ``trial``'s parameters again (at most ``search.max_retries`` times in a row), unless
         it was failed as stale meanwhile (that queued it already)."""
         retries = int(trial.user_attrs.get("retries", 0))
-        if retries < scfg.max_retries and not trial.study._storage.get_trial(trial._trial_id).state.is_finished():
+        if (
+            retries < scfg.max_retries
+            and not trial.study._storage.get_trial(trial._trial_id).state.is_finished()
+        ):
             attrs = {"retry_of": trial.user_attrs.get("retry_of", trial.number), "retries": retries + 1}
             if baseline is not None:
                 attrs["baseline"] = baseline
@@ -495,8 +534,10 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
 def infeasible_values(drawn, names: list[str], directions: list[str]) -> list[float]:
     """An infeasible trial's values: placeholders no feasible trial can lose to (Optuna and
     optuna-dashboard take ±inf); its constraint (> 0) keeps it out of every sampler's reach."""
-    return [float(drawn.budget_params or 0) if n == "params" else
-            -math.inf if d == "maximize" else math.inf for n, d in zip(names, directions)]  # fmt: skip
+    return [
+        float(drawn.budget_params or 0) if n == "params" else -math.inf if d == "maximize" else math.inf
+        for n, d in zip(names, directions)
+    ]
 
 
 def _trained_twin(trial, overrides: dict):
@@ -518,8 +559,11 @@ def finished(trial) -> bool:
     nor a repeat of a trained configuration (its result was copied, ``duplicate_of``)."""
     if trial.state == TrialState.PRUNED:
         return True
-    return (trial.state == TrialState.COMPLETE and not trial.user_attrs.get("infeasible")
-            and trial.user_attrs.get("duplicate_of") is None)  # fmt: skip
+    return (
+        trial.state == TrialState.COMPLETE
+        and not trial.user_attrs.get("infeasible")
+        and trial.user_attrs.get("duplicate_of") is None
+    )
 
 
 def trial_row(t) -> dict:
@@ -529,18 +573,27 @@ def trial_row(t) -> dict:
         else t.state.name.lower()
     )
     return {
-        "number": t.number, "state": state, "params": t.params,
+        "number": t.number,
+        "state": state,
+        "params": t.params,
         "values": t.values if state == "complete" else None,
-        "trainable_params": t.user_attrs.get("trainable_params"), "budget_params": t.user_attrs.get("budget_params"),
-        "run_dir": t.user_attrs.get("run_dir"), "wall_time_s": t.user_attrs.get("wall_time_s"),
-        "baseline": t.user_attrs.get("baseline"), "retry_of": t.user_attrs.get("retry_of"),
+        "trainable_params": t.user_attrs.get("trainable_params"),
+        "budget_params": t.user_attrs.get("budget_params"),
+        "run_dir": t.user_attrs.get("run_dir"),
+        "wall_time_s": t.user_attrs.get("wall_time_s"),
+        "baseline": t.user_attrs.get("baseline"),
+        "retry_of": t.user_attrs.get("retry_of"),
         "duplicate_of": t.user_attrs.get("duplicate_of"),
-        "infeasible": t.user_attrs.get("infeasible"), "error": t.user_attrs.get("error") or t.user_attrs.get("failed_because"),
+        "infeasible": t.user_attrs.get("infeasible"),
+        "error": t.user_attrs.get("error") or t.user_attrs.get("failed_because"),
         "overrides": t.user_attrs.get("overrides"),
         # search.scorer=supernet: the scored sub-configuration and its dev metrics with inherited weights
-        **({"sub": t.user_attrs.get("sub"), "inherited": t.user_attrs.get("inherited")}
-           if t.user_attrs.get("scorer") == "supernet" else {}),
-    }  # fmt: skip
+        **(
+            {"sub": t.user_attrs.get("sub"), "inherited": t.user_attrs.get("inherited")}
+            if t.user_attrs.get("scorer") == "supernet"
+            else {}
+        ),
+    }
 
 
 def best_trials(study: optuna.Study, setup: Setup) -> list:
@@ -581,28 +634,43 @@ def _dominates(a, b, sign) -> bool:
 def write_outputs(study: optuna.Study, setup: Setup, retrain: dict | None = None) -> dict:
     """``search.json`` (every trial, the best or the Pareto front, settings, provenance) and
     ``best.yaml`` (the best configuration as an experiment preset)."""
-    from budget.log import environment, write_json_atomic
-    from search.credentials import without_password
+    from adabudget.log import environment, write_json_atomic
+    from adabudget.search.credentials import without_password
 
     scfg = setup.scfg
     best = best_trials(study, setup)
     trials = [trial_row(t) for t in study.get_trials(deepcopy=False)]
     out = {
-        "study": setup.study, "storage": without_password(setup.storage), "space": scfg.space_names(),
-        "objectives": scfg.objective_names(setup.primary), "directions": scfg.direction_names(setup.primary),
-        "sampler": scfg.sampler, "pruner": scfg.pruner, "budget": scfg.budget, "budget_percent": scfg.budget_percent,
-        "n_trials": scfg.n_trials, "finished": sum(finished(t) for t in study.get_trials(deepcopy=False)),
-        "model": setup.base["model"]["name"], "task": setup.base["data"]["task"],
-        "trial_overrides": list(scfg.trial_overrides), "trials": trials,
-        ("best" if len(best) <= 1 and len(scfg.objective_names(setup.primary)) == 1 else "pareto_front"):
-            [trial_row(t) for t in best],
-        "retrain": retrain, "scorer": scfg.scorer, **environment(),
-    }  # fmt: skip
+        "study": setup.study,
+        "storage": without_password(setup.storage),
+        "space": scfg.space_names(),
+        "objectives": scfg.objective_names(setup.primary),
+        "directions": scfg.direction_names(setup.primary),
+        "sampler": scfg.sampler,
+        "pruner": scfg.pruner,
+        "budget": scfg.budget,
+        "budget_percent": scfg.budget_percent,
+        "n_trials": scfg.n_trials,
+        "finished": sum(finished(t) for t in study.get_trials(deepcopy=False)),
+        "model": setup.base["model"]["name"],
+        "task": setup.base["data"]["task"],
+        "trial_overrides": list(scfg.trial_overrides),
+        "trials": trials,
+        ("best" if len(best) <= 1 and len(scfg.objective_names(setup.primary)) == 1 else "pareto_front"): [
+            trial_row(t) for t in best
+        ],
+        "retrain": retrain,
+        "scorer": scfg.scorer,
+        **environment(),
+    }
     if scfg.scorer == "supernet":
-        from search.supernet import SupernetSpace, describe, supernet_dir
+        from adabudget.search.supernet import SupernetSpace, describe, supernet_dir
 
-        out["supernet"] = {"run_dir": str(supernet_dir(setup)), "calibration_steps": scfg.supernet.calibration_steps,
-                           **describe(SupernetSpace.from_context(make_context(setup)))}  # fmt: skip
+        out["supernet"] = {
+            "run_dir": str(supernet_dir(setup)),
+            "calibration_steps": scfg.supernet.calibration_steps,
+            **describe(SupernetSpace.from_context(make_context(setup))),
+        }
     root = Path(setup.root)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "search.json", out)
@@ -618,10 +686,9 @@ def best_yaml(trial, setup: Setup) -> str:
     default method (AdaLoRA) a LoRA node fails (``Key 'r' not in 'AdaLoRAConfig'``), and a study
     whose space sets no method (``method=lora search.space=lr``) would otherwise train AdaLoRA.
     """
+    from adabudget.compose import config_dir, resolve
+    from adabudget.config import to_dict
     from omegaconf import OmegaConf
-
-    from budget.compose import config_dir, resolve
-    from budget.config import to_dict
 
     overrides = copy.deepcopy(trial.user_attrs.get("overrides") or {})
     method = to_dict(resolve(merge_overrides(setup.base, overrides)))["method"]
@@ -646,8 +713,7 @@ def retrain(study: optuna.Study, setup: Setup, log=print) -> dict:
     scfg = setup.scfg
     ctx = make_context(setup)
     picks = [
-        (f"trial {t.number}", t.user_attrs["overrides"])
-        for t in top_trials(study, setup, scfg.retrain_top_k)
+        (f"trial {t.number}", t.user_attrs["overrides"]) for t in top_trials(study, setup, scfg.retrain_top_k)
     ]
     picks += [(name, baseline_overrides(name, ctx)) for name in RETRAINED]
     rows = []
@@ -655,16 +721,19 @@ def retrain(study: optuna.Study, setup: Setup, log=print) -> dict:
         results = []
         for seed in scfg.retrain_seeds:
             folder = Path(setup.root) / "retrain" / label.replace(" ", "_") / f"s{seed}"
-            results.append(_retrain_one(setup, overrides, folder, {"study": setup.study, "retrain_of": label,
-                                                                      "seed": seed}, seed))  # fmt: skip
+            results.append(
+                _retrain_one(
+                    setup, overrides, folder, {"study": setup.study, "retrain_of": label, "seed": seed}, seed
+                )
+            )
             log(f"retrain {label} seed {seed}: {results[-1]['status']}")
         rows.append(_summarise(label, results, setup.primary))
     return {"seeds": list(scfg.retrain_seeds), "metric": setup.primary, "rows": rows}
 
 
 def _retrain_one(setup: Setup, overrides: dict, folder: Path, meta: dict, seed: int) -> dict:
-    from budget.compose import resume_config
-    from budget.train import train
+    from adabudget.compose import resume_config
+    from adabudget.training import train
 
     for path in sorted(folder.glob("*/result.json"), reverse=True):
         result = json.loads(path.read_text())
@@ -672,8 +741,13 @@ def _retrain_one(setup: Setup, overrides: dict, folder: Path, meta: dict, seed: 
             return result
         if (path.parent / "checkpoints" / "last.pt").exists():
             return train(resume_config(path.parent))
-    cfg = trial_config(setup, {**overrides, "train": {**overrides.get("train", {}), "seed": seed}}, None, meta,
-                       for_search=False)  # fmt: skip
+    cfg = trial_config(
+        setup,
+        {**overrides, "train": {**overrides.get("train", {}), "seed": seed}},
+        None,
+        meta,
+        for_search=False,
+    )
     cfg["runs_root"], cfg["run_name"] = str(folder.parent), folder.name
     return train(cfg)
 
@@ -685,24 +759,37 @@ def _summarise(label: str, results: list[dict], metric: str) -> dict:
         ]
         if not values:
             return {"mean": None, "std": None, "n": 0}
-        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "n": len(values)}  # fmt: skip
+        return {
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values),
+        }
 
     params = results[0].get("adapter_params_final") or results[0]["trainable_params"]
-    return {"config": label, "trainable_params": results[0]["trainable_params"], "final_params": params,
-            "dev": stats("dev"), "test": stats("test"), "run_dirs": [r["run_dir"] for r in results]}  # fmt: skip
+    return {
+        "config": label,
+        "trainable_params": results[0]["trainable_params"],
+        "final_params": params,
+        "dev": stats("dev"),
+        "test": stats("test"),
+        "run_dirs": [r["run_dir"] for r in results],
+    }
 
 
 def retrain_table(report: dict) -> str:
-    lines = [f"| configuration | trainable params | dev {report['metric']} | test {report['metric']} | seeds |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"| configuration | trainable params | dev {report['metric']} | test {report['metric']} | seeds |",
+        "|---|---|---|---|---|",
+    ]
     for row in report["rows"]:
 
         def cell(s):
             return "-" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
 
-        lines.append(f"| {row['config']} | {row['trainable_params']:,} | {cell(row['dev'])} | {cell(row['test'])} "
-                     f"| {row['test']['n']} |")  # fmt: skip
+        lines.append(
+            f"| {row['config']} | {row['trainable_params']:,} | {cell(row['dev'])} | {cell(row['test'])} "
+            f"| {row['test']['n']} |"
+        )
     return "\n".join(lines)
 
 
@@ -710,20 +797,22 @@ def retrain_table(report: dict) -> str:
 def run_search(cfg) -> dict:
     """``adabudget search``: prepare, open or create the study, run the workers to
     ``search.n_trials`` trained trials, write the record, re-train the best."""
-    from search.credentials import without_password
-    from search.workers import run_workers
+    from adabudget.search.credentials import without_password
+    from adabudget.search.workers import run_workers
 
     setup = prepare(cfg)
     study = open_study(setup, create=True)
-    print(f"study {setup.study} in {without_password(setup.storage)}: {setup.scfg.n_trials} trials wanted, "
-          f"{sum(finished(t) for t in study.get_trials(deepcopy=False))} done")  # fmt: skip
+    print(
+        f"study {setup.study} in {without_password(setup.storage)}: {setup.scfg.n_trials} trials wanted, "
+        f"{sum(finished(t) for t in study.get_trials(deepcopy=False))} done"
+    )
     if setup.scfg.scorer == "supernet":  # train it first (or resume, or reuse the study's)
-        from search.supernet import ensure_supernet
+        from adabudget.search.supernet import ensure_supernet
 
         ensure_supernet(setup)
     try:
         if setup.scfg.sampler == "evolution":
-            from search.supernet import run_evolution
+            from adabudget.search.supernet import run_evolution
 
             run_evolution(setup)
         else:

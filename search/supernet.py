@@ -28,7 +28,7 @@ searched with ``search.scorer=train`` (the ``adalora`` and ``s4`` spaces); ``ret
 re-trains AdaLoRA at the budget as a reference. BitFit is left out as well: its "modules" are
 the backbone's own biases, so "off" would need a second, pretrained copy of each.
 
-**Slicing.** Each method file has a small ``set_active(module, size)`` (``budget.methods.lora``,
+**Slicing.** Each method file has a small ``set_active(module, size)`` (``adabudget.methods.lora``,
 ``adapter``, ``parallel_adapter``, ``prefix``; no base class): LoRA uses A[:r], B[:, :r];
 adapters their first d hidden units (W_down[:d], b_down[:d], W_up[:, :d], b_up); prefix its
 first k vectors; size 0 switches the module off. Slices are views and the stand-alone path is
@@ -45,7 +45,7 @@ budget, every non-empty sub-configuration is feasible.
 
 **Training** (``train_supernet(cfg) -> dict``): the ``budget`` pieces of a run (data, model,
 batches, seeded stream, lr schedule, run folder and ``RunRecord``, checkpoints loaded with
-``weights_only=True``, resume with ``budget.train.resumed_config``), in its own short loop.
+``weights_only=True``, resume with ``adabudget.training.resumed_config``), in its own short loop.
 Each optimizer step trains ``paths_per_step`` sub-configurations from a deterministic stream:
 ``sandwich`` cycles largest, smallest, then ``random_paths`` random ones (BigNAS's sandwich
 rule spread over steps; ``paths_per_step=4, random_paths=2`` is BigNAS's per-step form);
@@ -90,17 +90,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-from budget.arch import Arch
-from budget.config import ConfigError, RunConfig, to_dict, validate
-from budget.data import load_task, load_tokenizer
-from budget.log import RunRecord, claim_run_dir, environment, log
-from budget.methods import REGISTRY, adapter, lora, parallel_adapter, plan_of, prefix
-from budget.metrics import primary_metric
-from budget.models import count_params, freeze_backbone, load_model, pick_device, prepare_hub_access
-from budget.schedule import lr_factor
-from budget.train import (
+from adabudget.arch import Arch
+from adabudget.config import ConfigError, RunConfig, to_dict, validate
+from adabudget.data import load_task, load_tokenizer
+from adabudget.log import RunRecord, claim_run_dir, environment, log
+from adabudget.methods import REGISTRY, adapter, lora, parallel_adapter, plan_of, prefix
+from adabudget.metrics import primary_metric
+from adabudget.models import count_params, freeze_backbone, load_model, pick_device, prepare_hub_access
+from adabudget.schedule import lr_factor
+from adabudget.search.config import SupernetConfig
+from adabudget.training import (
     StopSignals,
     batch_stream,
     evaluate,
@@ -114,9 +113,14 @@ from budget.train import (
     set_rng_state,
     total_steps_for,
 )
-from search.config import SupernetConfig
+from torch import nn
 
-METHODS = ("lora", "adapter", "parallel_adapter", "prefix")  # the order budget.methods.hybrid applies them in
+METHODS = (
+    "lora",
+    "adapter",
+    "parallel_adapter",
+    "prefix",
+)  # the order adabudget.methods.hybrid applies them in
 SET_ACTIVE = {
     "lora": lora.set_active,
     "adapter": adapter.set_active,
@@ -125,8 +129,18 @@ SET_ACTIVE = {
 }
 # SupernetConfig fields that define the trained supernet (saved in its config.yaml; a resume keeps
 # them). The others only say how it is trained for how long (steps -> train.max_steps) or used.
-DEFINING = ("lora", "adapter", "prefix", "parallel_adapter", "tolerance", "lora_scaling", "adapter_placement",
-            "sampling", "random_paths", "paths_per_step")  # fmt: skip
+DEFINING = (
+    "lora",
+    "adapter",
+    "prefix",
+    "parallel_adapter",
+    "tolerance",
+    "lora_scaling",
+    "adapter_placement",
+    "sampling",
+    "random_paths",
+    "paths_per_step",
+)
 BATCH = 4096  # candidates per vectorised rejection round
 MAX_DRAWS = 400_000  # rejection draws before a greedy repair takes over
 
@@ -163,7 +177,7 @@ class SupernetSpace:
     """The sub-configurations of one supernet on one backbone, their exact counts and the budget band.
 
     Args:
-        arch: the backbone (``budget.arch.Arch``).
+        arch: the backbone (``adabudget.arch.Arch``).
         menus: method -> sizes (0 = off); methods left out have none.
         scfg: the supernet's knobs (LoRA scaling, adapter placement, tolerance).
         budget: the trainable-parameter budget (task head excluded), or None.
@@ -234,8 +248,13 @@ class SupernetSpace:
             else:
                 sizes.append(1)
                 groups.append(entry)
-        return {"name": "hybrid", "num_groups": len(groups), "grouping": sizes, "allocation": "uniform",
-                "groups": copy.deepcopy(groups)}  # fmt: skip
+        return {
+            "name": "hybrid",
+            "num_groups": len(groups),
+            "grouping": sizes,
+            "allocation": "uniform",
+            "groups": copy.deepcopy(groups),
+        }
 
     def full(self) -> Sub:
         """Every module at its largest size: what the supernet holds."""
@@ -275,8 +294,12 @@ class SupernetSpace:
     # ---- Optuna
     def suggest(self, trial) -> Sub:
         """``l<block>.<method>`` categorical choices on an Optuna trial."""
-        return Sub.of({m: [trial.suggest_categorical(f"l{i}.{m}", list(self.menus[m])) for i in range(self.layers)]
-                       for m in self.methods})  # fmt: skip
+        return Sub.of(
+            {
+                m: [trial.suggest_categorical(f"l{i}.{m}", list(self.menus[m])) for i in range(self.layers)]
+                for m in self.methods
+            }
+        )
 
     def params(self, sub: Sub) -> dict:
         return {f"l{i}.{m}": s[i] for m, s in sub.sizes for i in range(self.layers)}
@@ -420,8 +443,12 @@ class Supernet:
     def __init__(self, model: nn.Module, space: SupernetSpace, units: dict):
         self.model, self.space, self.units = model, space, units
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # (trainable)
-        owned = {f"{name}.{local}" for mods in units.values() for name, mod in mods
-                 for local, _ in mod.named_parameters()}  # fmt: skip
+        owned = {
+            f"{name}.{local}"
+            for mods in units.values()
+            for name, mod in mods
+            for local, _ in mod.named_parameters()
+        }
         self.shared = [n for n in self.params if n not in owned]  # the task head: in every slice
         self.run: RunConfig | None = None
         self.task = None
@@ -431,7 +458,7 @@ class Supernet:
 
     @classmethod
     def attach(cls, model: nn.Module, space: SupernetSpace) -> Supernet:
-        """Apply ``space.full()`` (as ``budget.methods.apply_plan`` would apply that hybrid) to ``model``."""
+        """Apply ``space.full()`` (as ``adabudget.methods.apply_plan`` would apply that hybrid) to ``model``."""
         plan = plan_of(_method_config(space.to_method(space.full())), space.arch)
         units: dict = {}
         for group in plan.groups:
@@ -463,13 +490,13 @@ class Supernet:
 
 
 def _method_config(node: dict):
-    from budget.methods import method_config_from_dict
+    from adabudget.methods import method_config_from_dict
 
     return method_config_from_dict(node)
 
 
 def build(run: RunConfig, space_of=None) -> Supernet:
-    """Data, backbone and supernet of a supernet run config, set up as ``budget.train.train`` sets up a
+    """Data, backbone and supernet of a supernet run config, set up as ``adabudget.training.train`` sets up a
     run (same calls, same order, so the same seed gives the same initial weights)."""
     tc = run.train
     if tc.num_threads:
@@ -493,7 +520,7 @@ def build(run: RunConfig, space_of=None) -> Supernet:
 
 def space_from_run(run: RunConfig, model) -> SupernetSpace:
     """The space a supernet run config describes (its ``search`` node: budget and menus)."""
-    from search.space import SpaceContext
+    from adabudget.search.space import SpaceContext
 
     node = run.search or {}
     scfg = SupernetConfig(**node.get("supernet", {}))
@@ -514,8 +541,13 @@ class MaskedAdamW:
     module docstring for why zeroed gradients are not enough).
     """
 
-    def __init__(self, params: dict[str, nn.Parameter], betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         self.params, self.betas, self.eps, self.weight_decay = params, betas, eps, weight_decay
         self.state: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -558,13 +590,12 @@ class MaskedAdamW:
 # ---------------------------------------------------------------- the run
 def supernet_run(cfg) -> RunConfig:
     """The supernet's run config from an ``adabudget search`` config (run + ``search`` node) or from a
-    supernet run's own saved config (``budget.compose.resume_config``): the run, its method the
+    supernet run's own saved config (``adabudget.compose.resume_config``): the run, its method the
     supernet's largest hybrid, its ``search`` node reduced to what defines the supernet (budget and
     the ``DEFINING`` knobs), ``search.supernet.steps`` as ``train.max_steps``."""
+    from adabudget.compose import resolve
+    from adabudget.search.space import SpaceContext
     from omegaconf import DictConfig, OmegaConf
-
-    from budget.compose import resolve
-    from search.space import SpaceContext
 
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -574,8 +605,11 @@ def supernet_run(cfg) -> RunConfig:
     given = dict(search.get("supernet") or {})
     scfg = SupernetConfig(**given)
     scfg.validate()
-    node = {"budget": search.get("budget"), "budget_percent": search.get("budget_percent"),
-            "supernet": {k: getattr(scfg, k) for k in DEFINING}}  # fmt: skip
+    node = {
+        "budget": search.get("budget"),
+        "budget_percent": search.get("budget_percent"),
+        "supernet": {k: getattr(scfg, k) for k in DEFINING},
+    }
     cfg["method"] = None
     run = resolve(cfg)
     if scfg.steps is not None:
@@ -583,8 +617,12 @@ def supernet_run(cfg) -> RunConfig:
     if run.run_name == "default":
         run.run_name = "supernet"
     run.meta = {**run.meta, "supernet": True}
-    ctx = SpaceContext.from_model(run.model.name, revision=run.model.revision, budget=node["budget"],
-                                  budget_percent=node["budget_percent"])  # fmt: skip
+    ctx = SpaceContext.from_model(
+        run.model.name,
+        revision=run.model.revision,
+        budget=node["budget"],
+        budget_percent=node["budget_percent"],
+    )
     space = SupernetSpace.from_context(ctx, scfg)
     space.check()
     run.method = _method_config(space.to_method(space.full()))
@@ -611,7 +649,7 @@ def train_supernet(cfg) -> dict:
     Args:
         cfg: an ``adabudget search`` config (the run and its ``search`` node: ``search.budget``,
             ``search.supernet.*``), or a supernet run folder's config with ``resume`` set
-            (``budget.compose.resume_config(folder)``), which continues it.
+            (``adabudget.compose.resume_config(folder)``), which continues it.
     """
     run = supernet_run(cfg)
     resume_dir = Path(run.resume) if run.resume else None
@@ -635,19 +673,33 @@ def train_supernet(cfg) -> dict:
     main_metric = primary_metric(task.regression)
     trainable, total_params = count_params(model)
     header = {
-        "run_dir": str(run_dir), "run_name": run.run_name, "method": "supernet", "model": run.model.name,
-        "task": run.data.task, "data_version": getattr(task, "version", None), "split_sizes": task.sizes(),
-        "primary_metric": main_metric, "regression": task.regression, "total_steps": total_steps,
-        "trainable_params": trainable, "total_params": total_params, "world_size": 1,
-        "groups": plan_of(run.method, space.arch).report(space.arch), "modules": [], "meta": run.meta,
+        "run_dir": str(run_dir),
+        "run_name": run.run_name,
+        "method": "supernet",
+        "model": run.model.name,
+        "task": run.data.task,
+        "data_version": getattr(task, "version", None),
+        "split_sizes": task.sizes(),
+        "primary_metric": main_metric,
+        "regression": task.regression,
+        "total_steps": total_steps,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "world_size": 1,
+        "groups": plan_of(run.method, space.arch).report(space.arch),
+        "modules": [],
+        "meta": run.meta,
         "supernet": {
-            "methods": list(space.methods), "menus": {m: list(v) for m, v in space.menus.items()},
-            "budget": space.budget, "band": [space.band()[0], space.band()[1] if space.budget else None],
+            "methods": list(space.methods),
+            "menus": {m: list(v) for m, v in space.menus.items()},
+            "budget": space.budget,
+            "band": [space.band()[0], space.band()[1] if space.budget else None],
             "largest": {"sub": largest.key(), "params": space.count(largest)},
             "smallest": {"sub": smallest.key(), "params": space.count(smallest)},
-            "sampling": scfg.sampling, "paths_per_step": scfg.paths_per_step,
+            "sampling": scfg.sampling,
+            "paths_per_step": scfg.paths_per_step,
         },
-    }  # fmt: skip
+    }
     record = RunRecord(run_dir, to_dict(run), run.logger, ckpt["step"] if ckpt else None, header)
 
     optimizer = MaskedAdamW(net.params, weight_decay=tc.weight_decay)
@@ -663,11 +715,19 @@ def train_supernet(cfg) -> dict:
 
     def checkpoint(at_step: int) -> None:
         if tc.checkpoint != "none":
-            save_checkpoint(checkpoint_path, {
-                "step": at_step, "best": best, "elapsed": elapsed_before + time.time() - start_time,
-                "trainable": {n: p.detach() for n, p in net.params.items()}, "optimizer": optimizer.state_dict(),
-                "rng": rng_state(device), "window": window, "running": running_loss.detach().cpu(),
-            })  # fmt: skip
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "step": at_step,
+                    "best": best,
+                    "elapsed": elapsed_before + time.time() - start_time,
+                    "trainable": {n: p.detach() for n, p in net.params.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng_state(device),
+                    "window": window,
+                    "running": running_loss.detach().cpu(),
+                },
+            )
 
     def dev_eval(at_step: int) -> dict:
         """Dev metrics of the largest and smallest sub-configurations (the sandwich's bounds)."""
@@ -680,10 +740,19 @@ def train_supernet(cfg) -> dict:
         return out
 
     def result(status: str, **extra) -> dict:
-        out = {**header, "status": status, "steps": step, "trainable_params_final": trainable,
-               "adapter_params_final": None, "ranks": None, "best": best,
-               "wall_time_s": round(elapsed_before + time.time() - start_time, 2),
-               "peak_memory_mb": round(peak_memory_mb(device), 1), **environment(), **extra}  # fmt: skip
+        out = {
+            **header,
+            "status": status,
+            "steps": step,
+            "trainable_params_final": trainable,
+            "adapter_params_final": None,
+            "ranks": None,
+            "best": best,
+            "wall_time_s": round(elapsed_before + time.time() - start_time, 2),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            **environment(),
+            **extra,
+        }
         record.result(out)
         return out
 
@@ -696,7 +765,7 @@ def train_supernet(cfg) -> dict:
         window = ckpt["window"]
         running_loss.fill_(ckpt["running"].item())
     signals = StopSignals()
-    resume_with = f"train_supernet(budget.compose.resume_config('{run_dir}'))"
+    resume_with = f"train_supernet(adabudget.compose.resume_config('{run_dir}'))"
     done = False
     try:
         with signals:
@@ -723,8 +792,14 @@ def train_supernet(cfg) -> dict:
 
                 if step % tc.log_every == 0 or step == total_steps:
                     mean_loss = (running_loss / window).item()
-                    record.metrics({"step": step, "split": "train", "loss": mean_loss,
-                                    "lr": tc.lr * lr_factor(step, warmup, total_steps)})  # fmt: skip
+                    record.metrics(
+                        {
+                            "step": step,
+                            "split": "train",
+                            "loss": mean_loss,
+                            "lr": tc.lr * lr_factor(step, warmup, total_steps),
+                        }
+                    )
                     record.heartbeat(step)
                     running_loss.zero_()
                     window = 0
@@ -777,8 +852,13 @@ def _completed(run_dir: Path, run: RunConfig) -> dict | None:
 
 
 # ---------------------------------------------------------------- scoring
-def score(net: Supernet, sub: Sub, calibration_steps: int = 0, calibration_lr: float | None = None,
-          split: str = "dev") -> dict:  # fmt: skip
+def score(
+    net: Supernet,
+    sub: Sub,
+    calibration_steps: int = 0,
+    calibration_lr: float | None = None,
+    split: str = "dev",
+) -> dict:
     """Metrics of ``sub`` on ``split`` with inherited weights.
 
     With ``calibration_steps`` > 0, first trains only that slice and the head for that many steps
@@ -792,7 +872,9 @@ def score(net: Supernet, sub: Sub, calibration_steps: int = 0, calibration_lr: f
         saved = {n: p.detach().clone() for n, p in net.params.items()}
         optimizer = MaskedAdamW(net.params, weight_decay=tc.weight_decay)
         # the same seeded batches for every sub-configuration: the training stream under seed + 1
-        batches = batch_stream(net.task.train, dataclasses.replace(tc, seed=tc.seed + 1), net.pad_id, net.inputs, 0)
+        batches = batch_stream(
+            net.task.train, dataclasses.replace(tc, seed=tc.seed + 1), net.pad_id, net.inputs, 0
+        )
         with torch.random.fork_rng(devices=[net.device] if net.device.type == "cuda" else []):
             torch.manual_seed(tc.seed + 1)
             net.model.train()
@@ -815,9 +897,8 @@ def score(net: Supernet, sub: Sub, calibration_steps: int = 0, calibration_lr: f
 
 def load_supernet(run_dir: str | Path) -> Supernet:
     """A trained supernet from its run folder (``checkpoints/last.pt``), ready to ``score``."""
+    from adabudget.compose import resolve
     from omegaconf import OmegaConf
-
-    from budget.compose import resolve
 
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints" / "last.pt").exists():
@@ -851,7 +932,7 @@ def supernet_dir(setup) -> Path:
 def ensure_supernet(setup, log=print) -> dict:
     """The study's trained supernet: trained into ``supernet_dir`` if that holds none, resumed if it
     holds an interrupted one, else reused (any setting that defines it must be the same)."""
-    from budget.compose import resume_config
+    from adabudget.compose import resume_config
 
     folder = supernet_dir(setup)
     cfg = {**copy.deepcopy(setup.base), "search": copy.deepcopy(setup.search), "run_dir": str(folder)}
@@ -886,7 +967,7 @@ def ensure_supernet(setup, log=print) -> dict:
 def make_objective(setup, ctx, release=lambda: None):
     """The trial function of ``search.scorer=supernet``: sample a sub-configuration (Optuna's
     sampler, or an enqueued evolution candidate), check it against the band, score it."""
-    from search.study import TrialFailed, _trained_twin, infeasible_values, sample
+    from adabudget.search.study import TrialFailed, _trained_twin, infeasible_values, sample
 
     scfg = setup.scfg
     names = scfg.objective_names(setup.primary)
@@ -909,8 +990,10 @@ def make_objective(setup, ctx, release=lambda: None):
             return list(twin.values)
         sub = space.from_params(trial.params)
         if space.count(sub) != drawn.trainable_params:
-            raise TrialFailed(f"{sub.key()}: unit table counts {space.count(sub)}, count_trainable "
-                              f"{drawn.trainable_params}: a count bug")  # fmt: skip
+            raise TrialFailed(
+                f"{sub.key()}: unit table counts {space.count(sub)}, count_trainable "
+                f"{drawn.trainable_params}: a count bug"
+            )
         net = loaded(folder)
         t0 = time.time()
         metrics = score(net, sub, scfg.supernet.calibration_steps, scfg.supernet.calibration_lr)
@@ -933,8 +1016,13 @@ def make_objective(setup, ctx, release=lambda: None):
     return objective
 
 
-def propose(space: SupernetSpace, scored: list[tuple[Sub, float]], scfg: SupernetConfig, n: int,
-            rng: np.random.Generator) -> list[Sub]:  # fmt: skip
+def propose(
+    space: SupernetSpace,
+    scored: list[tuple[Sub, float]],
+    scfg: SupernetConfig,
+    n: int,
+    rng: np.random.Generator,
+) -> list[Sub]:
     """The next ``n`` candidates of the evolution (AutoFormer, Sec. 3.3): random feasible ones until
     the first population is scored; then, from the ``parents`` best scored so far (higher is better),
     ``crossover_share`` crossovers of two parents and mutants of one for the rest. Every candidate
@@ -977,10 +1065,9 @@ def run_evolution(setup) -> None:
     the study (so the record, resume and ``retrain`` are the study's), until ``n_trials`` are scored.
     The state is the study itself: a resumed search goes on from the trials it holds."""
     import optuna
+    from adabudget.search.study import TrialFailed, finished, make_context, open_study
+    from adabudget.search.workers import Progress
     from optuna.trial import TrialState
-
-    from search.study import TrialFailed, finished, make_context, open_study
-    from search.workers import Progress
 
     scfg = setup.scfg
     torch.set_num_threads(scfg.worker_threads())
@@ -998,8 +1085,11 @@ def run_evolution(setup) -> None:
                 break
             waiting = [t for t in trials if t.state == TrialState.WAITING]
             if not waiting:
-                scored = [(space.from_params(t.params), sign * t.values[0]) for t in trials
-                          if t.state == TrialState.COMPLETE and finished(t)]  # fmt: skip
+                scored = [
+                    (space.from_params(t.params), sign * t.values[0])
+                    for t in trials
+                    if t.state == TrialState.COMPLETE and finished(t)
+                ]
                 generation = len(scored) // scfg.supernet.population
                 rng = np.random.default_rng([scfg.seed, len(trials)])
                 batch = propose(space, scored, scfg.supernet, min(wanted, scfg.supernet.population), rng)
@@ -1009,8 +1099,9 @@ def run_evolution(setup) -> None:
                 for sub in batch:
                     study.enqueue_trial(space.params(sub), user_attrs={"generation": generation})
                 waiting = batch
-            study.optimize(objective, n_trials=min(wanted, len(waiting)), catch=(TrialFailed,),
-                           gc_after_trial=False)  # fmt: skip
+            study.optimize(
+                objective, n_trials=min(wanted, len(waiting)), catch=(TrialFailed,), gc_after_trial=False
+            )
             progress.poll(study)
     finally:
         progress.close()
@@ -1020,9 +1111,13 @@ def run_evolution(setup) -> None:
 def describe(space: SupernetSpace) -> dict:
     """What a study's ``search.json`` says about its supernet space."""
     lo, hi = space.band()
-    return {"methods": list(space.methods), "menus": {m: list(v) for m, v in space.menus.items()},
-            "budget": space.budget, "band": [lo, None if math.isinf(hi) else hi],
-            "configurations": int(np.prod(space.choices.astype(float)))}  # fmt: skip
+    return {
+        "methods": list(space.methods),
+        "menus": {m: list(v) for m, v in space.menus.items()},
+        "budget": space.budget,
+        "band": [lo, None if math.isinf(hi) else hi],
+        "configurations": int(np.prod(space.choices.astype(float))),
+    }
 
 
 __all__ = [

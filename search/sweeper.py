@@ -34,8 +34,8 @@ Design, and where it departs from that plugin (its ``_impl.py`` in facebookresea
   so). Each job gets ``cores / n_jobs`` torch threads unless ``train.num_threads`` says
   otherwise. A job's folder is ``<sweep dir>/<trial number>``, the sweep folder as resolved in
   the sweep's process (its name holds a timestamp and a pid).
-- **The job sees its trial.** In the job's process ``budget.cli.TRIAL_HOOK`` is set to a
-  ``TrialHook``: ``budget.cli.run_job`` adds its ``meta`` (study, trial number, params; not the
+- **The job sees its trial.** In the job's process ``adabudget.cli.TRIAL_HOOK`` is set to a
+  ``TrialHook``: ``adabudget.cli.run_job`` adds its ``meta`` (study, trial number, params; not the
   storage, whose URL may hold a password) to the run record and passes its ``on_eval`` to
   ``train``, which reports each dev evaluation
   to the trial and asks ``should_prune`` (a pruned run ends with status ``pruned`` and its trial
@@ -95,6 +95,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from adabudget.config import ConfigError
+from adabudget.search.credentials import PASSWORD_HELP, refused_login, scrub, without_password
+from adabudget.search.declarative import parse_param
 from optuna.distributions import (
     CategoricalDistribution,
     FloatDistribution,
@@ -103,18 +106,25 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
-from budget.config import ConfigError
-from search.credentials import PASSWORD_HELP, refused_login, scrub, without_password
-from search.declarative import parse_param
-
 HOST = socket.gethostname()
 SAMPLER_NAMES = {
-    "tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "nsgaii": "NSGAIISampler",
-    "nsga2": "NSGAIISampler", "nsgaiii": "NSGAIIISampler", "nsga3": "NSGAIIISampler", "gp": "GPSampler",
-    "qmc": "QMCSampler", "grid": "GridSampler", "bruteforce": "BruteForceSampler",
-}  # fmt: skip
-PRUNER_NAMES = {"median": "MedianPruner", "hyperband": "HyperbandPruner",
-                "successive_halving": "SuccessiveHalvingPruner"}  # fmt: skip
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "cmaes": "CmaEsSampler",
+    "nsgaii": "NSGAIISampler",
+    "nsga2": "NSGAIISampler",
+    "nsgaiii": "NSGAIIISampler",
+    "nsga3": "NSGAIIISampler",
+    "gp": "GPSampler",
+    "qmc": "QMCSampler",
+    "grid": "GridSampler",
+    "bruteforce": "BruteForceSampler",
+}
+PRUNER_NAMES = {
+    "median": "MedianPruner",
+    "hyperband": "HyperbandPruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+}
 ALIASES = {"params": "trainable_params", "wall_time": "wall_time_s"}  # objective name -> result.json key
 MINIMISED = ("params", "wall_time", "dev.mse", "dev.loss", "peak_memory_mb")
 MAX_RETRIES = 2  # an interrupted trial is re-queued with the same parameters this often
@@ -250,8 +260,9 @@ def objective_value(result: dict, name: str) -> float:
     return float(node)
 
 
-def job_outcome(ret, result: dict | None, refused: str | None, objectives: list[str] | None,
-                n_values: int) -> dict:  # fmt: skip
+def job_outcome(
+    ret, result: dict | None, refused: str | None, objectives: list[str] | None, n_values: int
+) -> dict:
     """What a job's end means for its trial: ``state`` (complete / pruned / interrupted / fail),
     ``values``, ``error``, and from the record ``run_dir`` and ``status``."""
     try:
@@ -265,8 +276,12 @@ def job_outcome(ret, result: dict | None, refused: str | None, objectives: list[
         return {"state": "fail", "error": f"config refused: {refused}"[:2000], "refused": refused}
     out: dict = {}
     if result is not None:
-        out = {"run_dir": result.get("run_dir"), "status": result.get("status"),
-               "wall_time_s": result.get("wall_time_s"), "trainable_params": result.get("trainable_params")}  # fmt: skip
+        out = {
+            "run_dir": result.get("run_dir"),
+            "status": result.get("status"),
+            "wall_time_s": result.get("wall_time_s"),
+            "trainable_params": result.get("trainable_params"),
+        }
         status = result.get("status")
         if status == "pruned":
             return {**out, "state": "pruned", "error": f"pruned at step {result.get('pruned_at')}"}
@@ -288,8 +303,12 @@ def job_outcome(ret, result: dict | None, refused: str | None, objectives: list[
     except (KeyError, TypeError, ValueError) as err:
         return {**out, "state": "fail", "error": f"no objective value: {err}"}
     if len(values) != n_values:
-        return {**out, "state": "fail", "error": f"{len(values)} value(s) for {n_values} direction(s); "
-                                                  "for several objectives set hydra.sweeper.objectives"}  # fmt: skip
+        return {
+            **out,
+            "state": "fail",
+            "error": f"{len(values)} value(s) for {n_values} direction(s); "
+            "for several objectives set hydra.sweeper.objectives",
+        }
     if not all(math.isfinite(v) for v in values):
         return {**out, "state": "fail", "error": f"objective {values}: the run did not complete"}
     return {**out, "state": "complete", "values": values}
@@ -360,8 +379,10 @@ def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if isinstance(spec, str):
         if spec.lower() not in PRUNER_NAMES:
-            raise ConfigError(f"hydra.sweeper.pruner: unknown pruner '{spec}'; use none, {', '.join(PRUNER_NAMES)} "
-                              "or a _target_ dict (optuna.pruners.PercentilePruner, ...)")  # fmt: skip
+            raise ConfigError(
+                f"hydra.sweeper.pruner: unknown pruner '{spec}'; use none, {', '.join(PRUNER_NAMES)} "
+                "or a _target_ dict (optuna.pruners.PercentilePruner, ...)"
+            )
         return getattr(optuna.pruners, PRUNER_NAMES[spec.lower()])()
     target = _optuna_target(spec, "pruners", "pruner")
     try:
@@ -372,27 +393,35 @@ def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
 
 # ---------------------------------------------------------------- the job's side
 class TrialHook:
-    """The job's view of its trial, set as ``budget.cli.TRIAL_HOOK`` in the job's process."""
+    """The job's view of its trial, set as ``adabudget.cli.TRIAL_HOOK`` in the job's process."""
 
     def __init__(self, setup, trial_id: int, pruner, metric: str | None, report: bool):
-        from search.study import make_storage
+        from adabudget.search.study import make_storage
 
         # a fresh storage: the sweep's connections are not shared with a forked process
-        study = optuna.load_study(study_name=setup.study, storage=make_storage(setup),
-                                  sampler=optuna.samplers.RandomSampler(), pruner=pruner)  # fmt: skip
+        study = optuna.load_study(
+            study_name=setup.study,
+            storage=make_storage(setup),
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=pruner,
+        )
         self.trial = optuna.trial.Trial(study, trial_id)
         self.metric = metric  # the dev metric reported; None: the task's primary metric
         self.report = report
         self.result: dict | None = None
         # no storage: a database URL may hold a password, and the record is a file
-        self.meta = {"study": setup.study, "trial": self.trial.number, "params": dict(self.trial.params),
-                     "sweeper": "adabudget"}  # fmt: skip
+        self.meta = {
+            "study": setup.study,
+            "trial": self.trial.number,
+            "params": dict(self.trial.params),
+            "sweeper": "adabudget",
+        }
 
     def on_eval(self, step: int, metrics: dict) -> bool:
         """``train``'s hook: report the dev metric at this step; True when the pruner says stop."""
         if not self.report:
             return False
-        from budget.metrics import primary_metric
+        from adabudget.metrics import primary_metric
 
         metric = self.metric or primary_metric("pearson" in metrics)
         self.trial.report(float(metrics[metric]), step)
@@ -431,8 +460,20 @@ class _Job:
 class SweeperImpl:
     """``hydra/sweeper=adabudget`` (the fields: ``AdabudgetSweeperConf``)."""
 
-    def __init__(self, sampler=None, direction=None, storage=None, study_name=None, n_trials=20, n_jobs=1,
-                 max_failure_rate=0.25, params=None, custom_search_space=None, pruner=None, objectives=None):  # fmt: skip
+    def __init__(
+        self,
+        sampler=None,
+        direction=None,
+        storage=None,
+        study_name=None,
+        n_trials=20,
+        n_jobs=1,
+        max_failure_rate=0.25,
+        params=None,
+        custom_search_space=None,
+        pruner=None,
+        objectives=None,
+    ):
         from omegaconf import OmegaConf
 
         def check(cond: bool, name: str, msg: str) -> None:
@@ -469,32 +510,52 @@ class SweeperImpl:
         self.sweep_dir = Path(str(config.hydra.sweep.dir))  # resolved once, in this process
         launcher = str(config.hydra.launcher.get("_target_", ""))
         if not launcher.endswith("BasicLauncher"):
-            warnings.warn(f"hydra/launcher ({launcher}) is not used: the adabudget sweeper runs its jobs in a "
-                          "pool of hydra.sweeper.n_jobs local processes", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"hydra/launcher ({launcher}) is not used: the adabudget sweeper runs its jobs in a "
+                "pool of hydra.sweeper.n_jobs local processes",
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------ set-up
     def _settings(self, space: Space) -> dict:
         return {
             "distributions": {k: json.loads(distribution_to_json(d)) for k, d in space.distributions.items()},
-            "objectives": self.objectives, "directions": self.directions,
+            "objectives": self.objectives,
+            "directions": self.directions,
             "custom_search_space": self.custom_search_space,
-        }  # fmt: skip
+        }
 
     def _make_setup(self, study: str, storage: str, root: Path):
         """A ``search.study.Setup`` for the study machinery shared with ``adabudget search``
         (storage, stale-trial recovery, progress lines, trial rows)."""
-        from search.config import SearchConfig
-        from search.study import Setup
+        from adabudget.search.config import SearchConfig
+        from adabudget.search.study import Setup
 
         display = self.objectives or ["dev"]
-        scfg = SearchConfig(study=study, n_trials=self.n_trials, workers=self.n_jobs, storage=storage,
-                            objectives=display, directions=self.directions, enqueue=[], root=str(root.parent),
-                            max_retries=MAX_RETRIES)  # fmt: skip
-        return Setup(base={"model": {"name": None}, "data": {"task": None}}, search=asdict(scfg), study=study,
-                     storage=storage, root=str(root), primary="accuracy", regression=False, num_labels=2)  # fmt: skip
+        scfg = SearchConfig(
+            study=study,
+            n_trials=self.n_trials,
+            workers=self.n_jobs,
+            storage=storage,
+            objectives=display,
+            directions=self.directions,
+            enqueue=[],
+            root=str(root.parent),
+            max_retries=MAX_RETRIES,
+        )
+        return Setup(
+            base={"model": {"name": None}, "data": {"task": None}},
+            search=asdict(scfg),
+            study=study,
+            storage=storage,
+            root=str(root),
+            primary="accuracy",
+            regression=False,
+            num_labels=2,
+        )
 
     def _open_study(self, space: Space):
-        from search.study import database_url, make_storage
+        from adabudget.search.study import database_url, make_storage
 
         settings = self._settings(space)
         digest = hashlib.sha256(
@@ -506,11 +567,15 @@ class SweeperImpl:
         url = database_url(str(self.storage)) if self.storage else str(root / "journal.log")
         shown = without_password(url)
         if url.startswith("sqlite") and self.n_jobs > 1:
-            raise ConfigError("hydra.sweeper.storage: SQLite loses trials with several writers ('database is locked'); "
-                              "with n_jobs > 1 use the default journal file (storage=null) or postgresql://")  # fmt: skip
+            raise ConfigError(
+                "hydra.sweeper.storage: SQLite loses trials with several writers ('database is locked'); "
+                "with n_jobs > 1 use the default journal file (storage=null) or postgresql://"
+            )
         if not url.startswith(("postgresql", "mysql", "sqlite:///")) and not url.endswith(".log"):
-            raise ConfigError(f"hydra.sweeper.storage: '{shown}': use null (a journal file), a path ending in .log, "
-                              "postgresql://... or sqlite:///...")  # fmt: skip
+            raise ConfigError(
+                f"hydra.sweeper.storage: '{shown}': use null (a journal file), a path ending in .log, "
+                "postgresql://... or sqlite:///..."
+            )
         setup = self._make_setup(name, url, root)
         sampler, grid = make_sampler(self.sampler_spec, space)
         self.pruner = make_pruner(self.pruner_spec)
@@ -520,26 +585,35 @@ class SweeperImpl:
         except Exception as err:  # SQLAlchemy's OperationalError; its text names no password
             if not refused_login(err):
                 raise
-            raise ConfigError(f"hydra.sweeper.storage={shown}: the database refused the login "
-                              f"({str(err).splitlines()[0]}); {PASSWORD_HELP}") from None  # fmt: skip
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                    pruner=self.pruner, directions=self.directions, load_if_exists=True)  # fmt: skip
+            raise ConfigError(
+                f"hydra.sweeper.storage={shown}: the database refused the login "
+                f"({str(err).splitlines()[0]}); {PASSWORD_HELP}"
+            ) from None
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=sampler,
+            pruner=self.pruner,
+            directions=self.directions,
+            load_if_exists=True,
+        )
         # a new study, or one made by hand (known configurations enqueued first): adopted as it is
         made = [d.name.lower() for d in study.directions]
         saved = study.user_attrs.get("adabudget_sweeper") or {**settings, "directions": made}
         differ = [k for k in settings if saved.get(k) != settings[k]]
         if differ:
             what = "; ".join(f"{k}: {saved.get(k)} -> {settings[k]}" for k in differ)
-            raise ConfigError(f"hydra.sweeper.study_name={name}: this study in {shown} was made with other "
-                              f"settings ({what}); resume it with its own, or name a new study")  # fmt: skip
+            raise ConfigError(
+                f"hydra.sweeper.study_name={name}: this study in {shown} was made with other "
+                f"settings ({what}); resume it with its own, or name a new study"
+            )
         study.set_user_attr("adabudget_sweeper", settings)
         return study, setup, grid
 
     # ------------------------------------------------------------ the sweep
     def sweep(self, arguments: list[str]) -> None:
+        from adabudget.search.workers import Progress, StartLock, recover_stale
         from hydra.core.utils import configure_log, setup_globals
-
-        from search.workers import Progress, StartLock, recover_stale
 
         space = parse_space(self.params, arguments)
         study, self.setup_, grid = self._open_study(space)
@@ -551,7 +625,7 @@ class SweeperImpl:
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        if getattr(self.task_function, "__module__", None) == "budget.cli":  # adabudget's own jobs
+        if getattr(self.task_function, "__module__", None) == "adabudget.cli":  # adabudget's own jobs
             _preload()
         # the study's start lock (``search.workers.StartLock``: a file lock beside a journal, an
         # advisory lock in PostgreSQL), held while counting and asking: two sweeps, or a sweep and
@@ -563,9 +637,11 @@ class SweeperImpl:
         finally:
             lock.release()
         done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
-        print(f"study {study.study_name} in {without_password(self.setup_.storage)}: {done} of {n_trials} trials done"
-              + (f", {len(recovered)} stale trial(s) re-queued" if recovered else "")
-              + f"; jobs in {self.sweep_dir}/<trial>, {self.n_jobs} at a time")  # fmt: skip
+        print(
+            f"study {study.study_name} in {without_password(self.setup_.storage)}: {done} of {n_trials} trials done"
+            + (f", {len(recovered)} stale trial(s) re-queued" if recovered else "")
+            + f"; jobs in {self.sweep_dir}/<trial>, {self.n_jobs} at a time"
+        )
         progress = Progress(self.setup_)
         progress.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         failed: list[str] = []
@@ -596,8 +672,10 @@ class SweeperImpl:
                         failed.append(f"trial {job.trial.number}: {error}")
                 progress.poll(study)
                 if stop is None and len(failed) > self.max_failure_rate * self.n_trials:
-                    stop = f"{len(failed)} of this sweep's jobs failed (hydra.sweeper.max_failure_rate=" \
-                           f"{self.max_failure_rate:g} of n_trials={self.n_trials})"  # fmt: skip
+                    stop = (
+                        f"{len(failed)} of this sweep's jobs failed (hydra.sweeper.max_failure_rate="
+                        f"{self.max_failure_rate:g} of n_trials={self.n_trials})"
+                    )
                     print(f"stopping: {stop}; waiting for {len(self.pool)} running job(s)", file=sys.stderr)
         finally:
             lock.close()
@@ -631,7 +709,7 @@ class SweeperImpl:
     def _start(self, study, space: Space, release: Callable[[], None] = lambda: None) -> _Job:
         """Ask a trial and fork its job; ``release`` (the start lock's) is called once the trial
         is RUNNING and owned, before the fork."""
-        from search.liveness import Beat, beat_interval
+        from adabudget.search.liveness import Beat, beat_interval
 
         trial = study.ask(space.distributions)
         # the sweep owns its trials (it tells them): if it dies, they are stale (its jobs get SIGTERM).
@@ -653,7 +731,7 @@ class SweeperImpl:
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr(
             "run_dir", str(self.sweep_dir / str(trial.number))
-        )  # budget.cli's multirun folder
+        )  # adabudget.cli's multirun folder
         try:
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         except Exception as err:  # the overrides do not compose: the command is wrong, not the trial
@@ -670,8 +748,11 @@ class SweeperImpl:
             )  # as resolved here (its ${now:} and pid are the sweep's)
         ctx = multiprocessing.get_context("fork")  # the job inherits the task function and the imports
         receive, send = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=self._job_main, args=(send, config, trial._trial_id, os.getpid()),
-                              name=f"trial-{trial.number}")  # fmt: skip
+        process = ctx.Process(
+            target=self._job_main,
+            args=(send, config, trial._trial_id, os.getpid()),
+            name=f"trial-{trial.number}",
+        )
         process.start()
         send.close()
         trial.set_user_attr("job_pid", process.pid)
@@ -688,15 +769,20 @@ class SweeperImpl:
         hook = TrialHook(self.setup_, trial_id, self.pruner, self.metric, self.report)
         _CURRENT = hook
         try:
-            from budget import cli
+            from adabudget import cli
         except ImportError:
             cli = None
         if cli is not None:
             cli.TRIAL_HOOK = hook
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(max(1, (os.cpu_count() or 1) // self.n_jobs))
-        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
-                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
+        ret = run_job(
+            hydra_context=self.hydra_context,
+            task_function=self.task_function,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
         refused = cli.REFUSED.get(int(config.hydra.job.num)) if cli is not None else None
         send.send(job_outcome(ret, hook.result, refused, self.objectives, len(self.directions)))
         send.close()
@@ -709,61 +795,91 @@ class SweeperImpl:
         if outcome is None:
             why = f"the job's process ended with exit code {job.process.exitcode} before reporting"
             outcome = {"state": "interrupted" if interrupted else "fail", "error": why}
-        from search.liveness import tell
+        from adabudget.search.liveness import tell
 
         trial, state = job.trial, outcome["state"]
-        attrs = {key: outcome[key] for key in ("run_dir", "status", "wall_time_s", "trainable_params", "error")
-                 if outcome.get(key) is not None}  # fmt: skip
+        attrs = {
+            key: outcome[key]
+            for key in ("run_dir", "status", "wall_time_s", "trainable_params", "error")
+            if outcome.get(key) is not None
+        }
         if outcome.get("refused"):
-            from budget import cli
+            from adabudget import cli
 
             cli.REFUSED[trial.number] = outcome["refused"]  # the multirun summary lists refused jobs
         try:  # failed as stale meanwhile (a lost race): logged, a result kept as a duplicate, no crash
             if state == "complete":
                 told = tell(study, trial, outcome["values"], attrs=attrs)
             else:
-                told = tell(study, trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL,
-                            attrs=attrs)  # fmt: skip
+                told = tell(
+                    study,
+                    trial,
+                    state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL,
+                    attrs=attrs,
+                )
         finally:
             if job.beat is not None:
                 job.beat.stop()
         if not told:  # the worker that failed it queued it again already
             return "lost", None
         if state == "interrupted" and job.retries < MAX_RETRIES:  # stopped, not bad: run it again
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number),
-                                                          "retries": job.retries + 1})  # fmt: skip
+            study.enqueue_trial(
+                trial.params,
+                user_attrs={
+                    "retry_of": trial.user_attrs.get("retry_of", trial.number),
+                    "retries": job.retries + 1,
+                },
+            )
         return state, outcome.get("error")
 
     # ------------------------------------------------------------ the record
     def _write_record(self, study, n_trials: int) -> None:
         """``sweeps/<study>/sweep.json`` (the whole study) and the multirun folder's
         ``optimization_results.yaml`` (hydra-optuna-sweeper's file)."""
+        from adabudget.log import environment, write_json_atomic
+        from adabudget.search.study import best_trials, trial_row
         from omegaconf import OmegaConf
-
-        from budget.log import environment, write_json_atomic
-        from search.study import best_trials, trial_row
 
         setup = self.setup_
         trials = study.get_trials(deepcopy=False)
-        best = [{**trial_row(t), "command": "adabudget train " + " ".join(
-            shlex.quote(o) for o in t.user_attrs.get("overrides", []))} for t in best_trials(study, setup)]  # fmt: skip
+        best = [
+            {
+                **trial_row(t),
+                "command": "adabudget train "
+                + " ".join(shlex.quote(o) for o in t.user_attrs.get("overrides", [])),
+            }
+            for t in best_trials(study, setup)
+        ]
         key = "best" if len(self.directions) == 1 else "pareto_front"
         record = {
-            "study": setup.study, "storage": without_password(setup.storage), "objectives": setup.scfg.objectives,
-            "directions": self.directions, "n_trials": n_trials, "finished": sum(_finished(t) for t in trials),
-            "settings": study.user_attrs.get("adabudget_sweeper"), "sampler": type(study.sampler).__name__,
-            "pruner": type(self.pruner).__name__, "trials": [trial_row(t) for t in trials], key: best,
+            "study": setup.study,
+            "storage": without_password(setup.storage),
+            "objectives": setup.scfg.objectives,
+            "directions": self.directions,
+            "n_trials": n_trials,
+            "finished": sum(_finished(t) for t in trials),
+            "settings": study.user_attrs.get("adabudget_sweeper"),
+            "sampler": type(study.sampler).__name__,
+            "pruner": type(self.pruner).__name__,
+            "trials": [trial_row(t) for t in trials],
+            key: best,
             **environment(),
-        }  # fmt: skip
+        }
         Path(setup.root).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(setup.root) / "sweep.json", record)
         if len(self.directions) == 1:
-            results = {"name": "adabudget", "study": setup.study,
-                       "best_params": best[0]["params"] if best else None,
-                       "best_value": best[0]["values"][0] if best else None}  # fmt: skip
+            results = {
+                "name": "adabudget",
+                "study": setup.study,
+                "best_params": best[0]["params"] if best else None,
+                "best_value": best[0]["values"][0] if best else None,
+            }
         else:
-            results = {"name": "adabudget", "study": setup.study,
-                       "solutions": [{"params": b["params"], "values": b["values"]} for b in best]}  # fmt: skip
+            results = {
+                "name": "adabudget",
+                "study": setup.study,
+                "solutions": [{"params": b["params"], "values": b["values"]} for b in best],
+            }
         if self.sweep_dir.is_dir():
             OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
         if best:
@@ -793,9 +909,8 @@ def _preload() -> None:
     tokenizer modules) once, here: forked jobs inherit them, and a tiny job's start drops from
     about 10 s to 1 s on two busy cores."""
     try:
+        import adabudget.training  # noqa: F401
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
-
-        import budget.train  # noqa: F401
     except ImportError:
         pass
 

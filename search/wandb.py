@@ -1,8 +1,8 @@
 """W&B for searches: the per-trial mirror's labels and the export of a study as a W&B sweep.
 
 **Per-trial mirror.** With ``logger.wandb=true`` every trial's run mirrors itself to W&B as any
-run does (``budget.log.RunRecord``: offline unless configured, and a W&B error never fails
-the run), in the group ``logger.group`` = the study's name (``search.study.trial_config``),
+run does (``adabudget.log.RunRecord``: offline unless configured, and a W&B error never fails
+the run), in the group ``logger.group`` = the study's name (``adabudget.search.study.trial_config``),
 with the config under dotted keys (``method.r``). ``trial_summary`` adds what makes it a trial:
 its number and parameters, and its objectives, which are known only once it has trained, so
 they are named by where the run's result holds them and read there when the run ends.
@@ -33,20 +33,20 @@ import os
 import sys
 from pathlib import Path
 
-from budget.config import ConfigError
+from adabudget.config import ConfigError
 
 # Where a trial's result (result.json) holds each objective's value (params is known before).
 OBJECTIVE_PATHS = {"wall_time": "wall_time_s"}
 SAMPLER_METHODS = {"tpe": "bayes", "gp": "bayes", "nsga2": "bayes", "random": "random", "grid": "grid"}
 # What the sweep's runs get besides the search's own overrides: the W&B mirror (the sweep reads
-# its metric from it), and what a search trial gets (search.study.trial_config): no checkpoints
+# its metric from it), and what a search trial gets (adabudget.search.study.trial_config): no checkpoints
 # (a stopped run is re-run, not resumed; W&B's early termination sends SIGTERM) and no bar.
 SWEEP_RUN_OVERRIDES = ("logger.wandb=true", "train.checkpoint=none", "train.progress=false")
 
 
 # ---------------------------------------------------------------- per-trial mirror
 def trial_summary(setup, number: int, params: dict, budget_params: int | None) -> dict:
-    """The ``meta`` entries (``budget.log.RunRecord``) that put a trial's number, parameters and
+    """The ``meta`` entries (``adabudget.log.RunRecord``) that put a trial's number, parameters and
     objectives in its W&B run summary; none when the run has no W&B mirror.
 
     ``objective/dev.accuracy`` is read from the run's ``final.dev.accuracy``, ``objective/wall_time``
@@ -111,9 +111,9 @@ def _hydra_value(value) -> str:
 def program_path() -> str:
     """``budget/cli.py``, relative to the current folder when it is the checkout (run ``wandb agent``
     there), else the installed file's absolute path; ``python <it> train ...`` is ``adabudget train``."""
-    import budget.cli
+    import adabudget.cli
 
-    path = Path(budget.cli.__file__).resolve()
+    path = Path(adabudget.cli.__file__).resolve()
     try:
         return str(path.relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -132,11 +132,10 @@ def sweep_config(cfg, overrides: list[str]) -> dict:
         ConfigError: a code space (naming ``search.space``), several objectives, a budget (W&B has
             no constraints: every sampled configuration would train), a grid over intervals.
     """
+    from adabudget.search.config import SearchConfig
+    from adabudget.search.space import get_space
+    from adabudget.search.study import prepare
     from omegaconf import OmegaConf
-
-    from search.config import SearchConfig
-    from search.space import get_space
-    from search.study import prepare
 
     # what W&B cannot express fails first; then everything is checked as for a search
     scfg = SearchConfig(**OmegaConf.to_container(cfg.search, resolve=True))
@@ -221,7 +220,7 @@ def sweep_config(cfg, overrides: list[str]) -> dict:
 def _check_presets(method, parameters: dict) -> None:
     """``method=X`` starts from configs/method/X.yaml, the search from X's dataclass defaults:
     refuse a preset that sets knobs the space leaves alone (the two would train different runs)."""
-    from budget.compose import config_dir, preset
+    from adabudget.compose import config_dir, preset
 
     names = method.get("values") or [method.get("value")]
     for name in names:
@@ -237,8 +236,7 @@ def _check_presets(method, parameters: dict) -> None:
 
 def sweep_yaml(config: dict, overrides: list[str]) -> str:
     import yaml
-
-    from search.credentials import scrub
+    from adabudget.search.credentials import scrub
 
     head = (  # the command without a storage's password (search.storage is not in the sweep itself)
         f"# W&B sweep of: adabudget search {scrub(' '.join(overrides))}\n"
@@ -253,10 +251,9 @@ def sweep_yaml(config: dict, overrides: list[str]) -> str:
 
 def export_main(argv: list[str]) -> None:
     """``adabudget search export-wandb-sweep [overrides] [--out FILE]``: print or write the YAML."""
+    from adabudget.compose import compose
+    from adabudget.search.config import register_schema
     from hydra.errors import HydraException
-
-    from budget.compose import compose
-    from search.config import register_schema
 
     args, out = list(argv), None
     if "--out" in args:

@@ -39,12 +39,10 @@ import traceback
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
-
-from budget.config import ConfigError
-from search.liveness import HOST, Beat, beat_interval, pid_alive, stale_reason, tell
-from search.space import get_space
-from search.study import (
+from adabudget.config import ConfigError
+from adabudget.search.liveness import HOST, Beat, beat_interval, pid_alive, stale_reason, tell
+from adabudget.search.space import get_space
+from adabudget.search.study import (
     STOP,
     SearchInterrupted,
     SearchRefused,
@@ -56,6 +54,7 @@ from search.study import (
     open_study,
     stop_if_requested,
 )
+from optuna.trial import TrialState
 
 __all__ = ["HOST", "pid_alive"]  # kept importable from here (tests, older callers)
 log = logging.getLogger("adabudget.search")
@@ -87,7 +86,9 @@ class StartLock:
             try:
                 self._advisory("SELECT pg_advisory_lock(:k)")
             except _disconnects() as err:  # dropped while idle: a new connection, once
-                log.warning("start lock: the database connection was lost (%s); reconnecting", _first_line(err))
+                log.warning(
+                    "start lock: the database connection was lost (%s); reconnecting", _first_line(err)
+                )
                 self._drop()
                 self._advisory("SELECT pg_advisory_lock(:k)")
         else:
@@ -254,9 +255,10 @@ def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
             if len(errors) >= MAX_CONSECUTIVE_FAILURES:
                 raise TooManyFailures(
                     f"{len(errors)} trials in a row failed on this worker, so it stops (a trial that fails alone "
-                    "is recorded and the search goes on); the last errors:\n  " + "\n  ".join(errors[-5:])
+                    "is recorded and the search goes on); the last errors:\n  "
+                    + "\n  ".join(errors[-5:])
                     + "\nsee their run folders; fix the cause, then the same command resumes the study"
-                )  # fmt: skip
+                )
             if after_trial is not None:
                 after_trial()
     finally:
@@ -277,7 +279,10 @@ def worker_main(setup: Setup, index: int = 0) -> None:
     except SearchInterrupted as err:
         sys.exit(err.code)
     except (TooManyFailures, ConfigError) as err:  # said once, without a traceback; the main process sums up
-        print(f"worker {index}: {'config error: ' if isinstance(err, ConfigError) else ''}{err}", file=sys.stderr)
+        print(
+            f"worker {index}: {'config error: ' if isinstance(err, ConfigError) else ''}{err}",
+            file=sys.stderr,
+        )
         sys.exit(2 if isinstance(err, ConfigError) else 1)
 
 
@@ -322,11 +327,16 @@ class Progress:
         self.sign = [1 if d == "maximize" else -1 for d in setup.scfg.direction_names(setup.primary)]
         self.best = None
         self.start = time.time()
-        self.bar = tqdm(total=setup.scfg.n_trials, desc=setup.study, leave=False, file=sys.stderr,
-                        disable=not sys.stderr.isatty())  # fmt: skip
+        self.bar = tqdm(
+            total=setup.scfg.n_trials,
+            desc=setup.study,
+            leave=False,
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+        )
 
     def poll(self, study: optuna.Study) -> None:
-        from search.study import trial_row
+        from adabudget.search.study import trial_row
 
         trials = study.get_trials(deepcopy=False)
         for t in trials:
@@ -355,18 +365,21 @@ class Progress:
             wall = f"{row['wall_time_s']:.0f}s" if row["wall_time_s"] else ""
             self.bar.write(
                 f"trial {t.number:>3} {row['state']:<10} {value:<22} {best:<20} {wall:>6}  "
-                f"ETA {eta / 60:.0f} min  [{params}]" if eta is not None else
-                f"trial {t.number:>3} {row['state']:<10} {value:<22} {best:<20} {wall:>6}  [{params}]"
-            )  # fmt: skip
+                f"ETA {eta / 60:.0f} min  [{params}]"
+                if eta is not None
+                else f"trial {t.number:>3} {row['state']:<10} {value:<22} {best:<20} {wall:>6}  [{params}]"
+            )
             self.bar.n = min(done, self.setup.scfg.n_trials)
             self.bar.refresh()
 
     def note_best(self, t) -> None:
         """Keep the best trained trial (first objective); infeasible ones carry placeholders."""
-        from search.study import finished
+        from adabudget.search.study import finished
 
-        if t.state == TrialState.COMPLETE and finished(t) and (
-            self.best is None or self.sign[0] * t.values[0] > self.sign[0] * self.best[1]
+        if (
+            t.state == TrialState.COMPLETE
+            and finished(t)
+            and (self.best is None or self.sign[0] * t.values[0] > self.sign[0] * self.best[1])
         ):
             self.best = (t.number, t.values[0])
 
@@ -386,8 +399,11 @@ def run_workers(setup: Setup) -> None:
     """``search.workers`` processes (one: this process) until the study is full; prints progress."""
     progress = Progress(setup)
     study = open_study(setup)
-    progress.seen = {t.number for t in study.get_trials(deepcopy=False)
-                     if t.state not in (TrialState.RUNNING, TrialState.WAITING)}  # fmt: skip
+    progress.seen = {
+        t.number
+        for t in study.get_trials(deepcopy=False)
+        if t.state not in (TrialState.RUNNING, TrialState.WAITING)
+    }
     for t in study.get_trials(deepcopy=False):  # a resumed study: "best" counts the earlier trials
         if t.number in progress.seen:
             progress.note_best(t)
@@ -427,10 +443,14 @@ def run_workers(setup: Setup) -> None:
             bad = [p.exitcode for p in procs if p.exitcode]
             if bad:
                 failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
-                last = "".join(f"\n  trial {t.number}: {t.user_attrs.get('error') or t.user_attrs.get('failed_because')}"
-                               for t in failed[-5:])  # fmt: skip
-                raise RuntimeError(f"{len(bad)} worker(s) exited with {bad}; the study is resumable as it is"
-                                   + (f"; the last failed trials:{last}" if last else ""))  # fmt: skip
+                last = "".join(
+                    f"\n  trial {t.number}: {t.user_attrs.get('error') or t.user_attrs.get('failed_because')}"
+                    for t in failed[-5:]
+                )
+                raise RuntimeError(
+                    f"{len(bad)} worker(s) exited with {bad}; the study is resumable as it is"
+                    + (f"; the last failed trials:{last}" if last else "")
+                )
         progress.poll(study)
     finally:
         progress.close()

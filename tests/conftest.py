@@ -102,7 +102,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture
 def compose_run(tmp_path):
     """compose_run(*overrides) -> the composed Hydra config of a tiny run under tmp_path."""
-    from budget.compose import compose
+    from adabudget.compose import compose
 
     def _compose(*overrides: str, tiny: bool = True):
         base = (TINY_RUN if tiny else []) + [f"runs_root={tmp_path / 'runs'}"]
@@ -126,11 +126,10 @@ def _one_thread():
 
 # ---------------------------------------------------------------- a tiny model and batch, no data
 def tiny_model(arch_name: str = "tiny-bert", seed: int = 0):
-    """A random tiny HF classifier (``budget.models.tiny_config``), backbone frozen, in eval mode."""
+    """A random tiny HF classifier (``adabudget.models.tiny_config``), backbone frozen, in eval mode."""
     import torch
+    from adabudget.models import freeze_backbone, tiny_config
     from transformers import AutoModelForSequenceClassification
-
-    from budget.models import freeze_backbone, tiny_config
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(tiny_config(arch_name, 2, False)).eval()

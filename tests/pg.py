@@ -72,8 +72,9 @@ class PostgresServer:
             if self.user is not None:
                 shutil.chown(pwfile, self.user)
             auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
-        self._as_server_user(["initdb", "-D", str(self.data), "-U", "postgres", *auth, "-E", "UTF8",
-                              "--no-sync"])  # fmt: skip
+        self._as_server_user(
+            ["initdb", "-D", str(self.data), "-U", "postgres", *auth, "-E", "UTF8", "--no-sync"]
+        )
         if self.password is not None:
             (self.dir / "pwfile").unlink()
         # fsync off: a test server need not survive a power cut
@@ -81,8 +82,21 @@ class PostgresServer:
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
         )
         try:
-            self._as_server_user(["pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l",
-                                  str(self.dir / "server.log"), "-o", options])  # fmt: skip
+            self._as_server_user(
+                [
+                    "pg_ctl",
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.dir / "server.log"),
+                    "-o",
+                    options,
+                ]
+            )
         except subprocess.CalledProcessError as err:
             log = (self.dir / "server.log").read_text() if (self.dir / "server.log").exists() else ""
             raise RuntimeError(f"pg_ctl start failed: {err.stderr}\n{log}") from err
@@ -90,8 +104,13 @@ class PostgresServer:
 
     def create_db(self, name: str) -> str:
         env = dict(os.environ, **({"PGPASSWORD": self.password} if self.password is not None else {}))
-        subprocess.run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                        name], check=True, capture_output=True, timeout=60, env=env)  # fmt: skip
+        subprocess.run(
+            [str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name],
+            check=True,
+            capture_output=True,
+            timeout=60,
+            env=env,
+        )
         login = "postgres" if self.password is None else f"postgres:{self.password}"
         return f"postgresql://{login}@127.0.0.1:{self.port}/{name}"
 

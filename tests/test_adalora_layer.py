@@ -1,4 +1,4 @@
-"""The AdaLoRA layer (``budget.methods.adalora``): SVDLinear around nn.Linear and GPT-2's
+"""The AdaLoRA layer (``adabudget.methods.adalora``): SVDLinear around nn.Linear and GPT-2's
 Conv1D, its init (λ = 0, orthonormal P and Q), ΔW = s P diag(λ) Q against the forward,
 which parameters train once ``apply_method`` has wrapped a tiny real model, the orthogonal
 penalty (eq. 4 squared, and peft's unsquared form) against a hand computation and against
@@ -13,13 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from adabudget.config import ModelConfig
+from adabudget.methods import apply_method, method_config_from_dict
+from adabudget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty, scaling_of
+from adabudget.models import freeze_backbone, is_head, load_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-from budget.config import ModelConfig
-from budget.methods import apply_method, method_config_from_dict
-from budget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty, scaling_of
-from budget.models import freeze_backbone, is_head, load_model
 
 D_IN, D_OUT, R = 16, 24, 4
 MODELS = {"tiny-bert": 12, "tiny-gpt2": 8, "tiny-llama": 14}  # name: adapted matrices (defaults)

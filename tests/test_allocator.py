@@ -1,4 +1,4 @@
-"""The global rank allocator (``budget.allocator.RankAllocator``, AdaLoRA Algorithm 1).
+"""The global rank allocator (``adabudget.allocator.RankAllocator``, AdaLoRA Algorithm 1).
 
 Invariants checked after every allocation of short real training runs on tiny-bert (a
 fixed random batch): the kept triplets equal the scheduled budget b(t), masked λ are
@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from adabudget.allocator import RankAllocator
+from adabudget.config import ConfigError, ModelConfig
+from adabudget.methods import apply_method, method_config_from_dict
+from adabudget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty
+from adabudget.models import freeze_backbone, load_model
 from torch import nn
-
-from budget.allocator import RankAllocator
-from budget.config import ConfigError, ModelConfig
-from budget.methods import apply_method, method_config_from_dict
-from budget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty
-from budget.models import freeze_backbone, load_model
 
 PINNED = Path(__file__).parent / "reference" / "peft_rank_allocator_scores.json"
 
@@ -315,8 +314,12 @@ def test_shrink_every_allocation():
             assert run.alloc.ranks() == a.ranks
             assert all(int(torch.count_nonzero(lay.lam)) == lay.rank for lay in run.layers.values())
             # factors emptied by the shrink (rank 0) take no gradient and leave the optimizer
-            adapter = {id(getattr(lay, k)) for lay in run.layers.values() for k in ("P", "lam", "Q")
-                       if getattr(lay, k).numel() > 0}  # fmt: skip
+            adapter = {
+                id(getattr(lay, k))
+                for lay in run.layers.values()
+                for k in ("P", "lam", "Q")
+                if getattr(lay, k).numel() > 0
+            }
             in_opt = {id(p) for g in run.opt.param_groups for p in g["params"]}
             assert adapter <= in_opt and len(in_opt) == len(adapter) + 2  # + the head's weight, bias
             assert sum(t.numel() for t in run.alloc.ibar) == sum(
@@ -426,9 +429,13 @@ def test_scores_match_pinned_peft_numbers():
     r = ref["init_r"]
     layers = {n: SVDLinear(nn.Linear(d_in, d_out), r, 1.0) for n, (d_in, d_out) in ref["shapes"].items()}
     cfg = AdaLoRAConfig(
-        init_r=r, target_total_rank=ref["budget"], warmup_steps=1, final_steps=1,
-        beta1=ref["beta1"], beta2=ref["beta2"],
-    )  # fmt: skip
+        init_r=r,
+        target_total_rank=ref["budget"],
+        warmup_steps=1,
+        final_steps=1,
+        beta1=ref["beta1"],
+        beta2=ref["beta2"],
+    )
     alloc = RankAllocator(layers, cfg, total_steps=10)
     for step in ref["steps"]:
         for n, lay in layers.items():
@@ -487,9 +494,16 @@ def test_scores_and_masks_match_live_peft():
     layers = apply_method(ours, cfg)
     alloc = RankAllocator(layers, cfg, T)
     peft_cfg = peft.AdaLoraConfig(
-        init_r=4, target_r=2, tinit=3, tfinal=5, deltaT=2, total_step=T, beta1=0.85, beta2=0.85,
+        init_r=4,
+        target_r=2,
+        tinit=3,
+        tfinal=5,
+        deltaT=2,
+        total_step=T,
+        beta1=0.85,
+        beta2=0.85,
         target_modules=list(layers),
-    )  # fmt: skip
+    )
     inner = peft.get_peft_model(base, peft_cfg).base_model
     theirs = {n: inner.model.get_submodule(n) for n in layers}
     for n, lay in layers.items():

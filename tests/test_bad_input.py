@@ -7,9 +7,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
-from budget.config import ConfigError
-from budget.train import train
+from adabudget.config import ConfigError
+from adabudget.training import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -63,7 +62,7 @@ def test_bad_input_names_the_field(compose_run, tmp_path, overrides, field):
 
 
 def test_unknown_method_name(compose_run):
-    from budget.compose import resolve
+    from adabudget.compose import resolve
 
     cfg = compose_run()
     cfg.method.name = "no_such_method"
@@ -102,8 +101,8 @@ def test_messages_say_the_fix(compose_run):
 
 def test_hybrid_group_alpha_and_pattern_are_checked(compose_run):
     """A hybrid's groups hold method knobs too: the same rules, naming the group."""
-    from budget.compose import resolve
-    from budget.config import validate
+    from adabudget.compose import resolve
+    from adabudget.config import validate
 
     run = resolve(compose_run("method=s4"))
     assert "lora" in run.method.groups[0]
@@ -112,8 +111,15 @@ def test_hybrid_group_alpha_and_pattern_are_checked(compose_run):
         validate(run)
     # two groups on tiny-bert's two blocks; the pattern that matches nothing is in group 1
     lora = {"r": 4, "target_modules": ["query", "no_such_layer"]}
-    run.method = dataclasses.replace(run.method, num_groups=2, grouping="uniform", groups=["none", {"lora": lora}],
-                                     budget=None, budget_percent=None, allocation="uniform")  # fmt: skip
+    run.method = dataclasses.replace(
+        run.method,
+        num_groups=2,
+        grouping="uniform",
+        groups=["none", {"lora": lora}],
+        budget=None,
+        budget_percent=None,
+        allocation="uniform",
+    )
     with pytest.raises(ConfigError, match=r"method\.groups\[1\]\.lora\.target_modules: \['no_such_layer'\]"):
         train(run)
 
@@ -121,8 +127,13 @@ def test_hybrid_group_alpha_and_pattern_are_checked(compose_run):
 def test_pattern_outside_the_chosen_blocks_is_refused(compose_run):
     """``method.layers`` restricts the candidates: a pattern naming only another block matches nothing."""
     with pytest.raises(ConfigError, match=r"method\.target_modules: .*in blocks \[1\]"):
-        train(compose_run("method=lora", r"method.target_modules=[value,'layer\.0\.attention\.self\.query']",
-                          "method.layers=[1]"))  # fmt: skip
+        train(
+            compose_run(
+                "method=lora",
+                r"method.target_modules=[value,'layer\.0\.attention\.self\.query']",
+                "method.layers=[1]",
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -153,8 +164,8 @@ def test_undecodable_jsonl_names_the_file(compose_run, tmp_path):
 
 
 def test_search_grace_period_must_be_positive(compose_run, tmp_path):
-    from search.config import SearchConfig
-    from search.study import run_search
+    from adabudget.search.config import SearchConfig
+    from adabudget.search.study import run_search
 
     for bad in (0, -5):
         with pytest.raises(ConfigError, match=r"search\.grace_period: must be > 0"):
@@ -175,8 +186,8 @@ PRESETS = sorted(
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_validates(preset):
     """Each shipped preset, composed alone, passes the checks a run starts with."""
-    from budget.compose import compose, resolve
-    from budget.config import validate
+    from adabudget.compose import compose, resolve
+    from adabudget.config import validate
 
     group, name = preset.split("/", 1)
     validate(resolve(compose([f"{group}={name}", "runs_root=/nonexistent"])))

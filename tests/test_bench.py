@@ -5,8 +5,7 @@ import math
 import re
 
 import pytest
-
-from budget import bench
+from adabudget import bench
 
 RATIO = re.compile(
     r"ratio adalora/lora=(\S+) shrunk/lora_final=(\S+) adalora/peft_adalora=(\S+) allocator/peft_allocator=(\S+)"
@@ -60,10 +59,18 @@ def test_bench_without_peft_leaves_peft_ratios_undefined(capsys):
 
 def test_bench_lr_grid_resumes_and_tables(tmp_path, capsys):
     """`adabudget bench lr`: one run folder per cell, finished cells skipped, a table from the records."""
-    from budget.bench_lr import main as lr_main
+    from adabudget.bench_lr import main as lr_main
 
-    tiny = ["model=tiny-bert", "data.max_train_samples=64", "data.max_eval_samples=32", "train.max_steps=8",
-            "train.batch_size=8", "method.init_r=4", "method.target_r=2", "method.mask_interval=2"]  # fmt: skip
+    tiny = [
+        "model=tiny-bert",
+        "data.max_train_samples=64",
+        "data.max_eval_samples=32",
+        "train.max_steps=8",
+        "train.batch_size=8",
+        "method.init_r=4",
+        "method.target_r=2",
+        "method.mask_interval=2",
+    ]
     args = [
         "--root",
         str(tmp_path),
@@ -91,15 +98,34 @@ def test_bench_lr_grid_resumes_and_tables(tmp_path, capsys):
 def test_bench_methods_run_at_loras_count(capsys):
     """``--methods``: each registered method is a variant at LoRA r=init_r's trainable count (a
     size knob solved to the closest count, or the knobs given), with its own ratio to LoRA."""
-    res = bench.run(bench.parse_args(["step", "--model", "tiny-bert", "--steps", "1", "--warmup", "0",
-                                      "--alloc-reps", "1", "--no-peft", "--init-r", "4", "--target-r", "2",
-                                      "--methods", "adapter,lora:r=2"]))  # fmt: skip
+    res = bench.run(
+        bench.parse_args(
+            [
+                "step",
+                "--model",
+                "tiny-bert",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--alloc-reps",
+                "1",
+                "--no-peft",
+                "--init-r",
+                "4",
+                "--target-r",
+                "2",
+                "--methods",
+                "adapter,lora:r=2",
+            ]
+        )
+    )
     v = res["variants"]
     lora, adapter = v["lora"]["trainable"], v["method:adapter"]["trainable"]
     b = int(re.search(r"bottleneck=(\d+)", v["method:adapter"]["name"]).group(1))
     # no other bottleneck comes closer to LoRA r=4's count (the head trains in neither: equal offsets)
-    from budget.arch import arch_of
-    from budget.methods import count_method, method_config_from_dict
+    from adabudget.arch import arch_of
+    from adabudget.methods import count_method, method_config_from_dict
 
     arch = arch_of(bench.quiet_load("tiny-bert"))
     counts = {

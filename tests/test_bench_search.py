@@ -3,14 +3,28 @@ process, two spawned), the table is printed and the last line gives two overhead
 
 import re
 
-from budget.cli import main
+from adabudget.cli import main
 
 LINE = re.compile(r"overhead workers1=(\S+) workers2=(\S+)")
 
 
 def test_bench_search_prints_table_and_overhead_line(capsys):
-    main(["bench", "search", "--trials", "2", "--steps", "4", "--train-samples", "32", "--eval-samples", "16",
-          "--threads", "1"])  # fmt: skip
+    main(
+        [
+            "bench",
+            "search",
+            "--trials",
+            "2",
+            "--steps",
+            "4",
+            "--train-samples",
+            "32",
+            "--eval-samples",
+            "16",
+            "--threads",
+            "1",
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     match = LINE.fullmatch(lines[-1])
     assert match, lines[-1]

@@ -15,14 +15,13 @@ import copy
 
 import pytest
 import torch
+from adabudget.callbacks import AdaBudgetCallback, adalora_optimizer, add_adalora
+from adabudget.config import ConfigError, ModelConfig
+from adabudget.methods import method_config_from_dict
+from adabudget.methods.adalora import orth_penalty
+from adabudget.models import load_model
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-
-from budget.callbacks import AdaBudgetCallback, adalora_optimizer, add_adalora
-from budget.config import ConfigError, ModelConfig
-from budget.methods import method_config_from_dict
-from budget.methods.adalora import orth_penalty
-from budget.models import load_model
 
 # 12 adapted matrices (2 layers x 6) at rank 4: b(0) = 48, b(T) = 24. λ at the same learning
 # rate as P and Q, so the Trainer's default single-group optimizer is the right one.

@@ -27,11 +27,10 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     )
     import torch
     import torch.distributed as dist
+    from adabudget.callbacks import add_adalora
+    from adabudget.config import ConfigError
     from test_callbacks import CFG, RandomTokens, make_args, tiny_bert  # tests/ is on the inherited sys.path
     from transformers import Trainer
-
-    from budget.callbacks import add_adalora
-    from budget.config import ConfigError
 
     torch.set_num_threads(1)
     args = make_args(out["tmp"], gradient_accumulation_steps=1, num_train_epochs=1)  # 16 samples per rank

@@ -27,7 +27,7 @@ def quick_start_commands() -> list[str]:
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *args]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -89,7 +89,7 @@ TINY = ["model=tiny-bert", "debug=fast", "method.init_r=4", "method.target_r=2",
 
 def popen_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *args]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -124,8 +124,19 @@ def test_refused_config_leaves_no_folder(tmp_path):
 def test_multirun_survives_failed_and_refused_jobs(tmp_path):
     """-m: one job diverges (lr 1e30), one is refused (target_r 99): the sweep goes on to the end,
     and leaves a summary of its jobs."""
-    proc = run_cli(["train", "-m", *TINY, "train.max_grad_norm=null", "train.log_every=1",
-                    "train.lr=1e30,5e-3", "method.target_r=2,99", f"runs_root={tmp_path}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "train",
+            "-m",
+            *TINY,
+            "train.max_grad_norm=null",
+            "train.log_every=1",
+            "train.lr=1e30,5e-3",
+            "method.target_r=2,99",
+            f"runs_root={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweeps = list(tmp_path.glob("default/multirun_*"))
     assert len(sweeps) == 1
@@ -145,8 +156,20 @@ def test_multirun_survives_failed_and_refused_jobs(tmp_path):
 
 
 def test_runs_started_together_get_their_own_folders(tmp_path):
-    procs = [popen_cli(["train", *TINY, "train.max_steps=4", "train.eval_every=0", f"train.seed={s}",
-                        f"runs_root={tmp_path}"], tmp_path) for s in range(3)]  # fmt: skip
+    procs = [
+        popen_cli(
+            [
+                "train",
+                *TINY,
+                "train.max_steps=4",
+                "train.eval_every=0",
+                f"train.seed={s}",
+                f"runs_root={tmp_path}",
+            ],
+            tmp_path,
+        )
+        for s in range(3)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     dirs = [Path(re.search(r"run folder: (\S+)", o[0]).group(1)) for o in outs]
@@ -178,8 +201,18 @@ def test_explicit_run_dir_is_never_reused(tmp_path):
 def test_signal_checkpoints_and_resumes(tmp_path, sig, code):
     """What a scheduler (SIGTERM) or Ctrl-C (SIGINT) does: a checkpoint, status interrupted with
     the resume command, a clean exit; the resume finishes the run."""
-    proc = popen_cli(["train", *TINY, "train.max_steps=400", "train.eval_every=0", "train.log_every=1",
-                      "train.checkpoint=end", f"runs_root={tmp_path}"], tmp_path)  # fmt: skip
+    proc = popen_cli(
+        [
+            "train",
+            *TINY,
+            "train.max_steps=400",
+            "train.eval_every=0",
+            "train.log_every=1",
+            "train.checkpoint=end",
+            f"runs_root={tmp_path}",
+        ],
+        tmp_path,
+    )
     metrics = _wait_for_steps(tmp_path, 5, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
@@ -245,7 +278,7 @@ def test_shell_completion(tmp_path):
     assert install.returncode == 0
     assert install.stdout.rstrip().endswith("hydra_bash_completion adabudget")
     env = dict(os.environ, COMP_LINE="adabudget train meth", COMP_POINT="20")
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", "-sc", "query=bash"]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", "-sc", "query=bash"]
     query = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert query.returncode == 0, query.stderr
     assert "method" in query.stdout.split()
@@ -266,8 +299,17 @@ def test_schemas_are_not_presets(tmp_path):
 
 
 def test_failed_run_summary(tmp_path):
-    proc = run_cli(["train", *TINY, "train.lr=1e30", "train.max_grad_norm=null", "train.log_every=1",
-                    f"runs_root={tmp_path}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "train",
+            *TINY,
+            "train.lr=1e30",
+            "train.max_grad_norm=null",
+            "train.log_every=1",
+            f"runs_root={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert "status: failed" in proc.stdout and "rank allocation" not in proc.stdout
     assert "non-finite" in proc.stdout

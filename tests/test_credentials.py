@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from budget.config import ConfigError
-from search.credentials import scrub, without_password
+from adabudget.config import ConfigError
+from adabudget.search.credentials import scrub, without_password
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "search" / "plugins"
@@ -30,8 +29,13 @@ PASSWORD = "pw" + secrets.token_hex(12)  # 26 characters no file could hold by c
 
 
 def env(**extra: str) -> dict:
-    out = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    out = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     out.pop("PGPASSWORD", None)  # a reader gets it only where a test gives it
     out.update(extra)
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(PLUGINS), out.get("PYTHONPATH")) if p)
@@ -39,7 +43,7 @@ def env(**extra: str) -> dict:
 
 
 def cli(args: list[str], cwd: Path, timeout: int = 600, **extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *args]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
     return subprocess.run(cmd, cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=timeout)
 
 
@@ -103,9 +107,8 @@ def test_a_reader_takes_the_password_from_pgpassword_and_says_so_when_refused(
     """The stored URL (no password) reopens with PGPASSWORD; without it, or with a wrong one, the
     error names PGPASSWORD and ~/.pgpass (and holds no password); so does the search's own open."""
     import optuna
-
-    from analysis.records import RecordError, load_study
-    from search.study import Setup, database_url, open_study
+    from adabudget.analysis.records import RecordError, load_study
+    from adabudget.search.study import Setup, database_url, open_study
 
     url = database_url(postgres.create_db("reopen"))
     monkeypatch.delenv("PGPASSWORD", raising=False)
@@ -121,12 +124,22 @@ def test_a_reader_takes_the_password_from_pgpassword_and_says_so_when_refused(
     monkeypatch.setenv("PGPASSWORD", PASSWORD)
     assert load_study(stored).study_name == "s"
     # the search itself: a wrong password in search.storage is a config error naming the field
-    setup = Setup(base={"model": {"name": "m"}, "data": {"task": "t"}}, search={"storage": url}, study="s",
-                  storage=url.replace(PASSWORD, "wrong-" + PASSWORD[:6]), root=str(tmp_path), primary="accuracy",
-                  regression=False, num_labels=2)  # fmt: skip
+    setup = Setup(
+        base={"model": {"name": "m"}, "data": {"task": "t"}},
+        search={"storage": url},
+        study="s",
+        storage=url.replace(PASSWORD, "wrong-" + PASSWORD[:6]),
+        root=str(tmp_path),
+        primary="accuracy",
+        regression=False,
+        num_labels=2,
+    )
     monkeypatch.delenv("PGPASSWORD")
-    with pytest.raises(ConfigError, match=r"search.storage=postgresql\+psycopg2://postgres@127.0.0.1:\d+/reopen: "
-                                          "the database refused the login") as err:  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"search.storage=postgresql\+psycopg2://postgres@127.0.0.1:\d+/reopen: "
+        "the database refused the login",
+    ) as err:
         open_study(setup)
     assert "PGPASSWORD" in str(err.value) and PASSWORD[:6] not in str(err.value)
 
@@ -140,9 +153,22 @@ def test_no_byte_of_the_password_is_written_printed_or_mirrored(postgres, tmp_pa
     # 1. adabudget search, two workers, every trial mirrored to W&B offline
     url = postgres.create_db("search")
     assert PASSWORD in url and url.startswith("postgresql://postgres:")
-    proc = cli(["search", *TINY, "method=lora", "search.space=lr", "search.enqueue=[]", "search.n_trials=2",
-                "search.workers=2", "search.threads=1", f"search.storage={url}", "logger=wandb",
-                f"runs_root={runs}"], cwd=tmp_path)  # fmt: skip
+    proc = cli(
+        [
+            "search",
+            *TINY,
+            "method=lora",
+            "search.space=lr",
+            "search.enqueue=[]",
+            "search.n_trials=2",
+            "search.workers=2",
+            "search.threads=1",
+            f"search.storage={url}",
+            "logger=wandb",
+            f"runs_root={runs}",
+        ],
+        cwd=tmp_path,
+    )
     outputs.append(proc.stdout + proc.stderr)
     assert proc.returncode == 0, scrub(proc.stderr[-3000:])
     root = runs / "search" / "lr-mr"
@@ -160,8 +186,9 @@ def test_no_byte_of_the_password_is_written_printed_or_mirrored(postgres, tmp_pa
 
     # 2. the dashboard of the study folder: the stored URL and PGPASSWORD; without it, a clear refusal
     page = tmp_path / "pages" / "study.html"
-    refused = cli(["dashboard", str(root), "--out", str(page)], cwd=tmp_path,
-                  PGPASSFILE=str(tmp_path / "no-pgpass"))  # fmt: skip
+    refused = cli(
+        ["dashboard", str(root), "--out", str(page)], cwd=tmp_path, PGPASSFILE=str(tmp_path / "no-pgpass")
+    )
     outputs.append(refused.stdout + refused.stderr)
     assert refused.returncode == 2 and "PGPASSWORD" in refused.stderr and not page.exists()
     shown = cli(["dashboard", str(root), "--out", str(page)], cwd=tmp_path, PGPASSWORD=PASSWORD)
@@ -176,9 +203,23 @@ def test_no_byte_of_the_password_is_written_printed_or_mirrored(postgres, tmp_pa
 
     # 3. a Hydra sweep on the same server: its jobs' records, .hydra/ and W&B mirrors
     sweep_url = postgres.create_db("sweep")
-    proc = cli(["train", "-m", "hydra/sweeper=adabudget", *TINY, "method=lora", f"runs_root={runs}",
-                f"hydra.sweeper.storage={sweep_url}", "hydra.sweeper.study_name=sw", "hydra.sweeper.n_trials=2",
-                "hydra.sweeper.n_jobs=2", "logger=wandb", "train.lr=choice(5e-3,1e-3)"], cwd=tmp_path)  # fmt: skip
+    proc = cli(
+        [
+            "train",
+            "-m",
+            "hydra/sweeper=adabudget",
+            *TINY,
+            "method=lora",
+            f"runs_root={runs}",
+            f"hydra.sweeper.storage={sweep_url}",
+            "hydra.sweeper.study_name=sw",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            "logger=wandb",
+            "train.lr=choice(5e-3,1e-3)",
+        ],
+        cwd=tmp_path,
+    )
     outputs.append(proc.stdout + proc.stderr)
     assert proc.returncode == 0, scrub(proc.stderr[-3000:])
     sweep = json.loads((runs / "default" / "sweeps" / "sw" / "sweep.json").read_text())

@@ -17,17 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
+from adabudget.compose import compose
+from adabudget.training import train
 from conftest import TINY_ADALORA, TINY_RUN
-
-from budget.compose import compose
-from budget.train import train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
 )
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-CLI = [sys.executable, "-c", "from budget.cli import main; main()"]
+CLI = [sys.executable, "-c", "from adabudget.cli import main; main()"]
 # Chromium resolves no host name at all (the pages need none); 127.0.0.1 stays reachable
 NO_DNS = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
 
@@ -43,9 +42,20 @@ def records(tmp_path_factory):
     and a study (``search.space=lr`` over AdaLoRA, the AdaLoRA baseline enqueued, 3 trials)."""
     root = tmp_path_factory.mktemp("dash")
     base = TINY_RUN + TINY_ADALORA + [f"runs_root={root}"]
-    search = CLI + ["search", "model=tiny-bert", "debug=fast", "train.max_steps=6", "train.eval_every=3",
-                    "train.num_threads=1", *TINY_ADALORA, "search.space=lr", "search.objectives=[dev.accuracy,params]",
-                    "search.enqueue=[adalora]", "search.n_trials=3", f"runs_root={root}"]  # fmt: skip
+    search = CLI + [
+        "search",
+        "model=tiny-bert",
+        "debug=fast",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "train.num_threads=1",
+        *TINY_ADALORA,
+        "search.space=lr",
+        "search.objectives=[dev.accuracy,params]",
+        "search.enqueue=[adalora]",
+        "search.n_trials=3",
+        f"runs_root={root}",
+    ]
     study_proc = subprocess.Popen(
         search, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -59,8 +69,10 @@ def records(tmp_path_factory):
     ]
     live = subprocess.Popen(live_cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        runs = {score: Path(train(compose(base + [f"run_name={score}", f"method.score={score}"]))["run_dir"])
-                for score in ("adalora", "sensitivity")}  # fmt: skip
+        runs = {
+            score: Path(train(compose(base + [f"run_name={score}", f"method.score={score}"]))["run_dir"])
+            for score in ("adalora", "sensitivity")
+        }
         deadline = time.time() + 300
         while time.time() < deadline and not any(
             _lines(p) >= 3 for p in (root / "live").rglob("ranks.jsonl")
@@ -70,8 +82,13 @@ def records(tmp_path_factory):
         live.send_signal(signal.SIGSTOP)  # alive (its pid exists), silent, and no CPU while the tests run
         out, _ = study_proc.communicate(timeout=600)
         assert study_proc.returncode == 0, out[-3000:]
-        yield {**runs, "live": next((root / "live").glob("*/result.json")).parent, "live_proc": live,
-               "study": root / "search" / "lr-mr", "root": root}  # fmt: skip
+        yield {
+            **runs,
+            "live": next((root / "live").glob("*/result.json")).parent,
+            "live_proc": live,
+            "study": root / "search" / "lr-mr",
+            "root": root,
+        }
     finally:
         study_proc.kill()
         live.kill()
@@ -109,8 +126,10 @@ def _open(browser, url: str, allowed: str):
     )
     page.goto(url)
     page.wait_for_load_state("load")
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length > 0 && "
-                           "[...document.querySelectorAll('.js-plotly-plot')].every((g) => g._fullLayout)")  # fmt: skip
+    page.wait_for_function(
+        "document.querySelectorAll('.js-plotly-plot').length > 0 && "
+        "[...document.querySelectorAll('.js-plotly-plot')].every((g) => g._fullLayout)"
+    )
     return page, refused, errors
 
 
@@ -185,7 +204,7 @@ def _screenshot(page, path: Path) -> None:
 
 @needs_chromium
 def test_exported_file_opens_offline(records, browser, tmp_path, capsys):
-    from budget.cli import main
+    from adabudget.cli import main
 
     out = tmp_path / "dashboard.html"
     paths = [records["adalora"], records["sensitivity"], records["live"], records["study"]]
@@ -198,8 +217,10 @@ def test_exported_file_opens_offline(records, browser, tmp_path, capsys):
 
     page, refused, errors = _open(browser, out.as_uri(), "file://")
     ids = _check_every_figure_drawn(page)
-    sections = {"study-lr-mr": {"history", "pareto", "importances", "parallel", "trial_ranks"},
-                "compare": {"metrics", "ranks", "ranks_diff"}}  # fmt: skip
+    sections = {
+        "study-lr-mr": {"history", "pareto", "importances", "parallel", "trial_ranks"},
+        "compare": {"metrics", "ranks", "ranks_diff"},
+    }
     for slug, names in sections.items():
         assert {f"fig-{slug}-{n}" for n in names} <= set(ids), ids
     run = "run-adalora-" + records["adalora"].name
@@ -254,8 +275,8 @@ def test_served_page_and_live_reload(records, browser, tmp_path):
 
 @needs_chromium
 def test_png_and_pdf_per_figure(records, tmp_path, capsys):
-    from analysis.dashboard import build
-    from budget.cli import main
+    from adabudget.analysis.dashboard import build
+    from adabudget.cli import main
 
     paths = [str(records["adalora"]), str(records["sensitivity"]), str(records["study"])]
     main(["dashboard", *paths, "--png", str(tmp_path / "figures")])
@@ -272,8 +293,8 @@ def test_png_and_pdf_per_figure(records, tmp_path, capsys):
 
 def test_records_read_for_the_dashboard(records):
     """What the views read: the live run's status, the groups table, a study's trial rank patterns."""
-    from analysis.dashboard import build
-    from analysis.records import load
+    from adabudget.analysis.dashboard import build
+    from adabudget.analysis.records import load
 
     rec = load([records["root"]], status=None)
     live = rec.runs[rec.runs["status"] == "running"]

@@ -1,4 +1,4 @@
-"""budget.data on the real packaged tasks, tiny local files and in-memory hub datasets.
+"""adabudget.data on the real packaged tasks, tiny local files and in-memory hub datasets.
 
 The packaged tasks are fetched once into the user cache ($ADABUDGET_CACHE or
 ~/.cache/adabudget) by the first test that needs them; later runs read the cache.
@@ -16,12 +16,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
-
-from budget import data, fetch
-from budget.config import ConfigError, DataConfig
-from budget.data import describe, hub, load_task, load_tokenizer, make_batches, num_batches, packaged
-from budget.data.split import normalised_text
-from budget.data.task import load_raw
+from adabudget import data, fetch
+from adabudget.config import ConfigError, DataConfig
+from adabudget.data import describe, hub, load_task, load_tokenizer, make_batches, num_batches, packaged
+from adabudget.data.split import normalised_text
+from adabudget.data.task import load_raw
 
 # (train, dev, test) with the default fractions; the table in budget/data/__init__.py's docstring.
 PACKAGED_SIZES = {
@@ -296,7 +295,7 @@ def test_fetch_unpacks_atomically_and_only_once(tmp_path, monkeypatch):
     files = {name: lines for name in packaged._VADER_FILES.values()}
     calls = []
 
-    def fake_download(command, dest, by_hand):  # budget.fetch's pip download, without the network
+    def fake_download(command, dest, by_hand):  # adabudget.fetch's pip download, without the network
         assert "--no-binary" in command and packaged.VADER_SDIST in command
         calls.append(dest)
         dest.mkdir(parents=True)
@@ -484,9 +483,10 @@ def test_local_files_in_another_encoding_read_with_data_encoding(tmp_path, encod
     texts = [f"caf\u00e9 cr\u00e8me {i}" for i in range(20)]
     for kind, body in {
         "csv": "text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(texts)),
-        "jsonl": "".join(json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) + "\n"
-                         for i, t in enumerate(texts)),
-    }.items():  # fmt: skip
+        "jsonl": "".join(
+            json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)
+        ),
+    }.items():
         path = tmp_path / f"d.{kind}"
         path.write_bytes(body.encode(encoding))
         raw = load_raw(DataConfig(task=kind, path=str(path), encoding=encoding))

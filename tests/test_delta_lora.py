@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from adabudget.arch import arch_of
+from adabudget.compose import resume_config
+from adabudget.config import ConfigError
+from adabudget.export import load_adapter, merge_methods, save_adapter
+from adabudget.methods import REGISTRY, apply_method, count_method, delta_lora, lora, method_config_from_dict
+from adabudget.training import train
 from conftest import tiny_batch as batch
 from conftest import tiny_logits as logits
 from conftest import tiny_model as build
-
-from budget.arch import arch_of
-from budget.compose import resume_config
-from budget.config import ConfigError
-from budget.export import load_adapter, merge_methods, save_adapter
-from budget.methods import REGISTRY, apply_method, count_method, delta_lora, lora, method_config_from_dict
-from budget.train import train
 
 
 def setup(arch_name="tiny-bert", seed=0, **knobs):
@@ -29,14 +28,16 @@ def setup(arch_name="tiny-bert", seed=0, **knobs):
 
 
 def steps(model, wrapped, cfg, n: int, lr: float = 1e-2, on_step=None):
-    """n optimizer steps through the hooks, as budget.train calls them."""
+    """n optimizer steps through the hooks, as adabudget.training calls them."""
     hooks = REGISTRY[cfg.name].hooks(model, wrapped, cfg) if cfg.name == "delta_lora" else None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for step in range(n):
         if hooks is not None:
             hooks.before_step(step)
-        before = {n: (m.A.detach().clone(), m.B.detach().clone(), m.base.weight.detach().clone())
-                  for n, m in wrapped.items()}  # fmt: skip
+        before = {
+            n: (m.A.detach().clone(), m.B.detach().clone(), m.base.weight.detach().clone())
+            for n, m in wrapped.items()
+        }
         model(**batch()).loss.backward()
         opt.step()
         if hooks is not None:
@@ -87,8 +88,15 @@ def test_update_ratio_zero_is_lora_step_for_step():
         model = build(seed=3)
         wrapped = apply_method(model, cfg)
         trace[key] = []
-        steps(model, wrapped, cfg, 5,
-              on_step=lambda s, b, model=model, key=key: trace[key].append([p.detach().clone() for p in model.parameters()]))  # fmt: skip
+        steps(
+            model,
+            wrapped,
+            cfg,
+            5,
+            on_step=lambda s, b, model=model, key=key: trace[key].append(
+                [p.detach().clone() for p in model.parameters()]
+            ),
+        )
     for step, (a, zero, two) in enumerate(zip(trace["lora"], trace["zero"], trace["two"])):
         assert all(torch.equal(x, y) for x, y in zip(a, zero)), f"λ = 0 left LoRA at step {step}"
         assert not all(torch.equal(x, y) for x, y in zip(a, two)), f"λ = 2 equals LoRA at step {step}"
@@ -151,7 +159,7 @@ def test_resume_continues_exactly(compose_run):
 
 
 def test_update_ratio_zero_trains_as_lora(compose_run):
-    """Through budget.train: λ = 0 ends with LoRA's trained factors and head, bit for bit."""
+    """Through adabudget.training: λ = 0 ends with LoRA's trained factors and head, bit for bit."""
     common = ["method.r=4", "method.alpha=16", "train.checkpoint=end"]
     runs = {
         "lora": train(compose_run("run_name=lora", "method=lora", *common)),
@@ -198,7 +206,7 @@ def test_peft_export_carries_the_change_of_w(tmp_path, arch_name, start_step):
     """The telescoped change, (1 + λ) s B A - λ s B_K A_K, as a plain peft LoRA adapter on the
     original backbone computes what the trained model computes (rank r with K = 0, 2r after)."""
     peft = pytest.importorskip("peft")
-    from budget.export import export_peft_adapter
+    from adabudget.export import export_peft_adapter
 
     model, cfg, wrapped = setup(arch_name, start_step=start_step)
     steps(model, wrapped, cfg, 3)
@@ -212,7 +220,7 @@ def test_peft_export_carries_the_change_of_w(tmp_path, arch_name, start_step):
 def test_peft_export_is_refused_when_the_start_of_w_is_unknown(tmp_path):
     """W restored from a checkpoint that holds no (A_K, B_K): the change cannot be written as
     factors; refused, pointing at the adapter and merged exports, before anything is written."""
-    from budget.export import export_peft_adapter
+    from adabudget.export import export_peft_adapter
 
     model, cfg, wrapped = setup()
     hooks = steps(model, wrapped, cfg, 2)

@@ -15,10 +15,10 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from budget.allocator import RankAllocator
-    from budget.config import ModelConfig
-    from budget.methods import apply_method, method_config_from_dict
-    from budget.models import freeze_backbone, load_model
+    from adabudget.allocator import RankAllocator
+    from adabudget.config import ModelConfig
+    from adabudget.methods import apply_method, method_config_from_dict
+    from adabudget.models import freeze_backbone, load_model
 
     torch.manual_seed(0)  # identical model on both ranks
     model = load_model(ModelConfig(name="tiny-bert"), 2, False)
@@ -78,18 +78,47 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     from pathlib import Path
 
     script = Path(sysconfig.get_path("scripts")) / "adabudget"  # the console script itself
-    common = ["train", "model=tiny-bert", "debug=fast", "method.init_r=4", "method.target_r=2",
-              "train.num_threads=1", "model.dropout=0.0", "train.batch_size=32", "train.log_every=1",
-              "train.lr=5e-3", "method.mask_interval=2"]  # fmt: skip
+    common = [
+        "train",
+        "model=tiny-bert",
+        "debug=fast",
+        "method.init_r=4",
+        "method.target_r=2",
+        "train.num_threads=1",
+        "model.dropout=0.0",
+        "train.batch_size=32",
+        "train.log_every=1",
+        "train.lr=5e-3",
+        "method.mask_interval=2",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *common,
-         f"runs_root={tmp_path / 'two'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            *common,
+            f"runs_root={tmp_path / 'two'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("status: completed") == 1  # rank 0 speaks for the run
-    one = subprocess.run([str(script), *common, f"runs_root={tmp_path / 'one'}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    one = subprocess.run(
+        [str(script), *common, f"runs_root={tmp_path / 'one'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
 
     (run2,) = (tmp_path / "two" / "default").iterdir()  # one record

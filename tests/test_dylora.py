@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from adabudget.compose import resume_config
+from adabudget.config import ConfigError
+from adabudget.export import export_peft_adapter, load_adapter, merge_methods, save_adapter, save_merged
+from adabudget.methods import apply_method, dylora, method_config_from_dict
+from adabudget.methods.dylora import DyLoRAConfig, sample_rank, set_rank
+from adabudget.methods.lora import LoRALinear
+from adabudget.models import freeze_backbone, tiny_config
+from adabudget.training import train
 from transformers import AutoModelForSequenceClassification
-
-from budget.compose import resume_config
-from budget.config import ConfigError
-from budget.export import export_peft_adapter, load_adapter, merge_methods, save_adapter, save_merged
-from budget.methods import apply_method, dylora, method_config_from_dict
-from budget.methods.dylora import DyLoRAConfig, sample_rank, set_rank
-from budget.methods.lora import LoRALinear
-from budget.models import freeze_backbone, tiny_config
-from budget.train import train
 
 RUN = ["method=dylora", "method.r_min=1", "method.r_max=4"]
 
@@ -201,8 +200,11 @@ def test_final_evaluates_every_rank_and_restores_the_serving_rank():
 
 
 def test_record_holds_the_rank_curve(compose_run):
-    result = train(compose_run("method=dylora", "method.r_min=2", "method.r_max=4", "method.export_rank=3",
-                               "method.frozen=false"))  # fmt: skip
+    result = train(
+        compose_run(
+            "method=dylora", "method.r_min=2", "method.r_max=4", "method.export_rank=3", "method.frozen=false"
+        )
+    )
     assert result["status"] == "completed"
     on_disk = json.loads((Path(result["run_dir"]) / "result.json").read_text())
     for record in (result, on_disk):
@@ -271,7 +273,9 @@ def test_export_and_merge_take_rank(tmp_path, k):
     full = logits(model)
     assert not torch.allclose(full, expected, atol=1e-4)
 
-    summary = export_peft_adapter(model, wrapped, tmp_path / "peft", base_model_name_or_path="tiny-bert", rank=k)
+    summary = export_peft_adapter(
+        model, wrapped, tmp_path / "peft", base_model_name_or_path="tiny-bert", rank=k
+    )
     assert set(summary["modules"].values()) == {k} and at_serving_rank(wrapped, cfg)
     peft = pytest.importorskip("peft")
     loaded = peft.PeftModel.from_pretrained(build(), tmp_path / "peft").eval()

@@ -16,22 +16,21 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from budget.allocator import RankAllocator
-from budget.config import ModelConfig
-from budget.export import (
+from adabudget.allocator import RankAllocator
+from adabudget.config import ModelConfig
+from adabudget.export import (
     export_peft_adapter,
     load_trainable_state_dict,
     merge_into_base,
     save_merged,
     trainable_state_dict,
 )
-from budget.methods import apply_method, method_config_from_dict
-from budget.methods.adalora import SVDLinear
-from budget.methods.lora import LoRALinear
-from budget.models import freeze_backbone, load_model, packaged_path
+from adabudget.methods import apply_method, method_config_from_dict
+from adabudget.methods.adalora import SVDLinear
+from adabudget.methods.lora import LoRALinear
+from adabudget.models import freeze_backbone, load_model, packaged_path
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 peft = pytest.importorskip("peft")
 

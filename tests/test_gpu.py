@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from budget.compose import resume_config
-from budget.train import train
+from adabudget.compose import resume_config
+from adabudget.training import train
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 HYBRID = [
-    "method=hybrid", "method.num_groups=2", "method.grouping=uniform",
+    "method=hybrid",
+    "method.num_groups=2",
+    "method.grouping=uniform",
     "method.groups=[{adalora: {init_r: 4, target_r: 2, mask_interval: 2}, bitfit: {}},"
     " {adalora: {init_r: 4, target_r: 2, mask_interval: 2}, adapter: {bottleneck: 8}}]",
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("method", [[], HYBRID], ids=["adalora", "hybrid"])
@@ -43,15 +44,23 @@ def test_train_stop_resume_export_on_cuda(compose_run, method):
 
 
 def test_allocator_lives_on_the_factors_device(compose_run):
-    from budget.allocator import RankAllocator
-    from budget.config import ModelConfig
-    from budget.methods import apply_method, method_config_from_dict
-    from budget.models import freeze_backbone, load_model
+    from adabudget.allocator import RankAllocator
+    from adabudget.config import ModelConfig
+    from adabudget.methods import apply_method, method_config_from_dict
+    from adabudget.models import freeze_backbone, load_model
 
     model = load_model(ModelConfig(name="tiny-bert"), 2, False)
     freeze_backbone(model, True)
-    cfg = method_config_from_dict({"name": "adalora", "init_r": 4, "target_r": 2, "warmup_steps": 1,
-                                   "final_steps": 2, "mask_interval": 1})  # fmt: skip
+    cfg = method_config_from_dict(
+        {
+            "name": "adalora",
+            "init_r": 4,
+            "target_r": 2,
+            "warmup_steps": 1,
+            "final_steps": 2,
+            "mask_interval": 1,
+        }
+    )
     allocator = RankAllocator(apply_method(model, cfg), cfg, 8)  # built on the CPU, then the model moves
     model.cuda()
     ids = torch.randint(1000, 2000, (4, 9), device="cuda")

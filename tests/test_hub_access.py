@@ -15,13 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import adabudget.models
 import pytest
+from adabudget.config import ConfigError
+from adabudget.data import load_tokenizer
+from adabudget.models import hub_reachable, load_model, prepare_hub_access, tiny_config
 from huggingface_hub import constants
-
-import budget.models
-from budget.config import ConfigError
-from budget.data import load_tokenizer
-from budget.models import hub_reachable, load_model, prepare_hub_access, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -62,8 +61,8 @@ def run_offline(code: str, hf_home: Path) -> dict:
 def test_unreachable_hub_uncached_model_fails_fast_with_the_fix(tmp_path):
     code = """
 import json, time
-from budget.config import ConfigError, ModelConfig
-from budget.models import load_model
+from adabudget.config import ConfigError, ModelConfig
+from adabudget.models import load_model
 start = time.perf_counter()
 try:
     load_model(ModelConfig(name="bert-base-uncased"), 2, False)
@@ -100,9 +99,9 @@ def test_unreachable_hub_cached_model_loads_offline(tmp_path):
     write_hub_cache(tmp_path / "hf" / "hub", "adabudget-test/tiny-bert")
     code = """
 import json, os, time
-from budget.config import ModelConfig
-from budget.data import load_tokenizer
-from budget.models import load_model, prepare_hub_access
+from adabudget.config import ModelConfig
+from adabudget.data import load_tokenizer
+from adabudget.models import load_model, prepare_hub_access
 name = "adabudget-test/tiny-bert"
 start = time.perf_counter()
 prepare_hub_access(name)
@@ -143,7 +142,7 @@ def test_no_check_for_packaged_tiny_local_or_offline(online_mode, monkeypatch, t
     def no_check(*args, **kwargs):
         raise AssertionError("the hub was checked")
 
-    monkeypatch.setattr(budget.models, "hub_reachable", no_check)
+    monkeypatch.setattr(adabudget.models, "hub_reachable", no_check)
     for name in ("minilm", "smollm2", "tiny-llama", str(tmp_path)):
         prepare_hub_access(name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -163,7 +162,7 @@ def test_load_model_refuses_unreachable_hub_id(online_mode, monkeypatch, tmp_pat
     # The same check guards load_model for callers that skip prepare_hub_access.
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    from budget.config import ModelConfig
+    from adabudget.config import ModelConfig
 
     with pytest.raises(ConfigError, match="model.name=someone/some-model: .* unreachable"):
         load_model(ModelConfig(name="someone/some-model"), 2, False)

@@ -6,15 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from adabudget.arch import arch_from_config
+from adabudget.compose import preset as _preset
+from adabudget.config import ConfigError
+from adabudget.groups import allocation_shares, split_layers
+from adabudget.methods import count_trainable, method_config_from_dict
+from adabudget.methods.hybrid import plan
+from adabudget.models import packaged_path
 from transformers import AutoConfig
-
-from budget.arch import arch_from_config
-from budget.compose import preset as _preset
-from budget.config import ConfigError
-from budget.groups import allocation_shares, split_layers
-from budget.methods import count_trainable, method_config_from_dict
-from budget.methods.hybrid import plan
-from budget.models import packaged_path
 
 
 def preset(name: str) -> dict:
@@ -76,7 +75,7 @@ def test_budget_as_percent_of_backbone(minilm):
 def test_uniform_allocation_shares_the_budget(minilm):
     cfg = method_config_from_dict({**preset("s4"), "budget": 200_000})
     arch = arch_from_config(minilm)
-    from budget.methods.hybrid import report
+    from adabudget.methods.hybrid import report
 
     per_group = [g["params"] for g in report(cfg, arch)]
     assert all(abs(p - 50_000) <= 0.1 * 50_000 for p in per_group), per_group
@@ -113,18 +112,26 @@ def test_unreachable_budget_fails_before_building(minilm):
     with pytest.raises(ConfigError, match="method.budget"):
         count_trainable(cfg, minilm)
     with pytest.raises(ConfigError, match="num_groups"):
-        count_trainable(method_config_from_dict({**preset("s4"), "num_groups": 8,
-                                                 "groups": [{}] * 8}), minilm)  # fmt: skip
+        count_trainable(
+            method_config_from_dict({**preset("s4"), "num_groups": 8, "groups": [{}] * 8}), minilm
+        )
 
 
 def test_train_s4_end_to_end_on_mr(compose_run):
     """`adabudget train method=s4` on the packaged MiniLM and the real movie-review task."""
-    from budget.train import train
+    from adabudget.training import train
 
     cfg = compose_run(
-        "method=s4", "data.max_train_samples=64", "data.max_eval_samples=64", "train.max_steps=4",
-        "train.batch_size=8", "train.eval_every=0", "train.log_every=2", "train.progress=false", tiny=False,
-    )  # fmt: skip
+        "method=s4",
+        "data.max_train_samples=64",
+        "data.max_eval_samples=64",
+        "train.max_steps=4",
+        "train.batch_size=8",
+        "train.eval_every=0",
+        "train.log_every=2",
+        "train.progress=false",
+        tiny=False,
+    )
     result = train(cfg)
     assert result["status"] == "completed"
     run = Path(result["run_dir"])
@@ -139,7 +146,7 @@ def test_train_s4_end_to_end_on_mr(compose_run):
 
 
 def test_prompt_too_long_for_positions_fails_before_the_run_folder(compose_run, tmp_path):
-    from budget.train import train
+    from adabudget.training import train
 
     cfg = compose_run("method=prompt", "method.length=100", "data.max_length=64")  # tiny-bert: 128 positions
     with pytest.raises(ConfigError, match="method.length=100"):
@@ -151,12 +158,11 @@ def test_adalora_in_two_groups_shares_one_budget_and_merges(compose_run):
     """Two AdaLoRA groups (b(T) = 2 x 6 + 3 x 6 = 30) with BitFit and (IA)3: one global top-k,
     and the merged checkpoint computes what the saved adapter computes."""
     import torch
+    from adabudget.config import ModelConfig
+    from adabudget.export import load_adapter
+    from adabudget.models import load_model
+    from adabudget.training import seed_everything, train
     from transformers import AutoModelForSequenceClassification
-
-    from budget.config import ModelConfig
-    from budget.export import load_adapter
-    from budget.models import load_model
-    from budget.train import seed_everything, train
 
     groups = (
         "method.groups=[{adalora: {init_r: 4, target_r: 2, mask_interval: 2}, bitfit: {}},"

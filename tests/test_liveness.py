@@ -19,12 +19,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from adabudget.search import liveness
+from adabudget.search.liveness import ALIVE_KEY, WORKER_KEY, Beat, identity, start_ticks
+from adabudget.search.study import Setup, database_url
+from adabudget.search.workers import StartLock, recover_stale
 from optuna.trial import TrialState
-
-from search import liveness
-from search.liveness import ALIVE_KEY, WORKER_KEY, Beat, identity, start_ticks
-from search.study import Setup, database_url
-from search.workers import StartLock, recover_stale
 
 TINY = ["model=tiny-bert", "debug=fast", "train.max_steps=6", "train.num_threads=1", "search.threads=1"]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
@@ -43,12 +42,20 @@ def postgres():
 
 
 def bare_setup(storage: str, root: Path, grace: float = 600.0, study: str = "s") -> Setup:
-    return Setup(base={}, search={"grace_period": grace, "max_retries": 2}, study=study, storage=storage,
-                 root=str(root), primary="accuracy", regression=False, num_labels=2)  # fmt: skip
+    return Setup(
+        base={},
+        search={"grace_period": grace, "max_retries": 2},
+        study=study,
+        storage=storage,
+        root=str(root),
+        primary="accuracy",
+        regression=False,
+        num_labels=2,
+    )
 
 
 def new_study(setup: Setup) -> optuna.Study:
-    from search.study import make_storage
+    from adabudget.search.study import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=setup.study, storage=make_storage(setup), load_if_exists=True)
@@ -154,29 +161,41 @@ def test_a_slow_trial_of_another_host_is_not_failed(tmp_path, monkeypatch):
     first spends 4 s logging nothing (a slow load or evaluation: no step, no ``result.json``
     heartbeat); this process, a worker of another machine with a grace period of 1 s, checks for
     stale trials all along and fails none; the trial completes."""
-    from budget.compose import compose
-    from search.config import register_schema
-    from search.study import open_study, prepare
+    from adabudget.compose import compose
+    from adabudget.search.config import register_schema
+    from adabudget.search.study import open_study, prepare
 
     register_schema()
-    args = [*TINY, "method=lora", "search.space=lr", "search.enqueue=[]", "search.n_trials=1",
-            "search.grace_period=1", f"runs_root={tmp_path / 'runs'}"]  # fmt: skip
+    args = [
+        *TINY,
+        "method=lora",
+        "search.space=lr",
+        "search.enqueue=[]",
+        "search.n_trials=1",
+        "search.grace_period=1",
+        f"runs_root={tmp_path / 'runs'}",
+    ]
     setup = prepare(compose(args, config_name="search"))
     study = open_study(setup, create=True)
     (tmp_path / "setup.pkl").write_bytes(pickle.dumps(setup))
     script = textwrap.dedent("""
         import pickle, sys, time
-        import budget.train
-        real = budget.train.train
+        import adabudget.training
+        real = adabudget.training.train
         def slow(cfg, on_eval=None):
             time.sleep(4)  # loading, calibrating, evaluating: no step logged
             return real(cfg, on_eval=on_eval)
-        budget.train.train = slow
-        from search.workers import worker_loop
+        adabudget.training.train = slow
+        from adabudget.search.workers import worker_loop
         worker_loop(pickle.load(open(sys.argv[1], "rb")))
-    """)  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "setup.pkl")], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "setup.pkl")],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     monkeypatch.setattr(liveness, "pid_space", lambda: ELSEWHERE)  # this process is on another machine now
     seen_running = 0
     try:
@@ -201,8 +220,8 @@ def test_a_trial_failed_by_mistake_tells_without_a_crash_and_its_result_is_a_dup
     """``liveness.tell`` on a trial another worker failed meanwhile: False, no exception, the
     trial stays FAIL, and its values are kept as a COMPLETE trial ``duplicate_of`` it (which
     ``finished`` does not count)."""
-    from search.liveness import tell
-    from search.study import finished
+    from adabudget.search.liveness import tell
+    from adabudget.search.study import finished
 
     setup = bare_setup(str(tmp_path / "journal.log"), tmp_path)
     study = new_study(setup)
@@ -231,7 +250,7 @@ def test_a_trial_failed_by_mistake_tells_without_a_crash_and_its_result_is_a_dup
 def test_postgresql_storage_has_one_owner_of_stale_trials(postgres, tmp_path):
     """Optuna's RDB heartbeat is off (``search.liveness`` owns stale trials; two owners raced),
     and the pool checks a connection before using it (a server may drop idle ones)."""
-    from search.study import make_storage
+    from adabudget.search.study import make_storage
 
     storage = make_storage(bare_setup(database_url(postgres.create_db("owner")), tmp_path))
     assert storage.heartbeat_interval is None and storage.grace_period is None
@@ -291,22 +310,41 @@ def test_a_sweeps_silent_job_on_postgresql_stays_alive_for_other_hosts(postgres,
     url = database_url(postgres.create_db("sweep"))
     script = textwrap.dedent("""
         import sys, time
-        import budget.train, search.liveness
-        real = budget.train.train
+        import adabudget.search.liveness
+        import adabudget.training
+        real = adabudget.training.train
         def slow(cfg, on_eval=None):
             time.sleep(5)  # loading, calibrating, evaluating: no step logged
             return real(cfg, on_eval=on_eval)
-        budget.train.train = slow
-        search.liveness.beat_interval = lambda grace_period: 0.3
-        from budget.cli import main
+        adabudget.training.train = slow
+        adabudget.search.liveness.beat_interval = lambda grace_period: 0.3
+        from adabudget.cli import main
         main(sys.argv[1:])
-    """)  # fmt: skip
-    args = ["train", "-m", "hydra/sweeper=adabudget", "model=tiny-bert", "debug=fast", "train.max_steps=4",
-            "train.num_threads=1", "method=lora", f"runs_root={tmp_path}", f"hydra.sweeper.storage={url}",
-            "hydra.sweeper.study_name=silent", "hydra.sweeper.n_trials=1", "train.lr=choice(1e-3,2e-3)"]  # fmt: skip
+    """)
+    args = [
+        "train",
+        "-m",
+        "hydra/sweeper=adabudget",
+        "model=tiny-bert",
+        "debug=fast",
+        "train.max_steps=4",
+        "train.num_threads=1",
+        "method=lora",
+        f"runs_root={tmp_path}",
+        f"hydra.sweeper.storage={url}",
+        "hydra.sweeper.study_name=silent",
+        "hydra.sweeper.n_trials=1",
+        "train.lr=choice(1e-3,2e-3)",
+    ]
     env = dict(ENV, PYTHONPATH=os.pathsep.join([str(repo), str(repo / "search" / "plugins")]))
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     monkeypatch.setattr(liveness, "pid_space", lambda: ELSEWHERE)
     setup = bare_setup(url, tmp_path, grace=1.5, study="silent")
     study, watched = None, 0.0

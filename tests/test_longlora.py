@@ -1,4 +1,4 @@
-"""LongLoRA (budget.methods.longlora): S²-Attn in training against references written here
+"""LongLoRA (adabudget.methods.longlora): S²-Attn in training against references written here
 from the paper's Algorithm 1 and the official flash-attention grouping, full attention at
 inference, LoRA+ gradients, merge, and a tiny training run."""
 
@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from adabudget.arch import arch_of
+from adabudget.config import ConfigError
+from adabudget.methods import apply_method, count_trainable, longlora, method_config_from_dict
+from adabudget.models import freeze_backbone, tiny_config
+from adabudget.training import train
 from transformers import AttentionInterface, AutoModelForSequenceClassification
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-from budget.arch import arch_of
-from budget.config import ConfigError
-from budget.methods import apply_method, count_trainable, longlora, method_config_from_dict
-from budget.models import freeze_backbone, tiny_config
-from budget.train import train
 
 
 # ---------------------------------------------------------------- references (independent of longlora.py)
@@ -295,8 +294,14 @@ def test_tiny_llama_trains_through_the_loop(compose_run, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(longlora, "shifted_sparse_attention", counted)
-    cfg = compose_run("model=tiny-llama", "method=longlora", "method.group_size=8", "train.max_steps=6",
-                      "train.eval_every=0", "export_merged=true")  # fmt: skip
+    cfg = compose_run(
+        "model=tiny-llama",
+        "method=longlora",
+        "method.group_size=8",
+        "train.max_steps=6",
+        "train.eval_every=0",
+        "export_merged=true",
+    )
     result = train(cfg)
     assert result["status"] == "completed", result.get("error")
     assert calls["n"] == 6 * 2  # 6 steps x 2 blocks, none at evaluation

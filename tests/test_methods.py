@@ -13,14 +13,13 @@ import copy
 
 import pytest
 import torch
+from adabudget.arch import arch_of
+from adabudget.compose import preset as method_preset
+from adabudget.config import ConfigError
+from adabudget.export import load_adapter, merge_methods, save_adapter
+from adabudget.methods import REGISTRY, apply_method, count_method, method_config_from_dict, methods_in
+from adabudget.models import freeze_backbone, tiny_config
 from transformers import AutoModelForSequenceClassification
-
-from budget.arch import arch_of
-from budget.compose import preset as method_preset
-from budget.config import ConfigError
-from budget.export import load_adapter, merge_methods, save_adapter
-from budget.methods import REGISTRY, apply_method, count_method, method_config_from_dict, methods_in
-from budget.models import freeze_backbone, tiny_config
 
 ARCHS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 NUM_LAYERS = 4  # the tiny configs have 2 blocks; 4 lets s4 form its 4 groups
@@ -55,7 +54,7 @@ ROWS = [
             "biases": ["query", "c_attn", "q_proj", r"intermediate\.dense", "c_fc", "up_proj"],
         },
         {"unsupported": {"llama": "add_missing"}},
-    ),  # fmt: skip
+    ),
     # new o/down biases write straight into LLaMA's 0.02-scale residual stream: Adam at 1e-2 overshoots
     ("bitfit-add", {"name": "bitfit", "add_missing": True}, {"lr": 1e-3}),
     ("ia3", {"name": "ia3"}, {}),
@@ -66,7 +65,7 @@ ROWS = [
         "longlora",
         {"name": "longlora", "r": 4, "group_size": 4},
         {"unsupported": {"bert": "LLaMA-style", "gpt2": "LLaMA-style"}},
-    ),  # fmt: skip
+    ),
     # delta_lora: apply alone is LoRA (W's update is in the hooks, tests/test_delta_lora.py)
     ("delta_lora", {"name": "delta_lora", "r": 4}, {}),
     ("quantum_peft", {"name": "quantum_peft", "r": 4}, {}),
@@ -204,8 +203,13 @@ NO_PREFIX = "attention does not go through HF's attention interface"
 MORE_REFUSED = {
     "tiny-roberta": {"longlora": "LLaMA-style"},
     "tiny-deberta": {
-        "longlora": "LLaMA-style", "prefix": NO_PREFIX, "prefix-reparam": NO_PREFIX, "mam": NO_PREFIX,
-        "s4": NO_PREFIX, "hybrid-budget": NO_PREFIX, "unipelt": "prefix-tuning part needs attention",
+        "longlora": "LLaMA-style",
+        "prefix": NO_PREFIX,
+        "prefix-reparam": NO_PREFIX,
+        "mam": NO_PREFIX,
+        "s4": NO_PREFIX,
+        "hybrid-budget": NO_PREFIX,
+        "unipelt": "prefix-tuning part needs attention",
     },
 }
 
@@ -218,8 +222,11 @@ def expected_refusal(row, arch_name: str) -> str | None:
     return MORE_REFUSED.get(arch_name, {}).get(row[0])
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid")],
-                         ids=[r[0] for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid")])  # fmt: skip
+@pytest.mark.parametrize(
+    "row",
+    [r for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid")],
+    ids=[r[0] for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid")],
+)
 def test_layers_restrict_the_method(row, arch_name):
     """A method given ``layers=[1]`` trains block 1 alone (the prompt is model-level), counted exactly."""
     model = build(arch_name)

@@ -8,9 +8,8 @@ import warnings
 
 import numpy as np
 import pytest
+from adabudget.metrics import compute_metrics, primary_metric
 from scipy import stats
-
-from budget.metrics import compute_metrics, primary_metric
 
 
 def test_primary_metric():

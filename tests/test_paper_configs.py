@@ -2,10 +2,10 @@
 row, on DeBERTaV3-base and scaled to MiniLM), configs/experiment/adalora_glue/ (Table 8 and the
 released scripts) and configs/experiment/minilm_budget/.
 
-Each case composes the real config with ``budget.compose.compose``, resolves and validates it,
+Each case composes the real config with ``adabudget.compose.compose``, resolves and validates it,
 and checks numbers typed from the paper (Zhang et al., ICLR 2023, arXiv 2303.10512: Tables 1,
 7, 8) and from the released scripts (QingruZhang/AdaLoRA NLU/scripts/run_debertav3_<task>.sh).
-Parameter counts come from ``budget.methods.count_method`` on the architecture read from an
+Parameter counts come from ``adabudget.methods.count_method`` on the architecture read from an
 HF config alone: MiniLM's packaged one, and DeBERTaV3-base's typed below (no hub access).
 """
 
@@ -15,15 +15,14 @@ import dataclasses
 import functools
 
 import pytest
+from adabudget.arch import arch_from_config
+from adabudget.compose import compose, resolve
+from adabudget.config import validate
+from adabudget.methods import count_method
+from adabudget.models import packaged_path
+from adabudget.schedule import phase_steps
+from adabudget.training import total_steps_for
 from transformers import AutoConfig, DebertaV2Config
-
-from budget.arch import arch_from_config
-from budget.compose import compose, resolve
-from budget.config import validate
-from budget.methods import count_method
-from budget.models import packaged_path
-from budget.schedule import phase_steps
-from budget.train import total_steps_for
 
 # Table 8 (batch 32): lr, epochs, γ, t_i, ΔT, t_f.
 TABLE8 = {
@@ -50,10 +49,15 @@ SCRIPTS = {
 }
 # GLUE training-set sizes (HF nyu-mll/glue), for T.
 GLUE_TRAIN = {
-    "mnli": 392_702, "sst2": 67_349, "cola": 8_551, "qqp": 363_846,
-    "qnli": 104_743, "rte": 2_490, "mrpc": 3_668, "stsb": 5_749,
-}  # fmt: skip
-
+    "mnli": 392_702,
+    "sst2": 67_349,
+    "cola": 8_551,
+    "qqp": 363_846,
+    "qnli": 104_743,
+    "rte": 2_490,
+    "mrpc": 3_668,
+    "stsb": 5_749,
+}
 # Table 1 "params" column per preset; the Table-7-only rows (0.6M level) carry that level.
 DEBERTA_ROWS = {
     "full": 184e6,
@@ -108,12 +112,22 @@ def composed(*overrides: str):
 def deberta_v3_base():
     """Arch of microsoft/deberta-v3-base, its config.json typed out (tests never reach the hub)."""
     config = DebertaV2Config(
-        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        intermediate_size=3072, max_position_embeddings=512, type_vocab_size=0,
-        relative_attention=True, max_relative_positions=-1, position_buckets=256,
-        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
-        position_biased_input=False, num_labels=2,
-    )  # fmt: skip
+        vocab_size=128100,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        type_vocab_size=0,
+        relative_attention=True,
+        max_relative_positions=-1,
+        position_buckets=256,
+        pos_att_type=["p2c", "c2p"],
+        share_att_key=True,
+        norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+        num_labels=2,
+    )
     return arch_from_config(config)
 
 

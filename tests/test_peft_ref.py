@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from budget.config import ModelConfig
-from budget.methods import apply_method, method_config_from_dict
-from budget.methods.peft_ref import PeftAllocator, orth_penalty
-from budget.models import freeze_backbone, load_model
+from adabudget.config import ModelConfig
+from adabudget.methods import apply_method, method_config_from_dict
+from adabudget.methods.peft_ref import PeftAllocator, orth_penalty
+from adabudget.models import freeze_backbone, load_model
 
 pytest.importorskip("peft")
 
@@ -28,7 +27,7 @@ def adalora_model():
             "warmup_steps": 0.1,
             "final_steps": 0.3,
             "mask_interval": 2,
-        }  # fmt: skip
+        }
     )
     apply_method(model, cfg)
     return model.eval(), cfg  # no dropout: two copies must see the same function
@@ -37,8 +36,10 @@ def adalora_model():
 def batches(n: int):
     g = torch.Generator().manual_seed(3)
     for _ in range(n):
-        yield {"input_ids": torch.randint(1000, 3000, (4, 9), generator=g),
-               "labels": torch.randint(0, 2, (4,), generator=g)}  # fmt: skip
+        yield {
+            "input_ids": torch.randint(1000, 3000, (4, 9), generator=g),
+            "labels": torch.randint(0, 2, (4,), generator=g),
+        }
 
 
 def test_orth_penalty_is_the_one_peft_adds_in_forward():
@@ -87,10 +88,17 @@ def test_peft_allocator_masks_as_peft_update_and_allocate():
 
 
 def test_peft_adalora_trains_in_our_loop(compose_run):
-    from budget.train import train
+    from adabudget.training import train
 
-    result = train(compose_run("method=peft_adalora", "method.init_r=4", "method.target_r=2",
-                               "method.mask_interval=2", "export_adapter=false"))  # fmt: skip
+    result = train(
+        compose_run(
+            "method=peft_adalora",
+            "method.init_r=4",
+            "method.target_r=2",
+            "method.mask_interval=2",
+            "export_adapter=false",
+        )
+    )
     assert result["status"] == "completed"
     assert sum(result["ranks"].values()) == 24
     lines = (result["run_dir"] + "/ranks.jsonl").strip()

@@ -3,7 +3,7 @@
 
 Checks: the weights really are 4-bit (bytes, 16 levels per block of 64), the quantised model
 stays close to the fp32 one, the methods that wrap or hook linears train on top with the same
-trainable parameters, LoRA and AdaLoRA runs of ``budget.train.train`` lower the loss, and bad
+trainable parameters, LoRA and AdaLoRA runs of ``adabudget.training.train`` lower the loss, and bad
 values or a missing torchao fail early with the fix.
 """
 
@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from adabudget.compose import resume_config
+from adabudget.config import ConfigError
+from adabudget.export import load_adapter, save_adapter
+from adabudget.methods import apply_method, lora, method_config_from_dict
+from adabudget.models import dequantize_base, is_head, is_linear, quantize_base, tensor_bytes
+from adabudget.training import train
 from safetensors.torch import load_file
 from test_methods import ROWS, batch, build, logits, trainable
-
-from budget.compose import resume_config
-from budget.config import ConfigError
-from budget.export import load_adapter, save_adapter
-from budget.methods import apply_method, lora, method_config_from_dict
-from budget.models import dequantize_base, is_head, is_linear, quantize_base, tensor_bytes
-from budget.train import train
 
 needs_torchao = pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None, reason='torchao missing: pip install -e ".[qlora]"'
@@ -153,8 +152,20 @@ def test_outputs_stay_close_to_the_fp32_model(arch_name):
 
 
 # the methods that wrap, hook or add to the quantised linears (and two that only add tokens)
-ON_TOP = ["lora", "adalora", "ia3", "adapter", "parallel_adapter", "bitfit", "bitfit-add", "prefix", "prompt",
-          "mam", "unipelt", "peft_lora"]  # fmt: skip
+ON_TOP = [
+    "lora",
+    "adalora",
+    "ia3",
+    "adapter",
+    "parallel_adapter",
+    "bitfit",
+    "bitfit-add",
+    "prefix",
+    "prompt",
+    "mam",
+    "unipelt",
+    "peft_lora",
+]
 FAMILY = {"tiny-bert": "bert", "tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 ON_TOP_CELLS = [
     (r, a) for r in ROWS if r[0] in ON_TOP for a in ARCHS if FAMILY[a] not in r[2].get("unsupported", {})
@@ -236,10 +247,14 @@ def train_losses(result: dict) -> list[float]:
 
 
 # 16 training sentences seen over and over: the loss must fall within 24 steps
-OVERFIT = ["data.max_train_samples=16", "train.lr=2e-2", "train.log_every=2", "train.warmup_ratio=0",
-           "model.dropout=0", "train.eval_every=0"]  # fmt: skip
-
-
+OVERFIT = [
+    "data.max_train_samples=16",
+    "train.lr=2e-2",
+    "train.log_every=2",
+    "train.warmup_ratio=0",
+    "model.dropout=0",
+    "train.eval_every=0",
+]
 # the tiny knobs of each method (AdaLoRA's as in tests/conftest.py)
 SMALL = {
     "lora": ["method.r=4"],
@@ -278,12 +293,12 @@ def test_an_interrupted_nf4_run_resumes_to_the_same_result(compose_run):
 
 
 def test_unknown_quantize_fails_before_anything_loads(compose_run, monkeypatch):
-    import budget.train
+    import adabudget.training
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded before the config was checked")
 
-    monkeypatch.setattr(budget.train, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(adabudget.training, "load_tokenizer", must_not_load)
     with pytest.raises(ConfigError, match=r"model.quantize: unknown 'int3'; use null .* or nf4"):
         train(compose_run("model.quantize=int3", "method=lora"))
 
@@ -292,17 +307,16 @@ def test_unknown_quantize_fails_before_anything_loads(compose_run, monkeypatch):
 def test_export_merged_is_the_dequantised_base_plus_the_adapter(compose_run):
     """QLoRA's merge: the 4-bit weights dequantised, ΔW added, saved as a plain fp32 checkpoint that
     computes what the adapter on the 4-bit base computes."""
+    from adabudget.models import load_model
     from transformers import AutoModelForSequenceClassification
-
-    from budget.models import load_model
 
     run = compose_run("model.quantize=nf4", "method=lora", "export_merged=true", "model.dropout=0")
     result = train(run)
     merged = AutoModelForSequenceClassification.from_pretrained(Path(result["run_dir"]) / "merged").eval()
     assert not any(is_nf4(p) for p in merged.parameters()) and all(
         p.dtype == torch.float32 for p in merged.parameters()
-    )  # fmt: skip
-    from budget.train import seed_everything
+    )
+    from adabudget.training import seed_everything
 
     seed_everything(run.train.seed)  # the tiny backbone's random init, as train() draws it
     on_nf4 = load_model(run.model, 2, False)  # quantised again, as the run's base was
@@ -313,8 +327,9 @@ def test_export_merged_is_the_dequantised_base_plus_the_adapter(compose_run):
     assert not unexpected and set(state) <= {n for n, _ in on_nf4.named_parameters()}, unexpected
     ids = batch()["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, on_nf4.eval()(input_ids=ids).logits,
-                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, on_nf4.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-4
+        )
 
 
 def test_missing_torchao_names_the_option_and_the_install(compose_run, monkeypatch):

@@ -12,15 +12,11 @@ from functools import reduce
 
 import pytest
 import torch
-from conftest import tiny_batch as batch
-from conftest import tiny_logits as logits
-from conftest import tiny_model as build
-
-from budget.arch import arch_of
-from budget.config import ConfigError
-from budget.export import merge_methods
-from budget.methods import apply_method, count_method, method_config_from_dict
-from budget.methods.quantum_peft import (
+from adabudget.arch import arch_of
+from adabudget.config import ConfigError
+from adabudget.export import merge_methods
+from adabudget.methods import apply_method, count_method, method_config_from_dict
+from adabudget.methods.quantum_peft import (
     QuantumPEFTLinear,
     circuit_columns,
     circuit_params,
@@ -30,6 +26,9 @@ from budget.methods.quantum_peft import (
     orthonormal_columns,
     qubits,
 )
+from conftest import tiny_batch as batch
+from conftest import tiny_logits as logits
+from conftest import tiny_model as build
 
 
 def signs(q: int) -> torch.Tensor:
@@ -290,8 +289,8 @@ def test_validate_names_the_field(knobs, field):
 def test_trains_and_exports_through_the_loop(compose_run):
     from pathlib import Path
 
-    from budget.export import load_adapter
-    from budget.train import train
+    from adabudget.export import load_adapter
+    from adabudget.training import train
 
     result = train(compose_run("method=quantum_peft", "method.r=4", "train.checkpoint=end"))
     assert result["status"] == "completed"

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from adabudget.analysis.records import RecordError, load, read_result, run_dirs, trials
+from adabudget.compose import compose
+from adabudget.training import train
 from conftest import TINY_ADALORA, TINY_RUN
-
-from analysis.records import RecordError, load, read_result, run_dirs, trials
-from budget.compose import compose
-from budget.train import train
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +31,17 @@ def zoo(tmp_path_factory):
     train(compose(base + ["run_name=pruned"]), on_eval=lambda step, metrics: True)
     train(compose(base + ["run_name=interrupted", "train.stop_after_step=5"]))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", "train", *base, "run_name=killed",
-           "train.max_steps=5000", "train.log_every=1", "train.eval_every=0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "from adabudget.cli import main; main()",
+        "train",
+        *base,
+        "run_name=killed",
+        "train.max_steps=5000",
+        "train.log_every=1",
+        "train.eval_every=0",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((root / "killed").rglob("metrics.jsonl")):
@@ -77,11 +85,29 @@ def test_tables_of_a_completed_run(zoo):
 def test_versions(tmp_path, zoo):
     old = tmp_path / "old"
     old.mkdir()
-    (old / "result.json").write_text(json.dumps({  # what the first record version wrote: no record_version, no modules
-        "status": "completed", "method": "adalora", "task": "mr", "final": {"dev": {"accuracy": 0.7}},
-        "ranks": {"bert.encoder.layer.3.attention.self.query": 5}}))  # fmt: skip
-    (old / "ranks.jsonl").write_text(json.dumps({"step": 10, "budget": 5, "kept": 5, "final": True,
-                                                 "ranks": {"bert.encoder.layer.3.attention.self.query": 5}}) + "\n")  # fmt: skip
+    (old / "result.json").write_text(
+        json.dumps(
+            {  # what the first record version wrote: no record_version, no modules
+                "status": "completed",
+                "method": "adalora",
+                "task": "mr",
+                "final": {"dev": {"accuracy": 0.7}},
+                "ranks": {"bert.encoder.layer.3.attention.self.query": 5},
+            }
+        )
+    )
+    (old / "ranks.jsonl").write_text(
+        json.dumps(
+            {
+                "step": 10,
+                "budget": 5,
+                "kept": 5,
+                "final": True,
+                "ranks": {"bert.encoder.layer.3.attention.self.query": 5},
+            }
+        )
+        + "\n"
+    )
     rec = load([old])
     assert rec.runs.iloc[0]["record_version"] == 1
     assert rec.ranks.iloc[0][["layer", "role"]].tolist() == [3, "q"]
@@ -96,9 +122,20 @@ def test_versions(tmp_path, zoo):
 
 def test_a_study_reads_the_same_from_its_folder_and_its_storage(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", "search", "model=tiny-bert", "debug=fast",
-           "train.max_steps=6", "train.num_threads=1", "search.space=s4", "search.n_trials=3",
-           "search.budget=3000", f"runs_root={tmp_path}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "from adabudget.cli import main; main()",
+        "search",
+        "model=tiny-bert",
+        "debug=fast",
+        "train.max_steps=6",
+        "train.num_threads=1",
+        "search.space=s4",
+        "search.n_trials=3",
+        "search.budget=3000",
+        f"runs_root={tmp_path}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = tmp_path / "search" / "s4-mr"

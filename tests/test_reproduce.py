@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from search.reproduce import cell_state, cells, check, load_protocol
+from adabudget.search.reproduce import cell_state, cells, check, load_protocol
 
 TINY = """name: tiny
 seeds: [42]
@@ -25,7 +24,7 @@ rows:
 
 def run(args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", "reproduce", *args]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", "reproduce", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -58,8 +57,10 @@ def test_two_cells_run_resume_and_tabulate(tmp_path):
     assert cell_state(ada)[0] == "done"
 
 
-@pytest.mark.parametrize("name, variant, n", [("minilm-budget", None, 144), ("minilm-budget", "cpu", 96),
-                                              ("adalora-glue", None, 480)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, variant, n",
+    [("minilm-budget", None, 144), ("minilm-budget", "cpu", 96), ("adalora-glue", None, 480)],
+)
 def test_shipped_protocols_compose(tmp_path, name, variant, n):
     protocol = load_protocol(name, variant)
     assert len(cells(protocol, tmp_path)) == n
@@ -67,7 +68,7 @@ def test_shipped_protocols_compose(tmp_path, name, variant, n):
 
 
 def test_unknown_protocol_and_variant():
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     with pytest.raises(ConfigError, match="known protocols"):
         load_protocol("nope")
@@ -79,17 +80,17 @@ def test_one_bad_cell_does_not_stop_the_rest(tmp_path, capsys, monkeypatch):
     """The LoRA cell's run raises (an injected OSError inside ``train``): it is reported and left
     missing, the AdaLoRA cell after it still runs and completes, and the count of missing cells
     says 1 (the CLI exits 1 and the same command retries it)."""
-    import budget.train
-    from search.reproduce import reproduce
+    import adabudget.training
+    from adabudget.search.reproduce import reproduce
 
-    real = budget.train.train
+    real = adabudget.training.train
 
     def train(cfg, on_eval=None):
         if cfg.meta.label == "LoRA r=2":
             raise OSError(28, "No space left on device")
         return real(cfg, on_eval=on_eval)
 
-    monkeypatch.setattr(budget.train, "train", train)
+    monkeypatch.setattr(adabudget.training, "train", train)
     proto = tmp_path / "tiny.yaml"
     proto.write_text(TINY)
     root, protocol, missing = reproduce(str(proto), runs_root=str(tmp_path / "runs"), threads=1)

@@ -1,4 +1,4 @@
-"""The pure schedules of ``budget.schedule``: the cubic rank budget b(t) (AdaLoRA Appendix A),
+"""The pure schedules of ``adabudget.schedule``: the cubic rank budget b(t) (AdaLoRA Appendix A),
 phase lengths given as counts or fractions of T, and the learning-rate factor.
 
 Expected budgets are worked out by hand in the comments, from
@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from budget.config import ConfigError
-from budget.schedule import budget_at, lr_factor, steps_from
+from adabudget.config import ConfigError
+from adabudget.schedule import budget_at, lr_factor, steps_from
 
 # The packaged-task example: b(0)=432 (36 matrices x r=12), b(T)=288, t_i=30, t_f=80, T=265,
 # so the cubic runs over T - t_i - t_f = 155 steps and ends at T - t_f = 185.

@@ -5,7 +5,7 @@ re-training on several seeds.
 
 Every study here trains random 2-layer BERTs for 10 steps on one thread (``TINY``). Commands run
 as a user runs them: a subprocess of the CLI where processes matter (workers, kill -9), the same
-``budget.cli.main`` in this process elsewhere (it skips ~8 s of imports per command). What counts
+``adabudget.cli.main`` in this process elsewhere (it skips ~8 s of imports per command). What counts
 as trained is computed here from the storage, not with the code under test: a COMPLETE trial that
 is not infeasible, or a PRUNED one.
 """
@@ -35,18 +35,18 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS
 
 # ---------------------------------------------------------------- helpers
 def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *args]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def popen(args: list[str], cwd: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *args]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def search_here(capsys, *args: str) -> tuple[int, str, str]:
     """``adabudget search *args`` in this process: (exit code, stdout, stderr)."""
-    from budget.cli import main
+    from adabudget.cli import main
 
     code = 0
     try:
@@ -59,7 +59,7 @@ def search_here(capsys, *args: str) -> tuple[int, str, str]:
 
 def storage_of(url: str):
     if url.startswith("postgresql"):
-        from search.study import database_url
+        from adabudget.search.study import database_url
 
         return database_url(url)  # postgresql:// with psycopg2 (SQLAlchemy 2.1 defaults to psycopg 3)
     from optuna.storages import JournalStorage
@@ -94,8 +94,13 @@ def check_study(trials: list, n_trials: int) -> None:
         assert result["meta"]["trial"] == t.number
         assert result["status"] == ("pruned" if t.state == TrialState.PRUNED else "completed")
     # a continuous parameter drawn twice is a sampler seeded alike in two workers or two runs
-    drawn = [tuple(sorted(t.params.items())) for t in trials if "retry_of" not in t.user_attrs
-             and "baseline" not in t.user_attrs and any(isinstance(v, float) for v in t.params.values())]  # fmt: skip
+    drawn = [
+        tuple(sorted(t.params.items()))
+        for t in trials
+        if "retry_of" not in t.user_attrs
+        and "baseline" not in t.user_attrs
+        and any(isinstance(v, float) for v in t.params.values())
+    ]
     assert len(drawn) == len(set(drawn)), "two trials drew the same configuration"
     if dirs:  # trials/<n>/ holds one run and nothing else
         root = Path(dirs[0]).parent
@@ -119,8 +124,15 @@ def s4_study(tmp_path_factory):
     proc = cli(args, cwd=runs.parent)
     root = runs / "search" / "s4-mr"
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"args": args, "proc": proc, "runs": runs, "root": root, "record": read_record(root),
-            "best_yaml": (root / "best.yaml").read_text(), "storage": str(root / "journal.log")}  # fmt: skip
+    return {
+        "args": args,
+        "proc": proc,
+        "runs": runs,
+        "root": root,
+        "record": read_record(root),
+        "best_yaml": (root / "best.yaml").read_text(),
+        "storage": str(root / "journal.log"),
+    }
 
 
 def test_study_end_to_end(s4_study, tmp_path):
@@ -153,8 +165,18 @@ def test_study_end_to_end(s4_study, tmp_path):
 
     # best.yaml is an experiment preset: the same method node as the best trial's run
     (tmp_path / "best.yaml").write_text(s4_study["best_yaml"])
-    proc = cli(["train", f"experiment={tmp_path / 'best.yaml'}", "model=tiny-bert", "debug=fast",
-                "train.max_steps=10", "train.num_threads=1", f"runs_root={tmp_path / 'runs'}"], cwd=tmp_path)  # fmt: skip
+    proc = cli(
+        [
+            "train",
+            f"experiment={tmp_path / 'best.yaml'}",
+            "model=tiny-bert",
+            "debug=fast",
+            "train.max_steps=10",
+            "train.num_threads=1",
+            f"runs_root={tmp_path / 'runs'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = Path(re.search(r"run folder: (\S+)", proc.stdout).group(1)) / "config.yaml"
     trial_config = yaml.safe_load((Path(best["run_dir"]) / "config.yaml").read_text())
@@ -175,7 +197,9 @@ def test_resume_reaches_the_requested_total(s4_study, capsys):
     }
     assert read_record(s4_study["root"])["finished"] == 5
     # the progress lines' "best" counts the first run's trials too
-    earlier = max(t.values[0] for t in stored if t.number in before and trained(t) and t.state == TrialState.COMPLETE)
+    earlier = max(
+        t.values[0] for t in stored if t.number in before and trained(t) and t.state == TrialState.COMPLETE
+    )
     first = re.search(r"best (\S+) \(#(\d+)\)", out)
     assert first and float(first.group(1)) >= float(f"{earlier:.4g}"), out
     # the resumed run draws new configurations, not the first run's again (the sampler's seed)
@@ -217,8 +241,19 @@ def test_two_workers_journal(tmp_path):
     of 1 s and heartbeats only at a run's start and end, a live worker's trial must still never be
     taken for a dead one's (its pid is alive on this host)."""
     runs = tmp_path / "runs"
-    proc = cli(["search", *LR_STUDY, "train.max_steps=20", "train.log_every=20", "search.grace_period=1",
-                "search.n_trials=4", "search.workers=2", f"runs_root={runs}"], cwd=tmp_path)  # fmt: skip
+    proc = cli(
+        [
+            "search",
+            *LR_STUDY,
+            "train.max_steps=20",
+            "train.log_every=20",
+            "search.grace_period=1",
+            "search.n_trials=4",
+            "search.workers=2",
+            f"runs_root={runs}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = runs / "search" / "lr-mr"
     stored = trials_of(str(root / "journal.log"), "lr-mr")
@@ -253,7 +288,9 @@ def sigterm_mid_trial(args: list[str], root: Path, url: str, cwd: Path):
     proc = popen(args, cwd)
     try:
         victim = wait_for_running_trial(root, url, "lr-mr", proc)
-        workers = {t.user_attrs["worker"]["pid"] for t in trials_of(url, "lr-mr") if t.state == TrialState.RUNNING}
+        workers = {
+            t.user_attrs["worker"]["pid"] for t in trials_of(url, "lr-mr") if t.state == TrialState.RUNNING
+        }
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
     finally:
@@ -347,7 +384,7 @@ def test_sigterm_to_a_multi_worker_search_stops_its_workers(tmp_path):
     workers, whose runs checkpoint and end interrupted; no worker outlives the command (before,
     the main process died alone and its workers trained on as orphans); exit 143, and the same
     command then finishes the study."""
-    from search.workers import pid_alive
+    from adabudget.search.workers import pid_alive
 
     runs = tmp_path / "runs"
     args = ["search", *LR_STUDY, *KILL_SCHEDULE, "search.n_trials=3", "search.workers=2", f"runs_root={runs}"]
@@ -379,10 +416,19 @@ def test_longlora_space_searches_a_llama(tmp_path, capsys):
     """``search.space=longlora`` end to end on the tiny LLaMA at a budget: trials train LongLoRA
     with S²-Attn at the drawn group size, their counts at the budget."""
     code, out, err = search_here(
-        capsys, "model=tiny-llama", "debug=fast", "train.max_steps=4", "train.num_threads=1", "search.threads=1",
-        "search.space=longlora", "search.budget=8192", "search.n_trials=2", "search.enqueue=none", "data.max_length=32",
+        capsys,
+        "model=tiny-llama",
+        "debug=fast",
+        "train.max_steps=4",
+        "train.num_threads=1",
+        "search.threads=1",
+        "search.space=longlora",
+        "search.budget=8192",
+        "search.n_trials=2",
+        "search.enqueue=none",
+        "data.max_length=32",
         f"runs_root={tmp_path}",
-    )  # fmt: skip
+    )
     assert code == 0, err[-3000:]
     record = read_record(tmp_path / "search" / next(p.name for p in (tmp_path / "search").iterdir()))
     trained = [t for t in record["trials"] if t["state"] == "complete" and t.get("run_dir")]
@@ -401,9 +447,18 @@ def test_median_pruner_stops_a_bad_trial(tmp_path, capsys):
     random model sits at the majority class and ties)."""
     enqueue = "search.enqueue=[{train:{lr:5e-3}},{train:{lr:3e-3}},{train:{lr:2e-3}},{train:{lr:1e-8}}]"
     code, out, err = search_here(
-        capsys, *TINY, "data=tweets", "method=lora", "search.space=lr", enqueue, "search.n_trials=4",
-        "search.objectives=[dev.mse]", "search.pruner=median", "train.eval_every=2", f"runs_root={tmp_path}",
-    )  # fmt: skip
+        capsys,
+        *TINY,
+        "data=tweets",
+        "method=lora",
+        "search.space=lr",
+        enqueue,
+        "search.n_trials=4",
+        "search.objectives=[dev.mse]",
+        "search.pruner=median",
+        "train.eval_every=2",
+        f"runs_root={tmp_path}",
+    )
     assert code == 0, err[-3000:]
     root = tmp_path / "search" / "lr-tweets"
     stored = trials_of(str(root / "journal.log"), "lr-tweets")
@@ -431,8 +486,17 @@ def postgres():
 def test_two_workers_postgresql(postgres, tmp_path):
     url = postgres.create_db("two_workers")
     runs = tmp_path / "runs"
-    proc = cli(["search", *LR_STUDY, "search.n_trials=4", "search.workers=2", f"search.storage={url}",
-                f"runs_root={runs}"], cwd=tmp_path)  # fmt: skip
+    proc = cli(
+        [
+            "search",
+            *LR_STUDY,
+            "search.n_trials=4",
+            "search.workers=2",
+            f"search.storage={url}",
+            f"runs_root={runs}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = trials_of(url, "lr-mr")
     check_study(stored, 4)
@@ -447,8 +511,16 @@ def test_killed_worker_is_rerun_postgresql(postgres, tmp_path):
     worker died) and re-run once, never also by a second mechanism with its own retry count."""
     url = postgres.create_db("killed_worker")
     runs = tmp_path / "runs"
-    args = ["search", *LR_STUDY, *KILL_SCHEDULE, "search.n_trials=3", "search.workers=2", f"search.storage={url}",
-            "search.grace_period=4", f"runs_root={runs}"]  # fmt: skip
+    args = [
+        "search",
+        *LR_STUDY,
+        *KILL_SCHEDULE,
+        "search.n_trials=3",
+        "search.workers=2",
+        f"search.storage={url}",
+        "search.grace_period=4",
+        f"runs_root={runs}",
+    ]
     victim, code, out, err = kill_a_worker_mid_trial(args, runs / "search" / "lr-mr", url, "lr-mr", tmp_path)
     assert code != 0 and "exited with [-9]" in err, err[-3000:]
     again = cli(args, cwd=tmp_path)
@@ -466,9 +538,17 @@ def test_pareto_front_is_the_non_dominated_set(tmp_path, capsys, data, metric):
     model predicts one class, so accuracies tie and only the smallest trial is on the front (equal
     on one objective and better on the other dominates); on ``tweets`` Pearson varies."""
     code, out, err = search_here(
-        capsys, *TINY, f"data={data}", "train.max_steps=6", "train.lr=5e-3", "search.space=s4", "search.n_trials=6",
-        f"search.objectives=[dev.{metric},params]", "search.sampler=nsga2", f"runs_root={tmp_path}",
-    )  # fmt: skip
+        capsys,
+        *TINY,
+        f"data={data}",
+        "train.max_steps=6",
+        "train.lr=5e-3",
+        "search.space=s4",
+        "search.n_trials=6",
+        f"search.objectives=[dev.{metric},params]",
+        "search.sampler=nsga2",
+        f"runs_root={tmp_path}",
+    )
     assert code == 0, err[-3000:]
     record = read_record(tmp_path / "search" / f"s4-{data}")
     assert record["directions"] == ["maximize", "minimize"] and "best" not in record
@@ -509,9 +589,9 @@ def test_bad_input_fails_before_any_trial(tmp_path, capsys, overrides, field):
 def test_unknown_search_key_is_refused(tmp_path, capsys):
     """Hydra refuses a key the search schema does not have, naming it, before anything runs; a
     config given from Python is checked by the search itself."""
-    from budget.compose import compose
-    from budget.config import ConfigError
-    from search.study import run_search
+    from adabudget.compose import compose
+    from adabudget.config import ConfigError
+    from adabudget.search.study import run_search
 
     code, out, err = search_here(capsys, *TINY, "search.nope=1", f"runs_root={tmp_path / 'runs'}")
     assert code != 0 and "search.nope" in err
@@ -536,9 +616,9 @@ def test_unknown_search_key_exit_code(tmp_path, capsys):
 def test_existing_study_with_other_settings_is_refused(tmp_path, capsys, change):
     """A study made with one space and objective, reopened with another: refused, naming the study
     and suggesting a new search.study, before any trial and without touching the study."""
-    from budget.compose import compose
-    from search.config import register_schema
-    from search.study import open_study, prepare
+    from adabudget.compose import compose
+    from adabudget.search.config import register_schema
+    from adabudget.search.study import open_study, prepare
 
     register_schema()
     runs = tmp_path / "runs"
@@ -562,9 +642,17 @@ def test_retrain_best_and_baselines_on_seeds(tmp_path, capsys):
     """retrain_top_k=1, seeds [1, 2]: the best trial and the LoRA / AdaLoRA baselines re-trained on
     the full schedule (10 steps; trials ran 6), dev and test as mean ± std of 2 seeds; the same
     command again finds them finished and trains nothing."""
-    args = [*TINY, "method=lora", "search.space=lr", "search.enqueue=[]", "search.n_trials=1",
-            "search.trial_overrides=['train.max_steps=6']", "search.retrain_top_k=1", "search.retrain_seeds=[1,2]",
-            f"runs_root={tmp_path}"]  # fmt: skip
+    args = [
+        *TINY,
+        "method=lora",
+        "search.space=lr",
+        "search.enqueue=[]",
+        "search.n_trials=1",
+        "search.trial_overrides=['train.max_steps=6']",
+        "search.retrain_top_k=1",
+        "search.retrain_seeds=[1,2]",
+        f"runs_root={tmp_path}",
+    ]
     code, out, err = search_here(capsys, *args)
     assert code == 0, err[-3000:]
     root = tmp_path / "search" / "lr-mr"
@@ -604,26 +692,49 @@ def test_top_trials_gives_k_distinct_configurations(objectives):
     """retrain_top_k=K re-trains the K best distinct configurations (single objective), or the
     Pareto front in order (several): never one trial only, never a repeat or a LoRA / AdaLoRA
     baseline (re-trained as baselines anyway), never an infeasible one."""
+    from adabudget.search.study import Setup, top_trials
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
-
-    from search.study import Setup, top_trials
 
     directions = ["maximize"] if len(objectives) == 1 else ["maximize", "minimize"]
     study = optuna.create_study(directions=directions)
     rows = [  # (accuracy, params, user attrs)
-        (0.70, 100, {}), (0.90, 300, {"baseline": "lora"}), (0.85, 200, {}), (0.85, 200, {"duplicate_of": 2}),
-        (0.80, 50, {}), (0.99, 10, {"infeasible": True}), (0.60, 400, {"baseline": "s4"}), (0.75, 90, {}),
-    ]  # fmt: skip
+        (0.70, 100, {}),
+        (0.90, 300, {"baseline": "lora"}),
+        (0.85, 200, {}),
+        (0.85, 200, {"duplicate_of": 2}),
+        (0.80, 50, {}),
+        (0.99, 10, {"infeasible": True}),
+        (0.60, 400, {"baseline": "s4"}),
+        (0.75, 90, {}),
+    ]
     for acc, params, attrs in rows:
         values = [acc] if len(objectives) == 1 else [acc, params]
-        study.add_trial(create_trial(values=values, params={"x": acc}, distributions={"x": FloatDistribution(0, 1)},
-                                     user_attrs=attrs))  # fmt: skip
-    setup = Setup(base={}, search={"objectives": objectives}, study="s", storage="", root="", primary="accuracy",
-                  regression=False, num_labels=2)  # fmt: skip
+        study.add_trial(
+            create_trial(
+                values=values,
+                params={"x": acc},
+                distributions={"x": FloatDistribution(0, 1)},
+                user_attrs=attrs,
+            )
+        )
+    setup = Setup(
+        base={},
+        search={"objectives": objectives},
+        study="s",
+        storage="",
+        root="",
+        primary="accuracy",
+        regression=False,
+        num_labels=2,
+    )
     numbers = [t.number for t in top_trials(study, setup, 3)]
     if len(objectives) == 1:
-        assert numbers == [2, 4, 7]  # 0.85, 0.80, 0.75: the baseline, the repeat and the infeasible one skipped
+        assert numbers == [
+            2,
+            4,
+            7,
+        ]  # 0.85, 0.80, 0.75: the baseline, the repeat and the infeasible one skipped
         assert [t.number for t in top_trials(study, setup, 10)] == [2, 4, 7, 0, 6]
     else:  # front of (max accuracy, min params) among 0, 2, 4, 6, 7: 2 (0.85, 200), 4 (0.80, 50)
         assert numbers == [2, 4]
@@ -633,15 +744,28 @@ def test_a_stop_signal_outside_a_training_stops_the_worker_at_a_safe_point(tmp_p
     """SIGTERM that reaches a worker between trials or between sampling and training (its handler
     only sets ``search.study.STOP``): the worker asks no new trial, and a trial already asked is
     queued again with its parameters instead of training; both raise SearchInterrupted (exit 143)."""
-    from budget.compose import compose
-    from search.config import register_schema
-    from search.space import get_space
-    from search.study import STOP, SearchInterrupted, make_context, make_objective, open_study, prepare
-    from search.workers import worker_loop
+    from adabudget.compose import compose
+    from adabudget.search.config import register_schema
+    from adabudget.search.space import get_space
+    from adabudget.search.study import (
+        STOP,
+        SearchInterrupted,
+        make_context,
+        make_objective,
+        open_study,
+        prepare,
+    )
+    from adabudget.search.workers import worker_loop
 
     register_schema()
-    args = [*TINY, "method=lora", "search.space=lr", "search.enqueue=none", "search.n_trials=2",
-            f"runs_root={tmp_path / 'runs'}"]  # fmt: skip
+    args = [
+        *TINY,
+        "method=lora",
+        "search.space=lr",
+        "search.enqueue=none",
+        "search.n_trials=2",
+        f"runs_root={tmp_path / 'runs'}",
+    ]
     setup = prepare(compose(args, config_name="search"))
     study = open_study(setup, create=True)
     STOP["signal"] = "SIGTERM"

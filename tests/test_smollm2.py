@@ -9,11 +9,10 @@ import importlib.util
 
 import pytest
 import torch
-
-from budget.compose import preset
-from budget.config import ModelConfig
-from budget.methods import apply_method, count_trainable, method_config_from_dict
-from budget.models import freeze_backbone, load_model
+from adabudget.compose import preset
+from adabudget.config import ModelConfig
+from adabudget.methods import apply_method, count_trainable, method_config_from_dict
+from adabudget.models import freeze_backbone, load_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from adabudget.compose import resolve
+from adabudget.config import ConfigError, validate
+from adabudget.methods import apply_method, count_trainable, method_config_from_dict, methods_in
+from adabudget.methods.hybrid import HybridConfig
+from adabudget.models import count_params, freeze_backbone, tiny_config
+from adabudget.search.declarative import compile_params, distribution_from_override
+from adabudget.search.space import SPACES, SpaceContext, check_space, get_space, merge_overrides, sample
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-from budget.compose import resolve
-from budget.config import ConfigError, validate
-from budget.methods import apply_method, count_trainable, method_config_from_dict, methods_in
-from budget.methods.hybrid import HybridConfig
-from budget.models import count_params, freeze_backbone, tiny_config
-from search.declarative import compile_params, distribution_from_override
-from search.space import SPACES, SpaceContext, check_space, get_space, merge_overrides, sample
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -25,9 +24,8 @@ _configs: dict = {}
 def hf_config(model: str):
     if model not in _configs:
         if model == "minilm":
+            from adabudget.models import packaged_path
             from transformers import AutoConfig
-
-            from budget.models import packaged_path
 
             _configs[model] = AutoConfig.from_pretrained(packaged_path("minilm"), num_labels=2)
         else:
@@ -128,12 +126,21 @@ def test_s4_on_minilm_reaches_every_dimension():
 
 def test_s4_shares_become_the_parameter_split_of_a_group():
     """Two methods at shares 0.75 / 0.25 of one group: the solved sizes split its budget so."""
-    from budget.arch import arch_from_config
-    from budget.methods.hybrid import report
+    from adabudget.arch import arch_from_config
+    from adabudget.methods.hybrid import report
 
     ctx = context("minilm")
-    trial = optuna.trial.FixedTrial({"num_groups": 1, "g0.adapter": False, "g0.prefix": True, "g0.bitfit": False,
-                                     "g0.lora": True, "g0.prefix.share": 0.25, "g0.lora.share": 0.75})  # fmt: skip
+    trial = optuna.trial.FixedTrial(
+        {
+            "num_groups": 1,
+            "g0.adapter": False,
+            "g0.prefix": True,
+            "g0.bitfit": False,
+            "g0.lora": True,
+            "g0.prefix.share": 0.25,
+            "g0.lora.share": 0.75,
+        }
+    )
     s = sample(trial, SPACES["s4"], ctx)
     assert s.feasible
     (group,) = report(s.method, arch_from_config(hf_config("minilm")))
@@ -176,8 +183,8 @@ def test_context_from_model_name():
 def test_extra_methods_in_s4_with_the_soft_prompt_in_one_group(model):
     from types import SimpleNamespace
 
-    from budget.methods import plan_of
-    from budget.train import check_positions
+    from adabudget.methods import plan_of
+    from adabudget.training import check_positions
 
     ctx = context(model, extra_methods=["ia3", "parallel_adapter", "prompt"], max_length=64)
     _, drawn = draw(SPACES["s4"], ctx, 60, seed=3)
@@ -240,14 +247,14 @@ def test_check_space_returns_the_feasible_fraction():
 
 
 def test_infeasible_sample_is_marked_without_training(monkeypatch):
-    import budget.methods
-    import budget.models
+    import adabudget.methods
+    import adabudget.models
 
     def no_model(*args, **kwargs):
         raise AssertionError("sample() must not build or change a model")
 
-    monkeypatch.setattr(budget.models, "load_model", no_model)
-    monkeypatch.setattr(budget.methods, "apply_method", no_model)
+    monkeypatch.setattr(adabudget.models, "load_model", no_model)
+    monkeypatch.setattr(adabudget.methods, "apply_method", no_model)
     ctx = context("minilm")
 
     def lora_r2(trial, ctx):
@@ -282,8 +289,15 @@ def test_lora_and_adalora_on_the_same_matrices_are_infeasible():
         optuna.trial.FixedTrial({}), lambda t, c: {"method": both}, context("tiny-bert", budgeted=False)
     )
     assert not s.feasible and "lora and adalora would both wrap" in s.infeasible
-    apart = dict(both, groups=[{"lora": {"r": 2, "target_modules": ["query", "value"]},
-                                "adalora": {"init_r": 3, "target_r": 2, "target_modules": ["key"]}}])  # fmt: skip
+    apart = dict(
+        both,
+        groups=[
+            {
+                "lora": {"r": 2, "target_modules": ["query", "value"]},
+                "adalora": {"init_r": 3, "target_r": 2, "target_modules": ["key"]},
+            }
+        ],
+    )
     assert sample(
         optuna.trial.FixedTrial({}), lambda t, c: {"method": apart}, context("tiny-bert", budgeted=False)
     ).feasible
@@ -320,7 +334,7 @@ def test_space_without_method_counts_the_runs_method():
     # the run's own hybrid gets search.budget when it sets none
     s4 = {"name": "hybrid", "num_groups": 1, "groups": [{"lora": {"r": 1}, "prefix": {"length": 1}}]}
     _, drawn = draw(SPACES["lr"], context("tiny-bert", method=s4), 1)
-    (_, s), = drawn  # fmt: skip
+    ((_, s),) = drawn
     assert s.overrides["method"] == {"budget": lora8_budget("tiny-bert")}
     assert s.feasible and abs(s.trainable_params - lora8_budget("tiny-bert")) <= 0.02 * lora8_budget(
         "tiny-bert"
@@ -378,15 +392,17 @@ def test_grammar_form_maps_to_its_distribution(value, expected):
 
 
 def test_compiled_params_sample_nested_typed_overrides():
-    space = compile_params({
-        "method.name": "lora",
-        "method.r": "choice(2, 4, 8)",
-        "method.target_modules": "choice([query,value],[query,key,value])",
-        "method.dropout": "interval(0.0, 0.2)",
-        "train.lr": "tag(log, interval(1e-4, 1e-2))",
-        "train.batch_size": "int(interval(8, 64))",
-        "train.epochs": 3,
-    })  # fmt: skip
+    space = compile_params(
+        {
+            "method.name": "lora",
+            "method.r": "choice(2, 4, 8)",
+            "method.target_modules": "choice([query,value],[query,key,value])",
+            "method.dropout": "interval(0.0, 0.2)",
+            "train.lr": "tag(log, interval(1e-4, 1e-2))",
+            "train.batch_size": "int(interval(8, 64))",
+            "train.epochs": 3,
+        }
+    )
     _, drawn = draw(space, context("tiny-bert", budgeted=False), 20)
     modules = set()
     for trial, s in drawn:
@@ -395,8 +411,13 @@ def test_compiled_params_sample_nested_typed_overrides():
         assert isinstance(m["target_modules"], list)  # sampled as Hydra text, given back as a list
         modules.add(tuple(m["target_modules"]))
         assert 1e-4 <= t["lr"] <= 1e-2 and isinstance(t["batch_size"], int) and t["epochs"] == 3
-        assert set(trial.params) == {"method.r", "method.target_modules", "method.dropout", "train.lr",
-                                     "train.batch_size"}  # fmt: skip
+        assert set(trial.params) == {
+            "method.r",
+            "method.target_modules",
+            "method.dropout",
+            "train.lr",
+            "train.batch_size",
+        }
         assert s.feasible and s.trainable_params == count_trainable(
             method_config_from_dict(m), hf_config("tiny-bert")
         )
@@ -441,13 +462,19 @@ def test_yaml_spaces_from_the_config_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("ADABUDGET_CONFIGS", str(tmp_path))
     space = get_space("adapter_width")
     assert space.distributions["method.bottleneck"] == IntDistribution(8, 64, step=8)
-    s = sample(optuna.trial.FixedTrial({"method.bottleneck": 16, "train.warmup_ratio": 0.05}), space,
-               context("tiny-bert", budgeted=False))  # fmt: skip
+    s = sample(
+        optuna.trial.FixedTrial({"method.bottleneck": 16, "train.warmup_ratio": 0.05}),
+        space,
+        context("tiny-bert", budgeted=False),
+    )
     assert s.overrides == {"method": {"name": "adapter", "bottleneck": 16}, "train": {"warmup_ratio": 0.05}}
     with pytest.raises(ConfigError, match="must hold one `params:` mapping"):
         get_space("broken")
-    with pytest.raises(ConfigError, match=r"search.space=nope: unknown space; known spaces: s4, autopeft, "
-                                          r"adalora, lr, supernet, methods, longlora, adapter_width, broken"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"search.space=nope: unknown space; known spaces: s4, autopeft, "
+        r"adalora, lr, supernet, methods, longlora, adapter_width, broken",
+    ):
         get_space("nope")
 
 
@@ -485,7 +512,7 @@ def test_merge_overrides_replaces_a_named_method_and_merges_the_rest():
 
 
 def test_grid_needs_an_enumerable_declarative_space():
-    from search.study import grid_of
+    from adabudget.search.study import grid_of
 
     assert grid_of(get_space("lora_grid")) == {"method.r": [2, 4, 8, 16], "train.lr": [2e-4, 5e-4, 1e-3]}
     with pytest.raises(ConfigError, match="cannot enumerate train.lr"):
@@ -501,7 +528,7 @@ def test_methods_space_sizes_every_method_to_the_budget(model, budgeted):
     """``search.space=methods``: each method is a choice, sized to the budget through its own knob;
     the overrides train as drawn (resolve, validate, count), and only methods that cannot come
     near the budget at any size are infeasible."""
-    from search.space import SINGLE_METHODS
+    from adabudget.search.space import SINGLE_METHODS
 
     ctx = context(model, budgeted)
     seen = {}
@@ -541,7 +568,7 @@ def test_methods_space_sizes_every_method_to_the_budget(model, budgeted):
     rosa = seen["rosa"].overrides["method"]
     assert seen["rosa"].trainable_params == ctx.budget and rosa["budget"] == ctx.budget - rosa["r"] * (
         lora8_budget(model) // 8
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- the longlora space
@@ -550,7 +577,7 @@ def test_longlora_space_draws_the_papers_axes(budgeted):
     """``search.space=longlora`` on a LLaMA: group sizes N/8, N/4, N/2 of data.max_length, the
     embeddings and norms on or off, LoRA's rank sized to what the budget leaves (a choice whose
     embeddings alone pass the budget is infeasible); every feasible draw trains as drawn."""
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     ctx = context("tiny-llama", budgeted, max_length=64)
     _, drawn = draw(SPACES["longlora"], ctx, 40)

@@ -1,4 +1,4 @@
-"""Sparse fine-tuning and RoSA (budget.methods.sparse / rosa): the mask, its memory, its
+"""Sparse fine-tuning and RoSA (adabudget.methods.sparse / rosa): the mask, its memory, its
 calibration against a direct |θ ∇θ| / (∇θ)² computation, exact counts, resume and merge."""
 
 from __future__ import annotations
@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from adabudget.arch import arch_of
+from adabudget.compose import resume_config
+from adabudget.config import ConfigError
+from adabudget.methods import REGISTRY, count_method, method_config_from_dict
+from adabudget.methods.lora import LoRALinear
+from adabudget.methods.sparse import SparseLinear
+from adabudget.models import freeze_backbone, tiny_config
+from adabudget.training import train
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
-
-from budget.arch import arch_of
-from budget.compose import resume_config
-from budget.config import ConfigError
-from budget.methods import REGISTRY, count_method, method_config_from_dict
-from budget.methods.lora import LoRALinear
-from budget.methods.sparse import SparseLinear
-from budget.models import freeze_backbone, tiny_config
-from budget.train import train
 
 
 def build(arch_name: str = "tiny-bert", seed: int = 0):
@@ -34,8 +33,13 @@ def batches(n: int) -> list[dict]:
     for i in range(n):
         g = torch.Generator().manual_seed(100 + i)
         ids = torch.randint(5, 1000, (4, 9), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    "labels": torch.randint(0, 2, (4,), generator=g)})  # fmt: skip
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": torch.randint(0, 2, (4,), generator=g),
+            }
+        )
     return out
 
 
@@ -67,8 +71,10 @@ def trainable_count(model) -> int:
 def effective(layers: dict) -> dict[str, torch.Tensor]:
     """W0 + S per layer, (out, in)."""
     with torch.no_grad():
-        return {n: (m.base.weight.t() if m.fan_in_fan_out else m.base.weight) + m.delta_weight()
-                for n, m in layers.items()}  # fmt: skip
+        return {
+            n: (m.base.weight.t() if m.fan_in_fan_out else m.base.weight) + m.delta_weight()
+            for n, m in layers.items()
+        }
 
 
 def kept_mask(layer: SparseLinear) -> torch.Tensor:
@@ -173,7 +179,10 @@ def test_count_equals_trainable_after_calibrate(mode, values, arch_name):
     [
         ({"name": "sparse", "selection": "structured", "scope": "global"}, "method.scope"),
         ({"name": "sparse", "selection": "heads", "scope": "global"}, "method.scope"),
-        ({"name": "sparse", "selection": "heads", "target_modules": ["intermediate.dense"]}, "method.selection"),
+        (
+            {"name": "sparse", "selection": "heads", "target_modules": ["intermediate.dense"]},
+            "method.selection",
+        ),
         ({"name": "sparse", "selection": "heads", "budget": 100}, "method.budget"),  # < 1 head
         ({"name": "sparse", "budget": 10**9}, "method.budget"),
         ({"name": "sparse", "density": 0.01, "selection": "structured"}, "method.density"),  # < 1 row
@@ -381,8 +390,8 @@ def test_run_calibrates_counts_and_resumes(compose_run, method):
 def test_run_adapter_reloads_the_calibrated_mask(compose_run, method):
     """A run's ``adapter/`` carries the entries chosen from gradients (``hooks.pt``): loaded onto a
     fresh base it computes what the trained model computed (a re-pick by magnitude would not)."""
-    from budget.export import load_adapter
-    from budget.models import load_model
+    from adabudget.export import load_adapter
+    from adabudget.models import load_model
 
     run = compose_run(*method, "export_adapter=true", "model.dropout=0")
     result = train(run)
@@ -455,8 +464,13 @@ def test_rosa_warmup_with_magnitude_needs_no_collection():
 def test_rosa_warmup_run_resumes_inside_the_collection_window(compose_run):
     """Stopped at step 4, inside the steps scoring the mask (3 and 4 of 3 + 2), and resumed: the
     partial score travels in the checkpoint, so the mask and every weight end as in one run."""
-    method = ["method=rosa", "method.r=2", "method.density=0.02", "method.calibration_steps=2",
-              "method.warmup_steps=3"]  # fmt: skip
+    method = [
+        "method=rosa",
+        "method.r=2",
+        "method.density=0.02",
+        "method.calibration_steps=2",
+        "method.warmup_steps=3",
+    ]
     full = train(compose_run(*method, "run_name=full"))
     assert full["status"] == "completed" and full["sparse_from_step"] == 5
     first = train(compose_run(*method, "run_name=killed", "train.stop_after_step=4"))
@@ -481,21 +495,47 @@ def test_rosa_restarts_on_the_mask_of_a_warmed_up_run(compose_run, tmp_path):
     """The reference README's recommended flow: one run warms LoRA up and ends right after its
     mask is chosen (T = warmup + calibration steps, S never trained); a second run with
     ``mask_from`` starts LoRA and S from scratch on exactly that mask."""
-    warm = train(compose_run("method=rosa", "method.r=2", "method.density=0.02", "method.warmup_steps=6",
-                             "method.calibration_steps=2", "train.max_steps=8", "run_name=warm"))  # fmt: skip
+    warm = train(
+        compose_run(
+            "method=rosa",
+            "method.r=2",
+            "method.density=0.02",
+            "method.warmup_steps=6",
+            "method.calibration_steps=2",
+            "train.max_steps=8",
+            "run_name=warm",
+        )
+    )
     assert warm["status"] == "completed" and warm["sparse_from_step"] == 8
     ckpt = torch.load(Path(warm["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
     mask = ckpt["hooks"][0]["indices"]
     assert ckpt["hooks"][0]["active"] and all(v.numel() > 0 for v in mask.values())
     assert all(torch.count_nonzero(v) == 0 for n, v in ckpt["trainable"].items() if n.endswith("values"))
     # a different mask than the cold start's, or the test proves nothing
-    cold = train(compose_run("method=rosa", "method.r=2", "method.density=0.02", "method.calibration_steps=2",
-                             "train.max_steps=1", "run_name=cold"))  # fmt: skip
-    cold_mask = torch.load(Path(cold["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)["hooks"][0]["indices"]
+    cold = train(
+        compose_run(
+            "method=rosa",
+            "method.r=2",
+            "method.density=0.02",
+            "method.calibration_steps=2",
+            "train.max_steps=1",
+            "run_name=cold",
+        )
+    )
+    cold_mask = torch.load(Path(cold["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)["hooks"][0][
+        "indices"
+    ]
     assert any(not torch.equal(mask[n], cold_mask[n]) for n in mask)
 
-    again = train(compose_run("method=rosa", "method.r=2", "method.density=0.02",
-                              f"method.mask_from={warm['run_dir']}", "run_name=again"))  # fmt: skip
+    again = train(
+        compose_run(
+            "method=rosa",
+            "method.r=2",
+            "method.density=0.02",
+            f"method.mask_from={warm['run_dir']}",
+            "run_name=again",
+        )
+    )
     assert again["status"] == "completed" and again["sparse_from_step"] == 0
     after = torch.load(Path(again["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
     for name, idx in mask.items():
@@ -513,10 +553,25 @@ def test_rosa_restarts_on_the_mask_of_a_warmed_up_run(compose_run, tmp_path):
     ids=["both", "other-density", "other-layers"],
 )
 def test_rosa_mask_from_a_mismatched_run_is_refused(compose_run, tmp_path, extra, match):
-    warm = train(compose_run("method=rosa", "method.r=2", "method.density=0.02", "method.warmup_steps=1",
-                             "method.calibration_steps=1", "train.max_steps=2", "run_name=warm"))  # fmt: skip
-    run = compose_run("method=rosa", "method.r=2", "method.density=0.02", f"method.mask_from={warm['run_dir']}",
-                      *extra, "run_name=again")  # fmt: skip
+    warm = train(
+        compose_run(
+            "method=rosa",
+            "method.r=2",
+            "method.density=0.02",
+            "method.warmup_steps=1",
+            "method.calibration_steps=1",
+            "train.max_steps=2",
+            "run_name=warm",
+        )
+    )
+    run = compose_run(
+        "method=rosa",
+        "method.r=2",
+        "method.density=0.02",
+        f"method.mask_from={warm['run_dir']}",
+        *extra,
+        "run_name=again",
+    )
     with pytest.raises(ConfigError, match=match):
         train(run)
     assert not any((tmp_path / "runs" / "again").glob("*"))  # the claimed run folder is given back
@@ -528,7 +583,7 @@ def test_rosa_mask_from_a_folder_without_a_checkpoint_is_refused(tmp_path):
 
 
 def test_rosa_peft_export_is_refused_since_b_a_is_not_the_change(tmp_path):
-    from budget.export import export_peft_adapter
+    from adabudget.export import export_peft_adapter
 
     model, cfg, wrapped, hooks, layers = prepared({"name": "rosa", "r": 2, "density": 0.05})
     with pytest.raises(ValueError, match="a sparse part.*save_adapter"):

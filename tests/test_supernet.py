@@ -12,7 +12,7 @@
 - scoring: inherited-weight metrics equal the stand-alone model's, calibration restores weights;
 - search: ``search.scorer=supernet`` (Optuna and ``search.sampler=evolution``) end to end.
 
-The stand-alone side is always built with the engine's own path (``budget.methods.plan_of`` and
+The stand-alone side is always built with the engine's own path (``adabudget.methods.plan_of`` and
 ``apply_plan``, the hybrid a trial would train), never with the supernet's code.
 """
 
@@ -51,10 +51,9 @@ MENUS = [
 
 def search_config(tmp_path, *overrides: str) -> dict:
     """The composed ``adabudget search`` config of a tiny supernet, as a plain dict."""
+    from adabudget.compose import compose
+    from adabudget.search.config import register_schema
     from omegaconf import OmegaConf
-
-    from budget.compose import compose
-    from search.config import register_schema
 
     register_schema()
     cfg = compose(TINY + MENUS + [f"runs_root={tmp_path / 'runs'}", *overrides], config_name="search")
@@ -64,9 +63,9 @@ def search_config(tmp_path, *overrides: str) -> dict:
 def standalone(net, sub):
     """The stand-alone model of ``sub``: the supernet's backbone, the hybrid ``sub`` names applied
     by the engine, and the supernet's sliced trainable weights (``state_of``) loaded."""
-    from budget.methods import apply_plan, method_config_from_dict, plan_of
-    from budget.models import freeze_backbone, load_model
-    from budget.train import set_dropout
+    from adabudget.methods import apply_plan, method_config_from_dict, plan_of
+    from adabudget.models import freeze_backbone, load_model
+    from adabudget.training import set_dropout
 
     run = net.run
     model = load_model(run.model, net.task.num_labels, net.task.regression, net.pad_id)
@@ -91,7 +90,7 @@ def standalone(net, sub):
 
 
 def first_batch(net, split: str = "dev") -> dict:
-    from budget.data import make_batches
+    from adabudget.data import make_batches
 
     batch = next(make_batches(getattr(net.task, split), 16, net.pad_id, False))
     return {k: v for k, v in batch.items() if k in net.inputs}
@@ -101,7 +100,7 @@ def first_batch(net, split: str = "dev") -> dict:
 def net(tmp_path_factory):
     """A supernet (LoRA, Houlsby adapter, parallel adapter, prefix) with every trainable weight
     randomised: zero-initialised factors (B, W_up) would hide a wrong slice."""
-    from search.supernet import build, supernet_run
+    from adabudget.search.supernet import build, supernet_run
 
     net = build(supernet_run(search_config(tmp_path_factory.mktemp("net"))))
     gen = torch.Generator().manual_seed(0)
@@ -114,7 +113,7 @@ def net(tmp_path_factory):
 
 def sub_of(net, **per_method):
     """The full sub-configuration with some methods' per-block sizes replaced."""
-    from search.supernet import Sub
+    from adabudget.search.supernet import Sub
 
     sizes = net.space.full().as_dict()
     sizes.update({m: list(v) for m, v in per_method.items()})
@@ -144,8 +143,12 @@ SLICES = {
 # ---------------------------------------------------------------- slicing
 def test_the_supernet_holds_every_method_at_its_largest(net):
     assert net.space.methods == ("lora", "adapter", "parallel_adapter", "prefix")
-    assert net.space.full().as_dict() == {"lora": [8, 8], "adapter": [16, 16], "parallel_adapter": [8, 8],
-                                          "prefix": [6, 6]}  # fmt: skip
+    assert net.space.full().as_dict() == {
+        "lora": [8, 8],
+        "adapter": [16, 16],
+        "parallel_adapter": [8, 8],
+        "prefix": [6, 6],
+    }
 
 
 @pytest.mark.parametrize("case", list(SLICES))
@@ -179,7 +182,7 @@ def test_sampled_slices_compute_the_standalone_model(net):
 def test_reparameterised_prefix_slice():
     """A reparameterised PrefixKV sliced to k vectors is the stand-alone k-long one holding E[:k] and
     the same MLP (the supernet's prefix is direct by default; this path is the method file's)."""
-    from budget.methods.prefix import PrefixKV, set_active
+    from adabudget.methods.prefix import PrefixKV, set_active
 
     torch.manual_seed(0)
     big = PrefixKV(6, 2, 4, hidden=8, reparam_dim=5)
@@ -190,8 +193,13 @@ def test_reparameterised_prefix_slice():
     regions = set_active(big, 2)
     for got, want in zip(big(), small()):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    assert regions["embedding"] == (slice(0, 2),) and set(regions) == {"embedding", "mlp.0.weight", "mlp.0.bias",
-                                                                       "mlp.2.weight", "mlp.2.bias"}  # fmt: skip
+    assert regions["embedding"] == (slice(0, 2),) and set(regions) == {
+        "embedding",
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+    }
     assert set_active(big, 0) == {} and big.active == 0
     assert set_active(big, None) == set_active(big, 6) and big.active is None
     with pytest.raises(ValueError, match="outside"):
@@ -200,8 +208,8 @@ def test_reparameterised_prefix_slice():
 
 # ---------------------------------------------------------------- counts and the budget
 def test_counts_of_sampled_subs_are_the_standalone_counts(net):
-    from budget.methods import count_trainable, method_config_from_dict
-    from budget.models import count_params
+    from adabudget.methods import count_trainable, method_config_from_dict
+    from adabudget.models import count_params
 
     space, head = net.space, space_head(net)
     subs = space.sample(np.random.default_rng(1), 40) + [
@@ -222,13 +230,13 @@ def space_head(net) -> int:
 def test_sampling_honours_the_budget(tmp_path):
     """With search.budget every sampled, sandwich and evolved sub-configuration is in the band, and
     the sandwich trains the band's largest and smallest first."""
-    from search.space import SpaceContext
-    from search.supernet import SupernetSpace, path_at, supernet_run
+    from adabudget.search.space import SpaceContext
+    from adabudget.search.supernet import SupernetSpace, path_at, supernet_run
 
     cfg = search_config(tmp_path, "search.budget=6000", "search.supernet.tolerance=0.05")
     run = supernet_run(cfg)
     scfg = run.search["supernet"]
-    from search.config import SupernetConfig
+    from adabudget.search.config import SupernetConfig
 
     scfg = SupernetConfig(**scfg)
     space = SupernetSpace.from_context(SpaceContext.from_model("tiny-bert", budget=6000), scfg)
@@ -253,8 +261,8 @@ def test_sampling_honours_the_budget(tmp_path):
 
 
 def test_an_unreachable_budget_fails_before_any_compute(tmp_path):
-    from budget.config import ConfigError
-    from search.supernet import supernet_run
+    from adabudget.config import ConfigError
+    from adabudget.search.supernet import supernet_run
 
     with pytest.raises(ConfigError, match="search.budget=10000000"):
         supernet_run(search_config(tmp_path, "search.budget=10000000"))
@@ -264,7 +272,7 @@ def test_an_unreachable_budget_fails_before_any_compute(tmp_path):
 def test_masked_step_moves_only_the_slice_and_matches_adamw(net):
     """Three MaskedAdamW steps on a slice of the supernet move exactly that slice (and the head),
     along the trajectory of torch.optim.AdamW on the stand-alone model."""
-    from search.supernet import MaskedAdamW
+    from adabudget.search.supernet import MaskedAdamW
 
     sub = sub_of(net, **SLICES["methods off per block"])
     saved = {n: p.detach().clone() for n, p in net.params.items()}
@@ -302,7 +310,7 @@ def test_masked_step_moves_only_the_slice_and_matches_adamw(net):
 
 
 def trainable_of(folder) -> dict:
-    from budget.train import load_checkpoint
+    from adabudget.training import load_checkpoint
 
     return load_checkpoint(folder / "checkpoints" / "last.pt")
 
@@ -310,15 +318,19 @@ def trainable_of(folder) -> dict:
 def test_train_then_resume_an_interrupted_run(tmp_path):
     """Sandwich training for 6 steps; the same run stopped after 3 and resumed from its checkpoint
     ends with the same weights, optimizer state and training losses."""
-    from budget.compose import resume_config
-    from search.supernet import train_supernet
+    from adabudget.compose import resume_config
+    from adabudget.search.supernet import train_supernet
 
     straight = train_supernet(
         {**search_config(tmp_path, "search.budget=6000"), "run_dir": str(tmp_path / "a")}
     )
     assert straight["status"] == "completed" and straight["steps"] == 6
-    stopped = train_supernet({**search_config(tmp_path, "search.budget=6000", "train.stop_after_step=3"),
-                              "run_dir": str(tmp_path / "b")})  # fmt: skip
+    stopped = train_supernet(
+        {
+            **search_config(tmp_path, "search.budget=6000", "train.stop_after_step=3"),
+            "run_dir": str(tmp_path / "b"),
+        }
+    )
     assert stopped["status"] == "interrupted" and stopped["steps"] == 3
     resumed = train_supernet(resume_config(tmp_path / "b"))
     assert resumed["status"] == "completed" and resumed["steps"] == 6
@@ -329,8 +341,9 @@ def test_train_then_resume_an_interrupted_run(tmp_path):
     for name, state in a["optimizer"].items():
         for key, value in state.items():
             assert torch.equal(value, b["optimizer"][name][key]), (name, key)
-    init = train_supernet({**search_config(tmp_path, "search.budget=6000", "train.max_steps=1"),
-                           "run_dir": str(tmp_path / "c")})  # fmt: skip
+    init = train_supernet(
+        {**search_config(tmp_path, "search.budget=6000", "train.max_steps=1"), "run_dir": str(tmp_path / "c")}
+    )
     assert init["status"] == "completed"
     moved = [
         n
@@ -356,8 +369,8 @@ def test_score_is_the_standalone_evaluation(tmp_path):
     """On a regression task (a continuous metric): the inherited score of a sub-configuration is
     the stand-alone model's dev evaluation; different slices score differently; calibration
     trains the slice for a while and then restores every weight."""
-    from budget.train import evaluate
-    from search.supernet import load_supernet, score, train_supernet
+    from adabudget.search.supernet import load_supernet, score, train_supernet
+    from adabudget.training import evaluate
 
     folder = tmp_path / "sn"
     cfg = search_config(tmp_path, "data.task=tweets")
@@ -387,10 +400,15 @@ def test_score_is_the_standalone_evaluation(tmp_path):
 
 # ---------------------------------------------------------------- search
 def search(tmp_path, capsys, *overrides: str) -> tuple[int, dict]:
-    from budget.cli import main
+    from adabudget.cli import main
 
-    args = [o for o in TINY + MENUS] + [f"runs_root={tmp_path / 'runs'}", "search.threads=1",
-                                         "search.scorer=supernet", "search.study=sn", *overrides]  # fmt: skip
+    args = [o for o in TINY + MENUS] + [
+        f"runs_root={tmp_path / 'runs'}",
+        "search.threads=1",
+        "search.scorer=supernet",
+        "search.study=sn",
+        *overrides,
+    ]
     code = 0
     try:
         main(["search", *args])
@@ -406,7 +424,7 @@ def test_search_with_the_supernet_scorer(tmp_path, capsys):
     """Trials score sub-configurations of the study's supernet (trained once, then reused); each
     trial's value is its inherited score, its count the stand-alone count, and out-of-band draws
     are infeasible, never scored."""
-    from search.supernet import Sub, load_supernet, score
+    from adabudget.search.supernet import Sub, load_supernet, score
 
     code, record = search(
         tmp_path, capsys, "search.n_trials=4", "search.budget=6000", "search.sampler=random"
@@ -415,8 +433,11 @@ def test_search_with_the_supernet_scorer(tmp_path, capsys):
     assert record["scorer"] == "supernet" and record["space"] == ["supernet"]
     folder = tmp_path / "runs" / "search" / "sn" / "supernet"
     assert json.loads((folder / "result.json").read_text())["status"] == "completed"
-    scored = [t for t in record["trials"] if t["state"] == "complete" and not t["infeasible"]
-              and t["duplicate_of"] is None]  # fmt: skip
+    scored = [
+        t
+        for t in record["trials"]
+        if t["state"] == "complete" and not t["infeasible"] and t["duplicate_of"] is None
+    ]
     assert len(scored) == 4
     net = load_supernet(folder)
     for t in scored:
@@ -433,16 +454,30 @@ def test_search_with_the_supernet_scorer(tmp_path, capsys):
     code, record = search(
         tmp_path, capsys, "search.n_trials=6", "search.budget=6000", "search.sampler=random"
     )
-    assert code == 0 and sum(1 for t in record["trials"] if t["state"] == "complete" and not t["infeasible"]
-                             and t["duplicate_of"] is None) == 6  # fmt: skip
+    assert (
+        code == 0
+        and sum(
+            1
+            for t in record["trials"]
+            if t["state"] == "complete" and not t["infeasible"] and t["duplicate_of"] is None
+        )
+        == 6
+    )
     assert (folder / "result.json").read_text() == stamp, "the study's supernet was trained again"
 
 
 def test_supernet_space_trained_stand_alone(tmp_path, capsys):
     """``search.space=supernet`` with the default scorer trains each sub-configuration (the plain
     search to compare inherited scores with): exact menu sizes, never rescaled to the budget."""
-    code, record = search(tmp_path, capsys, "search.scorer=train", "search.space=supernet", "search.n_trials=2",
-                          "search.budget=6000", "search.enqueue=none")  # fmt: skip
+    code, record = search(
+        tmp_path,
+        capsys,
+        "search.scorer=train",
+        "search.space=supernet",
+        "search.n_trials=2",
+        "search.budget=6000",
+        "search.enqueue=none",
+    )
     assert code == 0 and record["scorer"] == "train" and "supernet" not in record
     trained = [t for t in record["trials"] if t["state"] == "complete" and not t["infeasible"]]
     assert len(trained) == 2
@@ -478,8 +513,15 @@ def test_search_resumes_an_interrupted_supernet(tmp_path, capsys):
 
 
 def test_evolution_search(tmp_path, capsys):
-    code, record = search(tmp_path, capsys, "search.sampler=evolution", "search.n_trials=8", "search.budget=6000",
-                          "search.supernet.population=4", "search.supernet.parents=2")  # fmt: skip
+    code, record = search(
+        tmp_path,
+        capsys,
+        "search.sampler=evolution",
+        "search.n_trials=8",
+        "search.budget=6000",
+        "search.supernet.population=4",
+        "search.supernet.parents=2",
+    )
     assert code == 0
     trials = [t for t in record["trials"] if t["state"] == "complete"]
     assert len(trials) == 8 and len({t["sub"] for t in trials}) == 8
@@ -498,8 +540,8 @@ def test_evolution_search(tmp_path, capsys):
     ],
 )
 def test_bad_supernet_settings_are_refused(overrides, field):
-    from budget.config import ConfigError
-    from search.config import SearchConfig
+    from adabudget.config import ConfigError
+    from adabudget.search.config import SearchConfig
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         SearchConfig(**overrides).validate("accuracy")
@@ -510,14 +552,38 @@ def test_bench_supernet_end_to_end_and_resume(tmp_path, capsys):
     """``adabudget bench supernet`` on a tiny model: every configuration trained stand-alone and
     scored on the supernet, τ from those numbers, cost and the equal-compute comparison; a second
     call trains and scores nothing again and prints the same figures."""
+    from adabudget.cli import main
     from scipy import stats
 
-    from budget.cli import main
-
-    args = ["bench", "supernet", "--experiment", "none", "--budget", "6000", "--configs", "4",
-            "--variants", "sandwich:1", "--calibration", "0,2", "--trials", "4", "--seeds", "42,1",
-            "--root", str(tmp_path / "b"), "--threads", "1", "--out", str(tmp_path / "r.json"),
-            *TINY, "data.task=tweets", *MENUS[:3], "search.supernet.population=2", "search.supernet.parents=1"]  # fmt: skip
+    args = [
+        "bench",
+        "supernet",
+        "--experiment",
+        "none",
+        "--budget",
+        "6000",
+        "--configs",
+        "4",
+        "--variants",
+        "sandwich:1",
+        "--calibration",
+        "0,2",
+        "--trials",
+        "4",
+        "--seeds",
+        "42,1",
+        "--root",
+        str(tmp_path / "b"),
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "r.json"),
+        *TINY,
+        "data.task=tweets",
+        *MENUS[:3],
+        "search.supernet.population=2",
+        "search.supernet.parents=1",
+    ]
     main(args)
     first = capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
@@ -550,10 +616,10 @@ def test_two_paths_per_step_average_their_gradients(tmp_path):
     of each of the step's two sub-configurations (the band's largest and smallest) on the same
     batch and updates the union of their slices, as a hand-written step on the same init does;
     the largest path alone would give other weights."""
-    from budget.schedule import lr_factor
-    from budget.train import batch_stream, total_steps_for
-    from search.config import SupernetConfig
-    from search.supernet import MaskedAdamW, build, path_at, supernet_run, train_supernet
+    from adabudget.schedule import lr_factor
+    from adabudget.search.config import SupernetConfig
+    from adabudget.search.supernet import MaskedAdamW, build, path_at, supernet_run, train_supernet
+    from adabudget.training import batch_stream, total_steps_for
 
     overrides = ("search.budget=6000", "search.supernet.paths_per_step=2", "train.max_steps=1")
     result = train_supernet({**search_config(tmp_path, *overrides), "run_dir": str(tmp_path / "sn")})

@@ -20,12 +20,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
-
-from budget.config import ConfigError
-from search.sweeper import (
+from adabudget.config import ConfigError
+from adabudget.search.sweeper import (
     SweeperImpl,
     directions_of,
     job_outcome,
@@ -34,6 +30,9 @@ from search.sweeper import (
     objective_value,
     parse_space,
 )
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "search" / "plugins"  # the folder pyproject maps the hydra_plugins namespace from
@@ -43,14 +42,19 @@ SWEEP = ["train", "-m", "hydra/sweeper=adabudget"]
 
 def cli_env() -> dict:
     # this checkout's plugin first: the editable install may point at another tree, or predate it
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(PLUGINS), env.get("PYTHONPATH")) if p)
     return env
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *args]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
     return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -79,12 +83,12 @@ def only(paths) -> Path:
             "k=choice(adam, 'two words', 'a,b')",
             CategoricalDistribution(["adam", "two words", "a,b"]),
             ["adam", "two words", "a,b"],
-        ),  # fmt: skip
+        ),
         (
             "k=choice([query,value],[query])",
             CategoricalDistribution(["[query,value]", "[query]"]),
             ["[query,value]", "[query]"],
-        ),  # fmt: skip
+        ),
         ("k=choice(true,false)", CategoricalDistribution([True, False]), [True, False]),
         ("k=1,2,3", CategoricalDistribution([1, 2, 3]), [2]),
         ("method=choice(lora,adalora)", CategoricalDistribution(["lora", "adalora"]), ["adalora"]),
@@ -104,7 +108,7 @@ def only(paths) -> Path:
 )
 def test_every_sweep_form_becomes_a_distribution_and_its_samples_parse_back(override, expected, samples):
     space = parse_space(None, [override])
-    (key, dist), = space.distributions.items()  # fmt: skip
+    ((key, dist),) = space.distributions.items()
     assert key == override.split("=")[0] and dist == expected
     parser = OverridesParser.create()
     for value in samples:
@@ -115,16 +119,36 @@ def test_every_sweep_form_becomes_a_distribution_and_its_samples_parse_back(over
 
 
 def test_fixed_values_pass_unchanged_and_the_command_line_wins_over_params():
-    params = {"method.r": "choice(2,4)", "train.lr": "tag(log, interval(1e-4, 1e-2))", "method.name": "lora",
-              "train.epochs": 3, "method.target_modules": ["query", "value"], "data.task": "mr"}  # fmt: skip
-    args = ["method.r=choice(8,16)", "train.lr=5e-4", "model=tiny-bert", "~logger.group",
-            "+meta.note='a b'", "runs_root=/tmp/x"]  # fmt: skip
+    params = {
+        "method.r": "choice(2,4)",
+        "train.lr": "tag(log, interval(1e-4, 1e-2))",
+        "method.name": "lora",
+        "train.epochs": 3,
+        "method.target_modules": ["query", "value"],
+        "data.task": "mr",
+    }
+    args = [
+        "method.r=choice(8,16)",
+        "train.lr=5e-4",
+        "model=tiny-bert",
+        "~logger.group",
+        "+meta.note='a b'",
+        "runs_root=/tmp/x",
+    ]
     space = parse_space(params, args)
     # a later sweep replaces an earlier one; a fixed value removes the distribution of its key
     assert space.distributions == {"method.r": CategoricalDistribution([8, 16])}
-    assert space.fixed == ["train.lr=5e-4", "method.name=lora", "train.epochs=3",
-                           "method.target_modules=[query,value]", "data.task=mr", "model=tiny-bert",
-                           "~logger.group", "+meta.note='a b'", "runs_root=/tmp/x"]  # fmt: skip
+    assert space.fixed == [
+        "train.lr=5e-4",
+        "method.name=lora",
+        "train.epochs=3",
+        "method.target_modules=[query,value]",
+        "data.task=mr",
+        "model=tiny-bert",
+        "~logger.group",
+        "+meta.note='a b'",
+        "runs_root=/tmp/x",
+    ]
     assert space.overrides({"method.r": 16})[0] == "method.r=16"  # in the order given
 
 
@@ -147,8 +171,16 @@ def test_samplers_by_name_and_by_target_dict():
     assert type(make_sampler(None, space)[0]) is optuna.samplers.TPESampler
     assert type(make_sampler("random", space)[0]) is optuna.samplers.RandomSampler
     assert type(make_sampler("nsgaii", space)[0]) is optuna.samplers.NSGAIISampler
-    sampler, _ = make_sampler({"_target_": "optuna.samplers.TPESampler", "seed": 3, "n_startup_trials": 4,
-                               "multivariate": True, "consider_prior": None}, space)  # fmt: skip
+    sampler, _ = make_sampler(
+        {
+            "_target_": "optuna.samplers.TPESampler",
+            "seed": 3,
+            "n_startup_trials": 4,
+            "multivariate": True,
+            "consider_prior": None,
+        },
+        space,
+    )
     assert type(sampler) is optuna.samplers.TPESampler and sampler._n_startup_trials == 4
     # hydra-optuna-sweeper's grid option (_partial_: the space comes from the params), closed bounds
     grid, size = make_sampler(
@@ -173,13 +205,24 @@ def test_nested_targets_are_held_to_the_allow_list(tmp_path):
     """Hydra's instantiate builds a nested ``_target_`` before its parent: every one of them must
     name an Optuna sampler (pruner), or a sampler's kwargs could run any callable."""
     space = parse_space(None, ["a=choice(1,2,3)", "b=interval(0,1)"])
-    pruner = make_pruner({"_target_": "optuna.pruners.PatientPruner", "patience": 2,
-                          "wrapped_pruner": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 3}})  # fmt: skip
+    pruner = make_pruner(
+        {
+            "_target_": "optuna.pruners.PatientPruner",
+            "patience": 2,
+            "wrapped_pruner": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 3},
+        }
+    )
     assert type(pruner) is optuna.pruners.PatientPruner
     assert type(pruner._wrapped_pruner) is optuna.pruners.MedianPruner
     assert pruner._wrapped_pruner._n_startup_trials == 3
-    sampler, _ = make_sampler({"_target_": "optuna.samplers.PartialFixedSampler", "fixed_params": {"a": 2},
-                               "base_sampler": {"_target_": "optuna.samplers.TPESampler", "seed": 1}}, space)  # fmt: skip
+    sampler, _ = make_sampler(
+        {
+            "_target_": "optuna.samplers.PartialFixedSampler",
+            "fixed_params": {"a": 2},
+            "base_sampler": {"_target_": "optuna.samplers.TPESampler", "seed": 1},
+        },
+        space,
+    )
     assert type(sampler) is optuna.samplers.PartialFixedSampler
     assert type(sampler._base_sampler) is optuna.samplers.TPESampler
     study = optuna.create_study(sampler=sampler)
@@ -189,22 +232,54 @@ def test_nested_targets_are_held_to_the_allow_list(tmp_path):
     ran = tmp_path / "ran"
     command = f"touch {ran}"
     refused = [
-        (make_pruner, {"_target_": "optuna.pruners.PatientPruner", "patience": 2,
-                       "wrapped_pruner": {"_target_": "os.system", "command": command}},
-         r"hydra\.sweeper\.pruner\.wrapped_pruner: _target_ 'os\.system' must be a class of optuna\.pruners"),
-        (make_sampler, {"_target_": "optuna.samplers.PartialFixedSampler", "fixed_params": {"a": 2},
-                        "base_sampler": {"_target_": "os.system", "command": command}},
-         r"hydra\.sweeper\.sampler\.base_sampler: _target_ 'os\.system' must be a class of optuna\.samplers"),
-        (make_sampler, {"_target_": "optuna.samplers.TPESampler",
-                        "seed": {"_target_": "builtins.exec", "_args_": [f"open({str(ran)!r}, 'w')"]}},
-         r"hydra\.sweeper\.sampler\.seed: _target_ 'builtins\.exec'"),
-        (make_sampler, {"_target_": "optuna.samplers.PartialFixedSampler", "fixed_params": {"a": 2},  # deeper, in a list
-                        "base_sampler": {"_target_": "optuna.samplers.TPESampler",
-                                         "_args_": [{"_target_": "os.system", "command": command}]}},
-         r"hydra\.sweeper\.sampler\.base_sampler\._args_\[0\]: _target_ 'os\.system'"),
-        (make_pruner, {"_target_": "optuna.pruners.PatientPruner", "patience": 2,  # a sampler where a pruner goes
-                       "wrapped_pruner": {"_target_": "optuna.samplers.TPESampler"}}, "must be a class of optuna.pruners"),
-    ]  # fmt: skip
+        (
+            make_pruner,
+            {
+                "_target_": "optuna.pruners.PatientPruner",
+                "patience": 2,
+                "wrapped_pruner": {"_target_": "os.system", "command": command},
+            },
+            r"hydra\.sweeper\.pruner\.wrapped_pruner: _target_ 'os\.system' must be a class of optuna\.pruners",
+        ),
+        (
+            make_sampler,
+            {
+                "_target_": "optuna.samplers.PartialFixedSampler",
+                "fixed_params": {"a": 2},
+                "base_sampler": {"_target_": "os.system", "command": command},
+            },
+            r"hydra\.sweeper\.sampler\.base_sampler: _target_ 'os\.system' must be a class of optuna\.samplers",
+        ),
+        (
+            make_sampler,
+            {
+                "_target_": "optuna.samplers.TPESampler",
+                "seed": {"_target_": "builtins.exec", "_args_": [f"open({str(ran)!r}, 'w')"]},
+            },
+            r"hydra\.sweeper\.sampler\.seed: _target_ 'builtins\.exec'",
+        ),
+        (
+            make_sampler,
+            {
+                "_target_": "optuna.samplers.PartialFixedSampler",
+                "fixed_params": {"a": 2},  # deeper, in a list
+                "base_sampler": {
+                    "_target_": "optuna.samplers.TPESampler",
+                    "_args_": [{"_target_": "os.system", "command": command}],
+                },
+            },
+            r"hydra\.sweeper\.sampler\.base_sampler\._args_\[0\]: _target_ 'os\.system'",
+        ),
+        (
+            make_pruner,
+            {
+                "_target_": "optuna.pruners.PatientPruner",
+                "patience": 2,  # a sampler where a pruner goes
+                "wrapped_pruner": {"_target_": "optuna.samplers.TPESampler"},
+            },
+            "must be a class of optuna.pruners",
+        ),
+    ]
     for make, spec, message in refused:
         with pytest.raises(ConfigError, match=message):
             make(spec) if make is make_pruner else make(spec, space)
@@ -228,8 +303,13 @@ def test_directions_objectives_and_what_a_job_end_means():
     with pytest.raises(ConfigError, match="max_failure_rate"):
         SweeperImpl(max_failure_rate=2)
 
-    result = {"status": "completed", "final": {"dev": {"accuracy": 0.75}}, "trainable_params": 3698,
-              "wall_time_s": 1.5, "run_dir": "r"}  # fmt: skip
+    result = {
+        "status": "completed",
+        "final": {"dev": {"accuracy": 0.75}},
+        "trainable_params": 3698,
+        "wall_time_s": 1.5,
+        "run_dir": "r",
+    }
     assert objective_value(result, "dev.accuracy") == 0.75 and objective_value(result, "params") == 3698
     with pytest.raises(KeyError, match="no 'f1'"):
         objective_value(result, "dev.f1")
@@ -263,7 +343,7 @@ def test_directions_objectives_and_what_a_job_end_means():
 # ---------------------------------------------------------------- hydra-optuna-sweeper's own examples
 SPHERE = """
 import hydra
-from search.sweeper import current_trial
+from adabudget.search.sweeper import current_trial
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def sphere(cfg) -> float:
@@ -322,10 +402,21 @@ def test_a_hydra_optuna_sweeper_config_runs_by_renaming_the_sweeper(tmp_path):
     )
     # several objectives from a tuple, as their multi-objective example returns
     (tmp_path / "sphere.py").write_text(SPHERE.replace("return float", "return 1.0, float"))
-    proc = subprocess.run([*cmd, "hydra.sweeper.direction=[minimize,minimize]", "hydra.sweeper.study_name=two",
-                           "hydra/sweeper/sampler=nsgaii", "hydra.sweeper.n_trials=3",
-                           "hydra.sweeper.custom_search_space=__main__.extend"],
-                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            *cmd,
+            "hydra.sweeper.direction=[minimize,minimize]",
+            "hydra.sweeper.study_name=two",
+            "hydra/sweeper/sampler=nsgaii",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.custom_search_space=__main__.extend",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = journal_study(tmp_path / "out" / "sweeps" / "two" / "journal.log", "two")
     assert len(two.best_trials) >= 1 and all(len(t.values) == 2 for t in two.trials)
@@ -337,9 +428,18 @@ def test_sweep_prunes_through_dev_evaluations_and_the_job_sees_its_trial(tmp_pat
     """Grid over train.max_steps 10 / 20 with a pruner that prunes any dev accuracy below 0.99:
     the 20-step job is evaluated at step 10 and pruned there (record status pruned, trial
     PRUNED); the 10-step job has no evaluation before its end and completes."""
-    proc = run_cli([*SWEEP, *TINY, f"runs_root={tmp_path}", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_jobs=2",
-                    "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:0.99}",
-                    "train.max_steps=choice(10,20)"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            *SWEEP,
+            *TINY,
+            f"runs_root={tmp_path}",
+            "hydra.sweeper.sampler=grid",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:0.99}",
+            "train.max_steps=choice(10,20)",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "status: pruned" in proc.stdout
     record = json.loads(only((tmp_path / "default" / "sweeps").glob("*/sweep.json")).read_text())
@@ -348,8 +448,12 @@ def test_sweep_prunes_through_dev_evaluations_and_the_job_sees_its_trial(tmp_pat
     for trial in study.trials:
         result = json.loads((Path(trial.user_attrs["run_dir"]) / "result.json").read_text())
         # not the storage: a database URL may hold a password (tests/test_credentials.py)
-        assert result["meta"] == {"study": record["study"], "trial": trial.number, "params": trial.params,
-                                  "sweeper": "adabudget"}  # fmt: skip
+        assert result["meta"] == {
+            "study": record["study"],
+            "trial": trial.number,
+            "params": trial.params,
+            "sweeper": "adabudget",
+        }
         assert Path(result["run_dir"]).name == str(trial.number)  # <sweep dir>/<trial number>
         if trial.params["train.max_steps"] == 20:
             assert (
@@ -376,15 +480,31 @@ def test_sweep_prunes_through_dev_evaluations_and_the_job_sees_its_trial(tmp_pat
 def test_killed_sweep_resumes_to_n_trials_without_resetting(tmp_path):
     """kill -9 of the sweep's process group mid-trial; the same command finishes the study with
     exactly n_trials (the killed trial failed and re-queued), and a third run has nothing to do."""
-    args = [*SWEEP, *TINY, f"runs_root={tmp_path}", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler=random",
-            "train.max_steps=40", "train.lr=tag(log, interval(1e-4, 1e-2))"]  # fmt: skip
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *args]
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    args = [
+        *SWEEP,
+        *TINY,
+        f"runs_root={tmp_path}",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler=random",
+        "train.max_steps=40",
+        "train.lr=tag(log, interval(1e-4, 1e-2))",
+    ]
+    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
+    first = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     journal, deadline = None, time.time() + 400
     while time.time() < deadline:  # one trial finished and the next one running
-        journal = next((tmp_path / "default" / "sweeps").glob("*/journal.log"), None) if (
-            tmp_path / "default" / "sweeps").exists() else None  # fmt: skip
+        journal = (
+            next((tmp_path / "default" / "sweeps").glob("*/journal.log"), None)
+            if (tmp_path / "default" / "sweeps").exists()
+            else None
+        )
         if journal is not None:
             states = [t.state for t in journal_study(journal).trials]
             if TrialState.COMPLETE in states and TrialState.RUNNING in states:
@@ -414,9 +534,19 @@ def test_killed_sweep_resumes_to_n_trials_without_resetting(tmp_path):
 
 
 def test_several_objectives_are_read_from_the_job_record(tmp_path):
-    proc = run_cli([*SWEEP, *TINY, f"runs_root={tmp_path}", "hydra.sweeper.objectives=[dev.accuracy,params]",
-                    "hydra.sweeper.sampler=grid", "hydra.sweeper.n_jobs=2", "method.init_r=choice(2,4)",
-                    "method.target_r=1"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            *SWEEP,
+            *TINY,
+            f"runs_root={tmp_path}",
+            "hydra.sweeper.objectives=[dev.accuracy,params]",
+            "hydra.sweeper.sampler=grid",
+            "hydra.sweeper.n_jobs=2",
+            "method.init_r=choice(2,4)",
+            "method.target_r=1",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(only((tmp_path / "default" / "sweeps").glob("*/sweep.json")).read_text())
     assert record["directions"] == ["maximize", "minimize"] and record["pareto_front"]
@@ -440,14 +570,27 @@ def test_rolling_pool_starts_the_next_job_while_a_slow_one_runs(tmp_path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    study = optuna.create_study(study_name="pool", storage=JournalStorage(JournalFileBackend(str(storage))),
-                                direction="maximize")  # fmt: skip
+    study = optuna.create_study(
+        study_name="pool", storage=JournalStorage(JournalFileBackend(str(storage))), direction="maximize"
+    )
     for steps, lr in ((120, 5e-3), (4, 1e30), (4, 5e-3)):
         study.enqueue_trial({"train.max_steps": steps, "train.lr": lr})
-    proc = run_cli([*SWEEP, *TINY, f"runs_root={tmp_path}", "hydra.sweeper.study_name=pool",
-                    "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=0.5",
-                    "train.max_grad_norm=null", "train.log_every=1", "train.max_steps=choice(4,120)",
-                    "train.lr=choice(5e-3,1e30)"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            *SWEEP,
+            *TINY,
+            f"runs_root={tmp_path}",
+            "hydra.sweeper.study_name=pool",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.max_failure_rate=0.5",
+            "train.max_grad_norm=null",
+            "train.log_every=1",
+            "train.max_steps=choice(4,120)",
+            "train.lr=choice(5e-3,1e30)",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     slow, diverged, fast = journal_study(storage, "pool").trials
     assert (slow.state, diverged.state, fast.state) == (
@@ -462,8 +605,18 @@ def test_rolling_pool_starts_the_next_job_while_a_slow_one_runs(tmp_path):
 
 
 def test_failures_beyond_max_failure_rate_stop_the_sweep(tmp_path):
-    proc = run_cli([*SWEEP, *TINY, f"runs_root={tmp_path}", "method.target_r=99", "hydra.sweeper.n_trials=3",
-                    "hydra.sweeper.max_failure_rate=0", "train.lr=interval(1e-4, 1e-3)"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            *SWEEP,
+            *TINY,
+            f"runs_root={tmp_path}",
+            "method.target_r=99",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.max_failure_rate=0",
+            "train.lr=interval(1e-4, 1e-3)",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "1 of this sweep's jobs failed (hydra.sweeper.max_failure_rate=0" in proc.stderr
     assert "config refused: method.target_r" in proc.stderr
@@ -498,51 +651,100 @@ def test_editable_install_lets_hydra_discover_the_plugin(tmp_path):
     import sysconfig
 
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "venv", "runs", "outputs", "multirun", "wandb", "__pycache__", "*.egg-info", "build",
-        ".pytest_cache", ".ruff_cache"))  # fmt: skip
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "venv",
+            "runs",
+            "outputs",
+            "multirun",
+            "wandb",
+            "__pycache__",
+            "*.egg-info",
+            "build",
+            ".pytest_cache",
+            ".ruff_cache",
+        ),
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     here = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     (Path(site) / "_outer_environment.pth").write_text("".join(f"{p}\n" for p in here))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     offline = ["--no-build-isolation", "--no-index"] if setuptools_builds_editables() else []
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *offline, "-e", str(src)],
-                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", *offline, "-e", str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     script = venv / "bin" / "adabudget"
-    plugins = subprocess.run([script, "train", "--info", "plugins"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+    plugins = subprocess.run(
+        [script, "train", "--info", "plugins"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert plugins.returncode == 0, plugins.stderr[-3000:]
     assert "AdabudgetSweeper" in plugins.stdout
-    cfg = subprocess.run([script, "train", "hydra/sweeper=adabudget", "--cfg", "hydra", "-p", "hydra.sweeper"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    cfg = subprocess.run(
+        [script, "train", "hydra/sweeper=adabudget", "--cfg", "hydra", "-p", "hydra.sweeper"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cfg.returncode == 0, cfg.stderr[-3000:]
     node = yaml.safe_load(cfg.stdout.split("\n", 1)[1])
     assert node["_target_"] == "hydra_plugins.adabudget_sweeper.adabudget_sweeper.AdabudgetSweeper"
     assert node["sampler"]["_target_"] == "optuna.samplers.TPESampler"
-    where = subprocess.run([python, "-c", "import hydra_plugins.adabudget_sweeper as m; print(m.__file__)"],
-                           env=env, capture_output=True, text=True)  # fmt: skip
-    assert where.stdout.strip() == str(src / "search" / "plugins" / "hydra_plugins" / "adabudget_sweeper" /
-                                       "__init__.py")  # fmt: skip
+    where = subprocess.run(
+        [python, "-c", "import hydra_plugins.adabudget_sweeper as m; print(m.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.strip() == str(
+        src / "search" / "plugins" / "hydra_plugins" / "adabudget_sweeper" / "__init__.py"
+    )
 
 
 def test_old_install_without_the_plugin_says_what_to_do(tmp_path):
     env = dict(cli_env(), PYTHONPATH=str(REPO))  # the checkout, but no hydra_plugins on the path
-    code = "import sys; sys.modules['hydra_plugins'] = None; from budget.cli import main; main()"
-    proc = subprocess.run([sys.executable, "-c", code, *SWEEP, *TINY], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    code = "import sys; sys.modules['hydra_plugins'] = None; from adabudget.cli import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *SWEEP, *TINY],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "pip install -e ." in proc.stderr
 
 
 def _waits_on(path: Path, pid: int) -> bool:
     """Whether ``pid`` is blocked on a flock of ``path`` (a ``->`` line of /proc/locks)."""
     inode = f":{path.stat().st_ino} "
-    return any(line.split()[1] == "->" and f" {pid} " in line and inode in line
-               for line in Path("/proc/locks").read_text().splitlines())  # fmt: skip
+    return any(
+        line.split()[1] == "->" and f" {pid} " in line and inode in line
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
 
 
 @pytest.mark.slow  # ~20 s: a sweep of two jobs in a subprocess
@@ -559,9 +761,18 @@ def test_sweep_counts_and_asks_under_the_studys_start_lock(tmp_path):
     lock = root / ".start.lock"
     held = open(lock, "a+")
     fcntl.flock(held, fcntl.LOCK_EX)
-    cmd = [sys.executable, "-c", "from budget.cli import main; main()", *SWEEP, *TINY, f"runs_root={tmp_path}",
-           "hydra.sweeper.study_name=locked", "hydra.sweeper.n_trials=2", "train.max_steps=4",
-           "train.lr=choice(5e-3,1e-3)"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "from adabudget.cli import main; main()",
+        *SWEEP,
+        *TINY,
+        f"runs_root={tmp_path}",
+        "hydra.sweeper.study_name=locked",
+        "hydra.sweeper.n_trials=2",
+        "train.max_steps=4",
+        "train.lr=choice(5e-3,1e-3)",
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=PIPE, stderr=PIPE, text=True)
     try:
         deadline = time.time() + 180

@@ -11,23 +11,33 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from analysis.records import load
-from analysis.tables import LAYOUTS, build, latex_escape, table
+from adabudget.analysis.records import load
+from adabudget.analysis.tables import LAYOUTS, build, latex_escape, table
 
 GOLDEN = Path(__file__).parent / "golden"
 MADE = "2026-11-23"
 # (label, method, final params, task -> metric -> per-seed values); amazon/nyt left out on
 # purpose for AdaLoRA & BitFit: their cells must show as missing, never filled in.
 FIXED = [
-    ("LoRA r=2", "lora", 82944, {"mr": {"accuracy": [0.781, 0.785, 0.790]},
-                                 "tweets": {"pearson": [0.702, 0.698, 0.710]},
-                                 "amazon": {"pearson": [0.650, 0.655, 0.661]},
-                                 "nyt": {"pearson": [0.501, 0.515, 0.490]}}),
-    ("AdaLoRA b72", "adalora", 83016, {"mr": {"accuracy": [0.788, 0.792, 0.786]},
-                                       "tweets": {"pearson": [0.711, 0.705, 0.709]}}),
+    (
+        "LoRA r=2",
+        "lora",
+        82944,
+        {
+            "mr": {"accuracy": [0.781, 0.785, 0.790]},
+            "tweets": {"pearson": [0.702, 0.698, 0.710]},
+            "amazon": {"pearson": [0.650, 0.655, 0.661]},
+            "nyt": {"pearson": [0.501, 0.515, 0.490]},
+        },
+    ),
+    (
+        "AdaLoRA b72",
+        "adalora",
+        83016,
+        {"mr": {"accuracy": [0.788, 0.792, 0.786]}, "tweets": {"pearson": [0.711, 0.705, 0.709]}},
+    ),
     ("BitFit & friends_1", "bitfit", 19968, {"mr": {"accuracy": [0.760, 0.771]}}),
-]  # fmt: skip
+]
 
 
 def write_fixed(root: Path) -> None:
@@ -40,15 +50,29 @@ def write_fixed(root: Path) -> None:
                 run = root / f"run{k}"
                 k += 1
                 run.mkdir(parents=True)
-                (run / "config.yaml").write_text(f"train:\n  seed: {seed}\n  lr: 0.0005\nmethod:\n  name: {method}\n"
-                                                 f"data:\n  task: {task}\nmeta:\n  label: {label}\n")  # fmt: skip
+                (run / "config.yaml").write_text(
+                    f"train:\n  seed: {seed}\n  lr: 0.0005\nmethod:\n  name: {method}\n"
+                    f"data:\n  task: {task}\nmeta:\n  label: {label}\n"
+                )
                 dev = {metric: value - 0.01}
-                result = {"record_version": 2, "status": "completed", "method": method, "task": task,
-                          "model": "minilm", "data_version": "vader-3.3.2/groups-v2", "primary_metric": metric,
-                          "regression": metric == "pearson", "trainable_params": params + 770,
-                          "adapter_params_final": None, "groups": [{"group": 0, "params": params, "methods": {}}],
-                          "final": {"dev": dev, "test": {metric: value}}, "best": {"step": 10, "dev": dev},
-                          "meta": {"label": label}, "git_commit": "0123456789abcdef", "steps": 265}  # fmt: skip
+                result = {
+                    "record_version": 2,
+                    "status": "completed",
+                    "method": method,
+                    "task": task,
+                    "model": "minilm",
+                    "data_version": "vader-3.3.2/groups-v2",
+                    "primary_metric": metric,
+                    "regression": metric == "pearson",
+                    "trainable_params": params + 770,
+                    "adapter_params_final": None,
+                    "groups": [{"group": 0, "params": params, "methods": {}}],
+                    "final": {"dev": dev, "test": {metric: value}},
+                    "best": {"step": 10, "dev": dev},
+                    "meta": {"label": label},
+                    "git_commit": "0123456789abcdef",
+                    "steps": 265,
+                }
                 (run / "result.json").write_text(json.dumps(result))
 
 
@@ -72,8 +96,10 @@ def test_means_and_stds_by_hand(fixed):
     assert lora["MR"][0]["mean"] == pytest.approx(statistics.mean(values))
     assert lora["MR"][0]["std"] == pytest.approx(statistics.stdev(values))
     assert lora["MR"][0]["n"] == 3
-    means = [statistics.mean(FIXED[0][3][t][m]) * 100 for t, m in
-             (("mr", "accuracy"), ("tweets", "pearson"), ("amazon", "pearson"), ("nyt", "pearson"))]  # fmt: skip
+    means = [
+        statistics.mean(FIXED[0][3][t][m]) * 100
+        for t, m in (("mr", "accuracy"), ("tweets", "pearson"), ("amazon", "pearson"), ("nyt", "pearson"))
+    ]
     assert lora["All"][0]["mean"] == pytest.approx(statistics.mean(means))
     ada = cells.loc["AdaLoRA b72"]
     assert ada["Amazon"] == [None] and ada["All"] == [None]  # missing, never invented
@@ -101,8 +127,13 @@ def test_latex_escapes_and_compiles(fixed, tmp_path):
     doc.write_text(
         "\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + tex + "\\end{document}\n"
     )
-    proc = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [engine, "-interaction=nonstopmode", "-halt-on-error", doc.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert (tmp_path / "t.pdf").stat().st_size > 1000
 
@@ -119,12 +150,29 @@ def test_a_supernet_run_is_not_a_row(fixed):
     a table over the study leaves it out instead of printing it as a configuration."""
     run = fixed / "supernet"
     run.mkdir()
-    (run / "config.yaml").write_text("train:\n  seed: 42\nmethod:\n  name: hybrid\ndata:\n  task: mr\nmeta:\n  supernet: true\n")
-    result = {"record_version": 2, "status": "completed", "method": "supernet", "task": "mr", "model": "minilm",
-              "data_version": "vader-3.3.2/groups-v2", "primary_metric": "accuracy", "regression": False,
-              "trainable_params": 999999, "adapter_params_final": None, "groups": [],
-              "final": {"dev": {"accuracy": 0.99}, "test": {"accuracy": 0.99}}, "best": {"step": 10, "dev": {}},
-              "meta": {"supernet": True}, "git_commit": "0123456789abcdef", "steps": 265}  # fmt: skip
+    (run / "config.yaml").write_text(
+        "train:\n  seed: 42\nmethod:\n  name: hybrid\ndata:\n  task: mr\nmeta:\n  supernet: true\n"
+    )
+    result = {
+        "record_version": 2,
+        "status": "completed",
+        "method": "supernet",
+        "task": "mr",
+        "model": "minilm",
+        "data_version": "vader-3.3.2/groups-v2",
+        "primary_metric": "accuracy",
+        "regression": False,
+        "trainable_params": 999999,
+        "adapter_params_final": None,
+        "groups": [],
+        "final": {"dev": {"accuracy": 0.99}, "test": {"accuracy": 0.99}},
+        "best": {"step": 10, "dev": {}},
+        "meta": {"supernet": True},
+        "git_commit": "0123456789abcdef",
+        "steps": 265,
+    }
     (run / "result.json").write_text(json.dumps(result))
-    assert len(load([fixed], status="completed").runs) == 21  # 20 fixed runs and the supernet: the records show it
+    assert (
+        len(load([fixed], status="completed").runs) == 21
+    )  # 20 fixed runs and the supernet: the records show it
     assert table([fixed], layout="packaged", made=MADE) == (GOLDEN / "table_packaged.md").read_text()

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from budget.compose import resume_config
-from budget.config import ConfigError
-from budget.train import train
+from adabudget.compose import resume_config
+from adabudget.config import ConfigError
+from adabudget.training import train
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -65,8 +64,8 @@ def test_corruption_in_the_middle_of_a_record_is_refused_naming_the_line(compose
 def test_every_append_starts_on_a_new_line(tmp_path):
     """An append after a torn one (space freed on a full disk) starts its own line, so the record
     loses one line, not two."""
-    from budget.config import LoggerConfig
-    from budget.log import RunRecord
+    from adabudget.config import LoggerConfig
+    from adabudget.log import RunRecord
 
     record = RunRecord(tmp_path, {"run_name": "x"}, LoggerConfig())
     record.metrics({"step": 1, "split": "train", "loss": 1.0})
@@ -121,7 +120,7 @@ def test_a_broken_last_checkpoint_falls_back_to_the_previous_one(compose_run, ca
 
 
 def test_save_keeps_the_previous_checkpoint_and_never_touches_another_writers_temp_file(tmp_path):
-    from budget.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+    from adabudget.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"
     path.parent.mkdir()
@@ -146,7 +145,7 @@ def _umask() -> int:
 # ---------------------------------------------------------------- the run lock
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that holds the run folder's lock, as a live run does."""
-    code = "import sys, time; from budget.log import lock_run; lock_run(sys.argv[1]); print('held', flush=True); time.sleep(300)"
+    code = "import sys, time; from adabudget.log import lock_run; lock_run(sys.argv[1]); print('held', flush=True); time.sleep(300)"
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -183,7 +182,7 @@ def test_without_flock_the_holders_host_pid_and_start_time_decide(tmp_path, monk
     import fcntl
     import socket
 
-    from budget.log import LOCK, _pid_start, lock_run, unlock_run
+    from adabudget.log import LOCK, _pid_start, lock_run, unlock_run
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -212,13 +211,20 @@ def test_without_flock_the_holders_host_pid_and_start_time_decide(tmp_path, monk
 def _journal(tmp_path: Path, trials: int = 3):
     """A study in a journal file opened as the search opens it (``search.study.make_storage``)."""
     import optuna
-
-    from search.study import Setup, make_storage
+    from adabudget.search.study import Setup, make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = str(tmp_path / "journal.log")
-    setup = Setup(base={}, search={}, study="s", storage=url, root=str(tmp_path), primary="accuracy",
-                  regression=False, num_labels=2)  # fmt: skip
+    setup = Setup(
+        base={},
+        search={},
+        study="s",
+        storage=url,
+        root=str(tmp_path),
+        primary="accuracy",
+        regression=False,
+        num_labels=2,
+    )
     study = optuna.create_study(study_name="s", storage=make_storage(setup))
     for _ in range(trials):
         trial = study.ask()
@@ -277,9 +283,8 @@ def test_a_journal_corrupt_in_the_middle_is_refused_naming_the_line(tmp_path):
 
 def test_the_repair_waits_for_the_journal_lock(tmp_path):
     """The repair takes the lock Optuna's appends take, so it never cuts a record being written."""
+    from adabudget.search.journal import repair_journal
     from optuna.storages.journal import JournalFileSymlinkLock
-
-    from search.journal import repair_journal
 
     path, _ = _journal(tmp_path, trials=1)
     with open(path, "ab") as f:

@@ -1,4 +1,4 @@
-"""End-to-end training through ``budget.train.train`` on a tiny real run: the run record,
+"""End-to-end training through ``adabudget.training.train`` on a tiny real run: the run record,
 allocation invariants, determinism, resume, NaN handling and shrinking."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from budget.compose import resume_config
-from budget.train import train
+from adabudget.compose import resume_config
+from adabudget.training import train
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -221,7 +220,7 @@ def test_resume_truncates_the_record_to_the_checkpoint(compose_run):
 
 
 def test_resume_refuses_changes_and_allows_more_steps(compose_run):
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     first = train(compose_run("train.stop_after_step=9"))
     with pytest.raises(ConfigError, match=r"train\.lr=1e-2 cannot change on resume"):
@@ -240,11 +239,10 @@ def test_resume_refuses_changes_and_allows_more_steps(compose_run):
 
 
 def test_model_dropout_override(compose_run):
+    from adabudget.config import ModelConfig
+    from adabudget.models import load_model
+    from adabudget.training import set_dropout
     from torch import nn
-
-    from budget.config import ModelConfig
-    from budget.models import load_model
-    from budget.train import set_dropout
 
     model = load_model(ModelConfig(name="tiny-llama"), 2, False)
     set_dropout(model, 0.0)
@@ -258,16 +256,24 @@ def test_model_dropout_override(compose_run):
 def test_allocator_follows_the_factors_device_and_dtype():
     """Built before ``model.to(...)``, the allocator's buffers still follow the factors (the CUDA
     crash at step 1 of Engine 0.1, here with a dtype move that CPU can show)."""
-    from budget.allocator import RankAllocator
-    from budget.config import ModelConfig
-    from budget.methods import apply_method, method_config_from_dict
-    from budget.models import freeze_backbone, load_model
+    from adabudget.allocator import RankAllocator
+    from adabudget.config import ModelConfig
+    from adabudget.methods import apply_method, method_config_from_dict
+    from adabudget.models import freeze_backbone, load_model
 
     torch.manual_seed(0)
     model = load_model(ModelConfig(name="tiny-bert"), 2, False)
     freeze_backbone(model, True)
-    cfg = method_config_from_dict({"name": "adalora", "init_r": 4, "target_r": 2, "warmup_steps": 1,
-                                   "final_steps": 2, "mask_interval": 1})  # fmt: skip
+    cfg = method_config_from_dict(
+        {
+            "name": "adalora",
+            "init_r": 4,
+            "target_r": 2,
+            "warmup_steps": 1,
+            "final_steps": 2,
+            "mask_interval": 1,
+        }
+    )
     allocator = RankAllocator(apply_method(model, cfg), cfg, 8)
     model.double()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

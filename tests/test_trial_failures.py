@@ -2,7 +2,7 @@
 is a failed trial with its error recorded, the search goes on to exactly ``n_trials`` trained
 ones; only ``MAX_CONSECUTIVE_FAILURES`` in a row end it, naming the errors; a stop and the search's
 own refusals still end it at once; a trial failed by mistake while it trained finishes without a
-crash. The failures are injected into the real ``budget.train.train`` (a wrapper that raises for
+crash. The failures are injected into the real ``adabudget.training.train`` (a wrapper that raises for
 chosen calls and trains for the others); everything else is the real search on tiny-bert.
 """
 
@@ -21,7 +21,7 @@ LR_STUDY = [*TINY, "method=lora", "search.space=lr", "search.enqueue=[]"]
 
 def search_here(capsys, *args: str) -> tuple[int, str, str]:
     """``adabudget search *args`` in this process: (exit code, stdout, stderr)."""
-    from budget.cli import main
+    from adabudget.cli import main
 
     code = 0
     try:
@@ -33,10 +33,10 @@ def search_here(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def inject(monkeypatch, failures: dict):
-    """``budget.train.train`` raising ``failures[n]`` on its n-th call (from 1), training otherwise."""
-    import budget.train
+    """``adabudget.training.train`` raising ``failures[n]`` on its n-th call (from 1), training otherwise."""
+    import adabudget.training
 
-    real, calls = budget.train.train, []
+    real, calls = adabudget.training.train, []
 
     def train(cfg, on_eval=None):
         calls.append(cfg["meta"]["trial"])
@@ -44,7 +44,7 @@ def inject(monkeypatch, failures: dict):
             raise failures[len(calls)]
         return real(cfg, on_eval=on_eval)
 
-    monkeypatch.setattr(budget.train, "train", train)
+    monkeypatch.setattr(adabudget.training, "train", train)
     return calls
 
 
@@ -69,7 +69,7 @@ def test_trials_that_raise_are_failed_trials_and_the_search_goes_on(tmp_path, ca
     configuration, an OSError on export): those trials are FAIL with their errors in the user
     attributes, search.json and the printed lines, and the study still ends with exactly 3
     trained trials (two failures in a row are below the limit)."""
-    from budget.config import ConfigError
+    from adabudget.config import ConfigError
 
     failures = {
         1: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
@@ -82,11 +82,20 @@ def test_trials_that_raise_are_failed_trials_and_the_search_goes_on(tmp_path, ca
     root = tmp_path / "search" / "lr-mr"
     trials = stored(root, "lr-mr")
     assert len(calls) == 6 and [t.number for t in trials] == calls
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
-                                         TrialState.COMPLETE, TrialState.COMPLETE]  # fmt: skip
+    assert [t.state for t in trials] == [
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
     assert sum(trained(t) for t in trials) == 3
-    errors = {0: "RuntimeError: CUDA out of memory", 2: "ConfigError: method.r: 0 is not a rank",
-              3: "OSError: [Errno 28] No space left on device"}  # fmt: skip
+    errors = {
+        0: "RuntimeError: CUDA out of memory",
+        2: "ConfigError: method.r: 0 is not a rank",
+        3: "OSError: [Errno 28] No space left on device",
+    }
     rows = {r["number"]: r for r in json.loads((root / "search.json").read_text())["trials"]}
     for number, error in errors.items():
         assert trials[number].user_attrs["error"].startswith(error)
@@ -101,7 +110,7 @@ def test_trials_that_raise_are_failed_trials_and_the_search_goes_on(tmp_path, ca
 def test_failures_in_a_row_end_the_search_naming_the_last_errors(tmp_path, capsys, monkeypatch):
     """Every trial raising: the search stops after MAX_CONSECUTIVE_FAILURES of them with exit code
     1 and a message listing their errors; the record is written and nothing is left RUNNING."""
-    from search.workers import MAX_CONSECUTIVE_FAILURES
+    from adabudget.search.workers import MAX_CONSECUTIVE_FAILURES
 
     n = MAX_CONSECUTIVE_FAILURES
     inject(monkeypatch, {i: RuntimeError(f"boom {i}") for i in range(1, n + 5)})
@@ -117,9 +126,9 @@ def test_failures_in_a_row_end_the_search_naming_the_last_errors(tmp_path, capsy
 
 
 def setup_of(tmp_path, *args: str):
-    from budget.compose import compose
-    from search.config import register_schema
-    from search.study import open_study, prepare
+    from adabudget.compose import compose
+    from adabudget.search.config import register_schema
+    from adabudget.search.study import open_study, prepare
 
     register_schema()
     setup = prepare(compose([*LR_STUDY, *args, f"runs_root={tmp_path}"], config_name="search"))
@@ -129,7 +138,7 @@ def setup_of(tmp_path, *args: str):
 def test_ctrl_c_in_a_trial_still_stops_the_worker(tmp_path, monkeypatch):
     """KeyboardInterrupt inside a trial (a second Ctrl-C: the first one checkpoints) keeps its
     meaning: the trial is failed and the worker stops there, starting no next trial."""
-    from search.workers import worker_loop
+    from adabudget.search.workers import worker_loop
 
     setup, study = setup_of(tmp_path, "search.n_trials=2")
     inject(monkeypatch, {1: KeyboardInterrupt()})
@@ -141,16 +150,21 @@ def test_ctrl_c_in_a_trial_still_stops_the_worker(tmp_path, monkeypatch):
 def test_the_searchs_own_refusal_still_ends_it_at_once(tmp_path):
     """A study whose draws were all infeasible (more than 20 per wanted trial): the worker refuses
     at once ("widen the space"), starting no trial, rather than counting failures."""
+    from adabudget.config import ConfigError
+    from adabudget.search.workers import worker_loop
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
-    from budget.config import ConfigError
-    from search.workers import worker_loop
-
     setup, study = setup_of(tmp_path, "search.n_trials=1")
     for i in range(21):
-        study.add_trial(create_trial(values=[0.0], params={"x": i / 100}, distributions={"x": FloatDistribution(0, 1)},
-                                     user_attrs={"infeasible": "over the budget"}))  # fmt: skip
+        study.add_trial(
+            create_trial(
+                values=[0.0],
+                params={"x": i / 100},
+                distributions={"x": FloatDistribution(0, 1)},
+                user_attrs={"infeasible": "over the budget"},
+            )
+        )
     with pytest.raises(ConfigError, match="widen the space"):
         worker_loop(setup)
     assert len(study.get_trials()) == 21
@@ -163,9 +177,9 @@ def test_a_trial_failed_by_mistake_while_it_trains_finishes_without_a_crash(
     queues it again, as ``recover_stale`` does. Trial 0 trains on; its end is a lost race: logged,
     its result kept as a COMPLETE trial ``duplicate_of`` 0 (not counted), the worker goes on, and
     the re-queued copy trains: exactly n_trials=2 trained."""
-    import budget.train
+    import adabudget.training
 
-    real = budget.train.train
+    real = adabudget.training.train
     calls = []
 
     def train(cfg, on_eval=None):
@@ -175,17 +189,19 @@ def test_a_trial_failed_by_mistake_while_it_trains_finishes_without_a_crash(
             from optuna.storages.journal import JournalFileBackend
 
             root = Path(cfg["run_dir"]).parents[1]
-            other = optuna.load_study(study_name="lr-mr", storage=JournalStorage(JournalFileBackend(
-                str(root / "journal.log"))))  # fmt: skip
+            other = optuna.load_study(
+                study_name="lr-mr", storage=JournalStorage(JournalFileBackend(str(root / "journal.log")))
+            )
             [t] = other.get_trials(states=(TrialState.RUNNING,))
             other._storage.set_trial_user_attr(t._trial_id, "failed_because", "no heartbeat (by mistake)")
             other._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             other.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retries": 1})
         return real(cfg, on_eval=on_eval)
 
-    monkeypatch.setattr(budget.train, "train", train)
-    code, out, err = search_here(capsys, *LR_STUDY, "search.n_trials=2", "search.pruner=median",
-                                 f"runs_root={tmp_path}")  # fmt: skip
+    monkeypatch.setattr(adabudget.training, "train", train)
+    code, out, err = search_here(
+        capsys, *LR_STUDY, "search.n_trials=2", "search.pruner=median", f"runs_root={tmp_path}"
+    )
     assert code == 0, err[-3000:]
     trials = stored(tmp_path / "search" / "lr-mr", "lr-mr")
     first = trials[0]

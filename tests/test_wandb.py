@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from adabudget.config import ConfigError
 from conftest import TINY_ADALORA, TINY_RUN
 from omegaconf import OmegaConf
-
-from budget.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +70,18 @@ def read_offline_run(run_dir: Path, run_id: str = "*") -> dict:
 
 # ---------------------------------------------------------------- the per-trial mirror
 def search_cfg(tmp_path, *overrides: str):
-    from budget.compose import compose
-    from search.config import register_schema
+    from adabudget.compose import compose
+    from adabudget.search.config import register_schema
 
     register_schema()
-    base = [*TINY_RUN, *TINY_ADALORA, f"runs_root={tmp_path / 'runs'}", "search.enqueue=[]",
-            "search.sampler=random", "search.threads=1"]  # fmt: skip
+    base = [
+        *TINY_RUN,
+        *TINY_ADALORA,
+        f"runs_root={tmp_path / 'runs'}",
+        "search.enqueue=[]",
+        "search.sampler=random",
+        "search.threads=1",
+    ]
     return compose(base + list(overrides), config_name="search")
 
 
@@ -84,11 +89,17 @@ def test_search_trials_are_offline_wandb_runs_in_the_study_group(tmp_path, monke
     """Two trials of an AdaLoRA search: one offline W&B run each, grouped by the study, the config
     under dotted keys, the trial's number, parameters and objectives (the values Optuna got) and the
     rank table in the summary."""
-    from search.study import run_search
+    from adabudget.search.study import run_search
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = search_cfg(tmp_path, "logger=wandb", "search.space=adalora", "search.n_trials=2",
-                     "search.objectives=[dev.accuracy,params]", "train.eval_every=0")  # fmt: skip
+    cfg = search_cfg(
+        tmp_path,
+        "logger=wandb",
+        "search.space=adalora",
+        "search.n_trials=2",
+        "search.objectives=[dev.accuracy,params]",
+        "train.eval_every=0",
+    )
     report = run_search(cfg)
     assert report["finished"] == 2
     for row in report["trials"]:
@@ -144,7 +155,7 @@ def test_a_wandb_failure_never_fails_a_trial(tmp_path, monkeypatch, failure):
 
     monkeypatch.setattr(wandb, "init", broken_init)
     cfg = search_cfg(tmp_path, "logger.wandb=true", "search.space=lora_rank_lr", "search.n_trials=1")
-    from search.study import run_search
+    from adabudget.search.study import run_search
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -160,9 +171,10 @@ def test_an_unreachable_wandb_server_only_delays_a_trial(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
-    cfg = search_cfg(tmp_path, "logger.wandb=true", "logger.mode=online", "search.space=lora_rank_lr",
-                     "search.n_trials=1")  # fmt: skip
-    from search.study import run_search
+    cfg = search_cfg(
+        tmp_path, "logger.wandb=true", "logger.mode=online", "search.space=lora_rank_lr", "search.n_trials=1"
+    )
+    from adabudget.search.study import run_search
 
     report = run_search(cfg)
     assert report["trials"][0]["state"] == "complete"
@@ -173,7 +185,7 @@ SWEEP_TINY = [*TINY_RUN, "data.max_eval_samples=32", "train.eval_every=12"]
 
 
 def export(tmp_path, *overrides: str) -> dict:
-    from budget.cli import main
+    from adabudget.cli import main
 
     out = tmp_path / "sweep.yaml"
     main(["search", "export-wandb-sweep", *overrides, "--out", str(out)])
@@ -183,9 +195,16 @@ def export(tmp_path, *overrides: str) -> dict:
 def test_export_wandb_sweep_writes_every_field(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # `program` is relative to the checkout an agent runs in
     runs = tmp_path / "runs"
-    sweep = export(tmp_path, *SWEEP_TINY, f"runs_root={runs}", "search.space=lora_rank_lr", "search.n_trials=7",
-                   "search.pruner=median", "search.sampler=tpe",
-                   'search.trial_overrides=["train.max_steps=12"]')  # fmt: skip
+    sweep = export(
+        tmp_path,
+        *SWEEP_TINY,
+        f"runs_root={runs}",
+        "search.space=lora_rank_lr",
+        "search.n_trials=7",
+        "search.pruner=median",
+        "search.sampler=tpe",
+        'search.trial_overrides=["train.max_steps=12"]',
+    )
     assert sweep["name"] == "lora_rank_lr-mr" and sweep["project"] == "adabudget"
     assert sweep["program"] == "budget/cli.py" and (ROOT / sweep["program"]).is_file()
     assert sweep["method"] == "bayes" and sweep["run_cap"] == 7
@@ -199,16 +218,25 @@ def test_export_wandb_sweep_writes_every_field(tmp_path, monkeypatch):
         "train.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 3e-3},
     }
     assert sweep["command"] == [
-        "${env}", "${interpreter}", "${program}", "train", *SWEEP_TINY, f"runs_root={runs}",
-        "train.max_steps=12", "logger.wandb=true", "train.checkpoint=none", "train.progress=false",
+        "${env}",
+        "${interpreter}",
+        "${program}",
+        "train",
+        *SWEEP_TINY,
+        f"runs_root={runs}",
+        "train.max_steps=12",
+        "logger.wandb=true",
+        "train.checkpoint=none",
+        "train.progress=false",
         "${args_no_hyphens}",
-    ]  # fmt: skip
+    ]
     assert "entity" not in sweep
 
 
 def test_export_without_pruner_or_with_random_sampler(tmp_path):
-    sweep = export(tmp_path, "model=tiny-bert", "search.space=lora_rank_lr", "search.sampler=random",
-                   "logger.entity=lab")  # fmt: skip
+    sweep = export(
+        tmp_path, "model=tiny-bert", "search.space=lora_rank_lr", "search.sampler=random", "logger.entity=lab"
+    )
     assert sweep["method"] == "random" and "early_terminate" not in sweep and sweep["entity"] == "lab"
     assert sweep["run_cap"] == 20  # search.n_trials' default
 
@@ -291,7 +319,7 @@ def test_the_command_a_wandb_agent_runs_trains_the_sampled_configuration(tmp_pat
     ],
 )
 def test_export_refuses_what_wandb_cannot_express(tmp_path, overrides, message):
-    from search.wandb import sweep_config
+    from adabudget.search.wandb import sweep_config
 
     all_overrides = ["model=tiny-bert", *overrides]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -299,7 +327,7 @@ def test_export_refuses_what_wandb_cannot_express(tmp_path, overrides, message):
 
 
 def test_export_exits_2_with_the_reason(tmp_path, capsys):
-    from budget.cli import main
+    from adabudget.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["search", "export-wandb-sweep", "model=tiny-bert", "search.space=autopeft"])
@@ -308,14 +336,20 @@ def test_export_exits_2_with_the_reason(tmp_path, capsys):
 
 
 def test_every_grammar_form_maps_to_a_wandb_parameter():
-    from search.declarative import compile_params
-    from search.wandb import parameter
+    from adabudget.search.declarative import compile_params
+    from adabudget.search.wandb import parameter
 
-    space = compile_params({
-        "a": "choice(2, 4, 8)", "b": "range(8, 32, step=8)", "c": "int(interval(1, 9))",
-        "d": "interval(0.0, 0.2)", "e": "tag(log, interval(1e-4, 3e-3))", "f": "range(0.1, 0.3, step=0.1)",
-        "g": "choice([1,2], [3])",
-    })  # fmt: skip
+    space = compile_params(
+        {
+            "a": "choice(2, 4, 8)",
+            "b": "range(8, 32, step=8)",
+            "c": "int(interval(1, 9))",
+            "d": "interval(0.0, 0.2)",
+            "e": "tag(log, interval(1e-4, 3e-3))",
+            "f": "range(0.1, 0.3, step=0.1)",
+            "g": "choice([1,2], [3])",
+        }
+    )
     got = {k: parameter(k, d) for k, d in space.distributions.items()}
     assert got == {
         "a": {"values": [2, 4, 8]},
@@ -352,8 +386,8 @@ def test_a_resumed_run_is_mirrored_offline_by_one_run_holding_each_step_once(com
     goes on. It holds every step of metrics.jsonl exactly once, with the record's values."""
     import json
 
-    from budget.compose import resume_config
-    from budget.train import train
+    from adabudget.compose import resume_config
+    from adabudget.training import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     knobs = ("logger=wandb", "run_name=killed", "train.log_every=1", "train.checkpoint_every=8")
@@ -399,7 +433,9 @@ class _OnlineRun:
 
 
 @pytest.mark.parametrize("server", ["rewinds", "forks", "neither"])
-def test_online_a_resumed_run_is_rewound_else_forked_else_replayed(tmp_path, monkeypatch, compose_run, server):
+def test_online_a_resumed_run_is_rewound_else_forked_else_replayed(
+    tmp_path, monkeypatch, compose_run, server
+):
     """Online the W&B server does the work: ``resume_from={id}?_step={checkpoint step}`` (rewind,
     a preview feature) where it is enabled, else ``fork_from`` (a new run id), else a new run with
     the record replayed, as offline. The server's answers are faked; the order and arguments of
@@ -407,8 +443,7 @@ def test_online_a_resumed_run_is_rewound_else_forked_else_replayed(tmp_path, mon
     import json
 
     import wandb
-
-    from budget.log import _init_wandb
+    from adabudget.log import _init_wandb
 
     calls = []
 
@@ -429,25 +464,48 @@ def test_online_a_resumed_run_is_rewound_else_forked_else_replayed(tmp_path, mon
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "wandb_id.txt").write_text("old")
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 4, "loss": 0.9}, {"step": 8, "loss": 0.7}, {"step": 8, "split": "dev", "accuracy": 0.5}]))  # fmt: skip
-    (run_dir / "ranks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 0, "budget": 48, "kept": 48, "ranks": {"m": 4}}, {"step": 6, "budget": 40, "kept": 40,
-                                                                    "ranks": {"m": 3}}]))  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"step": 4, "loss": 0.9},
+                {"step": 8, "loss": 0.7},
+                {"step": 8, "split": "dev", "accuracy": 0.5},
+            ]
+        )
+    )
+    (run_dir / "ranks.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"step": 0, "budget": 48, "kept": 48, "ranks": {"m": 4}},
+                {"step": 6, "budget": 40, "kept": 40, "ranks": {"m": 3}},
+            ]
+        )
+    )
     logger = compose_run("logger=wandb", "logger.mode=online").logger
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = _init_wandb(run_dir, {"train": {"lr": 1e-3}}, logger, resume_step=8)
-    expected = {"rewinds": [("resume_from", "old?_step=8")],
-                "forks": [("resume_from", "old?_step=8"), ("fork_from", "old?_step=8")],
-                "neither": [("resume_from", "old?_step=8"), ("fork_from", "old?_step=8"), (None, None)]}[server]  # fmt: skip
+    expected = {
+        "rewinds": [("resume_from", "old?_step=8")],
+        "forks": [("resume_from", "old?_step=8"), ("fork_from", "old?_step=8")],
+        "neither": [("resume_from", "old?_step=8"), ("fork_from", "old?_step=8"), (None, None)],
+    }[server]
     assert calls == expected
-    assert (run_dir / "wandb_id.txt").read_text() == run.id == {"rewinds": "old", "forks": "forked",
-                                                                 "neither": "new"}[server]  # fmt: skip
+    assert (
+        (run_dir / "wandb_id.txt").read_text()
+        == run.id
+        == {"rewinds": "old", "forks": "forked", "neither": "new"}[server]
+    )
     assert len([w for w in caught if "refused" in str(w.message)]) == len(expected) - 1
     if server == "neither":  # the record up to the checkpoint, in step order, then the mirror goes on
-        assert run.logged == [(4, {"train/loss": 0.9}), (6, {"budget/scheduled": 40, "budget/kept": 40,
-                              "rank/m": 3}), (8, {"train/loss": 0.7}), (8, {"dev/accuracy": 0.5})]  # fmt: skip
+        assert run.logged == [
+            (4, {"train/loss": 0.9}),
+            (6, {"budget/scheduled": 40, "budget/kept": 40, "rank/m": 3}),
+            (8, {"train/loss": 0.7}),
+            (8, {"dev/accuracy": 0.5}),
+        ]
         assert run.config == {"mirror.replaces": "old", "mirror.replayed_to_step": 8}
     else:
         assert run.logged == []

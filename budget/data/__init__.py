@@ -1,6 +1,6 @@
 """Tasks as tokenized examples, and the batches the training loop eats.
 
-``load_task(cfg, tokenizer)`` turns a :class:`budget.config.DataConfig` into a
+``load_task(cfg, tokenizer)`` turns a :class:`adabudget.config.DataConfig` into a
 :class:`TaskData`: three lists of tokenized examples (no padding) plus the label kind.
 ``make_batches`` pads each batch to its longest sequence and shuffles with a
 ``torch.Generator`` seeded from ``(seed, epoch)``, so a resumed run can skip the batches it
@@ -26,7 +26,7 @@ Sources, by ``data.task``:
 
   These ship without splits, so a seeded split (``data.split_seed``) cuts them, dealing
   out whole groups of copies of a text (texts equal up to case, punctuation and spacing;
-  see :func:`budget.data.split.seeded_split`) so that no text is both trained on and
+  see :func:`adabudget.data.split.seeded_split`) so that no text is both trained on and
   scored on. The sizes are exact all the same: ``n_test = round(n * test_fraction)``,
   ``n_dev = round(n * dev_fraction)``, the rest trains (exact because train always holds
   a text without copies: it has more rows than all copies together). With the defaults
@@ -76,7 +76,7 @@ Each :class:`TaskData` states what data it holds: ``version`` (``<data>/<split>`
 ``vader-3.3.2/groups-v2``; the class docstring lists the forms), ``source`` and
 ``split_note``; ``TaskData.record()`` gathers them, with the sizes, for a run record.
 
-Every problem with the config or the data raises :class:`budget.config.ConfigError`
+Every problem with the config or the data raises :class:`adabudget.config.ConfigError`
 naming the ``data.<field>`` to change, before anything is tokenized.
 
 Modules: ``task`` (``TaskData``, ``load_task``, ``describe``: dispatch on ``data.task``),
@@ -86,9 +86,9 @@ subsets), ``labels`` (label kind and ids) and ``batching`` (tokenizer, tokenize,
 shuffle). This file only re-exports the public names.
 """
 
-from budget.data.batching import load_tokenizer, make_batches, num_batches
-from budget.data.packaged import PACKAGED_TASKS, PACKAGED_VERSION, VADER_SDIST, cache_root, ensure_vader
-from budget.data.task import TaskData, describe, load_task
+from adabudget.data.batching import load_tokenizer, make_batches, num_batches
+from adabudget.data.packaged import PACKAGED_TASKS, PACKAGED_VERSION, VADER_SDIST, cache_root, ensure_vader
+from adabudget.data.task import TaskData, describe, load_task
 
 __all__ = [
     "PACKAGED_TASKS",

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
-
-from budget.config import ConfigError
+from adabudget.config import ConfigError
 
 if TYPE_CHECKING:
-    from budget.data.raw import Rows
+    from adabudget.data.raw import Rows
 
 _TOKENIZE_CHUNK = 4096  # texts per tokenizer call: bounds peak memory on large datasets
 
@@ -29,9 +28,8 @@ def load_tokenizer(model_name: str, revision: Optional[str] = None):
         A transformers tokenizer whose ``pad_token`` is set; decoder tokenizers without
         one (GPT-2, LLaMA) pad with their end-of-sequence token.
     """
+    from adabudget.models import PACKAGED, packaged_path, pretrained_kwargs
     from transformers import AutoTokenizer
-
-    from budget.models import PACKAGED, packaged_path, pretrained_kwargs
 
     if model_name == "minilm" or model_name.startswith("tiny-"):
         tokenizer = AutoTokenizer.from_pretrained(packaged_path("minilm"))
@@ -98,7 +96,7 @@ def make_batches(
 
 
 def tokenize(rows: Rows, tokenizer, max_length: int) -> list[dict]:
-    """Tokenize one split into the unpadded examples of :class:`budget.data.TaskData`."""
+    """Tokenize one split into the unpadded examples of :class:`adabudget.data.TaskData`."""
     examples: list[dict] = []
     for start in range(0, len(rows), _TOKENIZE_CHUNK):
         stop = start + _TOKENIZE_CHUNK

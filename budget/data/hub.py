@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from budget.config import ConfigError, DataConfig
-from budget.data.packaged import PACKAGED_TASKS
-from budget.data.raw import RawTask, Rows, as_texts, finish, require_column
+from adabudget.config import ConfigError, DataConfig
+from adabudget.data.packaged import PACKAGED_TASKS
+from adabudget.data.raw import RawTask, Rows, as_texts, finish, require_column
 
 # GLUE task -> (text column, text pair column, dev split, test split).
 GLUE = {

@@ -6,11 +6,10 @@ import math
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-
-from budget.config import ConfigError, DataConfig
+from adabudget.config import ConfigError, DataConfig
 
 if TYPE_CHECKING:
-    from budget.data.raw import Rows
+    from adabudget.data.raw import Rows
 
 
 def encode_labels(

@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from budget.config import ConfigError, DataConfig
-from budget.data.raw import RawTask, Rows, as_texts, finish, require_column
+from adabudget.config import ConfigError, DataConfig
+from adabudget.data.raw import RawTask, Rows, as_texts, finish, require_column
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The packaged tasks: the human-rated sentence sets of the ``vaderSentiment==3.3.2`` sdist.
 
 Fetched with ``pip download`` on first use, unpacked into the cache, parsed and cleaned of
-what the scrape left behind; see :mod:`budget.data` for the tasks and their splits.
+what the scrape left behind; see :mod:`adabudget.data` for the tasks and their splits.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from budget import fetch
-from budget.config import ConfigError, DataConfig
-from budget.data.raw import RawTask, Rows
-from budget.data.split import SPLIT_PROCEDURE, seeded_split, split_note, truncate
+from adabudget import fetch
+from adabudget.config import ConfigError, DataConfig
+from adabudget.data.raw import RawTask, Rows
+from adabudget.data.split import SPLIT_PROCEDURE, seeded_split, split_note, truncate
 
 PACKAGED_TASKS = ("mr", "tweets", "amazon", "nyt")
 VADER_SDIST = "vaderSentiment==3.3.2"
@@ -43,10 +43,10 @@ def cache_root(cfg: DataConfig) -> Path:
 def ensure_vader(root: Path) -> Path:
     """Return ``<root>/vader``, fetching and unpacking the VADER data if it is missing.
 
-    ``budget.fetch.fetch_member`` downloads the sdist (the wheel leaves out
+    ``adabudget.fetch.fetch_member`` downloads the sdist (the wheel leaves out
     ``additional_resources/``), stages the inner archive's files beside the target and renames
     them into place in one step, so an interrupted or concurrent fetch never leaves a
-    half-written ``vader/``. A fetched folder that lacks a file since (``budget.fetch.MARKER``
+    half-written ``vader/``. A fetched folder that lacks a file since (``adabudget.fetch.MARKER``
     says adabudget filled it) is replaced; any other folder of that name is the user's and is
     refused, never deleted: ``data.cache_dir`` may point anywhere.
     """
@@ -63,9 +63,13 @@ def ensure_vader(root: Path) -> Path:
             )
         shutil.rmtree(target.rename(root / f".vader-stale-{os.getpid()}"))
     return fetch.fetch_member(
-        VADER_SDIST, _VADER_INNER_ARCHIVE, target, pip_args=("--no-binary", ":all:"), prepare=_unpack_inner,
+        VADER_SDIST,
+        _VADER_INNER_ARCHIVE,
+        target,
+        pip_args=("--no-binary", ":all:"),
+        prepare=_unpack_inner,
         hint=f"Or unpack {_VADER_INNER_ARCHIVE} from that sdist into <data.cache_dir>/vader/ by hand.",
-    )  # fmt: skip
+    )
 
 
 def _vader_complete(folder: Path) -> bool:

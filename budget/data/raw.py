@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from budget.config import ConfigError, DataConfig
-from budget.data.labels import encode_labels
-from budget.data.split import GIVEN_SPLITS, SPLIT_PROCEDURE, seeded_split, split_note, truncate
+from adabudget.config import ConfigError, DataConfig
+from adabudget.data.labels import encode_labels
+from adabudget.data.split import GIVEN_SPLITS, SPLIT_PROCEDURE, seeded_split, split_note, truncate
 
 
 @dataclass

@@ -8,11 +8,10 @@ import unicodedata
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-
-from budget.config import ConfigError, DataConfig
+from adabudget.config import ConfigError, DataConfig
 
 if TYPE_CHECKING:
-    from budget.data.raw import Rows
+    from adabudget.data.raw import Rows
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-
-from budget.config import ConfigError, DataConfig
-from budget.data.batching import tokenize
-from budget.data.hub import TASK_HELP, load_hub
-from budget.data.local import load_local
-from budget.data.packaged import PACKAGED_TASKS, load_packaged
-from budget.data.raw import RawTask
+from adabudget.config import ConfigError, DataConfig
+from adabudget.data.batching import tokenize
+from adabudget.data.hub import TASK_HELP, load_hub
+from adabudget.data.local import load_local
+from adabudget.data.packaged import PACKAGED_TASKS, load_packaged
+from adabudget.data.raw import RawTask
 
 
 @dataclass
@@ -28,7 +27,7 @@ class TaskData:
     run records made on different data or different splits are told apart (the split
     seed, fractions and ``max_*_samples`` are in the run's config, not here):
 
-    * packaged tasks: ``vader-3.3.2/groups-v2`` (:data:`budget.data.PACKAGED_VERSION`): the
+    * packaged tasks: ``vader-3.3.2/groups-v2`` (:data:`adabudget.data.PACKAGED_VERSION`): the
       rows of the ``vaderSentiment==3.3.2`` sdist as cleaned here, split keeping every copy
       of a text in one split.
     * hub datasets: ``hf:<data.task>@<digest>/<split>``; local files:

@@ -8,11 +8,11 @@ Each method file exports:
   ``layers`` (all when None), makes exactly its own parameters trainable, returns what it
   added or wrapped;
 - ``count(cfg, arch, layers=None) -> int``: the trainable parameters ``apply`` adds,
-  computed from ``budget.arch.Arch`` (the HF config) alone, before any model exists;
+  computed from ``adabudget.arch.Arch`` (the HF config) alone, before any model exists;
 - optionally ``merge(model, modules)``: fold the method into the base weights (outputs
   unchanged) and remove its wrappers and hooks;
 - optionally ``hooks(model, modules, cfg)``: an object the training loop calls for methods
-  that act outside forward and backward (``budget.train`` calls each method only if present):
+  that act outside forward and backward (``adabudget.training`` calls each method only if present):
 
   ``calibrate(loss_of, batches)`` once, before the optimizer exists, on a fresh run only
   (``batches(n)`` yields n training batches on the device from their own seeded stream,
@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from budget.config import ConfigError
-from budget.methods import (
+from adabudget.config import ConfigError
+from adabudget.methods import (
     adalora,
     adapter,
     bitfit,
@@ -69,7 +69,9 @@ class Method:
     merge: Optional[Callable] = None  # None: the method cannot merge into the base weights
     hooks: Optional[Callable] = None  # (model, modules, cfg) -> the loop's hooks object (module docstring)
     trains_base: bool = False  # trains or writes the base weights themselves (no 4-bit base under it)
-    peft_export: bool = False  # adapter/ is written in peft's LoRA format (budget.export.export_peft_adapter)
+    peft_export: bool = (
+        False  # adapter/ is written in peft's LoRA format (adabudget.export.export_peft_adapter)
+    )
 
     @property
     def mergeable(self) -> bool:
@@ -78,11 +80,13 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {
-    "adalora": Method(adalora.AdaLoRAConfig, adalora.apply, adalora.count, "init_r", adalora.merge,
-                      peft_export=True),  # fmt: skip
+    "adalora": Method(
+        adalora.AdaLoRAConfig, adalora.apply, adalora.count, "init_r", adalora.merge, peft_export=True
+    ),
     "lora": Method(lora.LoRAConfig, lora.apply, lora.count, "r", lora.merge, peft_export=True),
-    "dylora": Method(dylora.DyLoRAConfig, dylora.apply, dylora.count, "r_max", dylora.merge, dylora.hooks,
-                     peft_export=True),  # fmt: skip
+    "dylora": Method(
+        dylora.DyLoRAConfig, dylora.apply, dylora.count, "r_max", dylora.merge, dylora.hooks, peft_export=True
+    ),
     "full": Method(full.FullConfig, full.apply, full.count, None, full.merge, trains_base=True),
     "adapter": Method(adapter.AdapterConfig, adapter.apply, adapter.count, "bottleneck"),
     "parallel_adapter": Method(
@@ -96,8 +100,15 @@ REGISTRY: dict[str, Method] = {
     "ia3": Method(ia3.IA3Config, ia3.apply, ia3.count, None, ia3.merge),
     "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge, trains_base=True),
     "longlora": Method(longlora.LongLoRAConfig, longlora.apply, longlora.count, "r", longlora.merge),
-    "sparse": Method(sparse.SparseConfig, sparse.apply, sparse.count, "budget", sparse.merge, sparse.hooks,
-                     trains_base=True),  # fmt: skip
+    "sparse": Method(
+        sparse.SparseConfig,
+        sparse.apply,
+        sparse.count,
+        "budget",
+        sparse.merge,
+        sparse.hooks,
+        trains_base=True,
+    ),
     "rosa": Method(rosa.RoSAConfig, rosa.apply, rosa.count, "r", rosa.merge, rosa.hooks, trains_base=True),
     "delta_lora": Method(
         delta_lora.DeltaLoRAConfig,
@@ -144,7 +155,7 @@ def apply_method(model, cfg) -> dict:
     count checks every part of a composition (MAM's prefix, an S4 group's) first, so a refusal
     of the second part does not leave the first one attached.
     """
-    from budget.arch import arch_of
+    from adabudget.arch import arch_of
 
     try:
         arch = arch_of(model) if hasattr(model, "config") else None
@@ -165,7 +176,7 @@ def count_trainable(method_cfg, model_config, train_head: bool = False, num_labe
     Analytic (from the HF config alone, nothing is built); equal to the count after
     ``apply`` (tests/test_methods.py checks every method on every architecture).
     """
-    from budget.arch import arch_from_config
+    from adabudget.arch import arch_from_config
 
     arch = arch_from_config(model_config, num_labels)
     return count_method(method_cfg, arch) + (arch.head_params if train_head else 0)
@@ -214,7 +225,7 @@ class Plan:
 
 
 def plan_of(cfg, arch) -> Plan:
-    """Parse, solve and validate ``cfg`` against ``arch`` (``budget.arch.Arch``; None for a model
+    """Parse, solve and validate ``cfg`` against ``arch`` (``adabudget.arch.Arch``; None for a model
     family without one, where only single methods with explicit targets work)."""
     if isinstance(cfg, hybrid.HybridConfig):
         groups = hybrid.plan(cfg, arch)

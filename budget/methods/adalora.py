@@ -2,7 +2,7 @@
 
 Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023.
 Each adapted weight becomes W = W0 + s * P diag(λ) Q (eq. 3), P (out x r), λ (r), Q (r x in).
-The triplets (P_:i, λ_i, Q_i:) are scored and pruned by ``budget.allocator.RankAllocator``.
+The triplets (P_:i, λ_i, Q_i:) are scored and pruned by ``adabudget.allocator.RankAllocator``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from adabudget.config import ConfigError
+from adabudget.models import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
-
-from budget.config import ConfigError
-from budget.models import find_targets, linear_shape, resolve_targets, set_module
 
 SCORES = ("adalora", "sensitivity", "magnitude")
 SHRINK = ("final", "every", "never")
@@ -265,7 +264,7 @@ def check_budget(cfg: AdaLoRAConfig, matrices: list[tuple[object, int]]) -> Budg
 def param_groups(model: nn.Module, cfg, lr: float) -> list[dict]:
     """AdamW groups of ``model``'s trainable parameters: ``[rest, λ]``, the λ of every ``SVDLinear``
     at ``lr x cfg.lambda_lr_ratio`` and everything else at ``lr``; one group when ``cfg`` has no
-    ratio (no AdaLoRA in the run: ``cfg`` None). The one rule for ``budget.train``, the Trainer
+    ratio (no AdaLoRA in the run: ``cfg`` None). The one rule for ``adabudget.training``, the Trainer
     callback's ``adalora_optimizer`` and the bench."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if getattr(cfg, "lambda_lr_ratio", None) is None:

@@ -16,7 +16,7 @@ The adapter acts through a forward hook on the module currently at the projectio
 so when LoRA has wrapped that projection the adapter sees the LoRA-updated output y. It
 starts at the identity (W_up = 0, b_up = 0): the model output right after ``apply`` equals
 the pretrained model's. The adapter is nonlinear and so cannot merge into the base weights.
-UniPELT (``budget.methods.unipelt``) sets the optional ``gate``, a per-example G_A ∈ (0, 1):
+UniPELT (``adabudget.methods.unipelt``) sets the optional ``gate``, a per-example G_A ∈ (0, 1):
 y' = y + G_A (W_up f(W_down y + b_down) + b_up).
 
 ``set_active(adapter, d)`` makes an adapter built D wide compute with its first d hidden units
@@ -32,10 +32,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from adabudget.config import ConfigError
+from adabudget.models import base_linear
 from torch import nn
-
-from budget.config import ConfigError
-from budget.models import base_linear
 
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
@@ -218,7 +217,7 @@ def apply(
     Each adapter becomes the block's child ``adabudget_adapter_attn`` / ``adabudget_adapter_ffn``
     and hooks the module currently at the attention-output / FFN-output projection's path.
     """
-    from budget.arch import arch_of
+    from adabudget.arch import arch_of
 
     layers = layers if layers is not None else cfg.layers
     arch = arch_of(model)

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from adabudget.arch import Arch, arch_of
+from adabudget.config import ConfigError
+from adabudget.models import model_type
 from torch import nn
-
-from budget.arch import Arch, arch_of
-from budget.config import ConfigError
-from budget.models import model_type
 
 
 @dataclass

@@ -17,11 +17,11 @@ layer (a checkpoint otherwise holds only trainable parameters), so a resumed run
 for bit. Checkpoints grow by the adapted matrices (MiniLM's 36: 10.6M values, 42 MB in fp32).
 
 Export: ``merge`` folds s B A into the updated W (``export_merged`` is exact).
-``budget.export.export_peft_adapter`` writes the whole change as a plain peft LoRA adapter
+``adabudget.export.export_peft_adapter`` writes the whole change as a plain peft LoRA adapter
 onto the original W0: W_T - W_0 = λ s (B_T A_T - B_K A_K) telescopes, so the layer's change is
 (1 + λ) s B_T A_T - λ s B_K A_K, rank 2r (rank r with K = 0, where B_K = 0); exact up to the
 rounding of the accumulated updates (``DeltaLoRALinear.peft_factors``). The adapter
-(``export_adapter``, ``budget.export.save_adapter``) holds the factors as trainable state and the
+(``export_adapter``, ``adabudget.export.save_adapter``) holds the factors as trainable state and the
 updated W of each adapted layer in ``hooks.pt`` (this hooks object's ``state_dict``), which
 ``load_adapter`` restores: it reloads exactly onto the original backbone, at the size of the
 adapted matrices in full (the change of W is dense; ``trainable_params_final`` stays LoRA's).
@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from adabudget.config import ConfigError
+from adabudget.methods import lora
+from adabudget.methods.lora import LoRALinear
 from torch import nn
-
-from budget.config import ConfigError
-from budget.methods import lora
-from budget.methods.lora import LoRALinear
 
 
 @dataclass
@@ -100,8 +99,14 @@ class DeltaLoRALinear(LoRALinear):
 
 def as_lora(cfg: DeltaLoRAConfig) -> lora.LoRAConfig:
     """The LoRA it trains (no dropout on the LoRA branch, as the paper)."""
-    return lora.LoRAConfig(target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora,
-                           dropout=0.0, layers=cfg.layers)  # fmt: skip
+    return lora.LoRAConfig(
+        target_modules=cfg.target_modules,
+        r=cfg.r,
+        alpha=cfg.alpha,
+        rslora=cfg.rslora,
+        dropout=0.0,
+        layers=cfg.layers,
+    )
 
 
 def apply(
@@ -143,7 +148,7 @@ def add_product_change_(layer: LoRALinear, a0: torch.Tensor, b0: torch.Tensor, c
 
 
 class DeltaLoRAHooks:
-    """The training loop's side of Delta-LoRA (``budget.methods`` docstring: the hooks seam)."""
+    """The training loop's side of Delta-LoRA (``adabudget.methods`` docstring: the hooks seam)."""
 
     def __init__(self, layers: dict[str, DeltaLoRALinear], update_ratio: float, start_step: int):
         self.layers = layers

@@ -18,14 +18,14 @@ frozen mode is what its GLUE runs train); its truncation multiplies A[:b] and B[
 sqrt(r / b) each on top of alpha / r, which is the scale alpha / b used here; it evaluates dev
 at every rank after training (our ``rank_curve``).
 
-The layers are ``budget.methods.lora.LoRALinear`` at rank r_max, truncated with its
+The layers are ``adabudget.methods.lora.LoRALinear`` at rank r_max, truncated with its
 ``set_active`` slicing; ``set_rank`` also sets the scale alpha / b. The training loop drives
-them through ``hooks`` (``budget.methods`` docstring): ``before_step`` samples b and masks the
+them through ``hooks`` (``adabudget.methods`` docstring): ``before_step`` samples b and masks the
 gradients, ``after_step`` holds the components that were not trained at their values (``hold``)
 and puts the layers back at the serving rank, ``final`` evaluates dev at every rank
 (``rank_curve``). Between steps, for dev and test evaluation, the merge and both exports, the
 layers compute at the serving rank ``export_rank`` (default r_max); ``export_peft_adapter``,
-``save_adapter``, ``save_merged``, ``merge_methods`` and ``load_adapter`` (``budget.export``) take
+``save_adapter``, ``save_merged``, ``merge_methods`` and ``load_adapter`` (``adabudget.export``) take
 ``rank=k`` to export, merge or load rank k instead (``at_rank``).
 
 Departures from the paper and its code:
@@ -48,11 +48,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+from adabudget.config import ConfigError
+from adabudget.methods import lora
+from adabudget.methods.lora import LoRALinear, set_active
 from torch import nn
-
-from budget.config import ConfigError
-from budget.methods import lora
-from budget.methods.lora import LoRALinear, set_active
 
 
 @dataclass
@@ -70,7 +69,9 @@ class DyLoRAConfig:
     r_max: int = 8  # largest rank trained; A, B hold r_max components
     alpha: float = 16.0  # scale alpha / b at rank b (eq. 4)
     frozen: bool = True  # paper's "frozen" mode (eq. 6): only component b learns; False: all of 1..b
-    hold: bool = True  # untrained components keep their values (eq. 6); False: AdamW moves them (the reference code)
+    hold: bool = (
+        True  # untrained components keep their values (eq. 6); False: AdamW moves them (the reference code)
+    )
     dropout: float = 0.0
     export_rank: Optional[int] = None  # the rank evaluated, merged and exported after training (None = r_max)
     layers: Optional[list] = None  # restrict to these block indices (None = all)
@@ -122,12 +123,14 @@ def check_rank(modules: dict[str, nn.Module], rank: int) -> dict[str, LoRALinear
     """The DyLoRA layers of ``modules``, if ``rank`` is one they hold; else ValueError naming the range."""
     layers = {n: m for n, m in modules.items() if is_dylora(m)}
     if not layers:
-        raise ValueError(f"rank={rank}: only DyLoRA layers have a rank to choose, and this model has none; "
-                         "leave rank=None")  # fmt: skip
+        raise ValueError(
+            f"rank={rank}: only DyLoRA layers have a rank to choose, and this model has none; leave rank=None"
+        )
     r_max = min(m.rank for m in layers.values())
     if not 1 <= rank <= r_max:
-        raise ValueError(f"rank={rank}: these DyLoRA layers hold ranks 1..{r_max} (trained: method.r_min.."
-                         "method.r_max)")  # fmt: skip
+        raise ValueError(
+            f"rank={rank}: these DyLoRA layers hold ranks 1..{r_max} (trained: method.r_min..method.r_max)"
+        )
     return layers
 
 
@@ -135,7 +138,7 @@ def check_rank(modules: dict[str, nn.Module], rank: int) -> dict[str, LoRALinear
 def at_rank(modules: dict[str, nn.Module], rank: int | None) -> Iterator[None]:
     """Within the block every DyLoRA layer of ``modules`` computes at ``rank`` (None: as it is);
     each layer's rank and scale are put back afterwards. The ``rank=`` of the export and merge
-    functions (``budget.export``)."""
+    functions (``adabudget.export``)."""
     if rank is None:
         yield
         return
@@ -158,8 +161,13 @@ def trained_slice(b: int, r_min: int, frozen: bool) -> slice:
 
 def as_lora(cfg: DyLoRAConfig) -> lora.LoRAConfig:
     """The LoRA at rank r_max (scale alpha / r_max) that holds every component."""
-    return lora.LoRAConfig(target_modules=cfg.target_modules, r=cfg.r_max, alpha=cfg.alpha, dropout=cfg.dropout,
-                           layers=cfg.layers)  # fmt: skip
+    return lora.LoRAConfig(
+        target_modules=cfg.target_modules,
+        r=cfg.r_max,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        layers=cfg.layers,
+    )
 
 
 def apply(model: nn.Module, cfg: DyLoRAConfig, layers: list[int] | None = None) -> dict[str, LoRALinear]:
@@ -183,7 +191,7 @@ def merge(model: nn.Module, modules: dict[str, nn.Module]) -> None:
 
 
 class DyLoRAHooks:
-    """The training loop's side of DyLoRA (``budget.methods`` docstring): sampled ranks, masked
+    """The training loop's side of DyLoRA (``adabudget.methods`` docstring): sampled ranks, masked
     gradients, held components, the rank curve."""
 
     def __init__(self, layers: dict[str, LoRALinear], cfg: DyLoRAConfig, seed: int):
@@ -252,7 +260,7 @@ class DyLoRAHooks:
 def hooks(model: nn.Module, modules: dict[str, nn.Module], cfg: DyLoRAConfig) -> DyLoRAHooks:
     """The hooks of the DyLoRA layers in ``modules``.
 
-    The rank stream is seeded by the run seed: ``budget.train`` seeds torch with ``train.seed``
+    The rank stream is seeded by the run seed: ``adabudget.training`` seeds torch with ``train.seed``
     just before it builds the model and the hooks, and the factory gets no seed argument, so it
     is read back from ``torch.initial_seed()`` (and kept in the checkpoint's hook state).
     """

@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from adabudget.arch import Arch, arch_of
+from adabudget.config import ConfigError
 from torch import nn
-
-from budget.arch import Arch, arch_of
-from budget.config import ConfigError
 
 
 @dataclass

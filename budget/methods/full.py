@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adabudget.models import is_head
 from torch import nn
-
-from budget.models import is_head
 
 
 @dataclass

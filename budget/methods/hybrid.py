@@ -1,7 +1,7 @@
 """Hybrid PEFT configurations: per layer group, any set of methods, each with its own size.
 
 The S4 design space (Chen et al., ICLR 2023): the L blocks are split into G consecutive
-groups (``budget.groups``), each group gets a subset of methods (or ``none``), and a total
+groups (``adabudget.groups``), each group gets a subset of methods (or ``none``), and a total
 trainable-parameter budget may replace the sizes: then the sizes given act as proportions
 and are solved (``solve_sizes``) so the whole configuration holds the budget within
 ``tolerance`` (2% by default), shared across groups by ``allocation``. S4's discovered
@@ -11,7 +11,7 @@ pattern is ``configs/method/s4.yaml``:
     G3 = adapter + prefix + bitfit; G4 = prefix + bitfit + lora.
 
 Within a group the methods are applied in ``ORDER``: LoRA-family layers replace linears
-first, every other method hooks the module then at its path (see ``budget.methods``),
+first, every other method hooks the module then at its path (see ``adabudget.methods``),
 so e.g. an adapter after the FFN sees the LoRA-updated FFN output. AdaLoRA in several
 groups shares one global budget over all its triplets (the allocator's b(T) is the sum of
 the groups' target ranks); the other methods do not take part in its budget.
@@ -24,8 +24,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from budget.config import ConfigError
-from budget.groups import PATTERNS, allocation_shares, split_layers
+from adabudget.config import ConfigError
+from adabudget.groups import PATTERNS, allocation_shares, split_layers
 
 # The order in which a group's methods are applied (module replacers before hookers).
 ORDER = ("freeze", "bitfit", "lora", "adalora", "ia3", "adapter", "parallel_adapter", "prefix", "prompt")
@@ -92,8 +92,19 @@ class HybridConfig:
             )
         adalora = [g["adalora"] for g in parsed if "adalora" in g]
         for other in adalora[1:]:
-            for knob in ("warmup_steps", "final_steps", "mask_interval", "beta1", "beta2", "score", "shrink",
-                         "orth_reg_weight", "orth_squared", "lambda_lr_ratio", "reset_pruned_momentum"):  # fmt: skip
+            for knob in (
+                "warmup_steps",
+                "final_steps",
+                "mask_interval",
+                "beta1",
+                "beta2",
+                "score",
+                "shrink",
+                "orth_reg_weight",
+                "orth_squared",
+                "lambda_lr_ratio",
+                "reset_pruned_momentum",
+            ):
                 if getattr(other, knob) != getattr(adalora[0], knob):
                     raise ConfigError(
                         f"method.groups: adalora.{knob} differs between groups; the AdaLoRA groups share one "
@@ -107,7 +118,7 @@ class HybridConfig:
 
 def parse_groups(cfg: HybridConfig) -> list[dict]:
     """The groups as {method name: validated config dataclass}, in application ``ORDER``."""
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     out = []
     for g, entry in enumerate(cfg.groups):
@@ -189,14 +200,14 @@ def budget_params(cfg: HybridConfig, arch) -> int | None:
 
 def count(cfg: HybridConfig, arch, layers: list[int] | None = None) -> int:
     """Trainable parameters at the start of training, summed over groups and methods."""
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     return sum(REGISTRY[m].count(c, arch, g.layers) for g in plan(cfg, arch) for m, c in g.methods.items())
 
 
 def apply(model, cfg: HybridConfig, layers: list[int] | None = None) -> dict:
     """Apply every group's methods to its blocks; returns {module name: module} of all of them."""
-    from budget.arch import arch_of
+    from adabudget.arch import arch_of
 
     if layers is not None:
         raise ConfigError(
@@ -207,7 +218,7 @@ def apply(model, cfg: HybridConfig, layers: list[int] | None = None) -> dict:
 
 def apply_groups(model, groups: list[Group]) -> dict:
     """Apply planned groups (``plan``) in order; returns {module name: module} of all of them."""
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     wrapped = {}
     for group in groups:
@@ -223,7 +234,7 @@ def report(cfg: HybridConfig, arch) -> list[dict]:
 
 def report_groups(groups: list[Group], arch) -> list[dict]:
     """``report`` of planned groups; a group with ``layers=None`` (a single method) covers every block."""
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     out = []
     for g in groups:
@@ -235,8 +246,14 @@ def report_groups(groups: list[Group], arch) -> list[dict]:
             if g.layers is not None
             else arch.layers(getattr(next(iter(g.methods.values())), "layers", None))
         )
-        out.append({"group": g.index, "layers": layers, "methods": methods or "none",
-                    "params": sum(v["params"] for v in methods.values())})  # fmt: skip
+        out.append(
+            {
+                "group": g.index,
+                "layers": layers,
+                "methods": methods or "none",
+                "params": sum(v["params"] for v in methods.values()),
+            }
+        )
     return out
 
 
@@ -271,18 +288,18 @@ def _knobs(c) -> dict:
 def final_count(name: str, c, arch, layers) -> int:
     """Parameters a method holds at the end of training (AdaLoRA: its b(T) triplets): what a
     budget constrains, and what the solver and the search spaces count."""
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     if name == "adalora":
         patterns = c.target_modules or arch.default_targets()
-        from budget.methods.adalora import triplet_cost
+        from adabudget.methods.adalora import triplet_cost
 
         return round(sum(c.target_r * triplet_cost(s) for _, s in arch.match_linears(patterns, layers)))
     return REGISTRY[name].count(c, arch, layers)
 
 
 def _with_size(name: str, c, size: int):
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     knob = REGISTRY[name].size
     if name == "adalora":
@@ -296,7 +313,7 @@ def _with_size(name: str, c, size: int):
 
 
 def _size_of(name: str, c) -> float:
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     if name == "adalora":
         return float(c.target_r)
@@ -315,7 +332,7 @@ def solve_sizes(groups: list[Group], arch, target: int, shares: list[float], tol
     others); then single sizes move by +-1 while that brings the total closer. Raises
     ConfigError when the result misses the budget by more than ``tolerance``.
     """
-    from budget.methods import REGISTRY
+    from adabudget.methods import REGISTRY
 
     def group_count(g: Group) -> int:
         return sum(final_count(m, c, arch, g.layers) for m, c in g.methods.items())
@@ -325,8 +342,10 @@ def solve_sizes(groups: list[Group], arch, target: int, shares: list[float], tol
             if getattr(c, "reduction_factor", None):
                 g.methods[m] = _with_size(m, c, max(1, arch.hidden // c.reduction_factor))
     scalable = [[m for m in g.methods if REGISTRY[m].size is not None] for g in groups]
-    fixed = [sum(final_count(m, c, arch, g.layers) for m, c in g.methods.items() if m not in s)
-             for g, s in zip(groups, scalable)]  # fmt: skip
+    fixed = [
+        sum(final_count(m, c, arch, g.layers) for m, c in g.methods.items() if m not in s)
+        for g, s in zip(groups, scalable)
+    ]
     live = [i for i, g in enumerate(groups) if scalable[i]]
     if not live:
         raise ConfigError(

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from adabudget.arch import Arch, arch_of
+from adabudget.config import ConfigError
+from adabudget.models import base_linear, linear_shape
 from torch import nn
-
-from budget.arch import Arch, arch_of
-from budget.config import ConfigError
-from budget.models import base_linear, linear_shape
 
 TARGETS = ("k", "v", "ffn")
 

@@ -38,7 +38,7 @@ the official code raises otherwise). Batches here are padded to their longest ex
   length is a multiple of G gets exactly Algorithm 1. ``pad_to_group=false`` follows the paper
   instead: a ValueError at the forward when a sequence's length is not a multiple of G.
 
-Mechanism: like prefix-tuning (``budget.methods.prefix``) the model's attention implementation
+Mechanism: like prefix-tuning (``adabudget.methods.prefix``) the model's attention implementation
 becomes ``adabudget_longlora_<base>`` (base: ``sdpa`` or ``eager``); it runs S²-Attn for an
 attention module in training mode that carries ``adabudget_s2`` (the blocks in ``layers``) and
 delegates to the base implementation otherwise. LLaMA-family models only (llama, mistral,
@@ -57,10 +57,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from adabudget.config import ConfigError
+from adabudget.methods import lora
 from torch import nn
-
-from budget.config import ConfigError
-from budget.methods import lora
 
 KEY = "adabudget_longlora_"  # + base implementation: the attn_implementation name apply sets
 BASES = ("sdpa", "eager")
@@ -252,9 +251,16 @@ def s2_attention(module, query, key, value, attention_mask, *args, base: str, **
             f"{key.shape[2]} keys for {seq} queries; use model.eval() for cached decoding"
         )
     out = shifted_sparse_attention(
-        query, _repeat_kv(key, heads), _repeat_kv(value, heads), _kept_tokens(attention_mask, bsz, seq),
-        s2.group_size, s2.wrap, s2.pad, kwargs.get("scaling"), kwargs.get("dropout", 0.0) or 0.0,
-    )  # fmt: skip
+        query,
+        _repeat_kv(key, heads),
+        _repeat_kv(value, heads),
+        _kept_tokens(attention_mask, bsz, seq),
+        s2.group_size,
+        s2.wrap,
+        s2.pad,
+        kwargs.get("scaling"),
+        kwargs.get("dropout", 0.0) or 0.0,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -287,8 +293,9 @@ def _check_arch(cfg: LongLoRAConfig, arch, layers: list[int] | None) -> list[int
 
 def _lora_config(cfg: LongLoRAConfig, arch) -> lora.LoRAConfig:
     targets = cfg.target_modules or [re.escape(s.rel) for s in arch.by_role("q", "k", "v", "o")]
-    return lora.LoRAConfig(target_modules=list(targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                           layers=cfg.layers)  # fmt: skip
+    return lora.LoRAConfig(
+        target_modules=list(targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.layers
+    )
 
 
 def _check_implementation(cfg: LongLoRAConfig, model: nn.Module) -> None:
@@ -316,7 +323,7 @@ def apply(model: nn.Module, cfg: LongLoRAConfig, layers: list[int] | None = None
     the attention modules that run S²-Attn. Raises ConfigError, touching nothing, for a model
     that is not LLaMA-family or whose attention implementation is not sdpa / eager.
     """
-    from budget.arch import arch_of
+    from adabudget.arch import arch_of
 
     cfg.validate()
     layers = layers if layers is not None else cfg.layers

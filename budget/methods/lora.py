@@ -14,10 +14,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from adabudget.config import ConfigError
+from adabudget.models import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
-
-from budget.config import ConfigError
-from budget.models import find_targets, linear_shape, resolve_targets, set_module
 
 
 @dataclass
@@ -89,7 +88,7 @@ class LoRALinear(nn.Module):
 
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') with B' A' the layer's whole change, the scale folded into B': what a peft LoRA
-        adapter holds (``budget.export.export_peft_adapter``)."""
+        adapter holds (``adabudget.export.export_peft_adapter``)."""
         a, b = self.factors()
         return a, b * self.scaling
 

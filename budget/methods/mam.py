@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from budget.config import ConfigError
-from budget.methods import parallel_adapter, prefix
+from adabudget.config import ConfigError
+from adabudget.methods import parallel_adapter, prefix
 
 
 @dataclass
@@ -26,7 +26,7 @@ class MAMConfig:
     bottleneck: int = 512  # r of the FFN parallel adapter
     scale: float = 4.0  # s
     layers: Optional[list] = None
-    # the methods it is made of (budget.methods.methods_in); a class constant, not a knob
+    # the methods it is made of (adabudget.methods.methods_in); a class constant, not a knob
     components: ClassVar[tuple] = ("parallel_adapter", "prefix")
 
     def validate(self) -> None:

@@ -21,7 +21,7 @@ block clears the slot at the start of every block call, so a forward interrupted
 
 Starts at the identity (W_up = 0, b_up = 0); nonlinear, so it cannot merge into the base weights.
 ``set_active(adapter, d)`` slices it to its first d hidden units for a weight-sharing supernet
-(as ``budget.methods.adapter.set_active``; d = 0 adds nothing).
+(as ``adabudget.methods.adapter.set_active``; d = 0 adds nothing).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from adabudget.config import ConfigError
+from adabudget.methods.adapter import slice_bottleneck
+from adabudget.models import base_linear
 from torch import nn
-
-from budget.config import ConfigError
-from budget.methods.adapter import slice_bottleneck
-from budget.models import base_linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 INITS = ("lora", "bert")
@@ -186,7 +185,7 @@ def set_active(adapter: ParallelAdapter, d: int | None) -> dict[str, tuple]:
     """Compute with the first ``d`` hidden units only (0: off, adds nothing; None: all).
 
     Returns the index of each parameter's part in use (empty when off), as
-    ``budget.methods.adapter.set_active``.
+    ``adabudget.methods.adapter.set_active``.
     """
     return slice_bottleneck(adapter, d, "parallel adapter")
 
@@ -206,7 +205,7 @@ def apply(
 
     Each becomes the block's child ``adabudget_parallel_adapter_<position>``.
     """
-    from budget.arch import arch_of
+    from adabudget.arch import arch_of
 
     layers = layers if layers is not None else cfg.layers
     arch = arch_of(model)
@@ -220,9 +219,15 @@ def apply(
         # float32 unless the base already is float32/float64 (keeps bf16 backbones' adapters precise)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         adapter = ParallelAdapter(
-            first_spec.in_features, cfg.bottleneck, last_spec.out_features, cfg.scale, cfg.activation,
-            cfg.init, weight.device, dtype,
-        )  # fmt: skip
+            first_spec.in_features,
+            cfg.bottleneck,
+            last_spec.out_features,
+            cfg.scale,
+            cfg.activation,
+            cfg.init,
+            weight.device,
+            dtype,
+        )
         name = f"adabudget_parallel_adapter_{cfg.position}"
         setattr(block, name, adapter)
         adapter.attach(block, first, last)

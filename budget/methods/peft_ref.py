@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from adabudget.config import ConfigError
+from adabudget.methods.adalora import kept_params as adalora_kept_params
+from adabudget.methods.adalora import triplet_cost
+from adabudget.models import find_targets, resolve_targets
 from torch import nn
-
-from budget.config import ConfigError
-from budget.methods.adalora import kept_params as adalora_kept_params
-from budget.methods.adalora import triplet_cost
-from budget.models import find_targets, resolve_targets
 
 ADAPTER = "default"
 
@@ -98,9 +97,8 @@ def apply(model: nn.Module, cfg, layers: list[int] | None = None) -> dict[str, n
     head) stays so. The AdaLoRA tuner is kept on the model for ``PeftAllocator``.
     """
     _require_peft()
+    from adabudget.models import is_linear, linear_shape
     from peft import AdaLoraConfig, AdaLoraModel, LoraConfig, LoraModel
-
-    from budget.models import is_linear, linear_shape
 
     layers = layers if layers is not None else cfg.layers
     patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
@@ -111,16 +109,31 @@ def apply(model: nn.Module, cfg, layers: list[int] | None = None) -> dict[str, n
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "peft_lora":
-        peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                              fan_in_fan_out=fan_in_fan_out)  # fmt: skip
+        peft_cfg = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            fan_in_fan_out=fan_in_fan_out,
+        )
         tuner = LoraModel(model, peft_cfg, ADAPTER)
     else:
         # total_step is not known before the loop: a placeholder, set by PeftAllocator.
         peft_cfg = AdaLoraConfig(
-            init_r=cfg.init_r, target_r=cfg.target_r, tinit=0, tfinal=0, deltaT=cfg.mask_interval,
-            beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight, lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out, total_step=1,
-        )  # fmt: skip
+            init_r=cfg.init_r,
+            target_r=cfg.target_r,
+            tinit=0,
+            tfinal=0,
+            deltaT=cfg.mask_interval,
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            orth_reg_weight=cfg.orth_reg_weight,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            fan_in_fan_out=fan_in_fan_out,
+            total_step=1,
+        )
         tuner = AdaLoraModel(model, peft_cfg, ADAPTER)
         model.__dict__["_peft_tuner"] = tuner  # not a submodule: the tuner holds the model
     for p in trainable:
@@ -151,11 +164,11 @@ def orth_penalty(model: nn.Module) -> torch.Tensor:
 
 class PeftAllocator:
     """Our loop's allocator interface over peft's ``RankAllocator`` (see ``RankAllocator`` in
-    ``budget.allocator`` for the interface): ``update_and_allocate(step)`` after every optimizer
+    ``adabudget.allocator`` for the interface): ``update_and_allocate(step)`` after every optimizer
     step, ``orth_penalty()``, ``budget_at(step)``, ``ranks()``, state for checkpoints."""
 
     def __init__(self, model: nn.Module, cfg: PeftAdaLoRAConfig, total_steps: int):
-        from budget.schedule import phase_steps
+        from adabudget.schedule import phase_steps
 
         self.model = model
         self.tuner = model.__dict__["_peft_tuner"]
@@ -181,7 +194,7 @@ class PeftAllocator:
 
     def update_and_allocate(self, step: int):
         """``AdaLoraModel.update_and_allocate(step)``, returning what it did."""
-        from budget.allocator import Allocation
+        from adabudget.allocator import Allocation
 
         peft_cfg = self.tuner.peft_config[ADAPTER]
         if step < self.final_step:
@@ -199,8 +212,15 @@ class PeftAllocator:
             return None
         ranks = self._ranks(pattern)
         kept = adalora_kept_params(ranks, {n: self.model.get_submodule(n) for n in ranks})
-        return Allocation(step=step, budget=budget, kept=sum(ranks.values()), kept_params=kept,
-                          ranks=ranks, final=self.fixed, shrink=False)  # fmt: skip
+        return Allocation(
+            step=step,
+            budget=budget,
+            kept=sum(ranks.values()),
+            kept_params=kept,
+            ranks=ranks,
+            final=self.fixed,
+            shrink=False,
+        )
 
     def _ranks(self, pattern: dict) -> dict[str, int]:
         return {k.rsplit(".lora_E", 1)[0]: int(sum(v)) for k, v in sorted(pattern.items())}

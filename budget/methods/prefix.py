@@ -26,7 +26,7 @@ Mechanism: the attention modules of HF's BERT, RoBERTa, GPT-2 and LLaMA families
 does not use the attention interface and is refused.
 
 The method cannot start at the identity (the prefix adds attention positions) and cannot
-merge into the base weights. UniPELT (``budget.methods.unipelt``) sets the optional ``gate``
+merge into the base weights. UniPELT (``adabudget.methods.unipelt``) sets the optional ``gate``
 of a PrefixKV: the prefix is then per example, G_P P_k and G_P P_v with G_P ∈ (0, 1)^B.
 
 ``set_active(prefix, k)`` makes a PrefixKV built with l vectors use its first k (P_k[:, :k],
@@ -43,9 +43,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from adabudget.config import ConfigError
 from torch import nn
-
-from budget.config import ConfigError
 
 KEY = "adabudget_prefix_"  # + base implementation: the attn_implementation name apply sets
 BASES = ("sdpa", "eager")
@@ -277,7 +276,7 @@ def apply(model: nn.Module, cfg: PrefixConfig, layers: list[int] | None = None) 
 
     Returns {module name: PrefixKV}. Raises ConfigError for DeBERTa-v2 (no attention interface).
     """
-    from budget.arch import arch_of
+    from adabudget.arch import arch_of
 
     cfg.validate()
     layers = layers if layers is not None else cfg.layers
@@ -301,9 +300,15 @@ def apply(model: nn.Module, cfg: PrefixConfig, layers: list[int] | None = None) 
         # float32 unless the base already is float32/float64 (bf16 backbones keep precise prefixes)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         prefix = PrefixKV(
-            cfg.length, arch.num_kv_heads, arch.head_dim, arch.hidden, cfg.reparam_dim, cfg.init_std,
-            weight.device, dtype,
-        )  # fmt: skip
+            cfg.length,
+            arch.num_kv_heads,
+            arch.head_dim,
+            arch.hidden,
+            cfg.reparam_dim,
+            cfg.init_std,
+            weight.device,
+            dtype,
+        )
         attn.adabudget_prefix = prefix  # a child: saved with state_dict as <attention>.adabudget_prefix.*
         added[f"{path}.adabudget_prefix"] = prefix
     return added

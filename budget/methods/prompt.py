@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from adabudget.config import ConfigError
 from torch import nn
-
-from budget.config import ConfigError
 
 INITS = ("vocab", "random")
 
@@ -191,7 +190,7 @@ def apply(model: nn.Module, cfg: PromptConfig, layers: list[int] | None = None) 
 
     Returns {"adabudget_prompt": SoftPrompt}.
     """
-    from budget.arch import arch_of
+    from adabudget.arch import arch_of
 
     cfg.validate()
     arch = arch_of(model)

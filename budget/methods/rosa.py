@@ -31,7 +31,7 @@ When the mask is chosen (``warmup_steps``):
 
 Departures: the reference keeps S in a CSR matrix and uses SDDMM / sparse-add kernels
 (spops, GPU); ours stores the k values and their indices and builds W0 + S densely per
-forward (``budget.methods.sparse``). ``score: grad`` (|θ ∇θ|) and ``magnitude`` are extra
+forward (``adabudget.methods.sparse``). ``score: grad`` (|θ ∇θ|) and ``magnitude`` are extra
 options, not the paper's.
 """
 
@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from adabudget.config import ConfigError
+from adabudget.methods import lora, sparse
+from adabudget.methods.lora import LoRALinear
+from adabudget.methods.sparse import SparseHooks, SparseLinear
+from adabudget.models import set_module
 from torch import nn
-
-from budget.config import ConfigError
-from budget.methods import lora, sparse
-from budget.methods.lora import LoRALinear
-from budget.methods.sparse import SparseHooks, SparseLinear
-from budget.models import set_module
 
 
 @dataclass
@@ -73,7 +72,9 @@ class RoSAConfig:
     score: str = "fisher"  # the mask's score: fisher Σ(∇θ)² (paper) | grad Σ|θ ∇θ| | magnitude |θ|
     scope: str = "matrix"  # matrix: top-k per matrix (paper) | global: top-k over all matrices
     calibration_steps: int = 8  # batches (or training steps, with warmup_steps) the mask's score sums over
-    warmup_steps: Optional[int] = None  # LoRA-only steps before the mask (paper: wl64); None: mask before step 0
+    warmup_steps: Optional[int] = (
+        None  # LoRA-only steps before the mask (paper: wl64); None: mask before step 0
+    )
     mask_from: Optional[str] = None  # a run folder holding a chosen mask: train LoRA + S on it from step 0
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
@@ -118,16 +119,25 @@ class RoSAConfig:
 
     def lora_part(self) -> lora.LoRAConfig:
         return lora.LoRAConfig(
-            target_modules=self.target_modules, r=self.r, alpha=self.alpha, rslora=self.rslora,
-            dropout=self.dropout, layers=self.layers,
-        )  # fmt: skip
+            target_modules=self.target_modules,
+            r=self.r,
+            alpha=self.alpha,
+            rslora=self.rslora,
+            dropout=self.dropout,
+            layers=self.layers,
+        )
 
     def sparse_part(self) -> sparse.SparseConfig:
         return sparse.SparseConfig(
-            target_modules=self.target_modules, density=self.density, budget=self.budget, score=self.score,
-            selection="unstructured", scope=self.scope, calibration_steps=self.calibration_steps,
+            target_modules=self.target_modules,
+            density=self.density,
+            budget=self.budget,
+            score=self.score,
+            selection="unstructured",
+            scope=self.scope,
+            calibration_steps=self.calibration_steps,
             layers=self.layers,
-        )  # fmt: skip
+        )
 
 
 def apply(model: nn.Module, cfg: RoSAConfig, layers: list[int] | None = None) -> dict[str, LoRALinear]:
@@ -167,16 +177,22 @@ def load_mask(run_dir: str, layers: dict[str, SparseLinear]) -> dict[str, torch.
     states = torch.load(mask_checkpoint(run_dir), map_location="cpu", weights_only=True).get("hooks") or []
     state = next((s for s in states if isinstance(s, dict) and "indices" in s), None)
     if state is None or not state.get("active", True):
-        raise ConfigError(f"{where}: that run holds no chosen mask (not RoSA, or stopped before its mask step); "
-                          "let it reach method.warmup_steps + method.calibration_steps")  # fmt: skip
+        raise ConfigError(
+            f"{where}: that run holds no chosen mask (not RoSA, or stopped before its mask step); "
+            "let it reach method.warmup_steps + method.calibration_steps"
+        )
     indices = state["indices"]
     if set(indices) != set(layers):
-        raise ConfigError(f"{where}: its mask covers other matrices ({len(indices)} vs this run's {len(layers)}); "
-                          "use the same model and method.target_modules / method.layers")  # fmt: skip
+        raise ConfigError(
+            f"{where}: its mask covers other matrices ({len(indices)} vs this run's {len(layers)}); "
+            "use the same model and method.target_modules / method.layers"
+        )
     for name, layer in layers.items():
         if indices[name].numel() != layer.k or int(indices[name].max()) >= layer.base.weight.numel():
-            raise ConfigError(f"{where}: its mask keeps {indices[name].numel()} entries of {name}, this run "
-                              f"{layer.k}; use the same method.density / method.budget / method.scope")  # fmt: skip
+            raise ConfigError(
+                f"{where}: its mask keeps {indices[name].numel()} entries of {name}, this run "
+                f"{layer.k}; use the same method.density / method.budget / method.scope"
+            )
     return indices
 
 
@@ -200,8 +216,10 @@ class RoSAHooks(SparseHooks):
 
     def _collecting(self, step: int) -> bool:
         cfg = self.rosa
-        return cfg.warmup_steps is not None and cfg.score != "magnitude" and (
-            cfg.warmup_steps <= step < cfg.sparse_from
+        return (
+            cfg.warmup_steps is not None
+            and cfg.score != "magnitude"
+            and (cfg.warmup_steps <= step < cfg.sparse_from)
         )
 
     def calibrate(self, loss_of: Callable, batches: Callable) -> None:

@@ -6,7 +6,7 @@ chosen once, before training, by importance: ``score: grad`` ranks entries by
 |θ ∇θ L| summed over ``calibration_steps`` batches (the first-order sensitivity AdaLoRA's
 allocator uses; Sanh et al., 2020, "Movement Pruning", and Ansell et al., ACL 2022,
 "Composable Sparse Fine-Tuning", pick sparse updates from gradient information alike),
-``score: fisher`` by Σ (∇θ L)² (the diagonal Fisher; RoSA's mask, ``budget.methods.rosa``),
+``score: fisher`` by Σ (∇θ L)² (the diagonal Fisher; RoSA's mask, ``adabudget.methods.rosa``),
 ``score: magnitude`` by |θ| (no data needed). ``selection: unstructured`` keeps single
 entries (``scope: matrix``: top-k of each matrix; ``scope: global``: top-k over all of them);
 ``selection: structured`` keeps whole rows of W in its (out, in) layout, i.e. every input
@@ -56,10 +56,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from adabudget.config import ConfigError
+from adabudget.models import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
-
-from budget.config import ConfigError
-from budget.models import find_targets, linear_shape, resolve_targets, set_module
 
 SCORES = ("grad", "fisher", "magnitude")
 SELECTIONS = ("unstructured", "structured", "heads")
@@ -173,7 +172,9 @@ def default_patterns(cfg: SparseConfig, arch) -> list[str]:
     return arch.default_targets()
 
 
-def head_layout(cfg: SparseConfig, named: list[tuple[str, object]], arch) -> dict[str, tuple[str, int]] | None:
+def head_layout(
+    cfg: SparseConfig, named: list[tuple[str, object]], arch
+) -> dict[str, tuple[str, int]] | None:
     """{name: (axis, head_dim)} for ``selection: heads`` from (name, LinearSpec) pairs; None otherwise.
 
     Raises:
@@ -318,8 +319,11 @@ def select(
         else:  # heads: head_dim consecutive rows (q, k, v) or columns (the output projection)
             axis, hd = layer.heads
             unit, _ = head_unit((layer.out_features, layer.in_features), axis, hd)
-            per_head = (logical.view(-1, hd, layer.in_features).sum((1, 2)) if axis == "rows"
-                        else logical.view(layer.out_features, -1, hd).sum((0, 2)))  # fmt: skip
+            per_head = (
+                logical.view(-1, hd, layer.in_features).sum((1, 2))
+                if axis == "rows"
+                else logical.view(layer.out_features, -1, hd).sum((0, 2))
+            )
             chosen = per_head.topk(kept[name] // unit).indices
             span = (chosen[:, None] * hd + torch.arange(hd, device=s.device)[None, :]).flatten()
             rows, cols = (span, every_col) if axis == "rows" else (every_row, span)
@@ -365,7 +369,7 @@ def importance(
 
 
 class SparseHooks:
-    """The training loop's seam (``budget.methods`` docstring): re-choose the entries from
+    """The training loop's seam (``adabudget.methods`` docstring): re-choose the entries from
     gradient scores in ``calibrate``; save and restore them for a resumed run."""
 
     def __init__(self, layers: dict[str, SparseLinear], cfg: SparseConfig):
@@ -393,7 +397,7 @@ def wrap(model: nn.Module, cfg: SparseConfig, layers: list[int] | None = None) -
     layers = layers if layers is not None else cfg.layers
     heads = None
     if cfg.selection == "heads":  # attention roles and head_dim come from the architecture
-        from budget.arch import arch_of
+        from adabudget.arch import arch_of
 
         arch = arch_of(model)
         patterns = default_patterns(cfg, arch)

@@ -37,7 +37,7 @@ right after ``apply``: not the base model (the prefix adds attention positions),
 and adapter gates get zero (not missing) gradients until B and W_up move. Gates depend on the
 input, so UniPELT cannot merge into the base weights.
 
-``lora_targets`` are roles (``budget.arch``): q, k, v, qkv, o, ffn_in, ffn_out. GPT-2 computes
+``lora_targets`` are roles (``adabudget.arch``): q, k, v, qkv, o, ffn_in, ffn_out. GPT-2 computes
 q, k and v with one fused linear (``attn.c_attn``, role qkv), so any of q/k/v there adapts
 c_attn as a whole (query, key and value, one gate).
 """
@@ -49,10 +49,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
+from adabudget.config import ConfigError
+from adabudget.methods import adapter, lora, prefix
 from torch import nn
-
-from budget.config import ConfigError
-from budget.methods import adapter, lora, prefix
 
 ROLES = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_out")
 
@@ -77,7 +76,7 @@ class UniPELTConfig:
     prefix_reparam_dim: int = 0
     adapter_bottleneck: int = 48  # d of the FFN adapter (the reference's Pfeiffer adapter on BERT-base)
     layers: Optional[list] = None  # restrict to these block indices (None = all)
-    # the methods it is made of, in application order (budget.methods.methods_in); not a knob
+    # the methods it is made of, in application order (adabudget.methods.methods_in); not a knob
     components: ClassVar[tuple] = ("lora", "adapter", "prefix")
 
     def validate(self) -> None:
@@ -208,7 +207,7 @@ def apply(model: nn.Module, cfg: UniPELTConfig, layers: list[int] | None = None)
     The gates are children of their component (``<lora>.gate``, ``<block>.adabudget_adapter_ffn.gate``,
     ``<attention>.adabudget_prefix.gate``), so they are saved and loaded with it.
     """
-    from budget.arch import arch_of
+    from adabudget.arch import arch_of
 
     cfg.validate()
     layers = layers if layers is not None else cfg.layers

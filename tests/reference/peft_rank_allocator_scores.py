@@ -16,7 +16,7 @@ does (``_element_score`` per element, mean over each singular vector,
 
 The JSON holds the inputs (so the test needs neither peft nor a stable RNG), peft's
 per-element EMAs, the per-triplet scores and the kept pattern. ``tests/test_allocator.py``
-checks ``budget.allocator.RankAllocator`` against it.
+checks ``adabudget.allocator.RankAllocator`` against it.
 """
 
 from __future__ import annotations
@@ -65,9 +65,15 @@ def peft_scores(steps: list[dict]) -> dict:
     from peft import AdaLoraConfig, get_peft_model
 
     cfg = AdaLoraConfig(
-        init_r=INIT_R, target_r=2, tinit=1, tfinal=1, total_step=10, beta1=BETA1, beta2=BETA2,
+        init_r=INIT_R,
+        target_r=2,
+        tinit=1,
+        tfinal=1,
+        total_step=10,
+        beta1=BETA1,
+        beta2=BETA2,
         target_modules=list(SHAPES),
-    )  # fmt: skip
+    )
     peft_model = get_peft_model(Toy(), cfg)
     inner = peft_model.base_model.model  # the names update_ipt sees: "a.lora_A.default", ...
     allocator = peft_model.base_model.rankallocator

@@ -55,39 +55,97 @@ class AdabudgetSweeperConf:
 
 # hydra-optuna-sweeper's sampler options, with the fields Optuna 5 still accepts
 SAMPLERS = {
-    "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": None, "consider_prior": None, "prior_weight": None,
-            "consider_magic_clip": None, "consider_endpoints": None, "n_startup_trials": 10,
-            "n_ei_candidates": 24, "multivariate": False, "warn_independent_sampling": None},
+    "tpe": {
+        "_target_": "optuna.samplers.TPESampler",
+        "seed": None,
+        "consider_prior": None,
+        "prior_weight": None,
+        "consider_magic_clip": None,
+        "consider_endpoints": None,
+        "n_startup_trials": 10,
+        "n_ei_candidates": 24,
+        "multivariate": False,
+        "warn_independent_sampling": None,
+    },
     "random": {"_target_": "optuna.samplers.RandomSampler", "seed": None},
-    "cmaes": {"_target_": "optuna.samplers.CmaEsSampler", "seed": None, "x0": None, "sigma0": None,
-              "warn_independent_sampling": True, "consider_pruned_trials": False, "restart_strategy": None,
-              "use_separable_cma": False},
-    "nsgaii": {"_target_": "optuna.samplers.NSGAIISampler", "seed": None, "population_size": 50,
-               "mutation_prob": None, "crossover_prob": 0.9, "swapping_prob": 0.5},
-    "nsgaiii": {"_target_": "optuna.samplers.NSGAIIISampler", "seed": None, "population_size": 50,
-                "mutation_prob": None, "crossover_prob": 0.9, "swapping_prob": 0.5},
-    "gp": {"_target_": "optuna.samplers.GPSampler", "seed": None, "n_startup_trials": 10,
-           "deterministic_objective": False, "warn_independent_sampling": True},
-    "qmc": {"_target_": "optuna.samplers.QMCSampler", "seed": None, "qmc_type": "sobol", "scramble": False,
-            "warn_asynchronous_seeding": True, "warn_independent_sampling": True},
+    "cmaes": {
+        "_target_": "optuna.samplers.CmaEsSampler",
+        "seed": None,
+        "x0": None,
+        "sigma0": None,
+        "warn_independent_sampling": True,
+        "consider_pruned_trials": False,
+        "restart_strategy": None,
+        "use_separable_cma": False,
+    },
+    "nsgaii": {
+        "_target_": "optuna.samplers.NSGAIISampler",
+        "seed": None,
+        "population_size": 50,
+        "mutation_prob": None,
+        "crossover_prob": 0.9,
+        "swapping_prob": 0.5,
+    },
+    "nsgaiii": {
+        "_target_": "optuna.samplers.NSGAIIISampler",
+        "seed": None,
+        "population_size": 50,
+        "mutation_prob": None,
+        "crossover_prob": 0.9,
+        "swapping_prob": 0.5,
+    },
+    "gp": {
+        "_target_": "optuna.samplers.GPSampler",
+        "seed": None,
+        "n_startup_trials": 10,
+        "deterministic_objective": False,
+        "warn_independent_sampling": True,
+    },
+    "qmc": {
+        "_target_": "optuna.samplers.QMCSampler",
+        "seed": None,
+        "qmc_type": "sobol",
+        "scramble": False,
+        "warn_asynchronous_seeding": True,
+        "warn_independent_sampling": True,
+    },
     # the search space is filled in from the params when the sweep starts
     "grid": {"_target_": "optuna.samplers.GridSampler", "_partial_": True, "seed": None},
-}  # fmt: skip
+}
 
 
 class AdabudgetSweeper(Sweeper):
     """Hydra's handle; the work is ``search.sweeper.SweeperImpl``'s."""
 
-    def __init__(self, sampler: Any, direction: Any, storage: Optional[Any], study_name: Optional[str],
-                 n_trials: int, n_jobs: int, max_failure_rate: float, params: Optional[Any],
-                 custom_search_space: Optional[str], pruner: Any, objectives: Optional[list[str]]) -> None:  # fmt: skip
-        from search.sweeper import SweeperImpl
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Optional[Any],
+        study_name: Optional[str],
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        params: Optional[Any],
+        custom_search_space: Optional[str],
+        pruner: Any,
+        objectives: Optional[list[str]],
+    ) -> None:
+        from adabudget.search.sweeper import SweeperImpl
 
         self.impl = SweeperImpl(
-            sampler=sampler, direction=direction, storage=storage, study_name=study_name, n_trials=n_trials,
-            n_jobs=n_jobs, max_failure_rate=max_failure_rate, params=params,
-            custom_search_space=custom_search_space, pruner=pruner, objectives=objectives,
-        )  # fmt: skip
+            sampler=sampler,
+            direction=direction,
+            storage=storage,
+            study_name=study_name,
+            n_trials=n_trials,
+            n_jobs=n_jobs,
+            max_failure_rate=max_failure_rate,
+            params=params,
+            custom_search_space=custom_search_space,
+            pruner=pruner,
+            objectives=objectives,
+        )
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)

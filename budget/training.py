@@ -4,7 +4,7 @@ Read it top to bottom: set-up (validate, data, model, plan and method, allocator
 optimizer), then one ``while`` loop over optimizer steps, then the final phase (checkpoint at T,
 final evaluation, the methods' final hooks, export) under the same signal handler and ``try``.
 Every loss term is visible in the loop; hooks are plain ``if``s. Under ``torchrun`` the same
-code runs on every rank (``budget.ddp``): batches are sharded, rank 0 writes.
+code runs on every rank (``adabudget.ddp``): batches are sharded, rank 0 writes.
 
 A run stops early, with a complete record, when ``on_eval(step, metrics)`` says so (status
 ``pruned``: a search pruner), on Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 (``interrupted``, after a
@@ -31,16 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-from budget import ddp
-from budget.arch import arch_of
-from budget.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from budget.compose import resolve
-from budget.config import ConfigError, RunConfig, to_dict, validate
-from budget.data import TaskData, load_task, load_tokenizer, make_batches, num_batches
-from budget.log import RunRecord, claim_run_dir, environment, log, release_run_dir
-from budget.methods import (
+from adabudget import ddp
+from adabudget.arch import arch_of
+from adabudget.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from adabudget.compose import resolve
+from adabudget.config import ConfigError, RunConfig, to_dict, validate
+from adabudget.data import TaskData, load_task, load_tokenizer, make_batches, num_batches
+from adabudget.log import RunRecord, claim_run_dir, environment, log, release_run_dir
+from adabudget.methods import (
     REGISTRY,
     adalora_config_of,
     apply_plan,
@@ -50,18 +48,32 @@ from budget.methods import (
     plan_of,
     step_hooks,
 )
-from budget.metrics import compute_metrics, primary_metric
-from budget.models import count_params, freeze_backbone, load_model, pick_device, prepare_hub_access
-from budget.preflight import check_against_model
+from adabudget.metrics import compute_metrics, primary_metric
+from adabudget.models import count_params, freeze_backbone, load_model, pick_device, prepare_hub_access
+from adabudget.preflight import check_against_model
+from torch import nn
 
 # What may change when a run is resumed: more steps (T; the LR and budget schedules are
 # recomputed for the new T from the checkpoint's step on), how it is logged, evaluated,
 # checkpointed and exported, and where it runs. Everything else is the run.
 RESUMABLE = (
-    "train.max_steps", "train.epochs", "train.stop_after_step", "train.progress", "train.num_threads",
-    "train.device", "train.eval_batch_size", "train.log_every", "train.eval_every", "train.checkpoint",
-    "train.checkpoint_minutes", "train.checkpoint_every", "logger", "export_adapter", "export_merged", "meta",
-)  # fmt: skip
+    "train.max_steps",
+    "train.epochs",
+    "train.stop_after_step",
+    "train.progress",
+    "train.num_threads",
+    "train.device",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint",
+    "train.checkpoint_minutes",
+    "train.checkpoint_every",
+    "logger",
+    "export_adapter",
+    "export_merged",
+    "meta",
+)
 OnEval = Callable[[int, dict], object]
 
 
@@ -77,7 +89,7 @@ def total_steps_for(run: RunConfig, n_train: int) -> int:
 def check_schedule(method, total_steps: int) -> None:
     """The AdaLoRA phases must leave a budgeting phase (peft#2337 crashes instead); a method
     config with ``validate_steps(T)`` checks its own step schedule (RoSA's warm-up)."""
-    from budget.schedule import phase_steps
+    from adabudget.schedule import phase_steps
 
     ada = adalora_config_of(method)
     if ada is not None:
@@ -90,8 +102,9 @@ def check_exports(run: RunConfig) -> None:
     """A merged checkpoint needs every method of the run to merge: fail before training."""
     if not run.export_merged:
         return
-    unmergeable = [m for m in methods_in(run.method) if m in REGISTRY and REGISTRY[m].merge is None
-                   and m != "full"]  # fmt: skip
+    unmergeable = [
+        m for m in methods_in(run.method) if m in REGISTRY and REGISTRY[m].merge is None and m != "full"
+    ]
     if unmergeable:
         mergeable = sorted(m for m, spec in REGISTRY.items() if spec.merge is not None) + ["full"]
         raise ConfigError(
@@ -102,7 +115,7 @@ def check_exports(run: RunConfig) -> None:
 
 def check_positions(run: RunConfig, model, plan) -> None:
     """Soft prompt + the longest tokenized example must fit an absolute position table."""
-    from budget.methods.prompt import position_limit
+    from adabudget.methods.prompt import position_limit
 
     limit = position_limit(model.config)
     for p in (c for g in plan.groups for name, c in g.methods.items() if name == "prompt"):
@@ -136,13 +149,13 @@ def group_ranks(ranks: dict[str, int], modules: list[dict], groups: list[dict] |
 def module_table(wrapped: dict, arch, plan) -> list[dict]:
     """The record's ``modules`` table: every rank-carrying module with its block, matrix role,
     layer group and initial rank, so analysis can place ranks without importing budget."""
-    from budget.models import block_index
+    from adabudget.models import block_index
 
     roles = {}
     if arch is not None:
         roles = {name: spec.role for name, spec in arch.match_linears([".*"])}
-    from budget.methods.adalora import SVDLinear
-    from budget.methods.lora import LoRALinear
+    from adabudget.methods.adalora import SVDLinear
+    from adabudget.methods.lora import LoRALinear
 
     rows = []
     for name, m in wrapped.items():
@@ -156,23 +169,30 @@ def module_table(wrapped: dict, arch, plan) -> list[dict]:
             continue
         layer = block_index(name)
         group = next((g.index for g in plan.groups if g.layers is not None and layer in g.layers), 0)
-        rows.append({"name": name, "layer": layer, "role": roles.get(name, "other"), "group": group,
-                     "init_rank": rank})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "layer": layer,
+                "role": roles.get(name, "other"),
+                "group": group,
+                "init_rank": rank,
+            }
+        )
     return rows
 
 
 def make_allocator(model, wrapped: dict, ada, total_steps: int):
     """The allocator of the run's one rank budget (ours, or peft's for peft_adalora), or None.
     Built after the model is on its device: its buffers follow the factors."""
-    from budget.methods.adalora import SVDLinear
+    from adabudget.methods.adalora import SVDLinear
 
     svd = {name: m for name, m in wrapped.items() if isinstance(m, SVDLinear)}
     if svd:
-        from budget.allocator import RankAllocator
+        from adabudget.allocator import RankAllocator
 
         return RankAllocator(svd, ada, total_steps)
     if ada is not None and ada.name == "peft_adalora":
-        from budget.methods.peft_ref import PeftAllocator
+        from adabudget.methods.peft_ref import PeftAllocator
 
         return PeftAllocator(model, ada, total_steps)
     return None
@@ -198,8 +218,15 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], task: TaskData, batch_size: int, pad_id: int, device,
-             dist: ddp.Dist | None = None) -> dict:  # fmt: skip
+def evaluate(
+    model,
+    examples: list[dict],
+    task: TaskData,
+    batch_size: int,
+    pad_id: int,
+    device,
+    dist: ddp.Dist | None = None,
+) -> dict:
     """Metrics of ``examples``; under DDP each rank scores every world-th example and the
     predictions are gathered, so every rank returns the same numbers."""
     dist = dist or ddp.Dist()
@@ -250,7 +277,7 @@ def resumed_config(run: RunConfig) -> RunConfig:
     """The saved config of the run folder ``run.resume``, with the ``RESUMABLE`` knobs of ``run``.
 
     Any other difference is refused, naming the keys: a resumed run keeps its config. Build
-    the config to pass with ``budget.compose.resume_config(run_dir, overrides)``.
+    the config to pass with ``adabudget.compose.resume_config(run_dir, overrides)``.
     """
     from omegaconf import OmegaConf
 
@@ -264,8 +291,9 @@ def resumed_config(run: RunConfig) -> RunConfig:
         )
     saved = resolve(OmegaConf.load(run_dir / "config.yaml"))
     mine, theirs = _flat(to_dict(run)), _flat(to_dict(saved))
-    differ = sorted(k for k in set(mine) | set(theirs)
-                    if mine.get(k) != theirs.get(k) and k not in ("resume", "run_dir"))  # fmt: skip
+    differ = sorted(
+        k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in ("resume", "run_dir")
+    )
     refused = [k for k in differ if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
     if refused:
         changes = ", ".join(f"{k} ({theirs.get(k)!r} -> {mine.get(k)!r})" for k in refused[:6])
@@ -327,7 +355,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     Args:
         cfg: a composed config (Hydra/OmegaConf, dict or ``RunConfig``). With ``resume`` set it
             must be the run's saved config, changed only in ``RESUMABLE`` knobs
-            (``budget.compose.resume_config`` builds it).
+            (``adabudget.compose.resume_config`` builds it).
         on_eval: called at every dev evaluation with ``(step, metrics)``; a true return stops
             the run with status ``pruned`` (a search pruner's hook; ``budget`` knows no optuna).
     """
@@ -387,12 +415,13 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     if resume_dir is not None:
         run_dir = resume_dir
     else:
-        run_dir = ddp.broadcast(claim_run_dir(run.runs_root, run.run_name, run.run_dir) if dist.main else None,
-                                dist)  # fmt: skip
+        run_dir = ddp.broadcast(
+            claim_run_dir(run.runs_root, run.run_name, run.run_dir) if dist.main else None, dist
+        )
     checkpoint_path = run_dir / "checkpoints" / "last.pt"
     if ckpt is not None and allocator is not None:
         allocator.load_state_dict(ckpt["allocator"])  # restores shrunk shapes before the optimizer
-    # methods acting outside forward/backward (budget.methods docstring): restored, or calibrated
+    # methods acting outside forward/backward (adabudget.methods docstring): restored, or calibrated
     # on their own seeded batches (the training stream and its randomness are left as they are)
     # Tokenizers emit token_type_ids that some models (LLaMA) do not accept.
     try:
@@ -402,8 +431,9 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
             load_hook_states(hooks, ckpt.get("hooks"))
         elif any(hasattr(h, "calibrate") for h in hooks):
             # the training stream's batches under seed + 2: endless seeded epochs, as the loop's own
-            calibration = batch_stream(task.train, dataclasses.replace(tc, seed=tc.seed + 2), tokenizer.pad_token_id,
-                                       inputs, 0)  # fmt: skip
+            calibration = batch_stream(
+                task.train, dataclasses.replace(tc, seed=tc.seed + 2), tokenizer.pad_token_id, inputs, 0
+            )
 
             def calibration_batches(n: int):
                 for _ in range(n):
@@ -420,18 +450,29 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         trainable_before, total_params = count_params(model)
     main_metric = primary_metric(task.regression)
     header = {
-        "run_dir": str(run_dir), "run_name": run.run_name, "method": run.method.name, "model": run.model.name,
-        "task": run.data.task, "data_version": getattr(task, "version", None), "split_sizes": task.sizes(),
-        "primary_metric": main_metric, "regression": task.regression, "total_steps": total_steps,
-        "trainable_params": trainable_before, "total_params": total_params, "world_size": dist.world,
-        "groups": groups, "modules": modules, "meta": run.meta,
-    }  # fmt: skip
-
+        "run_dir": str(run_dir),
+        "run_name": run.run_name,
+        "method": run.method.name,
+        "model": run.model.name,
+        "task": run.data.task,
+        "num_labels": task.num_labels,
+        "data_version": getattr(task, "version", None),
+        "split_sizes": task.sizes(),
+        "primary_metric": main_metric,
+        "regression": task.regression,
+        "total_steps": total_steps,
+        "trainable_params": trainable_before,
+        "total_params": total_params,
+        "world_size": dist.world,
+        "groups": groups,
+        "modules": modules,
+        "meta": run.meta,
+    }
     # 4. optimizer: AdamW with linear warm-up and decay over T optimizer steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, ada, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
     warmup = int(tc.warmup_ratio * total_steps)
-    from budget.schedule import lr_factor
+    from adabudget.schedule import lr_factor
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
 
@@ -452,15 +493,23 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     def checkpoint(at_step: int) -> None:
         rngs = ddp.gather(rng_state(device), dist)  # a collective: every rank checkpoints together
         if dist.main and tc.checkpoint != "none":
-            save_checkpoint(checkpoint_path, {
-                "step": at_step, "best": best, "elapsed": elapsed_before + time.time() - start_time,
-                "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "allocator": allocator.state_dict() if allocator is not None else None, "rng": rngs,
-                "hooks": call_hooks(hooks, "state_dict"),
-                # the open logging window, so a resumed run logs the same mean losses
-                "window": window, "running": torch.stack([running_loss, running_orth]).cpu(),
-            })  # fmt: skip
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "step": at_step,
+                    "best": best,
+                    "elapsed": elapsed_before + time.time() - start_time,
+                    "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "allocator": allocator.state_dict() if allocator is not None else None,
+                    "rng": rngs,
+                    "hooks": call_hooks(hooks, "state_dict"),
+                    # the open logging window, so a resumed run logs the same mean losses
+                    "window": window,
+                    "running": torch.stack([running_loss, running_orth]).cpu(),
+                },
+            )
 
     def nonfinite(before: str) -> str | None:
         """The error when the weights or the open logging window's loss are not finite on some rank.
@@ -513,16 +562,30 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         running_orth.fill_(ckpt["running"][1].item())
     record = None
     if dist.main:  # holds the run folder's lock until closed: a live run is never resumed twice
-        record = RunRecord(run_dir, to_dict(run), run.logger, ckpt["step"] if ckpt else None, header,
-                           final_again=final_only)  # fmt: skip
+        record = RunRecord(
+            run_dir, to_dict(run), run.logger, ckpt["step"] if ckpt else None, header, final_again=final_only
+        )
         if ckpt is None and allocator is not None:  # the allocation before any step: every matrix at init_r
             ranks0 = allocator.ranks()
-            record.ranks({"step": 0, "budget": allocator.budget_at(0), "kept": sum(ranks0.values()),
-                          "kept_params": kept_params(ranks0, wrapped), "final": False, "ranks": ranks0})  # fmt: skip
+            record.ranks(
+                {
+                    "step": 0,
+                    "budget": allocator.budget_at(0),
+                    "kept": sum(ranks0.values()),
+                    "kept_params": kept_params(ranks0, wrapped),
+                    "final": False,
+                    "ranks": ranks0,
+                }
+            )
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (tc.progress and dist.main), desc=run.run_name,
-               leave=False)  # fmt: skip
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not (tc.progress and dist.main),
+        desc=run.run_name,
+        leave=False,
+    )
     resume_with = f"adabudget train resume={run_dir}"
     signals = StopSignals()
 
@@ -637,8 +700,13 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                 if record is not None:
                     record.metrics({"step": step, "split": "test", **final["test"]})
             if not signalled():
-                for fields in call_hooks(hooks, "final", lambda split: evaluate(
-                        model, getattr(task, split), task, tc.eval_batch_size, pad_id, device, dist)):  # fmt: skip
+                for fields in call_hooks(
+                    hooks,
+                    "final",
+                    lambda split: evaluate(
+                        model, getattr(task, split), task, tc.eval_batch_size, pad_id, device, dist
+                    ),
+                ):
                     extra.update(fields or {})
             if cause := signalled():
                 log.warning("%s in the final phase: the checkpoint at step %d stands", cause, step)
@@ -695,17 +763,17 @@ def _saved_result(run_dir: Path) -> dict:
 def _export(run: RunConfig, model, wrapped: dict, plan, tokenizer, run_dir: Path, hooks: list = ()) -> dict:
     exports = {}
     if run.export_adapter and run.method.name in ("adalora", "lora", "dylora"):  # a plain peft LoRA adapter
-        from budget.export import export_peft_adapter
+        from adabudget.export import export_peft_adapter
 
         exports["adapter"] = export_peft_adapter(model, wrapped, run_dir / "adapter", _base_name(run))
     elif run.export_adapter:
-        from budget.export import save_adapter
+        from adabudget.export import save_adapter
 
         exports["adapter"] = save_adapter(
             model, run.method, wrapped, run_dir / "adapter", _base_name(run), hooks
         )
     if run.export_merged:
-        from budget.export import save_merged
+        from adabudget.export import save_merged
 
         save_merged(model, wrapped, run_dir / "merged", tokenizer, plan.methods())
         exports["merged"] = str(run_dir / "merged")
@@ -713,6 +781,6 @@ def _export(run: RunConfig, model, wrapped: dict, plan, tokenizer, run_dir: Path
 
 
 def _base_name(run: RunConfig) -> str:
-    from budget.models import PACKAGED, packaged_path
+    from adabudget.models import PACKAGED, packaged_path
 
     return packaged_path(run.model.name) if run.model.name in PACKAGED else run.model.name
