@@ -30,6 +30,34 @@ FAMILIES = {
 # base_model_prefix of the *ForSequenceClassification classes
 PREFIX = {"bert": "bert", "roberta": "roberta", "deberta-v2": "deberta", "gpt2": "transformer"}
 
+# The paper adapts every weight matrix of every layer (Table 7: query, key, value,
+# attention output, intermediate, layer output = 6 x L matrices). Patterns match a
+# module-name suffix as a regex: ``(.*\.)?<pattern>`` must match the whole name.
+DEFAULT_TARGETS = {
+    "bert": [
+        "query",
+        "key",
+        "value",
+        r"attention\.output\.dense",
+        r"intermediate\.dense",
+        r"layer\.\d+\.output\.dense",
+    ],
+    "deberta-v2": [
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        r"attention\.output\.dense",
+        r"intermediate\.dense",
+        r"layer\.\d+\.output\.dense",
+    ],
+    "gpt2": [r"attn\.c_attn", r"attn\.c_proj", r"mlp\.c_fc", r"mlp\.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+DEFAULT_TARGETS["roberta"] = DEFAULT_TARGETS["bert"]
+DEFAULT_TARGETS["deberta"] = DEFAULT_TARGETS["deberta-v2"]
+DEFAULT_TARGETS["mistral"] = DEFAULT_TARGETS["llama"]
+DEFAULT_TARGETS["qwen2"] = DEFAULT_TARGETS["llama"]
+
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -94,7 +122,7 @@ class Arch:
     def match_linears(
         self, patterns: list[str], layers: list[int] | None = None
     ) -> list[tuple[str, LinearSpec]]:
-        """(full name, spec) of the linear layers ``adabudget.models.find_targets`` would pick, analytically."""
+        """(full name, spec) of the linear layers ``adabudget.modules.find_targets`` would pick, analytically."""
         regexes = [re.compile(rf"(.*\.)?(?:{p})") for p in patterns]
         names = [(f"{self.block(i)}.{s.rel}", s) for i in self.layers(layers) for s in self.linears]
         if layers is None:
@@ -102,8 +130,6 @@ class Arch:
         return [(n, s) for n, s in names if any(r.fullmatch(n) for r in regexes)]
 
     def default_targets(self) -> list[str]:
-        from adabudget.models import DEFAULT_TARGETS
-
         return DEFAULT_TARGETS[self.model_type]
 
     def block_params(self) -> int:
@@ -180,7 +206,7 @@ def _bert_family(c, mtype: str, n: int) -> Arch:
             outside += h
             outside_biases[f"{prefix}.encoder.LayerNorm.bias"] = h
         # The ContextPooler is freshly initialised, so it is part of the task head
-        # (adabudget.models.is_head): trained with model.train_head, never adapted.
+        # (adabudget.modules.is_head): trained with model.train_head, never adapted.
         head, head_params = "pooler", h * h + h + h * n + n
     else:
         outside += c.max_position_embeddings * emb + c.type_vocab_size * emb

@@ -51,7 +51,8 @@ from adabudget.allocator import RankAllocator
 from adabudget.config import ModelConfig
 from adabudget.methods import apply_method, method_config_from_dict
 from adabudget.methods.adalora import orth_penalty
-from adabudget.models import find_targets, freeze_backbone, load_model, pick_device, resolve_targets
+from adabudget.models import load_model, pick_device
+from adabudget.modules import find_targets, freeze_backbone, resolve_targets
 from torch import nn
 
 MASK_INTERVAL = 10  # ΔT for both allocators

@@ -47,7 +47,7 @@ from adabudget.allocator import RankAllocator
 from adabudget.config import ConfigError
 from adabudget.methods import method_config_from_dict
 from adabudget.methods.adalora import AdaLoRAConfig, SVDLinear, apply, orth_penalty, param_groups
-from adabudget.models import freeze_backbone
+from adabudget.modules import freeze_backbone
 from torch import nn
 from transformers import TrainerCallback
 

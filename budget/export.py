@@ -36,7 +36,7 @@ import torch
 from adabudget.methods import dylora
 from adabudget.methods.adalora import SVDLinear
 from adabudget.methods.lora import LoRALinear
-from adabudget.models import is_head, is_linear, set_module
+from adabudget.modules import is_head, is_linear, set_module
 from torch import nn
 
 PEFT_PREFIX = "base_model.model."
@@ -228,7 +228,7 @@ def save_merged(
     application order) selects the registered merges; by default the LoRA/AdaLoRA wrappers.
     ``rank``: DyLoRA only, merge rank ``rank`` (None: the rank the layers compute at).
     """
-    from adabudget.models import dequantize_base
+    from adabudget.quantize import dequantize_base
 
     # A 4-bit base (model.quantize=nf4) is dequantised in place first: QLoRA's merge adds ΔW to the
     # dequantised weights, and torchao's NF4 tensor cannot be deep-copied at every shape. The model
@@ -304,7 +304,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, rank: int | None = N
     rank ``rank`` instead of the saved export rank.
     """
     from adabudget.methods import apply_method, fold_all, method_config_from_dict
-    from adabudget.models import freeze_backbone
+    from adabudget.modules import freeze_backbone
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from adabudget.config import ConfigError, RunConfig
-from adabudget.models import block_index, is_head, is_linear, model_type
+from adabudget.modules import block_index, is_head, is_linear, model_type
 from torch import nn
 
 
@@ -43,7 +43,7 @@ def check_max_length(max_length: int, config) -> None:
 
 
 def check_target_patterns(model: nn.Module, patterns: list[str], field_name: str, layers=None) -> None:
-    """Every pattern must match a linear layer (the candidates of ``adabudget.models.find_targets``).
+    """Every pattern must match a linear layer (the candidates of ``adabudget.modules.find_targets``).
 
     A pattern that matches nothing beside others that match would be dropped without a word,
     and with it its matrices: a smaller adapter and, for AdaLoRA, a smaller final budget b(T).

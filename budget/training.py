@@ -37,6 +37,7 @@ from adabudget.checkpoint import has_checkpoint, load_checkpoint, rng_state, sav
 from adabudget.compose import resolve
 from adabudget.config import ConfigError, RunConfig, to_dict, validate
 from adabudget.data import TaskData, load_task, load_tokenizer, make_batches, num_batches
+from adabudget.hub import prepare_hub_access
 from adabudget.log import RunRecord, claim_run_dir, environment, log, release_run_dir
 from adabudget.methods import (
     REGISTRY,
@@ -49,7 +50,8 @@ from adabudget.methods import (
     step_hooks,
 )
 from adabudget.metrics import compute_metrics, primary_metric
-from adabudget.models import count_params, freeze_backbone, load_model, pick_device, prepare_hub_access
+from adabudget.models import load_model, pick_device
+from adabudget.modules import count_params, freeze_backbone
 from adabudget.preflight import check_against_model
 from torch import nn
 
@@ -149,7 +151,7 @@ def group_ranks(ranks: dict[str, int], modules: list[dict], groups: list[dict] |
 def module_table(wrapped: dict, arch, plan) -> list[dict]:
     """The record's ``modules`` table: every rank-carrying module with its block, matrix role,
     layer group and initial rank, so analysis can place ranks without importing budget."""
-    from adabudget.models import block_index
+    from adabudget.modules import block_index
 
     roles = {}
     if arch is not None:
@@ -781,6 +783,6 @@ def _export(run: RunConfig, model, wrapped: dict, plan, tokenizer, run_dir: Path
 
 
 def _base_name(run: RunConfig) -> str:
-    from adabudget.models import PACKAGED, packaged_path
+    from adabudget.hub import PACKAGED, packaged_path
 
     return packaged_path(run.model.name) if run.model.name in PACKAGED else run.model.name

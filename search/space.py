@@ -167,7 +167,8 @@ class SpaceContext:
         cls, name: str, num_labels: int = 2, regression: bool = False, revision: str | None = None, **kwargs
     ) -> SpaceContext:
         """The context for ``model.name`` (``minilm``, ``tiny-bert``, an HF id or path); reads only its config."""
-        from adabudget.models import PACKAGED, TINY, packaged_path, pretrained_kwargs, tiny_config
+        from adabudget.hub import PACKAGED, TINY, packaged_path, pretrained_kwargs
+        from adabudget.models import tiny_config
 
         if name in TINY:
             hf_config = tiny_config(name, num_labels, regression)

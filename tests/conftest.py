@@ -128,7 +128,8 @@ def _one_thread():
 def tiny_model(arch_name: str = "tiny-bert", seed: int = 0):
     """A random tiny HF classifier (``adabudget.models.tiny_config``), backbone frozen, in eval mode."""
     import torch
-    from adabudget.models import freeze_backbone, tiny_config
+    from adabudget.models import tiny_config
+    from adabudget.modules import freeze_backbone
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)

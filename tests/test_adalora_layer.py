@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from adabudget.config import ModelConfig
 from adabudget.methods import apply_method, method_config_from_dict
 from adabudget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty, scaling_of
-from adabudget.models import freeze_backbone, is_head, load_model
+from adabudget.models import load_model
+from adabudget.modules import freeze_backbone, is_head
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

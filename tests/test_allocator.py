@@ -21,7 +21,8 @@ from adabudget.allocator import RankAllocator
 from adabudget.config import ConfigError, ModelConfig
 from adabudget.methods import apply_method, method_config_from_dict
 from adabudget.methods.adalora import AdaLoRAConfig, SVDLinear, orth_penalty
-from adabudget.models import freeze_backbone, load_model
+from adabudget.models import load_model
+from adabudget.modules import freeze_backbone
 from torch import nn
 
 PINNED = Path(__file__).parent / "reference" / "peft_rank_allocator_scores.json"

@@ -18,7 +18,8 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     from adabudget.allocator import RankAllocator
     from adabudget.config import ModelConfig
     from adabudget.methods import apply_method, method_config_from_dict
-    from adabudget.models import freeze_backbone, load_model
+    from adabudget.models import load_model
+    from adabudget.modules import freeze_backbone
 
     torch.manual_seed(0)  # identical model on both ranks
     model = load_model(ModelConfig(name="tiny-bert"), 2, False)

@@ -16,7 +16,8 @@ from adabudget.export import export_peft_adapter, load_adapter, merge_methods, s
 from adabudget.methods import apply_method, dylora, method_config_from_dict
 from adabudget.methods.dylora import DyLoRAConfig, sample_rank, set_rank
 from adabudget.methods.lora import LoRALinear
-from adabudget.models import freeze_backbone, tiny_config
+from adabudget.models import tiny_config
+from adabudget.modules import freeze_backbone
 from adabudget.training import train
 from transformers import AutoModelForSequenceClassification
 

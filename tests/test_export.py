@@ -25,10 +25,12 @@ from adabudget.export import (
     save_merged,
     trainable_state_dict,
 )
+from adabudget.hub import packaged_path
 from adabudget.methods import apply_method, method_config_from_dict
 from adabudget.methods.adalora import SVDLinear
 from adabudget.methods.lora import LoRALinear
-from adabudget.models import freeze_backbone, load_model, packaged_path
+from adabudget.models import load_model
+from adabudget.modules import freeze_backbone
 from safetensors.torch import load_file, save_file
 from torch import nn
 

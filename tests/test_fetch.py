@@ -22,7 +22,8 @@ import pytest
 from adabudget.config import ConfigError, ModelConfig
 from adabudget.data import load_tokenizer
 from adabudget.fetch import FetchError, _extract
-from adabudget.models import load_model, packaged_path
+from adabudget.hub import packaged_path
+from adabudget.models import load_model
 
 
 def closed_port() -> int:

@@ -47,7 +47,8 @@ def test_allocator_lives_on_the_factors_device(compose_run):
     from adabudget.allocator import RankAllocator
     from adabudget.config import ModelConfig
     from adabudget.methods import apply_method, method_config_from_dict
-    from adabudget.models import freeze_backbone, load_model
+    from adabudget.models import load_model
+    from adabudget.modules import freeze_backbone
 
     model = load_model(ModelConfig(name="tiny-bert"), 2, False)
     freeze_backbone(model, True)

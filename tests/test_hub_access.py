@@ -15,11 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import adabudget.models
+import adabudget.hub
 import pytest
 from adabudget.config import ConfigError
 from adabudget.data import load_tokenizer
-from adabudget.models import hub_reachable, load_model, prepare_hub_access, tiny_config
+from adabudget.hub import hub_reachable, prepare_hub_access
+from adabudget.models import load_model, tiny_config
 from huggingface_hub import constants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,8 @@ def test_unreachable_hub_cached_model_loads_offline(tmp_path):
 import json, os, time
 from adabudget.config import ModelConfig
 from adabudget.data import load_tokenizer
-from adabudget.models import load_model, prepare_hub_access
+from adabudget.hub import prepare_hub_access
+from adabudget.models import load_model
 name = "adabudget-test/tiny-bert"
 start = time.perf_counter()
 prepare_hub_access(name)
@@ -142,7 +144,7 @@ def test_no_check_for_packaged_tiny_local_or_offline(online_mode, monkeypatch, t
     def no_check(*args, **kwargs):
         raise AssertionError("the hub was checked")
 
-    monkeypatch.setattr(adabudget.models, "hub_reachable", no_check)
+    monkeypatch.setattr(adabudget.hub, "hub_reachable", no_check)
     for name in ("minilm", "smollm2", "tiny-llama", str(tmp_path)):
         prepare_hub_access(name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -10,9 +10,9 @@ from adabudget.arch import arch_from_config
 from adabudget.compose import preset as _preset
 from adabudget.config import ConfigError
 from adabudget.groups import allocation_shares, split_layers
+from adabudget.hub import packaged_path
 from adabudget.methods import count_trainable, method_config_from_dict
 from adabudget.methods.hybrid import plan
-from adabudget.models import packaged_path
 from transformers import AutoConfig
 
 

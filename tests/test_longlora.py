@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from adabudget.arch import arch_of
 from adabudget.config import ConfigError
 from adabudget.methods import apply_method, count_trainable, longlora, method_config_from_dict
-from adabudget.models import freeze_backbone, tiny_config
+from adabudget.models import tiny_config
+from adabudget.modules import freeze_backbone
 from adabudget.training import train
 from transformers import AttentionInterface, AutoModelForSequenceClassification
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface

@@ -18,7 +18,8 @@ from adabudget.compose import preset as method_preset
 from adabudget.config import ConfigError
 from adabudget.export import load_adapter, merge_methods, save_adapter
 from adabudget.methods import REGISTRY, apply_method, count_method, method_config_from_dict, methods_in
-from adabudget.models import freeze_backbone, tiny_config
+from adabudget.models import tiny_config
+from adabudget.modules import freeze_backbone
 from transformers import AutoModelForSequenceClassification
 
 ARCHS = ("tiny-bert", "tiny-gpt2", "tiny-llama")

@@ -18,8 +18,8 @@ import pytest
 from adabudget.arch import arch_from_config
 from adabudget.compose import compose, resolve
 from adabudget.config import validate
+from adabudget.hub import packaged_path
 from adabudget.methods import count_method
-from adabudget.models import packaged_path
 from adabudget.schedule import phase_steps
 from adabudget.training import total_steps_for
 from transformers import AutoConfig, DebertaV2Config

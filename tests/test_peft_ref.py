@@ -8,7 +8,8 @@ import torch
 from adabudget.config import ModelConfig
 from adabudget.methods import apply_method, method_config_from_dict
 from adabudget.methods.peft_ref import PeftAllocator, orth_penalty
-from adabudget.models import freeze_backbone, load_model
+from adabudget.models import load_model
+from adabudget.modules import freeze_backbone
 
 pytest.importorskip("peft")
 

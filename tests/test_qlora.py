@@ -21,7 +21,8 @@ from adabudget.compose import resume_config
 from adabudget.config import ConfigError
 from adabudget.export import load_adapter, save_adapter
 from adabudget.methods import apply_method, lora, method_config_from_dict
-from adabudget.models import dequantize_base, is_head, is_linear, quantize_base, tensor_bytes
+from adabudget.modules import is_head, is_linear
+from adabudget.quantize import dequantize_base, quantize_base, tensor_bytes
 from adabudget.training import train
 from safetensors.torch import load_file
 from test_methods import ROWS, batch, build, logits, trainable

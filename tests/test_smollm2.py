@@ -12,7 +12,8 @@ import torch
 from adabudget.compose import preset
 from adabudget.config import ModelConfig
 from adabudget.methods import apply_method, count_trainable, method_config_from_dict
-from adabudget.models import freeze_backbone, load_model
+from adabudget.models import load_model
+from adabudget.modules import freeze_backbone
 
 pytestmark = [
     pytest.mark.slow,

@@ -9,7 +9,8 @@ from adabudget.compose import resolve
 from adabudget.config import ConfigError, validate
 from adabudget.methods import apply_method, count_trainable, method_config_from_dict, methods_in
 from adabudget.methods.hybrid import HybridConfig
-from adabudget.models import count_params, freeze_backbone, tiny_config
+from adabudget.models import tiny_config
+from adabudget.modules import count_params, freeze_backbone
 from adabudget.search.declarative import compile_params, distribution_from_override
 from adabudget.search.space import SPACES, SpaceContext, check_space, get_space, merge_overrides, sample
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -24,7 +25,7 @@ _configs: dict = {}
 def hf_config(model: str):
     if model not in _configs:
         if model == "minilm":
-            from adabudget.models import packaged_path
+            from adabudget.hub import packaged_path
             from transformers import AutoConfig
 
             _configs[model] = AutoConfig.from_pretrained(packaged_path("minilm"), num_labels=2)

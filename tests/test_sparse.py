@@ -14,7 +14,8 @@ from adabudget.config import ConfigError
 from adabudget.methods import REGISTRY, count_method, method_config_from_dict
 from adabudget.methods.lora import LoRALinear
 from adabudget.methods.sparse import SparseLinear
-from adabudget.models import freeze_backbone, tiny_config
+from adabudget.models import tiny_config
+from adabudget.modules import freeze_backbone
 from adabudget.training import train
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification

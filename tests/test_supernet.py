@@ -64,7 +64,8 @@ def standalone(net, sub):
     """The stand-alone model of ``sub``: the supernet's backbone, the hybrid ``sub`` names applied
     by the engine, and the supernet's sliced trainable weights (``state_of``) loaded."""
     from adabudget.methods import apply_plan, method_config_from_dict, plan_of
-    from adabudget.models import freeze_backbone, load_model
+    from adabudget.models import load_model
+    from adabudget.modules import freeze_backbone
     from adabudget.training import set_dropout
 
     run = net.run
@@ -209,7 +210,7 @@ def test_reparameterised_prefix_slice():
 # ---------------------------------------------------------------- counts and the budget
 def test_counts_of_sampled_subs_are_the_standalone_counts(net):
     from adabudget.methods import count_trainable, method_config_from_dict
-    from adabudget.models import count_params
+    from adabudget.modules import count_params
 
     space, head = net.space, space_head(net)
     subs = space.sample(np.random.default_rng(1), 40) + [

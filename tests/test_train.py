@@ -259,7 +259,8 @@ def test_allocator_follows_the_factors_device_and_dtype():
     from adabudget.allocator import RankAllocator
     from adabudget.config import ModelConfig
     from adabudget.methods import apply_method, method_config_from_dict
-    from adabudget.models import freeze_backbone, load_model
+    from adabudget.models import load_model
+    from adabudget.modules import freeze_backbone
 
     torch.manual_seed(0)
     model = load_model(ModelConfig(name="tiny-bert"), 2, False)

@@ -28,7 +28,7 @@ def load_tokenizer(model_name: str, revision: Optional[str] = None):
         A transformers tokenizer whose ``pad_token`` is set; decoder tokenizers without
         one (GPT-2, LLaMA) pad with their end-of-sequence token.
     """
-    from adabudget.models import PACKAGED, packaged_path, pretrained_kwargs
+    from adabudget.hub import PACKAGED, packaged_path, pretrained_kwargs
     from transformers import AutoTokenizer
 
     if model_name == "minilm" or model_name.startswith("tiny-"):

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from adabudget.config import ConfigError
-from adabudget.models import base_linear
+from adabudget.modules import base_linear
 from torch import nn
 
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}

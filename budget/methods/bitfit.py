@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from adabudget.arch import Arch, arch_of
 from adabudget.config import ConfigError
-from adabudget.models import model_type
+from adabudget.modules import model_type
 from torch import nn
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adabudget.models import is_head
+from adabudget.modules import is_head
 from torch import nn
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from adabudget.arch import Arch, arch_of
 from adabudget.config import ConfigError
-from adabudget.models import base_linear, linear_shape
+from adabudget.modules import base_linear, linear_shape
 from torch import nn
 
 TARGETS = ("k", "v", "ffn")

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from adabudget.config import ConfigError
-from adabudget.models import find_targets, linear_shape, resolve_targets, set_module
+from adabudget.modules import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from adabudget.config import ConfigError
 from adabudget.methods.adapter import slice_bottleneck
-from adabudget.models import base_linear
+from adabudget.modules import base_linear
 from torch import nn
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}

@@ -28,7 +28,7 @@ import torch
 from adabudget.config import ConfigError
 from adabudget.methods.adalora import kept_params as adalora_kept_params
 from adabudget.methods.adalora import triplet_cost
-from adabudget.models import find_targets, resolve_targets
+from adabudget.modules import find_targets, resolve_targets
 from torch import nn
 
 ADAPTER = "default"
@@ -97,7 +97,7 @@ def apply(model: nn.Module, cfg, layers: list[int] | None = None) -> dict[str, n
     head) stays so. The AdaLoRA tuner is kept on the model for ``PeftAllocator``.
     """
     _require_peft()
-    from adabudget.models import is_linear, linear_shape
+    from adabudget.modules import is_linear, linear_shape
     from peft import AdaLoraConfig, AdaLoraModel, LoraConfig, LoraModel
 
     layers = layers if layers is not None else cfg.layers

@@ -48,7 +48,7 @@ from adabudget.config import ConfigError
 from adabudget.methods import lora, sparse
 from adabudget.methods.lora import LoRALinear
 from adabudget.methods.sparse import SparseHooks, SparseLinear
-from adabudget.models import set_module
+from adabudget.modules import set_module
 from torch import nn
 
 
