@@ -27,6 +27,17 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
+def checker(prefix: str):
+    """``check(cond, field, msg)``: a ``ConfigError("<prefix>.<field>: <msg>")`` unless ``cond``,
+    the one form of the ``validate()`` checks (``check = checker("method")``)."""
+
+    def check(cond: bool, field: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{prefix}.{field}: {msg}")
+
+    return check
+
+
 @dataclass
 class ModelConfig:
     """The backbone.

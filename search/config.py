@@ -11,13 +11,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from adabudget.config import ConfigError
+from adabudget.config import ConfigError, checker
+from adabudget.methods.adapter import PLACEMENTS as ADAPTER_PLACEMENTS
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid", "evolution")
 PRUNERS = ("none", "median", "hyperband")
 SCORERS = ("train", "supernet")
 SUPERNET_SAMPLING = ("sandwich", "random", "largest")
-ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer")
 # Objectives that are minimised; every dev.<metric> but mse is maximised.
 MINIMISED = ("params", "wall_time", "dev.mse")
 
@@ -54,9 +54,7 @@ class SupernetConfig:
     crossover_share: float = 0.5  # of each new generation: crossovers of two parents; the rest mutants
 
     def validate(self) -> None:
-        def check(cond: bool, fld: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"search.supernet.{fld}: {msg}")
+        check = checker("search.supernet")
 
         for name in ("lora", "adapter", "prefix", "parallel_adapter"):
             menu = list(getattr(self, name))
@@ -72,7 +70,7 @@ class SupernetConfig:
         check(
             self.adapter_placement in ADAPTER_PLACEMENTS,
             "adapter_placement",
-            f"use one of {ADAPTER_PLACEMENTS}",
+            f"use one of {tuple(ADAPTER_PLACEMENTS)}",
         )
         check(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
         check(self.sampling in SUPERNET_SAMPLING, "sampling", f"use one of {SUPERNET_SAMPLING}")
@@ -142,9 +140,7 @@ class SearchConfig:
         self.supernet = SupernetConfig(**values)
 
     def validate(self, primary: str | None = None) -> None:
-        def check(cond: bool, fld: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"search.{fld}: {msg}")
+        check = checker("search")
 
         check(self.n_trials >= 1, "n_trials", f"must be >= 1, got {self.n_trials}")
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")

@@ -95,7 +95,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from adabudget.config import ConfigError
+from adabudget.config import ConfigError, checker
 from adabudget.search.credentials import PASSWORD_HELP, refused_login, scrub, without_password
 from adabudget.search.declarative import parse_param
 from optuna.distributions import (
@@ -476,9 +476,7 @@ class SweeperImpl:
     ):
         from omegaconf import OmegaConf
 
-        def check(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"hydra.sweeper.{name}: {msg}")
+        check = checker("hydra.sweeper")
 
         self.n_trials, self.n_jobs, rate = int(n_trials), int(n_jobs), float(max_failure_rate)
         check(self.n_trials >= 1, "n_trials", f"must be >= 1, got {n_trials}")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from adabudget.config import ConfigError
+from adabudget.config import ConfigError, checker
 from adabudget.modules import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
 
@@ -63,9 +63,7 @@ class AdaLoRAConfig:
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
     def validate(self) -> None:
-        def check(cond, fld, msg):
-            if not cond:
-                raise ConfigError(f"method.{fld}: {msg}")
+        check = checker("method")
 
         check(self.init_r >= 1, "init_r", f"must be >= 1, got {self.init_r}")
         n_targets = sum(v is not None for v in (self.target_total_rank, self.target_params))

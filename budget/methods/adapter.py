@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from adabudget.config import ConfigError
+from adabudget.config import ConfigError, checker
 from adabudget.modules import base_linear
 from torch import nn
 
@@ -64,9 +64,7 @@ class AdapterConfig:
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
     def validate(self) -> None:
-        def check(cond, fld, msg):
-            if not cond:
-                raise ConfigError(f"method.{fld}: {msg}")
+        check = checker("method")
 
         check(
             self.placement in PLACEMENTS,

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from adabudget.config import ConfigError
+from adabudget.config import checker
 from adabudget.methods.adapter import slice_bottleneck
 from adabudget.modules import base_linear
 from torch import nn
@@ -63,9 +63,7 @@ class ParallelAdapterConfig:
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
     def validate(self) -> None:
-        def check(cond, fld, msg):
-            if not cond:
-                raise ConfigError(f"method.{fld}: {msg}")
+        check = checker("method")
 
         check(
             self.position in ROLES,
