@@ -24,8 +24,9 @@ Each method file exports:
   ``final(evaluate) -> dict``: extra fields of the result record (``evaluate(split)`` gives
   that split's metrics of the model as it is).
 
-Adding a method means its file, one ``Method`` line in ``REGISTRY``,
-``configs/method/<name>.yaml`` and one row in ``tests/test_methods.py``.
+Adding a method means its file, one ``Method`` line in ``REGISTRY`` (``spaces=IN_METHODS_SPACE``
+offers it in the ``methods`` search space), ``configs/method/<name>.yaml`` and one row in
+``tests/test_methods.py``.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ class Method:
     merge: Optional[Callable] = None  # None: the method cannot merge into the base weights
     hooks: Optional[Callable] = None  # (model, modules, cfg) -> the loop's hooks object (module docstring)
     trains_base: bool = False  # trains or writes the base weights themselves (no 4-bit base under it)
-    peft_export: bool = (
-        False  # adapter/ is written in peft's LoRA format (adabudget.export.export_peft_adapter)
-    )
+    # adapter/ is written in peft's LoRA format (adabudget.export.export_peft_adapter)
+    peft_export: bool = False
+    # the built-in search spaces that offer the method as a choice of their own ("methods": one
+    # method at the budget, offered in REGISTRY's order)
+    spaces: tuple[str, ...] = ()
 
     @property
     def mergeable(self) -> bool:
@@ -79,37 +82,31 @@ class Method:
         return self.merge is not None
 
 
+IN_METHODS_SPACE = ("methods",)  # offered by the ``methods`` search space (Method.spaces)
 REGISTRY: dict[str, Method] = {
+    # the methods of the ``methods`` search space first, in the order it offers them
+    "lora": Method(
+        lora.LoRAConfig, lora.apply, lora.count, "r", lora.merge, peft_export=True, spaces=IN_METHODS_SPACE
+    ),
     "adalora": Method(
-        adalora.AdaLoRAConfig, adalora.apply, adalora.count, "init_r", adalora.merge, peft_export=True
+        adalora.AdaLoRAConfig,
+        adalora.apply,
+        adalora.count,
+        "init_r",
+        adalora.merge,
+        peft_export=True,
+        spaces=IN_METHODS_SPACE,
     ),
-    "lora": Method(lora.LoRAConfig, lora.apply, lora.count, "r", lora.merge, peft_export=True),
     "dylora": Method(
-        dylora.DyLoRAConfig, dylora.apply, dylora.count, "r_max", dylora.merge, dylora.hooks, peft_export=True
+        dylora.DyLoRAConfig,
+        dylora.apply,
+        dylora.count,
+        "r_max",
+        dylora.merge,
+        dylora.hooks,
+        peft_export=True,
+        spaces=IN_METHODS_SPACE,
     ),
-    "full": Method(full.FullConfig, full.apply, full.count, None, full.merge, trains_base=True),
-    "adapter": Method(adapter.AdapterConfig, adapter.apply, adapter.count, "bottleneck"),
-    "parallel_adapter": Method(
-        parallel_adapter.ParallelAdapterConfig, parallel_adapter.apply, parallel_adapter.count, "bottleneck"
-    ),
-    "prefix": Method(prefix.PrefixConfig, prefix.apply, prefix.count, "length"),
-    "prompt": Method(prompt.PromptConfig, prompt.apply, prompt.count, "length"),
-    "mam": Method(mam.MAMConfig, mam.apply, mam.count),
-    "unipelt": Method(unipelt.UniPELTConfig, unipelt.apply, unipelt.count),
-    "bitfit": Method(bitfit.BitFitConfig, bitfit.apply, bitfit.count, None, bitfit.merge),
-    "ia3": Method(ia3.IA3Config, ia3.apply, ia3.count, None, ia3.merge),
-    "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge, trains_base=True),
-    "longlora": Method(longlora.LongLoRAConfig, longlora.apply, longlora.count, "r", longlora.merge),
-    "sparse": Method(
-        sparse.SparseConfig,
-        sparse.apply,
-        sparse.count,
-        "budget",
-        sparse.merge,
-        sparse.hooks,
-        trains_base=True,
-    ),
-    "rosa": Method(rosa.RoSAConfig, rosa.apply, rosa.count, "r", rosa.merge, rosa.hooks, trains_base=True),
     "delta_lora": Method(
         delta_lora.DeltaLoRAConfig,
         delta_lora.apply,
@@ -118,10 +115,57 @@ REGISTRY: dict[str, Method] = {
         delta_lora.merge,
         delta_lora.hooks,
         trains_base=True,
+        spaces=IN_METHODS_SPACE,
+    ),
+    "rosa": Method(
+        rosa.RoSAConfig,
+        rosa.apply,
+        rosa.count,
+        "r",
+        rosa.merge,
+        rosa.hooks,
+        trains_base=True,
+        spaces=IN_METHODS_SPACE,
+    ),
+    "sparse": Method(
+        sparse.SparseConfig,
+        sparse.apply,
+        sparse.count,
+        "budget",
+        sparse.merge,
+        sparse.hooks,
+        trains_base=True,
+        spaces=IN_METHODS_SPACE,
     ),
     "quantum_peft": Method(
-        quantum_peft.QuantumPEFTConfig, quantum_peft.apply, quantum_peft.count, "r", quantum_peft.merge
+        quantum_peft.QuantumPEFTConfig,
+        quantum_peft.apply,
+        quantum_peft.count,
+        "r",
+        quantum_peft.merge,
+        spaces=IN_METHODS_SPACE,
     ),
+    "adapter": Method(
+        adapter.AdapterConfig, adapter.apply, adapter.count, "bottleneck", spaces=IN_METHODS_SPACE
+    ),
+    "parallel_adapter": Method(
+        parallel_adapter.ParallelAdapterConfig,
+        parallel_adapter.apply,
+        parallel_adapter.count,
+        "bottleneck",
+        spaces=IN_METHODS_SPACE,
+    ),
+    "prefix": Method(prefix.PrefixConfig, prefix.apply, prefix.count, "length", spaces=IN_METHODS_SPACE),
+    "ia3": Method(ia3.IA3Config, ia3.apply, ia3.count, None, ia3.merge, spaces=IN_METHODS_SPACE),
+    # LongLoRA is a long-context recipe for LLaMA (its own ``longlora`` space), full fine-tuning and
+    # freezing are baselines, the compositions are the hybrid spaces' business
+    "full": Method(full.FullConfig, full.apply, full.count, None, full.merge, trains_base=True),
+    "prompt": Method(prompt.PromptConfig, prompt.apply, prompt.count, "length"),
+    "mam": Method(mam.MAMConfig, mam.apply, mam.count),
+    "unipelt": Method(unipelt.UniPELTConfig, unipelt.apply, unipelt.count),
+    "bitfit": Method(bitfit.BitFitConfig, bitfit.apply, bitfit.count, None, bitfit.merge),
+    "freeze": Method(freeze.FreezeConfig, freeze.apply, freeze.count, None, freeze.merge, trains_base=True),
+    "longlora": Method(longlora.LongLoRAConfig, longlora.apply, longlora.count, "r", longlora.merge),
     "hybrid": Method(hybrid.HybridConfig, hybrid.apply, hybrid.count),
     "s4": Method(hybrid.HybridConfig, hybrid.apply, hybrid.count),
     # huggingface/peft's own layers and allocator in our loop, for side-by-side comparisons
