@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -26,6 +25,7 @@ if __name__ == "__main__" and not __package__:
     # that name; import from the folder that holds the package instead.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from adabudget.job import REFUSED_FILE  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
 USAGE = """usage: adabudget <command> [args]
@@ -56,12 +56,6 @@ examples:
   eval "$(adabudget train -sc install=bash)"       # shell completion of overrides
 """
 COMMANDS = ("train", "search", "dashboard", "table", "reproduce", "bench", "data")
-REFUSED: dict[int, str] = {}  # multirun job number -> why its config was refused (this process's jobs)
-# The job's trial, set in the job's process by a sweeper that runs it for one (search/sweeper.py,
-# hydra/sweeper=adabudget): an object with ``meta`` (a dict added to the record's meta: study, trial
-# number, params), ``on_eval(step, metrics) -> bool`` (train's hook: report to the trial; True
-# prunes the run) and ``finished(result)``. budget knows no optuna: this is the whole interface.
-TRIAL_HOOK = None
 
 
 def _exit_code(result: dict) -> int:
@@ -96,43 +90,30 @@ def _forget_passwords() -> None:
     sys.argv = [scrub(a) for a in sys.argv]
 
 
-def run_job(cfg, hydra_cfg, multirun: bool) -> float:
-    """One ``adabudget train`` job: returns the primary dev metric (NaN when the run did not complete),
-    the objective any Hydra sweeper reads. A single run exits with its code instead."""
-    from adabudget.compose import resume_config
-    from adabudget.config import ConfigError
-    from adabudget.report import summary
-    from adabudget.training import train
-    from omegaconf import OmegaConf, open_dict
+def run_job(cfg, hydra_cfg, multirun: bool, hook=None):
+    """One ``adabudget train`` job (``adabudget.job.run_job``), then its record and summary line.
 
-    overrides = list(hydra_cfg.overrides.task)
-    hook = TRIAL_HOOK
+    Returns the job's ``JobOutcome`` (``.value``: the primary dev metric, NaN when the run did
+    not complete, the objective any Hydra sweeper reads). A single run exits with its code
+    instead; ``hook``: the trial a sweeper runs the job for (``adabudget.job.TrialHook``)."""
+    from adabudget.config import ConfigError
+    from adabudget.job import run_job as run
+    from adabudget.report import summary
+
     try:
-        if cfg.resume is not None:
-            cfg = resume_config(cfg.resume, overrides)
-        elif multirun and cfg.run_dir is None:  # the job's folder: <sweep dir>/<job number>, claimed by train
-            with open_dict(cfg):
-                cfg.run_dir = str(Path(hydra_cfg.sweep.dir) / str(hydra_cfg.job.num))
-        elif not multirun and cfg.run_dir is None and str(hydra_cfg.run.dir) != ".":
-            with open_dict(cfg):
-                cfg.run_dir = str(hydra_cfg.run.dir)  # a user's hydra.run.dir=... names the run folder
-        if hook is not None and cfg.resume is None:
-            with open_dict(cfg):
-                cfg.meta = {**OmegaConf.to_container(cfg.meta), **hook.meta}
-        result = train(cfg, on_eval=hook.on_eval if hook is not None else None)
-        if hook is not None:
-            hook.finished(result)
-    except ConfigError as err:
+        cfg, outcome = run(cfg, hydra_cfg, multirun, hook)
+    except ConfigError as err:  # a single run's config (a multirun's is an outcome)
         print(f"config error: {err}", file=sys.stderr)
-        if multirun:
-            REFUSED[hydra_cfg.job.num] = str(err)
-            return math.nan
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C twice): the last periodic checkpoint stands", file=sys.stderr)
         if multirun:
             raise
         sys.exit(130)
+    if outcome.refused is not None:
+        print(f"config error: {outcome.refused}", file=sys.stderr)
+        return outcome
+    result = outcome.result
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for the run
         if cfg.resume is None and Path(result["run_dir"]).is_dir():
             _save_hydra_record(Path(result["run_dir"]), cfg, hydra_cfg)
@@ -141,15 +122,13 @@ def run_job(cfg, hydra_cfg, multirun: bool) -> float:
             print(result["note"])
     if not multirun and _exit_code(result):
         sys.exit(_exit_code(result))
-    if result["status"] != "completed":
-        return math.nan
-    return float(result["final"]["dev"][result["primary_metric"]])
+    return outcome
 
 
 class MultirunSummary(Callback):
     """After a ``-m`` sweep: one line per job (status, primary dev metric, run folder, overrides),
-    also written to ``<sweep dir>/summary.json``. Finished jobs are read from their records, so
-    any launcher works; jobs refused before they had a folder are listed from this process."""
+    also written to ``<sweep dir>/summary.json``. Every job is read from its folder, so any
+    launcher works: a run's ``result.json``, a refused config's ``refused.json``."""
 
     def __init__(self):
         self.overrides: dict[str, list[str]] = {}
@@ -178,16 +157,16 @@ class MultirunSummary(Callback):
                 "run_dir": str(path.parent),
                 "error": r.get("error"),
             }
-        for num, why in REFUSED.items():
+        for path in sweep.glob(f"*/{REFUSED_FILE}"):
             rows.setdefault(
-                str(num),
+                path.parent.name,
                 {
-                    "job": str(num),
+                    "job": path.parent.name,
                     "status": "refused",
                     "metric": None,
                     "dev": None,
                     "run_dir": None,
-                    "error": why,
+                    "error": json.loads(path.read_text()).get("error"),
                 },
             )
         rows = [rows[k] for k in sorted(rows, key=lambda k: (len(k), k))]
@@ -232,14 +211,19 @@ def _train_app(args: list[str]) -> None:
     sys.argv = ["adabudget", *_experiment_files(args)]
     started = []
 
-    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def app(cfg) -> float:
         started.append(True)
         _forget_passwords()
         hydra_cfg = HydraConfig.get()
-        return run_job(cfg, hydra_cfg, hydra_cfg.mode == RunMode.MULTIRUN)
+        return run_job(cfg, hydra_cfg, hydra_cfg.mode == RunMode.MULTIRUN).value
 
-    _exit_2_on_composition_error(app, sys.argv[1:], "train", started)
+    def for_trial(hook):
+        """The job bound to a sweeper's trial (``adabudget.job.bind_trial``): its outcome returned whole."""
+        return lambda cfg: run_job(cfg, HydraConfig.get(), True, hook)
+
+    app.for_trial = for_trial
+    main = hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(app)
+    _exit_2_on_composition_error(main, sys.argv[1:], "train", started)
 
 
 def _exit_2_on_composition_error(
@@ -297,7 +281,7 @@ def _sweeper_installed() -> bool:
 
 
 def _search_app(args: list[str]) -> None:
-    """``adabudget search``: the train config plus a ``search`` node (``search.study.run_search``)."""
+    """``adabudget search``: the train config plus a ``search`` node (``search.command.run_search``)."""
     import hydra
     from adabudget.compose import config_dir, register_configs
     from adabudget.search.config import register_schema
@@ -314,8 +298,9 @@ def _search_app(args: list[str]) -> None:
         import traceback
 
         from adabudget.config import ConfigError
+        from adabudget.search.command import run_search
         from adabudget.search.credentials import scrub
-        from adabudget.search.study import SearchInterrupted, run_search
+        from adabudget.search.trial import SearchInterrupted
 
         _forget_passwords()
         try:

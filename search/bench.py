@@ -4,14 +4,14 @@ One process runs, for each worker count, a small study in a temporary folder (``
 tiny trials of ``--steps`` steps, ``--space``, the random sampler, no baselines, no W&B) the
 way ``adabudget search`` runs it (``search.workers.worker_loop``: one worker in this process,
 several in spawned processes), with two functions timed where they are called:
-``adabudget.training.train`` and ``adabudget.search.space.sample`` (the space, the analytic count, the budget
+``adabudget.training.train`` and ``adabudget.search.spaces.sampling.sample`` (the space, the analytic count, the budget
 solver). Each worker also notes when it was launched, when it could run trials and when it
 ended. Per trained trial, in seconds:
 
     trial           the storage's datetime_start -> datetime_complete (Optuna ask -> tell)
       train()       the call, timed around it in the worker
         loop        the run's own wall_time_s (result.json): steps, final evaluation, export
-      sample        adabudget.search.space.sample
+      sample        adabudget.search.spaces.sampling.sample
       other         the rest of the trial: Optuna ask/tell, user attributes, the objective
     between trials  the worker loop outside trials: start lock, stale-trial check, counting,
                     opening the study, Optuna's set-up of each optimize() call

@@ -154,7 +154,8 @@ def train_supernets(args, T: int, log=print) -> dict:
 def standalone(args, space, subs, log=print) -> list[dict]:
     """Train ``subs`` stand-alone through the study ``standalone`` (enqueued, resumable); returns one
     row per sub: its dev metrics, params, run wall time and the phase's wall time."""
-    from adabudget.search.study import finished, open_study
+    from adabudget.search.optuna_factory import finished
+    from adabudget.search.study import open_study
     from adabudget.search.workers import run_workers
     from optuna.trial import TrialState
 
@@ -220,7 +221,9 @@ def agreement(inherited: list[float], trained: list[float]) -> dict:
 
 def equal_compute(args, variant: dict, per_training_s: float, log=print) -> dict:
     """The first variant's supernet search against a plain search given the same time."""
-    from adabudget.search.study import _retrain_one, open_study, top_trials
+    from adabudget.search.record import top_trials
+    from adabudget.search.retraining import retrain_one
+    from adabudget.search.study import open_study
     from adabudget.search.supernet import run_evolution
     from adabudget.search.workers import run_workers
 
@@ -261,7 +264,7 @@ def equal_compute(args, variant: dict, per_training_s: float, log=print) -> dict
         for seed in args.seeds:
             folder = Path(setup.root) / "retrain" / f"trial_{best.number}" / f"s{seed}"
             results.append(
-                _retrain_one(
+                retrain_one(
                     setup,
                     best.user_attrs["overrides"],
                     folder,

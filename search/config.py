@@ -13,13 +13,14 @@ from typing import Any, Optional
 
 from adabudget.config import ConfigError, checker
 from adabudget.methods.adapter import PLACEMENTS as ADAPTER_PLACEMENTS
+from adabudget.search import optuna_factory
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid", "evolution")
-PRUNERS = ("none", "median", "hyperband")
+# the samplers and pruners of search.optuna_factory (one table for the search and the Hydra sweeper);
+# evolution is the supernet's own (search.supernet.run_evolution)
+SAMPLERS = (*optuna_factory.SAMPLERS, "evolution")
+PRUNERS = tuple(optuna_factory.PRUNERS)
 SCORERS = ("train", "supernet")
 SUPERNET_SAMPLING = ("sandwich", "random", "largest")
-# Objectives that are minimised; every dev.<metric> but mse is maximised.
-MINIMISED = ("params", "wall_time", "dev.mse")
 
 
 @dataclass
@@ -107,10 +108,12 @@ class SearchConfig:
     directions: Optional[list] = (
         None  # default: inferred (dev.* maximise, dev.mse / params / wall_time minimise)
     )
-    # tpe | nsga2 | gp | random | grid (grid: declarative spaces of choices) | evolution (AutoFormer's,
-    # over a supernet's inherited scores: search.scorer=supernet)
+    # tpe | nsga2 | gp | random | grid (declarative spaces of choices and stepped ranges) | cmaes |
+    # qmc | nsga3 | bruteforce (search.optuna_factory) | evolution (AutoFormer's, over a supernet's
+    # inherited scores: search.scorer=supernet)
     sampler: str = "tpe"
-    pruner: str = "none"  # none | median | hyperband: single objective, fed by the dev evaluations
+    # none | median | hyperband | successive_halving: single objective, fed by the dev evaluations
+    pruner: str = "none"
     budget: Optional[int] = None  # trainable adapter parameters every sampled configuration is solved to
     budget_percent: Optional[float] = None  # the budget as % of the backbone instead
     extra_methods: list = field(default_factory=list)  # ia3, parallel_adapter, prompt in s4 groups
@@ -238,7 +241,7 @@ class SearchConfig:
     def direction_names(self, primary: str | None = None) -> list[str]:
         if self.directions is not None:
             return list(self.directions)
-        return ["minimize" if n in MINIMISED else "maximize" for n in self.objective_names(primary)]
+        return optuna_factory.directions(self.objective_names(primary))
 
     def worker_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)

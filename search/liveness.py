@@ -10,7 +10,8 @@ raced, each with its own retry count):
   released): a random id of the worker process, its host, pid, the process's start time (clock
   ticks since boot, ``/proc/<pid>/stat`` field 22) and its pid space (the kernel's boot id and the
   pid namespace's inode). Containers on one kernel share a boot id and may share a hostname and
-  pids; they never share a pid namespace, so a pid is only ever judged inside its own.
+  pids; they never share a pid namespace, so a pid is only ever judged inside its own
+  (``adabudget.procs``, which the run lock and ``adabudget reproduce``'s claims use too).
 - **That it lives** (``ALIVE_KEY``, the worker's clock): written every few seconds by a daemon
   thread (``Beat``) through the storage API, whatever the training loop is doing (loading a
   model, calibrating, evaluating, exporting: none of them logs a step).
@@ -26,24 +27,23 @@ raced, each with its own retry count):
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import optuna
+from adabudget import procs
+from adabudget.procs import pid_alive, same_pid_space, start_ticks, started_at
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 WORKER_KEY = "adabudget:worker"
 ALIVE_KEY = "adabudget:alive_at"
-HOST = socket.gethostname()
 log = logging.getLogger("adabudget.search")
 _IDS: dict[int, str] = {}  # pid -> this process's random worker id (a forked child gets its own)
 
@@ -51,70 +51,7 @@ _IDS: dict[int, str] = {}  # pid -> this process's random worker id (a forked ch
 # ---------------------------------------------------------------- who runs a trial
 def identity() -> dict:
     """This process as a trial's worker: random id, host, pid, start time and pid space."""
-    pid = os.getpid()
-    return {
-        "id": _IDS.setdefault(pid, uuid.uuid4().hex),
-        "host": HOST,
-        "pid": pid,
-        "start_ticks": start_ticks(pid),
-        "pid_space": pid_space(),
-    }
-
-
-@functools.lru_cache(maxsize=1)
-def _pid_space() -> str | None:
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
-    except OSError:  # not Linux: the hostname stands in (see same_pid_space)
-        return None
-
-
-def pid_space() -> str | None:
-    """Where this process's pids mean something: ``<boot id>/pid:[<namespace inode>]`` (Linux)."""
-    return _pid_space()
-
-
-def start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (None: no such process, or no /proc)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name may hold spaces
-
-
-def started_at(pid: int) -> float | None:
-    """When process ``pid`` started, as a Unix time (to about 10 ms: now minus the time since)."""
-    ticks = start_ticks(pid)
-    if ticks is None:
-        return None
-    try:
-        uptime = float(Path("/proc/uptime").read_text().split()[0])  # the clock the start ticks count on
-    except (OSError, ValueError, IndexError):
-        return None
-    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process of that pid
-        return True
-    return True
-
-
-def same_pid_space(worker: dict) -> bool:
-    """Whether ``worker``'s pid names a process this one can see. A record without a pid space
-    (written before this module, or off Linux) is judged by its hostname, as it always was."""
-    if "pid_space" not in worker:  # the older ``worker`` user attribute: host and pid only
-        return worker.get("host") == HOST
-    mine, theirs = pid_space(), worker["pid_space"]
-    if mine is not None and theirs is not None:
-        return mine == theirs
-    return mine is None and theirs is None and worker.get("host") == HOST
+    return {"id": _IDS.setdefault(os.getpid(), uuid.uuid4().hex), **procs.identity()}
 
 
 # ---------------------------------------------------------------- that it lives

@@ -25,15 +25,13 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adabudget.config import ConfigError
-
-CLAIM = ".claim"
+from adabudget.procs import CLAIM, claim
 
 
 @dataclass
@@ -174,29 +172,11 @@ def check(protocol: Protocol, runs_root: str) -> None:
 
 
 def _claim(cell: Cell) -> bool:
-    """Take the cell for this process (an exclusive file), or take over a dead worker's claim."""
+    """Take the cell for this process (``adabudget.procs.claim``: an exclusive file; a dead worker's
+    claim is taken over)."""
     path = Path(cell.folder) / CLAIM
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(fd, me.encode())
-        os.close(fd)
-        return True
-    except FileExistsError:
-        pass
-    try:
-        owner = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    if owner.get("host") == socket.gethostname():
-        try:
-            os.kill(int(owner["pid"]), 0)
-            return False
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)  # its worker died: take it over
-            return _claim(cell)
-    return False
+    return claim(path)
 
 
 def run_cells(protocol: Protocol, runs_root: str, threads: int | None = None, log=print) -> int:

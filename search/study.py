@@ -1,22 +1,23 @@
-"""The Optuna outer loop: a study over PEFT configurations, each trial an ordinary training run.
+"""A study over PEFT configurations: its set-up and its trials, each an ordinary training run.
 
     adabudget search search.space=s4 search.budget=331776 search.n_trials=20
 
-``run_search(cfg)`` validates everything before any trial (the run config, the space against
-the budget, the objectives against the task, an existing study's settings), opens or creates
-the study, enqueues the baselines, lets ``search.workers`` processes run trials
-(``search.workers``), then writes ``runs/search/<study>/search.json`` and ``best.yaml`` and,
-with ``search.retrain_top_k``, re-trains the best configurations and the baselines on the
-full schedule with several seeds and scores them on test. The search itself sees only dev.
-With ``search.scorer=supernet`` a weight-sharing supernet is trained once (``search.supernet``)
-and trials score its sub-configurations with inherited weights instead of training them.
+``prepare(cfg)`` validates everything before any trial (the run config, the space against the
+budget, the objectives against the task) and settles the study's name and storage;
+``open_study`` opens or creates it (an existing study must have the same settings) and enqueues
+the baselines. The command itself (``search.command.run_search``) then lets ``search.workers``
+processes run trials, writes the record (``search.record``: ``search.json``, ``best.yaml``) and,
+with ``search.retrain_top_k``, re-trains the best (``search.retraining``). The search itself sees
+only dev. Samplers, pruners, directions and objective values come from ``search.optuna_factory``,
+which the Hydra sweeper uses too.
 
-A trial (``make_objective``): the space samples a configuration (``search.space.sample``:
+A trial (``make_objective``): the space samples a configuration (``search.spaces.sampling.sample``:
 analytic count, budget solving; an infeasible one is recorded with an Optuna constraint and
 never trained), it is merged onto the run config, and ``adabudget.training.train`` runs it in
 ``runs/search/<study>/trials/<number>/`` with the trial's study, number and parameters in the
 record (``meta``); the folder is in the trial's user attributes. Pruners hear every dev
-evaluation through ``train``'s ``on_eval`` hook.
+evaluation through ``train``'s ``on_eval`` hook. With ``search.scorer=supernet`` trials score
+sub-configurations of one trained supernet instead (``search.supernet.make_objective``).
 """
 
 from __future__ import annotations
@@ -25,69 +26,31 @@ import copy
 import dataclasses
 import json
 import math
-import statistics
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
 from adabudget.config import ConfigError
+from adabudget.search import optuna_factory
 from adabudget.search.config import SearchConfig
-from adabudget.search.space import SpaceContext, check_space, get_space, merge_overrides, sample
-from optuna.trial import TrialState
+from adabudget.search.spaces import get_space
+from adabudget.search.spaces.context import SpaceContext, merge_overrides
+from adabudget.search.spaces.sampling import check_space, sample
+from adabudget.search.spaces.supernet import SupernetSpace
+from adabudget.search.trial import (
+    STOP,
+    SearchInterrupted,
+    SearchRefused,
+    Setup,
+    TrialFailed,
+    infeasible_values,
+    trained_twin,
+    trial_summary,
+)
 
 BASELINES = ("lora", "adalora", "s4")
 STUDY_KEYS = ("space", "objectives", "directions", "budget", "model", "task", "trial_overrides", "scorer")
 STUDY_KEY_DEFAULTS = {"scorer": "train"}  # what a study made before the key existed has
-
-
-class TrialFailed(Exception):
-    """The trial's run ended without a result (diverged, crashed, interrupted)."""
-
-
-class SearchRefused(ConfigError):
-    """A refusal of the search itself, not of one trial (a broken space): it ends the search at once."""
-
-
-# A stop signal that reached a search worker outside a training (``search.workers`` installs the
-# handler; while a run trains, ``adabudget.training``'s own handler takes the signal and checkpoints).
-STOP: dict = {"signal": None}
-
-
-def stop_if_requested() -> None:
-    """Raise ``SearchInterrupted`` if a stop signal arrived since the worker started."""
-    if STOP["signal"]:
-        raise SearchInterrupted(STOP["signal"])
-
-
-class SearchInterrupted(Exception):
-    """Ctrl-C or SIGTERM reached a trial's run: it checkpointed and ended ``interrupted``, its trial
-    is failed and queued again, and this worker stops (a scheduler's SIGTERM means stop, not
-    "go on with the next trial"). ``code``: the exit code, 130 (SIGINT) or 143 (SIGTERM)."""
-
-    def __init__(self, cause: str):
-        super().__init__(cause)
-        self.code = 143 if "SIGTERM" in cause else 130
-
-
-@dataclass
-class Setup:
-    """Everything a worker process needs to run trials (plain values: it is pickled to spawn them)."""
-
-    base: dict  # the run config every trial starts from (resolved to plain values, no search node)
-    search: dict  # SearchConfig as a dict
-    study: str
-    storage: (
-        str  # a journal path or a database URL, as given (a password too): show without_password(storage)
-    )
-    root: str  # runs/search/<study>
-    primary: str  # the task's primary metric (accuracy / pearson)
-    regression: bool
-    num_labels: int
-
-    @property
-    def scfg(self) -> SearchConfig:
-        return SearchConfig(**self.search)
 
 
 # ---------------------------------------------------------------- set-up
@@ -137,8 +100,6 @@ def prepare(cfg) -> Setup:
     ctx = make_context(setup)
     space = get_space(scfg.space_names())
     if "supernet" in scfg.space_names():  # exact menus: rejection finds narrow bands 64 draws miss
-        from adabudget.search.supernet import SupernetSpace
-
         SupernetSpace.from_context(ctx).check()
     else:
         check_space(space, ctx)  # every configuration missing the budget fails here, before any trial
@@ -234,45 +195,15 @@ def make_sampler(setup: Setup, salt: tuple[int, ...] = ()):
 
     scfg = setup.scfg
     seed = int(np.random.SeedSequence([scfg.seed, *salt]).generate_state(1)[0]) if salt else scfg.seed
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if scfg.sampler == "tpe":  # multivariate + group: TPE that understands conditional spaces
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
-    if scfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if scfg.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if scfg.sampler in ("random", "evolution"):  # evolution enqueues its candidates (search.supernet)
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(grid_of(get_space(scfg.space_names())), seed=seed)
-
-
-def grid_of(space) -> dict:
-    """The values of every parameter of a declarative space, for Optuna's GridSampler."""
-    dists = getattr(space, "distributions", None)
-    why = "needs a declarative space (configs/search/space/*.yaml)"
-    grid = {}
-    for name, d in (dists or {}).items():
-        if isinstance(d, optuna.distributions.CategoricalDistribution):
-            grid[name] = list(d.choices)
-        elif isinstance(d, optuna.distributions.IntDistribution) and not d.log:
-            grid[name] = list(range(d.low, d.high + 1, d.step))
-        else:
-            why = f"cannot enumerate {name} ({type(d).__name__}: an interval)"
-            dists = None
-            break
-    if not dists:
-        raise ConfigError(
-            f"search.sampler=grid: {why}; use choice(...) and range(...) only, or search.sampler=tpe"
-        )
-    return grid
+    # evolution enqueues its candidates (search.supernet): the sampler only fills what is not given
+    name = "random" if scfg.sampler == "evolution" else scfg.sampler
+    space = get_space(scfg.space_names()) if name == "grid" else None
+    sampler, _ = optuna_factory.make_sampler(name, seed, getattr(space, "distributions", None))
+    return sampler
 
 
 def make_pruner(setup: Setup):
-    if setup.scfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
-    if setup.scfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    return optuna.pruners.NopPruner()
+    return optuna_factory.make_pruner(setup.scfg.pruner)
 
 
 def open_study(setup: Setup, create: bool = False) -> optuna.Study:
@@ -410,7 +341,8 @@ def trial_config(setup: Setup, overrides: dict, run_dir: str, meta: dict, for_se
 
 
 def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None):
-    """The function Optuna calls for one trial; ``release`` is called once the trial exists
+    """The function Optuna calls for one trial of ``search.scorer=train`` (the supernet's is
+    ``search.supernet.make_objective``); ``release`` is called once the trial exists
     (the worker's start lock, see ``search.workers``).
 
     The trial may be failed as stale while it trains (a lost race: another host judged its worker
@@ -421,14 +353,9 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     import socket
 
     from adabudget.search.liveness import identity
-    from adabudget.search.wandb import trial_summary
     from adabudget.training import train
 
     scfg = setup.scfg
-    if scfg.scorer == "supernet":
-        from adabudget.search.supernet import make_objective as supernet_objective
-
-        return supernet_objective(setup, ctx, release)
     names = scfg.objective_names(setup.primary)
     directions = scfg.direction_names(setup.primary)
     head = ctx.arch.head_params if setup.base["model"]["train_head"] else 0
@@ -456,7 +383,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
         except ConfigError as err:  # a broken space (not a dict, an unknown key): every draw would fail alike
             raise SearchRefused(str(err)) from err
         trial.set_user_attr("overrides", drawn.overrides)
-        twin = _trained_twin(trial, drawn.overrides) if drawn.feasible else None
+        twin = trained_twin(trial, drawn.overrides) if drawn.feasible else None
         if twin is not None:  # the sampler proposed a trained configuration again: its result, no training
             trial.set_user_attr("duplicate_of", twin.number)
             return list(twin.values)
@@ -505,15 +432,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
                     result["interrupted_by"]
                 )  # the worker stops (search.workers.run_trial)
             raise TrialFailed(result.get("error") or result["status"])
-        values = []
-        for n in names:
-            if n == "params":
-                values.append(float(drawn.budget_params))
-            elif n == "wall_time":
-                values.append(float(result["wall_time_s"]))
-            else:
-                values.append(float(result["final"]["dev"][n[4:]]))
-        return values
+        return optuna_factory.objective_values(result, names, drawn.budget_params)
 
     def _requeue(trial, baseline) -> None:
         """Queue ``trial``'s parameters again (at most ``search.max_retries`` times in a row), unless
@@ -531,307 +450,10 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     return objective
 
 
-def infeasible_values(drawn, names: list[str], directions: list[str]) -> list[float]:
-    """An infeasible trial's values: placeholders no feasible trial can lose to (Optuna and
-    optuna-dashboard take ±inf); its constraint (> 0) keeps it out of every sampler's reach."""
-    return [
-        float(drawn.budget_params or 0) if n == "params" else -math.inf if d == "maximize" else math.inf
-        for n, d in zip(names, directions)
-    ]
-
-
-def _trained_twin(trial, overrides: dict):
-    """A completed, trained trial of the same study with exactly these overrides, or None."""
-    key = json.dumps(overrides, sort_keys=True, default=str)
-    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if (
-            t.number != trial.number
-            and finished(t)
-            and json.dumps(t.user_attrs.get("overrides"), sort_keys=True, default=str) == key
-        ):
-            return t
-    return None
-
-
 # ---------------------------------------------------------------- the record of a study
-def finished(trial) -> bool:
-    """A trained trial: completed within the budget, or pruned. Infeasible and failed ones are not,
-    nor a repeat of a trained configuration (its result was copied, ``duplicate_of``)."""
-    if trial.state == TrialState.PRUNED:
-        return True
-    return (
-        trial.state == TrialState.COMPLETE
-        and not trial.user_attrs.get("infeasible")
-        and trial.user_attrs.get("duplicate_of") is None
-    )
-
-
-def trial_row(t) -> dict:
-    state = (
-        "infeasible"
-        if t.state == TrialState.COMPLETE and t.user_attrs.get("infeasible")
-        else t.state.name.lower()
-    )
-    return {
-        "number": t.number,
-        "state": state,
-        "params": t.params,
-        "values": t.values if state == "complete" else None,
-        "trainable_params": t.user_attrs.get("trainable_params"),
-        "budget_params": t.user_attrs.get("budget_params"),
-        "run_dir": t.user_attrs.get("run_dir"),
-        "wall_time_s": t.user_attrs.get("wall_time_s"),
-        "baseline": t.user_attrs.get("baseline"),
-        "retry_of": t.user_attrs.get("retry_of"),
-        "duplicate_of": t.user_attrs.get("duplicate_of"),
-        "infeasible": t.user_attrs.get("infeasible"),
-        "error": t.user_attrs.get("error") or t.user_attrs.get("failed_because"),
-        "overrides": t.user_attrs.get("overrides"),
-        # search.scorer=supernet: the scored sub-configuration and its dev metrics with inherited weights
-        **(
-            {"sub": t.user_attrs.get("sub"), "inherited": t.user_attrs.get("inherited")}
-            if t.user_attrs.get("scorer") == "supernet"
-            else {}
-        ),
-    }
-
-
-def best_trials(study: optuna.Study, setup: Setup) -> list:
-    """Single objective: the best feasible trial; several: the Pareto front of the feasible ones."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and finished(t)]
-    if not done:
-        return []
-    directions = setup.scfg.direction_names(setup.primary)
-    sign = [1 if d == "maximize" else -1 for d in directions]
-    if len(directions) == 1:
-        return [max(done, key=lambda t: sign[0] * t.values[0])]
-    front = [t for t in done if not any(_dominates(o, t, sign) for o in done)]
-    return sorted(front, key=lambda t: -sign[0] * t.values[0])
-
-
-def top_trials(study: optuna.Study, setup: Setup, k: int) -> list:
-    """The ``k`` configurations to re-train, best first: single objective, the ``k`` best feasible
-    trials; several, the Pareto front in order of the first objective. Repeats of a trained
-    configuration (not ``finished``) and the LoRA / AdaLoRA baselines (re-trained as such) are
-    left out, so ``k`` counts distinct configurations."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and finished(t)]
-    done = [t for t in done if t.user_attrs.get("baseline") not in RETRAINED]
-    sign = [1 if d == "maximize" else -1 for d in setup.scfg.direction_names(setup.primary)]
-    if len(sign) > 1:
-        done = [t for t in done if not any(_dominates(o, t, sign) for o in done)]
-    return sorted(done, key=lambda t: (-sign[0] * t.values[0], t.number))[:k]
-
-
-RETRAINED = ("lora", "adalora")  # the baselines every final evaluation re-trains
-
-
-def _dominates(a, b, sign) -> bool:
-    va = [s * v for s, v in zip(sign, a.values)]
-    vb = [s * v for s, v in zip(sign, b.values)]
-    return all(x >= y for x, y in zip(va, vb)) and any(x > y for x, y in zip(va, vb))
-
-
-def write_outputs(study: optuna.Study, setup: Setup, retrain: dict | None = None) -> dict:
-    """``search.json`` (every trial, the best or the Pareto front, settings, provenance) and
-    ``best.yaml`` (the best configuration as an experiment preset)."""
-    from adabudget.log import environment, write_json_atomic
-    from adabudget.search.credentials import without_password
-
-    scfg = setup.scfg
-    best = best_trials(study, setup)
-    trials = [trial_row(t) for t in study.get_trials(deepcopy=False)]
-    out = {
-        "study": setup.study,
-        "storage": without_password(setup.storage),
-        "space": scfg.space_names(),
-        "objectives": scfg.objective_names(setup.primary),
-        "directions": scfg.direction_names(setup.primary),
-        "sampler": scfg.sampler,
-        "pruner": scfg.pruner,
-        "budget": scfg.budget,
-        "budget_percent": scfg.budget_percent,
-        "n_trials": scfg.n_trials,
-        "finished": sum(finished(t) for t in study.get_trials(deepcopy=False)),
-        "model": setup.base["model"]["name"],
-        "task": setup.base["data"]["task"],
-        "trial_overrides": list(scfg.trial_overrides),
-        "trials": trials,
-        ("best" if len(best) <= 1 and len(scfg.objective_names(setup.primary)) == 1 else "pareto_front"): [
-            trial_row(t) for t in best
-        ],
-        "retrain": retrain,
-        "scorer": scfg.scorer,
-        **environment(),
-    }
-    if scfg.scorer == "supernet":
-        from adabudget.search.supernet import SupernetSpace, describe, supernet_dir
-
-        out["supernet"] = {
-            "run_dir": str(supernet_dir(setup)),
-            "calibration_steps": scfg.supernet.calibration_steps,
-            **describe(SupernetSpace.from_context(make_context(setup))),
-        }
-    root = Path(setup.root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "search.json", out)
-    if best:
-        (root / "best.yaml").write_text(best_yaml(best[0], setup))
-    return out
-
-
-def best_yaml(trial, setup: Setup) -> str:
-    """The trial's configuration as an experiment preset: ``adabudget train experiment=<this file>``.
-
-    It holds the trial's whole method node and selects that method's preset: merged into the
-    default method (AdaLoRA) a LoRA node fails (``Key 'r' not in 'AdaLoRAConfig'``), and a study
-    whose space sets no method (``method=lora search.space=lr``) would otherwise train AdaLoRA.
-    """
-    from adabudget.compose import config_dir, resolve
-    from adabudget.config import to_dict
-    from omegaconf import OmegaConf
-
-    overrides = copy.deepcopy(trial.user_attrs.get("overrides") or {})
-    method = to_dict(resolve(merge_overrides(setup.base, overrides)))["method"]
-    preset = method["name"] if (Path(config_dir()) / "method" / f"{method['name']}.yaml").exists() else None
-    body = {"defaults": [{"override /method": preset}], **overrides, "method": method}
-    values = ", ".join(
-        f"{n}={v:.4g}" for n, v in zip(setup.scfg.objective_names(setup.primary), trial.values)
-    )
-    head = (
-        f"# @package _global_\n# Trial {trial.number} of study {setup.study} ({values}), "
-        f"{trial.user_attrs.get('trainable_params'):,} trainable adapter parameters.\n"
-        f"# Run it: adabudget train experiment={Path(setup.root) / 'best.yaml'}\n"
-    )
-    return head + OmegaConf.to_yaml(OmegaConf.create(body))
 
 
 # ---------------------------------------------------------------- final evaluation
-def retrain(study: optuna.Study, setup: Setup, log=print) -> dict:
-    """Re-train the ``retrain_top_k`` best configurations and the LoRA / AdaLoRA baselines at the
-    same budget on the full schedule (no trial overrides), once per ``retrain_seeds``, and report
-    dev and test as mean ± std. Finished runs are kept, interrupted ones resumed."""
-    scfg = setup.scfg
-    ctx = make_context(setup)
-    picks = [
-        (f"trial {t.number}", t.user_attrs["overrides"]) for t in top_trials(study, setup, scfg.retrain_top_k)
-    ]
-    picks += [(name, baseline_overrides(name, ctx)) for name in RETRAINED]
-    rows = []
-    for label, overrides in picks:
-        results = []
-        for seed in scfg.retrain_seeds:
-            folder = Path(setup.root) / "retrain" / label.replace(" ", "_") / f"s{seed}"
-            results.append(
-                _retrain_one(
-                    setup, overrides, folder, {"study": setup.study, "retrain_of": label, "seed": seed}, seed
-                )
-            )
-            log(f"retrain {label} seed {seed}: {results[-1]['status']}")
-        rows.append(_summarise(label, results, setup.primary))
-    return {"seeds": list(scfg.retrain_seeds), "metric": setup.primary, "rows": rows}
-
-
-def _retrain_one(setup: Setup, overrides: dict, folder: Path, meta: dict, seed: int) -> dict:
-    from adabudget.compose import resume_config
-    from adabudget.training import train
-
-    for path in sorted(folder.glob("*/result.json"), reverse=True):
-        result = json.loads(path.read_text())
-        if result.get("status") == "completed":
-            return result
-        if (path.parent / "checkpoints" / "last.pt").exists():
-            return train(resume_config(path.parent))
-    cfg = trial_config(
-        setup,
-        {**overrides, "train": {**overrides.get("train", {}), "seed": seed}},
-        None,
-        meta,
-        for_search=False,
-    )
-    cfg["runs_root"], cfg["run_name"] = str(folder.parent), folder.name
-    return train(cfg)
-
-
-def _summarise(label: str, results: list[dict], metric: str) -> dict:
-    def stats(split: str) -> dict:
-        values = [
-            r["final"][split][metric] for r in results if r["status"] == "completed" and split in r["final"]
-        ]
-        if not values:
-            return {"mean": None, "std": None, "n": 0}
-        return {
-            "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values),
-        }
-
-    params = results[0].get("adapter_params_final") or results[0]["trainable_params"]
-    return {
-        "config": label,
-        "trainable_params": results[0]["trainable_params"],
-        "final_params": params,
-        "dev": stats("dev"),
-        "test": stats("test"),
-        "run_dirs": [r["run_dir"] for r in results],
-    }
-
-
-def retrain_table(report: dict) -> str:
-    lines = [
-        f"| configuration | trainable params | dev {report['metric']} | test {report['metric']} | seeds |",
-        "|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-
-        def cell(s):
-            return "-" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
-
-        lines.append(
-            f"| {row['config']} | {row['trainable_params']:,} | {cell(row['dev'])} | {cell(row['test'])} "
-            f"| {row['test']['n']} |"
-        )
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the command
-def run_search(cfg) -> dict:
-    """``adabudget search``: prepare, open or create the study, run the workers to
-    ``search.n_trials`` trained trials, write the record, re-train the best."""
-    from adabudget.search.credentials import without_password
-    from adabudget.search.workers import run_workers
-
-    setup = prepare(cfg)
-    study = open_study(setup, create=True)
-    print(
-        f"study {setup.study} in {without_password(setup.storage)}: {setup.scfg.n_trials} trials wanted, "
-        f"{sum(finished(t) for t in study.get_trials(deepcopy=False))} done"
-    )
-    if setup.scfg.scorer == "supernet":  # train it first (or resume, or reuse the study's)
-        from adabudget.search.supernet import ensure_supernet
-
-        ensure_supernet(setup)
-    try:
-        if setup.scfg.sampler == "evolution":
-            from adabudget.search.supernet import run_evolution
-
-            run_evolution(setup)
-        else:
-            run_workers(setup)
-    except (RuntimeError, SearchInterrupted):  # a worker died or was stopped: record what exists, then say so
-        write_outputs(open_study(setup), setup)
-        raise
-    study = open_study(setup)
-    report = write_outputs(study, setup)
-    if setup.scfg.retrain_top_k:
-        report = write_outputs(study, setup, retrain(study, setup))
-        print(retrain_table(report["retrain"]))
-    best = report.get("best") or report.get("pareto_front") or []
-    if best:
-        where = (
-            f"in {best[0]['run_dir']}"
-            if best[0]["run_dir"]
-            else f"scored on the supernet ({best[0].get('sub')})"
-        )
-        print(f"best: trial {best[0]['number']} {best[0]['values']} {where}")
-    print(f"record: {Path(setup.root) / 'search.json'}; best configuration: {Path(setup.root) / 'best.yaml'}")
-    return report

@@ -85,12 +85,10 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from adabudget.arch import Arch
 from adabudget.config import ConfigError, RunConfig, to_dict, validate
 from adabudget.data import load_task, load_tokenizer
 from adabudget.hub import prepare_hub_access
@@ -101,7 +99,7 @@ from adabudget.models import load_model, pick_device
 from adabudget.modules import count_params, freeze_backbone
 from adabudget.schedule import lr_factor
 from adabudget.search.config import SupernetConfig
-from adabudget.search.spaces.supernet import METHODS, Sub, SupernetSpace, space_function
+from adabudget.search.spaces.supernet import Sub, SupernetSpace, space_function
 from adabudget.training import (
     StopSignals,
     batch_stream,
@@ -141,10 +139,6 @@ DEFINING = (
 
 
 # ---------------------------------------------------------------- the space
-
-
-
-
 
 
 # ---------------------------------------------------------------- the supernet
@@ -236,7 +230,7 @@ def build(run: RunConfig, space_of=None) -> Supernet:
 
 def space_from_run(run: RunConfig, model) -> SupernetSpace:
     """The space a supernet run config describes (its ``search`` node: budget and menus)."""
-    from adabudget.search.space import SpaceContext
+    from adabudget.search.spaces.context import SpaceContext
 
     node = run.search or {}
     scfg = SupernetConfig(**node.get("supernet", {}))
@@ -310,7 +304,7 @@ def supernet_run(cfg) -> RunConfig:
     supernet's largest hybrid, its ``search`` node reduced to what defines the supernet (budget and
     the ``DEFINING`` knobs), ``search.supernet.steps`` as ``train.max_steps``."""
     from adabudget.compose import resolve
-    from adabudget.search.space import SpaceContext
+    from adabudget.search.spaces.context import SpaceContext
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):
@@ -641,16 +635,12 @@ def loaded(run_dir: str | Path) -> Supernet:
 
 
 # ---------------------------------------------------------------- search
-def supernet_dir(setup) -> Path:
-    return Path(setup.scfg.supernet.run_dir or Path(setup.root) / "supernet")
-
-
 def ensure_supernet(setup, log=print) -> dict:
-    """The study's trained supernet: trained into ``supernet_dir`` if that holds none, resumed if it
+    """The study's trained supernet: trained into ``setup.supernet_dir`` if that holds none, resumed if it
     holds an interrupted one, else reused (any setting that defines it must be the same)."""
     from adabudget.compose import resume_config
 
-    folder = supernet_dir(setup)
+    folder = setup.supernet_dir
     cfg = {**copy.deepcopy(setup.base), "search": copy.deepcopy(setup.search), "run_dir": str(folder)}
     cfg["train"] = {**cfg["train"], "num_threads": setup.scfg.worker_threads()}
     if (folder / "config.yaml").exists():
@@ -683,14 +673,16 @@ def ensure_supernet(setup, log=print) -> dict:
 def make_objective(setup, ctx, release=lambda: None):
     """The trial function of ``search.scorer=supernet``: sample a sub-configuration (Optuna's
     sampler, or an enqueued evolution candidate), check it against the band, score it."""
-    from adabudget.search.study import TrialFailed, _trained_twin, infeasible_values, sample
+    from adabudget.search.optuna_factory import objective_values
+    from adabudget.search.spaces.sampling import sample
+    from adabudget.search.trial import TrialFailed, infeasible_values, trained_twin
 
     scfg = setup.scfg
     names = scfg.objective_names(setup.primary)
     directions = scfg.direction_names(setup.primary)
     space = SupernetSpace.from_context(ctx, scfg.supernet)
     space_fn = space_function(space)
-    folder = supernet_dir(setup)
+    folder = setup.supernet_dir
 
     def objective(trial):
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -700,7 +692,7 @@ def make_objective(setup, ctx, release=lambda: None):
         trial.set_user_attr("scorer", "supernet")
         if not drawn.feasible:
             return infeasible_values(drawn, names, directions)
-        twin = _trained_twin(trial, drawn.overrides)
+        twin = trained_twin(trial, drawn.overrides)
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin.number)
             return list(twin.values)
@@ -719,15 +711,8 @@ def make_objective(setup, ctx, release=lambda: None):
         trial.set_user_attr("calibration_steps", scfg.supernet.calibration_steps)
         trial.set_user_attr("wall_time_s", round(seconds, 3))
         trial.set_user_attr("run_dir", None)
-        values = []
-        for n in names:
-            if n == "params":
-                values.append(float(drawn.budget_params))
-            elif n == "wall_time":
-                values.append(seconds)
-            else:
-                values.append(float(metrics[n[4:]]))
-        return values
+        scored = {"final": {"dev": metrics}, "wall_time_s": seconds}  # as a trained trial's record holds them
+        return objective_values(scored, names, drawn.budget_params)
 
     return objective
 
@@ -781,8 +766,10 @@ def run_evolution(setup) -> None:
     the study (so the record, resume and ``retrain`` are the study's), until ``n_trials`` are scored.
     The state is the study itself: a resumed search goes on from the trials it holds."""
     import optuna
-    from adabudget.search.study import TrialFailed, finished, make_context, open_study
-    from adabudget.search.workers import Progress
+    from adabudget.search.optuna_factory import finished
+    from adabudget.search.progress import Progress
+    from adabudget.search.study import make_context, open_study
+    from adabudget.search.trial import TrialFailed
     from optuna.trial import TrialState
 
     scfg = setup.scfg
@@ -824,13 +811,9 @@ def run_evolution(setup) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-
-
 __all__ = [
     "MaskedAdamW",
-    "Sub",
     "Supernet",
-    "SupernetSpace",
     "build",
     "ensure_supernet",
     "load_supernet",
@@ -838,6 +821,5 @@ __all__ = [
     "propose",
     "run_evolution",
     "score",
-    "space_function",
     "train_supernet",
 ]

@@ -34,25 +34,30 @@ Design, and where it departs from that plugin (its ``_impl.py`` in facebookresea
   so). Each job gets ``cores / n_jobs`` torch threads unless ``train.num_threads`` says
   otherwise. A job's folder is ``<sweep dir>/<trial number>``, the sweep folder as resolved in
   the sweep's process (its name holds a timestamp and a pid).
-- **The job sees its trial.** In the job's process ``adabudget.cli.TRIAL_HOOK`` is set to a
-  ``TrialHook``: ``adabudget.cli.run_job`` adds its ``meta`` (study, trial number, params; not the
-  storage, whose URL may hold a password) to the run record and passes its ``on_eval`` to
-  ``train``, which reports each dev evaluation
-  to the trial and asks ``should_prune`` (a pruned run ends with status ``pruned`` and its trial
-  is PRUNED). ``budget`` imports neither ``search`` nor Optuna: the hook is duck-typed. Any
-  other task function reaches the trial with ``search.sweeper.current_trial()`` (and may raise
+- **The job sees its trial.** The job's process builds a ``TrialHook`` (``adabudget.job.TrialHook``)
+  and passes it into the job: ``adabudget train``'s task function offers a trial-bound variant
+  of itself (``for_trial``; ``adabudget.job.bind_trial``), which adds the hook's ``meta`` (study,
+  trial number, params; not the storage, whose URL may hold a password) to the run record and
+  passes its ``on_eval`` to ``train``, which reports each dev evaluation to the trial and asks
+  ``should_prune`` (a pruned run ends with status ``pruned`` and its trial is PRUNED). That job
+  returns its whole ``JobOutcome`` (the record, or why its config was refused); no module global
+  is written. ``budget`` imports neither ``search`` nor Optuna: the hook is duck-typed. Any other
+  task function reaches the trial with ``search.sweeper.current_trial()`` (and may raise
   ``optuna.TrialPruned``).
 - **Objectives.** One objective: the job's return value (``adabudget train``: the primary dev
   metric, NaN when the run did not complete), maximised by default (the plugin's default is
   minimize: set ``direction`` to say otherwise). ``objectives: [dev.accuracy, params]`` reads
-  the values from the job's record instead (``dev.<metric>``, ``params`` = trainable
-  parameters, ``wall_time``, or a dotted path into ``result.json``); a test split is refused,
-  the search sees dev only. A pruned job is told PRUNED, a NaN or failed one FAIL.
+  the values from the job's record instead (``dev.<metric>``, ``params``, ``wall_time``,
+  ``peak_memory_mb``, or a dotted path into ``result.json``); a test split is refused, the search
+  sees dev only. Directions, values and the samplers and pruners named by a word are
+  ``search.optuna_factory``'s, as in ``adabudget search``: ``params`` is the count the budget
+  constrains (head excluded, AdaLoRA at b(T)), counted from the job's ``config.yaml``. A pruned
+  job is told PRUNED, a NaN or failed one FAIL.
 - **The study is kept.** Default storage: a journal file
   ``<runs_root>/<run_name>/sweeps/<study>/journal.log`` (the folder beside the timestamped
   multirun folders), the default study name a digest of the search space and objectives, so
   the same command resumes the same study. ``n_trials`` counts the study's finished (completed
-  or pruned) trials, so a resumed sweep runs only the missing ones and a failed trial is
+  or pruned, ``search.optuna_factory.finished``) trials, so a resumed sweep runs only the missing ones and a failed trial is
   replaced; trials left RUNNING by a killed sweep are failed and re-queued with the same
   parameters (``search.workers.recover_stale``); while a job runs, the sweep writes its trial's
   heartbeat (``search.liveness``), so workers on other machines never take a job that logs
@@ -96,37 +101,16 @@ from typing import Any
 
 import optuna
 from adabudget.config import ConfigError, checker
+from adabudget.job import JobOutcome, bind_trial
+from adabudget.search import optuna_factory
 from adabudget.search.credentials import PASSWORD_HELP, refused_login, scrub, without_password
 from adabudget.search.declarative import parse_param
 from optuna.distributions import (
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
     distribution_to_json,
 )
 from optuna.trial import TrialState
 
 HOST = socket.gethostname()
-SAMPLER_NAMES = {
-    "tpe": "TPESampler",
-    "random": "RandomSampler",
-    "cmaes": "CmaEsSampler",
-    "nsgaii": "NSGAIISampler",
-    "nsga2": "NSGAIISampler",
-    "nsgaiii": "NSGAIIISampler",
-    "nsga3": "NSGAIIISampler",
-    "gp": "GPSampler",
-    "qmc": "QMCSampler",
-    "grid": "GridSampler",
-    "bruteforce": "BruteForceSampler",
-}
-PRUNER_NAMES = {
-    "median": "MedianPruner",
-    "hyperband": "HyperbandPruner",
-    "successive_halving": "SuccessiveHalvingPruner",
-}
-ALIASES = {"params": "trainable_params", "wall_time": "wall_time_s"}  # objective name -> result.json key
-MINIMISED = ("params", "wall_time", "dev.mse", "dev.loss", "peak_memory_mb")
 MAX_RETRIES = 2  # an interrupted trial is re-queued with the same parameters this often
 _CURRENT: TrialHook | None = None  # the trial of the job running in this process
 
@@ -201,41 +185,14 @@ def parse_space(params: Mapping | None, arguments: list[str]) -> Space:
     return space
 
 
-def grid_of(space: Space) -> dict[str, list]:
-    """GridSampler's search space: every value of each distribution (Optuna's bounds are closed)."""
-    grid = {}
-    for key, d in space.distributions.items():
-        if isinstance(d, CategoricalDistribution):
-            grid[key] = list(d.choices)
-        elif isinstance(d, (IntDistribution, FloatDistribution)) and d.step is not None and not d.log:
-            n = int(round((d.high - d.low) / d.step)) + 1
-            grid[key] = [d.low + i * d.step for i in range(n)]
-        else:
-            raise ConfigError(
-                f"hydra.sweeper.sampler=grid: {key} is a continuous range; give it a step or a choice(...)"
-            )
-    return grid
-
-
 # ---------------------------------------------------------------- objectives
 def directions_of(direction: Any, objectives: list[str] | None) -> list[str]:
-    """One direction per objective: given (a name or a list), or inferred from the names."""
+    """One direction per objective: given (a name or a list), or inferred from the names
+    (``search.optuna_factory``); the job's return value alone is maximised by default."""
     names = list(objectives or [])
-    if direction is None:
-        return ["minimize" if n in MINIMISED else "maximize" for n in names] or ["maximize"]
-    given = (
-        [direction] if isinstance(direction, str) or not hasattr(direction, "__iter__") else list(direction)
-    )
-    given = [str(getattr(d, "name", d)).lower() for d in given]
-    if any(d not in ("maximize", "minimize") for d in given):
-        raise ConfigError(
-            f"hydra.sweeper.direction: {given}: use maximize or minimize (or a list, one per objective)"
-        )
-    if names and len(given) != len(names):
-        raise ConfigError(
-            f"hydra.sweeper.direction: {len(given)} direction(s) for objectives {names}; give one each"
-        )
-    return given
+    if direction is None and not names:
+        return ["maximize"]
+    return optuna_factory.directions(names, direction, "hydra.sweeper.direction")
 
 
 def check_objectives(objectives: list[str] | None) -> None:
@@ -248,25 +205,21 @@ def check_objectives(objectives: list[str] | None) -> None:
         )
 
 
-def objective_value(result: dict, name: str) -> float:
-    """A value of the job's record: ``dev.<metric>``, ``params``, ``wall_time``, or a dotted path."""
-    path = ["final", "dev", name[4:]] if name.startswith("dev.") else ALIASES.get(name, name).split(".")
-    node: Any = result
-    for part in path:
-        if not isinstance(node, Mapping) or part not in node:
-            have = sorted(node) if isinstance(node, Mapping) else node
-            raise KeyError(f"objective {name}: no '{part}' in the job's result.json (has {have})")
-        node = node[part]
-    return float(node)
-
-
 def job_outcome(
-    ret, result: dict | None, refused: str | None, objectives: list[str] | None, n_values: int
+    ret,
+    result: dict | None,
+    refused: str | None,
+    objectives: list[str] | None,
+    n_values: int,
+    budget_params: int | None = None,
 ) -> dict:
     """What a job's end means for its trial: ``state`` (complete / pruned / interrupted / fail),
-    ``values``, ``error``, and from the record ``run_dir`` and ``status``."""
+    ``values``, ``error``, and from the record ``run_dir`` and ``status``. ``budget_params``: the
+    objective ``params`` (``search.optuna_factory.objective_value``)."""
     try:
         returned = ret.return_value  # re-raises the job's exception
+        if isinstance(returned, JobOutcome):  # adabudget's own job: its value is the primary dev metric
+            returned = returned.value
     except optuna.TrialPruned as err:
         return {"state": "pruned", "error": str(err) or None}
     except Exception as err:
@@ -295,7 +248,7 @@ def job_outcome(
                 raise ValueError(
                     "hydra.sweeper.objectives are read from the job's record; this job wrote none"
                 )
-            values = [objective_value(result, n) for n in objectives]
+            values = optuna_factory.objective_values(result, objectives, budget_params)
         elif isinstance(returned, (list, tuple)):
             values = [float(v) for v in returned]
         else:
@@ -347,19 +300,14 @@ def make_sampler(spec: Any, space: Space) -> tuple[optuna.samplers.BaseSampler, 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if OmegaConf.is_config(spec):
         spec = OmegaConf.to_container(spec, resolve=True)
-    if spec is None or isinstance(spec, str):
-        name = (spec or "tpe").lower()
-        if name not in SAMPLER_NAMES:
-            raise ConfigError(
-                f"hydra.sweeper.sampler: unknown sampler '{name}'; use one of {sorted(SAMPLER_NAMES)}"
-            )
-        spec = {"_target_": f"optuna.samplers.{SAMPLER_NAMES[name]}"}
+    if spec is None or isinstance(spec, str):  # a name: the search's own samplers
+        return optuna_factory.make_sampler(spec or "tpe", None, space.distributions, "hydra.sweeper.sampler")
     if not isinstance(spec, Mapping):
         raise ConfigError(f"hydra.sweeper.sampler: {spec!r}: give a name or a _target_ dict")
     target = _optuna_target(spec, "samplers", "sampler")
     kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "_partial_")}
     if target == "optuna.samplers.GridSampler":
-        grid = grid_of(space)
+        grid = optuna_factory.grid_of(space.distributions, "hydra.sweeper.sampler=grid")
         return optuna.samplers.GridSampler(grid, **kwargs), math.prod(len(v) for v in grid.values())
     try:
         get_class(target)
@@ -375,15 +323,11 @@ def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
 
     if OmegaConf.is_config(spec):
         spec = OmegaConf.to_container(spec, resolve=True)
-    if spec is None or str(spec).lower() == "none":
-        return optuna.pruners.NopPruner()
-    if isinstance(spec, str):
-        if spec.lower() not in PRUNER_NAMES:
-            raise ConfigError(
-                f"hydra.sweeper.pruner: unknown pruner '{spec}'; use none, {', '.join(PRUNER_NAMES)} "
-                "or a _target_ dict (optuna.pruners.PercentilePruner, ...)"
-            )
-        return getattr(optuna.pruners, PRUNER_NAMES[spec.lower()])()
+    if spec is None or isinstance(spec, str):  # a name: the search's own pruners
+        try:
+            return optuna_factory.make_pruner(spec, "hydra.sweeper.pruner")
+        except ConfigError as err:
+            raise ConfigError(f"{err}, or a _target_ dict (optuna.pruners.PercentilePruner, ...)") from None
     target = _optuna_target(spec, "pruners", "pruner")
     try:
         return instantiate(spec)
@@ -393,7 +337,7 @@ def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
 
 # ---------------------------------------------------------------- the job's side
 class TrialHook:
-    """The job's view of its trial, set as ``adabudget.cli.TRIAL_HOOK`` in the job's process."""
+    """The job's view of its trial (``adabudget.job.TrialHook``), passed into the job in its process."""
 
     def __init__(self, setup, trial_id: int, pruner, metric: str | None, report: bool):
         from adabudget.search.study import make_storage
@@ -408,7 +352,6 @@ class TrialHook:
         self.trial = optuna.trial.Trial(study, trial_id)
         self.metric = metric  # the dev metric reported; None: the task's primary metric
         self.report = report
-        self.result: dict | None = None
         # no storage: a database URL may hold a password, and the record is a file
         self.meta = {
             "study": setup.study,
@@ -427,8 +370,26 @@ class TrialHook:
         self.trial.report(float(metrics[metric]), step)
         return self.trial.should_prune()
 
-    def finished(self, result: dict) -> None:
-        self.result = result
+
+def budget_params(result: dict) -> int | None:
+    """The objective ``params`` of a finished ``adabudget train`` job: its configuration counted as
+    ``adabudget search`` counts a trial's (``search.spaces.sampling.count``, read from the run's
+    ``config.yaml``); None when the run left no config."""
+    from adabudget.search.spaces.context import SpaceContext
+    from adabudget.search.spaces.sampling import count
+    from omegaconf import OmegaConf
+
+    path = Path(str(result.get("run_dir"))) / "config.yaml"
+    if not path.is_file():
+        return None
+    run = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    ctx = SpaceContext.from_model(
+        run["model"]["name"],
+        num_labels=result["num_labels"],
+        regression=result["regression"],
+        revision=run["model"].get("revision"),
+    )
+    return count(run["method"], ctx)[1]
 
 
 def _detach_from_sweep(parent: int) -> None:
@@ -527,7 +488,7 @@ class SweeperImpl:
         """A ``search.study.Setup`` for the study machinery shared with ``adabudget search``
         (storage, stale-trial recovery, progress lines, trial rows)."""
         from adabudget.search.config import SearchConfig
-        from adabudget.search.study import Setup
+        from adabudget.search.trial import Setup
 
         display = self.objectives or ["dev"]
         scfg = SearchConfig(
@@ -610,7 +571,8 @@ class SweeperImpl:
 
     # ------------------------------------------------------------ the sweep
     def sweep(self, arguments: list[str]) -> None:
-        from adabudget.search.workers import Progress, StartLock, recover_stale
+        from adabudget.search.progress import Progress
+        from adabudget.search.workers import StartLock, recover_stale
         from hydra.core.utils import configure_log, setup_globals
 
         space = parse_space(self.params, arguments)
@@ -634,7 +596,7 @@ class SweeperImpl:
             recovered = recover_stale(study, self.setup_)
         finally:
             lock.release()
-        done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
+        done = sum(optuna_factory.finished(t) for t in study.get_trials(deepcopy=False))
         print(
             f"study {study.study_name} in {without_password(self.setup_.storage)}: {done} of {n_trials} trials done"
             + (f", {len(recovered)} stale trial(s) re-queued" if recovered else "")
@@ -702,7 +664,7 @@ class SweeperImpl:
     @staticmethod
     def _wanted(study, n_trials: int) -> bool:
         trials = study.get_trials(deepcopy=False)
-        return sum(_finished(t) or t.state == TrialState.RUNNING for t in trials) < n_trials
+        return sum(optuna_factory.finished(t) or t.state == TrialState.RUNNING for t in trials) < n_trials
 
     def _start(self, study, space: Space, release: Callable[[], None] = lambda: None) -> _Job:
         """Ask a trial and fork its job; ``release`` (the start lock's) is called once the trial
@@ -761,28 +723,29 @@ class SweeperImpl:
     def _job_main(self, send, config, trial_id: int, parent: int) -> None:
         """The job's process: its trial hook, a thread budget, then Hydra's ``run_job``."""
         global _CURRENT
-        from hydra.core.utils import run_job
+        from hydra.core.utils import JobStatus, run_job
 
         _detach_from_sweep(parent)
         hook = TrialHook(self.setup_, trial_id, self.pruner, self.metric, self.report)
-        _CURRENT = hook
-        try:
-            from adabudget import cli
-        except ImportError:
-            cli = None
-        if cli is not None:
-            cli.TRIAL_HOOK = hook
+        _CURRENT = hook  # any task function reaches its trial through current_trial()
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(max(1, (os.cpu_count() or 1) // self.n_jobs))
         ret = run_job(
             hydra_context=self.hydra_context,
-            task_function=self.task_function,
+            task_function=bind_trial(self.task_function, hook) or self.task_function,
             config=config,
             job_dir_key="hydra.sweep.dir",
             job_subdir_key="hydra.sweep.subdir",
         )
-        refused = cli.REFUSED.get(int(config.hydra.job.num)) if cli is not None else None
-        send.send(job_outcome(ret, hook.result, refused, self.objectives, len(self.directions)))
+        result, refused, params = None, None, None
+        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, JobOutcome):  # adabudget's job
+            result, refused = ret.return_value.result, ret.return_value.refused
+        if result is not None and "params" in (self.objectives or []):
+            try:
+                params = budget_params(result)
+            except Exception as err:  # no count: the objective fails, naming why
+                print(f"trial {config.hydra.job.num}: params not counted: {err}", file=sys.stderr)
+        send.send(job_outcome(ret, result, refused, self.objectives, len(self.directions), params))
         send.close()
 
     def _end(self, study, job: _Job, interrupted: bool) -> tuple[str, str | None]:
@@ -801,10 +764,6 @@ class SweeperImpl:
             for key in ("run_dir", "status", "wall_time_s", "trainable_params", "error")
             if outcome.get(key) is not None
         }
-        if outcome.get("refused"):
-            from adabudget import cli
-
-            cli.REFUSED[trial.number] = outcome["refused"]  # the multirun summary lists refused jobs
         try:  # failed as stale meanwhile (a lost race): logged, a result kept as a duplicate, no crash
             if state == "complete":
                 told = tell(study, trial, outcome["values"], attrs=attrs)
@@ -835,7 +794,8 @@ class SweeperImpl:
         """``sweeps/<study>/sweep.json`` (the whole study) and the multirun folder's
         ``optimization_results.yaml`` (hydra-optuna-sweeper's file)."""
         from adabudget.log import environment, write_json_atomic
-        from adabudget.search.study import best_trials, trial_row
+        from adabudget.search.record import best_trials
+        from adabudget.search.trial import trial_row
         from omegaconf import OmegaConf
 
         setup = self.setup_
@@ -855,7 +815,7 @@ class SweeperImpl:
             "objectives": setup.scfg.objectives,
             "directions": self.directions,
             "n_trials": n_trials,
-            "finished": sum(_finished(t) for t in trials),
+            "finished": sum(optuna_factory.finished(t) for t in trials),
             "settings": study.user_attrs.get("adabudget_sweeper"),
             "sampler": type(study.sampler).__name__,
             "pruner": type(self.pruner).__name__,
@@ -911,8 +871,3 @@ def _preload() -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
     except ImportError:
         pass
-
-
-def _finished(trial) -> bool:
-    """A trial that counts towards n_trials: completed or pruned."""
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)

@@ -3,7 +3,7 @@
 **Per-trial mirror.** With ``logger.wandb=true`` every trial's run mirrors itself to W&B as any
 run does (``adabudget.log.RunRecord``: offline unless configured, and a W&B error never fails
 the run), in the group ``logger.group`` = the study's name (``adabudget.search.study.trial_config``),
-with the config under dotted keys (``method.r``). ``trial_summary`` adds what makes it a trial:
+with the config under dotted keys (``method.r``). ``search.trial.trial_summary`` adds what makes it a trial:
 its number and parameters, and its objectives, which are known only once it has trained, so
 they are named by where the run's result holds them and read there when the run ends.
 
@@ -22,8 +22,8 @@ sweeps (wandb#6234). The mapping from a parsed ``params`` entry (``search.declar
     tag(log, interval(a, b)) -> {distribution: log_uniform_values, min: a, max: b}
     method.name: X           -> the group override method=X (a name replaces the method node)
 
-``search.sampler`` tpe, gp, nsga2 -> ``bayes`` (W&B's one model-based method), random ->
-``random``, grid -> ``grid``; ``search.pruner`` median or hyperband -> ``early_terminate``
+``search.sampler`` tpe, gp, nsga2, nsga3, cmaes -> ``bayes`` (W&B's one model-based method),
+random, qmc -> ``random``, grid, bruteforce -> ``grid``; ``search.pruner`` median or hyperband -> ``early_terminate``
 (hyperband, W&B's one rule, over the dev evaluations); ``search.n_trials`` -> ``run_cap``.
 """
 
@@ -35,35 +35,15 @@ from pathlib import Path
 
 from adabudget.config import ConfigError
 
-# Where a trial's result (result.json) holds each objective's value (params is known before).
-OBJECTIVE_PATHS = {"wall_time": "wall_time_s"}
-SAMPLER_METHODS = {"tpe": "bayes", "gp": "bayes", "nsga2": "bayes", "random": "random", "grid": "grid"}
+SAMPLER_METHODS = {
+    **dict.fromkeys(("tpe", "gp", "nsga2", "nsgaii", "nsga3", "nsgaiii", "cmaes"), "bayes"),
+    **dict.fromkeys(("random", "qmc"), "random"),
+    **dict.fromkeys(("grid", "bruteforce"), "grid"),
+}
 # What the sweep's runs get besides the search's own overrides: the W&B mirror (the sweep reads
 # its metric from it), and what a search trial gets (adabudget.search.study.trial_config): no checkpoints
 # (a stopped run is re-run, not resumed; W&B's early termination sends SIGTERM) and no bar.
 SWEEP_RUN_OVERRIDES = ("logger.wandb=true", "train.checkpoint=none", "train.progress=false")
-
-
-# ---------------------------------------------------------------- per-trial mirror
-def trial_summary(setup, number: int, params: dict, budget_params: int | None) -> dict:
-    """The ``meta`` entries (``adabudget.log.RunRecord``) that put a trial's number, parameters and
-    objectives in its W&B run summary; none when the run has no W&B mirror.
-
-    ``objective/dev.accuracy`` is read from the run's ``final.dev.accuracy``, ``objective/wall_time``
-    from ``wall_time_s``; ``objective/params`` is the count the search scores (AdaLoRA at b(T)).
-    """
-    if not setup.base["logger"]["wandb"]:
-        return {}
-    summary = {"trial/number": number, **{f"trial/params/{k}": v for k, v in params.items()}}
-    from_result = {}
-    for name in setup.scfg.objective_names(setup.primary):
-        if name == "params":
-            summary["objective/params"] = budget_params
-        elif name.startswith("dev."):
-            from_result[f"objective/{name}"] = f"final.dev.{name[4:]}"
-        else:
-            from_result[f"objective/{name}"] = OBJECTIVE_PATHS[name]
-    return {"summary": summary, "summary_from_result": from_result}
 
 
 # ---------------------------------------------------------------- sweep export
@@ -111,9 +91,9 @@ def _hydra_value(value) -> str:
 def program_path() -> str:
     """``budget/cli.py``, relative to the current folder when it is the checkout (run ``wandb agent``
     there), else the installed file's absolute path; ``python <it> train ...`` is ``adabudget train``."""
-    import adabudget.cli
+    import importlib.util
 
-    path = Path(adabudget.cli.__file__).resolve()
+    path = Path(importlib.util.find_spec("adabudget.cli").origin).resolve()  # found, not imported
     try:
         return str(path.relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -133,7 +113,7 @@ def sweep_config(cfg, overrides: list[str]) -> dict:
             no constraints: every sampled configuration would train), a grid over intervals.
     """
     from adabudget.search.config import SearchConfig
-    from adabudget.search.space import get_space
+    from adabudget.search.spaces import get_space
     from adabudget.search.study import prepare
     from omegaconf import OmegaConf
 

@@ -40,20 +40,14 @@ from pathlib import Path
 
 import optuna
 from adabudget.config import ConfigError
-from adabudget.search.liveness import HOST, Beat, beat_interval, pid_alive, stale_reason, tell
-from adabudget.search.space import get_space
-from adabudget.search.study import (
-    STOP,
-    SearchInterrupted,
-    SearchRefused,
-    Setup,
-    finished,
-    make_context,
-    make_objective,
-    make_sampler,
-    open_study,
-    stop_if_requested,
-)
+from adabudget.procs import HOST, pid_alive
+from adabudget.search import supernet
+from adabudget.search.liveness import Beat, beat_interval, stale_reason, tell
+from adabudget.search.optuna_factory import finished
+from adabudget.search.progress import Progress
+from adabudget.search.spaces import get_space
+from adabudget.search.study import make_context, make_objective, make_sampler, open_study
+from adabudget.search.trial import STOP, SearchInterrupted, SearchRefused, Setup, stop_if_requested
 from optuna.trial import TrialState
 
 __all__ = ["HOST", "pid_alive"]  # kept importable from here (tests, older callers)
@@ -227,9 +221,12 @@ def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
     worker's number among the processes started together (its sampler's own random stream)."""
     study = open_study(setup)
     study.sampler = make_sampler(setup, salt=(index, len(study.get_trials(deepcopy=False))))
-    ctx, space = make_context(setup), get_space(setup.scfg.space_names())
+    ctx = make_context(setup)
     lock = StartLock(setup)
-    objective = make_objective(setup, ctx, space, lock.release)
+    if setup.scfg.scorer == "supernet":  # trials score sub-configurations of the trained supernet
+        objective = supernet.make_objective(setup, ctx, lock.release)
+    else:
+        objective = make_objective(setup, ctx, get_space(setup.scfg.space_names()), lock.release)
     interval = beat_interval(setup.scfg.grace_period)
     ran, errors = 0, []
     try:
@@ -312,87 +309,6 @@ class _Terminated(Exception):
 
 def _raise_terminated(signum, frame):
     raise _Terminated
-
-
-class Progress:
-    """One line per finished trial (number, state, objective, best so far, params in short, time,
-    ETA) and a bar over trained trials, read from the storage, so it works for any number of workers."""
-
-    def __init__(self, setup: Setup):
-        from tqdm.auto import tqdm
-
-        self.setup = setup
-        self.seen: set[int] = set()
-        self.names = setup.scfg.objective_names(setup.primary)
-        self.sign = [1 if d == "maximize" else -1 for d in setup.scfg.direction_names(setup.primary)]
-        self.best = None
-        self.start = time.time()
-        self.bar = tqdm(
-            total=setup.scfg.n_trials,
-            desc=setup.study,
-            leave=False,
-            file=sys.stderr,
-            disable=not sys.stderr.isatty(),
-        )
-
-    def poll(self, study: optuna.Study) -> None:
-        from adabudget.search.study import trial_row
-
-        trials = study.get_trials(deepcopy=False)
-        for t in trials:
-            if t.number in self.seen or t.state in (TrialState.RUNNING, TrialState.WAITING):
-                continue
-            self.seen.add(t.number)
-            row = trial_row(t)
-            self.note_best(t)
-            value = (
-                " ".join(f"{n}={v:.4g}" for n, v in zip(self.names, row["values"])) if row["values"] else "-"
-            )
-            params = ", ".join(f"{k}={_short(v)}" for k, v in list(t.params.items())[:6])
-            if row["baseline"]:
-                params = f"baseline {row['baseline']}" + (f", {params}" if params else "")
-            if row["infeasible"]:
-                params += f"; infeasible: {row['infeasible'][:90]}"
-            elif row["state"] == "fail" and row["error"]:
-                params += f"; {str(row['error'])[:90]}"
-            done = sum(finished(x) for x in trials)
-            timed = [
-                x.user_attrs["wall_time_s"] for x in trials if finished(x) and "wall_time_s" in x.user_attrs
-            ]
-            left = max(0, self.setup.scfg.n_trials - done)
-            eta = statistics_mean(timed) * left / self.setup.scfg.workers if timed else None
-            best = f"best {self.best[1]:.4g} (#{self.best[0]})" if self.best else "best -"
-            wall = f"{row['wall_time_s']:.0f}s" if row["wall_time_s"] else ""
-            self.bar.write(
-                f"trial {t.number:>3} {row['state']:<10} {value:<22} {best:<20} {wall:>6}  "
-                f"ETA {eta / 60:.0f} min  [{params}]"
-                if eta is not None
-                else f"trial {t.number:>3} {row['state']:<10} {value:<22} {best:<20} {wall:>6}  [{params}]"
-            )
-            self.bar.n = min(done, self.setup.scfg.n_trials)
-            self.bar.refresh()
-
-    def note_best(self, t) -> None:
-        """Keep the best trained trial (first objective); infeasible ones carry placeholders."""
-        from adabudget.search.study import finished
-
-        if (
-            t.state == TrialState.COMPLETE
-            and finished(t)
-            and (self.best is None or self.sign[0] * t.values[0] > self.sign[0] * self.best[1])
-        ):
-            self.best = (t.number, t.values[0])
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _short(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def run_workers(setup: Setup) -> None:

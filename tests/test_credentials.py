@@ -108,7 +108,8 @@ def test_a_reader_takes_the_password_from_pgpassword_and_says_so_when_refused(
     error names PGPASSWORD and ~/.pgpass (and holds no password); so does the search's own open."""
     import optuna
     from adabudget.analysis.records import RecordError, load_study
-    from adabudget.search.study import Setup, database_url, open_study
+    from adabudget.search.study import database_url, open_study
+    from adabudget.search.trial import Setup
 
     url = database_url(postgres.create_db("reopen"))
     monkeypatch.delenv("PGPASSWORD", raising=False)

@@ -3,7 +3,7 @@ PostgreSQL start lock's reconnect (``search.workers.StartLock``).
 
 Trials here are real trials of real storages (a journal file, the throwaway PostgreSQL server of
 ``tests/pg.py``); processes are real (``sleep`` for a pid, a worker subprocess that trains). "Another
-host" is this process told that its pid space is another machine's (``liveness.pid_space``): what
+host" is this process told that its pid space is another machine's (``procs.pid_space``): what
 it then sees of a trial is exactly what a worker elsewhere sees, the storage's attributes.
 """
 
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from adabudget.search import liveness
-from adabudget.search.liveness import ALIVE_KEY, WORKER_KEY, Beat, identity, start_ticks
-from adabudget.search.study import Setup, database_url
+from adabudget import procs
+from adabudget.procs import start_ticks
+from adabudget.search.liveness import ALIVE_KEY, WORKER_KEY, Beat, identity
+from adabudget.search.study import database_url
+from adabudget.search.trial import Setup
 from adabudget.search.workers import StartLock, recover_stale
 from optuna.trial import TrialState
 
@@ -196,7 +198,7 @@ def test_a_slow_trial_of_another_host_is_not_failed(tmp_path, monkeypatch):
         stderr=subprocess.PIPE,
         text=True,
     )
-    monkeypatch.setattr(liveness, "pid_space", lambda: ELSEWHERE)  # this process is on another machine now
+    monkeypatch.setattr(procs, "pid_space", lambda: ELSEWHERE)  # this process is on another machine now
     seen_running = 0
     try:
         while proc.poll() is None:
@@ -221,7 +223,7 @@ def test_a_trial_failed_by_mistake_tells_without_a_crash_and_its_result_is_a_dup
     trial stays FAIL, and its values are kept as a COMPLETE trial ``duplicate_of`` it (which
     ``finished`` does not count)."""
     from adabudget.search.liveness import tell
-    from adabudget.search.study import finished
+    from adabudget.search.optuna_factory import finished
 
     setup = bare_setup(str(tmp_path / "journal.log"), tmp_path)
     study = new_study(setup)
@@ -345,7 +347,7 @@ def test_a_sweeps_silent_job_on_postgresql_stays_alive_for_other_hosts(postgres,
         stderr=subprocess.PIPE,
         text=True,
     )
-    monkeypatch.setattr(liveness, "pid_space", lambda: ELSEWHERE)
+    monkeypatch.setattr(procs, "pid_space", lambda: ELSEWHERE)
     setup = bare_setup(url, tmp_path, grace=1.5, study="silent")
     study, watched = None, 0.0
     try:

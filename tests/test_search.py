@@ -384,7 +384,7 @@ def test_sigterm_to_a_multi_worker_search_stops_its_workers(tmp_path):
     workers, whose runs checkpoint and end interrupted; no worker outlives the command (before,
     the main process died alone and its workers trained on as orphans); exit 143, and the same
     command then finishes the study."""
-    from adabudget.search.workers import pid_alive
+    from adabudget.search.liveness import pid_alive
 
     runs = tmp_path / "runs"
     args = ["search", *LR_STUDY, *KILL_SCHEDULE, "search.n_trials=3", "search.workers=2", f"runs_root={runs}"]
@@ -591,7 +591,7 @@ def test_unknown_search_key_is_refused(tmp_path, capsys):
     config given from Python is checked by the search itself."""
     from adabudget.compose import compose
     from adabudget.config import ConfigError
-    from adabudget.search.study import run_search
+    from adabudget.search.command import run_search
 
     code, out, err = search_here(capsys, *TINY, "search.nope=1", f"runs_root={tmp_path / 'runs'}")
     assert code != 0 and "search.nope" in err
@@ -692,7 +692,8 @@ def test_top_trials_gives_k_distinct_configurations(objectives):
     """retrain_top_k=K re-trains the K best distinct configurations (single objective), or the
     Pareto front in order (several): never one trial only, never a repeat or a LoRA / AdaLoRA
     baseline (re-trained as baselines anyway), never an infeasible one."""
-    from adabudget.search.study import Setup, top_trials
+    from adabudget.search.record import top_trials
+    from adabudget.search.trial import Setup
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
@@ -742,19 +743,13 @@ def test_top_trials_gives_k_distinct_configurations(objectives):
 
 def test_a_stop_signal_outside_a_training_stops_the_worker_at_a_safe_point(tmp_path):
     """SIGTERM that reaches a worker between trials or between sampling and training (its handler
-    only sets ``search.study.STOP``): the worker asks no new trial, and a trial already asked is
+    only sets ``search.trial.STOP``): the worker asks no new trial, and a trial already asked is
     queued again with its parameters instead of training; both raise SearchInterrupted (exit 143)."""
     from adabudget.compose import compose
     from adabudget.search.config import register_schema
-    from adabudget.search.space import get_space
-    from adabudget.search.study import (
-        STOP,
-        SearchInterrupted,
-        make_context,
-        make_objective,
-        open_study,
-        prepare,
-    )
+    from adabudget.search.spaces import get_space
+    from adabudget.search.study import make_context, make_objective, open_study, prepare
+    from adabudget.search.trial import STOP, SearchInterrupted
     from adabudget.search.workers import worker_loop
 
     register_schema()

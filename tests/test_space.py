@@ -12,7 +12,9 @@ from adabudget.methods.hybrid import HybridConfig
 from adabudget.models import tiny_config
 from adabudget.modules import count_params, freeze_backbone
 from adabudget.search.declarative import compile_params, distribution_from_override
-from adabudget.search.space import SPACES, SpaceContext, check_space, get_space, merge_overrides, sample
+from adabudget.search.spaces import SPACES, get_space
+from adabudget.search.spaces.context import SpaceContext, merge_overrides
+from adabudget.search.spaces.sampling import check_space, sample
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -513,13 +515,20 @@ def test_merge_overrides_replaces_a_named_method_and_merges_the_rest():
 
 
 def test_grid_needs_an_enumerable_declarative_space():
-    from adabudget.search.study import grid_of
+    """One grid rule for the search and the sweeper (search.optuna_factory): choices and stepped
+    ranges, float steps too; an interval without a step is refused, naming it."""
+    from adabudget.search.optuna_factory import grid_of, make_sampler
 
-    assert grid_of(get_space("lora_grid")) == {"method.r": [2, 4, 8, 16], "train.lr": [2e-4, 5e-4, 1e-3]}
-    with pytest.raises(ConfigError, match="cannot enumerate train.lr"):
-        grid_of(get_space("lora_rank_lr"))
+    assert grid_of(get_space("lora_grid").distributions) == {
+        "method.r": [2, 4, 8, 16],
+        "train.lr": [2e-4, 5e-4, 1e-3],
+    }
+    stepped = compile_params({"train.warmup_ratio": "range(0.1, 0.3, step=0.1)"})
+    assert grid_of(stepped.distributions) == {"train.warmup_ratio": [0.1, 0.2, 0.3]}
+    with pytest.raises(ConfigError, match="train.lr is a continuous range"):
+        grid_of(get_space("lora_rank_lr").distributions)
     with pytest.raises(ConfigError, match="declarative space"):
-        grid_of(get_space("s4"))
+        make_sampler("grid", 0, getattr(get_space("s4"), "distributions", None))
 
 
 # ---------------------------------------------------------------- the methods space
@@ -529,7 +538,7 @@ def test_methods_space_sizes_every_method_to_the_budget(model, budgeted):
     """``search.space=methods``: each method is a choice, sized to the budget through its own knob;
     the overrides train as drawn (resolve, validate, count), and only methods that cannot come
     near the budget at any size are infeasible."""
-    from adabudget.search.space import SINGLE_METHODS
+    from adabudget.search.spaces.methods import SINGLE_METHODS
 
     ctx = context(model, budgeted)
     seen = {}

@@ -231,7 +231,7 @@ def space_head(net) -> int:
 def test_sampling_honours_the_budget(tmp_path):
     """With search.budget every sampled, sandwich and evolved sub-configuration is in the band, and
     the sandwich trains the band's largest and smallest first."""
-    from adabudget.search.space import SpaceContext
+    from adabudget.search.spaces.context import SpaceContext
     from adabudget.search.supernet import SupernetSpace, path_at, supernet_run
 
     cfg = search_config(tmp_path, "search.budget=6000", "search.supernet.tolerance=0.05")

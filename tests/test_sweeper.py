@@ -21,13 +21,13 @@ import optuna
 import pytest
 import yaml
 from adabudget.config import ConfigError
+from adabudget.search.optuna_factory import objective_value
 from adabudget.search.sweeper import (
     SweeperImpl,
     directions_of,
     job_outcome,
     make_pruner,
     make_sampler,
-    objective_value,
     parse_space,
 )
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -310,7 +310,12 @@ def test_directions_objectives_and_what_a_job_end_means():
         "wall_time_s": 1.5,
         "run_dir": "r",
     }
-    assert objective_value(result, "dev.accuracy") == 0.75 and objective_value(result, "params") == 3698
+    # params: the count the budget constrains (search.optuna_factory), which the sweeper counts
+    # from the job's config, not trainable_params (the count at step 0, with the task head)
+    assert objective_value(result, "dev.accuracy") == 0.75
+    assert objective_value(result, "params", budget_params=3000) == 3000
+    with pytest.raises(KeyError, match="budget count"):
+        objective_value(result, "params")
     with pytest.raises(KeyError, match="no 'f1'"):
         objective_value(result, "dev.f1")
 
@@ -325,7 +330,10 @@ def test_directions_objectives_and_what_a_job_end_means():
             return self.value
 
     assert job_outcome(Ret(0.75), result, None, None, 1)["values"] == [0.75]
-    assert job_outcome(Ret(0.75), result, None, ["dev.accuracy", "params"], 2)["values"] == [0.75, 3698.0]
+    assert job_outcome(Ret(0.75), result, None, ["dev.accuracy", "params"], 2, 3000)["values"] == [
+        0.75,
+        3000.0,
+    ]
     assert job_outcome(Ret(math.nan), {**result, "status": "pruned"}, None, None, 1)["state"] == "pruned"
     assert (
         job_outcome(Ret(math.nan), {**result, "status": "interrupted"}, None, None, 1)["state"]
@@ -551,12 +559,16 @@ def test_several_objectives_are_read_from_the_job_record(tmp_path):
     record = json.loads(only((tmp_path / "default" / "sweeps").glob("*/sweep.json")).read_text())
     assert record["directions"] == ["maximize", "minimize"] and record["pareto_front"]
     study = journal_study(Path(record["storage"]), record["study"])
-    counts = set()
+    counts, budgets = set(), set()
     for trial in study.trials:
         result = json.loads((Path(trial.user_attrs["run_dir"]) / "result.json").read_text())
-        assert trial.values == [result["final"]["dev"]["accuracy"], result["trainable_params"]]
+        assert trial.values[0] == result["final"]["dev"]["accuracy"]
         counts.add(result["trainable_params"])
+        budgets.add(trial.values[1])
+        assert trial.values[1] < result["trainable_params"]  # no head, and b(T) below b(0)
     assert len(counts) == 2  # init_r 2 and 4 train different numbers of parameters
+    # params is AdaLoRA's count at b(T) = target_r 1 (as adabudget search counts it): the same for both
+    assert len(budgets) == 1
     sweep = only(tmp_path.glob("default/multirun_*"))
     assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["solutions"]
 

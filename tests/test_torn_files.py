@@ -182,7 +182,8 @@ def test_without_flock_the_holders_host_pid_and_start_time_decide(tmp_path, monk
     import fcntl
     import socket
 
-    from adabudget.log import LOCK, _pid_start, lock_run, unlock_run
+    from adabudget.log import LOCK, lock_run, unlock_run
+    from adabudget.procs import start_ticks
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -196,7 +197,7 @@ def test_without_flock_the_holders_host_pid_and_start_time_decide(tmp_path, monk
         holder.kill()
         holder.wait()
     unlock_run(lock_run(tmp_path))  # its pid is gone: taken over
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid())}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": start_ticks(os.getpid())}
     (tmp_path / LOCK).write_text(json.dumps(me))
     with pytest.raises(ConfigError, match=rf"still alive: pid {os.getpid()}"):
         lock_run(tmp_path)
@@ -211,7 +212,8 @@ def test_without_flock_the_holders_host_pid_and_start_time_decide(tmp_path, monk
 def _journal(tmp_path: Path, trials: int = 3):
     """A study in a journal file opened as the search opens it (``search.study.make_storage``)."""
     import optuna
-    from adabudget.search.study import Setup, make_storage
+    from adabudget.search.study import make_storage
+    from adabudget.search.trial import Setup
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = str(tmp_path / "journal.log")

@@ -89,7 +89,7 @@ def test_search_trials_are_offline_wandb_runs_in_the_study_group(tmp_path, monke
     """Two trials of an AdaLoRA search: one offline W&B run each, grouped by the study, the config
     under dotted keys, the trial's number, parameters and objectives (the values Optuna got) and the
     rank table in the summary."""
-    from adabudget.search.study import run_search
+    from adabudget.search.command import run_search
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = search_cfg(
@@ -155,7 +155,7 @@ def test_a_wandb_failure_never_fails_a_trial(tmp_path, monkeypatch, failure):
 
     monkeypatch.setattr(wandb, "init", broken_init)
     cfg = search_cfg(tmp_path, "logger.wandb=true", "search.space=lora_rank_lr", "search.n_trials=1")
-    from adabudget.search.study import run_search
+    from adabudget.search.command import run_search
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -174,7 +174,7 @@ def test_an_unreachable_wandb_server_only_delays_a_trial(tmp_path, monkeypatch):
     cfg = search_cfg(
         tmp_path, "logger.wandb=true", "logger.mode=online", "search.space=lora_rank_lr", "search.n_trials=1"
     )
-    from adabudget.search.study import run_search
+    from adabudget.search.command import run_search
 
     report = run_search(cfg)
     assert report["trials"][0]["state"] == "complete"
