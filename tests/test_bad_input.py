@@ -164,8 +164,8 @@ def test_undecodable_jsonl_names_the_file(compose_run, tmp_path):
 
 
 def test_search_grace_period_must_be_positive(compose_run, tmp_path):
-    from adabudget.search.config import SearchConfig
     from adabudget.search.command import run_search
+    from adabudget.search.config import SearchConfig
 
     for bad in (0, -5):
         with pytest.raises(ConfigError, match=r"search\.grace_period: must be > 0"):
