@@ -278,7 +278,8 @@ def _primary(r: dict) -> str:
 
 def _alive(r: dict) -> bool | None:
     """For a running record: does the run still live? On its own host the pid answers; elsewhere a
-    heartbeat fresher than ``STALE_AFTER_S`` does."""
+    heartbeat fresher than ``STALE_AFTER_S`` does. (``adabudget.procs.pid_alive``'s check, restated:
+    analysis imports neither the engine nor the search.)"""
     if r.get("status") != "running":
         return None
     if r.get("host") == socket.gethostname() and r.get("pid"):

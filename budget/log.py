@@ -30,12 +30,13 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+from adabudget.procs import CLAIM, claim, process_alive, start_ticks
+
 log = logging.getLogger("adabudget")
 
 # 2: status "running" with heartbeat, record_version, primary_metric, regression, data_version,
 #    the modules table, a step-0 row and triplet scores in ranks.jsonl (1: the first release).
 RECORD_VERSION = 2
-CLAIM = ".claimed"  # exists only while a process claims an explicit, empty run folder
 LOCK = ".lock"  # flock-ed by the process running the run; says its host, pid and start time
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
@@ -76,12 +77,10 @@ def claim_run_dir(runs_root: str | Path, run_name: str, run_dir: str | Path | No
                 f"run_dir={path}: already holds a run (a run folder belongs to one run); choose a new "
                 f"run_dir, or continue that run with resume={path}"
             )
-        try:
-            os.close(os.open(path / CLAIM, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
+        if not claim(path / CLAIM):  # exists only while a process claims the explicit, empty folder
             raise ConfigError(
                 f"run_dir={path}: another process is starting a run in it; choose a new run_dir"
-            ) from None
+            )
         return path
     parent = Path(runs_root) / run_name
     parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +135,7 @@ def lock_run(run_dir: Path) -> int:
         me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "pid_start": _pid_start(os.getpid()),
+            "pid_start": start_ticks(os.getpid()),
             "started_at": datetime.now().isoformat(timespec="seconds"),
         }
         os.ftruncate(fd, 0)
@@ -168,26 +167,11 @@ def _holder_alive(holder: dict | None) -> bool:
     another host cannot be checked from here, so it counts as alive."""
     if not holder:
         return False
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid = int(holder.get("pid", -1))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    start = _pid_start(pid)
-    return start is None or holder.get("pid_start") in (None, start)
-
-
-def _pid_start(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot, Linux ``/proc``): a reused pid starts later."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, counted after the command name
-    except (OSError, ValueError, IndexError):
-        return None
+    pid = holder.get("pid", -1)
+    return (
+        process_alive({"host": holder.get("host"), "pid": pid, "start_ticks": holder.get("pid_start")})
+        is not False
+    )
 
 
 def truncate_jsonl(path: Path, last_step: int, evals_at_last_step: bool = True) -> None:
