@@ -82,7 +82,10 @@ def prepare(cfg) -> Setup:
             raise ConfigError(
                 f"search.objectives: {name} is not computed on {run.data.task} ({kind}: dev.{', dev.'.join(sorted(metrics))})"
             )
-    study = scfg.study or f"{'-'.join(scfg.space_names())}-{Path(str(run.data.task)).name.replace('/', '_')}"
+    spaces = [
+        Path(n).stem if n.endswith((".yaml", ".yml")) else n for n in scfg.space_names()
+    ]  # a file: its name
+    study = scfg.study or f"{'-'.join(spaces)}-{Path(str(run.data.task)).name.replace('/', '_')}"
     root = Path(scfg.root or Path(run.runs_root) / "search") / study
     storage = database_url(scfg.storage) if scfg.storage else str(root / "journal.log")
     base = to_dict(run)

@@ -800,3 +800,59 @@ def test_sweep_counts_and_asks_under_the_studys_start_lock(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     trials = journal_study(root / "journal.log", "locked").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+# ---------------------------------------------------------------- one toolkit for both front ends
+SAME_SPACE = """params:
+  method.name: lora
+  method.r: choice(2, 4)
+  method.alpha: 16
+"""
+
+
+@pytest.mark.slow  # ~40 s: the same two trainings through adabudget search and through the sweeper
+def test_the_search_and_the_sweeper_count_and_value_one_space_alike(tmp_path):
+    """One space, one grid sampler, objectives [dev.accuracy, params]: ``adabudget search`` and
+    ``adabudget train -m hydra/sweeper=adabudget`` count the same finished trials and give each
+    configuration the same values (search.optuna_factory: params is the budget's count, the head
+    left out, in both)."""
+    (tmp_path / "same.yaml").write_text(SAME_SPACE)
+    base = ["model=tiny-bert", "debug=fast", f"runs_root={tmp_path}"]
+    search = run_cli(
+        [
+            "search",
+            *base,
+            f"search.space={tmp_path / 'same.yaml'}",
+            "search.sampler=grid",
+            "search.n_trials=2",
+            "search.enqueue=[]",
+            "search.threads=1",
+            "search.objectives=[dev.accuracy,params]",
+        ],
+        cwd=tmp_path,
+    )
+    assert search.returncode == 0, search.stderr[-3000:]
+    sweep = run_cli(
+        [
+            *SWEEP,
+            *base,
+            "train.num_threads=1",
+            "method=lora",
+            "method.r=choice(2,4)",
+            "method.alpha=16",
+            "hydra.sweeper.sampler=grid",
+            "hydra.sweeper.objectives=[dev.accuracy,params]",
+        ],
+        cwd=tmp_path,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    searched = json.loads(only(tmp_path.glob("search/*/search.json")).read_text())
+    swept = json.loads(only((tmp_path / "default" / "sweeps").glob("*/sweep.json")).read_text())
+    assert searched["finished"] == swept["finished"] == 2
+    assert searched["directions"] == swept["directions"] == ["maximize", "minimize"]
+
+    def values(record: dict) -> dict:
+        return {t["params"]["method.r"]: t["values"] for t in record["trials"] if t["state"] == "complete"}
+
+    assert values(searched) == values(swept)
+    assert set(values(swept)) == {2, 4} and values(swept)[2][1] < values(swept)[4][1]
