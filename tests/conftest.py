@@ -1,8 +1,14 @@
-"""Shared fixtures: the real composed config, shrunk to run in seconds on a tiny model."""
+"""Shared fixtures and helpers: the real composed config shrunk to run in seconds on a tiny model,
+tiny models and batches, the CLI in a subprocess, a throwaway PostgreSQL; the test tiers."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,18 +57,25 @@ MUST_RUN_IN_CI = {
 _skipped_in_ci: list[tuple[str, str, str]] = []  # (node id, what it needs, pytest's reason)
 
 
+def matches(nodeid: str, pattern: str) -> bool:
+    """A node id against an entry of ``MUST_RUN_IN_CI`` / ``INTEGRATION``: the node id itself, a file
+    or a test (all its tests or parameters), or an fnmatch pattern."""
+    return (
+        nodeid == pattern
+        or nodeid.startswith((pattern + "::", pattern + "["))
+        or fnmatch.fnmatchcase(nodeid, pattern)
+    )
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def must_run_in_ci(nodeid: str) -> str | None:
     """What a must-run test needs (a ``MUST_RUN_IN_CI`` key), or None for any other test."""
-    import fnmatch
-
     for need, patterns in MUST_RUN_IN_CI.items():
-        for pattern in patterns:
-            if nodeid == pattern or nodeid.startswith(pattern + "::") or fnmatch.fnmatchcase(nodeid, pattern):
-                return need
+        if any(matches(nodeid, pattern) for pattern in patterns):
+            return need
     return None
 
 
@@ -99,6 +112,67 @@ def pytest_terminal_summary(terminalreporter):
     )
 
 
+# ---------------------------------------------------------------- tiers: a first signal in minutes
+# ``integration``: tests that drive the whole CLI, search workers or other subprocesses (a run in a
+# fresh interpreter, torchrun, a browser, pdflatex, a pytest session). ``pytest -m "not
+# integration"`` is the fast first tier (about 2 minutes at one thread); plain ``pytest`` runs both
+# (README, .ci/run). Entries as in MUST_RUN_IN_CI: a file, a node id or an fnmatch pattern; an
+# entry that names no test of a collected file fails the collection, so a renamed test cannot drop
+# out of the tier unnoticed.
+INTEGRATION = [
+    "tests/test_api.py::test_the_api_works_from_a_folder_with_its_own_search_and_analysis",
+    "tests/test_api.py::test_cli_and_a_search_run_from_a_folder_with_its_own_search_py",
+    "tests/test_api.py::test_import_adabudget_is_cheap",
+    "tests/test_callbacks_ddp.py",
+    "tests/test_ci_skips.py::test_a_skipped_must_run_test_fails_the_session_under_ci",
+    "tests/test_ci_skips.py::test_outside_ci_the_same_skips_pass",
+    "tests/test_ci_skips.py::test_under_ci_other_skips_pass",
+    "tests/test_cli.py",
+    "tests/test_credentials.py::test_no_byte_of_the_password_is_written_printed_or_mirrored",
+    "tests/test_dashboard.py",
+    "tests/test_distributed.py",
+    "tests/test_final_phase.py::test_a_signal_in_the_final_phase_interrupts_and_resume_finishes",
+    "tests/test_final_phase.py::test_sighup_and_sigusr1_stop_a_run_like_sigterm",
+    "tests/test_hub_access.py::test_unreachable_hub_*",
+    "tests/test_liveness.py::test_pid_reuse_and_dead_pids_fail_trials_and_a_live_pid_keeps_its_trial",
+    "tests/test_liveness.py::test_a_slow_trial_of_another_host_is_not_failed",
+    "tests/test_liveness.py::test_a_sweeps_silent_job_on_postgresql_stays_alive_for_other_hosts",
+    "tests/test_records.py",
+    "tests/test_reproduce.py::test_two_cells_run_resume_and_tabulate",
+    "tests/test_search.py",
+    "tests/test_sweeper.py",
+    "tests/test_tables.py::test_latex_escapes_and_compiles",
+    "tests/test_torn_files.py::test_resuming_a_live_run_is_refused_and_a_dead_ones_lock_is_taken_over",
+    "tests/test_torn_files.py::test_without_flock_the_holders_host_pid_and_start_time_decide",
+    "tests/test_torn_files.py::test_the_hydra_sweeper_repairs_its_journal_when_it_resumes",
+    "tests/test_wandb.py",
+]
+# The tiers a ``-m`` expression keeps out when it names neither: ``pytest -m "not integration"``
+# means "... and not slow and not gpu", as plain ``pytest`` does (pyproject's addopts).
+KEPT_OUT = ("slow", "gpu")
+
+
+def pytest_configure(config):
+    expr = config.option.markexpr
+    if expr and not any(marker in expr for marker in KEPT_OUT):
+        config.option.markexpr = f"({expr}) and " + " and ".join(f"not {m}" for m in KEPT_OUT)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the marker must be there when it does
+def pytest_collection_modifyitems(config, items):
+    modules = {}  # file -> its test module, for the files collected
+    for item in items:
+        if item.module is not None:
+            modules.setdefault(item.nodeid.split("::")[0], item.module)
+        if any(matches(item.nodeid, pattern) for pattern in INTEGRATION):
+            item.add_marker(pytest.mark.integration)
+    for pattern in INTEGRATION:
+        file, _, name = pattern.partition("::")
+        module = modules.get(file)
+        if name and module is not None and not fnmatch.filter(dir(module), name.split("::")[0]):
+            raise pytest.UsageError(f"tests/conftest.py INTEGRATION: {pattern} names no test of {file}")
+
+
 @pytest.fixture
 def compose_run(tmp_path):
     """compose_run(*overrides) -> the composed Hydra config of a tiny run under tmp_path."""
@@ -125,15 +199,24 @@ def _one_thread():
 
 
 # ---------------------------------------------------------------- a tiny model and batch, no data
-def tiny_model(arch_name: str = "tiny-bert", seed: int = 0):
-    """A random tiny HF classifier (``adabudget.models.tiny_config``), backbone frozen, in eval mode."""
+def tiny_model(arch_name: str = "tiny-bert", seed: int = 0, layers: int | None = None, **config):
+    """A random tiny HF classifier (``adabudget.models.tiny_config``), backbone frozen, in eval mode.
+
+    ``layers``: the number of blocks (default 2); ``config``: other HF config fields to change
+    (``num_attention_heads=4``).
+    """
     import torch
     from adabudget.models import tiny_config
     from adabudget.modules import freeze_backbone
     from transformers import AutoModelForSequenceClassification
 
+    hf_config = tiny_config(arch_name, 2, False)
+    if layers is not None:
+        config["n_layer" if hasattr(hf_config, "n_layer") else "num_hidden_layers"] = layers
+    for key, value in config.items():
+        setattr(hf_config, key, value)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(tiny_config(arch_name, 2, False)).eval()
+    model = AutoModelForSequenceClassification.from_config(hf_config).eval()
     freeze_backbone(model, train_head=False)
     return model
 
@@ -151,3 +234,53 @@ def tiny_logits(model):
 
     with torch.no_grad():
         return model(input_ids=tiny_batch()["input_ids"]).logits
+
+
+# ---------------------------------------------------------------- the CLI in a fresh interpreter
+CLI = [sys.executable, "-c", "from adabudget.cli import main; main()"]  # the console script's main
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment of a CLI subprocess: this one's (hub and W&B offline), one torch thread
+    unless ``OMP_NUM_THREADS`` says otherwise, plus ``extra``."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def cli(
+    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``adabudget <args>`` in a fresh interpreter, its output captured (``env``: default ``cli_env()``)."""
+    env = cli_env() if env is None else env
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def popen_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """``adabudget <args>`` started in a fresh interpreter, stdout and stderr piped."""
+    env = cli_env() if env is None else env
+    return subprocess.Popen(
+        [*CLI, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+# ---------------------------------------------------------------- network and PostgreSQL
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound for a moment, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server for the module (``tests/pg.py``); skipped without its binaries
+    (which fails the session under CI for the tests in MUST_RUN_IN_CI)."""
+    from pg import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    with PostgresServer(bindir) as server:
+        yield server

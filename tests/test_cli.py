@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cli as run_cli
+from conftest import popen_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,12 +25,6 @@ def quick_start_commands() -> list[str]:
     section = text[text.index("## Quick start") :]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_readme_quick_start_has_two_commands():
@@ -85,12 +81,6 @@ def test_main_job_full(tmp_path):
 
 # ---------------------------------------------------------------- what a user hits
 TINY = ["model=tiny-bert", "debug=fast", "method.init_r=4", "method.target_r=2", "train.num_threads=1"]
-
-
-def popen_cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize(

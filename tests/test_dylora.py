@@ -16,19 +16,11 @@ from adabudget.export import export_peft_adapter, load_adapter, merge_methods, s
 from adabudget.methods import apply_method, dylora, method_config_from_dict
 from adabudget.methods.dylora import DyLoRAConfig, sample_rank, set_rank
 from adabudget.methods.lora import LoRALinear
-from adabudget.models import tiny_config
-from adabudget.modules import freeze_backbone
 from adabudget.training import train
+from conftest import tiny_model as build
 from transformers import AutoModelForSequenceClassification
 
 RUN = ["method=dylora", "method.r_min=1", "method.r_max=4"]
-
-
-def build(seed: int = 0):
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(tiny_config("tiny-bert", 2, False)).eval()
-    freeze_backbone(model, train_head=False)
-    return model
 
 
 def applied(perturb: bool = True, **knobs):

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import sys
 import tarfile
 import zipfile
@@ -24,12 +23,7 @@ from adabudget.data import load_tokenizer
 from adabudget.fetch import FetchError, _extract
 from adabudget.hub import packaged_path
 from adabudget.models import load_model
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import closed_port
 
 
 @pytest.fixture

@@ -21,17 +21,12 @@ from adabudget.config import ConfigError
 from adabudget.data import load_tokenizer
 from adabudget.hub import hub_reachable, prepare_hub_access
 from adabudget.models import load_model, tiny_config
+from conftest import closed_port
 from huggingface_hub import constants
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")  # the check would go to a proxy
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

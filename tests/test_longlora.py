@@ -16,6 +16,7 @@ from adabudget.methods import apply_method, count_trainable, longlora, method_co
 from adabudget.models import tiny_config
 from adabudget.modules import freeze_backbone
 from adabudget.training import train
+from conftest import tiny_model
 from transformers import AttentionInterface, AutoModelForSequenceClassification
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -75,12 +76,7 @@ def with_reference_attention(model, name: str, reference, group_size: int):
 
 # ---------------------------------------------------------------- helpers
 def build(heads: int = 2, kv_heads: int = 1, seed: int = 0):
-    config = tiny_config("tiny-llama", 2, False)
-    config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
-    freeze_backbone(model, train_head=False)
-    return model
+    return tiny_model("tiny-llama", seed, num_attention_heads=heads, num_key_value_heads=kv_heads)
 
 
 def applied(heads: int = 2, kv_heads: int = 1, impl: str = "sdpa", **knobs):

@@ -18,9 +18,7 @@ from adabudget.compose import preset as method_preset
 from adabudget.config import ConfigError
 from adabudget.export import load_adapter, merge_methods, save_adapter
 from adabudget.methods import REGISTRY, apply_method, count_method, method_config_from_dict, methods_in
-from adabudget.models import tiny_config
-from adabudget.modules import freeze_backbone
-from transformers import AutoModelForSequenceClassification
+from conftest import tiny_model
 
 ARCHS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 NUM_LAYERS = 4  # the tiny configs have 2 blocks; 4 lets s4 form its 4 groups
@@ -100,15 +98,7 @@ REFUSED = [(r, a) for r in ROWS for a in ARCHS if FAMILY[a] in r[2].get("unsuppo
 
 
 def build(arch_name: str, seed: int = 0):
-    config = tiny_config(arch_name, 2, False)
-    if hasattr(config, "n_layer"):
-        config.n_layer = NUM_LAYERS
-    else:
-        config.num_hidden_layers = NUM_LAYERS
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
-    freeze_backbone(model, train_head=False)
-    return model
+    return tiny_model(arch_name, seed, layers=NUM_LAYERS)
 
 
 def batch():
