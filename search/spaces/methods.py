@@ -16,22 +16,11 @@ from adabudget.search.spaces.context import (
     unit_cost,
 )
 
-# The single methods of the ``methods`` space; LongLoRA is not a budget alternative (a long-context
-# training recipe for LLaMA: LoRA plus embeddings and norms; its own axes are the ``longlora`` space)
-# and QLoRA is a property of the base (``model.quantize``), so neither is a choice here.
-SINGLE_METHODS = (
-    "lora",
-    "adalora",
-    "dylora",
-    "delta_lora",
-    "rosa",
-    "sparse",
-    "quantum_peft",
-    "adapter",
-    "parallel_adapter",
-    "prefix",
-    "ia3",
-)
+# The single methods of the ``methods`` space: the registry's methods that name it in their
+# ``spaces``, in its order. LongLoRA is not a budget alternative (a long-context training recipe for
+# LLaMA: LoRA plus embeddings and norms; its own axes are the ``longlora`` space) and QLoRA is a
+# property of the base (``model.quantize``), so neither is a choice here.
+SINGLE_METHODS = tuple(name for name, method in REGISTRY.items() if "methods" in method.spaces)
 
 SINGLE_SIZES = {
     "dylora": (4, 8, 16),
