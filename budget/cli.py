@@ -25,7 +25,7 @@ if __name__ == "__main__" and not __package__:
     # that name; import from the folder that holds the package instead.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from adabudget.job import REFUSED_FILE  # noqa: E402
+from adabudget.job import REFUSED_SUFFIX  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
 USAGE = """usage: adabudget <command> [args]
@@ -128,7 +128,7 @@ def run_job(cfg, hydra_cfg, multirun: bool, hook=None):
 class MultirunSummary(Callback):
     """After a ``-m`` sweep: one line per job (status, primary dev metric, run folder, overrides),
     also written to ``<sweep dir>/summary.json``. Every job is read from its folder, so any
-    launcher works: a run's ``result.json``, a refused config's ``refused.json``."""
+    launcher works: a run's ``result.json``, a refused config's ``<job>.refused.json``."""
 
     def __init__(self):
         self.overrides: dict[str, list[str]] = {}
@@ -157,11 +157,12 @@ class MultirunSummary(Callback):
                 "run_dir": str(path.parent),
                 "error": r.get("error"),
             }
-        for path in sweep.glob(f"*/{REFUSED_FILE}"):
+        for path in sweep.glob(f"*{REFUSED_SUFFIX}"):
+            job = path.name.removesuffix(REFUSED_SUFFIX)
             rows.setdefault(
-                path.parent.name,
+                job,
                 {
-                    "job": path.parent.name,
+                    "job": job,
                     "status": "refused",
                     "metric": None,
                     "dev": None,

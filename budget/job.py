@@ -8,8 +8,9 @@ refused. Nothing is passed through module globals. A task function offers a tria
 of itself as its ``for_trial`` attribute (``for_trial(hook) -> task function returning a
 JobOutcome``); ``bind_trial`` finds it.
 
-In a multirun a refused job's folder gets ``refused.json`` (``{"status": "refused", "error"}``)
-instead of a run record, so the multirun summary lists it whichever process or launcher ran it.
+In a multirun a refused job has no folder; ``<sweep dir>/<job number>.refused.json``
+(``{"status": "refused", "error"}``) records it instead, so the multirun summary lists it
+whichever process or launcher ran it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-REFUSED_FILE = "refused.json"
+REFUSED_SUFFIX = ".refused.json"  # <sweep dir>/<job number>.refused.json
 
 
 class TrialHook(Protocol):
@@ -67,7 +68,7 @@ def run_job(cfg, hydra_cfg, multirun: bool, hook: TrialHook | None = None) -> tu
 
     Returns:
         (the config the run trained, its outcome). A config ``train`` refuses (``ConfigError``)
-        is an outcome, ``refused``, in a multirun (with ``refused.json`` in the job's folder);
+        is an outcome, ``refused``, in a multirun (recorded in ``<sweep dir>/<job>.refused.json``);
         a single run raises it.
     """
     from adabudget.compose import resume_config
@@ -75,24 +76,22 @@ def run_job(cfg, hydra_cfg, multirun: bool, hook: TrialHook | None = None) -> tu
     from adabudget.training import train
     from omegaconf import OmegaConf, open_dict
 
-    folder = job_folder(cfg, hydra_cfg, multirun)
     try:
         if cfg.resume is not None:
             cfg = resume_config(cfg.resume, list(hydra_cfg.overrides.task))
         else:
             with open_dict(cfg):
-                cfg.run_dir = folder
+                cfg.run_dir = job_folder(cfg, hydra_cfg, multirun)
                 if hook is not None:
                     cfg.meta = {**OmegaConf.to_container(cfg.meta), **hook.meta}
         result = train(cfg, on_eval=hook.on_eval if hook is not None else None)
     except ConfigError as err:
         if not multirun:
             raise
-        if folder is not None:  # the multirun summary lists it from there
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            (Path(folder) / REFUSED_FILE).write_text(
-                json.dumps({"status": "refused", "error": str(err)}) + "\n"
-            )
+        sweep = Path(hydra_cfg.sweep.dir)  # the multirun summary lists it from there
+        sweep.mkdir(parents=True, exist_ok=True)
+        record = {"status": "refused", "error": str(err)}
+        (sweep / f"{hydra_cfg.job.num}{REFUSED_SUFFIX}").write_text(json.dumps(record) + "\n")
         return cfg, JobOutcome(refused=str(err))
     return cfg, JobOutcome(result=result)
 
