@@ -70,7 +70,7 @@ def load(run_dir: str | Path):
     from adabudget.data import load_tokenizer
     from adabudget.export import load_adapter
     from adabudget.models import load_model
-    from adabudget.training import seed_everything
+    from adabudget.session import seed_everything
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)

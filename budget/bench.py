@@ -261,7 +261,7 @@ def method_variant(base: nn.Module, spec: str, target: int, batch: dict) -> Vari
     """A registered method (``NAME`` or ``NAME:k=v;k=v``) as a variant at ``target`` parameters."""
     import yaml
     from adabudget.arch import arch_of
-    from adabudget.methods import apply_plan, call_hooks, plan_of, step_hooks
+    from adabudget.methods import apply_plan, plan_of, step_hooks
 
     name, _, rest = spec.partition(":")
     knobs = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in rest.split(";") if kv)}
@@ -271,16 +271,19 @@ def method_variant(base: nn.Module, spec: str, target: int, batch: dict) -> Vari
     plan = plan_of(cfg, arch_of(model))
     wrapped = apply_plan(model, plan)
     hooks = step_hooks(model, plan, wrapped)
-    call_hooks(hooks, "calibrate", lambda b: model(**b).loss, lambda n: (batch for _ in range(n)))
+    for h in hooks:
+        h.calibrate(lambda b: model(**b).loss, lambda n: (batch for _ in range(n)))
     optimizer = _adam(model, cfg)
     steps = [0]
 
     def loss_fn(b):
-        call_hooks(hooks, "before_step", steps[0])
+        for h in hooks:
+            h.before_step(steps[0])
         return model(**b).loss
 
     def after(step):
-        call_hooks(hooks, "after_step", steps[0], optimizer)
+        for h in hooks:
+            h.after_step(steps[0], optimizer)
         steps[0] += 1
 
     sizes = [k for k in ("r", "r_max", "bottleneck", "budget", "rank") if hasattr(cfg, k)]

@@ -6,6 +6,10 @@
 A save writes a uniquely named temporary file (``mkstemp``: two writers never truncate each
 other's), fsyncs it, moves ``last.pt`` to ``prev.pt``, renames the temporary file to ``last.pt``
 and fsyncs the folder, so that a crash or a full disk leaves at least one whole checkpoint.
+
+A checkpoint is what a resume continues from, and ``RESUMABLE`` says what a resumed run may
+change; ``check_resume`` is the one check of both (``adabudget.compose.resume_config`` checks
+the overrides of a resume with it, ``adabudget.compose.resumed`` a whole config).
 """
 
 from __future__ import annotations
@@ -16,9 +20,68 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from adabudget.log import fsync_dir, log, temp_beside
+from adabudget.config import ConfigError
+from adabudget.log import flat_config, fsync_dir, log, temp_beside
 
 PREVIOUS = "prev.pt"
+# What may change when a run is resumed: more steps (T; the LR and budget schedules are
+# recomputed for the new T from the checkpoint's step on), how it is logged, evaluated,
+# checkpointed and exported, and where it runs. Everything else is the run.
+RESUMABLE = (
+    "train.max_steps",
+    "train.epochs",
+    "train.stop_after_step",
+    "train.progress",
+    "train.num_threads",
+    "train.device",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint",
+    "train.checkpoint_minutes",
+    "train.checkpoint_every",
+    "logger",
+    "export_adapter",
+    "export_merged",
+    "meta",
+)
+
+
+def resumable(key: str) -> bool:
+    """The dotted config key ``key`` may change when a run is resumed (``RESUMABLE``)."""
+    return key in ("resume", "run_dir") or any(key == r or key.startswith(r + ".") for r in RESUMABLE)
+
+
+def check_resume(run_dir: str | Path, changes: dict[str, str] | None = None) -> Path:
+    """Refuse a resume of ``run_dir`` that cannot be one; returns the folder.
+
+    ``run_dir`` must be a run folder (its ``config.yaml``) with a checkpoint to continue from,
+    and ``changes`` ({dotted key: the change as the error shows it}) may touch only ``RESUMABLE``
+    knobs: a resumed run keeps its config. Every refusal is a ConfigError naming the keys.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"resume={run_dir}: not a run folder (no config.yaml); pass a folder under runs/")
+    if not has_checkpoint(run_dir / "checkpoints" / "last.pt"):
+        raise ConfigError(
+            f"resume={run_dir}: no checkpoints/last.pt to continue from (the run was killed before its first "
+            "checkpoint, or ran with train.checkpoint=none)"
+        )
+    refused = [shown for key, shown in (changes or {}).items() if not resumable(key)]
+    if refused:
+        raise ConfigError(
+            f"resume={run_dir}: {', '.join(refused[:6])} cannot change on resume: a resumed run keeps its "
+            f"config, and these differ from its config.yaml. What may change: {', '.join(RESUMABLE)}. Start a "
+            "new run for anything else"
+        )
+    return run_dir
+
+
+def config_changes(saved: dict, mine: dict) -> dict[str, str]:
+    """{dotted key: ``key (old -> new)``} of every knob in which two configs (as plain dicts) differ."""
+    old, new = flat_config(saved), flat_config(mine)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return {k: f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys}
 
 
 def rng_state(device) -> dict:
@@ -82,8 +145,6 @@ def load_checkpoint(path: Path) -> dict:
     """The checkpoint at ``path``, or, when it is missing or unreadable (a zero-byte or torn
     file), the previous one with a warning naming both. Tensors and plain values only: a
     crafted file in a shared run folder cannot run code."""
-    from adabudget.config import ConfigError
-
     path = Path(path)
     prev = previous_of(path)
     try:

@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from adabudget.config import ConfigError, DataConfig, LoggerConfig, ModelConfig, RunConfig, TrainConfig
+from adabudget.config import (
+    ConfigError,
+    DataConfig,
+    LoggerConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    to_dict,
+)
 from hydra.core.config_store import ConfigStore
 
 
@@ -118,30 +126,34 @@ def _build(cls, values: Any, prefix: str):
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None):
     """The saved config of a run folder, with ``overrides`` applied, ready for ``train`` to resume.
 
-    Only the knobs in ``adabudget.training.RESUMABLE`` may change (more steps, logging, evaluation,
-    checkpoints, exports, device); any other override is refused with a ConfigError naming it.
+    Only the knobs in ``adabudget.checkpoint.RESUMABLE`` may change (more steps, logging, evaluation,
+    checkpoints, exports, device); any other override is refused with a ConfigError naming it, as is
+    a folder without a checkpoint to continue from (``check_resume``).
     """
-    from adabudget.training import RESUMABLE
+    from adabudget.checkpoint import check_resume
     from omegaconf import OmegaConf
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"resume={run_dir}: not a run folder (no config.yaml); pass a folder under runs/")
+    overrides = list(overrides or [])
+    run_dir = check_resume(run_dir, {o.split("=", 1)[0].lstrip("+~"): o for o in overrides})
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    refused = []
-    for override in overrides or []:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in ("resume", "run_dir"):
-            continue
-        if not any(key == r or key.startswith(r + ".") for r in RESUMABLE):
-            refused.append(override)
-    if refused:
-        raise ConfigError(
-            f"resume={run_dir}: {', '.join(refused)} cannot change on resume (a resumed run keeps its config); "
-            f"what may change: {', '.join(RESUMABLE)}. Start a new run for anything else"
-        )
-    dotlist = [o for o in overrides or [] if o.split("=", 1)[0] not in ("resume", "run_dir")]
+    dotlist = [o for o in overrides if o.split("=", 1)[0] not in ("resume", "run_dir")]
     cfg.train.stop_after_step = None  # a stop point belongs to one invocation, not to the run
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
     cfg.resume = str(run_dir)
     return cfg
+
+
+def resumed(run: RunConfig) -> RunConfig:
+    """``run`` (its ``resume`` names the folder) checked against the config saved there.
+
+    Any difference outside ``RESUMABLE`` is refused, naming the keys (``check_resume``): a
+    resumed run keeps its config. Build the config to pass with ``resume_config(run_dir, overrides)``.
+    """
+    from adabudget.checkpoint import check_resume, config_changes
+    from omegaconf import OmegaConf
+
+    run_dir = check_resume(run.resume)  # a run folder with a checkpoint, before its config.yaml is read
+    saved = resolve(OmegaConf.load(run_dir / "config.yaml"))
+    check_resume(run_dir, config_changes(to_dict(saved), to_dict(run)))
+    run.resume, run.run_dir = str(run_dir), str(run_dir)
+    return run

@@ -12,6 +12,7 @@ gradient even when the last batch of an epoch does not split evenly.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -114,3 +115,24 @@ def shard(batch: dict[str, torch.Tensor], d: Dist) -> tuple[dict[str, torch.Tens
         longest = int(local["attention_mask"].sum(1).max())
         local = {k: v[:, :longest] if v.dim() == 2 else v for k, v in local.items()}
     return local, len(rows) * d.world / n
+
+
+def wrap(model: torch.nn.Module, d: Dist, device) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel`` under torchrun, else ``model`` itself. Wrap it again
+    after its trainable parameters change (an AdaLoRA shrink): DDP buckets the parameters it saw."""
+    if not d.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def identical_on_all_ranks(model: torch.nn.Module, d: Dist) -> bool:
+    """Every rank holds the same trainable weights (a digest of each, gathered)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return len(set(gather(h.hexdigest(), d))) == 1

@@ -287,9 +287,9 @@ def save_adapter(
         "folded": True,
         "ranks": {n: m.rank for n, m in wrapped.items() if hasattr(m, "lam")},
     }
-    from adabudget.methods import call_hooks
+    from adabudget.methods import hook_states
 
-    states = call_hooks(hooks, "state_dict")
+    states = hook_states(hooks)
     if any(state is not None for state in states):
         torch.save(states, out / "hooks.pt")
         meta["hooks"] = "hooks.pt"

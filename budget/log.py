@@ -414,6 +414,52 @@ class RunRecord:
             self._lock = None
 
 
+def module_table(wrapped: dict, arch, plan) -> list[dict]:
+    """The record's ``modules`` table: every rank-carrying module of ``wrapped`` ({name: module},
+    what the methods added) with its block, matrix role, layer group and initial rank, so that
+    analysis can place ranks without importing budget. ``arch``: ``adabudget.arch.Arch`` or None;
+    ``plan``: the run's ``adabudget.methods.Plan``."""
+    from adabudget.methods.adalora import SVDLinear
+    from adabudget.methods.lora import LoRALinear
+    from adabudget.modules import block_index
+
+    roles = {name: spec.role for name, spec in arch.match_linears([".*"])} if arch is not None else {}
+    rows = []
+    for name, m in wrapped.items():
+        if isinstance(m, SVDLinear):
+            rank = m.r_initial
+        elif isinstance(m, LoRALinear):
+            rank = m.rank
+        elif isinstance(getattr(m, "r", None), dict) and "default" in m.r:  # peft's layers: r[adapter]
+            rank = m.r["default"]
+        else:
+            continue
+        layer = block_index(name)
+        group = next((g.index for g in plan.groups if g.layers is not None and layer in g.layers), 0)
+        rows.append(
+            {
+                "name": name,
+                "layer": layer,
+                "role": roles.get(name, "other"),
+                "group": group,
+                "init_rank": rank,
+            }
+        )
+    return rows
+
+
+def group_ranks(ranks: dict[str, int], modules: list[dict], groups: list[dict] | None) -> dict:
+    """``{"group_ranks": [kept rank of group 0, ...]}`` of an allocation's ranks (a hybrid's:
+    which layer group the budget flows to), or {} for a run of fewer than two groups."""
+    if not groups or len(groups) < 2:
+        return {}
+    group_of = {m["name"]: m["group"] for m in modules}
+    totals = [0] * len(groups)
+    for name, r in ranks.items():
+        totals[group_of[name]] += r
+    return {"group_ranks": totals}
+
+
 def flat_config(config: dict, prefix: str = "") -> dict:
     """The config as W&B sees it: one entry per dotted key (``method.r``, ``train.lr``), the names
     Hydra overrides and W&B sweep parameters use, so a run started by a sweep agent (which sets

@@ -112,7 +112,7 @@ def total_steps(setup) -> int:
     """T of one stand-alone training of the base run."""
     from adabudget.compose import resolve
     from adabudget.data import load_task, load_tokenizer
-    from adabudget.training import total_steps_for
+    from adabudget.session import total_steps_for
 
     run = resolve(dict(setup.base))
     task = load_task(run.data, load_tokenizer(run.model.name, run.model.revision))

@@ -43,9 +43,10 @@ feasible sub-configurations: uniform menu indices, vectorised, rejected outside 
 greedy repair from random starts when the band is too narrow for rejection). Without a
 budget, every non-empty sub-configuration is feasible.
 
-**Training** (``train_supernet(cfg) -> dict``): the ``budget`` pieces of a run (data, model,
-batches, seeded stream, lr schedule, run folder and ``RunRecord``, checkpoints loaded with
-``weights_only=True``, resume with ``adabudget.training.resumed_config``), in its own short loop.
+**Training** (``train_supernet(cfg) -> dict``): set up as every run (``adabudget.session.setup``:
+data and backbone, same seed, same weights), with a run's session (``RunSession``: folder and
+record, checkpoints, stop signals, non-finite stops, result; resume with
+``adabudget.compose.resumed``), in its own short loop that keeps only its own step.
 Each optimizer step trains ``paths_per_step`` sub-configurations from a deterministic stream:
 ``sandwich`` cycles largest, smallest, then ``random_paths`` random ones (BigNAS's sandwich
 rule spread over steps; ``paths_per_step=4, random_paths=2`` is BigNAS's per-step form);
@@ -79,7 +80,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -89,31 +89,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from adabudget.config import ConfigError, RunConfig, to_dict, validate
-from adabudget.data import load_task, load_tokenizer
-from adabudget.hub import prepare_hub_access
-from adabudget.log import RunRecord, claim_run_dir, environment, log
+from adabudget import ddp
+from adabudget.checkpoint import load_checkpoint
+from adabudget.compose import resumed
+from adabudget.config import ConfigError, RunConfig, validate
+from adabudget.evaluate import batch_stream, evaluate, forward_inputs
+from adabudget.log import log
 from adabudget.methods import REGISTRY, adapter, lora, parallel_adapter, plan_of, prefix
 from adabudget.metrics import primary_metric
-from adabudget.models import load_model, pick_device
-from adabudget.modules import count_params, freeze_backbone
+from adabudget.models import pick_device
+from adabudget.modules import count_params
 from adabudget.schedule import lr_factor
 from adabudget.search.config import SupernetConfig
 from adabudget.search.spaces.supernet import Sub, SupernetSpace, space_function
-from adabudget.training import (
-    StopSignals,
-    batch_stream,
-    evaluate,
-    load_checkpoint,
-    peak_memory_mb,
-    resumed_config,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_dropout,
-    set_rng_state,
-    total_steps_for,
-)
+from adabudget.session import RunSession, total_steps_for
+from adabudget.session import setup as setup_run
 from torch import nn
 
 SET_ACTIVE = {
@@ -206,25 +196,18 @@ def _method_config(node: dict):
 
 
 def build(run: RunConfig, space_of=None) -> Supernet:
-    """Data, backbone and supernet of a supernet run config, set up as ``adabudget.training.train`` sets up a
-    run (same calls, same order, so the same seed gives the same initial weights)."""
+    """Data, backbone and supernet of a supernet run config, set up by ``adabudget.session.setup`` as
+    every run is (same calls, same order, so the same seed gives the same initial weights)."""
     tc = run.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = pick_device(tc.device)
-    prepare_hub_access(run.model.name, run.model.revision)
-    tokenizer = load_tokenizer(run.model.name, run.model.revision)
-    task = load_task(run.data, tokenizer)
-    seed_everything(tc.seed)
-    model = load_model(run.model, task.num_labels, task.regression, tokenizer.pad_token_id)
-    if run.model.dropout is not None:
-        set_dropout(model, run.model.dropout)
-    freeze_backbone(model, run.model.train_head)
+    task, tokenizer, model = setup_run(run)
     space = (space_of or space_from_run)(run, model)
     net = Supernet.attach(model, space)
     model.to(device)
     net.run, net.task, net.pad_id, net.device = run, task, tokenizer.pad_token_id, device
-    net.inputs = set(inspect.signature(model.forward).parameters)
+    net.inputs = forward_inputs(model)
     return net
 
 
@@ -356,16 +339,19 @@ def path_at(space: SupernetSpace, scfg, seed: int, step: int, k: int) -> tuple[s
 def train_supernet(cfg) -> dict:
     """Train a supernet; returns its result record (also in ``result.json``).
 
+    The run's bookkeeping is ``adabudget.session.RunSession``'s, as ``adabudget.training.train``'s
+    (folder, record, checkpoints with the checkpoint at T before the final evaluation, stop
+    signals, non-finite stops, result); this loop keeps only its own step.
+
     Args:
         cfg: an ``adabudget search`` config (the run and its ``search`` node: ``search.budget``,
             ``search.supernet.*``), or a supernet run folder's config with ``resume`` set
             (``adabudget.compose.resume_config(folder)``), which continues it.
     """
     run = supernet_run(cfg)
-    resume_dir = Path(run.resume) if run.resume else None
-    if resume_dir is not None:
-        run = resumed_config(run)
-        saved = _completed(resume_dir, run)
+    if run.resume:
+        run = resumed(run)  # the saved config, changed only in RESUMABLE knobs
+        saved = _completed(Path(run.resume), run)
         if saved is not None:  # nothing to do: never append a second ending
             return {**saved, "note": "already completed; nothing to resume (raise train.max_steps to go on)"}
     validate(run)
@@ -375,22 +361,22 @@ def train_supernet(cfg) -> dict:
     scfg = SupernetConfig(**run.search["supernet"])
     total_steps = total_steps_for(run, len(task.train))  # T
     largest, smallest = space.extreme("largest"), space.extreme("smallest")
-
-    # the run folder: a new one, or the resumed run's own
-    ckpt = load_checkpoint(resume_dir / "checkpoints" / "last.pt") if resume_dir else None
-    run_dir = resume_dir or claim_run_dir(run.runs_root, run.run_name, run.run_dir)
-    checkpoint_path = run_dir / "checkpoints" / "last.pt"
-    main_metric = primary_metric(task.regression)
+    resume_command = "train_supernet(adabudget.compose.resume_config('{run_dir}'))"
+    session = RunSession(
+        run, ddp.Dist(), device, total_steps, primary_metric(task.regression), resume_command
+    )
+    if session.completed is not None:
+        session.close()
+        return session.completed
     trainable, total_params = count_params(model)
     header = {
-        "run_dir": str(run_dir),
         "run_name": run.run_name,
         "method": "supernet",
         "model": run.model.name,
         "task": run.data.task,
         "data_version": getattr(task, "version", None),
         "split_sizes": task.sizes(),
-        "primary_metric": main_metric,
+        "primary_metric": primary_metric(task.regression),
         "regression": task.regression,
         "total_steps": total_steps,
         "trainable_params": trainable,
@@ -410,142 +396,85 @@ def train_supernet(cfg) -> dict:
             "paths_per_step": scfg.paths_per_step,
         },
     }
-    record = RunRecord(run_dir, to_dict(run), run.logger, ckpt["step"] if ckpt else None, header)
+    summary = {"trainable_params_final": trainable, "adapter_params_final": None, "ranks": None}
 
     optimizer = MaskedAdamW(net.params, weight_decay=tc.weight_decay)
     params = list(net.params.values())
     warmup = int(tc.warmup_ratio * total_steps)
-    step, best, elapsed_before = 0, {}, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["trainable"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best, elapsed_before = ckpt["step"], ckpt["best"], ckpt.get("elapsed", 0.0)
-        set_rng_state(ckpt["rng"], device)
-    start_time = time.time()
-
-    def checkpoint(at_step: int) -> None:
-        if tc.checkpoint != "none":
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "step": at_step,
-                    "best": best,
-                    "elapsed": elapsed_before + time.time() - start_time,
-                    "trainable": {n: p.detach() for n, p in net.params.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng_state(device),
-                    "window": window,
-                    "running": running_loss.detach().cpu(),
-                },
-            )
+    # running: the open logging window's summed loss; window: its steps
+    step, window, running = session.restore(model, optimizer, None, torch.zeros((), device=device))
+    stream = batch_stream(task.train, tc, net.pad_id, net.inputs, step)
 
     def dev_eval(at_step: int) -> dict:
         """Dev metrics of the largest and smallest sub-configurations (the sandwich's bounds)."""
         out = {}
         for which, sub in (("largest", largest), ("smallest", smallest)):
             out[which] = score(net, sub)
-            record.metrics({"step": at_step, "split": "dev", "path": which, **out[which]})
-        if not best or out["largest"][main_metric] > best["dev"][main_metric]:
-            best.update({"step": at_step, "dev": out["largest"]})
-        return out
-
-    def result(status: str, **extra) -> dict:
-        out = {
-            **header,
-            "status": status,
-            "steps": step,
-            "trainable_params_final": trainable,
-            "adapter_params_final": None,
-            "ranks": None,
-            "best": best,
-            "wall_time_s": round(elapsed_before + time.time() - start_time, 2),
-            "peak_memory_mb": round(peak_memory_mb(device), 1),
-            **environment(),
-            **extra,
-        }
-        record.result(out)
+            session.metrics({"step": at_step, "split": "dev", "path": which, **out[which]})
+        session.track_best(at_step, out["largest"])
         return out
 
     # the loop: one iteration = one optimizer step over paths_per_step sub-configurations
-    model.train()
-    stream = batch_stream(task.train, tc, net.pad_id, net.inputs, step)
-    running_loss = torch.zeros((), device=device)
-    window, last_checkpoint = 0, time.time()
-    if ckpt is not None and "window" in ckpt:
-        window = ckpt["window"]
-        running_loss.fill_(ckpt["running"].item())
-    signals = StopSignals()
-    resume_with = f"train_supernet(adabudget.compose.resume_config('{run_dir}'))"
-    done = False
-    try:
-        with signals:
-            while step < total_steps:
-                paths = [path_at(space, scfg, tc.seed, step, k)[1] for k in range(scfg.paths_per_step)]
-                regions: dict[str, list] = {}
+    status, fields = None, {}  # how the run ends: an early stop sets them, else the final evaluation
+    with session.open(header, lambda: summary):
+        model.train()
+        while step < total_steps:
+            paths = [path_at(space, scfg, tc.seed, step, k)[1] for k in range(scfg.paths_per_step)]
+            regions: dict[str, list] = {}
+            for sub in paths:
+                for name, index in net.activate(sub).items():
+                    regions.setdefault(name, []).append(index)
+            share = 1.0 / (tc.grad_accum * len(paths))
+            for _ in range(tc.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
                 for sub in paths:
-                    for name, index in net.activate(sub).items():
-                        regions.setdefault(name, []).append(index)
-                share = 1.0 / (tc.grad_accum * len(paths))
-                for _ in range(tc.grad_accum):
-                    batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-                    for sub in paths:
-                        net.activate(sub)
-                        task_loss = model(**batch).loss
-                        (task_loss * share).backward()
-                        running_loss += task_loss.detach() * share
-                if tc.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step(regions, tc.lr * lr_factor(step, warmup, total_steps))
-                optimizer.zero_grad()
-                step += 1
-                window += 1
+                    net.activate(sub)
+                    task_loss = model(**batch).loss
+                    (task_loss * share).backward()
+                    running += task_loss.detach() * share
+            if tc.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+            optimizer.step(regions, tc.lr * lr_factor(step, warmup, total_steps))
+            optimizer.zero_grad()
+            step = session.advance()
+            window += 1
 
-                if step % tc.log_every == 0 or step == total_steps:
-                    mean_loss = (running_loss / window).item()
-                    record.metrics(
-                        {
-                            "step": step,
-                            "split": "train",
-                            "loss": mean_loss,
-                            "lr": tc.lr * lr_factor(step, warmup, total_steps),
-                        }
-                    )
-                    record.heartbeat(step)
-                    running_loss.zero_()
-                    window = 0
-                    if not math.isfinite(mean_loss):
-                        log.error("non-finite loss %s at step %d: stopping", mean_loss, step)
-                        return result(
-                            "failed", error=f"non-finite training loss ({mean_loss}) at step {step}"
-                        )
-                if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
-                    dev_eval(step)
-                    model.train()
-                periodic = tc.checkpoint == "periodic" and (
-                    (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-                    or time.time() - last_checkpoint > 60 * tc.checkpoint_minutes
-                )
-                stop_asked = tc.stop_after_step is not None and step >= tc.stop_after_step
-                if (signals.received or stop_asked) and step < total_steps:
-                    checkpoint(step)
-                    cause = signals.received or f"train.stop_after_step={tc.stop_after_step}"
-                    return result("interrupted", interrupted_by=cause, resume_with=resume_with)
-                if periodic and step < total_steps:
-                    checkpoint(step)
-                    last_checkpoint = time.time()
-        done = True
-    except BaseException as err:
-        result("failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        if not done:
-            record.close()
+            if step % tc.log_every == 0 or step == total_steps:
+                mean_loss = (running / window).item()
+                lr = tc.lr * lr_factor(step, warmup, total_steps)
+                session.metrics({"step": step, "split": "train", "loss": mean_loss, "lr": lr})
+                session.heartbeat(step)
+                running.zero_()
+                window = 0
+                if not math.isfinite(mean_loss):
+                    log.error("non-finite loss %s at step %d: stopping", mean_loss, step)
+                    error = f"non-finite training loss ({mean_loss}) at step {step}"
+                    status, fields = "failed", {"error": error}
+                    break
+            if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
+                dev_eval(step)
+                model.train()
+            cause = session.stop_requested(step)
+            if step == total_steps or cause or session.should_checkpoint(step):
+                before = "the final checkpoint" if step == total_steps else "a checkpoint"
+                if error := session.nonfinite([*params, running], step, before):
+                    status, fields = "failed", {"error": error}
+                    break
+                session.save(step, model, optimizer, None, window, running)
+                if cause and step < total_steps:
+                    log.warning("%s: checkpoint at step %d, then exit", cause, step)
+                    status, fields = "interrupted", session.interruption(cause)
+                    break
 
-    final = dev_eval(step)
-    checkpoint(step)
-    out = result("completed", final={"dev": final["largest"]}, paths=final)
-    record.close()
-    return out
+        if status is None:  # the final evaluation, after the checkpoint at T
+            final = dev_eval(step)
+            if cause := session.signalled():
+                log.warning("%s in the final evaluation: the checkpoint at step %d stands", cause, step)
+                status, fields = "interrupted", session.interruption(cause)
+            else:
+                status, fields = "completed", {"final": {"dev": final["largest"]}, "paths": final}
+        result = session.result(status, **fields)
+    return result
 
 
 def _completed(run_dir: Path, run: RunConfig) -> dict | None:
@@ -649,7 +578,7 @@ def ensure_supernet(setup, log=print) -> dict:
                 f"search.supernet.run_dir={folder}: holds a supernet killed before its first checkpoint; "
                 "delete the folder to train it again"
             )
-        # the same run, as resume_config would give it, checked against the saved one (resumed_config)
+        # the same run, as resume_config would give it, checked against the saved one (compose.resumed)
         saved = resume_config(folder)
         cfg = {**cfg, "resume": str(folder), "run_name": saved.run_name, "meta": dict(saved.meta)}
         cfg["train"] = {**cfg["train"], "stop_after_step": None}

@@ -50,7 +50,7 @@ def test_the_api_works_from_a_folder_with_its_own_search_and_analysis(tmp_path):
         from omegaconf import OmegaConf
         from adabudget.compose import resolve
         from adabudget.data import load_task, load_tokenizer
-        from adabudget.training import evaluate
+        from adabudget.evaluate import evaluate
         run = resolve(OmegaConf.load(result["run_dir"] + "/config.yaml"))
         tokenizer = load_tokenizer(run.model.name)
         task = load_task(run.data, tokenizer)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from adabudget.compose import resume_config
-from adabudget.training import StopSignals, train
+from adabudget.signals import StopSignals
+from adabudget.training import train
 from conftest import TINY_ADALORA, TINY_RUN
 
 

@@ -161,7 +161,8 @@ def test_adalora_in_two_groups_shares_one_budget_and_merges(compose_run):
     from adabudget.config import ModelConfig
     from adabudget.export import load_adapter
     from adabudget.models import load_model
-    from adabudget.training import seed_everything, train
+    from adabudget.session import seed_everything
+    from adabudget.training import train
     from transformers import AutoModelForSequenceClassification
 
     groups = (

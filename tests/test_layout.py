@@ -159,9 +159,6 @@ KNOWN_EDGES = {
     # public API (budget/__init__.py -> api -> training -> log) closes a ring through it; the
     # version belongs in a leaf (or importlib.metadata) that imports nothing
     ("budget.log", "budget"),
-    # compose.resume_config reads training.RESUMABLE (the resume rules exist twice); issue 18 §1
-    # moves them into budget/checkpoint.py, which both import: then this line goes
-    ("budget.compose", "budget.training"),
 }
 
 

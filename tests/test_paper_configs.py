@@ -21,7 +21,7 @@ from adabudget.config import validate
 from adabudget.hub import packaged_path
 from adabudget.methods import count_method
 from adabudget.schedule import phase_steps
-from adabudget.training import total_steps_for
+from adabudget.session import total_steps_for
 from transformers import AutoConfig, DebertaV2Config
 
 # Table 8 (batch 32): lr, epochs, γ, t_i, ΔT, t_f.

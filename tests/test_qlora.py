@@ -294,12 +294,12 @@ def test_an_interrupted_nf4_run_resumes_to_the_same_result(compose_run):
 
 
 def test_unknown_quantize_fails_before_anything_loads(compose_run, monkeypatch):
-    import adabudget.training
+    import adabudget.session
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded before the config was checked")
 
-    monkeypatch.setattr(adabudget.training, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(adabudget.session, "load_tokenizer", must_not_load)
     with pytest.raises(ConfigError, match=r"model.quantize: unknown 'int3'; use null .* or nf4"):
         train(compose_run("model.quantize=int3", "method=lora"))
 
@@ -317,7 +317,7 @@ def test_export_merged_is_the_dequantised_base_plus_the_adapter(compose_run):
     assert not any(is_nf4(p) for p in merged.parameters()) and all(
         p.dtype == torch.float32 for p in merged.parameters()
     )
-    from adabudget.training import seed_everything
+    from adabudget.session import seed_everything
 
     seed_everything(run.train.seed)  # the tiny backbone's random init, as train() draws it
     on_nf4 = load_model(run.model, 2, False)  # quantised again, as the run's base was

@@ -66,7 +66,7 @@ def standalone(net, sub):
     from adabudget.methods import apply_plan, method_config_from_dict, plan_of
     from adabudget.models import load_model
     from adabudget.modules import freeze_backbone
-    from adabudget.training import set_dropout
+    from adabudget.session import set_dropout
 
     run = net.run
     model = load_model(run.model, net.task.num_labels, net.task.regression, net.pad_id)
@@ -311,7 +311,7 @@ def test_masked_step_moves_only_the_slice_and_matches_adamw(net):
 
 
 def trainable_of(folder) -> dict:
-    from adabudget.training import load_checkpoint
+    from adabudget.checkpoint import load_checkpoint
 
     return load_checkpoint(folder / "checkpoints" / "last.pt")
 
@@ -370,8 +370,8 @@ def test_score_is_the_standalone_evaluation(tmp_path):
     """On a regression task (a continuous metric): the inherited score of a sub-configuration is
     the stand-alone model's dev evaluation; different slices score differently; calibration
     trains the slice for a while and then restores every weight."""
+    from adabudget.evaluate import evaluate
     from adabudget.search.supernet import load_supernet, score, train_supernet
-    from adabudget.training import evaluate
 
     folder = tmp_path / "sn"
     cfg = search_config(tmp_path, "data.task=tweets")
@@ -617,10 +617,11 @@ def test_two_paths_per_step_average_their_gradients(tmp_path):
     of each of the step's two sub-configurations (the band's largest and smallest) on the same
     batch and updates the union of their slices, as a hand-written step on the same init does;
     the largest path alone would give other weights."""
+    from adabudget.evaluate import batch_stream
     from adabudget.schedule import lr_factor
     from adabudget.search.config import SupernetConfig
     from adabudget.search.supernet import MaskedAdamW, build, path_at, supernet_run, train_supernet
-    from adabudget.training import batch_stream, total_steps_for
+    from adabudget.session import total_steps_for
 
     overrides = ("search.budget=6000", "search.supernet.paths_per_step=2", "train.max_steps=1")
     result = train_supernet({**search_config(tmp_path, *overrides), "run_dir": str(tmp_path / "sn")})

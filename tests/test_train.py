@@ -241,7 +241,7 @@ def test_resume_refuses_changes_and_allows_more_steps(compose_run):
 def test_model_dropout_override(compose_run):
     from adabudget.config import ModelConfig
     from adabudget.models import load_model
-    from adabudget.training import set_dropout
+    from adabudget.session import set_dropout
     from torch import nn
 
     model = load_model(ModelConfig(name="tiny-llama"), 2, False)

@@ -11,18 +11,9 @@ Each method file exports:
   computed from ``adabudget.arch.Arch`` (the HF config) alone, before any model exists;
 - optionally ``merge(model, modules)``: fold the method into the base weights (outputs
   unchanged) and remove its wrappers and hooks;
-- optionally ``hooks(model, modules, cfg)``: an object the training loop calls for methods
-  that act outside forward and backward (``adabudget.training`` calls each method only if present):
-
-  ``calibrate(loss_of, batches)`` once, before the optimizer exists, on a fresh run only
-  (``batches(n)`` yields n training batches on the device from their own seeded stream,
-  ``loss_of(batch)`` the task loss): choose masks, create the parameters to train;
-  ``before_step(step)`` before the micro-batches of optimizer step ``step`` (0-based);
-  ``after_step(step, optimizer)`` after ``optimizer.step()``, before ``zero_grad``;
-  ``state_dict()`` / ``load_state_dict(state)``: whatever a resumed run needs that the trainable
-  parameters do not hold (masks, updated base weights), restored before the optimizer is built;
-  ``final(evaluate) -> dict``: extra fields of the result record (``evaluate(split)`` gives
-  that split's metrics of the model as it is).
+- optionally ``hooks(model, modules, cfg)``: a ``MethodHooks`` object (``adabudget.methods.hooks``)
+  whose ``calibrate``, ``before_step``, ``after_step``, ``state_dict`` / ``load_state_dict`` and
+  ``final`` the training loop calls, for methods that act outside forward and backward.
 
 Adding a method means its file, one ``Method`` line in ``REGISTRY`` (``spaces=IN_METHODS_SPACE``
 offers it in the ``methods`` search space), ``configs/method/<name>.yaml`` and one row in
@@ -59,6 +50,7 @@ from adabudget.methods import (
     sparse,
     unipelt,
 )
+from adabudget.methods.hooks import MethodHooks
 
 
 @dataclass(frozen=True)
@@ -68,7 +60,7 @@ class Method:
     count: Callable
     size: Optional[str] = None  # the integer size knob a budget solver scales (None: fixed size)
     merge: Optional[Callable] = None  # None: the method cannot merge into the base weights
-    hooks: Optional[Callable] = None  # (model, modules, cfg) -> the loop's hooks object (module docstring)
+    hooks: Optional[Callable] = None  # (model, modules, cfg) -> MethodHooks, the loop's calls (methods.hooks)
     trains_base: bool = False  # trains or writes the base weights themselves (no 4-bit base under it)
     # adapter/ is written in peft's LoRA format (adabudget.export.export_peft_adapter)
     peft_export: bool = False
@@ -282,8 +274,8 @@ def apply_plan(model, plan: Plan) -> dict:
     return hybrid.apply_groups(model, plan.groups)
 
 
-def step_hooks(model, plan: Plan, wrapped: dict) -> list:
-    """The training-loop hooks of every method in ``plan`` that has them (see the module docstring)."""
+def step_hooks(model, plan: Plan, wrapped: dict) -> list[MethodHooks]:
+    """The ``MethodHooks`` of every method in ``plan`` that has them, in the plan's order."""
     out = []
     for group in plan.groups:
         for name, cfg in group.methods.items():
@@ -295,13 +287,13 @@ def step_hooks(model, plan: Plan, wrapped: dict) -> list:
     return out
 
 
-def call_hooks(hooks: list, name: str, *args) -> list:
-    """``hook.<name>(*args)`` of each hooks object that has it, in order (None for those without)."""
-    return [getattr(h, name)(*args) if hasattr(h, name) else None for h in hooks]
+def hook_states(hooks: list[MethodHooks]) -> list:
+    """Every hooks object's ``state_dict()`` (None where it keeps nothing), for a checkpoint or ``hooks.pt``."""
+    return [h.state_dict() for h in hooks]
 
 
-def load_hook_states(hooks: list, states) -> None:
-    """Restore what ``call_hooks(hooks, "state_dict")`` saved (a checkpoint's, an adapter's ``hooks.pt``)."""
+def load_hook_states(hooks: list[MethodHooks], states) -> None:
+    """Restore what ``hook_states(hooks)`` saved (a checkpoint's, an adapter's ``hooks.pt``)."""
     for h, state in zip(hooks, states or []):
         if state is not None:
             h.load_state_dict(state)

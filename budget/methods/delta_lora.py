@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 from adabudget.config import ConfigError
 from adabudget.methods import lora
+from adabudget.methods.hooks import MethodHooks
 from adabudget.methods.lora import LoRALinear
 from torch import nn
 
@@ -147,8 +148,8 @@ def add_product_change_(layer: LoRALinear, a0: torch.Tensor, b0: torch.Tensor, c
         w.add_((delta.T if layer.fan_in_fan_out else delta).to(w.dtype))
 
 
-class DeltaLoRAHooks:
-    """The training loop's side of Delta-LoRA (``adabudget.methods`` docstring: the hooks seam)."""
+class DeltaLoRAHooks(MethodHooks):
+    """The training loop's side of Delta-LoRA (``MethodHooks``): W follows the change of the product AB."""
 
     def __init__(self, layers: dict[str, DeltaLoRALinear], update_ratio: float, start_step: int):
         self.layers = layers

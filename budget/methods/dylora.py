@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from adabudget.config import ConfigError
 from adabudget.methods import lora
+from adabudget.methods.hooks import MethodHooks
 from adabudget.methods.lora import LoRALinear, set_active
 from torch import nn
 
@@ -190,8 +191,8 @@ def merge(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     lora.merge(model, {name: m for name, m in modules.items() if is_dylora(m)})
 
 
-class DyLoRAHooks:
-    """The training loop's side of DyLoRA (``adabudget.methods`` docstring): sampled ranks, masked
+class DyLoRAHooks(MethodHooks):
+    """The training loop's side of DyLoRA (``MethodHooks``): sampled ranks, masked
     gradients, held components, the rank curve."""
 
     def __init__(self, layers: dict[str, LoRALinear], cfg: DyLoRAConfig, seed: int):

@@ -57,6 +57,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from adabudget.config import ConfigError
+from adabudget.methods.hooks import MethodHooks
 from adabudget.modules import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
 
@@ -368,8 +369,8 @@ def importance(
     return acc
 
 
-class SparseHooks:
-    """The training loop's seam (``adabudget.methods`` docstring): re-choose the entries from
+class SparseHooks(MethodHooks):
+    """The training loop's side of sparse fine-tuning (``MethodHooks``): re-choose the entries from
     gradient scores in ``calibrate``; save and restore them for a resumed run."""
 
     def __init__(self, layers: dict[str, SparseLinear], cfg: SparseConfig):
