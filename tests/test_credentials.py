@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from adabudget.config import ConfigError
 from adabudget.search.credentials import scrub, without_password
+from conftest import cli, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "search" / "plugins"
@@ -29,22 +28,12 @@ PASSWORD = "pw" + secrets.token_hex(12)  # 26 characters no file could hold by c
 
 
 def env(**extra: str) -> dict:
-    out = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
+    """A CLI subprocess's environment without the password, plus ``extra`` (a test's PGPASSWORD)."""
+    out = cli_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     out.pop("PGPASSWORD", None)  # a reader gets it only where a test gives it
     out.update(extra)
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(PLUGINS), out.get("PYTHONPATH")) if p)
     return out
-
-
-def cli(args: list[str], cwd: Path, timeout: int = 600, **extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=timeout)
 
 
 def holding_password(root: Path) -> list[str]:
@@ -169,6 +158,7 @@ def test_no_byte_of_the_password_is_written_printed_or_mirrored(postgres, tmp_pa
             f"runs_root={runs}",
         ],
         cwd=tmp_path,
+        env=env(),
     )
     outputs.append(proc.stdout + proc.stderr)
     assert proc.returncode == 0, scrub(proc.stderr[-3000:])
@@ -188,16 +178,18 @@ def test_no_byte_of_the_password_is_written_printed_or_mirrored(postgres, tmp_pa
     # 2. the dashboard of the study folder: the stored URL and PGPASSWORD; without it, a clear refusal
     page = tmp_path / "pages" / "study.html"
     refused = cli(
-        ["dashboard", str(root), "--out", str(page)], cwd=tmp_path, PGPASSFILE=str(tmp_path / "no-pgpass")
+        ["dashboard", str(root), "--out", str(page)],
+        cwd=tmp_path,
+        env=env(PGPASSFILE=str(tmp_path / "no-pgpass")),
     )
     outputs.append(refused.stdout + refused.stderr)
     assert refused.returncode == 2 and "PGPASSWORD" in refused.stderr and not page.exists()
-    shown = cli(["dashboard", str(root), "--out", str(page)], cwd=tmp_path, PGPASSWORD=PASSWORD)
+    shown = cli(["dashboard", str(root), "--out", str(page)], cwd=tmp_path, env=env(PGPASSWORD=PASSWORD))
     outputs.append(shown.stdout + shown.stderr)
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert "Study lr-mr: 2 trials" in page.read_text()
     # the URL with its password given on the command line: the page and the line name it without
-    direct = cli(["dashboard", url, "--out", str(tmp_path / "pages" / "url.html")], cwd=tmp_path)
+    direct = cli(["dashboard", url, "--out", str(tmp_path / "pages" / "url.html")], cwd=tmp_path, env=env())
     outputs.append(direct.stdout + direct.stderr)
     assert direct.returncode == 0, scrub(direct.stderr[-3000:])
     assert without_password(url) in (tmp_path / "pages" / "url.html").read_text()
@@ -220,6 +212,7 @@ def test_no_byte_of_the_password_is_written_printed_or_mirrored(postgres, tmp_pa
             "train.lr=choice(5e-3,1e-3)",
         ],
         cwd=tmp_path,
+        env=env(),
     )
     outputs.append(proc.stdout + proc.stderr)
     assert proc.returncode == 0, scrub(proc.stderr[-3000:])

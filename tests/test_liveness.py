@@ -32,17 +32,6 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS
 ELSEWHERE = "another-machine/pid:[1]"
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    from pg import PostgresServer, find_bindir
-
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
-    with PostgresServer(bindir) as server:
-        yield server
-
-
 def bare_setup(storage: str, root: Path, grace: float = 600.0, study: str = "s") -> Setup:
     return Setup(
         base={},
