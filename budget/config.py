@@ -223,14 +223,9 @@ def validate(run: RunConfig) -> None:
             f"{run.model.quantize} stores the base weights with torchao's NF4 tensor, and torchao is not "
             f"installed: {QLORA_INSTALL}",
         )
-        # NF4 weights cannot take gradient steps, and a merged checkpoint needs plain weights
-        method = getattr(run.method, "name", None)
-        _check(
-            method not in ("full", "freeze", "sparse", "rosa", "delta_lora"),
-            "model.quantize",
-            f"method={method} trains or updates the base weights themselves, which nf4 stores frozen in 4 "
-            "bits; use model.quantize=null, or a method that trains on top (lora, adalora, dylora, adapter, ...)",
-        )
+        # NF4 weights cannot take gradient steps: the methods that train the base weights are refused
+        # by adabudget.methods.check_quantized_base (the registry's Method.trains_base), which
+        # train() and the search call after this (this module imports no other part of budget)
     _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     try:
         codecs.lookup(d.encoding)

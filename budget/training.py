@@ -33,6 +33,7 @@ from adabudget.log import group_ranks, log, module_table
 from adabudget.methods import (
     REGISTRY,
     apply_plan,
+    check_quantized_base,
     hook_states,
     load_hook_states,
     methods_in,
@@ -65,6 +66,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     if run.resume:
         run = resumed(run)  # the saved config, changed only in RESUMABLE knobs
     validate(run)
+    check_quantized_base(run)
     check_exports(run)
     tc = run.train
     if tc.num_threads:

@@ -58,6 +58,7 @@ def prepare(cfg) -> Setup:
     """Check the search and the run config and settle the study's name and storage (no trial runs)."""
     from adabudget.compose import resolve
     from adabudget.config import to_dict, validate
+    from adabudget.methods import check_quantized_base
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):
@@ -70,6 +71,7 @@ def prepare(cfg) -> Setup:
         scfg.space = "supernet"
     run = resolve(cfg)
     validate(run)
+    check_quantized_base(run)
     task_meta = _task_meta(run)
     scfg.validate(task_meta["primary"])
     objectives = scfg.objective_names(task_meta["primary"])

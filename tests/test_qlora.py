@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from adabudget.compose import resume_config
+from adabudget.compose import resolve, resume_config
 from adabudget.config import ConfigError
 from adabudget.export import load_adapter, save_adapter
-from adabudget.methods import apply_method, lora, method_config_from_dict
+from adabudget.methods import REGISTRY, apply_method, check_quantized_base, lora, method_config_from_dict
 from adabudget.modules import is_head, is_linear
 from adabudget.quantize import dequantize_base, quantize_base, tensor_bytes
 from adabudget.training import train
@@ -302,6 +302,35 @@ def test_unknown_quantize_fails_before_anything_loads(compose_run, monkeypatch):
     monkeypatch.setattr(adabudget.session, "load_tokenizer", must_not_load)
     with pytest.raises(ConfigError, match=r"model.quantize: unknown 'int3'; use null .* or nf4"):
         train(compose_run("model.quantize=int3", "method=lora"))
+
+
+TRAINS_BASE = sorted(name for name, spec in REGISTRY.items() if spec.trains_base)
+
+
+@pytest.mark.parametrize("method", TRAINS_BASE)
+def test_a_method_that_trains_the_base_is_refused_on_nf4_before_anything_loads(
+    compose_run, monkeypatch, method
+):
+    """The refusal reads the registry (``Method.trains_base``), not a list of names beside it."""
+    import adabudget.session
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before the config was checked")
+
+    monkeypatch.setattr(adabudget.session, "load_tokenizer", must_not_load)
+    assert {"full", "freeze", "sparse", "rosa", "delta_lora"} <= set(TRAINS_BASE)
+    with pytest.raises(ConfigError, match=rf"model.quantize: method=.*{method}.* trains or updates the base"):
+        train(compose_run("model.quantize=nf4", f"method={method}"))
+
+
+def test_methods_on_top_of_the_base_pass_the_nf4_check(compose_run):
+    for method in ("lora", "adalora", "dylora", "adapter"):
+        run = resolve(compose_run("model.quantize=nf4", f"method={method}"))
+        assert not REGISTRY[method].trains_base
+        check_quantized_base(run)  # no refusal
+        run.method = method_config_from_dict({"name": "full"})
+        with pytest.raises(ConfigError, match=r"model.quantize: method=full trains or updates"):
+            check_quantized_base(run)
 
 
 @needs_torchao

@@ -225,6 +225,22 @@ def methods_in(cfg) -> list[str]:
     return list(getattr(cfg, "components", None) or [cfg.name])
 
 
+def check_quantized_base(run) -> None:
+    """``model.quantize`` stores the base weights frozen in 4 bits: refuse a method that trains or
+    writes them (``Method.trains_base``; a composition: any of its parts) with a ConfigError naming
+    the field and the fix. ``adabudget.config.validate`` checks the rest of ``model.quantize``."""
+    if run.model.quantize is None:
+        return
+    names = dict.fromkeys([run.method.name, *methods_in(run.method)])
+    trains_base = [m for m in names if m in REGISTRY and REGISTRY[m].trains_base]
+    if trains_base:
+        raise ConfigError(
+            f"model.quantize: method={', '.join(trains_base)} trains or updates the base weights themselves, "
+            f"which {run.model.quantize} stores frozen in 4 bits; use model.quantize=null, or a method that "
+            "trains on top (lora, adalora, dylora, adapter, ...)"
+        )
+
+
 def adalora_config_of(cfg):
     """The AdaLoRA config of a configuration before it is planned (a hybrid: its first AdaLoRA
     group's, enough for the schedule checks, which only read the phase knobs), or None."""
