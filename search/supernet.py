@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -106,6 +107,8 @@ from adabudget.session import RunSession, total_steps_for
 from adabudget.session import setup as setup_run
 from torch import nn
 
+# LoRA layers that can compute with a slice of their rank (the other methods' modules all can)
+BUILD = {"lora": functools.partial(lora.apply, layer_cls=lora.SlicedLoRALinear)}
 SET_ACTIVE = {
     "lora": lora.set_active,
     "adapter": adapter.set_active,
@@ -163,7 +166,7 @@ class Supernet:
         units: dict = {}
         for group in plan.groups:
             for name, mcfg in group.methods.items():
-                for path, module in REGISTRY[name].apply(model, mcfg, group.layers).items():
+                for path, module in BUILD.get(name, REGISTRY[name].apply)(model, mcfg, group.layers).items():
                     block = next(i for i in range(space.layers) if path.startswith(space.arch.block(i) + "."))
                     units.setdefault((name, block), []).append((path, module))
         return cls(model, space, units)

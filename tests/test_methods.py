@@ -301,3 +301,52 @@ def test_layers_out_of_range_fail_in_count_and_apply(row):
         count_method(cfg, arch_of(model))
     with pytest.raises(ConfigError, match="method.layers"):
         apply_method(model, cfg)
+
+
+# ---------------------------------------------------------------- the LoRA layers' consumers
+def test_unipelt_gate_scales_the_lora_path_per_example():
+    """UniPELT's LoRA layer: y = W0 x + b + G_L(x) s B A x, one gate value per example; a closed
+    gate (sigmoid -> 0) leaves the base layer alone. The plain LoRALinear has no gate."""
+    from adabudget.methods.lora import LoRALinear
+    from adabudget.methods.unipelt import GatedLoRALinear
+
+    model = build("tiny-bert")
+    cfg = method_config_from_dict(
+        {"name": "unipelt", "lora_r": 4, "prefix_length": 3, "adapter_bottleneck": 8}
+    )
+    layers = [m for m in apply_method(model, cfg).values() if isinstance(m, GatedLoRALinear)]
+    assert layers and not hasattr(LoRALinear(torch.nn.Linear(4, 4), 2, 1.0), "gate")
+    layer = layers[0]
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.B.normal_()
+        base = layer.base(x)
+        delta = layer.scaling * x @ layer.A.T @ layer.B.T  # (2, 5, out): s B A x
+        gate = layer.gate(x)  # (2, 1, 1)
+        assert gate.shape == (2, 1, 1) and not torch.allclose(gate[0], gate[1])
+        torch.testing.assert_close(layer(x), base + gate * delta)
+        layer.gate.proj.bias.fill_(-1e4)
+        torch.testing.assert_close(layer(x), base)
+
+
+def test_only_sliced_lora_layers_compute_with_part_of_their_rank():
+    """``set_active`` slices a SlicedLoRALinear (DyLoRA's layers, the supernet's) to its first r
+    components; a plain LoRALinear always computes at its full rank and refuses to be sliced."""
+    from adabudget.methods.lora import LoRALinear, SlicedLoRALinear, set_active
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    plain, sliced = LoRALinear(base, 4, 0.5), SlicedLoRALinear(base, 4, 0.5)
+    with torch.no_grad():
+        for layer in (plain, sliced):
+            layer.A.copy_(torch.arange(24.0).view(4, 6) / 24)
+            layer.B.copy_(torch.arange(20.0).view(5, 4) / 20)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(x), plain(x))
+        assert set_active(sliced, 2) == {"A": (slice(0, 2),), "B": (slice(None), slice(0, 2))}
+        torch.testing.assert_close(sliced(x), base(x) + 0.5 * x @ plain.A[:2].T @ plain.B[:, :2].T)
+        assert set_active(sliced, 0) == {}
+        torch.testing.assert_close(sliced(x), base(x))
+    with pytest.raises(TypeError, match="SlicedLoRALinear"):
+        set_active(plain, 2)

@@ -18,15 +18,15 @@ frozen mode is what its GLUE runs train); its truncation multiplies A[:b] and B[
 sqrt(r / b) each on top of alpha / r, which is the scale alpha / b used here; it evaluates dev
 at every rank after training (our ``rank_curve``).
 
-The layers are ``adabudget.methods.lora.LoRALinear`` at rank r_max, truncated with its
-``set_active`` slicing; ``set_rank`` also sets the scale alpha / b. The training loop drives
-them through ``hooks`` (``adabudget.methods`` docstring): ``before_step`` samples b and masks the
-gradients, ``after_step`` holds the components that were not trained at their values (``hold``)
-and puts the layers back at the serving rank, ``final`` evaluates dev at every rank
+The layers are ``DyLoRALinear`` (an ``adabudget.methods.lora.SlicedLoRALinear``) at rank r_max,
+truncated with its ``set_active`` slicing; ``set_rank`` also sets the scale alpha / b. The training
+loop drives them through ``hooks`` (``adabudget.methods`` docstring): ``before_step`` samples b and
+masks the gradients, ``after_step`` holds the components that were not trained at their values
+(``hold``) and puts the layers back at the serving rank, ``final`` evaluates dev at every rank
 (``rank_curve``). Between steps, for dev and test evaluation, the merge and both exports, the
 layers compute at the serving rank ``export_rank`` (default r_max); ``export_peft_adapter``,
-``save_adapter``, ``save_merged``, ``merge_methods`` and ``load_adapter`` (``adabudget.export``) take
-``rank=k`` to export, merge or load rank k instead (``at_rank``).
+``save_adapter``, ``save_merged``, ``merge_methods`` and ``load_adapter`` (``adabudget.export``)
+take ``rank=k`` to export, merge or load rank k instead (``at_rank``).
 
 Departures from the paper and its code:
 - b is drawn from a generator seeded by (run seed, step), so a resumed run samples the same
@@ -41,6 +41,7 @@ Departures from the paper and its code:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,8 +104,17 @@ def sample_rank(seed: int, step: int, r_min: int, r_max: int) -> int:
     return int(np.random.default_rng([seed, step]).integers(r_min, r_max + 1))
 
 
+class DyLoRALinear(lora.SlicedLoRALinear):
+    """A LoRA layer of rank r_max that DyLoRA runs at rank b (``set_rank``: A[:b], B[:, :b] and
+    the scale alpha / b, eq. 4)."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, *, alpha: float):
+        super().__init__(base, r, scaling, dropout)
+        self.alpha = alpha
+
+
 def is_dylora(module: nn.Module) -> bool:
-    return isinstance(module, LoRALinear) and hasattr(module, "dylora_alpha")
+    return isinstance(module, DyLoRALinear)
 
 
 def set_rank(modules: dict[str, nn.Module], b: int) -> None:
@@ -112,7 +122,7 @@ def set_rank(modules: dict[str, nn.Module], b: int) -> None:
     for layer in modules.values():
         if is_dylora(layer):
             set_active(layer, b)
-            layer.scaling = layer.dylora_alpha / b
+            layer.scaling = layer.alpha / b
 
 
 def choose_rank(modules: dict[str, nn.Module], rank: int) -> None:
@@ -172,9 +182,9 @@ def as_lora(cfg: DyLoRAConfig) -> lora.LoRAConfig:
 
 
 def apply(model: nn.Module, cfg: DyLoRAConfig, layers: list[int] | None = None) -> dict[str, LoRALinear]:
-    wrapped = lora.apply(model, as_lora(cfg), layers)
-    for layer in wrapped.values():
-        layer.dylora_alpha = cfg.alpha  # marks the layer as DyLoRA's (set_rank rescales it)
+    wrapped = lora.apply(
+        model, as_lora(cfg), layers, layer_cls=functools.partial(DyLoRALinear, alpha=cfg.alpha)
+    )
     set_rank(wrapped, cfg.serving_rank)  # a model built from this config computes at the export rank
     return wrapped
 

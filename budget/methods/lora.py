@@ -1,9 +1,11 @@
 """LoRA (Hu et al., 2022): W = W0 + (alpha / r) B A, B zero-initialised.
 
-``set_active(layer, r)`` makes a layer built at rank R compute with its first r rank-one
-components, A[:r] and B[:, :r] (views, no copy), keeping its scaling: a weight-sharing
-supernet (``search.supernet``) trains one R-wide layer for every smaller rank at once, and a
-stand-alone layer of rank r holding those rows and columns computes the same function.
+``LoRALinear`` is the plain layer; its consumers subclass it: ``SlicedLoRALinear`` (here) computes
+with its first r rank-one components, A[:r] and B[:, :r] (views, no copy), keeping its scaling
+(``set_active(layer, r)``): DyLoRA's layers run at a sampled rank, and a weight-sharing supernet
+(``search.supernet``) trains one R-wide layer for every smaller rank at once; a stand-alone layer
+of rank r holding those rows and columns computes the same function. Delta-LoRA's and UniPELT's
+gated layers are subclasses in their own method files.
 """
 
 from __future__ import annotations
@@ -50,8 +52,6 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.gate = None  # UniPELT sets a learned gate x -> (B, 1, 1) on the LoRA path
-        self.active: int | None = None  # rank in use (a supernet's slice, ``set_active``); None: all
 
     @property
     def rank(self) -> int:
@@ -59,14 +59,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        A, B = self.A, self.B
-        if self.active is not None:  # a supernet slice: the first r components (views)
-            if self.active == 0:
-                return out
-            A, B = A[: self.active], B[:, : self.active]  # (r, in), (out, r)
-        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., r)
-        if self.gate is not None:
-            h = h * self.gate(x).to(h.dtype)  # (B, T, r) * (B, 1, 1): gates s B A x per example
+        A, B = self.factors()  # (r, in), (out, r)
+        h = self.down(x, A)  # (..., r)
         if out.dtype == h.dtype:
             # out += s h Bᵀ in one fused GEMM (as SVDLinear does), no (..., out) temporary
             return (
@@ -76,13 +70,16 @@ class LoRALinear(nn.Module):
             )
         return out + (F.linear(h, B) * self.scaling).to(out.dtype)
 
+    def down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """A x after dropout, (..., r): what B maps back up (UniPELT's layer gates it)."""
+        return F.linear(self.dropout(x).to(A.dtype), A)
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the active slice, views: (r, in), (out, r)."""
-        r = self.rank if self.active is None else self.active
-        return self.A[:r], self.B[:, :r]
+        """(A, B) the layer computes with: (r, in), (out, r)."""
+        return self.A, self.B
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW in nn.Linear layout (out, in) (of the active slice)."""
+        """ΔW in nn.Linear layout (out, in) (of the factors in use)."""
         a, b = self.factors()
         return self.scaling * b @ a
 
@@ -93,7 +90,27 @@ class LoRALinear(nn.Module):
         return a, b * self.scaling
 
 
-def set_active(layer: LoRALinear, r: int | None) -> dict[str, tuple]:
+class SlicedLoRALinear(LoRALinear):
+    """A ``LoRALinear`` built at rank R that computes with its first ``active`` components
+    (``set_active``; None: all R, 0: the base layer alone)."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__(base, r, scaling, dropout)
+        self.active: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active == 0:
+            return self.base(x)
+        return super().forward(x)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A[:r], B[:, :r]) of the slice in use, views: (r, in), (out, r)."""
+        if self.active is None:
+            return self.A, self.B
+        return self.A[: self.active], self.B[:, : self.active]
+
+
+def set_active(layer: SlicedLoRALinear, r: int | None) -> dict[str, tuple]:
     """Compute with the first ``r`` rank-one components only (0: the base layer alone; None: all).
 
     The scaling stays: a stand-alone rank-r layer with the same s (alpha = s r) and the weights
@@ -101,6 +118,10 @@ def set_active(layer: LoRALinear, r: int | None) -> dict[str, tuple]:
     ``{"A": (slice(0, r),), "B": (slice(None), slice(0, r))}``, empty when off: the rest gets
     zero gradient and must not be updated (a supernet's masked optimizer reads this).
     """
+    if not isinstance(layer, SlicedLoRALinear):
+        raise TypeError(
+            f"set_active: {type(layer).__name__} computes at its full rank; build it as a SlicedLoRALinear"
+        )
     if r is not None and not 0 <= r <= layer.rank:
         raise ValueError(f"LoRA slice r={r} outside 0..{layer.rank}")
     layer.active = None if r is None or r == layer.rank else r
@@ -111,8 +132,8 @@ def set_active(layer: LoRALinear, r: int | None) -> dict[str, tuple]:
 def apply(
     model: nn.Module, cfg: LoRAConfig, layers: list[int] | None = None, layer_cls: type = LoRALinear
 ) -> dict[str, LoRALinear]:
-    """Wrap every target in ``layer_cls`` (``LoRALinear`` or a subclass: DyLoRA's and Delta-LoRA's
-    layers are built here too)."""
+    """Wrap every target in ``layer_cls`` (``LoRALinear`` or a subclass: the sliced, DyLoRA's,
+    Delta-LoRA's and UniPELT's layers are built here too)."""
     layers = layers if layers is not None else cfg.layers
     patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
     scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)

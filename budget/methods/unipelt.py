@@ -176,6 +176,17 @@ class Gate(nn.Module):
         return f"in={self.proj.in_features}"
 
 
+class GatedLoRALinear(lora.LoRALinear):
+    """UniPELT's LoRA: y = W0 x + b + s B (A x) G_L(x), the gate ``gate`` (a ``Gate``, one factor
+    per example) set by ``apply`` once every layer is built (so the initial weights draw from the
+    seeded stream in the reference's order: every A, then every gate)."""
+
+    gate: Gate
+
+    def down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return super().down(x, A) * self.gate(x).to(A.dtype)  # (B, T, r) * (B, 1, 1)
+
+
 def lora_specs(cfg: UniPELTConfig, arch) -> list:
     """The LinearSpecs of one block that LoRA adapts: the roles of ``lora_targets``, q/k/v -> qkv on GPT-2."""
     roles = set(cfg.lora_targets)
@@ -215,7 +226,7 @@ def apply(model: nn.Module, cfg: UniPELTConfig, layers: list[int] | None = None)
     _check(arch, layers)  # before anything is added: DeBERTa-v2 is refused whole
     lora_cfg, adapter_cfg, prefix_cfg = cfg.parts(arch)
     wrapped: dict[str, nn.Module] = {}
-    for name, layer in lora.apply(model, lora_cfg, layers).items():
+    for name, layer in lora.apply(model, lora_cfg, layers, layer_cls=GatedLoRALinear).items():
         layer.gate = Gate(layer.in_features, layer.A.device, layer.A.dtype)  # G_L, one per adapted matrix
         wrapped[name] = layer
     for name, module in adapter.apply(model, adapter_cfg, layers).items():
