@@ -4,7 +4,8 @@ The public API (``adabudget.api``): ``train``, ``load``, ``records``, ``dashboar
 each imports what it needs when called, so ``import adabudget`` is cheap.
 """
 
-__version__ = "0.1.0"
+from adabudget.version import __version__
+
 __all__ = ["train", "load", "records", "dashboard", "table"]
 
 

@@ -573,13 +573,13 @@ def _replay(run, run_dir: Path, previous: str, resume_step: int) -> None:
 
 def environment() -> dict:
     """Package versions and the git commit, for result.json."""
-    import adabudget
     import torch
     import transformers
+    from adabudget.version import __version__
 
     versions = {
         "python": platform.python_version(),
-        "adabudget": adabudget.__version__,
+        "adabudget": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

@@ -153,13 +153,8 @@ def _folder_name(import_name: str) -> str:
     return ".".join(inner if inner and inner[0] in ("search", "analysis") else ["budget", *inner])
 
 
-# Edges left out of the cycle check until their owner removes them, each with its reason:
-KNOWN_EDGES = {
-    # log.environment() reads adabudget.__version__ (``import adabudget``), and the package's lazy
-    # public API (budget/__init__.py -> api -> training -> log) closes a ring through it; the
-    # version belongs in a leaf (or importlib.metadata) that imports nothing
-    ("budget.log", "budget"),
-}
+# Edges left out of the cycle check until their owner removes them, each with its reason (none now).
+KNOWN_EDGES: set[tuple[str, str]] = set()
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
