@@ -4,7 +4,7 @@ The public API (``adabudget.api``): ``train``, ``load``, ``records``, ``dashboar
 each imports what it needs when called, so ``import adabudget`` is cheap.
 """
 
-from adabudget.version import __version__
+from adabudget.version import __version__  # noqa: F401  (adabudget.__version__)
 
 __all__ = ["train", "load", "records", "dashboard", "table"]
 
