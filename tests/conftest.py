@@ -113,13 +113,18 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # ---------------------------------------------------------------- tiers: a first signal in minutes
-# ``integration``: tests that drive the whole CLI, search workers or other subprocesses (a run in a
-# fresh interpreter, torchrun, a browser, pdflatex, a pytest session). ``pytest -m "not
-# integration"`` is the fast first tier (about 2 minutes at one thread); plain ``pytest`` runs both
-# (README, .ci/run). Entries as in MUST_RUN_IN_CI: a file, a node id or an fnmatch pattern; an
-# entry that names no test of a collected file fails the collection, so a renamed test cannot drop
+# ``integration``: whole programs and whole runs. Tests that start another process (the CLI in a
+# fresh interpreter, search workers, torchrun, PostgreSQL, a browser, pdflatex, a pytest session),
+# and tests that run a whole program in this one: a training run to its end or its resume, a
+# search, sweep, benchmark or reproduce protocol, an HF Trainer. ``pytest -m "not integration"``
+# is the fast first tier, the pieces (layers, every method on tiny models, allocator, schedules,
+# data, configs, exports; one whole run, test_train's test_adalora_run_record, as a smoke test):
+# about 2.5 minutes at one thread where the default tier takes about 10. Plain ``pytest`` runs
+# both (README, .ci/run). Entries as in MUST_RUN_IN_CI: a file, a test or an fnmatch pattern; an
+# entry naming no test of its collected file fails the collection, so a renamed test cannot drop
 # out of the tier unnoticed.
 INTEGRATION = [
+    # another process
     "tests/test_api.py::test_the_api_works_from_a_folder_with_its_own_search_and_analysis",
     "tests/test_api.py::test_cli_and_a_search_run_from_a_folder_with_its_own_search_py",
     "tests/test_api.py::test_import_adabudget_is_cheap",
@@ -128,24 +133,51 @@ INTEGRATION = [
     "tests/test_ci_skips.py::test_outside_ci_the_same_skips_pass",
     "tests/test_ci_skips.py::test_under_ci_other_skips_pass",
     "tests/test_cli.py",
+    "tests/test_credentials.py::test_a_reader_takes_the_password_from_pgpassword_and_says_so_when_refused",
     "tests/test_credentials.py::test_no_byte_of_the_password_is_written_printed_or_mirrored",
     "tests/test_dashboard.py",
     "tests/test_distributed.py",
-    "tests/test_final_phase.py::test_a_signal_in_the_final_phase_interrupts_and_resume_finishes",
-    "tests/test_final_phase.py::test_sighup_and_sigusr1_stop_a_run_like_sigterm",
     "tests/test_hub_access.py::test_unreachable_hub_*",
-    "tests/test_liveness.py::test_pid_reuse_and_dead_pids_fail_trials_and_a_live_pid_keeps_its_trial",
-    "tests/test_liveness.py::test_a_slow_trial_of_another_host_is_not_failed",
-    "tests/test_liveness.py::test_a_sweeps_silent_job_on_postgresql_stays_alive_for_other_hosts",
+    "tests/test_liveness.py",
     "tests/test_records.py",
-    "tests/test_reproduce.py::test_two_cells_run_resume_and_tabulate",
     "tests/test_search.py",
     "tests/test_sweeper.py",
     "tests/test_tables.py::test_latex_escapes_and_compiles",
+    "tests/test_wandb.py",
+    # a whole run, search, benchmark, protocol or Trainer in this process
+    "tests/test_bench.py",
+    "tests/test_bench_search.py",
+    "tests/test_callbacks.py::test_trainer_*",
+    "tests/test_callbacks.py::test_orth_penalty_*",
+    "tests/test_callbacks.py::test_adalora_optimizer_groups_follow_the_trainer_scheduler",
+    "tests/test_callbacks.py::test_no_shrink_under_ddp_trains",
+    "tests/test_delta_lora.py::test_merge_and_adapter_reproduce_the_trained_model",
+    "tests/test_delta_lora.py::test_resume_continues_exactly",
+    "tests/test_delta_lora.py::test_update_ratio_zero_trains_as_lora",
+    "tests/test_dylora.py::test_ranks_follow_the_stream_and_resume_samples_the_same",
+    "tests/test_dylora.py::test_record_holds_the_rank_curve",
+    "tests/test_final_phase.py",
+    "tests/test_hybrid.py::test_train_s4_end_to_end_on_mr",
+    "tests/test_hybrid.py::test_adalora_in_two_groups_shares_one_budget_and_merges",
+    "tests/test_longlora.py::test_tiny_llama_trains_through_the_loop",
+    "tests/test_peft_ref.py::test_peft_adalora_trains_in_our_loop",
+    "tests/test_qlora.py::test_lora_and_adalora_train_on_nf4",
+    "tests/test_qlora.py::test_an_interrupted_nf4_run_resumes_to_the_same_result",
+    "tests/test_quantum_peft.py::test_trains_and_exports_through_the_loop",
+    "tests/test_reproduce.py",
+    "tests/test_sparse.py::test_run_*",
+    "tests/test_sparse.py::test_rosa_warmup_run_resumes_inside_the_collection_window",
+    "tests/test_sparse.py::test_rosa_restarts_on_the_mask_of_a_warmed_up_run",
+    "tests/test_supernet.py",
+    "tests/test_torn_files.py::test_a_torn_last_line_is_dropped_on_resume_and_kept_in_a_bak",
+    "tests/test_torn_files.py::test_corruption_in_the_middle_of_a_record_is_refused_naming_the_line",
+    "tests/test_torn_files.py::test_config_yaml_is_written_atomically_and_only_when_it_changes",
+    "tests/test_torn_files.py::test_a_broken_last_checkpoint_falls_back_to_the_previous_one",
     "tests/test_torn_files.py::test_resuming_a_live_run_is_refused_and_a_dead_ones_lock_is_taken_over",
     "tests/test_torn_files.py::test_without_flock_the_holders_host_pid_and_start_time_decide",
     "tests/test_torn_files.py::test_the_hydra_sweeper_repairs_its_journal_when_it_resumes",
-    "tests/test_wandb.py",
+    "tests/test_train.py::test_[!a]*",  # every run but the smoke test (and the allocator's unit test)
+    "tests/test_trial_failures.py",
 ]
 # The tiers a ``-m`` expression keeps out when it names neither: ``pytest -m "not integration"``
 # means "... and not slow and not gpu", as plain ``pytest`` does (pyproject's addopts).
