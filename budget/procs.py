@@ -10,6 +10,7 @@ namespace's inode), and a pid is judged only inside its own pid space.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -100,27 +101,38 @@ def process_alive(record: dict) -> bool | None:
 def claim(path: str | Path) -> bool:
     """Take ``path`` (a claim file) for this process: created exclusively, holding ``identity()``.
 
-    A claim whose process is gone (killed before it gave the claim back) is taken over; a claim of
-    a live process, of another pid space, or unreadable (being written this instant) is not.
-    Give a claim back by deleting the file.
+    A claim whose process is gone (killed before it gave the claim back) is taken over, under an
+    exclusive ``flock`` of the file, so of several processes taking it over at once one wins; a
+    claim of a live process, of another pid space, or unreadable (being written this instant) is
+    not. Give a claim back by deleting the file.
     """
     path = Path(path)
     me = json.dumps(identity()).encode()
-    for _ in range(2):  # a dead owner's claim: removed once, then taken like a free one
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return False
-            if not isinstance(owner, dict) or process_alive(owner) is not False:
-                return False
-            path.unlink(missing_ok=True)
-            continue
-        try:
-            os.write(fd, me)
-        finally:
-            os.close(fd)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return _take_over(path, me)
+    try:
+        os.write(fd, me)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _take_over(path: Path, me: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:  # given back this instant
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the next taker reads what this one wrote
+        owner = json.loads(os.pread(fd, 4096, 0) or b"null")
+        if not isinstance(owner, dict) or process_alive(owner) is not False:
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
         return True
-    return False
+    except (OSError, ValueError):  # no flock on this file system, or a claim being written
+        return False
+    finally:
+        os.close(fd)  # and with it the lock

@@ -58,3 +58,25 @@ def test_an_explicit_run_dir_a_killed_process_claimed_is_taken_over(tmp_path, de
     assert claim_run_dir(tmp_path, "x", run_dir) == run_dir
     with pytest.raises(ConfigError, match="another process is starting a run in it"):
         claim_run_dir(tmp_path, "x", run_dir)  # now held by this live process
+
+
+def _race(path, barrier, won) -> None:
+    barrier.wait()
+    won.put(procs.claim(path))
+
+
+def test_of_several_processes_taking_over_a_dead_claim_at_once_one_wins(tmp_path, dead_pid):
+    import multiprocessing
+
+    path = tmp_path / procs.CLAIM
+    path.write_text(json.dumps({"host": procs.HOST, "pid": dead_pid}))
+    ctx = multiprocessing.get_context("fork")
+    barrier, won = ctx.Barrier(6), ctx.Queue()
+    racers = [ctx.Process(target=_race, args=(path, barrier, won)) for _ in range(6)]
+    for p in racers:
+        p.start()
+    results = [won.get(timeout=60) for _ in racers]
+    for p in racers:
+        p.join()
+    assert sorted(results) == [False] * 5 + [True]
+    assert json.loads(path.read_text())["pid"] in {p.pid for p in racers}
