@@ -289,6 +289,19 @@ def cli(
     return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def search_here(capsys, *args: str) -> tuple[int, str, str]:
+    """``adabudget search *args`` in this process: (exit code, stdout, stderr)."""
+    from adabudget.cli import main
+
+    code = 0
+    try:
+        main(["search", *args])
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def popen_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """``adabudget <args>`` started in a fresh interpreter, stdout and stderr piped."""
     env = cli_env() if env is None else env

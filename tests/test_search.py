@@ -26,6 +26,7 @@ from wsgiref.util import setup_testing_defaults
 import optuna
 import pytest
 import yaml
+from conftest import search_here
 from optuna.trial import TrialState
 
 # 10 steps of batch 16 on 256 movie reviews, evaluated on 128, one torch thread per worker
@@ -42,19 +43,6 @@ def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 def popen(args: list[str], cwd: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def search_here(capsys, *args: str) -> tuple[int, str, str]:
-    """``adabudget search *args`` in this process: (exit code, stdout, stderr)."""
-    from adabudget.cli import main
-
-    code = 0
-    try:
-        main(["search", *args])
-    except SystemExit as err:
-        code = err.code if isinstance(err.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def storage_of(url: str):

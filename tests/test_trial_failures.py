@@ -13,23 +13,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import search_here
 from optuna.trial import TrialState
 
 TINY = ["model=tiny-bert", "debug=fast", "train.max_steps=4", "train.num_threads=1", "search.threads=1"]
 LR_STUDY = [*TINY, "method=lora", "search.space=lr", "search.enqueue=[]"]
-
-
-def search_here(capsys, *args: str) -> tuple[int, str, str]:
-    """``adabudget search *args`` in this process: (exit code, stdout, stderr)."""
-    from adabudget.cli import main
-
-    code = 0
-    try:
-        main(["search", *args])
-    except SystemExit as err:
-        code = err.code if isinstance(err.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def inject(monkeypatch, failures: dict):
