@@ -264,6 +264,16 @@ class RunSession:
         if self.record is not None:
             self.record.heartbeat(step)
 
+    def train_line(self, row: dict) -> str | None:
+        """Write a train line of the record and the heartbeat; returns the error that ends the run
+        when its loss is not finite (both loops stop on it), else None."""
+        self.metrics(row)
+        self.heartbeat(row["step"])
+        if math.isfinite(row["loss"]):
+            return None
+        log.error("non-finite loss %s at step %d: stopping", row["loss"], row["step"])
+        return f"non-finite training loss ({row['loss']}) at step {row['step']}"
+
     def track_best(self, step: int, metrics: dict) -> None:
         """Keep ``metrics`` as the best dev evaluation if its main metric beats the best so far."""
         if not self.best or metrics[self.main_metric] > self.best["dev"][self.main_metric]:

@@ -18,7 +18,6 @@ checkpoint or allocation keeps them). What is not the loop lives beside it: ``ad
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -216,14 +215,11 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                 entry = {"step": step, "split": "train", "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
                 if allocator is not None:
                     entry.update(orth=(running[1] / window).item(), budget=allocator.budget_at(step))
-                session.metrics(entry)
-                session.heartbeat(step)
+                error = session.train_line(entry)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 running.zero_()
                 window = 0
-                if not math.isfinite(mean_loss):
-                    log.error("non-finite loss %s at step %d: stopping", mean_loss, step)
-                    error = f"non-finite training loss ({mean_loss}) at step {step}"
+                if error is not None:
                     status, fields = "failed", {"error": error}
                     break
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:

@@ -82,7 +82,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import os
 import socket
 import time
@@ -445,13 +444,10 @@ def train_supernet(cfg) -> dict:
             if step % tc.log_every == 0 or step == total_steps:
                 mean_loss = (running / window).item()
                 lr = tc.lr * lr_factor(step, warmup, total_steps)
-                session.metrics({"step": step, "split": "train", "loss": mean_loss, "lr": lr})
-                session.heartbeat(step)
+                error = session.train_line({"step": step, "split": "train", "loss": mean_loss, "lr": lr})
                 running.zero_()
                 window = 0
-                if not math.isfinite(mean_loss):
-                    log.error("non-finite loss %s at step %d: stopping", mean_loss, step)
-                    error = f"non-finite training loss ({mean_loss}) at step {step}"
+                if error is not None:
                     status, fields = "failed", {"error": error}
                     break
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
