@@ -19,6 +19,10 @@ from typing import Any, Optional
 
 CHECKPOINT_POLICIES = ("periodic", "end", "none")
 QUANTIZE = (None, "nf4")  # model.quantize
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision (autocast) and model.dtype (the frozen base)
+ANSWERS = ("text", "last_number", "gsm8k", "label_word")  # data.answer: what exact match compares
+LM_METRICS = ("exact_match", "rouge", "perplexity")  # data.metric: the primary metric of a causal-LM task
+PROMPT_TRUNCATION = (None, "left")  # data.prompt_truncation
 # torchao has no dependencies of its own, so this pulls no other torch or CUDA package
 QLORA_INSTALL = 'pip install -e ".[qlora]" (or pip install "torchao>=0.16")'
 
@@ -61,6 +65,9 @@ class ModelConfig:
     # blocks stored as 4-bit NormalFloat with double-quantised scales (torchao), dequantised in
     # forward; whatever method trains on top stays in 32 bits. Needs `pip install -e ".[qlora]"`.
     quantize: Optional[str] = None
+    # The dtype the frozen base is loaded in: null (fp32), bf16 or fp16 (half the memory); the
+    # trainable parameters stay fp32 whatever it is (train.precision sets the compute).
+    dtype: Optional[str] = None
 
 
 @dataclass
@@ -93,6 +100,23 @@ class DataConfig:
     # Text encoding of csv / jsonl files (any Python codec name); utf-8-sig also reads a
     # spreadsheet's byte-order mark, which would otherwise glue onto the first column name.
     encoding: str = "utf-8-sig"
+    # Causal-LM supervised fine-tuning (a decoder): prompt -> completion pairs, the loss on the
+    # completion tokens only. Packaged tasks (mr_instruct, aclsum, gsm8k_100) set these themselves;
+    # for hub and local data, naming both columns makes the task a causal-LM one.
+    prompt_column: Optional[str] = None
+    completion_column: Optional[str] = None
+    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (refused without one)
+    packing: bool = False  # concatenate short training examples into max_length rows
+    # A prompt longer than max_length is refused unless this says what to cut: left keeps its end.
+    prompt_truncation: Optional[str] = None
+    # Scoring by generation (None: the task's own choice): what exact match compares (text |
+    # last_number | gsm8k | label_word), the primary metric (exact_match | rouge | perplexity),
+    # how many tokens to generate and where to stop.
+    answer: Optional[str] = None
+    metric: Optional[str] = None
+    max_new_tokens: Optional[int] = None
+    stop: Optional[list] = None
+    aclsum_source: str = "abstract"  # aclsum's input: abstract | full (the whole paper, ~1,300 tokens)
 
 
 @dataclass
@@ -110,6 +134,12 @@ class TrainConfig:
     eval_every: int = 100  # also evaluates at the end; 0 = only at the end
     eval_batch_size: int = 128
     log_every: int = 10
+    # Causal-LM tasks: perplexity at every evaluation, generation (exact match, ROUGE) at the end and
+    # every generate_every steps (0: only at the end).
+    generate_every: int = 0
+    # fp32 | bf16 | fp16: the forward and backward under autocast (CPU and CUDA); the trainable
+    # parameters and the optimizer stay fp32; fp16 adds a gradient scaler.
+    precision: str = "fp32"
     # periodic: a checkpoint (trainable state, optimizer, allocator, RNG) every checkpoint_minutes
     # of wall time and every checkpoint_every steps (0 = no step interval), at the end and on
     # Ctrl-C / SIGTERM, so a killed run loses at most one interval; end: only at the end and on
@@ -226,6 +256,48 @@ def validate(run: RunConfig) -> None:
         # NF4 weights cannot take gradient steps: the methods that train the base weights are refused
         # by adabudget.methods.check_quantized_base (the registry's Method.trains_base), which
         # train() and the search call after this (this module imports no other part of budget)
+    _check(
+        t.precision in PRECISIONS,
+        "train.precision",
+        f"unknown '{t.precision}'; use one of {PRECISIONS} (bf16/fp16: autocast, fp32 trainable weights)",
+    )
+    _check(
+        run.model.dtype is None or run.model.dtype in PRECISIONS,
+        "model.dtype",
+        f"unknown '{run.model.dtype}'; use null (fp32) or one of {PRECISIONS}",
+    )
+    _check(t.generate_every >= 0, "train.generate_every", "must be >= 0 (0 = generate only at the end)")
+    _check(
+        d.answer is None or d.answer in ANSWERS,
+        "data.answer",
+        f"unknown '{d.answer}'; use one of {ANSWERS} (or null: the task's own)",
+    )
+    _check(
+        d.metric is None or d.metric in LM_METRICS,
+        "data.metric",
+        f"unknown '{d.metric}'; use one of {LM_METRICS} (or null: the task's own)",
+    )
+    _check(
+        d.max_new_tokens is None or d.max_new_tokens >= 1,
+        "data.max_new_tokens",
+        f"must be >= 1 or null, got {d.max_new_tokens}",
+    )
+    _check(
+        d.prompt_truncation in PROMPT_TRUNCATION,
+        "data.prompt_truncation",
+        f"unknown '{d.prompt_truncation}'; use null (refuse a prompt longer than data.max_length) or left "
+        "(keep its end)",
+    )
+    _check(
+        d.aclsum_source in ("abstract", "full"),
+        "data.aclsum_source",
+        f"unknown '{d.aclsum_source}'; use abstract (the default) or full",
+    )
+    _check(
+        (d.prompt_column is None) == (d.completion_column is None),
+        "data.completion_column" if d.completion_column is None else "data.prompt_column",
+        "a causal-LM task needs both data.prompt_column and data.completion_column (or neither)",
+    )
     _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     try:
         codecs.lookup(d.encoding)

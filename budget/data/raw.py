@@ -35,9 +35,38 @@ class Rows:
         return len(self.text)
 
 
+CAUSAL_LM = "causal_lm"  # RawTask.kind / TaskData.kind of prompt -> completion tasks
+
+
+@dataclass
+class Scoring:
+    """How a causal-LM task is scored by generation: its own choices, which ``data.answer``,
+    ``data.metric``, ``data.max_new_tokens`` and ``data.stop`` override (``Scoring.resolve``)."""
+
+    metric: str  # exact_match | rouge | perplexity: the primary metric
+    answer: str = "text"  # text | last_number | gsm8k | label_word: what exact match compares
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ("\n",)  # generation is cut at the first of these
+    label_words: Optional[tuple[str, ...]] = None  # answer=label_word: the words looked for
+
+    def resolve(self, cfg: DataConfig) -> Scoring:
+        """These choices with the config's non-null ``data.*`` overrides applied."""
+        return Scoring(
+            metric=cfg.metric or self.metric,
+            answer=cfg.answer or self.answer,
+            max_new_tokens=cfg.max_new_tokens or self.max_new_tokens,
+            stop=tuple(cfg.stop) if cfg.stop is not None else self.stop,
+            label_words=self.label_words,
+        )
+
+
 @dataclass
 class RawTask:
-    """A task before tokenization: split, labelled, checked."""
+    """A task before tokenization: split, labelled, checked.
+
+    Causal-LM tasks (``kind == "causal_lm"``) hold prompts in ``Rows.text`` and completions
+    (strings) in ``Rows.label``; ``num_labels`` is 0 and ``scoring`` says how they are scored.
+    """
 
     name: str
     source: str
@@ -48,6 +77,8 @@ class RawTask:
     label_names: Optional[list[str]]
     split_note: str
     columns: tuple[str, Optional[str]]
+    kind: str = "classification"  # classification | regression | causal_lm
+    scoring: Optional[Scoring] = None  # causal_lm only
 
 
 def finish(
