@@ -66,12 +66,11 @@ def load(run_dir: str | Path):
     """
     import json
 
-    from adabudget.compose import resolve
+    from adabudget.compose import resolve, saved_config
     from adabudget.data import load_tokenizer
     from adabudget.export import load_adapter
     from adabudget.models import load_model
     from adabudget.session import seed_everything
-    from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
@@ -82,7 +81,7 @@ def load(run_dir: str | Path):
             f"{run_dir}: no adapter/ (the run did not finish, or ran with export_adapter=false); "
             f"resume it with `adabudget train resume={run_dir}`"
         )
-    run = resolve(OmegaConf.load(run_dir / "config.yaml"))
+    run = resolve(saved_config(run_dir))  # an older version's retired keys left out
     record = json.loads((run_dir / "result.json").read_text())
     tokenizer = load_tokenizer(run.model.name, run.model.revision)
     seed_everything(run.train.seed)  # an untrained head is drawn as the run drew it

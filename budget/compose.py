@@ -123,6 +123,22 @@ def _build(cls, values: Any, prefix: str):
     return cls(**values)
 
 
+# Top-level keys that an older run's config.yaml holds and a run config no longer has: ``search``
+# (a supernet's search settings, kept in its own supernet.yaml since; null in every other run).
+# A saved config is read without them, so that an older run folder still resumes and loads.
+RETIRED_KEYS = ("search",)
+
+
+def saved_config(run_dir: str | Path):
+    """A run folder's ``config.yaml`` (an OmegaConf node) without the ``RETIRED_KEYS`` older versions wrote."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    for key in RETIRED_KEYS:
+        cfg.pop(key, None)
+    return cfg
+
+
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None):
     """The saved config of a run folder, with ``overrides`` applied, ready for ``train`` to resume.
 
@@ -135,7 +151,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None):
 
     overrides = list(overrides or [])
     run_dir = check_resume(run_dir, {o.split("=", 1)[0].lstrip("+~"): o for o in overrides})
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = saved_config(run_dir)
     dotlist = [o for o in overrides if o.split("=", 1)[0] not in ("resume", "run_dir")]
     cfg.train.stop_after_step = None  # a stop point belongs to one invocation, not to the run
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
@@ -150,10 +166,9 @@ def resumed(run: RunConfig) -> RunConfig:
     resumed run keeps its config. Build the config to pass with ``resume_config(run_dir, overrides)``.
     """
     from adabudget.checkpoint import check_resume, config_changes
-    from omegaconf import OmegaConf
 
     run_dir = check_resume(run.resume)  # a run folder with a checkpoint, before its config.yaml is read
-    saved = resolve(OmegaConf.load(run_dir / "config.yaml"))
+    saved = resolve(saved_config(run_dir))
     check_resume(run_dir, config_changes(to_dict(saved), to_dict(run)))
     run.resume, run.run_dir = str(run_dir), str(run_dir)
     return run

@@ -46,7 +46,11 @@ budget, every non-empty sub-configuration is feasible.
 **Training** (``train_supernet(cfg) -> dict``): set up as every run (``adabudget.session.setup``:
 data and backbone, same seed, same weights), with a run's session (``RunSession``: folder and
 record, checkpoints, stop signals, non-finite stops, result; resume with
-``adabudget.compose.resumed``), in its own short loop that keeps only its own step.
+``adabudget.compose.resumed``), in its own short loop that keeps only its own step. What defines
+the supernet (the budget and the ``DEFINING`` menus and knobs: ``settings_of``) is written to
+``supernet.yaml`` beside ``config.yaml``; a resume or a search that reuses the folder reads it back
+and refuses other settings. (Folders of older versions held it as a ``search`` node in
+``config.yaml``: read from there, and moved to ``supernet.yaml`` when the run is resumed.)
 Each optimizer step trains ``paths_per_step`` sub-configurations from a deterministic stream:
 ``sandwich`` cycles largest, smallest, then ``random_paths`` random ones (BigNAS's sandwich
 rule spread over steps; ``paths_per_step=4, random_paths=2`` is BigNAS's per-step form);
@@ -90,11 +94,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from adabudget import ddp
-from adabudget.checkpoint import load_checkpoint
+from adabudget.checkpoint import check_resume, load_checkpoint
 from adabudget.compose import resumed
 from adabudget.config import ConfigError, RunConfig, validate
 from adabudget.evaluate import batch_stream, evaluate, forward_inputs
-from adabudget.log import log
+from adabudget.log import log, write_text_atomic
 from adabudget.methods import REGISTRY, adapter, lora, parallel_adapter, plan_of, prefix
 from adabudget.metrics import primary_metric
 from adabudget.models import pick_device
@@ -106,16 +110,24 @@ from adabudget.session import RunSession, total_steps_for
 from adabudget.session import setup as setup_run
 from torch import nn
 
-# LoRA layers that can compute with a slice of their rank (the other methods' modules all can)
-BUILD = {"lora": functools.partial(lora.apply, layer_cls=lora.SlicedLoRALinear)}
+# Each method's modules built as their sliceable subclass (the plain ones compute at their full size)
+BUILD = {
+    "lora": functools.partial(lora.apply, layer_cls=lora.SlicedLoRALinear),
+    "adapter": functools.partial(adapter.apply, layer_cls=adapter.SlicedBottleneckAdapter),
+    "parallel_adapter": functools.partial(
+        parallel_adapter.apply, layer_cls=parallel_adapter.SlicedParallelAdapter
+    ),
+    "prefix": functools.partial(prefix.apply, layer_cls=prefix.SlicedPrefixKV),
+}
 SET_ACTIVE = {
     "lora": lora.set_active,
     "adapter": adapter.set_active,
     "parallel_adapter": parallel_adapter.set_active,
     "prefix": prefix.set_active,
 }
-# SupernetConfig fields that define the trained supernet (saved in its config.yaml; a resume keeps
-# them). The others only say how it is trained for how long (steps -> train.max_steps) or used.
+# SupernetConfig fields that define the trained supernet (saved in its supernet.yaml, with the
+# budget; a resume keeps them). The others only say how it is trained for how long (steps ->
+# train.max_steps) or used.
 DEFINING = (
     "lora",
     "adapter",
@@ -127,6 +139,13 @@ DEFINING = (
     "sampling",
     "random_paths",
     "paths_per_step",
+)
+# The supernet's settings (``settings_of``), beside config.yaml in its run folder: what a resume
+# or a later search reads back. The run config itself carries nothing of the search.
+SETTINGS = "supernet.yaml"
+SETTINGS_HEAD = (
+    "# What defines this supernet (adabudget search's search.budget, search.budget_percent and\n"
+    "# search.supernet.*): read back on resume and when a search scores with it; changing it is refused.\n"
 )
 
 
@@ -197,15 +216,16 @@ def _method_config(node: dict):
     return method_config_from_dict(node)
 
 
-def build(run: RunConfig, space_of=None) -> Supernet:
-    """Data, backbone and supernet of a supernet run config, set up by ``adabudget.session.setup`` as
-    every run is (same calls, same order, so the same seed gives the same initial weights)."""
+def build(run: RunConfig, settings: dict) -> Supernet:
+    """Data, backbone and supernet of a supernet run config and its ``settings`` (``supernet_run``),
+    set up by ``adabudget.session.setup`` as every run is (same calls, same order, so the same seed
+    gives the same initial weights)."""
     tc = run.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = pick_device(tc.device)
     task, tokenizer, model = setup_run(run)
-    space = (space_of or space_from_run)(run, model)
+    space = space_of(settings, model.config)
     net = Supernet.attach(model, space)
     model.to(device)
     net.run, net.task, net.pad_id, net.device = run, task, tokenizer.pad_token_id, device
@@ -213,16 +233,69 @@ def build(run: RunConfig, space_of=None) -> Supernet:
     return net
 
 
-def space_from_run(run: RunConfig, model) -> SupernetSpace:
-    """The space a supernet run config describes (its ``search`` node: budget and menus)."""
+def space_of(settings: dict, model_config) -> SupernetSpace:
+    """The space that a supernet's ``settings`` (budget and menus) describe on a model of ``model_config``."""
     from adabudget.search.spaces.context import SpaceContext
 
-    node = run.search or {}
-    scfg = SupernetConfig(**node.get("supernet", {}))
     ctx = SpaceContext.from_config(
-        model.config, budget=node.get("budget"), budget_percent=node.get("budget_percent")
+        model_config, budget=settings["budget"], budget_percent=settings["budget_percent"]
     )
-    return SupernetSpace.from_context(ctx, scfg)
+    return SupernetSpace.from_context(ctx, SupernetConfig(**settings["supernet"]))
+
+
+# ---------------------------------------------------------------- its settings
+def settings_of(search: dict) -> dict:
+    """What defines a supernet, from an ``adabudget search`` node: ``budget``, ``budget_percent`` and
+    ``supernet`` (its ``DEFINING`` knobs), under the names of the search's keys (``search.budget``,
+    ``search.supernet.lora``); checked (``SupernetConfig.validate``)."""
+    scfg = SupernetConfig(**dict(search.get("supernet") or {}))
+    scfg.validate()
+    return {
+        "budget": search.get("budget"),
+        "budget_percent": search.get("budget_percent"),
+        "supernet": {k: getattr(scfg, k) for k in DEFINING},
+    }
+
+
+def saved_settings(run_dir: str | Path) -> dict:
+    """The settings a supernet run folder was trained with: its ``supernet.yaml``; in a folder an
+    older version wrote (none there), the ``search`` node of its ``config.yaml``."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    if (run_dir / SETTINGS).exists():
+        return OmegaConf.to_container(OmegaConf.load(run_dir / SETTINGS), resolve=True)
+    legacy = (
+        OmegaConf.load(run_dir / "config.yaml").get("search") if (run_dir / "config.yaml").exists() else None
+    )
+    if not legacy:
+        raise ConfigError(
+            f"resume={run_dir}: no {SETTINGS} there (the settings a supernet was trained with): not a "
+            "supernet run folder; pass the folder `adabudget search search.scorer=supernet` trained"
+        )
+    return settings_of(OmegaConf.to_container(legacy, resolve=True))
+
+
+def write_settings(run_dir: Path, settings: dict) -> None:
+    """``<run_dir>/supernet.yaml`` (atomically; left as it is when unchanged)."""
+    import yaml
+
+    text = f"{SETTINGS_HEAD}{yaml.safe_dump(settings, sort_keys=False)}"
+    path = Path(run_dir) / SETTINGS
+    if not path.exists() or path.read_text() != text:
+        write_text_atomic(path, text, fsync=True)
+
+
+def check_settings(run_dir: Path, settings: dict) -> None:
+    """Refuse to continue (or reuse) the supernet in ``run_dir`` with other ``settings`` than its own."""
+    from adabudget.checkpoint import config_changes
+
+    changes = config_changes({"search": saved_settings(run_dir)}, {"search": settings})
+    if changes:
+        raise ConfigError(
+            f"resume={run_dir}: {', '.join(list(changes.values())[:6])} cannot change on resume: they "
+            f"define the supernet trained there ({run_dir / SETTINGS}); train a new one in another folder"
+        )
 
 
 # ---------------------------------------------------------------- masked AdamW
@@ -283,11 +356,11 @@ class MaskedAdamW:
 
 
 # ---------------------------------------------------------------- the run
-def supernet_run(cfg) -> RunConfig:
-    """The supernet's run config from an ``adabudget search`` config (run + ``search`` node) or from a
-    supernet run's own saved config (``adabudget.compose.resume_config``): the run, its method the
-    supernet's largest hybrid, its ``search`` node reduced to what defines the supernet (budget and
-    the ``DEFINING`` knobs), ``search.supernet.steps`` as ``train.max_steps``."""
+def supernet_run(cfg) -> tuple[RunConfig, dict]:
+    """The supernet's run config and settings (``settings_of``) from an ``adabudget search`` config
+    (run + ``search`` node) or from a supernet run's own saved config
+    (``adabudget.compose.resume_config``, its settings then read from the folder): the run, its
+    method the supernet's largest hybrid, ``search.supernet.steps`` as ``train.max_steps``."""
     from adabudget.compose import resolve
     from adabudget.search.spaces.context import SpaceContext
     from omegaconf import DictConfig, OmegaConf
@@ -296,33 +369,29 @@ def supernet_run(cfg) -> RunConfig:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = copy.deepcopy(dict(cfg))
     cfg.pop("hydra", None)
-    search = dict(cfg.pop("search", None) or {})
-    given = dict(search.get("supernet") or {})
-    scfg = SupernetConfig(**given)
-    scfg.validate()
-    node = {
-        "budget": search.get("budget"),
-        "budget_percent": search.get("budget_percent"),
-        "supernet": {k: getattr(scfg, k) for k in DEFINING},
-    }
+    search = cfg.pop("search", None)
+    if search is None and cfg.get("resume"):  # a supernet folder's own config continues with its settings
+        settings = saved_settings(cfg["resume"])
+    else:
+        settings = settings_of(search or {})
+    steps = ((search or {}).get("supernet") or {}).get("steps")
     cfg["method"] = None
     run = resolve(cfg)
-    if scfg.steps is not None:
-        run.train.max_steps = scfg.steps
+    if steps is not None:
+        run.train.max_steps = steps
     if run.run_name == "default":
         run.run_name = "supernet"
     run.meta = {**run.meta, "supernet": True}
     ctx = SpaceContext.from_model(
         run.model.name,
         revision=run.model.revision,
-        budget=node["budget"],
-        budget_percent=node["budget_percent"],
+        budget=settings["budget"],
+        budget_percent=settings["budget_percent"],
     )
-    space = SupernetSpace.from_context(ctx, scfg)
+    space = SupernetSpace.from_context(ctx, SupernetConfig(**settings["supernet"]))
     space.check()
     run.method = _method_config(space.to_method(space.full()))
-    run.search = node
-    return run
+    return run, settings
 
 
 def path_at(space: SupernetSpace, scfg, seed: int, step: int, k: int) -> tuple[str, Sub]:
@@ -350,17 +419,19 @@ def train_supernet(cfg) -> dict:
             ``search.supernet.*``), or a supernet run folder's config with ``resume`` set
             (``adabudget.compose.resume_config(folder)``), which continues it.
     """
-    run = supernet_run(cfg)
+    run, settings = supernet_run(cfg)
     if run.resume:
+        check_resume(run.resume)  # a run folder with a checkpoint, before anything of it is read
+        check_settings(Path(run.resume), settings)  # first: a change there names the search setting
         run = resumed(run)  # the saved config, changed only in RESUMABLE knobs
         saved = _completed(Path(run.resume), run)
         if saved is not None:  # nothing to do: never append a second ending
             return {**saved, "note": "already completed; nothing to resume (raise train.max_steps to go on)"}
     validate(run)
     tc = run.train
-    net = build(run)
+    net = build(run, settings)
     model, space, task, device = net.model, net.space, net.task, net.device
-    scfg = SupernetConfig(**run.search["supernet"])
+    scfg = SupernetConfig(**settings["supernet"])
     total_steps = total_steps_for(run, len(task.train))  # T
     largest, smallest = space.extreme("largest"), space.extreme("smallest")
     resume_command = "train_supernet(adabudget.compose.resume_config('{run_dir}'))"
@@ -419,6 +490,8 @@ def train_supernet(cfg) -> dict:
     # the loop: one iteration = one optimizer step over paths_per_step sub-configurations
     status, fields = None, {}  # how the run ends: an early stop sets them, else the final evaluation
     with session.open(header, lambda: summary):
+        if session.dist.main:  # beside config.yaml; an older folder's search node is moved here
+            write_settings(session.dir, settings)
         model.train()
         while step < total_steps:
             paths = [path_at(space, scfg, tc.seed, step, k)[1] for k in range(scfg.paths_per_step)]
@@ -534,17 +607,15 @@ def score(
 
 
 def load_supernet(run_dir: str | Path) -> Supernet:
-    """A trained supernet from its run folder (``checkpoints/last.pt``), ready to ``score``."""
-    from adabudget.compose import resolve
-    from omegaconf import OmegaConf
+    """A trained supernet from its run folder (``checkpoints/last.pt``, ``supernet.yaml``), ready to ``score``."""
+    from adabudget.compose import resolve, saved_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints" / "last.pt").exists():
         raise ConfigError(
             f"search.supernet.run_dir={run_dir}: no trained supernet there (no checkpoints/last.pt)"
         )
-    run = resolve(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
-    net = build(run)
+    net = build(resolve(saved_config(run_dir)), saved_settings(run_dir))
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["trainable"]
     net.model.load_state_dict(state, strict=False)
     net.model.eval()
@@ -578,6 +649,7 @@ def ensure_supernet(setup, log=print) -> dict:
                 "delete the folder to train it again"
             )
         # the same run, as resume_config would give it, checked against the saved one (compose.resumed)
+        # and its settings against supernet.yaml (check_settings)
         saved = resume_config(folder)
         cfg = {**cfg, "resume": str(folder), "run_name": saved.run_name, "meta": dict(saved.meta)}
         cfg["train"] = {**cfg["train"], "stop_after_step": None}

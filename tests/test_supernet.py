@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from adabudget.config import ConfigError
 
 # A 2-layer random BERT (h = 32) on 64 real movie reviews; the menus fit h = 32.
 TINY = [
@@ -103,7 +105,7 @@ def net(tmp_path_factory):
     randomised: zero-initialised factors (B, W_up) would hide a wrong slice."""
     from adabudget.search.supernet import build, supernet_run
 
-    net = build(supernet_run(search_config(tmp_path_factory.mktemp("net"))))
+    net = build(*supernet_run(search_config(tmp_path_factory.mktemp("net"))))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in net.params.values():
@@ -183,10 +185,10 @@ def test_sampled_slices_compute_the_standalone_model(net):
 def test_reparameterised_prefix_slice():
     """A reparameterised PrefixKV sliced to k vectors is the stand-alone k-long one holding E[:k] and
     the same MLP (the supernet's prefix is direct by default; this path is the method file's)."""
-    from adabudget.methods.prefix import PrefixKV, set_active
+    from adabudget.methods.prefix import PrefixKV, SlicedPrefixKV, set_active
 
     torch.manual_seed(0)
-    big = PrefixKV(6, 2, 4, hidden=8, reparam_dim=5)
+    big = SlicedPrefixKV(6, 2, 4, hidden=8, reparam_dim=5)
     small = PrefixKV(2, 2, 4, hidden=8, reparam_dim=5)
     with torch.no_grad():
         small.embedding.copy_(big.embedding[:2])
@@ -235,11 +237,10 @@ def test_sampling_honours_the_budget(tmp_path):
     from adabudget.search.supernet import SupernetSpace, path_at, supernet_run
 
     cfg = search_config(tmp_path, "search.budget=6000", "search.supernet.tolerance=0.05")
-    run = supernet_run(cfg)
-    scfg = run.search["supernet"]
+    run, settings = supernet_run(cfg)
     from adabudget.search.config import SupernetConfig
 
-    scfg = SupernetConfig(**scfg)
+    scfg = SupernetConfig(**settings["supernet"])
     space = SupernetSpace.from_context(SpaceContext.from_model("tiny-bert", budget=6000), scfg)
     lo, hi = space.band()
     assert (lo, hi) == (5700, 6300)
@@ -363,6 +364,58 @@ def test_train_then_resume_an_interrupted_run(tmp_path):
     # a completed run is not trained again
     again = train_supernet(resume_config(tmp_path / "a"))
     assert "already completed" in again["note"]
+
+
+def test_settings_live_in_supernet_yaml_and_an_older_folder_resumes(tmp_path):
+    """What defines the supernet is its folder's supernet.yaml, not a node of its run config; a
+    folder an older version wrote (the settings as a ``search`` node of config.yaml, no
+    supernet.yaml) resumes with those settings, which move to supernet.yaml, and loads; other
+    settings are refused on resume."""
+    from adabudget.compose import resume_config
+    from adabudget.search.supernet import load_supernet, saved_settings, train_supernet
+    from omegaconf import OmegaConf
+
+    folder = tmp_path / "sn"
+    cfg = search_config(tmp_path, "search.budget=6000", "search.supernet.random_paths=1")
+    stopped = train_supernet({**cfg, "run_dir": str(folder), "train": {**cfg["train"], "stop_after_step": 3}})
+    assert stopped["status"] == "interrupted"
+    settings = yaml.safe_load((folder / "supernet.yaml").read_text())
+    menus = {
+        "lora": [0, 2, 4, 8],
+        "adapter": [0, 4, 8, 16],
+        "prefix": [0, 3, 6],
+        "parallel_adapter": [0, 4, 8],
+    }
+    assert settings["budget"] == 6000 and settings["budget_percent"] is None
+    assert {k: settings["supernet"][k] for k in menus} == menus and settings["supernet"]["random_paths"] == 1
+    assert not OmegaConf.load(folder / "config.yaml").get("search")  # the run config carries none of it
+
+    def as_older_version_wrote_it() -> None:
+        saved = OmegaConf.load(folder / "config.yaml")
+        saved.search = settings
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+        (folder / "supernet.yaml").unlink()
+
+    as_older_version_wrote_it()
+    assert saved_settings(folder) == settings
+    resumed = train_supernet(resume_config(folder))
+    assert resumed["status"] == "completed" and resumed["steps"] == 6
+    assert resumed["supernet"]["menus"] == menus and resumed["supernet"]["band"] == [5700, 6300]
+    assert yaml.safe_load((folder / "supernet.yaml").read_text()) == settings  # moved there
+    assert not OmegaConf.load(folder / "config.yaml").get("search")
+    as_older_version_wrote_it()
+    net = load_supernet(folder)
+    assert {m: list(v) for m, v in net.space.menus.items()} == menus
+    assert net.space.band() == (5700, 6300)
+    # other settings would score with a supernet trained for something else
+    other = search_config(tmp_path, "search.budget=6000", "search.supernet.lora=[0,4]")
+    with pytest.raises(ConfigError, match=r"search\.supernet\.lora \(\[0, 2, 4, 8\] -> \[0, 4\]\)"):
+        train_supernet({**other, "resume": str(folder)})
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.yaml").write_text("run_name: plain\nsearch: null\n")
+    with pytest.raises(ConfigError, match="no supernet.yaml there"):
+        saved_settings(plain)
 
 
 # ---------------------------------------------------------------- scoring
@@ -627,11 +680,11 @@ def test_two_paths_per_step_average_their_gradients(tmp_path):
     result = train_supernet({**search_config(tmp_path, *overrides), "run_dir": str(tmp_path / "sn")})
     assert result["status"] == "completed"
     trained = trainable_of(tmp_path / "sn")["trainable"]
-    run = supernet_run(search_config(tmp_path, *overrides))
-    scfg = SupernetConfig(**run.search["supernet"])
+    run, settings = supernet_run(search_config(tmp_path, *overrides))
+    scfg = SupernetConfig(**settings["supernet"])
 
     def by_hand(k_paths: int) -> dict:
-        net = build(run)  # the same calls in the same order: the same initial weights
+        net = build(run, settings)  # the same calls in the same order: the same initial weights
         tc = run.train
         paths = [path_at(net.space, scfg, tc.seed, 0, k)[1] for k in range(k_paths)]
         net.model.train()
