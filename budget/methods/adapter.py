@@ -16,13 +16,14 @@ The adapter acts through a forward hook on the module currently at the projectio
 so when LoRA has wrapped that projection the adapter sees the LoRA-updated output y. It
 starts at the identity (W_up = 0, b_up = 0): the model output right after ``apply`` equals
 the pretrained model's. The adapter is nonlinear and so cannot merge into the base weights.
-UniPELT (``adabudget.methods.unipelt``) sets the optional ``gate``, a per-example G_A ∈ (0, 1):
-y' = y + G_A (W_up f(W_down y + b_down) + b_up).
 
-``set_active(adapter, d)`` makes an adapter built D wide compute with its first d hidden units
-(W_down[:d], b_down[:d], W_up[:, :d], b_up; views): a weight-sharing supernet
+``BottleneckAdapter`` is the plain adapter; its consumers subclass it (as LoRA's do):
+``SlicedBottleneckAdapter`` (here) computes with its first d hidden units (W_down[:d], b_down[:d],
+W_up[:, :d], b_up; views) after ``set_active(adapter, d)``: a weight-sharing supernet
 (``search.supernet``) trains one D-wide adapter for every smaller bottleneck at once, and d = 0
-switches it off (the identity, as a block without an adapter).
+switches it off (the identity, as a block without an adapter). UniPELT's gated adapter,
+y' = y + G_A (W_up f(W_down y + b_down) + b_up) with a per-example G_A ∈ (0, 1), is a subclass in
+``adabudget.methods.unipelt``.
 """
 
 from __future__ import annotations
@@ -131,24 +132,14 @@ class BottleneckAdapter(nn.Module):
         self.activation = activation
         self._act = ACTIVATIONS[activation]
         self._handles: list = []  # hook handles, so ``detach`` can remove the adapter's effect
-        # Optional learned gate y -> (B, 1, 1) on the adapter path (UniPELT's G_A); None: ungated.
-        self.gate = None
-        self.active: int | None = None  # bottleneck in use (a supernet's slice, ``set_active``); None: all
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self.active is None:
-            delta = self.up(self._act(self.down(y.to(self.down.weight.dtype))))  # (..., h)
-        elif self.active == 0:
-            return y
-        else:  # a supernet slice: the first d hidden units (views)
-            d = self.active
-            hidden = F.linear(
-                y.to(self.down.weight.dtype), self.down.weight[:d], self.down.bias[:d]
-            )  # (..., d)
-            delta = F.linear(self._act(hidden), self.up.weight[:, :d], self.up.bias)  # (..., h)
-        if self.gate is not None:
-            delta = delta * self.gate(y).to(delta.dtype)  # (B, T, h) * (B, 1, 1): per-example G_A
-        return y + delta.to(y.dtype)
+        return y + self.delta(y).to(y.dtype)
+
+    def delta(self, y: torch.Tensor) -> torch.Tensor:
+        """W_up f(W_down y + b_down) + b_up, (..., h) in the adapter's dtype: what is added to y
+        (UniPELT's layer gates it)."""
+        return self.up(self._act(self.down(y.to(self.down.weight.dtype))))
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return self(output)
@@ -167,20 +158,51 @@ class BottleneckAdapter(nn.Module):
         return f"h={self.up.out_features}, d={self.down.out_features}, f={self.activation}"
 
 
-def set_active(adapter: BottleneckAdapter, d: int | None) -> dict[str, tuple]:
+class SlicedBottleneckAdapter(BottleneckAdapter):
+    """A ``BottleneckAdapter`` built D wide that computes with its first ``active`` hidden units
+    (``set_active``; None: all D, 0: off, the identity)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active: int | None = None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.active == 0:
+            return y
+        return super().forward(y)
+
+    def delta(self, y: torch.Tensor) -> torch.Tensor:
+        if self.active is None:
+            return super().delta(y)
+        return bottleneck_slice(self, y, self.active)
+
+
+def bottleneck_slice(adapter: nn.Module, x: torch.Tensor, d: int) -> torch.Tensor:
+    """W_up[:, :d] f(W_down[:d] x + b_down[:d]) + b_up of a down / up bottleneck (this adapter, the
+    parallel one), with views of its weights: the stand-alone d-wide adapter holding them."""
+    down, up = adapter.down, adapter.up
+    hidden = F.linear(x.to(down.weight.dtype), down.weight[:d], down.bias[:d])  # (..., d)
+    return F.linear(adapter._act(hidden), up.weight[:, :d], up.bias)  # (..., h)
+
+
+def set_active(adapter: SlicedBottleneckAdapter, d: int | None) -> dict[str, tuple]:
     """Compute with the first ``d`` hidden units only (0: off, the identity; None: all).
 
     Returns the index of each parameter's part in use (empty when off), for a supernet's
     masked optimizer: W_down and b_down their first d rows, W_up its first d columns, b_up whole.
     """
-    return slice_bottleneck(adapter, d, "adapter")
+    return slice_bottleneck(adapter, d, SlicedBottleneckAdapter)
 
 
-def slice_bottleneck(adapter: nn.Module, d: int | None, what: str) -> dict[str, tuple]:
-    """``set_active`` of any down / up bottleneck (this adapter, the parallel one)."""
+def slice_bottleneck(adapter: nn.Module, d: int | None, sliced: type) -> dict[str, tuple]:
+    """``set_active`` of any down / up bottleneck built as ``sliced`` (this adapter, the parallel one)."""
+    if not isinstance(adapter, sliced):
+        raise TypeError(
+            f"set_active: {type(adapter).__name__} computes at its full bottleneck; build it as a {sliced.__name__}"
+        )
     width = adapter.down.out_features
     if d is not None and not 0 <= d <= width:
-        raise ValueError(f"{what} slice d={d} outside 0..{width}")
+        raise ValueError(f"{sliced.__name__} slice d={d} outside 0..{width}")
     adapter.active = None if d is None or d == width else d
     d = width if d is None else d
     if d == 0:
@@ -208,12 +230,16 @@ def bottleneck_of(cfg: AdapterConfig, hidden: int) -> int:
 
 
 def apply(
-    model: nn.Module, cfg: AdapterConfig, layers: list[int] | None = None
+    model: nn.Module,
+    cfg: AdapterConfig,
+    layers: list[int] | None = None,
+    layer_cls: type = BottleneckAdapter,
 ) -> dict[str, BottleneckAdapter]:
     """Add serial adapters to the blocks in ``layers``; returns {module name: adapter}.
 
     Each adapter becomes the block's child ``adabudget_adapter_attn`` / ``adabudget_adapter_ffn``
     and hooks the module currently at the attention-output / FFN-output projection's path.
+    ``layer_cls``: ``BottleneckAdapter`` or a subclass (the sliced one, UniPELT's gated one).
     """
     from adabudget.arch import arch_of
 
@@ -230,9 +256,7 @@ def apply(
             weight = base_linear(target).weight
             # float32 unless the base already is float32/float64 (keeps bf16 backbones' adapters precise)
             dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-            adapter = BottleneckAdapter(
-                spec.out_features, d, cfg.activation, cfg.init_std, weight.device, dtype
-            )
+            adapter = layer_cls(spec.out_features, d, cfg.activation, cfg.init_std, weight.device, dtype)
             setattr(block, f"adabudget_adapter_{where}", adapter)
             adapter.attach(target)
             added[f"{arch.block(i)}.adabudget_adapter_{where}"] = adapter

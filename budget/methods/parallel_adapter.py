@@ -20,8 +20,9 @@ block clears the slot at the start of every block call, so a forward interrupted
 (an exception, an early-stopped checkpoint recompute) never leaks x into the next one.
 
 Starts at the identity (W_up = 0, b_up = 0); nonlinear, so it cannot merge into the base weights.
-``set_active(adapter, d)`` slices it to its first d hidden units for a weight-sharing supernet
-(as ``adabudget.methods.adapter.set_active``; d = 0 adds nothing).
+``ParallelAdapter`` is the plain adapter; ``SlicedParallelAdapter`` (here) computes with its first
+d hidden units after ``set_active(adapter, d)``, for a weight-sharing supernet (as
+``adabudget.methods.adapter.SlicedBottleneckAdapter``; d = 0 adds nothing).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from adabudget.config import checker
-from adabudget.methods.adapter import slice_bottleneck
+from adabudget.methods.adapter import bottleneck_slice, slice_bottleneck
 from adabudget.modules import base_linear
 from torch import nn
 
@@ -127,15 +128,10 @@ class ParallelAdapter(nn.Module):
         self._act = ACTIVATIONS[activation]
         self._x: torch.Tensor | None = None  # the sublayer input of the block call in progress
         self._handles: list = []
-        self.active: int | None = None  # bottleneck in use (a supernet's slice, ``set_active``); None: all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """s · (W_up f(W_down x + b_down) + b_up), in the adapter's dtype."""
-        if self.active is None:
-            return self.scale * self.up(self._act(self.down(x.to(self.down.weight.dtype))))  # (..., h)
-        d = self.active  # a supernet slice: the first d hidden units (views)
-        hidden = F.linear(x.to(self.down.weight.dtype), self.down.weight[:d], self.down.bias[:d])  # (..., d)
-        return self.scale * F.linear(self._act(hidden), self.up.weight[:, :d], self.up.bias)  # (..., h)
+        return self.scale * self.up(self._act(self.down(x.to(self.down.weight.dtype))))  # (..., h)
 
     def _reset(self, module: nn.Module, inputs: tuple) -> None:
         self._x = None
@@ -148,8 +144,6 @@ class ParallelAdapter(nn.Module):
 
     def _add(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         x, self._x = self._x, None  # drop the reference now: nothing outlives the forward
-        if self.active == 0:  # switched off by a supernet: the sublayer alone
-            return output
         if x is None:
             raise RuntimeError(
                 "parallel adapter: the sublayer's output linear ran without its input having been "
@@ -179,13 +173,33 @@ class ParallelAdapter(nn.Module):
         )
 
 
-def set_active(adapter: ParallelAdapter, d: int | None) -> dict[str, tuple]:
+class SlicedParallelAdapter(ParallelAdapter):
+    """A ``ParallelAdapter`` built D wide that computes with its first ``active`` hidden units
+    (``set_active``; None: all D, 0: off, the sublayer alone)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active is None:
+            return super().forward(x)
+        return self.scale * bottleneck_slice(self, x, self.active)  # (..., h)
+
+    def _add(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.active == 0:  # switched off: the sublayer alone (the captured x dropped all the same)
+            self._x = None
+            return output
+        return super()._add(module, inputs, output)
+
+
+def set_active(adapter: SlicedParallelAdapter, d: int | None) -> dict[str, tuple]:
     """Compute with the first ``d`` hidden units only (0: off, adds nothing; None: all).
 
     Returns the index of each parameter's part in use (empty when off), as
     ``adabudget.methods.adapter.set_active``.
     """
-    return slice_bottleneck(adapter, d, "parallel adapter")
+    return slice_bottleneck(adapter, d, SlicedParallelAdapter)
 
 
 def _specs(arch, position: str):
@@ -197,11 +211,15 @@ def _specs(arch, position: str):
 
 
 def apply(
-    model: nn.Module, cfg: ParallelAdapterConfig, layers: list[int] | None = None
+    model: nn.Module,
+    cfg: ParallelAdapterConfig,
+    layers: list[int] | None = None,
+    layer_cls: type = ParallelAdapter,
 ) -> dict[str, ParallelAdapter]:
     """Add a parallel adapter to the blocks in ``layers``; returns {module name: adapter}.
 
-    Each becomes the block's child ``adabudget_parallel_adapter_<position>``.
+    Each becomes the block's child ``adabudget_parallel_adapter_<position>``. ``layer_cls``:
+    ``ParallelAdapter`` or a subclass (the sliced one).
     """
     from adabudget.arch import arch_of
 
@@ -216,7 +234,7 @@ def apply(
         weight = base_linear(last).weight
         # float32 unless the base already is float32/float64 (keeps bf16 backbones' adapters precise)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        adapter = ParallelAdapter(
+        adapter = layer_cls(
             first_spec.in_features,
             cfg.bottleneck,
             last_spec.out_features,

@@ -26,13 +26,14 @@ Mechanism: the attention modules of HF's BERT, RoBERTa, GPT-2 and LLaMA families
 does not use the attention interface and is refused.
 
 The method cannot start at the identity (the prefix adds attention positions) and cannot
-merge into the base weights. UniPELT (``adabudget.methods.unipelt``) sets the optional ``gate``
-of a PrefixKV: the prefix is then per example, G_P P_k and G_P P_v with G_P ∈ (0, 1)^B.
+merge into the base weights.
 
-``set_active(prefix, k)`` makes a PrefixKV built with l vectors use its first k (P_k[:, :k],
+``PrefixKV`` is the plain prefix; its consumers subclass it (as LoRA's do): ``SlicedPrefixKV``
+(here) built with l vectors uses its first k after ``set_active(prefix, k)`` (P_k[:, :k],
 P_v[:, :k]; reparameterised: E[:k] through the whole MLP): a weight-sharing supernet
 (``search.supernet``) trains one l-long prefix for every shorter one at once; k = 0 leaves the
-layer's attention as without a prefix.
+layer's attention as without a prefix. UniPELT's gated prefix, per example G_P P_k and G_P P_v
+with G_P ∈ (0, 1)^B, is a subclass in ``adabudget.methods.unipelt``.
 """
 
 from __future__ import annotations
@@ -115,12 +116,6 @@ class PrefixKV(nn.Module):
         super().__init__()
         self.length, self.num_kv_heads, self.head_dim = length, num_kv_heads, head_dim
         self.reparam_dim = reparam_dim
-        self.active: int | None = (
-            None  # prefix vectors in use (a supernet's slice, ``set_active``); None: all
-        )
-        # Optional per-example gate (UniPELT's G_P): a module whose ``pop()`` returns the factor (B, 1, 1)
-        # computed from the attention input of the current forward; None: ungated.
-        self.gate = None
         shape = (num_kv_heads, length, head_dim)
         if reparam_dim == 0:
             self.key = nn.Parameter(torch.randn(shape, device=device, dtype=dtype) * init_std)  # P_k
@@ -135,15 +130,27 @@ class PrefixKV(nn.Module):
             )
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_k, P_v), each (kv_heads, l, d_head) (l: the active length under a supernet)."""
-        k = self.length if self.active is None else self.active
+        """(P_k, P_v), each (kv_heads, l, d_head)."""
         if self.reparam_dim == 0:
-            if self.active is None:
-                return self.key, self.value
-            return self.key[:, :k], self.value[:, :k]  # views: the first k vectors
-        kv = self.mlp(self.embedding[:k])  # (l, 2 kv_dim)
-        kv = kv.view(k, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2, kvh, l, hd)
+            return self.key, self.value
+        return self.through_mlp(self.embedding)
+
+    def through_mlp(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_k, P_v) of the reparameterisation at the rows ``embedding`` (k, h) of E: (kv_heads, k, d_head) each."""
+        k = embedding.shape[0]
+        kv = self.mlp(embedding)  # (k, 2 kv_dim)
+        kv = kv.view(k, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2, kvh, k, hd)
         return kv[0], kv[1]
+
+    def keys_values(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the attention prepends to ``key``, ``value`` (B, kv_heads, T, d_head): (P_k, P_v) in
+        their dtypes, (B, kv_heads, l, d_head) each; None: nothing this forward (a sliced prefix
+        switched off). UniPELT's layer gates them per example."""
+        batch = key.shape[0]
+        p_key, p_value = self()  # (kv_heads, l, d_head) each
+        p_key = p_key.to(key.dtype).expand(batch, -1, -1, -1)  # (B, kvh, l, hd)
+        p_value = p_value.to(value.dtype).expand(batch, -1, -1, -1)
+        return p_key, p_value
 
     @torch.no_grad()
     def fold_(self) -> None:
@@ -200,15 +207,10 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
 
         inner = ALL_ATTENTION_FUNCTIONS[base]
     prefix = getattr(module, "adabudget_prefix", None)
-    if prefix is not None and prefix.active != 0:  # active 0: switched off by a supernet
-        batch = key.shape[0]
-        p_key, p_value = prefix()  # (kv_heads, l, d_head) each
+    prefixed = None if prefix is None else prefix.keys_values(key, value)
+    if prefixed is not None:
+        p_key, p_value = prefixed  # (B, kvh, l, hd) each
         kv_len = key.shape[2]
-        p_key = p_key.to(key.dtype).expand(batch, -1, -1, -1)  # (B, kvh, l, hd)
-        p_value = p_value.to(value.dtype).expand(batch, -1, -1, -1)
-        if prefix.gate is not None:  # the prefix becomes per example: G_P P_k, G_P P_v
-            gate = prefix.gate.pop().view(batch, 1, 1, 1)  # (B, 1, 1, 1)
-            p_key, p_value = p_key * gate.to(key.dtype), p_value * gate.to(value.dtype)
         key = torch.cat([p_key, key], dim=2)  # (B, kvh, l + T_k, hd)
         value = torch.cat([p_value, value], dim=2)
         causal = kwargs.get("is_causal")
@@ -217,13 +219,40 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
     return inner(module, query, key, value, attention_mask, *args, **kwargs)
 
 
-def set_active(prefix: PrefixKV, k: int | None) -> dict[str, tuple]:
+class SlicedPrefixKV(PrefixKV):
+    """A ``PrefixKV`` built with l vectors that uses its first ``active`` ones (``set_active``;
+    None: all l, 0: no prefix in this layer)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active: int | None = None
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_k, P_v) of the first ``active`` vectors, each (kv_heads, k, d_head)."""
+        k = self.active
+        if k is None:
+            return super().forward()
+        if self.reparam_dim == 0:
+            return self.key[:, :k], self.value[:, :k]  # views: the first k vectors
+        return self.through_mlp(self.embedding[:k])
+
+    def keys_values(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.active == 0:  # switched off: the layer attends as without a prefix
+            return None
+        return super().keys_values(key, value)
+
+
+def set_active(prefix: SlicedPrefixKV, k: int | None) -> dict[str, tuple]:
     """Use the first ``k`` prefix vectors only (0: no prefix in this layer; None: all).
 
     Returns the index of each parameter's part in use (empty when off), for a supernet's
     masked optimizer: P_k, P_v their first k positions (dim 1); reparameterised, E its first k
     rows and the MLP whole.
     """
+    if not isinstance(prefix, SlicedPrefixKV):
+        raise TypeError(
+            f"set_active: {type(prefix).__name__} uses all its vectors; build it as a SlicedPrefixKV"
+        )
     if k is not None and not 0 <= k <= prefix.length:
         raise ValueError(f"prefix slice k={k} outside 0..{prefix.length}")
     prefix.active = None if k is None or k == prefix.length else k
@@ -271,8 +300,11 @@ def _use_prefix_attention(model: nn.Module) -> None:
     model.set_attn_implementation(KEY + current)
 
 
-def apply(model: nn.Module, cfg: PrefixConfig, layers: list[int] | None = None) -> dict[str, PrefixKV]:
-    """Give the self-attention of each block in ``layers`` a ``adabudget_prefix`` (PrefixKV) child.
+def apply(
+    model: nn.Module, cfg: PrefixConfig, layers: list[int] | None = None, layer_cls: type = PrefixKV
+) -> dict[str, PrefixKV]:
+    """Give the self-attention of each block in ``layers`` a ``adabudget_prefix`` (``layer_cls``:
+    PrefixKV or a subclass, the sliced one, UniPELT's gated one) child.
 
     Returns {module name: PrefixKV}. Raises ConfigError for DeBERTa-v2 (no attention interface).
     """
@@ -299,7 +331,7 @@ def apply(model: nn.Module, cfg: PrefixConfig, layers: list[int] | None = None) 
         weight = next(p for p in attn.parameters())
         # float32 unless the base already is float32/float64 (bf16 backbones keep precise prefixes)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        prefix = PrefixKV(
+        prefix = layer_cls(
             cfg.length,
             arch.num_kv_heads,
             arch.head_dim,

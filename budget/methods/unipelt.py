@@ -187,6 +187,29 @@ class GatedLoRALinear(lora.LoRALinear):
         return super().down(x, A) * self.gate(x).to(A.dtype)  # (B, T, r) * (B, 1, 1)
 
 
+class GatedBottleneckAdapter(adapter.BottleneckAdapter):
+    """UniPELT's adapter: y' = y + G_A(y) (W_up f(W_down y + b_down) + b_up), the gate ``gate`` (a
+    ``Gate`` on the adapter's input y) set by ``apply`` once every adapter is built."""
+
+    gate: Gate
+
+    def delta(self, y: torch.Tensor) -> torch.Tensor:
+        delta = super().delta(y)  # (B, T, h)
+        return delta * self.gate(y).to(delta.dtype)  # (B, T, h) * (B, 1, 1): per-example G_A
+
+
+class GatedPrefixKV(prefix.PrefixKV):
+    """UniPELT's prefix: per example G_P P_k and G_P P_v, the gate ``gate`` (a ``Gate`` attached to
+    the attention module, whose input it reads) set by ``apply`` once every prefix is built."""
+
+    gate: Gate
+
+    def keys_values(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p_key, p_value = super().keys_values(key, value)  # (B, kvh, l, hd) each
+        gate = self.gate.pop().view(key.shape[0], 1, 1, 1)  # (B, 1, 1, 1)
+        return p_key * gate.to(key.dtype), p_value * gate.to(value.dtype)
+
+
 def lora_specs(cfg: UniPELTConfig, arch) -> list:
     """The LinearSpecs of one block that LoRA adapts: the roles of ``lora_targets``, q/k/v -> qkv on GPT-2."""
     roles = set(cfg.lora_targets)
@@ -229,11 +252,11 @@ def apply(model: nn.Module, cfg: UniPELTConfig, layers: list[int] | None = None)
     for name, layer in lora.apply(model, lora_cfg, layers, layer_cls=GatedLoRALinear).items():
         layer.gate = Gate(layer.in_features, layer.A.device, layer.A.dtype)  # G_L, one per adapted matrix
         wrapped[name] = layer
-    for name, module in adapter.apply(model, adapter_cfg, layers).items():
+    for name, module in adapter.apply(model, adapter_cfg, layers, layer_cls=GatedBottleneckAdapter).items():
         w = module.down.weight
         module.gate = Gate(module.up.out_features, w.device, w.dtype)  # G_A, on the adapter's input y
         wrapped[name] = module
-    for name, kv in prefix.apply(model, prefix_cfg, layers).items():
+    for name, kv in prefix.apply(model, prefix_cfg, layers, layer_cls=GatedPrefixKV).items():
         w = next(kv.parameters())
         kv.gate = Gate(arch.hidden, w.device, w.dtype)  # G_P, on the self-attention's input x
         kv.gate.attach(model.get_submodule(name.rpartition(".")[0]))
