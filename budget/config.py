@@ -266,6 +266,12 @@ def validate(run: RunConfig) -> None:
         "model.dtype",
         f"unknown '{run.model.dtype}'; use null (fp32) or one of {PRECISIONS}",
     )
+    _check(
+        run.model.dtype in (None, "fp32") or t.precision != "fp32",
+        "model.dtype",
+        f"{run.model.dtype} stores the frozen base in half precision, which fp32 compute cannot multiply with "
+        f"the fp32 trainable weights; set train.precision={run.model.dtype} (autocast) or model.dtype=null",
+    )
     _check(t.generate_every >= 0, "train.generate_every", "must be >= 0 (0 = generate only at the end)")
     _check(
         d.answer is None or d.answer in ANSWERS,

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import numpy as np
 import torch
-from adabudget import ddp
+from adabudget import ddp, generation
 from adabudget.data import TaskData, make_batches, num_batches
+from adabudget.generation import completion_nll, perplexity_metrics, score_generations
 from adabudget.metrics import compute_metrics
 
 
@@ -22,17 +24,28 @@ def evaluate(
     pad_id: int,
     device,
     dist: ddp.Dist | None = None,
+    autocast=nullcontext,
+    tokenizer=None,
+    generate: bool = True,
 ) -> dict:
     """Metrics of ``examples``; under DDP each rank scores every world-th example and the
-    predictions are gathered, so every rank returns the same numbers."""
+    predictions are gathered, so every rank returns the same numbers.
+
+    A causal-LM task reports ``loss``, ``perplexity`` and ``neg_perplexity`` of the completions,
+    and with ``generate`` (needs ``tokenizer``) ``exact_match`` and ``rouge1/2/L`` of greedy
+    generations (``adabudget.generation``). ``autocast``: the context of ``train.precision``.
+    """
     dist = dist or ddp.Dist()
+    if task.causal_lm:
+        return _evaluate_lm(model, examples, task, pad_id, device, dist, autocast, tokenizer, generate)
     was_training = model.training
     model.eval()
     inputs = set(inspect.signature(model.forward).parameters)
     preds, labels = [], []
     for batch in make_batches(examples[dist.rank :: dist.world], batch_size, pad_id, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels" and k in inputs}).logits
+        with autocast():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels" and k in inputs}).logits
         preds.append(logits.float().cpu())
         labels.append(batch["labels"].cpu())
     model.train(was_training)
@@ -43,6 +56,22 @@ def evaluate(
         p = np.concatenate([a for a, _ in parts if len(a)])
         y = np.concatenate([b for _, b in parts if len(b)])
     return compute_metrics(p.squeeze(-1) if task.regression else p, y, task.regression)
+
+
+def _evaluate_lm(model, examples, task, pad_id, device, dist, autocast, tokenizer, generate) -> dict:
+    was_training = model.training
+    model.eval()
+    mine = examples[dist.rank :: dist.world]
+    nll, count = completion_nll(model, mine, pad_id, device, autocast)
+    texts = generation.generate(model, mine, tokenizer, task.scoring, device, autocast) if generate else []
+    model.train(was_training)
+    parts = ddp.gather((nll, count, texts, [ex["target"] for ex in mine]), dist)
+    out = perplexity_metrics(sum(p[0] for p in parts), sum(p[1] for p in parts))
+    if generate:
+        predictions = [t for p in parts for t in p[2]]
+        references = [t for p in parts for t in p[3]]
+        out.update(score_generations(predictions, references, task.scoring))
+    return out
 
 
 def batch_stream(examples: list[dict], tc, pad_id: int, inputs: set[str], start_step: int) -> Iterator[dict]:

@@ -12,8 +12,15 @@ import numpy as np
 from scipy import stats
 
 
-def primary_metric(regression: bool) -> str:
-    """The metric that picks the best checkpoint and ranks search trials."""
+def primary_metric(regression: bool, scoring=None) -> str:
+    """The metric that picks the best checkpoint and ranks search trials (higher is better).
+
+    ``scoring`` (a causal-LM task's ``Scoring``): ``exact_match``, ``rougeL`` or ``neg_perplexity``.
+    """
+    if scoring is not None:
+        return {"exact_match": "exact_match", "rouge": "rougeL", "perplexity": "neg_perplexity"}[
+            scoring.metric
+        ]
     return "pearson" if regression else "accuracy"
 
 

@@ -13,6 +13,7 @@ import torch
 from adabudget.config import ConfigError, ModelConfig
 from adabudget.hub import PACKAGED, TINY, packaged_path, prepare_hub_access, pretrained_kwargs
 from adabudget.modules import is_head
+from adabudget.precision import base_dtype
 from adabudget.quantize import quantize_base
 from torch import nn
 
@@ -76,19 +77,42 @@ def tiny_config(name: str, num_labels: int, regression: bool, pad_token_id: int 
     raise ConfigError(f"model.name={name}: unknown tiny model; known: {', '.join(TINY)}")
 
 
-def load_model(
-    cfg: ModelConfig, num_labels: int, regression: bool, pad_token_id: int | None = None
-) -> nn.Module:
-    """A sequence-classification model (regression head when ``regression``)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+# Encoder-only families: a causal-LM task needs a decoder (BERT's "LM head" is a masked-LM one).
+ENCODERS = (
+    "bert",
+    "roberta",
+    "deberta-v2",
+    "deberta",
+    "distilbert",
+    "electra",
+    "albert",
+    "xlm-roberta",
+    "mpnet",
+)
 
-    kwargs = dict(num_labels=num_labels)
+
+def load_model(
+    cfg: ModelConfig,
+    num_labels: int,
+    regression: bool,
+    pad_token_id: int | None = None,
+    causal_lm: bool = False,
+) -> nn.Module:
+    """A sequence-classification model (regression head when ``regression``), or with
+    ``causal_lm`` the decoder with its language-modelling head; the frozen base in ``model.dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    kwargs = {} if causal_lm else dict(num_labels=num_labels)
     if regression:
         kwargs["problem_type"] = "regression"
+    dtype = base_dtype(cfg.dtype)
     if cfg.name in TINY:
-        model = AutoModelForSequenceClassification.from_config(
-            tiny_config(cfg.name, num_labels, regression, pad_token_id or 0)
-        )
+        config = tiny_config(cfg.name, num_labels, regression, pad_token_id or 0)
+        check_decoder(config, cfg.name, causal_lm)
+        model = auto.from_config(config)
+        if dtype is not None:
+            model.to(dtype)
     else:
         prepare_hub_access(cfg.name, cfg.revision)  # idempotent; fails fast offline for a hub id
         path = packaged_path(cfg.name) if cfg.name in PACKAGED else cfg.name
@@ -100,14 +124,27 @@ def load_model(
                 f"model.name={cfg.name}: not a packaged model ({', '.join(PACKAGED)}), tiny model "
                 f"({', '.join(TINY)}), local folder or reachable HF hub id ({err.__class__.__name__})"
             ) from err
+        check_decoder(config, cfg.name, causal_lm)
         if config.pad_token_id is None and pad_token_id is not None:
             config.pad_token_id = pad_token_id  # GPT-2 / LLaMA heads pool at the last non-pad token
-        model = _from_pretrained(AutoModelForSequenceClassification, path, config, cfg.revision, extra)
+        if dtype is not None:
+            extra = {**extra, "dtype": dtype}  # loaded in that dtype: the fp32 copy never exists
+        model = _from_pretrained(auto, path, config, cfg.revision, extra)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.quantize:
         quantize_base(model, cfg.quantize)
     return model
+
+
+def check_decoder(config, name: str, causal_lm: bool) -> None:
+    """A causal-LM task on an encoder-only model is refused before any weight is loaded."""
+    mtype = getattr(config, "model_type", "") or ""
+    if causal_lm and (mtype in ENCODERS or getattr(config, "is_encoder_decoder", False)):
+        raise ConfigError(
+            f"model.name={name}: a causal-LM task (prompt -> completion) needs a decoder, and {mtype} is "
+            "encoder-only; use model=smollm2, tiny-llama, tiny-gpt2 or a hub decoder (or a classification task)"
+        )
 
 
 def _from_pretrained(cls, path, config, revision, extra: dict) -> nn.Module:

@@ -68,7 +68,7 @@ def setup(run: RunConfig, dist: ddp.Dist | None = None) -> tuple[TaskData, objec
         ddp.barrier(dist)
     check_schedule(run.method, total_steps_for(run, len(task.train)))
     seed_everything(run.train.seed)
-    model = load_model(run.model, task.num_labels, task.regression, tokenizer.pad_token_id)
+    model = load_model(run.model, task.num_labels, task.regression, tokenizer.pad_token_id, task.causal_lm)
     if run.model.dropout is not None:
         set_dropout(model, run.model.dropout)
     freeze_backbone(model, run.model.train_head)
@@ -276,6 +276,8 @@ class RunSession:
 
     def track_best(self, step: int, metrics: dict) -> None:
         """Keep ``metrics`` as the best dev evaluation if its main metric beats the best so far."""
+        if self.main_metric not in metrics:  # a causal-LM evaluation without generation
+            return
         if not self.best or metrics[self.main_metric] > self.best["dev"][self.main_metric]:
             self.best.update({"step": step, "dev": metrics})
 

@@ -43,6 +43,8 @@ from adabudget.methods.adalora import kept_params, param_groups
 from adabudget.metrics import primary_metric
 from adabudget.models import pick_device
 from adabudget.modules import count_params
+from adabudget.precision import Scaler, check_device, trainable_to_fp32
+from adabudget.precision import autocast as amp_autocast
 from adabudget.preflight import check_against_model
 from adabudget.schedule import lr_factor
 from adabudget.session import RunSession, setup, total_steps_for
@@ -72,6 +74,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         torch.set_num_threads(tc.num_threads)
     dist = ddp.init(tc.device)
     device = pick_device(tc.device, dist.local_rank if dist.active else None)
+    check_device(tc.precision, device)
+    autocast, scaler = amp_autocast(tc.precision, device), Scaler(tc.precision, device)
 
     # 1. data and backbone, as the supernet sets them up (same calls, same order, same seed)
     task, tokenizer, model = setup(run, dist)
@@ -88,6 +92,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     check_positions(run, model, plan)
     check_against_model(run, model, plan)  # target patterns, data.max_length vs the position table
     wrapped = apply_plan(model, plan)
+    trainable_to_fp32(model)  # on a bf16 / fp16 base the methods' weights still train in fp32
     groups = plan.report(arch) if arch is not None else None
     modules = module_table(wrapped, arch, plan)
     model.to(device)
@@ -99,16 +104,16 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     # 3. the session: a resumed run's checkpoint restores what must exist before the optimizer
     #    (the methods' masks and base weights, the allocator's shrunk shapes); a new run's
     #    methods calibrate on batches of their own
-    session = RunSession(
-        run, dist, device, total_steps, primary_metric(task.regression), "adabudget train resume={run_dir}"
-    )
+    metric = primary_metric(task.regression, task.scoring)
+    session = RunSession(run, dist, device, total_steps, metric, "adabudget train resume={run_dir}")
     if session.completed is not None:  # nothing to do: never append a second ending
         session.close()
         return session.completed
     if session.checkpoint is not None:
         load_hook_states(hooks, session.checkpoint.get("hooks"))
     elif hooks:
-        calibrate(hooks, model, task, tc, pad_id, inputs, device)
+        with autocast():
+            calibrate(hooks, model, task, tc, pad_id, inputs, device)
     trainable_params, total_params = count_params(model)  # after calibration: it may add parameters
     if session.checkpoint is not None and allocator is not None:
         allocator.load_state_dict(session.checkpoint["allocator"])
@@ -120,7 +125,10 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         "num_labels": task.num_labels,
         "data_version": getattr(task, "version", None),
         "split_sizes": task.sizes(),
-        "primary_metric": primary_metric(task.regression),
+        "primary_metric": metric,
+        "task_kind": task.kind,
+        "precision": tc.precision,
+        "base_dtype": run.model.dtype or "fp32",
         "regression": task.regression,
         "total_steps": total_steps,
         "trainable_params": trainable_params,
@@ -137,13 +145,19 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
     # running: the open logging window's summed (task loss, orth penalty); window: its steps
     step, window, running = session.restore(model, optimizer, scheduler, torch.zeros(2, device=device))
+    if session.checkpoint is not None:
+        scaler.load_state_dict(session.checkpoint.get("scaler"))
     params = [p for p in model.parameters() if p.requires_grad]
     train_model = ddp.wrap(model, dist, device)
     stream = batch_stream(task.train, tc, pad_id, inputs, step)
 
-    def scores(split: str) -> dict:
-        """Metrics of the model as it is on ``split`` (every rank gets them)."""
-        return evaluate(model, getattr(task, split), task, tc.eval_batch_size, pad_id, device, dist)
+    def scores(split: str, generate: bool = True) -> dict:
+        """Metrics of the model as it is on ``split`` (every rank gets them); a causal-LM task
+        generates only when ``generate``."""
+        examples = getattr(task, split)
+        return evaluate(
+            model, examples, task, tc.eval_batch_size, pad_id, device, dist, autocast, tokenizer, generate
+        )
 
     # 5. the loop: one iteration = one optimizer step of grad_accum micro-batches
     status, fields = None, {}  # how the run ends: an early stop sets them, else the final phase
@@ -175,27 +189,29 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                 batch, weight = ddp.shard(next(stream), dist)  # weight: the shard's share of the batch
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sync = micro == tc.grad_accum - 1 or not dist.active  # DDP all-reduces on the last one
-                with nullcontext() if sync else train_model.no_sync():
+                with nullcontext() if sync else train_model.no_sync(), autocast():
                     task_loss = train_model(**batch).loss
                     orth = allocator.orth_penalty() if allocator is not None else None
                     if orth is not None:  # eq. 4: the orthogonality regulariser R(P, Q), weight γ
                         loss = weight * task_loss + ada.orth_reg_weight * orth
                     else:
                         loss = weight * task_loss
-                    (loss / tc.grad_accum).backward()
+                    scaler.scale(loss / tc.grad_accum).backward()
                 running[0] += weight * task_loss.detach() / tc.grad_accum
                 if orth is not None:
                     running[1] += orth.detach() / tc.grad_accum
+            scaler.unscale_(optimizer)
             if tc.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
+            stepped = scaler.step(optimizer)  # False: fp16's scaler skipped an overflowed step
             for h in hooks:
                 h.after_step(step, optimizer)
             scheduler.step()
             step = session.advance()
             bar.update(1)
             # Importance needs this step's gradients: allocate after the update, before zero_grad.
-            allocation = allocator.update_and_allocate(step) if allocator is not None else None
+            # A step the scaler skipped has inf gradients: it is not scored (as the Trainer callback).
+            allocation = allocator.update_and_allocate(step) if allocator is not None and stepped else None
             if allocation is not None:
                 if error := session.nonfinite([*params, running], step, "an allocation"):
                     status, fields = "failed", {"error": error}
@@ -223,7 +239,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                     status, fields = "failed", {"error": error}
                     break
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
-                if session.evaluated(step, scores("dev"), on_eval):
+                generate = bool(tc.generate_every) and step % tc.generate_every == 0
+                if session.evaluated(step, scores("dev", generate), on_eval):
                     status, fields = "pruned", {"pruned_at": step}
                     break
             # The checkpoint at T comes before the final phase, so that an error or a signal in
@@ -243,6 +260,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                     running,
                     allocator=allocator.state_dict() if allocator is not None else None,
                     hooks=hook_states(hooks),
+                    scaler=scaler.state_dict(),
                 )
                 if cause and step < total_steps:
                     log.warning("%s: checkpoint at step %d, then exit", cause, step)

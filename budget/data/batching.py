@@ -81,7 +81,8 @@ def make_batches(
     Yields:
         ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the examples have
         them) as ``(B, T)`` long tensors with ``T`` the longest sequence in the batch, and
-        ``labels`` ``(B,)``: long for classification, float for regression.
+        ``labels`` ``(B,)``: long for classification, float for regression; a causal-LM task's
+        ``labels`` are ``(B, T)``, padded with ``IGNORE_INDEX``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -110,6 +111,98 @@ def tokenize(rows: Rows, tokenizer, max_length: int) -> list[dict]:
     return examples
 
 
+IGNORE_INDEX = -100  # a label the causal-LM loss skips (transformers' and torch's default)
+
+
+def lm_eos_id(tokenizer) -> int:
+    """The token a completion ends with: the tokenizer's EOS, else its SEP (the MiniLM vocabulary
+    of the tiny test decoders has no EOS)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise ConfigError(
+            "model.name: its tokenizer has neither an EOS nor a SEP token to end completions with"
+        )
+    return eos
+
+
+def tokenize_lm(rows: Rows, tokenizer, cfg, split: str) -> list[dict]:
+    """Tokenize one split of a causal-LM task (``cfg``: ``DataConfig``).
+
+    Each example is ``prompt + completion + EOS`` with ``labels`` equal to ``input_ids`` on the
+    completion and its EOS and ``IGNORE_INDEX`` on the prompt, so the loss covers the completion
+    only. ``prompt_len`` and ``target`` (the completion text) are kept for generation; ``make_batches``
+    does not put them in a batch. With ``data.chat_template`` the prompt is the tokenizer's chat
+    template around one user turn, opened for the assistant's answer.
+
+    A prompt that leaves no room in ``data.max_length`` for one completion token is refused
+    (naming the row), unless ``data.prompt_truncation=left`` cuts its start; a completion that
+    does not fit is cut at the end (the EOS then falls off: the model is not taught to stop early).
+    """
+    if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "data.chat_template=true: this tokenizer has no chat template; set data.chat_template=false "
+            "(plain prompts) or use a model whose tokenizer ships one (e.g. an -Instruct checkpoint)"
+        )
+    eos = lm_eos_id(tokenizer)
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
+    examples = []
+    for i, (prompt, completion) in enumerate(zip(rows.text, rows.label)):
+        if cfg.chat_template:
+            prompt_ids = list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                )
+            )
+            prompt_ids = _ids(prompt_ids)
+        else:
+            prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+        room = cfg.max_length - 1  # at least one completion token must fit
+        if len(prompt_ids) > room:
+            if cfg.prompt_truncation != "left":
+                raise ConfigError(
+                    f"data.max_length={cfg.max_length}: the prompt of {split} row {i} has {len(prompt_ids)} tokens "
+                    "and leaves no room for its completion; raise data.max_length or set "
+                    "data.prompt_truncation=left (keep the prompt's end)"
+                )
+            prompt_ids = prompt_ids[len(prompt_ids) - room :]
+        ids = (prompt_ids + completion_ids)[: cfg.max_length]
+        n = len(prompt_ids)
+        examples.append(
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * len(ids),
+                "labels": [IGNORE_INDEX] * n + ids[n:],
+                "prompt_len": n,
+                "target": completion,
+            }
+        )
+    return examples
+
+
+def _ids(encoded) -> list[int]:
+    """``apply_chat_template``'s token ids, whichever form this transformers returns them in."""
+    if isinstance(encoded, dict) or hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    return [int(t) for t in encoded]
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """``data.packing``: training examples concatenated in order into rows of ``max_length`` tokens
+    (the last one shorter), their labels kept, so short examples stop wasting padded positions.
+    Attention crosses example boundaries inside a row, as in TRL's plain packing."""
+    rows, ids, labels = [], [], []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += ex["labels"]
+        while len(ids) >= max_length:
+            rows.append((ids[:max_length], labels[:max_length]))
+            ids, labels = ids[max_length:], labels[max_length:]
+    if ids:
+        rows.append((ids, labels))
+    return [{"input_ids": i, "attention_mask": [1] * len(i), "labels": lab} for i, lab in rows]
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # SeedSequence mixes (seed, epoch) so that nearby pairs give unrelated permutations
     # and no two pairs collide, unlike seed * K + epoch.
@@ -119,13 +212,16 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     longest = max(len(ex["input_ids"]) for ex in batch)
     pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+    if isinstance(batch[0]["labels"], list):  # causal LM: a label per token, padding ignored
+        pad_values["labels"] = IGNORE_INDEX
     out = {}
     for key, pad in pad_values.items():
         if key in batch[0]:
             out[key] = torch.tensor(
                 [ex[key] + [pad] * (longest - len(ex[key])) for ex in batch], dtype=torch.long
             )  # (B, T)
-    labels = [ex["labels"] for ex in batch]
-    dtype = torch.float if isinstance(labels[0], float) else torch.long
-    out["labels"] = torch.tensor(labels, dtype=dtype)  # (B,)
+    if "labels" not in out:
+        labels = [ex["labels"] for ex in batch]
+        dtype = torch.float if isinstance(labels[0], float) else torch.long
+        out["labels"] = torch.tensor(labels, dtype=dtype)  # (B,)
     return out

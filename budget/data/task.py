@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 from adabudget.config import ConfigError, DataConfig
-from adabudget.data.batching import tokenize
+from adabudget.data.batching import pack, tokenize, tokenize_lm
 from adabudget.data.hub import TASK_HELP, load_hub
+from adabudget.data.instruct import LM_TASKS, load_instruct
 from adabudget.data.local import load_local
 from adabudget.data.packaged import PACKAGED_TASKS, load_packaged
-from adabudget.data.raw import RawTask
+from adabudget.data.raw import CAUSAL_LM, RawTask, Scoring
 
 
 @dataclass
@@ -50,6 +52,12 @@ class TaskData:
     version: str  # e.g. "vader-3.3.2/groups-v2", "hf:imdb@3f9a0c12b4de/given"
     source: str  # human-readable origin: file and sdist, hub id and splits, or local path
     split_note: str  # how the splits were made: seed, fractions, truncation
+    kind: str = "classification"  # classification | regression | causal_lm
+    scoring: Optional[Scoring] = None  # causal_lm: how generations are scored (data.* applied)
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.kind == CAUSAL_LM
 
     def sizes(self) -> dict:
         """Number of examples per split, e.g. ``{"train": 8485, "dev": 1060, "test": 1060}``."""
@@ -66,6 +74,8 @@ class TaskData:
             "num_labels": self.num_labels,
             "regression": self.regression,
             "label_names": self.label_names,
+            "kind": self.kind,
+            "scoring": dataclasses.asdict(self.scoring) if self.scoring is not None else None,
         }
 
 
@@ -85,7 +95,20 @@ def load_task(cfg: DataConfig, tokenizer) -> TaskData:
         RuntimeError: when a packaged task is not cached and cannot be downloaded.
     """
     raw = load_raw(cfg)
-    splits = {name: tokenize(rows, tokenizer, cfg.max_length) for name, rows in raw.splits.items()}
+    if raw.kind == CAUSAL_LM:
+        splits = {name: tokenize_lm(rows, tokenizer, cfg, name) for name, rows in raw.splits.items()}
+        if cfg.packing:
+            splits["train"] = pack(splits["train"], cfg.max_length)
+        kind, scoring = CAUSAL_LM, raw.scoring.resolve(cfg)
+    else:
+        if cfg.prompt_column is not None or cfg.packing or cfg.chat_template:
+            raise ConfigError(
+                f"data.task={cfg.task}: a classification task; data.prompt_column / packing / chat_template "
+                "apply to causal-LM tasks only (a packaged one such as mr_instruct, or prompt and "
+                "completion columns)"
+            )
+        splits = {name: tokenize(rows, tokenizer, cfg.max_length) for name, rows in raw.splits.items()}
+        kind, scoring = ("regression" if raw.regression else "classification"), None
     return TaskData(
         name=raw.name,
         train=splits["train"],
@@ -97,6 +120,8 @@ def load_task(cfg: DataConfig, tokenizer) -> TaskData:
         version=raw.version,
         source=raw.source,
         split_note=raw.split_note,
+        kind=kind,
+        scoring=scoring,
     )
 
 
@@ -106,6 +131,8 @@ def describe(cfg: DataConfig) -> str:
     Loads the raw data (fetching a packaged task on first use) but tokenizes nothing.
     """
     raw = load_raw(cfg)
+    if raw.kind == CAUSAL_LM:
+        return _describe_lm(raw, cfg)
     sizes = {name: len(rows) for name, rows in raw.splits.items()}
     train = raw.splits["train"]
     if raw.regression:
@@ -137,12 +164,47 @@ def describe(cfg: DataConfig) -> str:
     return "\n".join(lines)
 
 
+def _describe_lm(raw: RawTask, cfg: DataConfig) -> str:
+    """``describe`` of a causal-LM task: sizes, lengths, scoring (data.* applied) and one pair."""
+    sizes = {name: len(rows) for name, rows in raw.splits.items()}
+    rows = next((r for r in raw.splits.values() if len(r)), raw.splits["train"])  # gsm8k_100 has no train
+    scoring = raw.scoring.resolve(cfg)
+
+    def words(texts: list[str]) -> str:
+        counts = [len(t.split()) for t in texts] or [0]
+        return f"mean {np.mean(counts):.0f} words (max {max(counts):,})"
+
+    def shown(text: str, limit: int = 160) -> str:
+        return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+    texts = [t for r in raw.splits.values() for t in r.text]
+    completions = [c for r in raw.splits.values() for c in r.label]
+    labels = f", label words {list(scoring.label_words)}" if scoring.label_words else ""
+    lines = [
+        f"task:       {raw.name}",
+        f"source:     {raw.source}",
+        f"version:    {raw.version}",
+        "kind:       causal LM: prompt -> completion, loss on the completion only",
+        f"scoring:    {scoring.metric} (answer={scoring.answer}, max_new_tokens={scoring.max_new_tokens}, "
+        f"stop={list(scoring.stop)}{labels})",
+        "splits:     " + " / ".join(f"{name} {size:,}" for name, size in sizes.items()),
+        f"            {raw.split_note}",
+        f"columns:    prompt={raw.columns[0]}, completion={raw.columns[1]}",
+        f"lengths:    prompts {words(texts)}; completions {words(completions)}",
+    ]
+    if len(rows):
+        lines += [f"prompt:     {shown(rows.text[0])}", f"completion: {shown(rows.label[0])}"]
+    return "\n".join(lines)
+
+
 def load_raw(cfg: DataConfig) -> RawTask:
     """Dispatch on ``cfg.task``; every ConfigError is raised from here, untokenized."""
     _check_numbers(cfg)
     task = cfg.task.strip()
     if task.lower() in PACKAGED_TASKS:
         return load_packaged(task.lower(), cfg)
+    if task.lower() in LM_TASKS:
+        return load_instruct(task.lower(), cfg)
     if task in ("csv", "jsonl"):
         return load_local(task, cfg)
     if not task:

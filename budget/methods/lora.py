@@ -61,7 +61,7 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         A, B = self.factors()  # (r, in), (out, r)
         h = self.down(x, A)  # (..., r)
-        if out.dtype == h.dtype:
+        if out.dtype == h.dtype == B.dtype:  # (autocast leaves h in bf16 beside an fp32 B)
             # out += s h Bᵀ in one fused GEMM (as SVDLinear does), no (..., out) temporary
             return (
                 out.view(-1, out.shape[-1])

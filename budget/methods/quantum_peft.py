@@ -233,7 +233,9 @@ class QuantumPEFTLinear(nn.Module):
         out = self.base(x)
         u_left, u_right = self.u_left(), self.u_right()
         h = F.linear(x.to(u_right.dtype), u_right.T) * (self.lambdas * self.scaling)  # (..., K)
-        if out.dtype == h.dtype:  # out += h U_Lᵀ in one GEMM, no (..., out) temporary (as LoRALinear)
+        if (
+            out.dtype == h.dtype == u_left.dtype
+        ):  # out += h U_Lᵀ in one GEMM, no (..., out) temporary (as LoRALinear)
             return out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), u_left.T).view(out.shape)
         return out + F.linear(h, u_left).to(out.dtype)
 
