@@ -15,6 +15,8 @@ created: a folder belongs to one run, always.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fcntl
 import json
 import logging
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -276,6 +279,37 @@ def _jsonable(obj):
     return str(obj)
 
 
+# What ``wandb_summary`` adds to the W&B summary of the runs recorded inside it (None: nothing)
+_SUMMARY_ENTRIES: contextvars.ContextVar[Callable[[dict], dict] | None] = contextvars.ContextVar(
+    "adabudget_wandb_summary", default=None
+)
+
+
+@contextlib.contextmanager
+def wandb_summary(entries: Callable[[dict], dict]) -> Iterator[None]:
+    """Let the caller of a run add to its W&B summary: a run recorded inside this block (its
+    ``RunRecord`` opened here, in this thread) puts ``entries(result)`` there as well whenever it
+    writes its result, ``result`` being the record ``result.json`` then holds (status, ``final``
+    metrics, ``wall_time_s``, ...). ``entries`` returns ``{summary key: value}`` and leaves out
+    what it cannot give (a failed run has no final metrics); it is not called for a run without a
+    W&B mirror, and an error in it is a W&B error (the mirror stops, the run goes on).
+
+    Example (a caller that labels its runs: a number, and an objective once the run has one)::
+
+        def entries(result: dict) -> dict:
+            dev = (result.get("final") or {}).get("dev") or {}
+            return {"trial/number": 3, **({"objective/dev.accuracy": dev["accuracy"]} if "accuracy" in dev else {})}
+
+        with wandb_summary(entries):
+            train(cfg)
+    """
+    token = _SUMMARY_ENTRIES.set(entries)
+    try:
+        yield
+    finally:
+        _SUMMARY_ENTRIES.reset(token)
+
+
 class RunRecord:
     """Appends metrics and allocations to the run folder and the optional W&B mirror.
 
@@ -307,6 +341,7 @@ class RunRecord:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.wandb = None
+        self._summary_entries = _SUMMARY_ENTRIES.get()  # the caller's (``wandb_summary``)
         self._lock = lock_run(self.dir)
         try:
             resume = resume_step is not None
@@ -372,16 +407,8 @@ class RunRecord:
         for split, metrics in (result.get("final") or {}).items():
             for k, v in metrics.items():
                 self.wandb.summary[f"final/{split}/{k}"] = v
-        # What the caller labels the run with (RunConfig.meta; a search trial: its number,
-        # parameters and objectives, see search/wandb.py): ``summary`` entries as given, and
-        # ``summary_from_result`` entries read from this result by their dotted path, for values
-        # known only now ({"objective/dev.accuracy": "final.dev.accuracy"}).
-        meta = result.get("meta") or {}
-        for key, value in (meta.get("summary") or {}).items():
-            self.wandb.summary[key] = value
-        for key, path in (meta.get("summary_from_result") or {}).items():
-            value = _lookup(result, path)
-            if value is not None:
+        if self._summary_entries is not None:
+            for key, value in self._summary_entries(result).items():
                 self.wandb.summary[key] = value
         path = self.dir / "ranks.jsonl"
         if path.exists():
@@ -463,27 +490,15 @@ def group_ranks(ranks: dict[str, int], modules: list[dict], groups: list[dict] |
 def flat_config(config: dict, prefix: str = "") -> dict:
     """The config as W&B sees it: one entry per dotted key (``method.r``, ``train.lr``), the names
     Hydra overrides and W&B sweep parameters use, so a run started by a sweep agent (which sets
-    ``method.r`` itself) and any other run agree. Lists stay values; ``meta``'s W&B summary
-    entries stay out (they are in the summary)."""
+    ``method.r`` itself) and any other run agree. Lists stay values."""
     out = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if name in ("meta.summary", "meta.summary_from_result"):
-            continue
         if isinstance(value, dict) and value:
             out.update(flat_config(value, name + "."))
         else:
             out[name] = value
     return out
-
-
-def _lookup(data: dict, path: str):
-    """``data["final"]["dev"]["accuracy"]`` for ``final.dev.accuracy``; None where a key is missing."""
-    for key in path.split("."):
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
 
 
 def _wandb_metrics(record: dict) -> dict:

@@ -357,6 +357,7 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
     import os
     import socket
 
+    from adabudget.log import wandb_summary
     from adabudget.search.liveness import identity
     from adabudget.training import train
 
@@ -401,7 +402,6 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             "trial": trial.number,
             "params": trial.params,
         }  # no storage: it may hold a password
-        meta.update(trial_summary(setup, trial.number, trial.params, drawn.budget_params))  # W&B summary
         cfg = trial_config(setup, drawn.overrides, run_dir, meta)
         on_eval = None
         if scfg.pruner != "none":
@@ -418,7 +418,8 @@ def make_objective(setup: Setup, ctx: SpaceContext, space, release=lambda: None)
             trial.set_user_attr("error", STOP["signal"])
             _requeue(trial, baseline)
             raise SearchInterrupted(STOP["signal"])
-        result = train(cfg, on_eval=on_eval)
+        with wandb_summary(trial_summary(setup, trial.number, trial.params, drawn.budget_params)):
+            result = train(cfg, on_eval=on_eval)
         note(trial, "status", result["status"])
         note(trial, "wall_time_s", result["wall_time_s"])
         built = result["trainable_params"] - head

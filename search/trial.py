@@ -1,13 +1,14 @@
 """What one trial of a study is, shared by every module of the search wing (a leaf: it imports
 no other search module but the config and the Optuna toolkit): the trial's ``Setup``, how a trial
 ends early (``TrialFailed``, ``SearchRefused``, ``SearchInterrupted`` and the stop flag), a
-trained twin of a configuration, an infeasible trial's values, the labels of its W&B mirror and
-its row in ``search.json`` / ``sweep.json``. Which trials count as finished is
+trained twin of a configuration, an infeasible trial's values, what it adds to its W&B summary
+and its row in ``search.json`` / ``sweep.json``. Which trials count as finished is
 ``search.optuna_factory.finished``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from adabudget.config import ConfigError
 from adabudget.search.config import SearchConfig
-from adabudget.search.optuna_factory import finished
+from adabudget.search.optuna_factory import finished, objective_value
 from optuna.trial import TrialState
 
 
@@ -96,29 +97,30 @@ def infeasible_values(drawn, names: list[str], directions: list[str]) -> list[fl
     ]
 
 
-# Where a trial's result (result.json) holds each objective's value (params is known before).
-SUMMARY_PATHS = {"wall_time": "wall_time_s"}
+def trial_summary(setup: Setup, number: int, params: dict, budget_params: int | None):
+    """What a trial adds to its run's W&B summary: a function of the run's result for
+    ``adabudget.log.wandb_summary`` (called only for a run with a W&B mirror).
 
-
-def trial_summary(setup: Setup, number: int, params: dict, budget_params: int | None) -> dict:
-    """The ``meta`` entries (``adabudget.log.RunRecord``) that put a trial's number, parameters and
-    objectives in its W&B run summary; none when the run has no W&B mirror.
-
-    ``objective/dev.accuracy`` is read from the run's ``final.dev.accuracy``, ``objective/wall_time``
-    from ``wall_time_s``; ``objective/params`` is the count the search scores (AdaLoRA at b(T)).
+    It gives ``trial/number``, ``trial/params/<name>`` and ``objective/<name>``, the values Optuna
+    is told (``optuna_factory.objective_value``): ``objective/dev.accuracy`` from the run's final
+    dev evaluation, ``objective/wall_time`` from its ``wall_time_s``, ``objective/params`` the count
+    the search scores (AdaLoRA at b(T)), known before the run. An objective the result does not
+    hold (a failed run has no final evaluation) is left out.
     """
-    if not setup.base["logger"]["wandb"]:
-        return {}
-    summary = {"trial/number": number, **{f"trial/params/{k}": v for k, v in params.items()}}
-    from_result = {}
-    for name in setup.scfg.objective_names(setup.primary):
-        if name == "params":
-            summary["objective/params"] = budget_params
-        elif name.startswith("dev."):
-            from_result[f"objective/{name}"] = f"final.dev.{name[4:]}"
-        else:
-            from_result[f"objective/{name}"] = SUMMARY_PATHS.get(name, name)
-    return {"summary": summary, "summary_from_result": from_result}
+    names = setup.scfg.objective_names(setup.primary)
+    known = {"trial/number": number, **{f"trial/params/{k}": v for k, v in params.items()}}
+    if "params" in names:
+        known["objective/params"] = budget_params
+
+    def entries(result: dict) -> dict:
+        out = dict(known)
+        for name in names:
+            if name != "params":
+                with contextlib.suppress(KeyError):
+                    out[f"objective/{name}"] = objective_value(result, name)
+        return out
+
+    return entries
 
 
 def trial_row(t) -> dict:

@@ -3,9 +3,10 @@
 **Per-trial mirror.** With ``logger.wandb=true`` every trial's run mirrors itself to W&B as any
 run does (``adabudget.log.RunRecord``: offline unless configured, and a W&B error never fails
 the run), in the group ``logger.group`` = the study's name (``adabudget.search.study.trial_config``),
-with the config under dotted keys (``method.r``). ``search.trial.trial_summary`` adds what makes it a trial:
-its number and parameters, and its objectives, which are known only once it has trained, so
-they are named by where the run's result holds them and read there when the run ends.
+with the config under dotted keys (``method.r``). ``search.trial.trial_summary`` adds what makes it a trial
+to its summary: its number and parameters, and its objectives, which are known only once it has
+trained: the trial trains inside ``adabudget.log.wandb_summary`` with a function that computes
+them from the run's result, as Optuna is told them (``optuna_factory.objective_value``).
 
 **Sweep export.** ``adabudget search export-wandb-sweep [overrides] [--out FILE]`` writes the
 search as a W&B sweep YAML (``sweep_config``): W&B's own sampler, W&B's server, our

@@ -3,6 +3,7 @@ W&B failure never failing a trial, and the sweep export, down to the command an 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -124,6 +125,77 @@ def test_search_trials_are_offline_wandb_runs_in_the_study_group(tmp_path, monke
         (table,) = run_dir.glob("wandb/offline-run-*/files/media/table/rank_table_*.table.json")
         assert "budget" in table.read_text()
         assert (run_dir / "wandb_id.txt").read_text().strip() in str(table)
+
+
+def test_wandb_summary_adds_the_callers_entries_to_the_runs_recorded_inside_it(tmp_path, monkeypatch):
+    """``adabudget.log.wandb_summary(fn)``: a run whose record opens inside the block gets
+    ``fn(result)`` in its W&B summary, computed from the result it ends with; a run recorded after
+    the block gets none; an error in ``fn`` stops the mirror, never the run."""
+    from adabudget.config import LoggerConfig
+    from adabudget.log import RunRecord, wandb_summary
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    seen = []
+
+    def entries(result: dict) -> dict:
+        seen.append(result["status"])
+        return {"caller/number": 7, "caller/accuracy": result["final"]["dev"]["accuracy"] * 100}
+
+    def record(folder: Path) -> RunRecord:
+        return RunRecord(folder, {"run_name": folder.name}, LoggerConfig(wandb=True), header={"x": 1})
+
+    def completed(rec: RunRecord) -> None:  # one W&B run at a time: a second init finishes the first
+        rec.result({"status": "completed", "final": {"dev": {"accuracy": 0.5}}})
+        rec.close()
+
+    with wandb_summary(entries):
+        inside = record(tmp_path / "inside")
+    completed(inside)  # entries are the caller's from where the record opened, not where it ends
+    completed(record(tmp_path / "outside"))
+    assert seen == ["completed"]
+    summary = read_offline_run(tmp_path / "inside")["summary"]
+    assert summary["caller/number"] == 7 and summary["caller/accuracy"] == 50.0
+    assert summary["final/dev/accuracy"] == 0.5 and summary["status"] == "completed"
+    assert not any(k.startswith("caller/") for k in read_offline_run(tmp_path / "outside")["summary"])
+    with wandb_summary(entries):
+        failing = record(tmp_path / "failing")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        failing.result({"status": "failed", "error": "boom"})  # no final metrics: entries raises KeyError
+    failing.close()
+    assert any("W&B mirror disabled" in str(w.message) for w in caught)
+    assert json.loads((tmp_path / "failing" / "result.json").read_text())["status"] == "failed"
+
+
+def test_trial_summary_is_what_optuna_is_told(tmp_path):
+    """A trial's summary entries: its number and parameters, its objectives read as Optuna reads
+    them (``params`` the budget count, known before the run), an objective missing from a failed
+    run's result left out."""
+    from adabudget.search.study import prepare
+    from adabudget.search.trial import trial_summary
+
+    setup = prepare(
+        search_cfg(
+            tmp_path,
+            "logger=wandb",
+            "search.space=adalora",
+            "search.objectives=[dev.accuracy,wall_time,params]",
+        )
+    )
+    entries = trial_summary(setup, 3, {"method.init_r": 4}, 1234)
+    done = {"status": "completed", "final": {"dev": {"accuracy": 0.75, "f1": 0.7}}, "wall_time_s": 12.5}
+    assert entries(done) == {
+        "trial/number": 3,
+        "trial/params/method.init_r": 4,
+        "objective/dev.accuracy": 0.75,
+        "objective/wall_time": 12.5,
+        "objective/params": 1234,
+    }
+    assert entries({"status": "failed", "error": "boom"}) == {
+        "trial/number": 3,
+        "trial/params/method.init_r": 4,
+        "objective/params": 1234,
+    }
 
 
 class _BrokenRun:
