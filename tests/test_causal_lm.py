@@ -1,0 +1,211 @@
+"""Causal-LM supervised fine-tuning on the tiny decoders: the prompt masked out of the loss,
+packing, greedy generation scored by exact match / ROUGE / perplexity, bf16 and fp16 on the CPU,
+and the refusals (an encoder, a too-long prompt, a missing chat template)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import adabudget
+import pytest
+import torch
+from adabudget.checkpoint import load_checkpoint
+from adabudget.config import ConfigError, DataConfig
+from adabudget.data import load_tokenizer
+from adabudget.data.batching import IGNORE_INDEX, make_batches, pack, tokenize_lm
+from adabudget.data.raw import Rows, Scoring
+from adabudget.generation import exact_match, extract_answer, generate, rouge
+from adabudget.models import load_model
+from adabudget.precision import Scaler
+
+WORDS = {"good": "positive", "great": "positive", "fine": "positive", "bad": "negative", "awful": "negative"}
+
+
+def write_task(folder: Path, n: int = 96) -> Path:
+    """A jsonl sentiment task in prompt -> completion form (seeded dev/test carved by adabudget)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sst.jsonl"
+    keys = list(WORDS)
+    with path.open("w") as f:
+        for i in range(n):
+            word = keys[i % len(keys)]
+            row = {"prompt": f"Review: a {word} film, take {i}\nSentiment:", "completion": f" {WORDS[word]}"}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def lm_run(tmp_path: Path, *extra: str) -> list[str]:
+    path = write_task(tmp_path / "data")
+    return [
+        "model=tiny-llama",
+        "data.task=jsonl",
+        f"data.path={path}",
+        "data.prompt_column=prompt",
+        "data.completion_column=completion",
+        "data.metric=exact_match",
+        "data.answer=label_word",
+        "data.max_new_tokens=3",
+        "method=lora",
+        "train.max_steps=16",
+        "train.batch_size=8",
+        "train.lr=1e-2",
+        "train.eval_every=8",
+        "train.log_every=4",
+        "train.progress=false",
+        f"runs_root={tmp_path / 'runs'}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny-llama")
+
+
+def rows(prompts: list[str], completions: list[str]) -> Rows:
+    return Rows(text=prompts, pair=None, label=completions, ids=list(range(len(prompts))))
+
+
+# ---------------------------------------------------------------- tokenization
+def test_the_prompt_is_masked_and_the_completion_ends_with_eos(tokenizer):
+    (ex,) = tokenize_lm(rows(["Review: fine\nSentiment:"], [" positive"]), tokenizer, DataConfig(), "train")
+    prompt = tokenizer("Review: fine\nSentiment:", add_special_tokens=False)["input_ids"]
+    completion = tokenizer(" positive", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.sep_token_id  # the MiniLM vocabulary of the tiny decoders ends with SEP
+    assert ex["input_ids"] == prompt + completion + [eos]
+    assert ex["labels"] == [IGNORE_INDEX] * len(prompt) + completion + [eos]
+    assert ex["prompt_len"] == len(prompt) and ex["target"] == " positive"
+    (batch,) = make_batches([ex, {**ex, "input_ids": ex["input_ids"][:-1]}], 2, 0, False)
+    assert batch["labels"].shape == batch["input_ids"].shape  # (B, T): a label per token
+    assert "prompt_len" not in batch and "target" not in batch
+
+
+def test_a_prompt_longer_than_max_length_is_refused_unless_truncated_left(tokenizer):
+    long = "word " * 40 + "\nSentiment:"
+    with pytest.raises(ConfigError, match=r"data.max_length=16: the prompt of dev row 1 .*prompt_truncation=left"):
+        tokenize_lm(rows(["short", long], [" a", " b"]), tokenizer, DataConfig(max_length=16), "dev")
+    cfg = DataConfig(max_length=16, prompt_truncation="left")
+    ex = tokenize_lm(rows([long], [" positive"]), tokenizer, cfg, "dev")[0]
+    assert len(ex["input_ids"]) == 16 and ex["prompt_len"] == 15  # room for one completion token
+    assert tokenizer.decode(ex["input_ids"][: ex["prompt_len"]]).endswith("sentiment :")  # the end is kept
+
+
+def test_a_chat_template_is_refused_when_the_tokenizer_has_none(tokenizer):
+    with pytest.raises(ConfigError, match="data.chat_template=true: this tokenizer has no chat template"):
+        tokenize_lm(rows(["hi"], [" there"]), tokenizer, DataConfig(chat_template=True), "train")
+
+
+def test_packing_fills_rows_and_keeps_every_label(tokenizer):
+    examples = tokenize_lm(
+        rows([f"Review: {w}\nSentiment:" for w in WORDS], [f" {v}" for v in WORDS.values()]),
+        tokenizer,
+        DataConfig(),
+        "train",
+    )
+    packed = pack(examples, 16)
+    assert all(len(r["input_ids"]) == 16 for r in packed[:-1]) and len(packed[-1]["input_ids"]) <= 16
+    assert sum((r["input_ids"] for r in packed), []) == sum((e["input_ids"] for e in examples), [])
+    assert sum((r["labels"] for r in packed), []) == sum((e["labels"] for e in examples), [])
+
+
+# ---------------------------------------------------------------- scoring
+@pytest.mark.parametrize(
+    "text, answer, expected",
+    [
+        ("  The Answer\n is  ", "text", "the answer is"),
+        ("so 1,234.0 apples and then 7", "last_number", "7"),
+        ("she pays 1,234.0 dollars", "last_number", "1234"),
+        ("3 + 4 = 7\n#### 1,000", "gsm8k", "1000"),
+        ("no marker, 12 then 0.5", "gsm8k", "0.5"),
+        (" Positive!", "label_word", "positive"),
+        (" it is negative, not positive", "label_word", "negative"),
+        (" unsure", "label_word", ""),
+    ],
+)
+def test_answer_extraction(text, answer, expected):
+    assert extract_answer(text, answer, ("negative", "positive")) == expected
+
+
+def test_exact_match_compares_extracted_answers_and_never_matches_an_empty_one():
+    scoring = Scoring(metric="exact_match", answer="gsm8k")
+    preds = ["... so #### 18", "it is 17", "nothing here"]
+    refs = ["work\n#### 18", "work\n#### 18", "no number either"]
+    assert exact_match(preds, refs, scoring) == pytest.approx(1 / 3)
+
+
+def test_rouge_is_the_rouge_score_f_measure():
+    # 'the cat sat' against 'the cat sat down': P = 1, R = 3/4 for unigrams -> F = 6/7; bigrams 2/2, 2/3 -> 4/5
+    scores = rouge(["the cat sat"], ["the cat sat down"])
+    assert scores["rouge1"] == pytest.approx(6 / 7) and scores["rougeL"] == pytest.approx(6 / 7)
+    assert scores["rouge2"] == pytest.approx(4 / 5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer, name):
+    torch.manual_seed(0)
+    model = load_model(adabudget.config.ModelConfig(name=name), 0, False, tokenizer.pad_token_id, True).eval()
+    prompts = ["Review: good\nSentiment:", "Review: a long and rather awful film indeed\nSentiment:", "Hi:"]
+    examples = tokenize_lm(rows(prompts, [" x"] * 3), tokenizer, DataConfig(), "dev")
+    scoring = Scoring(metric="rouge", max_new_tokens=6, stop=())
+    from contextlib import nullcontext
+
+    together = generate(model, examples, tokenizer, scoring, torch.device("cpu"), nullcontext)
+    alone = [generate(model, [ex], tokenizer, scoring, torch.device("cpu"), nullcontext)[0] for ex in examples]
+    assert together == alone and all(t.strip() for t in together)
+
+
+def test_fp16_scaler_reports_a_skipped_step():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = Scaler("fp16", torch.device("cpu"))
+    scaler.scale((p * float("inf")).sum()).backward()
+    scaler.unscale_(opt)
+    assert scaler.step(opt) is False and torch.equal(p.detach(), torch.ones(2))  # not applied
+    opt.zero_grad()
+    scaler.scale(p.sum()).backward()
+    scaler.unscale_(opt)
+    assert scaler.step(opt) is True and not torch.equal(p.detach(), torch.ones(2))
+
+
+# ---------------------------------------------------------------- whole runs
+def test_sft_end_to_end_records_generation_metrics(tmp_path):
+    result = adabudget.train(*lm_run(tmp_path, "train.generate_every=16"))
+    assert result["status"] == "completed" and result["task_kind"] == "causal_lm"
+    assert result["primary_metric"] == "exact_match" and result["precision"] == "fp32"
+    final = result["final"]["dev"]
+    assert {"exact_match", "rouge1", "rouge2", "rougeL", "perplexity", "loss"} <= set(final)
+    assert 0 <= final["exact_match"] <= 1 and final["perplexity"] == pytest.approx(2.718281828 ** final["loss"])
+    lines = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    dev = [x for x in lines if x.get("split") == "dev"]
+    assert "perplexity" in dev[0] and "exact_match" not in dev[0]  # step 8: perplexity only
+    assert "exact_match" in dev[-1]  # the end generates
+    train = [x["loss"] for x in lines if x.get("split") == "train"]
+    assert train[-1] < train[0]  # the completion loss goes down
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", "null"), ("bf16", "bf16"), ("fp16", "fp16")])
+def test_half_precision_on_the_cpu_trains_fp32_adapters(tmp_path, precision, dtype):
+    result = adabudget.train(
+        *lm_run(tmp_path, f"train.precision={precision}", f"model.dtype={dtype}", "method=adalora"),
+        "method.init_r=4",
+        "method.target_r=2",
+        "method.mask_interval=2",
+        "train.max_steps=12",
+    )
+    assert result["status"] == "completed" and result["precision"] == precision
+    assert result["base_dtype"] == (precision if dtype != "null" else "fp32")
+    state = load_checkpoint(Path(result["run_dir"]) / "checkpoints" / "last.pt")
+    assert state["trainable"] and all(t.dtype == torch.float32 for t in state["trainable"].values())
+    assert (state["scaler"] is not None) == (precision == "fp16")
+
+
+def test_a_causal_lm_task_on_an_encoder_is_refused_before_a_run_folder(tmp_path):
+    with pytest.raises(ConfigError, match="model.name=tiny-bert: a causal-LM task .* needs a decoder"):
+        adabudget.train(*lm_run(tmp_path, "model=tiny-bert"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_dtype_needs_a_half_precision_compute(tmp_path):
+    with pytest.raises(ConfigError, match="model.dtype: bf16 .* set train.precision=bf16"):
+        adabudget.train(*lm_run(tmp_path, "model.dtype=bf16"))
