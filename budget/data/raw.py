@@ -157,3 +157,89 @@ def as_texts(values, fld: str, where: str) -> list[str]:
             raise ConfigError(f"{fld}: row {i} of {where} has no text; fill it or drop the row")
         out.append(value if isinstance(value, str) else str(value))
     return out
+
+
+# ---------------------------------------------------------------- causal-LM data: prompt -> completion
+
+# How hub and local prompt -> completion data is scored unless data.* says otherwise: ROUGE of the
+# generated line (at most 64 tokens) against the completion.
+DEFAULT_LM_SCORING = Scoring(metric="rouge", answer="text", max_new_tokens=64, stop=("\n",))
+
+
+def lm_rows(prompts, completions, ids: list[Any], where: str, completion_column: str) -> Optional[Rows]:
+    """One causal-LM split from its two columns: prompts in ``Rows.text``, completions in ``Rows.label``.
+
+    Returns None when no row has a completion (a test split with hidden answers: nothing to score
+    against, as ``finish`` drops an unlabeled test split); the caller decides whether that is allowed.
+
+    Raises:
+        ConfigError: a missing prompt (naming ``data.prompt_column``) or, among rows that have
+            completions, an empty one (naming the row and ``data.completion_column``).
+    """
+    completions = list(completions)
+    if not any(_filled(value) for value in completions):
+        return None
+    text = as_texts(prompts, "data.prompt_column", where)
+    label = []
+    for i, value in enumerate(completions):
+        if not _filled(value):
+            raise ConfigError(
+                f"data.completion_column: row {i} of {where} has an empty completion (column "
+                f"{completion_column!r}); there is nothing to learn or score there: fill it or drop the row"
+            )
+        label.append(value if isinstance(value, str) else str(value))
+    return Rows(text=text, pair=None, label=label, ids=list(ids))
+
+
+def _filled(value: Any) -> bool:
+    return value is not None and bool(str(value).strip())
+
+
+def finish_lm(
+    task: str, origin: str, source: str, splits: dict[str, Rows], cfg: DataConfig, columns: tuple[str, str]
+) -> RawTask:
+    """The tail of hub and local prompt -> completion data: carve missing splits, check, truncate.
+
+    As ``finish`` without the labels: the splits the data ships are used as given, a missing dev
+    (and test, when there is none either) is carved from train by ``seeded_split`` (copies of a
+    prompt kept together), and the version is ``<origin>@<digest>/<split>``.
+    """
+    digest = content_digest(splits)
+    carved: tuple[str, ...] = ()
+    if "dev" not in splits:
+        carve_test = "test" not in splits
+        carved = ("dev", "test") if carve_test and cfg.test_fraction > 0 else ("dev",)
+        splits = {**splits, **seeded_split(splits["train"], cfg, carve_test=carve_test)}
+    splits.setdefault("test", Rows(text=[], pair=None, label=[]))
+    for name in ("train", "dev"):
+        if len(splits[name]) == 0:
+            raise ConfigError(f"data.task: the {name} split of {task} is empty; provide rows for it")
+    splits = truncate({name: splits[name] for name in ("train", "dev", "test")}, cfg)
+    return RawTask(
+        name=task,
+        source=source,
+        version=f"{origin}@{digest}/{SPLIT_PROCEDURE if carved else GIVEN_SPLITS}",
+        splits=splits,
+        num_labels=0,
+        regression=False,
+        label_names=None,
+        split_note=split_note(cfg, carved),
+        columns=columns,
+        kind=CAUSAL_LM,
+        scoring=DEFAULT_LM_SCORING,
+    )
+
+
+def refuse_classification_columns(cfg: DataConfig) -> None:
+    """Prompt -> completion data reads two columns only: a text, pair or regression setting is refused."""
+    for fld in ("text_column", "text_pair_column"):
+        if getattr(cfg, fld) is not None:
+            raise ConfigError(
+                f"data.{fld}: a causal-LM task reads data.prompt_column and data.completion_column only; "
+                f"unset data.{fld} (or unset both of those for a classification task)"
+            )
+    if cfg.regression:
+        raise ConfigError(
+            "data.regression: a causal-LM task generates text and has no regression target; unset "
+            "data.regression (or unset data.prompt_column / data.completion_column for a regression task)"
+        )
