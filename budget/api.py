@@ -85,7 +85,10 @@ def load(run_dir: str | Path):
     record = json.loads((run_dir / "result.json").read_text())
     tokenizer = load_tokenizer(run.model.name, run.model.revision)
     seed_everything(run.train.seed)  # an untrained head is drawn as the run drew it
-    model = load_model(run.model, record["num_labels"], record["regression"], tokenizer.pad_token_id)
+    causal_lm = record.get("task_kind") == "causal_lm"
+    model = load_model(
+        run.model, record["num_labels"], record["regression"], tokenizer.pad_token_id, causal_lm
+    )
     if (adapter / "adabudget_adapter.json").exists():
         load_adapter(model, adapter)
     else:

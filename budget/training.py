@@ -285,8 +285,11 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                 if dist.active:  # every rank must hold the same adapters: say so in the record
                     same = ddp.identical_on_all_ranks(model, dist)
                     fields["ddp"] = {"world_size": dist.world, "identical_on_all_ranks": same}
+                task_type = "CAUSAL_LM" if task.causal_lm else "SEQ_CLS"
                 exports = (
-                    export(run, model, wrapped, plan, tokenizer, session.dir, hooks) if dist.main else {}
+                    export(run, model, wrapped, plan, tokenizer, session.dir, hooks, task_type)
+                    if dist.main
+                    else {}
                 )
                 status, fields = "completed", {"final": final, "exports": exports, **fields}
         result = session.result(status, **fields)
@@ -363,16 +366,25 @@ def summary(model, allocator, wrapped: dict) -> dict:
     }
 
 
-def export(run: RunConfig, model, wrapped: dict, plan, tokenizer, run_dir: Path, hooks: list) -> dict:
-    """``adapter/`` (peft's LoRA format where the method has one, ``Method.peft_export``) and
-    ``merged/`` as the run asks; returns where each went."""
+def export(
+    run: RunConfig,
+    model,
+    wrapped: dict,
+    plan,
+    tokenizer,
+    run_dir: Path,
+    hooks: list,
+    task_type: str = "SEQ_CLS",
+) -> dict:
+    """``adapter/`` (peft's LoRA format where the method has one, ``Method.peft_export``, with peft's
+    ``task_type``: ``SEQ_CLS`` or ``CAUSAL_LM``) and ``merged/`` as the run asks; returns where each went."""
     from adabudget.export import export_peft_adapter, save_adapter, save_merged
     from adabudget.hub import PACKAGED, packaged_path
 
     base = packaged_path(run.model.name) if run.model.name in PACKAGED else run.model.name
     exports = {}
     if run.export_adapter and REGISTRY[run.method.name].peft_export:
-        exports["adapter"] = export_peft_adapter(model, wrapped, run_dir / "adapter", base)
+        exports["adapter"] = export_peft_adapter(model, wrapped, run_dir / "adapter", base, task_type)
     elif run.export_adapter:
         exports["adapter"] = save_adapter(model, run.method, wrapped, run_dir / "adapter", base, hooks)
     if run.export_merged:
