@@ -124,7 +124,9 @@ class TrainConfig:
     """The optimisation loop. Steps are optimizer steps (after gradient accumulation)."""
 
     epochs: float = 1.0
-    max_steps: Optional[int] = None  # T; inferred from the data and epochs when None
+    # T; inferred from the data and epochs when None; 0 = zero-shot: the model as the method
+    # initialises it (the base model, for every method that starts at identity) is only evaluated
+    max_steps: Optional[int] = None
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 5e-4
@@ -203,7 +205,7 @@ def validate(run: RunConfig) -> None:
         "train.epochs",
         f"must be a finite number, got {t.epochs}; set train.max_steps to give the length in steps",
     )
-    _check(t.epochs > 0 or t.max_steps, "train.epochs", "must be > 0 (or set train.max_steps)")
+    _check(t.epochs > 0 or t.max_steps is not None, "train.epochs", "must be > 0 (or set train.max_steps)")
     # A negative norm flips every clipped gradient (gradient ascent); 0 reads as "no clipping"
     # but is not how to say it.
     _check(
@@ -224,7 +226,9 @@ def validate(run: RunConfig) -> None:
         f"must be in [0, 2**32 - 1] (numpy's seed range), got {t.seed}",
     )
     _check(
-        t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1 or null, got {t.max_steps}"
+        t.max_steps is None or t.max_steps >= 0,
+        "train.max_steps",
+        f"must be >= 0 (0 = zero-shot, evaluation only) or null, got {t.max_steps}",
     )
     _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")

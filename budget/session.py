@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from adabudget import ddp
 from adabudget.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from adabudget.config import RunConfig, to_dict
+from adabudget.config import ConfigError, RunConfig, to_dict
 from adabudget.data import TaskData, load_task, load_tokenizer, num_batches
 from adabudget.hub import prepare_hub_access
 from adabudget.log import RunRecord, claim_run_dir, environment, log
@@ -66,7 +66,13 @@ def setup(run: RunConfig, dist: ddp.Dist | None = None) -> tuple[TaskData, objec
     task = load_task(run.data, tokenizer)
     if dist.main:
         ddp.barrier(dist)
-    check_schedule(run.method, total_steps_for(run, len(task.train)))
+    total_steps = total_steps_for(run, len(task.train))
+    if total_steps and not task.train:
+        raise ConfigError(
+            f"data.task={run.data.task}: no training examples (an evaluation-only task); set train.max_steps=0 "
+            "for a zero-shot evaluation, or train on another task"
+        )
+    check_schedule(run.method, total_steps)
     seed_everything(run.train.seed)
     model = load_model(run.model, task.num_labels, task.regression, tokenizer.pad_token_id, task.causal_lm)
     if run.model.dropout is not None:
@@ -76,8 +82,8 @@ def setup(run: RunConfig, dist: ddp.Dist | None = None) -> tuple[TaskData, objec
 
 
 def total_steps_for(run: RunConfig, n_train: int) -> int:
-    """T in optimizer steps: ``train.max_steps``, or epochs x batches / grad_accum."""
-    if run.train.max_steps:
+    """T in optimizer steps: ``train.max_steps`` (0: zero-shot), or epochs x batches / grad_accum."""
+    if run.train.max_steps is not None:
         return run.train.max_steps
     batches = num_batches(n_train, run.train.batch_size)
     return max(1, math.ceil(run.train.epochs * batches / run.train.grad_accum))

@@ -83,7 +83,9 @@ def test_the_prompt_is_masked_and_the_completion_ends_with_eos(tokenizer):
 
 def test_a_prompt_longer_than_max_length_is_refused_unless_truncated_left(tokenizer):
     long = "word " * 40 + "\nSentiment:"
-    with pytest.raises(ConfigError, match=r"data.max_length=16: the prompt of dev row 1 .*prompt_truncation=left"):
+    with pytest.raises(
+        ConfigError, match=r"data.max_length=16: the prompt of dev row 1 .*prompt_truncation=left"
+    ):
         tokenize_lm(rows(["short", long], [" a", " b"]), tokenizer, DataConfig(max_length=16), "dev")
     cfg = DataConfig(max_length=16, prompt_truncation="left")
     ex = tokenize_lm(rows([long], [" positive"]), tokenizer, cfg, "dev")[0]
@@ -151,7 +153,9 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer, n
     from contextlib import nullcontext
 
     together = generate(model, examples, tokenizer, scoring, torch.device("cpu"), nullcontext)
-    alone = [generate(model, [ex], tokenizer, scoring, torch.device("cpu"), nullcontext)[0] for ex in examples]
+    alone = [
+        generate(model, [ex], tokenizer, scoring, torch.device("cpu"), nullcontext)[0] for ex in examples
+    ]
     assert together == alone and all(t.strip() for t in together)
 
 
@@ -175,7 +179,9 @@ def test_sft_end_to_end_records_generation_metrics(tmp_path):
     assert result["primary_metric"] == "exact_match" and result["precision"] == "fp32"
     final = result["final"]["dev"]
     assert {"exact_match", "rouge1", "rouge2", "rougeL", "perplexity", "loss"} <= set(final)
-    assert 0 <= final["exact_match"] <= 1 and final["perplexity"] == pytest.approx(2.718281828 ** final["loss"])
+    assert 0 <= final["exact_match"] <= 1 and final["perplexity"] == pytest.approx(
+        2.718281828 ** final["loss"]
+    )
     lines = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     dev = [x for x in lines if x.get("split") == "dev"]
     assert "perplexity" in dev[0] and "exact_match" not in dev[0]  # step 8: perplexity only
@@ -209,3 +215,14 @@ def test_a_causal_lm_task_on_an_encoder_is_refused_before_a_run_folder(tmp_path)
 def test_model_dtype_needs_a_half_precision_compute(tmp_path):
     with pytest.raises(ConfigError, match="model.dtype: bf16 .* set train.precision=bf16"):
         adabudget.train(*lm_run(tmp_path, "model.dtype=bf16"))
+
+
+def test_zero_shot_evaluates_the_base_model_without_a_step(tmp_path):
+    result = adabudget.train(*lm_run(tmp_path, "train.max_steps=0", "export_adapter=false"))
+    assert result["status"] == "completed" and result["total_steps"] == 0
+    assert {"exact_match", "rougeL", "perplexity"} <= set(result["final"]["dev"])
+    lines = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert not [x for x in map(json.loads, lines) if x.get("split") == "train"]  # nothing trained
+    # LoRA starts at identity (B = 0): the zero-shot numbers are the base model's
+    again = adabudget.train(*lm_run(tmp_path, "train.max_steps=0", "export_adapter=false", "method=full"))
+    assert again["final"]["dev"]["loss"] == pytest.approx(result["final"]["dev"]["loss"], rel=1e-5)
