@@ -10,8 +10,8 @@ Where the two front ends used to disagree, one rule now holds for both:
 - **Finished** (what ``n_trials`` counts): a trained trial, completed or pruned. An infeasible
   configuration (recorded, never trained) and a repeat of a trained one (its values copied,
   ``duplicate_of``) are not. (The search's rule won; the sweeper makes neither kind.)
-- **Directions**: ``params``, ``wall_time``, ``peak_memory_mb``, ``dev.mse`` and ``dev.loss`` are
-  minimised, every other objective maximised. (The union of both lists.)
+- **Directions**: ``params``, ``wall_time``, ``peak_memory_mb``, ``dev.mse``, ``dev.loss`` and
+  ``dev.perplexity`` are minimised, every other objective maximised. (The union of both lists.)
 - **params**: the trainable adapter parameters the budget constrains (the task head left out,
   AdaLoRA counted at its final budget b(T) as the paper and the hybrid solver count it),
   counted analytically from the configuration (``search.spaces.sampling.count``). (The search's
@@ -52,7 +52,7 @@ PRUNERS = {
     "hyperband": ("HyperbandPruner", {}),
     "successive_halving": ("SuccessiveHalvingPruner", {}),
 }
-MINIMISED = ("params", "wall_time", "peak_memory_mb", "dev.mse", "dev.loss")
+MINIMISED = ("params", "wall_time", "peak_memory_mb", "dev.mse", "dev.loss", "dev.perplexity")
 RESULT_KEYS = {"wall_time": "wall_time_s"}  # objective name -> its key in result.json, where they differ
 
 

@@ -366,7 +366,14 @@ class TrialHook:
             return False
         from adabudget.metrics import primary_metric
 
-        metric = self.metric or primary_metric("pearson" in metrics)
+        if self.metric:
+            metric = self.metric
+        elif "perplexity" in metrics:  # a causal-LM task: generation runs only at some evaluations
+            metric = "neg_perplexity"
+        else:
+            metric = primary_metric("pearson" in metrics)
+        if metric not in metrics:  # a causal-LM evaluation without generation: nothing to report
+            return False
         self.trial.report(float(metrics[metric]), step)
         return self.trial.should_prune()
 
