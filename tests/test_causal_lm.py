@@ -89,7 +89,7 @@ def test_a_prompt_longer_than_max_length_is_refused_unless_truncated_left(tokeni
         tokenize_lm(rows(["short", long], [" a", " b"]), tokenizer, DataConfig(max_length=16), "dev")
     cfg = DataConfig(max_length=16, prompt_truncation="left")
     ex = tokenize_lm(rows([long], [" positive"]), tokenizer, cfg, "dev")[0]
-    assert len(ex["input_ids"]) == 16 and ex["prompt_len"] == 15  # room for one completion token
+    assert len(ex["input_ids"]) == 16 and ex["prompt_len"] == 14  # room for " positive" and EOS
     assert tokenizer.decode(ex["input_ids"][: ex["prompt_len"]]).endswith("sentiment :")  # the end is kept
 
 

@@ -135,8 +135,9 @@ def tokenize_lm(rows: Rows, tokenizer, cfg, split: str) -> list[dict]:
     template around one user turn, opened for the assistant's answer.
 
     A prompt that leaves no room in ``data.max_length`` for one completion token is refused
-    (naming the row), unless ``data.prompt_truncation=left`` cuts its start; a completion that
-    does not fit is cut at the end (the EOS then falls off: the model is not taught to stop early).
+    (naming the row), unless ``data.prompt_truncation=left`` cuts its start, as far as the whole
+    completion needs; a completion that still does not fit is cut at the end (the EOS then falls
+    off: the model is not taught to stop early).
     """
     if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
@@ -157,15 +158,16 @@ def tokenize_lm(rows: Rows, tokenizer, cfg, split: str) -> list[dict]:
         else:
             prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
-        room = cfg.max_length - 1  # at least one completion token must fit
-        if len(prompt_ids) > room:
+        if len(prompt_ids) > cfg.max_length - 1:  # not even one completion token fits
             if cfg.prompt_truncation != "left":
                 raise ConfigError(
                     f"data.max_length={cfg.max_length}: the prompt of {split} row {i} has {len(prompt_ids)} tokens "
                     "and leaves no room for its completion; raise data.max_length or set "
                     "data.prompt_truncation=left (keep the prompt's end)"
                 )
-            prompt_ids = prompt_ids[len(prompt_ids) - room :]
+        if cfg.prompt_truncation == "left" and len(prompt_ids) + len(completion_ids) > cfg.max_length:
+            room = max(cfg.max_length - len(completion_ids), 1)  # the whole completion, if it fits at all
+            prompt_ids = prompt_ids[max(len(prompt_ids) - room, 0) :]
         ids = (prompt_ids + completion_ids)[: cfg.max_length]
         n = len(prompt_ids)
         examples.append(
