@@ -117,6 +117,10 @@ class DataConfig:
     max_new_tokens: Optional[int] = None
     stop: Optional[list] = None
     aclsum_source: str = "abstract"  # aclsum's input: abstract | full (the whole paper, ~1,300 tokens)
+    # Score on another task: dev and test come from this data section (``data.*`` keys that differ,
+    # e.g. {task: gsm8k_100} or {task: "gsm8k:main", prompt_column: question, completion_column: answer}),
+    # train from this one; both causal-LM tasks (peft's protocol: train on MetaMathQA, test on GSM8K).
+    eval_data: Any = None  # a dict (Any: OmegaConf cannot override a None Optional[dict] node)
 
 
 @dataclass
@@ -308,6 +312,15 @@ def validate(run: RunConfig) -> None:
         "data.completion_column" if d.completion_column is None else "data.prompt_column",
         "a causal-LM task needs both data.prompt_column and data.completion_column (or neither)",
     )
+    if d.eval_data is not None:
+        known = {f.name for f in dataclasses.fields(DataConfig)} - {"eval_data"}
+        unknown = sorted(set(d.eval_data) - known)
+        _check(
+            not unknown and isinstance(d.eval_data.get("task", d.task), str),
+            "data.eval_data",
+            f"unknown key(s) {unknown}; it holds data.* keys for the evaluation task, e.g. "
+            "{task: gsm8k_100} (known: " + ", ".join(sorted(known)) + ")",
+        )
     _check(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     try:
         codecs.lookup(d.encoding)

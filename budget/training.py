@@ -127,6 +127,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         "split_sizes": task.sizes(),
         "primary_metric": metric,
         "task_kind": task.kind,
+        "scoring": task.record()["scoring"],  # a causal-LM task's answer extraction, metric, stops
         "precision": tc.precision,
         "base_dtype": run.model.dtype or "fp32",
         "regression": task.regression,

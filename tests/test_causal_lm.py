@@ -226,3 +226,31 @@ def test_zero_shot_evaluates_the_base_model_without_a_step(tmp_path):
     # LoRA starts at identity (B = 0): the zero-shot numbers are the base model's
     again = adabudget.train(*lm_run(tmp_path, "train.max_steps=0", "export_adapter=false", "method=full"))
     assert again["final"]["dev"]["loss"] == pytest.approx(result["final"]["dev"]["loss"], rel=1e-5)
+
+
+def test_eval_data_scores_on_another_task_with_its_own_scoring(tmp_path):
+    """peft's protocol in small: train on one prompt/completion set, score on another (gsm8k_100 style)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    with (other / "math.jsonl").open("w") as f:
+        for i in range(40):
+            f.write(
+                json.dumps({"q": f"Question: {i} plus 1?\nAnswer:", "a": f" {i} + 1 = {i + 1}\n#### {i + 1}"})
+                + "\n"
+            )
+    evaluation = (
+        "{task: jsonl, path: " + str(other / "math.jsonl") + ", prompt_column: q, completion_column: a"
+    )
+    result = adabudget.train(
+        *lm_run(tmp_path, "train.max_steps=4", f"data.eval_data={evaluation}, answer: gsm8k}}")
+    )
+    assert result["status"] == "completed"
+    # the training task's own scoring (label_word, exact_match) did not leak into the evaluation task's
+    assert result["scoring"]["answer"] == "gsm8k" and result["scoring"]["metric"] == "rouge"
+    assert result["primary_metric"] == "rougeL"
+    assert result["split_sizes"]["dev"] + result["split_sizes"]["test"] == 8  # 40 rows: 10% dev, 10% test
+
+
+def test_eval_data_with_an_unknown_key_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.eval_data: unknown key\(s\) \['tsk'\]"):
+        adabudget.train(*lm_run(tmp_path, "data.eval_data={tsk: gsm8k_100}"))

@@ -95,11 +95,14 @@ def load_task(cfg: DataConfig, tokenizer) -> TaskData:
         RuntimeError: when a packaged task is not cached and cannot be downloaded.
     """
     raw = load_raw(cfg)
+    if cfg.eval_data:
+        raw = _evaluated_on(raw, cfg)
     if raw.kind == CAUSAL_LM:
         splits = {name: tokenize_lm(rows, tokenizer, cfg, name) for name, rows in raw.splits.items()}
         if cfg.packing:
             splits["train"] = pack(splits["train"], cfg.max_length)
-        kind, scoring = CAUSAL_LM, raw.scoring.resolve(cfg)
+        # data.eval_data: the evaluation task's scoring, resolved against its own section
+        kind, scoring = CAUSAL_LM, raw.scoring if cfg.eval_data else raw.scoring.resolve(cfg)
     else:
         if cfg.prompt_column is not None or cfg.packing or cfg.chat_template:
             raise ConfigError(
@@ -125,12 +128,59 @@ def load_task(cfg: DataConfig, tokenizer) -> TaskData:
     )
 
 
+# What names a task and how it is read and scored: an evaluation task (data.eval_data) starts from
+# the defaults of these, not from the training task's; every other data.* key (max_length, seeds,
+# fractions, max_eval_samples, cache, encoding, chat template, truncation) is shared.
+_TASK_KEYS = (
+    "task",
+    "path",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "regression",
+    "prompt_column",
+    "completion_column",
+    "aclsum_source",
+    "answer",
+    "metric",
+    "max_new_tokens",
+    "stop",
+)
+
+
+def _evaluated_on(raw: RawTask, cfg: DataConfig) -> RawTask:
+    """``data.eval_data``: ``raw``'s train split, dev and test (and scoring) of the evaluation task."""
+    defaults = DataConfig()
+    eval_cfg = dataclasses.replace(
+        cfg, eval_data=None, **{**{k: getattr(defaults, k) for k in _TASK_KEYS}, **dict(cfg.eval_data)}
+    )
+    other = load_raw(eval_cfg)
+    if raw.kind != CAUSAL_LM or other.kind != CAUSAL_LM:
+        raise ConfigError(
+            f"data.eval_data: training on {raw.name} ({raw.kind}) and scoring on {other.name} ({other.kind}) "
+            "needs two causal-LM tasks (prompt -> completion); drop data.eval_data for this task"
+        )
+    if not other.splits["dev"]:
+        raise ConfigError(f"data.eval_data: {other.name} has no dev split to score on")
+    return dataclasses.replace(
+        raw,
+        name=f"{raw.name}->{other.name}",
+        source=f"train: {raw.source}; dev/test: {other.source}",
+        version=f"{raw.version}+eval:{other.version}",
+        splits={"train": raw.splits["train"], "dev": other.splits["dev"], "test": other.splits["test"]},
+        split_note=f"train: {raw.split_note}; dev/test: {other.split_note}",
+        scoring=other.scoring.resolve(eval_cfg),
+    )
+
+
 def describe(cfg: DataConfig) -> str:
     """A human summary of the task: source, label kind, split sizes and one example.
 
     Loads the raw data (fetching a packaged task on first use) but tokenizes nothing.
     """
     raw = load_raw(cfg)
+    if cfg.eval_data:
+        raw = _evaluated_on(raw, cfg)
     if raw.kind == CAUSAL_LM:
         return _describe_lm(raw, cfg)
     sizes = {name: len(rows) for name, rows in raw.splits.items()}
