@@ -135,7 +135,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.06  # linear LR warmup, then linear decay to 0
+    warmup_ratio: float = 0.06  # linear LR warmup, then decay to 0
+    lr_schedule: str = "linear"  # the decay: linear | cosine (peft's method comparison uses cosine)
     max_grad_norm: Optional[float] = 1.0  # > 0; null turns gradient clipping off
     eval_every: int = 100  # also evaluates at the end; 0 = only at the end
     eval_batch_size: int = 128
@@ -279,6 +280,11 @@ def validate(run: RunConfig) -> None:
         "model.dtype",
         f"{run.model.dtype} stores the frozen base in half precision, which fp32 compute cannot multiply with "
         f"the fp32 trainable weights; set train.precision={run.model.dtype} (autocast) or model.dtype=null",
+    )
+    _check(
+        t.lr_schedule in ("linear", "cosine"),
+        "train.lr_schedule",
+        f"unknown '{t.lr_schedule}'; use linear or cosine",
     )
     _check(t.generate_every >= 0, "train.generate_every", "must be >= 0 (0 = generate only at the end)")
     _check(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def budget_at(
     step: int, initial: int, target: int, warmup_steps: int, final_steps: int, total_steps: int
@@ -59,8 +61,12 @@ def phase_steps(warmup: float, final: float, total_steps: int) -> tuple[int, int
     return t_i, t_f
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then linear decay to 0 at ``total_steps`` (HF's linear schedule)."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, shape: str = "linear") -> float:
+    """Linear warm-up to 1, then decay to 0 at ``total_steps``: linear (HF's linear schedule) or
+    ``cosine`` (HF's cosine schedule, half a period: 0.5 (1 + cos(pi progress)))."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))

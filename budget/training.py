@@ -140,10 +140,12 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         "meta": run.meta,
     }
 
-    # 4. optimizer: AdamW (AdaLoRA's λ in its own group) with linear warm-up and decay over T steps
+    # 4. optimizer: AdamW (AdaLoRA's λ in its own group), linear warm-up, linear or cosine decay over T
     optimizer = torch.optim.AdamW(param_groups(model, ada, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
     warmup = int(tc.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, tc.lr_schedule)
+    )
     # running: the open logging window's summed (task loss, orth penalty); window: its steps
     step, window, running = session.restore(model, optimizer, scheduler, torch.zeros(2, device=device))
     if session.checkpoint is not None:

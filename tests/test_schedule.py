@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from adabudget.config import ConfigError
 from adabudget.schedule import budget_at, lr_factor, steps_from
 
@@ -136,3 +137,24 @@ def test_steps_from_rejects_negative(value):
 )
 def test_lr_factor(step, warmup, total, expected):
     assert lr_factor(step, warmup, total) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("step", "warmup", "total", "expected"),
+    [
+        (5, 10, 100, 0.5),  # the same linear warm-up
+        (10, 10, 100, 1.0),
+        (55, 10, 100, 0.5),  # halfway through the decay: cos(pi / 2) = 0
+        (40, 10, 100, 0.75),  # a third: 0.5 (1 + cos(pi / 3))
+        (100, 10, 100, 0.0),
+        (120, 10, 100, 0.0),  # past T: stays 0 (HF's climbs again)
+    ],
+)
+def test_cosine_lr_factor_is_hfs_half_period(step, warmup, total, expected):
+    from transformers import get_cosine_schedule_with_warmup
+
+    assert lr_factor(step, warmup, total, "cosine") == pytest.approx(expected, abs=1e-12)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_schedule_with_warmup(optimizer, warmup, total).lr_lambdas[0]
+    if step <= total:
+        assert lr_factor(step, warmup, total, "cosine") == pytest.approx(hf(step), abs=1e-12)
