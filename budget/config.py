@@ -106,6 +106,9 @@ class DataConfig:
     prompt_column: Optional[str] = None
     completion_column: Optional[str] = None
     chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (refused without one)
+    # The prompt as the model sees it: "{prompt}" stands for the prompt column's text, e.g. peft's
+    # method comparison's "Question: {prompt} Think step by step.\nAnswer:"; null: the text as it is.
+    prompt_template: Optional[str] = None
     packing: bool = False  # concatenate short training examples into max_length rows
     # A prompt longer than max_length is refused unless this says what to cut: left keeps its end.
     prompt_truncation: Optional[str] = None
@@ -317,6 +320,11 @@ def validate(run: RunConfig) -> None:
         (d.prompt_column is None) == (d.completion_column is None),
         "data.completion_column" if d.completion_column is None else "data.prompt_column",
         "a causal-LM task needs both data.prompt_column and data.completion_column (or neither)",
+    )
+    _check(
+        d.prompt_template is None or "{prompt}" in d.prompt_template,
+        "data.prompt_template",
+        "must contain {prompt} (where the prompt column's text goes), or be null",
     )
     if d.eval_data is not None:
         known = {f.name for f in dataclasses.fields(DataConfig)} - {"eval_data"}

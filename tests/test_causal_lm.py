@@ -254,3 +254,14 @@ def test_eval_data_scores_on_another_task_with_its_own_scoring(tmp_path):
 def test_eval_data_with_an_unknown_key_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"data.eval_data: unknown key\(s\) \['tsk'\]"):
         adabudget.train(*lm_run(tmp_path, "data.eval_data={tsk: gsm8k_100}"))
+
+
+def test_the_prompt_template_wraps_the_prompt_column(tokenizer):
+    cfg = DataConfig(prompt_template="Question: {prompt} Think step by step.\nAnswer:")
+    (ex,) = tokenize_lm(rows(["2 + 2?"], [" 4"]), tokenizer, cfg, "train")
+    expected = tokenizer("Question: 2 + 2? Think step by step.\nAnswer:", add_special_tokens=False)[
+        "input_ids"
+    ]
+    assert ex["input_ids"][: ex["prompt_len"]] == expected
+    with pytest.raises(ConfigError, match="data.prompt_template: must contain"):
+        adabudget.config.validate(adabudget.config.RunConfig(data=DataConfig(prompt_template="Q:")))

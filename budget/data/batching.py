@@ -148,6 +148,8 @@ def tokenize_lm(rows: Rows, tokenizer, cfg, split: str) -> list[dict]:
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
     examples = []
     for i, (prompt, completion) in enumerate(zip(rows.text, rows.label)):
+        if cfg.prompt_template is not None:
+            prompt = cfg.prompt_template.replace("{prompt}", prompt)
         if cfg.chat_template:
             prompt_ids = list(
                 tokenizer.apply_chat_template(
