@@ -302,12 +302,13 @@ def search_here(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def popen_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    """``adabudget <args>`` started in a fresh interpreter, stdout and stderr piped."""
+def popen_cli(args: list[str], cwd: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``adabudget <args>`` started in a fresh interpreter, stdout and stderr piped (``env``: default
+    ``cli_env()``; ``popen``: more ``subprocess.Popen`` arguments, which win over those defaults:
+    ``stdout=subprocess.DEVNULL``, ``start_new_session=True``)."""
     env = cli_env() if env is None else env
-    return subprocess.Popen(
-        [*CLI, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([*CLI, *args], cwd=cwd, env=env, **options)
 
 
 # ---------------------------------------------------------------- network and PostgreSQL

@@ -3,13 +3,11 @@ and writes its table; the shipped protocols compose and validate every cell."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from adabudget.search.reproduce import cell_state, cells, check, load_protocol
+from conftest import cli
 
 TINY = """name: tiny
 seeds: [42]
@@ -22,16 +20,10 @@ rows:
 """
 
 
-def run(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", "reproduce", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_two_cells_run_resume_and_tabulate(tmp_path):
     proto = tmp_path / "tiny.yaml"
     proto.write_text(TINY)
-    first = run([str(proto), "--runs-root", str(tmp_path / "runs")], tmp_path)
+    first = cli(["reproduce", str(proto), "--runs-root", str(tmp_path / "runs")], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 cells, 0 done, 2 to run" in first.stdout
     root = tmp_path / "runs" / "reproduce" / "tiny"
@@ -49,7 +41,7 @@ def test_two_cells_run_resume_and_tabulate(tmp_path):
     before = (lora_run / "result.json").stat().st_mtime
     for path in sorted(Path(ada.folder).rglob("*"), reverse=True):  # the AdaLoRA cell never finished
         path.unlink() if path.is_file() else path.rmdir()
-    again = run([str(proto), "--runs-root", str(tmp_path / "runs")], tmp_path)
+    again = cli(["reproduce", str(proto), "--runs-root", str(tmp_path / "runs")], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 cells, 1 done, 1 to run" in again.stdout
     assert "AdaLoRA 4->2 | mr | seed 42: completed" in again.stdout and "LoRA r=2 | mr" not in again.stdout

@@ -18,7 +18,6 @@ import re
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
@@ -26,25 +25,14 @@ from wsgiref.util import setup_testing_defaults
 import optuna
 import pytest
 import yaml
-from conftest import search_here
+from conftest import cli, popen_cli, search_here
 from optuna.trial import TrialState
 
 # 10 steps of batch 16 on 256 movie reviews, evaluated on 128, one torch thread per worker
 TINY = ["model=tiny-bert", "debug=fast", "train.max_steps=10", "train.num_threads=1", "search.threads=1"]
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
 
 
 # ---------------------------------------------------------------- helpers
-def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def popen(args: list[str], cwd: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def storage_of(url: str):
     if url.startswith("postgresql"):
         from adabudget.search.study import database_url
@@ -273,7 +261,7 @@ def wait_for_running_trial(root: Path, url: str, study: str, proc: subprocess.Po
 def sigterm_mid_trial(args: list[str], root: Path, url: str, cwd: Path):
     """Start the search, SIGTERM its main process once a trial trains, let it end; returns the
     process, the running trial, the worker pids of the RUNNING trials then, and stderr."""
-    proc = popen(args, cwd)
+    proc = popen_cli(args, cwd)
     try:
         victim = wait_for_running_trial(root, url, "lr-mr", proc)
         workers = {
@@ -292,7 +280,7 @@ def kill_a_worker_mid_trial(args: list[str], root: Path, url: str, study: str, c
     killed trial and the command's result."""
     import psutil
 
-    proc = popen(args, cwd)
+    proc = popen_cli(args, cwd)
     try:
         victim = wait_for_running_trial(root, url, study, proc)
         pid = victim.user_attrs["worker"]["pid"]

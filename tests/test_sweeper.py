@@ -30,6 +30,7 @@ from adabudget.search.sweeper import (
     make_sampler,
     parse_space,
 )
+from conftest import cli, cli_env, popen_cli
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -40,22 +41,11 @@ TINY = ["model=tiny-bert", "debug=fast", "train.num_threads=1", "method.init_r=4
 SWEEP = ["train", "-m", "hydra/sweeper=adabudget"]
 
 
-def cli_env() -> dict:
-    # this checkout's plugin first: the editable install may point at another tree, or predate it
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(PLUGINS), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
-    return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+def sweep_env() -> dict:
+    """conftest's ``cli_env`` with this checkout's plugin first on the path: the editable install
+    may point at another tree, or predate it."""
+    path = os.pathsep.join(p for p in (str(REPO), str(PLUGINS), os.environ.get("PYTHONPATH")) if p)
+    return cli_env(TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)
 
 
 def journal_study(path: Path, name: str | None = None) -> optuna.Study:
@@ -396,7 +386,7 @@ def test_a_hydra_optuna_sweeper_config_runs_by_renaming_the_sweeper(tmp_path):
     (tmp_path / "sphere.py").write_text(SPHERE)
     (tmp_path / "conf" / "config.yaml").write_text(SPHERE_CONF)
     cmd = [sys.executable, "sphere.py", "-m", "hydra.sweep.dir=out/sweep"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=sweep_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = yaml.safe_load((tmp_path / "out" / "sweep" / "optimization_results.yaml").read_text())
     study = journal_study(tmp_path / "out" / "sweeps" / "sphere" / "journal.log", "sphere")
@@ -420,7 +410,7 @@ def test_a_hydra_optuna_sweeper_config_runs_by_renaming_the_sweeper(tmp_path):
             "hydra.sweeper.custom_search_space=__main__.extend",
         ],
         cwd=tmp_path,
-        env=cli_env(),
+        env=sweep_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -436,7 +426,7 @@ def test_sweep_prunes_through_dev_evaluations_and_the_job_sees_its_trial(tmp_pat
     """Grid over train.max_steps 10 / 20 with a pruner that prunes any dev accuracy below 0.99:
     the 20-step job is evaluated at step 10 and pruned there (record status pruned, trial
     PRUNED); the 10-step job has no evaluation before its end and completes."""
-    proc = run_cli(
+    proc = cli(
         [
             *SWEEP,
             *TINY,
@@ -447,6 +437,7 @@ def test_sweep_prunes_through_dev_evaluations_and_the_job_sees_its_trial(tmp_pat
             "train.max_steps=choice(10,20)",
         ],
         cwd=tmp_path,
+        env=sweep_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "status: pruned" in proc.stdout
@@ -497,11 +488,10 @@ def test_killed_sweep_resumes_to_n_trials_without_resetting(tmp_path):
         "train.max_steps=40",
         "train.lr=tag(log, interval(1e-4, 1e-2))",
     ]
-    cmd = [sys.executable, "-c", "from adabudget.cli import main; main()", *args]
-    first = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=cli_env(),
+    first = popen_cli(
+        args,
+        tmp_path,
+        sweep_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -525,7 +515,7 @@ def test_killed_sweep_resumes_to_n_trials_without_resetting(tmp_path):
     done_before = sum(t.state == TrialState.COMPLETE for t in killed.trials)
     assert len(running) == 1 and 1 <= done_before < 3
 
-    second = run_cli(args, cwd=tmp_path)
+    second = cli(args, cwd=tmp_path, env=sweep_env())
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{done_before} of 3 trials done, 1 stale trial(s) re-queued" in second.stdout
     study = journal_study(journal)
@@ -535,14 +525,14 @@ def test_killed_sweep_resumes_to_n_trials_without_resetting(tmp_path):
     rerun = [t for t in study.trials if t.user_attrs.get("retry_of") == stale.number]
     assert len(rerun) == 1 and rerun[0].params == stale.params and rerun[0].state == TrialState.COMPLETE
 
-    third = run_cli(args, cwd=tmp_path)
+    third = cli(args, cwd=tmp_path, env=sweep_env())
     assert third.returncode == 0, third.stderr[-3000:]
     assert "3 of 3 trials done" in third.stdout and "started" not in third.stdout
     assert len(journal_study(journal).trials) == len(study.trials)
 
 
 def test_several_objectives_are_read_from_the_job_record(tmp_path):
-    proc = run_cli(
+    proc = cli(
         [
             *SWEEP,
             *TINY,
@@ -554,6 +544,7 @@ def test_several_objectives_are_read_from_the_job_record(tmp_path):
             "method.target_r=1",
         ],
         cwd=tmp_path,
+        env=sweep_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(only((tmp_path / "default" / "sweeps").glob("*/sweep.json")).read_text())
@@ -587,7 +578,7 @@ def test_rolling_pool_starts_the_next_job_while_a_slow_one_runs(tmp_path):
     )
     for steps, lr in ((120, 5e-3), (4, 1e30), (4, 5e-3)):
         study.enqueue_trial({"train.max_steps": steps, "train.lr": lr})
-    proc = run_cli(
+    proc = cli(
         [
             *SWEEP,
             *TINY,
@@ -602,6 +593,7 @@ def test_rolling_pool_starts_the_next_job_while_a_slow_one_runs(tmp_path):
             "train.lr=choice(5e-3,1e30)",
         ],
         cwd=tmp_path,
+        env=sweep_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     slow, diverged, fast = journal_study(storage, "pool").trials
@@ -617,7 +609,7 @@ def test_rolling_pool_starts_the_next_job_while_a_slow_one_runs(tmp_path):
 
 
 def test_failures_beyond_max_failure_rate_stop_the_sweep(tmp_path):
-    proc = run_cli(
+    proc = cli(
         [
             *SWEEP,
             *TINY,
@@ -628,6 +620,7 @@ def test_failures_beyond_max_failure_rate_stop_the_sweep(tmp_path):
             "train.lr=interval(1e-4, 1e-3)",
         ],
         cwd=tmp_path,
+        env=sweep_env(),
     )
     assert proc.returncode != 0
     assert "1 of this sweep's jobs failed (hydra.sweeper.max_failure_rate=0" in proc.stderr
@@ -737,7 +730,7 @@ def test_editable_install_lets_hydra_discover_the_plugin(tmp_path):
 
 
 def test_old_install_without_the_plugin_says_what_to_do(tmp_path):
-    env = dict(cli_env(), PYTHONPATH=str(REPO))  # the checkout, but no hydra_plugins on the path
+    env = dict(sweep_env(), PYTHONPATH=str(REPO))  # the checkout, but no hydra_plugins on the path
     code = "import sys; sys.modules['hydra_plugins'] = None; from adabudget.cli import main; main()"
     proc = subprocess.run(
         [sys.executable, "-c", code, *SWEEP, *TINY],
@@ -766,17 +759,13 @@ def test_sweep_counts_and_asks_under_the_studys_start_lock(tmp_path):
     (``search.workers.StartLock``), so together they never start more than n_trials. While
     another process holds the lock the sweep waits on it and starts nothing; released, it runs."""
     import fcntl
-    from subprocess import PIPE
 
     root = tmp_path / "default" / "sweeps" / "locked"
     root.mkdir(parents=True)
     lock = root / ".start.lock"
     held = open(lock, "a+")
     fcntl.flock(held, fcntl.LOCK_EX)
-    cmd = [
-        sys.executable,
-        "-c",
-        "from adabudget.cli import main; main()",
+    args = [
         *SWEEP,
         *TINY,
         f"runs_root={tmp_path}",
@@ -785,7 +774,7 @@ def test_sweep_counts_and_asks_under_the_studys_start_lock(tmp_path):
         "train.max_steps=4",
         "train.lr=choice(5e-3,1e-3)",
     ]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=PIPE, stderr=PIPE, text=True)
+    proc = popen_cli(args, tmp_path, sweep_env())
     try:
         deadline = time.time() + 180
         while not _waits_on(lock, proc.pid):
@@ -818,7 +807,7 @@ def test_the_search_and_the_sweeper_count_and_value_one_space_alike(tmp_path):
     left out, in both)."""
     (tmp_path / "same.yaml").write_text(SAME_SPACE)
     base = ["model=tiny-bert", "debug=fast", f"runs_root={tmp_path}"]
-    search = run_cli(
+    search = cli(
         [
             "search",
             *base,
@@ -830,9 +819,10 @@ def test_the_search_and_the_sweeper_count_and_value_one_space_alike(tmp_path):
             "search.objectives=[dev.accuracy,params]",
         ],
         cwd=tmp_path,
+        env=sweep_env(),
     )
     assert search.returncode == 0, search.stderr[-3000:]
-    sweep = run_cli(
+    sweep = cli(
         [
             *SWEEP,
             *base,
@@ -844,6 +834,7 @@ def test_the_search_and_the_sweeper_count_and_value_one_space_alike(tmp_path):
             "hydra.sweeper.objectives=[dev.accuracy,params]",
         ],
         cwd=tmp_path,
+        env=sweep_env(),
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     searched = json.loads(only(tmp_path.glob("search/*/search.json")).read_text())
