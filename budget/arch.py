@@ -96,6 +96,9 @@ class Arch:
     head: str = "classifier"  # module whose input is the final hidden sequence (pooler / classifier / score)
     head_params: int = 0  # trainable task-head parameters (train_head)
     prefix_attention: bool = True  # attention goes through HF's attention interface (prefix tuning)
+    # a causal LM's output embedding when it is not tied to the input one (arch_of sees the model;
+    # a config alone cannot tell a causal LM from a classifier): what full fine-tuning adds
+    lm_head_params: int = 0
 
     def block(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -160,7 +163,11 @@ def arch_from_config(config, num_labels: int | None = None) -> Arch:
 
 
 def arch_of(model) -> Arch:
-    return arch_from_config(model.config)
+    arch = arch_from_config(model.config)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        arch.lm_head_params = sum(p.numel() for p in head.parameters())
+    return arch
 
 
 def _bert_family(c, mtype: str, n: int) -> Arch:

@@ -1,6 +1,12 @@
 """One matrix: every PEFT method (and the s4 / unipelt / mam compositions) x tiny BERT,
 GPT-2 and LLaMA, through the same generic checks (as peft's test_custom_models.py).
 
+The causal-LM column: tiny GPT-2 and LLaMA with their language-modelling head
+(``AutoModelForCausalLM``, labels = the tokens, padding -100) run every method of ``LM_METHODS``
+through the same checks, and greedy generation with the KV cache must give the tokens of a
+loop that recomputes the whole sequence at every step (prefix, prompt and LongLoRA change
+what a cached step sees).
+
 Adding a method means adding a row to ``ROWS``. A row is (id, method knobs, options):
 ``lr``: the AdamW learning rate of the loss check (1e-2); ``identity``: the output right after ``apply`` equals the base model's (False for
 prefix / prompt, which add tokens); ``unsupported``: {model_type: text the ConfigError
@@ -21,6 +27,28 @@ from adabudget.methods import REGISTRY, apply_method, count_method, method_confi
 from conftest import tiny_model
 
 ARCHS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
+LM_ARCHS = ("tiny-gpt2-lm", "tiny-llama-lm")  # the causal-LM column: the decoders with their LM head
+COLUMNS = ARCHS + LM_ARCHS
+# the methods a causal LM is fine-tuned with (issue 19, sec. 3); a hybrid / s4 holds AdaLoRA groups
+LM_METHODS = {
+    "lora",
+    "adalora",
+    "hybrid",
+    "s4",
+    "dylora",
+    "delta_lora",
+    "sparse",
+    "rosa",
+    "quantum_peft",
+    "prefix",
+    "prompt",
+    "ia3",
+    "adapter",
+    "parallel_adapter",
+    "freeze",
+    "full",
+    "longlora",
+}
 NUM_LAYERS = 4  # the tiny configs have 2 blocks; 4 lets s4 form its 4 groups
 
 
@@ -90,23 +118,62 @@ ROWS = [
     ("hybrid-budget", _small(preset("s4"), budget=6000), {"identity": False}),
 ]
 ROW_IDS = [r[0] for r in ROWS]
-FAMILY = {"tiny-bert": "bert", "tiny-gpt2": "gpt2", "tiny-llama": "llama"}
+FAMILY = {
+    "tiny-bert": "bert",
+    "tiny-gpt2": "gpt2",
+    "tiny-llama": "llama",
+    "tiny-gpt2-lm": "gpt2",
+    "tiny-llama-lm": "llama",
+}
+
+
+def in_matrix(row, arch_name: str) -> bool:
+    """The causal-LM column holds the methods of ``LM_METHODS``; the classifier columns every row."""
+    return arch_name not in LM_ARCHS or row[1]["name"] in LM_METHODS
+
+
 # (row, architecture) cells the generic checks run on; the refused ones have their own test
-CELLS = [(r, a) for r in ROWS for a in ARCHS if FAMILY[a] not in r[2].get("unsupported", {})]
+CELLS = [
+    (r, a) for r in ROWS for a in COLUMNS if in_matrix(r, a) and FAMILY[a] not in r[2].get("unsupported", {})
+]
 CELL_IDS = [f"{a}-{r[0]}" for r, a in CELLS]
-REFUSED = [(r, a) for r in ROWS for a in ARCHS if FAMILY[a] in r[2].get("unsupported", {})]
+REFUSED = [
+    (r, a) for r in ROWS for a in COLUMNS if in_matrix(r, a) and FAMILY[a] in r[2].get("unsupported", {})
+]
+LM_CELLS = [(r, a) for r, a in CELLS if a in LM_ARCHS]
+
+
+def tiny_lm(arch_name: str, seed: int = 0, layers: int = NUM_LAYERS):
+    """``tiny-gpt2-lm`` / ``tiny-llama-lm``: the tiny decoder as adabudget loads it for a causal-LM
+    task (``AutoModelForCausalLM``, ``load_model(..., causal_lm=True)``), backbone frozen, in eval mode."""
+    from adabudget.models import tiny_config
+    from adabudget.modules import freeze_backbone
+    from transformers import AutoModelForCausalLM
+
+    hf_config = tiny_config(arch_name.removesuffix("-lm"), 2, False)
+    setattr(hf_config, "n_layer" if hasattr(hf_config, "n_layer") else "num_hidden_layers", layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config).eval()
+    freeze_backbone(model, train_head=False)
+    return model
 
 
 def build(arch_name: str, seed: int = 0):
+    if arch_name in LM_ARCHS:
+        return tiny_lm(arch_name, seed)
     return tiny_model(arch_name, seed, layers=NUM_LAYERS)
 
 
-def batch():
+def batch(arch_name: str = "tiny-bert"):
+    """Two sequences of 7 tokens, the second padded after 5; labels: classes, or for the causal-LM
+    column the tokens themselves (-100 at padding, as ``tokenize_lm`` pads them)."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 1000, (2, 7), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0
     ids[1, 5:] = 0  # pad token
+    if arch_name in LM_ARCHS:
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}
 
 
@@ -138,19 +205,16 @@ def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.fixture(params=ARCHS)
-def arch_name(request):
-    return request.param
-
-
 @pytest.mark.parametrize("row, arch_name", CELLS, ids=CELL_IDS)
 def test_only_the_method_trains(row, arch_name):
     model, cfg, _ = applied(row, arch_name)
     params = trainable(model)
     assert params, "the method made nothing trainable"
     assert not any(n.startswith(("classifier", "score")) for n in params), "the head must stay frozen"
+    if cfg.name != "full":  # full fine-tuning trains an untied LM head too (tiny LLaMA's)
+        assert not any(n.startswith("lm_head") for n in params), "the LM head must stay frozen"
     model.train()
-    model(**batch()).loss.backward()
+    model(**batch(arch_name)).loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
     assert not no_grad, f"trainable parameters without a gradient: {no_grad[:5]}"
@@ -163,14 +227,17 @@ def test_starts_as_the_base_model(row, arch_name):
     tokens) must not, or they are not wired in."""
     base = build(arch_name)
     model, _, _ = applied(row, arch_name)
+    b = batch(arch_name)
     if row[2].get("identity", True):
-        torch.testing.assert_close(logits(model, batch()), logits(base, batch()), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits(model, b), logits(base, b), atol=1e-5, rtol=0)
     else:
-        assert (logits(model, batch()) - logits(base, batch())).abs().max() > 0
+        assert (logits(model, b) - logits(base, b)).abs().max() > 0
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
-@pytest.mark.parametrize("arch_name", ARCHS + ("tiny-roberta", "tiny-deberta"))
+COUNTED = [(r, a) for a in COLUMNS + ("tiny-roberta", "tiny-deberta") for r in ROWS if in_matrix(r, a)]
+
+
+@pytest.mark.parametrize("row, arch_name", COUNTED, ids=[f"{a}-{r[0]}" for r, a in COUNTED])
 def test_analytic_count_equals_built(row, arch_name):
     model = build(arch_name)
     cfg = method_config_from_dict(row[1])
@@ -213,11 +280,12 @@ def expected_refusal(row, arch_name: str) -> str | None:
     return MORE_REFUSED.get(arch_name, {}).get(row[0])
 
 
-@pytest.mark.parametrize(
-    "row",
-    [r for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid")],
-    ids=[r[0] for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid")],
-)
+PER_LAYER = [
+    (r, a) for a in COLUMNS for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid") and in_matrix(r, a)
+]
+
+
+@pytest.mark.parametrize("row, arch_name", PER_LAYER, ids=[f"{a}-{r[0]}" for r, a in PER_LAYER])
 def test_layers_restrict_the_method(row, arch_name):
     """A method given ``layers=[1]`` trains block 1 alone (the prompt is model-level), counted exactly."""
     model = build(arch_name)
@@ -243,12 +311,13 @@ def test_save_load_round_trip(row, arch_name, tmp_path):
     with torch.no_grad():  # move every trainable parameter off its init
         for p in trainable(model).values():
             p.add_(0.05 * torch.randn_like(p))
-    expected = logits(model, batch())
+    b = batch(arch_name)
+    expected = logits(model, b)
     save_adapter(model, cfg, wrapped, tmp_path / "adapter", arch_name)
-    torch.testing.assert_close(logits(model, batch()), expected, atol=1e-5, rtol=0)  # folding is exact
+    torch.testing.assert_close(logits(model, b), expected, atol=1e-5, rtol=0)  # folding is exact
     fresh = build(arch_name)  # same seed: same base weights
     load_adapter(fresh, tmp_path / "adapter")
-    torch.testing.assert_close(logits(fresh, batch()), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(fresh, b), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("row, arch_name", CELLS, ids=CELL_IDS)
@@ -259,7 +328,7 @@ def test_few_steps_lower_the_loss(row, arch_name):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     opt = torch.optim.AdamW(list(trainable(model).values()), lr=row[2].get("lr", 1e-2))
-    b = batch()
+    b = batch(arch_name)
     losses = []
     for _ in range(8):
         loss = model(**b).loss
@@ -281,13 +350,98 @@ def test_merge_keeps_outputs(row, arch_name):
     with torch.no_grad():
         for p in trainable(model).values():
             p.add_(0.05 * torch.randn_like(p))
-    expected = logits(model, batch())
+    b = batch(arch_name)
+    expected = logits(model, b)
     merge_methods(model, wrapped, names)
-    torch.testing.assert_close(logits(model, batch()), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(model, b), expected, atol=1e-4, rtol=0)
     leftover = [n for n, _ in model.named_modules() if "adabudget" in n or n.endswith(".base")]
     assert not leftover, leftover
     hooks = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     assert not hooks, f"hooks left after merge on {hooks[:3]}"
+
+
+# ---------------------------------------------------------------- the causal-LM column: generation
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def lm_tokenizer():
+    from adabudget.data import load_tokenizer
+
+    return load_tokenizer("tiny-llama")  # the tiny decoders' MiniLM vocabulary
+
+
+def prompts(tokenizer) -> list[dict]:
+    """Three prompts of 3, 9 and 6 tokens (left padding, longer than LongLoRA's groups of 4), as
+    ``tokenize_lm`` leaves them for generation: ``input_ids`` and ``prompt_len``."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for n in (3, 9, 6):
+        ids = torch.randint(1000, 5000, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "prompt_len": n, "target": ""})
+    return out
+
+
+@torch.no_grad()
+def greedy_without_cache(model, examples: list[dict], pad_id: int, eos_id: int) -> torch.Tensor:
+    """The reference decoding: each step runs the whole left-padded sequence again (no KV cache),
+    positions counted from each sequence's first token as ``generate`` counts them; a sequence
+    that produced EOS goes on with padding. Returns the new tokens (B, NEW_TOKENS)."""
+    longest = max(ex["prompt_len"] for ex in examples)
+    ids = torch.tensor([[pad_id] * (longest - ex["prompt_len"]) + ex["input_ids"] for ex in examples])
+    mask = (
+        torch.arange(longest)[None] >= longest - torch.tensor([ex["prompt_len"] for ex in examples])[:, None]
+    ).long()
+    done = torch.zeros(len(examples), dtype=torch.bool)
+    for _ in range(NEW_TOKENS):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        nxt = out.logits[:, -1].argmax(-1).masked_fill(done, pad_id)  # (B,)
+        done |= nxt == eos_id
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids[:, longest:]
+
+
+@pytest.mark.parametrize("row, arch_name", LM_CELLS, ids=[f"{a}-{r[0]}" for r, a in LM_CELLS])
+def test_generation_with_the_kv_cache_equals_decoding_without_it(row, arch_name, lm_tokenizer):
+    """``adabudget.generation.generate`` (greedy, left padding, the KV cache) gives the tokens of a
+    loop that recomputes the whole sequence at every step: a soft prompt goes in once, at the
+    prefill; prefix keys/values and their widened mask at every step; LongLoRA decodes with
+    full attention (eval mode). The trained-like state (moved parameters) makes the method matter."""
+    from contextlib import nullcontext
+
+    from adabudget.data.batching import lm_eos_id
+    from adabudget.data.raw import Scoring
+    from adabudget.generation import generate
+
+    model, _, _ = applied(row, arch_name)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained-like adapter: every trainable parameter off its init
+        for p in trainable(model).values():
+            p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.dtype))
+    model.eval()
+    examples = prompts(lm_tokenizer)
+    pad, eos = lm_tokenizer.pad_token_id, lm_eos_id(lm_tokenizer)
+    scoring = Scoring(metric="rouge", max_new_tokens=NEW_TOKENS, stop=())
+    texts = generate(model, examples, lm_tokenizer, scoring, torch.device("cpu"), nullcontext)
+    reference = greedy_without_cache(model, examples, pad, eos)
+    assert texts == lm_tokenizer.batch_decode(reference, skip_special_tokens=True)
+    assert all(t.strip() for t in texts)
+    # the same at the level of token ids, straight from HF's generate with the cache
+    longest = max(ex["prompt_len"] for ex in examples)
+    ids = torch.tensor([[pad] * (longest - ex["prompt_len"]) + ex["input_ids"] for ex in examples])
+    mask = (ids != pad).long()
+    cached = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        use_cache=True,
+    )
+    assert torch.equal(cached[:, longest:], reference)
 
 
 PER_BLOCK = [r for r in ROWS if r[1]["name"] not in ("full", "s4", "hybrid", "prompt")]

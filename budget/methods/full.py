@@ -28,5 +28,6 @@ def merge(model: nn.Module, modules: dict[str, nn.Module]) -> None:
 
 
 def count(cfg: FullConfig, arch, layers: list[int] | None = None) -> int:
-    """Every backbone parameter (the task head is counted by ``train_head``)."""
-    return arch.backbone_params()
+    """Every backbone parameter (the task head is counted by ``train_head``), and a causal LM's
+    untied LM head (tiny LLaMA's ``lm_head``; a tied one is the input embedding, counted already)."""
+    return arch.backbone_params() + arch.lm_head_params

@@ -21,6 +21,14 @@ poolers / classifiers read [CLS] at position 0; GPT-2 / LLaMA heads (``score``) 
 (found from ``input_ids`` exactly as HF's pooling does, or from the attention mask when the
 caller passed ``inputs_embeds``) to position -1.
 
+A causal LM (a model with an output embedding, ``lm_head``) keeps every position's logits:
+the head hook only drops the l prompt positions, so the logits (B, T, V) line up with the
+labels. Generation with the KV cache (Lester et al. decode from the prompted model; peft does
+the same): the prompt is prepended once, at the step that fills an empty cache (the prefill);
+the cache then holds the prompt's keys and values, and a cached step (a cache that already
+holds tokens) gets its new tokens' embeddings as they are, its attention mask widened by l
+ones and its ``position_ids`` moved by l, as on the prefill.
+
 The method cannot start at the identity (it adds tokens) and cannot merge into the base weights.
 """
 
@@ -88,15 +96,25 @@ class SoftPrompt(nn.Module):
         decoder: the head pools the last non-pad token (GPT-2 / LLaMA) rather than position 0.
         max_positions: prompt + text positions the model holds (None: no limit).
         arg_names: the top-level forward's positional parameter names (to read positional calls).
+        causal_lm: the head is a language-modelling head (every position's logits, no pooling).
     """
 
-    def __init__(self, weight: torch.Tensor, decoder: bool, max_positions: int | None, arg_names: list[str]):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        decoder: bool,
+        max_positions: int | None,
+        arg_names: list[str],
+        causal_lm: bool = False,
+    ):
         super().__init__()
         self.prompt = nn.Parameter(weight)  # P (l, h)
         self.decoder = decoder
+        self.causal_lm = causal_lm
         self.max_positions = max_positions
         self._arg_names = arg_names
         self._pool_index: torch.Tensor | None = None  # (B,) last non-pad token of this forward's text
+        self._prompted_len: int | None = None  # l + T when this forward prepended the prompt
         self._handles: list = []
 
     @property
@@ -120,13 +138,26 @@ class SoftPrompt(nn.Module):
         if embeds is None:
             return (), kwargs  # the model raises its own error
         batch, length, seq = embeds.shape[0], self.length, embeds.shape[1]
-        if self.max_positions is not None and seq + length > self.max_positions:
+        cached = _cached_tokens(kwargs)  # a decoding step's cache holds the prompt already
+        used = cached + seq if cached else length + seq
+        if self.max_positions is not None and used > self.max_positions:
             raise ValueError(
-                f"prompt: {seq} tokens + method.length={length} prompt vectors exceed the {self.max_positions} "
-                f"positions of this {getattr(model.config, 'model_type', 'model')}; set data.max_length <= "
-                f"{self.max_positions - length} or lower method.length"
+                f"prompt: {used - length} tokens + method.length={length} prompt vectors exceed the "
+                f"{self.max_positions} positions of this {getattr(model.config, 'model_type', 'model')}; set "
+                f"data.max_length <= {self.max_positions - length} or lower method.length"
             )
+        self._prompted_len = None
+        if cached:  # a decoding step: the cache holds the prompt already (it went in at the prefill)
+            kwargs["inputs_embeds"] = embeds
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2:  # the caller's mask covers its own tokens only
+                kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, length), mask], dim=1)
+            positions = kwargs.get("position_ids")
+            if positions is not None:  # counted without the prompt by the caller
+                kwargs["position_ids"] = positions + length
+            return (), kwargs
         kwargs["inputs_embeds"] = self(embeds)
+        self._prompted_len = length + seq
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
@@ -140,7 +171,7 @@ class SoftPrompt(nn.Module):
         if positions is not None:  # as without position_ids: the prompt takes the first positions
             first = positions[..., :1] + torch.arange(length, device=positions.device)  # (B|1, l)
             kwargs["position_ids"] = torch.cat([first, positions + length], dim=-1)
-        if self.decoder:
+        if self.decoder and not self.causal_lm:
             # HF's *ForSequenceClassification pools the rightmost token != pad_token_id of input_ids
             pad = getattr(model.config, "pad_token_id", None)
             real = None
@@ -163,6 +194,11 @@ class SoftPrompt(nn.Module):
 
     def _unprompt(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, l + T, h) -> (B, T, h); for decoder heads the last non-pad token moves to position -1."""
+        if self.causal_lm:
+            # a decoding step's hidden states, or the last positions only (generate's logits_to_keep),
+            # hold no prompt position
+            prompted, self._prompted_len = self._prompted_len, None
+            return hidden[:, self.length :] if hidden.shape[1] == prompted else hidden
         hidden = hidden[:, self.length :]
         if self.decoder and self._pool_index is not None:
             index, self._pool_index = self._pool_index.to(hidden.device), None
@@ -183,6 +219,16 @@ class SoftPrompt(nn.Module):
 
     def extra_repr(self) -> str:
         return f"length={self.length}, hidden={self.prompt.shape[1]}"
+
+
+def _cached_tokens(kwargs: dict) -> int:
+    """How many tokens the KV cache passed to this forward holds already (0: none, or no cache)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])  # a legacy tuple of (key, value) per layer, (B, kvh, T, hd)
 
 
 def apply(model: nn.Module, cfg: PromptConfig, layers: list[int] | None = None) -> dict[str, SoftPrompt]:
@@ -222,9 +268,12 @@ def apply(model: nn.Module, cfg: PromptConfig, layers: list[int] | None = None) 
         for n, p in inspect.signature(model.forward).parameters.items()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    prompt = SoftPrompt(init, decoder=arch.family != "bert", max_positions=limit, arg_names=names)
+    # a causal LM's head is its output embedding (lm_head); a classifier has none and reads arch.head
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = lm_head if lm_head is not None else model.get_submodule(arch.head)
+    prompt = SoftPrompt(init, arch.family != "bert", limit, names, causal_lm=lm_head is not None)
     model.adabudget_prompt = prompt  # a child: saved with state_dict as adabudget_prompt.prompt
-    prompt.attach(model, model.get_submodule(arch.head))
+    prompt.attach(model, head)
     return {"adabudget_prompt": prompt}
 
 
