@@ -193,8 +193,6 @@ class RunConfig:
     # Free-form labels recorded with the run (config.yaml, result.json): a search trial's study,
     # number and parameters. Training never reads them.
     meta: dict = field(default_factory=dict)
-    # The `search` node of `adabudget search` (its schema: search/config.py); training never reads it.
-    search: Any = None
 
 
 def _check(cond: bool, fld: str, msg: str) -> None:
