@@ -6,35 +6,13 @@
                       optimizers=(optimizer, None))
     trainer.train()
 
-The optimizer. Because P and Q get gradients only through λ, which starts at 0, ``budget``
-trains λ at ``lr x method.lambda_lr_ratio`` (64 by default) in an AdamW group of its own
-(see the README, "How it works"). The Trainer's own optimizer has one learning rate for
-everything, so ``adalora_optimizer`` builds the same groups as ``adabudget.training``; the Trainer
-still creates its scheduler (``lr_scheduler_type``, warm-up) over that optimizer, and the
-scheduler scales every group by the same factor, so the ratio holds at every step
-(``args.learning_rate`` is then unused: pass the same value as ``lr``). The callback checks
-the ratio at ``on_train_begin`` and refuses to train otherwise; with
-``lambda_lr_ratio=1`` the Trainer's default optimizer is the right one.
-
-Where each piece of AdaLoRA runs, checked against ``Trainer._run_epoch`` of transformers 5.23.
-One optimizer step of the Trainer is, in order::
-
-    on_step_begin                              <- + γ ∇R(P, Q) (orthogonal penalty, eq. 4)
-    for each of the gradient_accumulation_steps micro-batches:
-        forward, loss / GA, backward           (gradients accumulate)
-        on_substep_end                         (all but the last micro-batch)
-    clip_grad_norm_(max_grad_norm)             (when max_grad_norm > 0)
-    on_pre_optimizer_step
-    optimizer.step()
-    on_optimizer_step                          <- allocator.update_and_allocate(global_step + 1), shrink
-    lr_scheduler.step(); model.zero_grad()
-    state.global_step += 1
-    on_step_end
-
-``on_pre_optimizer_step`` comes *after* the clip, so the penalty is not added there; see
-``AdaBudgetCallback`` for why ``on_step_begin`` gives exactly the gradient of
-``task loss + γ R`` before clipping. This module never imports the training loop of
-``budget``: the callback only needs the method and the allocator.
+Invariants: λ trains at ``lr x method.lambda_lr_ratio`` in an AdamW group of its own
+(``adalora_optimizer``: ``adalora.param_groups``, as the training loop builds them), and the
+callback refuses to train at ``on_train_begin`` when the optimizer does not keep that ratio. The
+orthogonal penalty is added at ``on_step_begin`` (before the clip), allocation runs at
+``on_optimizer_step``. This module never imports the training loop: the callback needs only the
+method and the allocator. Where each piece runs in a Trainer step:
+docs/run-record.md#bringing-your-own-hf-trainer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The packaged tasks: the human-rated sentence sets of the ``vaderSentiment==3.3.2`` sdist.
 
 Fetched with ``pip download`` on first use, unpacked into the cache, parsed and cleaned of
-what the scrape left behind; see :mod:`adabudget.data` for the tasks and their splits.
+what the scrape left behind; the tasks and their splits: docs/training.md#data.
 """
 
 from __future__ import annotations
