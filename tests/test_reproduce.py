@@ -51,7 +51,14 @@ def test_two_cells_run_resume_and_tabulate(tmp_path):
 
 @pytest.mark.parametrize(
     "name, variant, n",
-    [("minilm-budget", None, 144), ("minilm-budget", "cpu", 96), ("adalora-glue", None, 480)],
+    [
+        ("minilm-budget", None, 144),
+        ("minilm-budget", "cpu", 96),
+        ("adalora-glue", None, 480),
+        ("peft-metamath", None, 5),
+        ("smollm2-instruct", None, 24),
+        ("smollm2-instruct", "cpu", 16),
+    ],
 )
 def test_shipped_protocols_compose(tmp_path, name, variant, n):
     protocol = load_protocol(name, variant)
