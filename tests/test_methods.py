@@ -116,6 +116,34 @@ ROWS = [
     ("peft_adalora", {"name": "peft_adalora", "init_r": 4, "target_r": 2}, {}),
     ("s4", preset("s4"), {"identity": False}),
     ("hybrid-budget", _small(preset("s4"), budget=6000), {"identity": False}),
+    # AdaLoRA inside a hybrid and inside the S4 pattern (its LoRA parts as AdaLoRA: one rank budget)
+    (
+        "hybrid-adalora",
+        {
+            "name": "hybrid",
+            "num_groups": 2,
+            "groups": [{"adalora": {"init_r": 4, "target_r": 2}}, {"adapter": {"bottleneck": 8}}],
+        },
+        {},
+    ),
+    (
+        "s4-adalora",
+        _small(
+            preset("s4"),
+            groups=[
+                {"adapter": {"bottleneck": 8}, "adalora": {"init_r": 4, "target_r": 2}},
+                {"adapter": {"bottleneck": 8}, "prefix": {"length": 3}},
+                {"adapter": {"bottleneck": 8}, "prefix": {"length": 3}, "bitfit": {"add_missing": True}},
+                {
+                    "prefix": {"length": 3},
+                    "bitfit": {"add_missing": True},
+                    "adalora": {"init_r": 4, "target_r": 2},
+                },
+            ],
+        ),
+        # adapters and new biases into tiny LLaMA's 0.02-scale residual stream, as the adapter row
+        {"identity": False, "lr": 1e-3},
+    ),
 ]
 ROW_IDS = [r[0] for r in ROWS]
 FAMILY = {
@@ -267,6 +295,7 @@ MORE_REFUSED = {
         "mam": NO_PREFIX,
         "s4": NO_PREFIX,
         "hybrid-budget": NO_PREFIX,
+        "s4-adalora": NO_PREFIX,
         "unipelt": "prefix-tuning part needs attention",
     },
 }
