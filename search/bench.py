@@ -1,31 +1,12 @@
 """``adabudget bench search``: what a search costs outside ``train()``, with 1 and 2 workers.
 
-One process runs, for each worker count, a small study in a temporary folder (``--trials``
-tiny trials of ``--steps`` steps, ``--space``, the random sampler, no baselines, no W&B) the
-way ``adabudget search`` runs it (``search.workers.worker_loop``: one worker in this process,
-several in spawned processes), with two functions timed where they are called:
-``adabudget.training.train`` and ``adabudget.search.spaces.sampling.sample`` (the space, the analytic count, the budget
-solver). Each worker also notes when it was launched, when it could run trials and when it
-ended. Per trained trial, in seconds:
+Runs a small study per worker count the way ``adabudget search`` runs it, times ``train()`` and
+``sample`` where they are called, and prints the cost per trained trial and ``overhead workers1=X
+workers2=Y`` last. What each figure measures: docs/results/benchmark.md; tiny trials exaggerate the
+overhead, the figures to quote come from ``--model minilm --steps 100 --train-samples 2048 --trials 6``.
 
-    trial           the storage's datetime_start -> datetime_complete (Optuna ask -> tell)
-      train()       the call, timed around it in the worker
-        loop        the run's own wall_time_s (result.json): steps, final evaluation, export
-      sample        adabudget.search.spaces.sampling.sample
-      other         the rest of the trial: Optuna ask/tell, user attributes, the objective
-    between trials  the worker loop outside trials: start lock, stale-trial check, counting,
-                    opening the study, Optuna's set-up of each optimize() call
-    process start   launch -> ready (spawn, imports of torch and transformers, the backbone's
-                    config: what a worker pays once; about 0 for the one in-process worker,
-                    whose search process has paid it already)
-
-``overhead`` = 1 - sum(train()) / sum(worker life): the share of the workers' time spent outside
-``train()``. A worker's life ends when it finds the study full, so waiting for the slowest
-worker is not counted. The last printed line is ``overhead workers1=X workers2=Y``.
-
-Tiny trials make the overhead look large (a 24-step tiny-bert run trains in about a second);
-on MiniLM it is small: ``adabudget bench search --model minilm --steps 100 --train-samples
-2048 --trials 6`` on an idle machine gives the figures to quote.
+Invariant: ``overhead`` = 1 - sum(train()) / sum(worker life), a worker's life ending when it finds
+the study full (waiting for the slowest worker is not counted).
 """
 
 from __future__ import annotations

@@ -1,30 +1,12 @@
 """``adabudget bench supernet``: does a weight-sharing supernet rank hybrid PEFT configurations the
 way training them does, what does a score cost, and what does it find at equal compute?
 
-One command, every phase a study or a run folder under ``--root`` (default
-``runs/bench/supernet``), so a stopped bench resumes where it stopped:
+Five phases (supernets, stand-alone trainings, agreement, cost, equal compute), each a study or a
+run folder under ``--root``, so a stopped bench resumes where it stopped. What each phase does and
+what it prints: docs/results/supernet.md#what-the-bench-does.
 
-1. **Supernets.** One per ``--variants`` entry ``SAMPLING:K`` (``sandwich:4``: the sandwich rule
-   for K x T steps, T = one stand-alone training's steps), each the study ``sn-<SAMPLING>-<K>``'s
-   own supernet (``search.scorer=supernet``), timed.
-2. **Stand-alone.** ``--configs`` sub-configurations spread over the space within the budget band
-   (``SupernetSpace.spread``: farthest-point picks from uniform feasible draws), each trained on
-   its own (``search.space=supernet``, ``search.scorer=train``: the study ``standalone``, the
-   configurations enqueued; ``--workers`` processes), its dev metric the reference.
-3. **Agreement.** Each configuration scored on each supernet with inherited weights, after each
-   ``--calibration`` number of steps (0: none); Kendall's tau and Spearman's rho against the
-   stand-alone dev metrics, and whether the stand-alone best is the supernet's best.
-4. **Cost.** Configurations per hour of this machine: stand-alone = configurations / the
-   stand-alone phase's wall time (with its ``--workers``); supernet = N / (its training + N
-   scores), for N = the configurations here and N = ``--trials``, and one score alone.
-5. **Equal compute** (``--trials`` > 0). The first variant searches ``--trials`` sub-configurations
-   on its supernet (AutoFormer's evolution over inherited scores, the study ``sn-...``); a plain search
-   (TPE, ``search.space=supernet`` trained stand-alone: the study ``plain``) gets as many trainings
-   as the supernet's training and scoring took time (at least 2). The best of each is re-trained
-   with ``--seeds`` and scored on test.
-
-The last lines are ``tau ...`` per variant and calibration and ``cost ...`` and ``equal-compute
-...``; ``--out FILE`` writes everything as JSON.
+Invariant: the agreement and both searches use dev metrics only; test is read only for the
+equal-compute winners, re-trained with ``--seeds``.
 """
 
 from __future__ import annotations

@@ -1,25 +1,13 @@
 """Declarative search spaces: hydra-optuna-sweeper's ``params`` grammar compiled to a space.
 
-A YAML space ``configs/search/space/<name>.yaml`` holds one ``params:`` mapping from dotted
-config keys to values in the grammar of Hydra's override parser, as hydra-optuna-sweeper reads
-its ``hydra.sweeper.params``::
+``compile_params`` turns a ``params:`` mapping (``configs/search/space/<name>.yaml``: dotted keys to
+``choice``, ``range``, ``interval``, ``tag(log, ...)``, ``int(...)`` or plain values) into the same
+kind of function as the spaces written in code, ``(trial, ctx) -> overrides``. The grammar, an
+example and the mapping: docs/search.md#spaces-as-code.
 
-    params:
-      method.name: lora                        # a plain value: fixed
-      method.r: choice(2, 4, 8, 16)            # CategoricalDistribution
-      method.alpha: range(8, 32, step=8)       # IntDistribution(8, 32, step=8)
-      method.dropout: interval(0.0, 0.2)       # FloatDistribution(0.0, 0.2)
-      train.lr: tag(log, interval(1e-4, 3e-3)) # FloatDistribution(1e-4, 3e-3, log=True)
-      train.batch_size: int(interval(8, 64))   # IntDistribution(8, 64)
-
-``compile_params`` turns such a mapping into the same kind of function as the spaces written
-in code, ``(trial, ctx) -> overrides`` (dotted keys become a nested dict), so both run through
-``search.space.sample``. The mapping from a parsed override to an Optuna distribution follows
-``create_optuna_distribution_from_override`` in facebookresearch/hydra's
-``plugins/hydra_optuna_sweeper/hydra_plugins/hydra_optuna_sweeper/_impl.py``, on Optuna's
-current distribution classes, including its one surprise: ``range(a, b)`` there includes ``b``
-(Optuna's integer ranges are closed), unlike Hydra's basic sweeper and Python's ``range``.
-Files written for that sweeper therefore sample the same values here.
+Invariant: a parsed override maps to the Optuna distribution hydra-optuna-sweeper's
+``create_optuna_distribution_from_override`` gives it (``range(a, b)`` includes ``b``), so files
+written for that sweeper sample the same values here.
 """
 
 from __future__ import annotations

@@ -1,28 +1,17 @@
 """Which RUNNING trials still have a live worker: one owner of stale trials on every storage.
 
-A trial is RUNNING from ``ask`` until ``tell``; a worker killed in between (``kill -9``, a lost
-machine, a container stopped) leaves it so, and ``search.workers.recover_stale`` fails it and
-queues its parameters again. Whether a worker is gone is decided here, the same way on a journal
-file, PostgreSQL or any other Optuna storage (Optuna's own RDB heartbeat stays off: two owners
-raced, each with its own retry count):
+A worker records who runs a trial (``WORKER_KEY``) and beats while it runs (``ALIVE_KEY``, ``Beat``);
+``stale_reason`` judges whether that worker is gone and ``search.workers.recover_stale`` fails and
+re-queues its trial. How the owner, the beat and the judgment work: docs/search.md#workers-and-stale-trials.
 
-- **Who runs the trial** (``WORKER_KEY``, a system attribute written before the start lock is
-  released): a random id of the worker process, its host, pid, the process's start time (clock
-  ticks since boot, ``/proc/<pid>/stat`` field 22) and its pid space (the kernel's boot id and the
-  pid namespace's inode). Containers on one kernel share a boot id and may share a hostname and
-  pids; they never share a pid namespace, so a pid is only ever judged inside its own
-  (``adabudget.procs``, which the run lock and ``adabudget reproduce``'s claims use too).
-- **That it lives** (``ALIVE_KEY``, the worker's clock): written every few seconds by a daemon
-  thread (``Beat``) through the storage API, whatever the training loop is doing (loading a
-  model, calibrating, evaluating, exporting: none of them logs a step).
-- **The judgment** (``stale_reason``): in the observer's own pid space the pid decides at once (no
-  such process, or a process of that pid that started at another time: the pid was reused);
-  elsewhere, a last beat older than ``search.grace_period``. Hosts' clocks must agree to well
-  within the grace period (NTP does).
-- **A lost race** (``tell``): a trial failed as stale while its worker lived (a network partition,
-  a frozen machine that woke up) is told by that worker later; that is logged, and a result it
-  reached is kept as a duplicate (a COMPLETE trial ``duplicate_of`` it, never counted: its
-  re-queued copy counts), so the worker goes on instead of crashing.
+Invariants:
+
+- A pid is judged only inside its own pid space (boot id and pid namespace, ``adabudget.procs``);
+  elsewhere only a beat older than ``search.grace_period`` makes a worker dead.
+- ``WORKER_KEY`` is written before the start lock is released, so no observer sees an unowned trial.
+- The beat runs on its own thread, whatever the training loop is doing.
+- A trial failed as stale whose worker later tells a result is kept as a ``duplicate_of`` trial and
+  never counted: no trial is counted twice.
 """
 
 from __future__ import annotations

@@ -1,21 +1,21 @@
 """One Optuna toolkit for both front ends: ``adabudget search`` (``search.study``) and the Hydra
 sweeper (``search.sweeper``) build their samplers, pruners and grids here, infer objective
 directions here, read a finished run's objective values here and count finished trials here.
+What changed when the two front ends were merged:
+docs/search.md#one-optuna-toolkit-the-search-and-the-hydra-sweeper-agree.
 
-Where the two front ends used to disagree, one rule now holds for both:
+The rules, for both:
 
 - **Grid**: every value of a categorical, and of an int or float distribution with a step and no
   log scale (``range(0.1, 0.5, step=0.1)`` is a grid of five); an interval without a step is
-  refused, naming the parameter. (The search refused float steps; the sweeper's rule won.)
-- **Finished** (what ``n_trials`` counts): a trained trial, completed or pruned. An infeasible
-  configuration (recorded, never trained) and a repeat of a trained one (its values copied,
-  ``duplicate_of``) are not. (The search's rule won; the sweeper makes neither kind.)
+  refused, naming the parameter.
+- **Finished** (what ``n_trials`` counts): a trained trial, completed or pruned; not an infeasible
+  configuration (recorded, never trained), not a repeat of a trained one (``duplicate_of``).
 - **Directions**: ``params``, ``wall_time``, ``peak_memory_mb``, ``dev.mse``, ``dev.loss`` and
-  ``dev.perplexity`` are minimised, every other objective maximised. (The union of both lists.)
-- **params**: the trainable adapter parameters the budget constrains (the task head left out,
-  AdaLoRA counted at its final budget b(T) as the paper and the hybrid solver count it),
-  counted analytically from the configuration (``search.spaces.sampling.count``). (The search's
-  rule won; the sweeper read ``trainable_params``, the count at step 0 with the head.)
+  ``dev.perplexity`` are minimised, every other objective maximised.
+- **params**: the trainable adapter parameters the budget constrains (task head left out, AdaLoRA
+  at b(T), as the paper and the hybrid solver count it), counted analytically from the
+  configuration (``search.spaces.sampling.count``).
 - **Named samplers and pruners**: one table. ``tpe`` is multivariate and grouped (conditional
   spaces) with the constant liar (parallel workers); ``median`` starts pruning after 3 trials.
 """

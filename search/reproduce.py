@@ -1,22 +1,16 @@
 """``adabudget reproduce PROTOCOL``: run the missing cells of a paper table, then write the table.
 
-A protocol is ``configs/reproduce/<name>.yaml``: rows (a label and the overrides of a method at
-a budget) x tasks (the overrides that select a task and its schedule) x seeds, the overrides of
-every cell (``base``), the table layout, and named variants (a reduced schedule for a CPU, say)::
-
     adabudget reproduce minilm-budget                  # 12 rows x 4 tasks x 3 seeds, then the table
     adabudget reproduce minilm-budget --variant cpu --workers 2
 
-Each cell is an ordinary run in ``<runs_root>/reproduce/<protocol>[-<variant>]/<row>/<task>/s<seed>/
-<timestamp>/`` with ``meta.label`` (the table's row) and ``meta.protocol`` in its record. A cell
-that holds a completed run is skipped, one with a checkpoint is resumed, so the command resumes
-after any stop. ``--workers N`` processes take cells in turn: a cell is claimed with an exclusive
-file beside its runs, and the claim of a worker that died (its pid gone from this host) is taken
-over. A cell whose run raises (out of memory, a disk error) is reported and left missing: the
-other cells go on, the command ends with exit code 1 naming a missing cell, and running it again
-retries it. Then the command (``budget/cli.py``, the one place that names search and analysis)
-prints the table and writes ``table.md`` and ``table.tex`` beside the cells, built from the
-records by ``analysis.tables``.
+A protocol is ``configs/reproduce/<name>.yaml``: rows (a label and the overrides of a method at a
+budget) x tasks x seeds, the overrides of every cell (``base``), the table layout and named
+variants. Where cells live, claims and failures: docs/analysis.md.
+
+Invariants: a cell that holds a completed run is skipped and one with a checkpoint resumed, so the
+command resumes after any stop; a cell is run by one worker at a time (an exclusive claim file, taken
+over only when its worker's pid is gone from this host); a failed cell is left missing, never filled
+in, and makes the command exit 1.
 """
 
 from __future__ import annotations

@@ -3,21 +3,17 @@
     adabudget search search.space=s4 search.budget=331776 search.n_trials=20
 
 ``prepare(cfg)`` validates everything before any trial (the run config, the space against the
-budget, the objectives against the task) and settles the study's name and storage;
-``open_study`` opens or creates it (an existing study must have the same settings) and enqueues
-the baselines. The command itself (``search.command.run_search``) then lets ``search.workers``
-processes run trials, writes the record (``search.record``: ``search.json``, ``best.yaml``) and,
-with ``search.retrain_top_k``, re-trains the best (``search.retraining``). The search itself sees
-only dev. Samplers, pruners, directions and objective values come from ``search.optuna_factory``,
-which the Hydra sweeper uses too.
+budget, the objectives against the task) and settles the study's name and storage; ``open_study``
+opens or creates it and enqueues the baselines; ``make_objective`` is one trial: sample (analytic
+count, budget solving), merge onto the run config, ``adabudget.training.train`` in
+``runs/search/<study>/trials/<number>/``. The command (``search.command.run_search``) runs the
+workers, the record and the re-training. See docs/search.md.
 
-A trial (``make_objective``): the space samples a configuration (``search.spaces.sampling.sample``:
-analytic count, budget solving; an infeasible one is recorded with an Optuna constraint and
-never trained), it is merged onto the run config, and ``adabudget.training.train`` runs it in
-``runs/search/<study>/trials/<number>/`` with the trial's study, number and parameters in the
-record (``meta``); the folder is in the trial's user attributes. Pruners hear every dev
-evaluation through ``train``'s ``on_eval`` hook. With ``search.scorer=supernet`` trials score
-sub-configurations of one trained supernet instead (``search.supernet.make_objective``).
+Invariants: the search sees only dev; an infeasible configuration is recorded with an Optuna
+constraint and never trained; an existing study must keep its settings; samplers, pruners,
+directions and objective values come from ``search.optuna_factory`` (as in the Hydra sweeper).
+With ``search.scorer=supernet`` a trial scores a sub-configuration instead
+(``search.supernet.make_objective``).
 """
 
 from __future__ import annotations
@@ -75,12 +71,14 @@ def prepare(cfg) -> Setup:
     task_meta = _task_meta(run)
     scfg.validate(task_meta["primary"])
     objectives = scfg.objective_names(task_meta["primary"])
-    metrics = (
-        {"accuracy", "f1", "matthews"} if not task_meta["regression"] else {"pearson", "spearman", "mse"}
-    )
+    kind = task_meta["kind"]
+    metrics = {
+        "classification": {"accuracy", "f1", "matthews"},
+        "regression": {"pearson", "spearman", "mse"},
+        "causal_lm": {"loss", "perplexity", "neg_perplexity", "exact_match", "rouge1", "rouge2", "rougeL"},
+    }[kind]
     for name in objectives:
         if name.startswith("dev.") and name[4:] not in metrics:
-            kind = "regression" if task_meta["regression"] else "classification"
             raise ConfigError(
                 f"search.objectives: {name} is not computed on {run.data.task} ({kind}: dev.{', dev.'.join(sorted(metrics))})"
             )
@@ -146,7 +144,16 @@ def _task_meta(run) -> dict:
 
         task = load_task(run.data, load_tokenizer(run.model.name, run.model.revision))
         regression, num_labels = task.regression, task.num_labels
-    return {"regression": regression, "num_labels": num_labels, "primary": primary_metric(regression)}
+        # a causal-LM task is ranked by its scoring's metric (exact_match, rougeL, neg_perplexity)
+        primary = primary_metric(regression, task.scoring)
+        return {"regression": regression, "num_labels": num_labels, "primary": primary, "kind": task.kind}
+    kind = "regression" if regression else "classification"
+    return {
+        "regression": regression,
+        "num_labels": num_labels,
+        "primary": primary_metric(regression),
+        "kind": kind,
+    }
 
 
 def make_context(setup: Setup) -> SpaceContext:

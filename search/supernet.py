@@ -1,83 +1,22 @@
 """A weight-sharing supernet over hybrid PEFT configurations (AutoFormer / NOAH style).
 
-One model holds every PEFT module at its largest size; a *sub-configuration* uses the leading
-part of each (weight entanglement: Chen et al., AutoFormer, ICCV 2021; Zhang et al., NOAH,
-2022) and switches modules off per block. One training of the supernet then scores thousands
-of sub-configurations with inherited weights, each in one dev evaluation.
+One model holds LoRA, the adapters and prefix-tuning at their largest sizes in every block; a
+sub-configuration uses the leading slice of each and switches modules off per block, so one training
+scores many configurations with inherited weights. ``train_supernet`` trains it (a run with a
+``RunSession``), ``score`` evaluates a sub-configuration, ``run_evolution`` searches over scores.
+The space, the slicing, the masked update and why AdaLoRA and BitFit are left out:
+docs/supernet.md#how-it-works.
 
-**The space.** Per block i and per method m in {lora, adapter, parallel_adapter, prefix} (those
-that apply to the backbone and whose menu is not ``[0]``) a size from the method's menu
-(``search.supernet.lora = [0, 2, 4, 8, 16]`` ranks, ``adapter = [0, 8, 16, 32, 64]``
-bottlenecks, ``prefix = [0, 5, 10, 20]`` lengths; ``parallel_adapter`` is off by default),
-0 meaning "off in that block". A sub-configuration (``Sub``) is a real ``hybrid`` method
-(``SupernetSpace.to_method``): one group per run of identical consecutive blocks (explicit
-``grouping`` sizes), each with the methods whose size is > 0 at exactly that size, LoRA with
-alpha = s r (``lora_scaling`` s, so every slice has the same scaling s as the stand-alone
-layer), adapters with ``adapter_placement``. ``count_trainable`` counts it exactly, and the
-count is additive over (method, block) units, so the space keeps a table of unit costs
-(``SupernetSpace.count``; tests/test_supernet.py checks it against the stand-alone build).
+Invariants:
 
-**AdaLoRA is left out.** An AdaLoRA sub-network is not a slice: its allocator keeps the
-highest-scoring triplets of every matrix over a decaying budget b(t), so which triplets a
-configuration ends with depends on its whole run (scores, EMAs, the global top-k across all
-its matrices), never "the first r". Entangling it would mean sharing one allocator among
-sub-networks that are switched every step, whose importance EMAs and masks then describe no
-configuration; and a "max rank as a LoRA-style slice" variant would be LoRA in SVD form, not
-AdaLoRA (its count would be b(0) while the budget counts b(T)). AdaLoRA configurations are
-searched with ``search.scorer=train`` (the ``adalora`` and ``s4`` spaces); ``retrain`` still
-re-trains AdaLoRA at the budget as a reference. BitFit is left out as well: its "modules" are
-the backbone's own biases, so "off" would need a second, pretrained copy of each.
-
-**Slicing.** Each method file has a small ``set_active(module, size)`` (``adabudget.methods.lora``,
-``adapter``, ``parallel_adapter``, ``prefix``; no base class): LoRA uses A[:r], B[:, :r];
-adapters their first d hidden units (W_down[:d], b_down[:d], W_up[:, :d], b_up); prefix its
-first k vectors; size 0 switches the module off. Slices are views and the stand-alone path is
-the same code with ``active = None``. It returns which part of each parameter is in use; that
-part, copied out (``Supernet.state_of``), is exactly the trainable state of the stand-alone
-model of that configuration, which then computes the same outputs (tested).
-
-**The budget.** With ``search.budget`` (or ``budget_percent``) a sub-configuration is feasible
-when |count - budget| <= ``search.supernet.tolerance`` x budget (the menus are coarse: 5% by
-default, not the hybrid solver's 2%). ``SupernetSpace.sample`` draws uniformly among the
-feasible sub-configurations: uniform menu indices, vectorised, rejected outside the band (a
-greedy repair from random starts when the band is too narrow for rejection). Without a
-budget, every non-empty sub-configuration is feasible.
-
-**Training** (``train_supernet(cfg) -> dict``): set up as every run (``adabudget.session.setup``:
-data and backbone, same seed, same weights), with a run's session (``RunSession``: folder and
-record, checkpoints, stop signals, non-finite stops, result; resume with
-``adabudget.compose.resumed``), in its own short loop that keeps only its own step. What defines
-the supernet (the budget and the ``DEFINING`` menus and knobs: ``settings_of``) is written to
-``supernet.yaml`` beside ``config.yaml``; a resume or a search that reuses the folder reads it back
-and refuses other settings. (Folders of older versions held it as a ``search`` node in
-``config.yaml``: read from there, and moved to ``supernet.yaml`` when the run is resumed.)
-Each optimizer step trains ``paths_per_step`` sub-configurations from a deterministic stream:
-``sandwich`` cycles largest, smallest, then ``random_paths`` random ones (BigNAS's sandwich
-rule spread over steps; ``paths_per_step=4, random_paths=2`` is BigNAS's per-step form);
-``random`` only random ones (AutoFormer); ``largest`` only the largest (a plain training). The
-largest and smallest are taken *within the budget band*: the feasible sub-configurations of
-largest and smallest count (hill-climbed from a seeded pool). The path of step t depends on
-(seed, t) only, so a resumed run trains the same paths.
-
-Only the active slices are updated: ``MaskedAdamW`` keeps AdamW's moments and a step count per
-element and updates only the elements in use this step (the union of the step's slices and the
-task head). Plain ``torch.optim.AdamW`` with zeroed gradients would not do: an inactive element's
-moments still decay and its stale first moment keeps moving it (and weight decay shrinks it)
-every step it is *not* trained; dropping whole parameters (``grad = None``) works only for
-modules switched off, not for the unused columns of a slice. With the masked update an element
-follows exactly AdamW's trajectory over the steps in which it was trained (bias correction by its
-own step count), and a sub-configuration trained alone follows the stand-alone model of that
-configuration trained with ``torch.optim.AdamW`` (tested step by step in tests/test_supernet.py).
-
-**Scoring** (``score(net, sub, calibration_steps=0)``): activate the slice and evaluate on dev
-with inherited weights; with calibration, first train that slice (and the head) for a few steps
-on a fixed stream of training batches, then restore every weight. **Search**: ``adabudget
-search search.scorer=supernet`` trains the supernet into ``<study>/supernet`` (or resumes or
-reuses it), and its trials score sub-configurations (Optuna's samplers over the ``l<i>.<method>``
-choices, out-of-band ones recorded as infeasible with the study's constraint) or
-``search.sampler=evolution`` (``run_evolution``: AutoFormer's population, top-k parents, mutation
-and crossover, every candidate in the band); ``search.retrain_top_k`` re-trains the best
-stand-alone with seeds (``search.study.retrain``).
+- A sub-configuration is a real ``hybrid`` method; its slices, copied out (``Supernet.state_of``),
+  are exactly the trainable state of that stand-alone model, which computes the same outputs.
+- ``MaskedAdamW`` updates only the elements in use at a step: an element follows AdamW's trajectory
+  over the steps in which it was trained, never moves while inactive.
+- The path trained at step t depends on (seed, t) only, so a resumed run trains the same paths.
+- What defines the supernet (``settings_of``: the budget and the ``DEFINING`` menus and knobs) is
+  in ``supernet.yaml``; a resume or a reuse with other settings is refused. (Folders of older
+  versions held it as a ``search`` node of ``config.yaml``: read from there, moved on resume.)
 """
 
 from __future__ import annotations

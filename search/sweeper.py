@@ -1,82 +1,24 @@
 """The adabudget Hydra sweeper: an Optuna study run through ``adabudget train -m``.
 
-    adabudget train -m hydra/sweeper=adabudget hydra.sweeper.n_trials=20 hydra.sweeper.n_jobs=2 \\
+    adabudget train -m hydra/sweeper=adabudget hydra.sweeper.n_trials=20 hydra.sweeper.n_jobs=2 \
         hydra.sweeper.pruner=median 'train.lr=tag(log, interval(1e-4, 3e-3))' 'method.init_r=choice(8,12,16)'
 
-Hydra finds the plugin through the ``hydra_plugins`` namespace package
-(``search/plugins/hydra_plugins/adabudget_sweeper``, mapped by pyproject.toml); its config schema
-and the class Hydra instantiates live there, the work here. It takes hydra-optuna-sweeper's
-configuration (the ``params`` grammar, ``direction``, ``n_trials``, ``n_jobs``, ``sampler``,
-``storage``, ``study_name``, ``max_failure_rate``, ``custom_search_space``), so a config written
-for that plugin runs by changing the sweeper's name, and does what it cannot (docs/reference.md,
-"Search and tooling facts"): it runs on the Optuna installed here (5.x), prunes through the
-job's dev evaluations, lets the job see its trial, resumes without resetting ``n_trials``, reads
-several objectives from the job's record, and keeps a rolling pool of jobs.
+It takes hydra-optuna-sweeper's configuration and runs each trial as a forked job in a rolling pool
+of ``n_jobs`` processes; Hydra finds the plugin's class through the ``hydra_plugins`` namespace
+package (``search/plugins/hydra_plugins/adabudget_sweeper``), the work is here. The design and where
+it departs from that plugin: docs/sweeper.md#how-the-sweeper-works.
 
-Design, and where it departs from that plugin (its ``_impl.py`` in facebookresearch/hydra,
-``plugins/hydra_optuna_sweeper``; the grammar mapping is ``search.declarative``'s):
+Invariants:
 
-- **Search space.** ``hydra.sweeper.params`` then the command line's overrides (a later key
-  wins); a sweep override (``choice``, ``range``, ``interval``, ``tag(log, ...)``,
-  ``int(interval(...))``, ``a,b,c``) becomes an Optuna distribution named by its key (with a
-  ``+`` prefix kept, as there), anything else is passed to every job unchanged. A sampled value
-  is written back in Hydra's syntax (``Transformer.str``: quoted strings, lists, ``null``), so
-  the job composes exactly what was sampled.
-- **Jobs run in a rolling pool of ``n_jobs`` processes**, not in batches through the launcher:
-  a new trial is asked as soon as a job ends, so a slow trial never holds the others back and
-  a pruner sees the finished trials. Each job is a forked process that runs Hydra's own
-  ``hydra.core.utils.run_job`` (the job's config, ``HydraConfig``, ``env_set`` and callbacks,
-  as the basic launcher does it, in the job's process as with any out-of-process launcher;
-  the multirun summary reads each job's overrides from its run folder). Forking needs no
-  pickling of the task function and keeps the sweep's imports: the engine and transformers'
-  lazy modules are imported once before the first job (``_preload``), so a tiny job starts in
-  about a second instead of ten. That is why ``hydra/launcher`` is not used (a warning says
-  so). Each job gets ``cores / n_jobs`` torch threads unless ``train.num_threads`` says
-  otherwise. A job's folder is ``<sweep dir>/<trial number>``, the sweep folder as resolved in
-  the sweep's process (its name holds a timestamp and a pid).
-- **The job sees its trial.** The job's process builds a ``TrialHook`` (``adabudget.job.TrialHook``)
-  and passes it into the job: ``adabudget train``'s task function offers a trial-bound variant
-  of itself (``for_trial``; ``adabudget.job.bind_trial``), which adds the hook's ``meta`` (study,
-  trial number, params; not the storage, whose URL may hold a password) to the run record and
-  passes its ``on_eval`` to ``train``, which reports each dev evaluation to the trial and asks
-  ``should_prune`` (a pruned run ends with status ``pruned`` and its trial is PRUNED). That job
-  returns its whole ``JobOutcome`` (the record, or why its config was refused); no module global
-  is written. ``budget`` imports neither ``search`` nor Optuna: the hook is duck-typed. Any other
-  task function reaches the trial with ``search.sweeper.current_trial()`` (and may raise
-  ``optuna.TrialPruned``).
-- **Objectives.** One objective: the job's return value (``adabudget train``: the primary dev
-  metric, NaN when the run did not complete), maximised by default (the plugin's default is
-  minimize: set ``direction`` to say otherwise). ``objectives: [dev.accuracy, params]`` reads
-  the values from the job's record instead (``dev.<metric>``, ``params``, ``wall_time``,
-  ``peak_memory_mb``, or a dotted path into ``result.json``); a test split is refused, the search
-  sees dev only. Directions, values and the samplers and pruners named by a word are
-  ``search.optuna_factory``'s, as in ``adabudget search``: ``params`` is the count the budget
-  constrains (head excluded, AdaLoRA at b(T)), counted from the job's ``config.yaml``. A pruned
-  job is told PRUNED, a NaN or failed one FAIL.
-- **The study is kept.** Default storage: a journal file
-  ``<runs_root>/<run_name>/sweeps/<study>/journal.log`` (the folder beside the timestamped
-  multirun folders), the default study name a digest of the search space and objectives, so
-  the same command resumes the same study. ``n_trials`` counts the study's finished (completed
-  or pruned, ``search.optuna_factory.finished``) trials, so a resumed sweep runs only the missing ones and a failed trial is
-  replaced; trials left RUNNING by a killed sweep are failed and re-queued with the same
-  parameters (``search.workers.recover_stale``); while a job runs, the sweep writes its trial's
-  heartbeat (``search.liveness``), so workers on other machines never take a job that logs
-  nothing for a while (loading, evaluating) for a dead one. The count and the next ``ask``
-  happen under the study's start lock (``search.workers.StartLock``, the one ``adabudget
-  search`` workers take), so two sweeps on one storage, or a sweep beside search workers, start
-  n_trials between them, not n_trials each. A study named explicitly must keep its space,
-  objectives and directions. The record of the whole study is ``sweeps/<study>/sweep.json``
-  (every trial, its run folder and overrides, the best or the Pareto front with a command that
-  re-runs it); the multirun folder gets the plugin's ``optimization_results.yaml``.
-- **Failures.** A failed job never ends the sweep by itself: it stops starting jobs once more
-  than ``max_failure_rate * n_trials`` jobs failed (0 stops at the first, as the plugin's default
-  does; ours is 0.25), lets the running ones end, and raises. Ctrl-C or SIGTERM: no new trials,
-  the running jobs get one SIGTERM (they checkpoint and end ``interrupted``; their trials are
-  re-queued), a second one kills them; the same command resumes.
-- Jobs run in their own process group and get SIGTERM if the sweep process dies (Linux
-  ``PR_SET_PDEATHSIG``); one sweep process per study at a time (several machines: ``adabudget
-  search`` workers on PostgreSQL). SQLite with ``n_jobs > 1`` is refused (several writers lose
-  trials).
+- Samplers, pruners, the grid, directions, objective values and what counts as finished come from
+  ``search.optuna_factory``, as in ``adabudget search``.
+- The job and the sweep meet through ``adabudget.job`` (a ``TrialHook`` passed in, a ``JobOutcome``
+  returned): no module global of another package is written, and ``budget`` never imports
+  ``search`` or Optuna (the hook is duck-typed).
+- ``n_trials`` counts the study's finished trials, counted and asked under the study's start lock
+  (``search.workers.StartLock``), so a resumed sweep, or two sweeps on one storage, start
+  ``n_trials`` in all.
+- A trial's ``meta`` never holds the storage (its URL may hold a password).
 """
 
 from __future__ import annotations

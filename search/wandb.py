@@ -1,31 +1,14 @@
 """W&B for searches: the per-trial mirror's labels and the export of a study as a W&B sweep.
 
-**Per-trial mirror.** With ``logger.wandb=true`` every trial's run mirrors itself to W&B as any
-run does (``adabudget.log.RunRecord``: offline unless configured, and a W&B error never fails
-the run), in the group ``logger.group`` = the study's name (``adabudget.search.study.trial_config``),
-with the config under dotted keys (``method.r``). ``search.trial.trial_summary`` adds what makes it a trial
-to its summary: its number and parameters, and its objectives, which are known only once it has
-trained: the trial trains inside ``adabudget.log.wandb_summary`` with a function that computes
-them from the run's result, as Optuna is told them (``optuna_factory.objective_value``).
+Every trial's run mirrors itself to W&B as any run does, in the group named after the study, its
+summary holding the trial's number, parameters and objectives (``search.trial.trial_summary``).
+``adabudget search export-wandb-sweep`` writes a declarative space as a W&B sweep YAML
+(``sweep_config``) whose program is ``adabudget train``. The mapping and what is refused:
+docs/sweeper.md#wb-search-trials-and-sweeps.
 
-**Sweep export.** ``adabudget search export-wandb-sweep [overrides] [--out FILE]`` writes the
-search as a W&B sweep YAML (``sweep_config``): W&B's own sampler, W&B's server, our
-``adabudget train`` as the program. Only declarative spaces translate (W&B's parameter grammar
-has no code, conditions, budget solving or constraints), with one objective (W&B sweeps
-optimise one metric: wandb/wandb#3032). W&B sweeps need the W&B server; there are no offline
-sweeps (wandb#6234). The mapping from a parsed ``params`` entry (``search.declarative``):
-
-    plain value              -> {value: v}
-    choice(a, b)             -> {values: [a, b]}
-    range(a, b, step=s)      -> {values: [a, a+s, ..., b]}   (stop included, as the search)
-    int(interval(a, b))      -> {distribution: int_uniform, min: a, max: b}
-    interval(a, b)           -> {distribution: uniform, min: a, max: b}
-    tag(log, interval(a, b)) -> {distribution: log_uniform_values, min: a, max: b}
-    method.name: X           -> the group override method=X (a name replaces the method node)
-
-``search.sampler`` tpe, gp, nsga2, nsga3, cmaes -> ``bayes`` (W&B's one model-based method),
-random, qmc -> ``random``, grid, bruteforce -> ``grid``; ``search.pruner`` median or hyperband -> ``early_terminate``
-(hyperband, W&B's one rule, over the dev evaluations); ``search.n_trials`` -> ``run_cap``.
+Invariants: the summary's objectives are the values Optuna is told (``optuna_factory.objective_value``);
+only declarative spaces with one objective and no ``search.budget`` are exported (W&B sweeps have no
+code, conditions or constraints and optimise one metric), refused otherwise with the reason.
 """
 
 from __future__ import annotations

@@ -1,26 +1,21 @@
 """Workers: processes that run trials of one study, on one machine or many, until the study
 holds ``search.n_trials`` trained trials, not one more.
 
-Each worker loops: take the study's start lock, recover the trials of dead workers, count the
-trained and running trials, and if more are wanted ask one and run it (``run_trial``); the trial
-releases the lock as soon as it exists and is owned. So every start decision sees every other
-worker's running trials and the study ends with exactly ``n_trials``. The lock is a file lock
-beside a journal file (processes on one machine) or a PostgreSQL advisory lock (machines
-sharing a database; its connection is opened again if the server dropped it during a trial).
+Each worker loops under the study's start lock (a file lock beside a journal, a PostgreSQL advisory
+lock on a database): recover the trials of dead workers (``recover_stale``), count, ask one trial
+and run it (``run_trial``). The loop, the lock and how a dead worker is recognised:
+docs/search.md#workers-and-stale-trials.
 
-One bad trial never ends a search: any exception inside a trial (CUDA out of memory, a sampled
-configuration ``train`` refuses, an ``OSError`` on export) makes it a failed trial with its error
-in its user attributes, ``search.json`` and the printed line, and the worker goes on; only
-``MAX_CONSECUTIVE_FAILURES`` failed trials in a row end it, naming their errors. Ctrl-C and the
-stop signals keep their meaning (the trial is failed and queued again, the worker stops), and so
-do the search's own refusals (a space whose draws are all infeasible, a broken space).
+Invariants:
 
-A worker killed mid-trial (``kill -9``, a lost machine) leaves its trial RUNNING; ``recover_stale``
-fails it and queues it again with the same parameters (at most ``search.max_retries`` times),
-on every storage alike: whether its worker lives is ``search.liveness``'s judgment (the pid in
-the worker's own pid space, else the trial's heartbeat against ``search.grace_period``). A re-run
-trial says ``retry_of: <number>``; a failed one is never counted, so no trial is lost or counted
-twice.
+- Every start decision is taken under the start lock and sees every other worker's running trials,
+  so the study ends with exactly ``n_trials``; ``run_trial`` releases the lock only once the trial
+  exists and is owned.
+- One bad trial never ends a search: an exception inside a trial fails that trial (its error in its
+  user attributes, ``search.json`` and the printed line); only ``MAX_CONSECUTIVE_FAILURES`` in a row
+  end the worker. Ctrl-C, the stop signals and the search's own refusals still stop it.
+- A dead worker's trial is failed and re-queued with its parameters (at most ``search.max_retries``
+  times, ``retry_of``); a failed trial is never counted, so none is lost or counted twice.
 """
 
 from __future__ import annotations

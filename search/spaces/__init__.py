@@ -1,35 +1,14 @@
 """Design spaces as code: ``(trial, ctx) -> overrides``, adapting to the backbone.
 
-A space is a plain function in the optuna-examples style: ``trial.suggest_*`` calls and
-``if``s, so conditional spaces are natural. It returns a nested dict of overrides to merge onto
-the run config (``merge_overrides``): a ``method`` dict that has a ``name`` replaces the whole
-method node; every other section merges key by key. Built-in spaces (``SPACES``, one module each
-in this package):
+Built-in spaces (``SPACES``, one module each in this package): ``s4``, ``autopeft``, ``adalora``,
+``methods``, ``longlora``, ``lr`` and ``supernet``; ``context`` holds ``SpaceContext`` (the backbone),
+``sampling`` the ``sample`` / ``count`` / ``check_space`` every front end calls. What each space
+searches and how to write one: docs/search.md#spaces-as-code.
 
-- ``s4``: the S4 design space (Chen et al., ICLR 2023): grouping pattern, number of groups,
-  a subset of {adapter, prefix, bitfit, lora, adalora} per group (plus ``ia3``,
-  ``parallel_adapter``, ``prompt`` when asked), allocation of the budget across groups, and
-  each method's share of its group's budget.
-- ``autopeft``: AutoPEFT's space (Zhou et al., TACL 2024): per-layer on/off, serial adapter
-  size, parallel adapter size, prefix length.
-- ``adalora``: AdaLoRA's own knobs (init_r, target, t_i, t_f, ΔT, γ, score).
-- ``methods``: one method of the seed families at the budget, the method itself the choice
-  (LoRA, AdaLoRA, DyLoRA, Delta-LoRA, RoSA, sparse fine-tuning, Quantum-PEFT, adapters, prefix,
-  (IA)³), each sized to the budget through its own knob.
-- ``lr``: learning rate and warm-up; composes with any of the above (``[s4, lr]``).
-- ``supernet``: a weight-sharing supernet's menus per block (``search/supernet.py``), exact sizes.
-
-Every space reads the backbone from ``SpaceContext`` (``spaces.context``) (the number of layers, which methods
-apply to the architecture), so any space runs on any supported model. ``configs/search/space/
-<name>.yaml`` spaces in hydra-optuna-sweeper's grammar compile to the same kind of function
-(``search.declarative``).
-
-Equal budget: with ``search.budget`` every sampled hybrid carries that budget and the existing
-solver (``adabudget.methods.hybrid.solve_sizes``) sizes it, within its tolerance. ``sample``
-(``spaces.sampling``) does
-this analytically, before any model exists, and marks a configuration that cannot reach the
-budget as infeasible (``trial.set_constraint("budget", violation > 0)``) instead of raising:
-the study records it and trains nothing.
+Invariants: a space only calls ``trial.suggest_*`` and reads ``ctx``, never builds a model; a ``method``
+override with a ``name`` replaces the whole method node, other sections merge key by key; with a
+budget a configuration that cannot reach it is marked infeasible with the ``budget`` constraint,
+never raised and never trained.
 """
 
 from __future__ import annotations
