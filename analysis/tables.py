@@ -130,6 +130,9 @@ _NOT_IDENTITY = (
     "cfg.train.eval_batch_size",
     "cfg.train.stop_after_step",
     "cfg.export_",
+    # Records written before RunConfig.search went (commit 2831a5d) still hold a `search:` node in
+    # their config.yaml (null for a plain run, the study's search settings for a trial or a
+    # supernet): it never made a configuration different, and such records must still share rows.
     "cfg.search",
 )
 
