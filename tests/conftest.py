@@ -147,6 +147,11 @@ INTEGRATION = [
     # a whole run, search, benchmark, protocol or Trainer in this process
     "tests/test_bench.py",
     "tests/test_bench_search.py",
+    "tests/test_causal_lm.py::test_sft_end_to_end_records_generation_metrics",
+    "tests/test_causal_lm.py::test_half_precision_on_the_cpu_trains_fp32_adapters",
+    "tests/test_causal_lm.py::test_zero_shot_evaluates_the_base_model_without_a_step",
+    "tests/test_causal_lm.py::test_eval_data_scores_on_another_task_with_its_own_scoring",
+    "tests/test_causal_lm.py::test_a_search_its_table_and_dashboard_on_a_causal_lm_task",
     "tests/test_callbacks.py::test_trainer_*",
     "tests/test_callbacks.py::test_orth_penalty_*",
     "tests/test_callbacks.py::test_adalora_optimizer_groups_follow_the_trainer_scheduler",

@@ -265,3 +265,28 @@ def test_the_prompt_template_wraps_the_prompt_column(tokenizer):
     assert ex["input_ids"][: ex["prompt_len"]] == expected
     with pytest.raises(ConfigError, match="data.prompt_template: must contain"):
         adabudget.config.validate(adabudget.config.RunConfig(data=DataConfig(prompt_template="Q:")))
+
+
+def test_a_search_its_table_and_dashboard_on_a_causal_lm_task(tmp_path, capsys):
+    """A search ranks causal-LM trials by the task's primary metric; the table and dashboard read them."""
+    from conftest import search_here
+
+    args = [
+        *lm_run(tmp_path, "train.max_steps=6"),
+        "search.space=lr",
+        "search.n_trials=2",
+    ]
+    code, out, err = search_here(capsys, *args)
+    assert code == 0, err[-3000:]
+    (record,) = list((tmp_path / "runs" / "search").glob("*/search.json"))
+    trials = json.loads(record.read_text())["trials"]
+    trained = [t for t in trials if t.get("state") == "complete"]
+    assert len(trained) >= 2 and all(t["values"] and 0 <= t["values"][0] <= 1 for t in trained)
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("result.json")]
+    assert {t["values"][0] for t in trained} == {r["final"]["dev"]["exact_match"] for r in runs}
+    frames = adabudget.records(str(tmp_path / "runs"))
+    assert set(frames.runs["primary_metric"]) == {"exact_match"} and len(frames.runs) == 2
+    table = adabudget.table(str(tmp_path / "runs"))  # the primary metric per task, x100
+    assert "| jsonl |" in table and "2 runs" in table
+    html = adabudget.dashboard(str(tmp_path / "runs"), out=tmp_path / "dash.html")
+    assert Path(html).stat().st_size > 0
