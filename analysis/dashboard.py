@@ -790,7 +790,8 @@ def study_section(storage) -> Section:
             "sources": json.dumps(sources),
         }
         sec.notes.append(
-            "Click a trial in the history or the Pareto front (or pick one in the menu) to see its rank pattern."
+            "Click a trial in the history or the Pareto front (or pick one in the menu) "
+            "to see its rank pattern."
         )
     else:
         sec.notes.append("No trial of this study has a rank allocation (no AdaLoRA in its space).")
@@ -844,7 +845,8 @@ def _div_id(section_slug: str, name: str) -> str:
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 1.5em 2em; color: #222; }
-header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ddd; padding: .6em 0; z-index: 10; }
+header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ddd; padding: .6em 0;
+         z-index: 10; }
 header h1 { font-size: 1.25em; display: inline; margin-right: 1em; }
 nav a { margin-right: .8em; font-size: .9em; }
 .note { color: #555; font-size: .9em; }
@@ -876,7 +878,10 @@ def to_html(dash: Dashboard, stamp: str | None = None, refresh_s: float = 5.0) -
     built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(dash.built_at))
     nav = " ".join(f'<a href="#{s.slug}">{html.escape(s.title.split(":")[0])}</a>' for s in dash.sections)
     if dash.live and stamp is not None:
-        state = f'<p class="note live">Live: {len(dash.live)} still running; this page reloads when their records change.</p>'
+        state = (
+            f'<p class="note live">Live: {len(dash.live)} still running; '
+            "this page reloads when their records change.</p>"
+        )
     elif dash.live:
         state = f'<p class="note live">Snapshot of {built}: {len(dash.live)} still running then.</p>'
     else:

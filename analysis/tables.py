@@ -287,9 +287,10 @@ def provenance(runs: pd.DataFrame, layout: Layout | None, made: str | None = Non
     versions = sorted({str(v) for v in runs["data_version"].dropna()}) if "data_version" in runs else []
     split = layout.split if layout else "dev"
     return (
-        f"Mean ± std over seeds ({', '.join(map(str, seeds)) or 'unknown'}), n in parentheses, {split} split, "
-        f"x100; best per column in bold; {MISSING} = no run. {len(runs)} runs, commit(s) "
-        f"{', '.join(commits) or 'unknown'}, data {', '.join(versions) or 'unknown'}, made {made or date.today()}."
+        f"Mean ± std over seeds ({', '.join(map(str, seeds)) or 'unknown'}), n in parentheses, "
+        f"{split} split, x100; best per column in bold; {MISSING} = no run. {len(runs)} runs, commit(s) "
+        f"{', '.join(commits) or 'unknown'}, data {', '.join(versions) or 'unknown'}, "
+        f"made {made or date.today()}."
     )
 
 

@@ -107,7 +107,8 @@ class Arch:
         return [s for s in self.linears if s.role in roles]
 
     def layers(self, layers: list[int] | None) -> list[int]:
-        """The block indices a method applies to (all when ``layers`` is None); ConfigError if out of range."""
+        """The block indices a method applies to (all when ``layers`` is None); ConfigError if out of
+        range."""
         if layers is None:
             return list(range(self.num_layers))
         bad = [i for i in layers if not 0 <= i < self.num_layers]
@@ -125,7 +126,8 @@ class Arch:
     def match_linears(
         self, patterns: list[str], layers: list[int] | None = None
     ) -> list[tuple[str, LinearSpec]]:
-        """(full name, spec) of the linear layers ``adabudget.modules.find_targets`` would pick, analytically."""
+        """(full name, spec) of the linear layers ``adabudget.modules.find_targets`` would pick,
+        analytically."""
         regexes = [re.compile(rf"(.*\.)?(?:{p})") for p in patterns]
         names = [(f"{self.block(i)}.{s.rel}", s) for i in self.layers(layers) for s in self.linears]
         if layers is None:

@@ -189,9 +189,9 @@ class AdaBudgetCallback(TrainerCallback):
             if math.isclose(lr_lam, ratio * lr_p, rel_tol=1e-6):
                 continue
             raise ConfigError(
-                f"method.lambda_lr_ratio={ratio:g}: the optimizer trains λ of {name} at lr {lr_lam:g} and its "
-                f"P at {lr_p:g} (ratio {lr_lam / lr_p if lr_p else float('inf'):g}), so AdaLoRA would train "
-                f"at a different speed than in budget's own loop. Build the optimizer with "
+                f"method.lambda_lr_ratio={ratio:g}: the optimizer trains λ of {name} at lr {lr_lam:g} and "
+                f"its P at {lr_p:g} (ratio {lr_lam / lr_p if lr_p else float('inf'):g}), so AdaLoRA would "
+                "train at a different speed than in budget's own loop. Build the optimizer with "
                 "adabudget.callbacks.adalora_optimizer(model, cfg, lr) and pass "
                 "Trainer(optimizers=(optimizer, None)), or set lambda_lr_ratio=1 to keep the Trainer's "
                 "single learning rate (AdaLoRA then needs a larger one)"
@@ -215,8 +215,8 @@ class AdaBudgetCallback(TrainerCallback):
         )
         if a.total_steps > state.max_steps:
             cause = (
-                f"Cause: total_steps={a.total_steps} exceeds the Trainer's max_steps={state.max_steps}; it must "
-                "count optimizer steps (batches / gradient_accumulation_steps x epochs), not samples or "
+                f"Cause: total_steps={a.total_steps} exceeds the Trainer's max_steps={state.max_steps}; it "
+                "must count optimizer steps (batches / gradient_accumulation_steps x epochs), not samples or "
                 "micro-batches. Fix: pass total_steps=None to use the Trainer's max_steps."
             )
         else:

@@ -71,8 +71,8 @@ def check_resume(run_dir: str | Path, changes: dict[str, str] | None = None) -> 
     if refused:
         raise ConfigError(
             f"resume={run_dir}: {', '.join(refused[:6])} cannot change on resume: a resumed run keeps its "
-            f"config, and these differ from its config.yaml. What may change: {', '.join(RESUMABLE)}. Start a "
-            "new run for anything else"
+            f"config, and these differ from its config.yaml. What may change: {', '.join(RESUMABLE)}. Start "
+            "a new run for anything else"
         )
     return run_dir
 

@@ -59,7 +59,8 @@ COMMANDS = ("train", "search", "dashboard", "table", "reproduce", "bench", "data
 
 
 def _exit_code(result: dict) -> int:
-    """Single runs: 0 completed / pruned / stopped by train.stop_after_step, 1 failed, 128 + N after signal N."""
+    """Single runs: 0 completed / pruned / stopped by train.stop_after_step, 1 failed, 128 + N after
+    signal N."""
     if result["status"] == "failed":
         return 1
     cause = str(result.get("interrupted_by") or "")

@@ -130,7 +130,8 @@ RETIRED_KEYS = ("search",)
 
 
 def saved_config(run_dir: str | Path):
-    """A run folder's ``config.yaml`` (an OmegaConf node) without the ``RETIRED_KEYS`` older versions wrote."""
+    """A run folder's ``config.yaml`` (an OmegaConf node) without the ``RETIRED_KEYS`` older versions
+    wrote."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")

@@ -279,8 +279,9 @@ def validate(run: RunConfig) -> None:
     _check(
         run.model.dtype in (None, "fp32") or t.precision != "fp32",
         "model.dtype",
-        f"{run.model.dtype} stores the frozen base in half precision, which fp32 compute cannot multiply with "
-        f"the fp32 trainable weights; set train.precision={run.model.dtype} (autocast) or model.dtype=null",
+        f"{run.model.dtype} stores the frozen base in half precision, which fp32 compute cannot multiply "
+        f"with the fp32 trainable weights; set train.precision={run.model.dtype} (autocast) "
+        "or model.dtype=null",
     )
     _check(
         t.lr_schedule in ("linear", "cosine"),

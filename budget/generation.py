@@ -67,7 +67,8 @@ def extract_answer(text: str, answer: str, label_words: Optional[tuple[str, ...]
 
 
 def exact_match(predictions: list[str], references: list[str], scoring: Scoring) -> float:
-    """The share of generations whose extracted answer equals the reference's (an empty answer never matches)."""
+    """The share of generations whose extracted answer equals the reference's (an empty answer never
+    matches)."""
     hits = 0
     for pred, ref in zip(predictions, references):
         p = extract_answer(pred, scoring.answer, scoring.label_words)

@@ -124,8 +124,8 @@ def lock_run(run_dir: Path) -> int:
             pid = holder.get("pid", "unknown")
             raise ConfigError(
                 f"resume={run_dir}: the run is still alive: pid {pid} on {holder.get('host', 'unknown')} "
-                f"(started {holder.get('started_at', 'unknown')}) holds {path}; stop it first (kill -TERM {pid} "
-                f"checkpoints it), or, if that process is gone, delete {path}"
+                f"(started {holder.get('started_at', 'unknown')}) holds {path}; stop it first (kill -TERM "
+                f"{pid} checkpoints it), or, if that process is gone, delete {path}"
             )
         if holder:  # written, never given back: its process died
             log.warning(
@@ -199,9 +199,9 @@ def truncate_jsonl(path: Path, last_step: int, evals_at_last_step: bool = True) 
         except ValueError:  # UnicodeDecodeError too: a write cut inside a character
             if i < len(lines) - 1:
                 raise ConfigError(
-                    f"{path}: line {n} is not a JSON object ({line[:60]!r}...), and {len(lines) - 1 - i} lines "
-                    "follow it: the file is corrupt in the middle, not torn at its end; repair or delete that "
-                    "line, then resume"
+                    f"{path}: line {n} is not a JSON object ({line[:60]!r}...), and {len(lines) - 1 - i} "
+                    "lines follow it: the file is corrupt in the middle, not torn at its end; repair or "
+                    "delete that line, then resume"
                 ) from None
             torn = n
             continue
@@ -298,7 +298,8 @@ def wandb_summary(entries: Callable[[dict], dict]) -> Iterator[None]:
 
         def entries(result: dict) -> dict:
             dev = (result.get("final") or {}).get("dev") or {}
-            return {"trial/number": 3, **({"objective/dev.accuracy": dev["accuracy"]} if "accuracy" in dev else {})}
+            objective = {"objective/dev.accuracy": dev["accuracy"]} if "accuracy" in dev else {}
+            return {"trial/number": 3, **objective}
 
         with wandb_summary(entries):
             train(cfg)

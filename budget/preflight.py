@@ -62,7 +62,8 @@ def check_target_patterns(model: nn.Module, patterns: list[str], field_name: str
         endings = sorted({n.split(".")[-1] for n in names})
         in_layers = f" in blocks {list(layers)}" if layers is not None else ""
         raise ConfigError(
-            f"{field_name}: {unmatched} match no linear layer of this {model_type(model) or 'model'}{in_layers} "
-            f"(the other patterns do), so those matrices would be left out; fix or remove them (its linear "
-            f"layer names end in {endings}; a pattern is a regex matched against the end of a module name)"
+            f"{field_name}: {unmatched} match no linear layer of this "
+            f"{model_type(model) or 'model'}{in_layers} (the other patterns do), so those matrices would be "
+            f"left out; fix or remove them (its linear layer names end in {endings}; a pattern is a regex "
+            "matched against the end of a module name)"
         )

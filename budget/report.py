@@ -38,8 +38,9 @@ def summary(result: dict) -> str:
         lines.extend(rank_grid(ranks, result.get("modules")))
     if "trainable_params_final" in result:
         lines.append(
-            f"trainable params: {result['trainable_params']:,} at start, {result['trainable_params_final']:,} "
-            f"at end  wall time {result['wall_time_s']:.0f}s  peak memory {result['peak_memory_mb']:.0f} MiB"
+            f"trainable params: {result['trainable_params']:,} at start, "
+            f"{result['trainable_params_final']:,} at end  wall time {result['wall_time_s']:.0f}s  "
+            f"peak memory {result['peak_memory_mb']:.0f} MiB"
         )
     if result.get("error"):
         lines.append(f"error: {result['error']}")

@@ -69,8 +69,8 @@ def setup(run: RunConfig, dist: ddp.Dist | None = None) -> tuple[TaskData, objec
     total_steps = total_steps_for(run, len(task.train))
     if total_steps and not task.train:
         raise ConfigError(
-            f"data.task={run.data.task}: no training examples (an evaluation-only task); set train.max_steps=0 "
-            "for a zero-shot evaluation, or train on another task"
+            f"data.task={run.data.task}: no training examples (an evaluation-only task); set "
+            "train.max_steps=0 for a zero-shot evaluation, or train on another task"
         )
     check_schedule(run.method, total_steps)
     seed_everything(run.train.seed)

@@ -163,8 +163,8 @@ def tokenize_lm(rows: Rows, tokenizer, cfg, split: str) -> list[dict]:
         if len(prompt_ids) > cfg.max_length - 1:  # not even one completion token fits
             if cfg.prompt_truncation != "left":
                 raise ConfigError(
-                    f"data.max_length={cfg.max_length}: the prompt of {split} row {i} has {len(prompt_ids)} tokens "
-                    "and leaves no room for its completion; raise data.max_length or set "
+                    f"data.max_length={cfg.max_length}: the prompt of {split} row {i} has {len(prompt_ids)} "
+                    "tokens and leaves no room for its completion; raise data.max_length or set "
                     "data.prompt_truncation=left (keep the prompt's end)"
                 )
         if cfg.prompt_truncation == "left" and len(prompt_ids) + len(completion_ids) > cfg.max_length:

