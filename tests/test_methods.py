@@ -48,6 +48,10 @@ LM_METHODS = {
     "freeze",
     "full",
     "longlora",
+    # and what applies to decoders beyond the list
+    "bitfit",
+    "mam",
+    "unipelt",
 }
 NUM_LAYERS = 4  # the tiny configs have 2 blocks; 4 lets s4 form its 4 groups
 
