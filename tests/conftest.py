@@ -108,7 +108,8 @@ def pytest_terminal_summary(terminalreporter):
     for nodeid, need, reason in _skipped_in_ci:
         terminalreporter.write_line(f"{nodeid}: needs {need}; skipped: {reason}")
     terminalreporter.write_line(
-        f"{len(_skipped_in_ci)} must-run test(s) skipped with CI set: the session fails (install what they need)"
+        f"{len(_skipped_in_ci)} must-run test(s) skipped with CI set: the session fails "
+        "(install what they need)"
     )
 
 
@@ -152,6 +153,7 @@ INTEGRATION = [
     "tests/test_causal_lm.py::test_zero_shot_evaluates_the_base_model_without_a_step",
     "tests/test_causal_lm.py::test_eval_data_scores_on_another_task_with_its_own_scoring",
     "tests/test_causal_lm.py::test_a_search_its_table_and_dashboard_on_a_causal_lm_task",
+    "tests/test_causal_lm.py::test_gradient_checkpointing_trains_every_method_to_the_same_weights",
     "tests/test_callbacks.py::test_trainer_*",
     "tests/test_callbacks.py::test_orth_penalty_*",
     "tests/test_callbacks.py::test_adalora_optimizer_groups_follow_the_trainer_scheduler",

@@ -137,7 +137,8 @@ def test_exact_match_compares_extracted_answers_and_never_matches_an_empty_one()
 
 
 def test_rouge_is_the_rouge_score_f_measure():
-    # 'the cat sat' against 'the cat sat down': P = 1, R = 3/4 for unigrams -> F = 6/7; bigrams 2/2, 2/3 -> 4/5
+    # 'the cat sat' against 'the cat sat down': P = 1, R = 3/4 for unigrams -> F = 6/7;
+    # bigrams 2/2, 2/3 -> 4/5
     scores = rouge(["the cat sat"], ["the cat sat down"])
     assert scores["rouge1"] == pytest.approx(6 / 7) and scores["rougeL"] == pytest.approx(6 / 7)
     assert scores["rouge2"] == pytest.approx(4 / 5)
@@ -290,3 +291,50 @@ def test_a_search_its_table_and_dashboard_on_a_causal_lm_task(tmp_path, capsys):
     assert "| jsonl |" in table and "2 runs" in table
     html = adabudget.dashboard(str(tmp_path / "runs"), out=tmp_path / "dash.html")
     assert Path(html).stat().st_size > 0
+
+
+CHECKPOINTED = [
+    "lora",
+    "adalora",
+    "dylora",
+    "delta_lora",
+    "sparse",
+    "rosa",
+    "quantum_peft",
+    "prefix",
+    "prompt",
+    "ia3",
+    "adapter",
+    "parallel_adapter",
+    "freeze",
+    "full",
+    "bitfit method.add_missing=true",
+    "mam",
+    "unipelt",
+    # the S4 pattern's first and last groups on the tiny decoder's 2 blocks
+    "s4 method.num_groups=2 method.groups=[{adapter:{bottleneck:16},lora:{r:8}},"
+    "{prefix:{length:10},bitfit:{add_missing:true},lora:{r:8}}]",
+    "hybrid",
+    "longlora",
+]
+
+
+@pytest.mark.parametrize("method", CHECKPOINTED, ids=[m.split()[0] for m in CHECKPOINTED])
+def test_gradient_checkpointing_trains_every_method_to_the_same_weights(tmp_path, method):
+    """Recomputing activations in backward changes memory, not the numbers: three steps of a causal LM
+    with and without model.gradient_checkpointing end at the same dev loss."""
+    name, *knobs = method.split()
+    losses = []
+    for checkpointing in ("false", "true"):
+        run = lm_run(
+            tmp_path / checkpointing, f"method={name}", *knobs, "train.max_steps=3", "train.eval_every=0"
+        )
+        result = adabudget.train(
+            *run,
+            f"model.gradient_checkpointing={checkpointing}",
+            "export_adapter=false",
+            "data.max_eval_samples=8",
+        )
+        assert result["status"] == "completed", result.get("error")
+        losses.append(result["final"]["dev"]["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
