@@ -338,3 +338,8 @@ def test_gradient_checkpointing_trains_every_method_to_the_same_weights(tmp_path
         assert result["status"] == "completed", result.get("error")
         losses.append(result["final"]["dev"]["loss"])
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_gradient_checkpointing_is_on_in_the_loaded_decoder(tokenizer):
+    cfg = adabudget.config.ModelConfig(name="tiny-llama", gradient_checkpointing=True)
+    assert load_model(cfg, 0, False, tokenizer.pad_token_id, causal_lm=True).is_gradient_checkpointing
