@@ -343,3 +343,16 @@ def test_gradient_checkpointing_trains_every_method_to_the_same_weights(tmp_path
 def test_gradient_checkpointing_is_on_in_the_loaded_decoder(tokenizer):
     cfg = adabudget.config.ModelConfig(name="tiny-llama", gradient_checkpointing=True)
     assert load_model(cfg, 0, False, tokenizer.pad_token_id, causal_lm=True).is_gradient_checkpointing
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused_before_compute(monkeypatch):
+    from adabudget.precision import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(
+        ConfigError, match="train.precision=bf16: Tesla V100 has no bf16 support; use train.precision=fp16"
+    ):
+        check_device("bf16", torch.device("cuda"))
+    check_device("fp16", torch.device("cuda"))  # fp16 is what such a GPU runs
+    check_device("bf16", torch.device("cpu"))  # and bf16 on the CPU always works
