@@ -170,6 +170,34 @@ def _go_offline() -> None:
         datasets_config.HF_HUB_OFFLINE = True
 
 
+def safetensors_files(path: str, revision: str | None = None) -> list[str] | None:
+    """The safetensors checkpoint of a local folder or hub id (its shards, in order), or None when
+    it has none (a ``pytorch_model.bin`` only). Hub files come from the HF cache, downloaded
+    there first when the hub is reachable (``prepare_hub_access`` decided that before)."""
+    import json
+
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    def find(filename: str) -> str | None:
+        return cached_file(
+            path,
+            filename,
+            revision=revision,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+
+    single = find(SAFE_WEIGHTS_NAME)
+    if single is not None:
+        return [single]
+    index = find(SAFE_WEIGHTS_INDEX_NAME)
+    if index is None:
+        return None
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    files = [find(shard) for shard in shards]
+    return None if any(f is None for f in files) else files
+
+
 def pretrained_kwargs(name: str) -> dict:
     """Extra ``from_pretrained`` arguments of a packaged model (its GGUF file)."""
     return {"gguf_file": GGUF_FILES[name]} if name in GGUF_FILES else {}

@@ -1,20 +1,30 @@
 """Backbones: the packaged MiniLM, any HF model, and tiny random-weight test models.
 
-``load_model`` builds a sequence-classification model from ``model.*`` (its files from
-``adabudget.hub``, its base quantised by ``adabudget.quantize``); ``pick_device`` checks
-``train.device`` against this machine.
+``load_model`` builds a sequence-classification model (or a causal LM) from ``model.*`` (its
+files from ``adabudget.hub``); with ``model.quantize=nf4`` its block linears are quantised
+while the checkpoint is read (``load_quantized``), so the full-precision model never exists;
+``pick_device`` checks ``train.device`` against this machine.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 
 import torch
 from adabudget.config import ConfigError, ModelConfig
-from adabudget.hub import PACKAGED, TINY, packaged_path, prepare_hub_access, pretrained_kwargs
-from adabudget.modules import is_head
+from adabudget.hub import (
+    PACKAGED,
+    TINY,
+    packaged_path,
+    prepare_hub_access,
+    pretrained_kwargs,
+    safetensors_files,
+)
+from adabudget.modules import is_head, set_module
 from adabudget.precision import base_dtype
-from adabudget.quantize import quantize_base
+from adabudget.quantize import QuantizeReport, check_kind, is_quantizable, nf4_twin, quantize_base
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -99,7 +109,9 @@ def load_model(
     causal_lm: bool = False,
 ) -> nn.Module:
     """A sequence-classification model (regression head when ``regression``), or with
-    ``causal_lm`` the decoder with its language-modelling head; the frozen base in ``model.dtype``."""
+    ``causal_lm`` the decoder with its language-modelling head; the frozen base in ``model.dtype``,
+    its block linears in NF4 with ``model.quantize=nf4`` (quantised as the checkpoint is read,
+    ``load_quantized``; a tiny random model is built whole, then quantised)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
@@ -127,13 +139,16 @@ def load_model(
         check_decoder(config, cfg.name, causal_lm)
         if config.pad_token_id is None and pad_token_id is not None:
             config.pad_token_id = pad_token_id  # GPT-2 / LLaMA heads pool at the last non-pad token
-        if dtype is not None:
-            extra = {**extra, "dtype": dtype}  # loaded in that dtype: the fp32 copy never exists
-        model = _from_pretrained(auto, path, config, cfg.revision, extra)
+        if cfg.quantize:
+            model = load_quantized(auto, path, config, cfg.revision, extra, dtype, cfg.quantize)
+        else:
+            if dtype is not None:
+                extra = {**extra, "dtype": dtype}  # loaded in that dtype: the fp32 copy never exists
+            model = _from_pretrained(auto, path, config, cfg.revision, extra)
+    if cfg.quantize and cfg.name in TINY:
+        quantize_base(model, cfg.quantize)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.quantize:
-        quantize_base(model, cfg.quantize)
     return model
 
 
@@ -200,5 +215,262 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
-# ---------------------------------------------------------------- QLoRA: a 4-bit NF4 base
-# Dettmers et al. (2023), "QLoRA: Efficient Finetuning of Quantized LLMs", sec. 3: each frozen
+# ---------------------------------------------------------------- 4-bit at load
+# QLoRA's point is a base that fits where its full-precision copy does not, so model.quantize=nf4
+# reads the checkpoint one tensor at a time into a model built on the meta device: a block
+# linear's weight becomes its NF4 twin at once (adabudget.quantize.nf4_twin, the codes that
+# load-then-quantize gives), every other tensor is set as read. What from_pretrained does around
+# the tensors is done as it does it (transformers 5): tie the embeddings, give the tensors the
+# checkpoint lacks (the new task head, non-persistent buffers) CPU storage, then its
+# initialize_weights, which skips every tensor flagged `_is_hf_initialized`, so the head draws
+# the same random numbers as from_pretrained under the same seed.
+
+
+def load_quantized(auto, path: str, config, revision, extra: dict, dtype, kind: str) -> nn.Module:
+    """A pretrained model whose block linears are NF4, quantised while the checkpoint is read.
+
+    Sources: a GGUF file (``extra["gguf_file"]``, the packaged SmolLM2) is read with the gguf
+    package and dequantised one tensor at a time, with transformers' own name map and tensor
+    processor (LLaMA's q/k rows un-permuted as its loader does); a safetensors checkpoint (local
+    folder or hub id, sharded or not) one tensor at a time through ``safe_open``. Anything else
+    (only ``pytorch_model.bin``, names this loader cannot map, transformers < 5) is loaded whole
+    and quantised after, with a warning: the same model, without the memory saving.
+
+    Args:
+        auto: the Auto class (sequence classification or causal LM).
+        path: local folder or hub id; for a GGUF, the folder holding it.
+        config: the model's config (from ``AutoConfig``, labels and pad token set).
+        revision: ``model.revision``.
+        extra: ``pretrained_kwargs`` (the GGUF file name).
+        dtype: ``model.dtype`` as a torch dtype, or None (fp32).
+        kind: ``model.quantize``.
+    """
+    import transformers
+
+    check_kind(kind)  # torchao importable, before anything is read
+    dtype = dtype or torch.get_default_dtype()
+    gguf_file = extra.get("gguf_file")
+    reason = None
+    if int(transformers.__version__.split(".")[0]) < 5:
+        reason = (
+            f"transformers {transformers.__version__} initialises missing weights differently; 5 or later"
+        )
+    elif gguf_file is None:
+        files = safetensors_files(path, revision)
+        if files is None:
+            reason = "its checkpoint is not safetensors"
+    if reason is None:
+        model = _empty_model(auto, config, dtype)
+        if gguf_file is not None:
+            tensors = _gguf_tensors(str(Path(path) / gguf_file), model)
+        else:
+            tensors = _safetensors_tensors(files, model)
+            reason = None if tensors is not None else "some of its tensor names are not the model's"
+    if reason is not None:
+        log.warning(
+            "model.quantize=%s: %s is loaded whole, then quantised (%s): peak memory is the full model's",
+            kind,
+            path,
+            reason,
+        )
+        model = _from_pretrained(auto, path, config, revision, {**extra, "dtype": dtype})
+        quantize_base(model, kind)
+        return model
+    report = QuantizeReport(kind)
+    loaded = set()
+    for key, tensor in tensors:
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)  # from_pretrained's cast, before the quantisation
+        module_name, _, leaf = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        new = None
+        if leaf == "weight" and is_quantizable(module_name, module):
+            new = nf4_twin(module, tensor)
+            report.add(module_name, tensor, new)
+        if new is not None:
+            new.weight._is_hf_initialized = True
+            set_module(model, module_name, new)
+        else:
+            _put(module, leaf, tensor)
+        loaded.add(key)
+        del tensor
+        _release_freed_memory()
+    report.finish(model)
+    _finish(model, loaded, path)
+    if model.can_generate() and gguf_file is None:  # from_pretrained reads generation_config.json too
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path, revision=revision)
+        except OSError:
+            pass  # none: the one from_config built from the config stays
+    model.config.name_or_path = path
+    return model.eval()  # from_pretrained's mode
+
+
+def _empty_model(auto, config, dtype) -> nn.Module:
+    """The model's modules with every parameter and buffer on the meta device (no memory, no
+    random draws)."""
+    import copy
+
+    with torch.device("meta"):
+        return auto.from_config(copy.deepcopy(config), dtype=dtype)
+
+
+def _put(module: nn.Module, leaf: str, tensor: torch.Tensor) -> None:
+    """Set a parameter or buffer of ``module`` to ``tensor``, flagged as loaded."""
+    if leaf in module._parameters:
+        tensor = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+        module._parameters[leaf] = tensor
+    else:
+        module._buffers[leaf] = tensor
+    tensor._is_hf_initialized = True
+
+
+def _finish(model: nn.Module, loaded: set[str], path: str) -> None:
+    """from_pretrained's finish: tie, give what the checkpoint lacks CPU storage, initialise it."""
+    expected = set(model.state_dict())
+    model.tie_weights(missing_keys=expected - loaded)
+    missing = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type != "meta":
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = torch.empty_like(tensor, device="cpu")
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=tensor.requires_grad)
+            if name in expected:
+                missing.append(name)
+        else:
+            module._buffers[leaf] = value
+    model.initialize_weights()
+    missing = [k for k in missing if not is_head(k)]
+    if missing:
+        log.warning(
+            "%s: %d weight(s) not in the checkpoint, freshly initialised: %s",
+            path,
+            len(missing),
+            ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
+        )
+
+
+def _safetensors_tensors(files: list[str], model: nn.Module):
+    """(model key, tensor) of a safetensors checkpoint, read one at a time; None when a model
+    weight has no tensor under a name this loader maps (the checkpoint key, or it with the base
+    model's prefix added or removed, as from_pretrained matches them), tied copies and the task
+    head aside. Checkpoint tensors the model has no place for are skipped, as from_pretrained does."""
+    from safetensors import safe_open
+
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    where = {}  # model key -> (file, checkpoint key)
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+                    if candidate in expected:
+                        where.setdefault(candidate, (file, key))
+                        break
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    params = {n for n, _ in model.named_parameters()}
+    lacking = [k for k in expected - set(where) if k in params and k not in tied and not is_head(k)]
+    if lacking:
+        log.info("safetensors: no tensor for %s", ", ".join(sorted(lacking)[:8]))
+        return None
+
+    def read():
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key, (source, name) in where.items():
+                    if source == file:
+                        yield key, f.get_tensor(name)
+
+    return read()
+
+
+def _gguf_tensors(file: str, model: nn.Module):
+    """(model key, tensor) of a GGUF file, dequantised one tensor at a time.
+
+    transformers' legacy GGUF loader, a tensor at a time: the same ``gguf.dequantize``, the same
+    tensor processor (LLaMA's q/k un-permuted) and name map (``get_gguf_hf_weights_map``),
+    where transformers dequantises every tensor into one state dict before loading any. A
+    tensor is dequantised in slices of rows (GGUF blocks never cross a row, so the values are
+    the same) into its fp32 array: numpy's dequantisation takes ~3x the output in temporaries,
+    ~340 MB for SmolLM2's embedding matrix at once.
+    """
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    reader = GGUFReader(file)
+    architecture = read_field(reader, "general.architecture")[0]
+    tensors = reader.tensors
+    del reader  # its metadata fields (the tokenizer's ~50k entries, ~150 MB of objects): not needed
+    parsed = {"config": model.config.to_dict(), "tensors": {}}
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    names = get_gguf_hf_weights_map(model, processor)
+
+    def read():
+        for tensor in tensors:
+            weights = _dequantize_rows(tensor.data, tensor.tensor_type, dequantize)
+            result = processor.process(
+                weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed
+            )
+            del weights
+            if result.name in names:
+                # owned, writable, contiguous: no copy of a fresh array; a memmap view (F32) is copied
+                array = np.require(result.weights, requirements=["C", "W", "O"])
+                yield names[result.name], torch.from_numpy(array)
+            while parsed["tensors"]:  # processors that split one GGUF tensor into several (MoE)
+                yield parsed["tensors"].popitem()
+
+    return read()
+
+
+GGUF_ROWS_PER_SLICE = 4096  # SmolLM2's embedding: 12 slices of 4096 x 576
+
+
+def _dequantize_rows(data, qtype, dequantize):
+    """``dequantize(data, qtype)`` computed in slices of rows into one fp32 array."""
+    import numpy as np
+
+    if data.ndim < 2 or data.shape[0] <= GGUF_ROWS_PER_SLICE:
+        return dequantize(data, qtype)
+    first = dequantize(data[:GGUF_ROWS_PER_SLICE], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:GGUF_ROWS_PER_SLICE] = first
+    for start in range(GGUF_ROWS_PER_SLICE, data.shape[0], GGUF_ROWS_PER_SLICE):
+        out[start : start + GGUF_ROWS_PER_SLICE] = dequantize(
+            data[start : start + GGUF_ROWS_PER_SLICE], qtype
+        )
+    return out
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Quantising interleaves large short-lived buffers (a dequantised tensor, torchao's
+    temporaries) with small long-lived ones (the NF4 codes); glibc then keeps the freed
+    buffers inside the heap, and on SmolLM2 the process grew by ~400 MB over the load
+    without it (measured with ``adabudget bench load``).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return None

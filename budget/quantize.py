@@ -108,16 +108,94 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def is_quantizable(name: str, module: nn.Module) -> bool:
+    """Whether ``model.quantize`` stores this module's weight in 4 bits: an nn.Linear / Conv1D
+    inside a transformer block (``block_index``), not the task head."""
+    return bool(name) and is_linear(module) and not is_head(name) and block_index(name) is not None
+
+
+def nf4_twin(module: nn.Module, weight: torch.Tensor) -> nn.Module | None:
+    """An ``NF4Linear`` / ``NF4Conv1D`` shaped as ``module`` that holds ``weight`` in NF4 (blocks
+    of 64, double-quantised scales) and ``module``'s bias; None when ``weight`` has no whole
+    number of blocks of 64 (the layer then stays in full precision).
+
+    The one place a weight is quantised: ``quantize_base`` (after a load) and the load-time path
+    of ``adabudget.models`` (one tensor at a time) give the same codes for the same weight.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    if weight.numel() % NF4_BLOCK:
+        return None
+    nf4 = _nf4_api()(weight.contiguous(), NF4_BLOCK, _scaler_block(weight.numel() // NF4_BLOCK))
+    with torch.device("meta"):  # the shell only: its own weight is replaced at once
+        if isinstance(module, Conv1D):
+            new = _nf4_conv1d_class()(module.nf, weight.shape[0])
+        else:
+            new = NF4Linear(module.in_features, module.out_features, bias=False)
+    new.weight = nn.Parameter(nf4, requires_grad=False)
+    new.bias = module.bias
+    new.train(module.training)
+    return new
+
+
+def check_kind(kind: str) -> None:
+    """``model.quantize`` is nf4 and torchao imports (ConfigError naming the fix otherwise)."""
+    if kind != "nf4":
+        raise ConfigError(f"model.quantize={kind}: use null or nf4")
+    _nf4_api()
+
+
+class QuantizeReport:
+    """What was quantised, for the one log line and the no-linear error of a whole model."""
+
+    def __init__(self, kind: str):
+        self.kind, self.done, self.kept, self.n_weights, self.before, self.after = kind, [], [], 0, 0, 0
+
+    def add(self, name: str, weight: torch.Tensor, new: nn.Module | None) -> None:
+        if new is None:
+            self.kept.append(name)  # torchao needs whole blocks of 64
+            return
+        self.done.append(name)
+        self.n_weights += weight.numel()
+        self.before += tensor_bytes(weight)
+        self.after += tensor_bytes(new.weight)
+
+    def finish(self, model: nn.Module) -> list[str]:
+        if not self.done:
+            raise ConfigError(
+                f"model.quantize={self.kind}: this {model_type(model) or 'model'} has no linear layer "
+                "in its transformer blocks to quantise"
+            )
+        if self.kept:
+            log.warning(
+                "model.quantize=%s: %d linear(s) kept in full precision (size not a multiple of %d): %s",
+                self.kind,
+                len(self.kept),
+                NF4_BLOCK,
+                ", ".join(self.kept[:4]),
+            )
+        log.info(
+            "model.quantize=%s: %d linear weights %.2f MB -> %.2f MB (%.2f bits per weight)",
+            self.kind,
+            len(self.done),
+            self.before / 2**20,
+            self.after / 2**20,
+            8 * self.after / self.n_weights,
+        )
+        return self.done
+
+
 def quantize_base(model: nn.Module, kind: str) -> list[str]:
     """Store the frozen linear weights of the transformer blocks in 4 bits (QLoRA), in place.
 
-    Every nn.Linear / Conv1D inside a block (``block_index``) becomes an ``NF4Linear`` /
+    Every nn.Linear / Conv1D inside a block (``is_quantizable``) becomes an ``NF4Linear`` /
     ``NF4Conv1D`` holding the same bias and an NF4 weight (blocks of 64, double-quantised
     scales); embeddings, norms, the pooler and the task head stay in full precision, as in
     the paper (which keeps everything but the linear layers in 16 bits). Call it before the
     method wraps the linears: the wrappers then hold the quantised module as their ``base``.
     ``model.to(device)`` keeps the NF4 weights; ``model.to(dtype)`` / ``.float()`` would
-    dequantise them (torchao's rule for an explicit dtype).
+    dequantise them (torchao's rule for an explicit dtype). ``adabudget.models.load_model``
+    quantises while it reads the checkpoint instead, with the same ``nf4_twin``.
 
     Args:
         model: the loaded backbone (on any device; quantisation runs where the weights are).
@@ -129,57 +207,17 @@ def quantize_base(model: nn.Module, kind: str) -> list[str]:
     Raises:
         ConfigError: an unknown ``kind``, or torchao missing.
     """
-    if kind != "nf4":
-        raise ConfigError(f"model.quantize={kind}: use null or nf4")
-    to_nf4 = _nf4_api()
-    from transformers.pytorch_utils import Conv1D
-
-    nf4_conv1d = _nf4_conv1d_class()
-    done, kept, n_weights, before, after = [], [], 0, 0, 0
+    check_kind(kind)
+    report = QuantizeReport(kind)
     for name, module in list(model.named_modules()):
-        if not name or not is_linear(module) or is_head(name) or block_index(name) is None:
+        if not is_quantizable(name, module):
             continue
         weight = module.weight.detach()
-        if weight.numel() % NF4_BLOCK:
-            kept.append(name)  # torchao needs whole blocks of 64
-            continue
-        n_blocks = weight.numel() // NF4_BLOCK
-        nf4 = to_nf4(weight.contiguous(), NF4_BLOCK, _scaler_block(n_blocks))
-        with torch.device("meta"):  # the shell only: its own weight is replaced at once
-            if isinstance(module, Conv1D):
-                new = nf4_conv1d(module.nf, weight.shape[0])
-            else:
-                new = NF4Linear(module.in_features, module.out_features, bias=False)
-        new.weight = nn.Parameter(nf4, requires_grad=False)
-        new.bias = module.bias
-        new.train(module.training)
-        set_module(model, name, new)
-        n_weights += weight.numel()
-        before += tensor_bytes(weight)
-        after += tensor_bytes(nf4)
-        done.append(name)
-    if not done:
-        raise ConfigError(
-            f"model.quantize={kind}: this {model_type(model) or 'model'} has no linear layer "
-            "in its transformer blocks to quantise"
-        )
-    if kept:
-        log.warning(
-            "model.quantize=%s: %d linear(s) kept in full precision (size not a multiple of %d): %s",
-            kind,
-            len(kept),
-            NF4_BLOCK,
-            ", ".join(kept[:4]),
-        )
-    log.info(
-        "model.quantize=%s: %d linear weights %.2f MB -> %.2f MB (%.2f bits per weight)",
-        kind,
-        len(done),
-        before / 2**20,
-        after / 2**20,
-        8 * after / n_weights,
-    )
-    return done
+        new = nf4_twin(module, weight)
+        if new is not None:
+            set_module(model, name, new)
+        report.add(name, weight, new)
+    return report.finish(model)
 
 
 @torch.no_grad()
