@@ -102,7 +102,8 @@ def timed_worker(setup, log_path: str, launched: float) -> None:
         _append(log_path, {"kind": "sample", "trial": trial.number, "s": time.time() - t0})
         return drawn
 
-    # make_objective imports adabudget.training.train when it is called, and calls adabudget.search.study.sample
+    # make_objective imports adabudget.training.train when it is called, and calls
+    # adabudget.search.study.sample
     adabudget.training.train, adabudget.search.study.sample = timed_train, timed_sample
     ready = time.time()
     try:

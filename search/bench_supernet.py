@@ -279,8 +279,9 @@ def run(args, log=print) -> dict:
     first = supernet_setup(args, *args.variants[0], 1)
     T = total_steps(first)
     log(
-        f"bench supernet: {args.experiment}, budget {args.budget:,}, T = {T} steps, {args.configs} configurations, "
-        f"variants {', '.join(_variant_name(*v) for v in args.variants)}, calibration {args.calibration}"
+        f"bench supernet: {args.experiment}, budget {args.budget:,}, T = {T} steps, "
+        f"{args.configs} configurations, variants {', '.join(_variant_name(*v) for v in args.variants)}, "
+        f"calibration {args.calibration}"
     )
     nets = train_supernets(args, T, log)
     first_net = nets[args.variants[0]]
@@ -395,15 +396,17 @@ def print_report(report: dict, args, log=print) -> None:
             log(
                 f"tau {name} calibration={c}: kendall_tau={s['kendall_tau']:.3f} (p={s['kendall_p']:.3f}) "
                 f"spearman={s['spearman_rho']:.3f} picked_rank={s['picked_rank']}/{len(report['configs'])} "
-                f"gap={s['picked_gap']:.4f} supernet_steps={entry['steps']} score_s={s['seconds_per_score']:.2f}"
+                f"gap={s['picked_gap']:.4f} supernet_steps={entry['steps']} "
+                f"score_s={s['seconds_per_score']:.2f}"
             )
     c = report.get("cost")
     if c:
         ph = c["per_hour"]
+        n = max(args.trials, args.configs)
         log(
             f"cost configs_per_hour standalone={ph['standalone']:.0f} (workers={c['standalone_workers']}) "
             + " ".join(f"{k}={v:.0f}" for k, v in ph.items() if k != "standalone")
-            + f" ratio_N{max(args.trials, args.configs)}={ph[f'supernet_N{max(args.trials, args.configs)}'] / ph['standalone']:.1f}x"
+            + f" ratio_N{n}={ph[f'supernet_N{n}'] / ph['standalone']:.1f}x"
             f" supernet_train_s={c['supernet_train_s']:.0f}"
         )
     else:
@@ -412,9 +415,10 @@ def print_report(report: dict, args, log=print) -> None:
     if e:
         s, p = e["supernet_search"], e["plain_search"]
         log(
-            f"equal-compute supernet_search: {s['trials']} scored, best test {s['test_mean']:.4f} ± {s['test_std']:.4f} "
-            f"({len(s['test'])} seeds, {s['params']} params) | plain_search: {p['trials']} trained, best test "
-            f"{p['test_mean']:.4f} ± {p['test_std']:.4f} ({len(p['test'])} seeds, {p['params']} params)"
+            f"equal-compute supernet_search: {s['trials']} scored, best test "
+            f"{s['test_mean']:.4f} ± {s['test_std']:.4f} ({len(s['test'])} seeds, {s['params']} params) | "
+            f"plain_search: {p['trials']} trained, best test {p['test_mean']:.4f} ± {p['test_std']:.4f} "
+            f"({len(p['test'])} seeds, {p['params']} params)"
         )
 
 

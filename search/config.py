@@ -178,7 +178,8 @@ class SearchConfig:
             check(
                 self.pruner == "none",
                 "pruner",
-                "a supernet scores a configuration in one evaluation, there is nothing to prune; set search.pruner=none",
+                "a supernet scores a configuration in one evaluation, there is nothing to prune; "
+                "set search.pruner=none",
             )
             check(
                 self.space_names() in (["s4"], ["supernet"]),

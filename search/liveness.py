@@ -135,7 +135,10 @@ def stale_reason(trial, grace_period: float, now: float | None = None) -> str | 
     if age <= grace_period:
         return None
     where = f" ({worker.get('host')}:{pid})" if pid is not None else ""
-    return f"its worker{where} sent no heartbeat for {age:.0f} s, more than search.grace_period={grace_period:g} s"
+    return (
+        f"its worker{where} sent no heartbeat for {age:.0f} s, "
+        f"more than search.grace_period={grace_period:g} s"
+    )
 
 
 def _older_heartbeat(trial) -> float:

@@ -240,8 +240,8 @@ def reproduce(
     todo = [c for c in cells(protocol, root) if cell_state(c)[0] != "done"]
     total = len(cells(protocol, root))
     print(
-        f"reproduce {protocol.name}{f' ({variant})' if variant else ''}: {total} cells, {total - len(todo)} done, "
-        f"{len(todo)} to run, {workers} worker(s)"
+        f"reproduce {protocol.name}{f' ({variant})' if variant else ''}: {total} cells, {total - len(todo)} "
+        f"done, {len(todo)} to run, {workers} worker(s)"
     )
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     if todo and workers == 1:

@@ -80,7 +80,8 @@ def prepare(cfg) -> Setup:
     for name in objectives:
         if name.startswith("dev.") and name[4:] not in metrics:
             raise ConfigError(
-                f"search.objectives: {name} is not computed on {run.data.task} ({kind}: dev.{', dev.'.join(sorted(metrics))})"
+                f"search.objectives: {name} is not computed on {run.data.task} ({kind}: "
+                f"dev.{', dev.'.join(sorted(metrics))})"
             )
     spaces = [
         Path(n).stem if n.endswith((".yaml", ".yml")) else n for n in scfg.space_names()
@@ -269,9 +270,9 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
         if differ:
             what = ", ".join(f"{k}: {saved.get(k)} -> {settings.get(k)}" for k in differ)
             raise ConfigError(
-                f"search.study={setup.study}: this study exists in {without_password(setup.storage)} with other "
-                f"settings ({what}); "
-                f"resume it with its own settings, or start a new study with search.study=<new name>"
+                f"search.study={setup.study}: this study exists in {without_password(setup.storage)} with "
+                f"other settings ({what}); resume it with its own settings, or start a new study with "
+                "search.study=<new name>"
             )
     return study
 
@@ -282,10 +283,11 @@ def _baseline_names(scfg: SearchConfig) -> list:
         return []
     if scfg.scorer == "supernet":
         if scfg.enqueue == "default":
-            return []  # LoRA, AdaLoRA and S4 are not sub-configurations; retrain_top_k re-trains the first two
+            # LoRA, AdaLoRA and S4 are not sub-configurations; retrain_top_k re-trains the first two
+            return []
         raise ConfigError(
-            "search.enqueue: a supernet scores its own sub-configurations only; drop search.enqueue (the LoRA "
-            "and AdaLoRA baselines are re-trained beside the best with search.retrain_top_k)"
+            "search.enqueue: a supernet scores its own sub-configurations only; drop search.enqueue (the "
+            "LoRA and AdaLoRA baselines are re-trained beside the best with search.retrain_top_k)"
         )
     if scfg.enqueue == "default":
         return list(BASELINES)
@@ -301,8 +303,9 @@ def _baseline_names(scfg: SearchConfig) -> list:
 def baseline_overrides(name, ctx: SpaceContext) -> dict:
     """A known configuration at the search's budget: the largest LoRA within it (its rank is coarse:
     on MiniLM a rank costs 41,472 parameters), AdaLoRA whose kept triplets fit the budget
-    (``target_params``; b(0) about 1.5 b(T), Table 7), or the S4 paper's pattern solved to it. Baselines are reference points: their real
-    count is recorded and not held to the search's tolerance."""
+    (``target_params``; b(0) about 1.5 b(T), Table 7), or the S4 paper's pattern solved to it.
+    Baselines are reference points: their real count is recorded and not held to the search's
+    tolerance."""
     from adabudget.compose import preset
 
     if isinstance(name, str) and name.startswith("{"):

@@ -118,7 +118,8 @@ class Supernet:
 
     @classmethod
     def attach(cls, model: nn.Module, space: SupernetSpace) -> Supernet:
-        """Apply ``space.full()`` (as ``adabudget.methods.apply_plan`` would apply that hybrid) to ``model``."""
+        """Apply ``space.full()`` (as ``adabudget.methods.apply_plan`` would apply that hybrid) to
+        ``model``."""
         plan = plan_of(_method_config(space.to_method(space.full())), space.arch)
         units: dict = {}
         for group in plan.groups:
@@ -546,7 +547,8 @@ def score(
 
 
 def load_supernet(run_dir: str | Path) -> Supernet:
-    """A trained supernet from its run folder (``checkpoints/last.pt``, ``supernet.yaml``), ready to ``score``."""
+    """A trained supernet from its run folder (``checkpoints/last.pt``, ``supernet.yaml``), ready to
+    ``score``."""
     from adabudget.compose import resolve, saved_config
 
     run_dir = Path(run_dir)

@@ -85,7 +85,8 @@ class Space:
 
 
 def render(value: Any, decode: Callable | None = None) -> str:
-    """A sampled value as Hydra override text that parses back to it (``two\\ words``, ``[a,b]``, ``null``)."""
+    """A sampled value as Hydra override text that parses back to it (``two\\ words``, ``[a,b]``,
+    ``null``)."""
     from hydra.core.override_parser.types import Transformer
 
     return Transformer.str(decode(value) if decode else value)
@@ -547,7 +548,8 @@ class SweeperImpl:
             lock.release()
         done = sum(optuna_factory.finished(t) for t in study.get_trials(deepcopy=False))
         print(
-            f"study {study.study_name} in {without_password(self.setup_.storage)}: {done} of {n_trials} trials done"
+            f"study {study.study_name} in {without_password(self.setup_.storage)}: "
+            f"{done} of {n_trials} trials done"
             + (f", {len(recovered)} stale trial(s) re-queued" if recovered else "")
             + f"; jobs in {self.sweep_dir}/<trial>, {self.n_jobs} at a time"
         )
@@ -793,7 +795,8 @@ class SweeperImpl:
             values = " ".join(f"{n}={v:.4g}" for n, v in zip(record["objectives"], best[0]["values"]))
             print(f"best: trial {best[0]['number']} {values} in {best[0]['run_dir']}")
         print(
-            f"study record: {Path(setup.root) / 'sweep.json'} ({record['finished']} of {n_trials} trials finished)"
+            f"study record: {Path(setup.root) / 'sweep.json'} "
+            f"({record['finished']} of {n_trials} trials finished)"
         )
 
 

@@ -193,8 +193,8 @@ def _check_presets(method, parameters: dict) -> None:
         extra = sorted(k for k in preset("method", name) if k != "name" and f"method.{k}" not in parameters)
         if extra:
             raise ConfigError(
-                f"search.space: method.name={name}: configs/method/{name}.yaml sets {', '.join(extra)}, which "
-                "the search leaves at the dataclass defaults; set them in the space to export it"
+                f"search.space: method.name={name}: configs/method/{name}.yaml sets {', '.join(extra)}, "
+                "which the search leaves at the dataclass defaults; set them in the space to export it"
             )
 
 

@@ -235,8 +235,8 @@ def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
                     break
                 if infeasible > 20 * setup.scfg.n_trials:
                     raise ConfigError(
-                        f"search.space: {infeasible} sampled configurations were infeasible or repeats for {done} "
-                        "trained; widen the space or change search.budget"
+                        f"search.space: {infeasible} sampled configurations were infeasible or repeats for "
+                        f"{done} trained; widen the space or change search.budget"
                     )
                 trial = study.ask()
                 outcome, error = run_trial(study, trial, objective, interval)
@@ -246,8 +246,8 @@ def worker_loop(setup: Setup, after_trial=None, index: int = 0) -> int:
             errors = [*errors, f"trial {trial.number}: {error}"] if outcome == "fail" else []
             if len(errors) >= MAX_CONSECUTIVE_FAILURES:
                 raise TooManyFailures(
-                    f"{len(errors)} trials in a row failed on this worker, so it stops (a trial that fails alone "
-                    "is recorded and the search goes on); the last errors:\n  "
+                    f"{len(errors)} trials in a row failed on this worker, so it stops (a trial that fails "
+                    "alone is recorded and the search goes on); the last errors:\n  "
                     + "\n  ".join(errors[-5:])
                     + "\nsee their run folders; fix the cause, then the same command resumes the study"
                 )

@@ -118,7 +118,8 @@ class SpaceContext:
     def from_model(
         cls, name: str, num_labels: int = 2, regression: bool = False, revision: str | None = None, **kwargs
     ) -> SpaceContext:
-        """The context for ``model.name`` (``minilm``, ``tiny-bert``, an HF id or path); reads only its config."""
+        """The context for ``model.name`` (``minilm``, ``tiny-bert``, an HF id or path); reads only its
+        config."""
         from adabudget.hub import PACKAGED, TINY, packaged_path, pretrained_kwargs
         from adabudget.models import tiny_config
 

@@ -23,8 +23,9 @@ def s4_space(trial, ctx: SpaceContext) -> dict:
     with a budget, ``allocation`` shares it across groups and ``g<i>.<method>.share`` (0.1..1,
     normalised in the group) gives each method's part of its group's budget, turned into sizes
     through each method's per-unit cost on those layers (the solver then rescales them as
-    proportions, one multiplier per group; fixed-size methods, bitfit and ia3, are paid first). Without a budget, ``g<i>.<method>.size`` picks
-    an absolute size from ``SIZES``. AdaLoRA starts at init_r = 1.5 target_r.
+    proportions, one multiplier per group; fixed-size methods, bitfit and ia3, are paid first).
+    Without a budget, ``g<i>.<method>.size`` picks an absolute size from ``SIZES``. AdaLoRA
+    starts at init_r = 1.5 target_r.
     """
     arch = ctx.arch
     num_groups = trial.suggest_int("num_groups", 1, min(4, arch.num_layers))

@@ -153,7 +153,8 @@ def _check_sections(overrides: dict) -> None:
             unknown = sorted(set(value) - names)
             if unknown:
                 raise ConfigError(
-                    f"search.space: the space sets {key}.{unknown[0]}, not a key of {key}; known: {sorted(names)}"
+                    f"search.space: the space sets {key}.{unknown[0]}, not a key of {key}; known: "
+                    f"{sorted(names)}"
                 )
 
 
@@ -171,7 +172,8 @@ def _check_group_keys(cfg: HybridConfig) -> None:
         for name, knobs in entry.items():
             if name not in allowed:
                 raise ConfigError(
-                    f"search.space: method.groups[{g}].{name}: not a method a group can use; use some of {allowed}"
+                    f"search.space: method.groups[{g}].{name}: not a method a group can use; use some of "
+                    f"{allowed}"
                 )
             names = {f.name for f in dataclasses.fields(REGISTRY[name].config)} - {"layers"}
             unknown = sorted(set(knobs or {}) - names - {"name"})
@@ -251,8 +253,9 @@ def _check_adalora(mcfg, arch: Arch, groups, tolerance: float | None) -> None:
         and max(budget.costs) > tolerance * budget.target
     ):
         raise ConfigError(
-            f"method.target_params={budget.target}: AdaLoRA keeps whole triplets of up to {max(budget.costs)} "
-            f"parameters, so it can end up to that far below the target (more than the {100 * tolerance:g}% tolerance)"
+            f"method.target_params={budget.target}: AdaLoRA keeps whole triplets of up to "
+            f"{max(budget.costs)} parameters, so it can end up to that far below the target "
+            f"(more than the {100 * tolerance:g}% tolerance)"
         )
 
 
@@ -274,8 +277,8 @@ def _check_wrapping(cfg: HybridConfig, arch: Arch) -> None:
             both = sorted(wrapped[0] & wrapped[1])
             if both:
                 raise ConfigError(
-                    f"method.groups[{g}]: lora and adalora would both wrap {both[0]} (and {len(both) - 1} more); "
-                    "give them disjoint target_modules or put them in different groups"
+                    f"method.groups[{g}]: lora and adalora would both wrap {both[0]} (and {len(both) - 1} "
+                    "more); give them disjoint target_modules or put them in different groups"
                 )
 
 

@@ -96,8 +96,9 @@ class SupernetSpace:
                 menus[m] = tuple(sorted(set(menu) | {0}))
         if not menus:
             raise ConfigError(
-                f"search.supernet: no method of the supernet applies to this {ctx.arch.model_type} with these "
-                f"menus (lora / adapter / prefix / parallel_adapter all [0] or excluded: {ctx.excluded})"
+                f"search.supernet: no method of the supernet applies to this {ctx.arch.model_type} with "
+                "these menus (lora / adapter / prefix / parallel_adapter all [0] or excluded: "
+                f"{ctx.excluded})"
             )
         return cls(ctx.arch, menus, scfg, ctx.budget)
 
@@ -229,8 +230,9 @@ class SupernetSpace:
         total = int(self.table.max(1).sum())
         raise ConfigError(
             f"search.budget={self.budget}: no sub-configuration of the supernet holds {lo:.0f}..{hi:.0f} "
-            f"trainable parameters (search.supernet.tolerance={self.tolerance:g}; the largest holds {total}); "
-            "change the budget, the menus (search.supernet.lora / adapter / prefix) or the tolerance"
+            f"trainable parameters (search.supernet.tolerance={self.tolerance:g}; the largest holds "
+            f"{total}); change the budget, the menus (search.supernet.lora / adapter / prefix) "
+            "or the tolerance"
         )
 
     def check(self) -> float:

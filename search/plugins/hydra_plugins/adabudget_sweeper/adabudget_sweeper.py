@@ -29,11 +29,12 @@ class AdabudgetSweeperConf:
     _target_: str = "hydra_plugins.adabudget_sweeper.adabudget_sweeper.AdabudgetSweeper"
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     _recursive_: bool = False  # the sweeper builds the sampler and pruner itself (optuna classes only)
-    # a hydra/sweeper/sampler option (a _target_ dict under optuna.samplers), or a name:
-    # tpe, random, cmaes, nsgaii, nsgaiii, gp, qmc, grid (search.optuna_factory's, as adabudget search builds them)
+    # a hydra/sweeper/sampler option (a _target_ dict under optuna.samplers), or a name: tpe, random,
+    # cmaes, nsgaii, nsgaiii, gp, qmc, grid (search.optuna_factory's, as adabudget search builds them)
     sampler: Any = MISSING  # filled by the defaults list (MISSING does not override it on merge)
     # maximize | minimize, or one per objective; default: inferred (search.optuna_factory: params,
-    # wall_time, peak_memory_mb, dev.mse and dev.loss minimised, the rest and the job's return value maximised)
+    # wall_time, peak_memory_mb, dev.mse and dev.loss minimised, the rest and the job's return value
+    # maximised)
     direction: Any = None
     # null: a journal file <runs_root>/<run_name>/sweeps/<study>/journal.log, so the same command
     # resumes; a path ending in .log (journal), postgresql://..., or sqlite:///... (n_jobs 1 only)
