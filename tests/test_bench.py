@@ -8,7 +8,8 @@ import pytest
 from adabudget import bench
 
 RATIO = re.compile(
-    r"ratio adalora/lora=(\S+) shrunk/lora_final=(\S+) adalora/peft_adalora=(\S+) allocator/peft_allocator=(\S+)"
+    r"ratio adalora/lora=(\S+) shrunk/lora_final=(\S+) adalora/peft_adalora=(\S+) "
+    r"allocator/peft_allocator=(\S+)"
 )
 
 

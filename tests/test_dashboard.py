@@ -190,7 +190,8 @@ def _click_changes_trial(page, source: str, target: str) -> None:
     i = labels.index(f"trial {pick['n']}")
     page.wait_for_function(f"document.getElementById('{target}').layout.updatemenus[0].active === {i}")
     state = page.evaluate(f"""(() => {{ const gd = document.getElementById('{target}');
-        return {{z: gd.data[0].z, title: gd.layout.title.text, want: gd.layout.updatemenus[0].buttons[{i}].args[0].z[0]}}; }})()""")
+        return {{z: gd.data[0].z, title: gd.layout.title.text,
+                 want: gd.layout.updatemenus[0].buttons[{i}].args[0].z[0]}}; }})()""")
     assert state["z"] == state["want"] and f"trial {pick['n']}" in state["title"].lower()
 
 

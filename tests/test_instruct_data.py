@@ -332,7 +332,8 @@ QA = [{"question": f"q {i}", "answer": f"a {i}"} for i in range(20)]
 BAD_LM_INPUTS = [
     (
         "hub prompt column missing",
-        r"data\.prompt_column: no column 'query' in split 'train' of x; available columns: \['question', 'answer'\]",
+        r"data\.prompt_column: no column 'query' in split 'train' of x; "
+        r"available columns: \['question', 'answer'\]",
         _hub({"prompt_column": "query", "completion_column": "answer"}, train=_qa(20, "t")),
     ),
     (

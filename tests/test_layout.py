@@ -61,7 +61,8 @@ def test_imports_flow_one_way(package, forbidden, allowed):
 def test_the_check_sees_imports_inside_functions(tmp_path):
     path = tmp_path / "m.py"
     path.write_text(
-        "import os\n\ndef f():\n    from adabudget.search.study import run_search\n    import adabudget.analysis.tables\n"
+        "import os\n\ndef f():\n    from adabudget.search.study import run_search\n"
+        "    import adabudget.analysis.tables\n"
     )
     assert imported_packages(path) == {"os", "search", "analysis"}
 

@@ -16,7 +16,8 @@ tasks:
   mr: [data=mr]
 rows:
   - {label: "LoRA r=2", overrides: [method=lora, method.r=2]}
-  - {label: "AdaLoRA 4->2", overrides: [method=adalora, method.init_r=4, method.target_r=2, method.mask_interval=2]}
+  - {label: "AdaLoRA 4->2",
+     overrides: [method=adalora, method.init_r=4, method.target_r=2, method.mask_interval=2]}
 """
 
 

@@ -281,7 +281,8 @@ def test_selection_takes_the_largest_scores(values, arch_name):
 @pytest.mark.parametrize("arch_name", ["tiny-bert", "tiny-gpt2"])
 @pytest.mark.parametrize("mode, values", [MODES[0], MODES[8]], ids=["sparse", "rosa"])
 def test_value_gradients_are_the_dense_gradient_at_the_kept_entries(mode, values, arch_name):
-    """The custom backward: dL/dS = (dL/dW)[idx] of the merged model, and dL/dx flows on (LoRA, lower layers)."""
+    """The custom backward: dL/dS = (dL/dW)[idx] of the merged model, and dL/dx flows on (LoRA, lower
+    layers)."""
     model, cfg, wrapped, _, layers = prepared(values, arch_name)
     with torch.no_grad():
         for m in layers.values():

@@ -229,7 +229,8 @@ def test_nested_targets_are_held_to_the_allow_list(tmp_path):
                 "patience": 2,
                 "wrapped_pruner": {"_target_": "os.system", "command": command},
             },
-            r"hydra\.sweeper\.pruner\.wrapped_pruner: _target_ 'os\.system' must be a class of optuna\.pruners",
+            r"hydra\.sweeper\.pruner\.wrapped_pruner: _target_ 'os\.system' "
+            r"must be a class of optuna\.pruners",
         ),
         (
             make_sampler,
@@ -238,7 +239,8 @@ def test_nested_targets_are_held_to_the_allow_list(tmp_path):
                 "fixed_params": {"a": 2},
                 "base_sampler": {"_target_": "os.system", "command": command},
             },
-            r"hydra\.sweeper\.sampler\.base_sampler: _target_ 'os\.system' must be a class of optuna\.samplers",
+            r"hydra\.sweeper\.sampler\.base_sampler: _target_ 'os\.system' "
+            r"must be a class of optuna\.samplers",
         ),
         (
             make_sampler,

@@ -145,7 +145,10 @@ def _umask() -> int:
 # ---------------------------------------------------------------- the run lock
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that holds the run folder's lock, as a live run does."""
-    code = "import sys, time; from adabudget.log import lock_run; lock_run(sys.argv[1]); print('held', flush=True); time.sleep(300)"
+    code = (
+        "import sys, time; from adabudget.log import lock_run; lock_run(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(300)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc

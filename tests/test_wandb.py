@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- reading an offline run
 def wandb_records(run_dir: Path, run_id: str = "*"):
-    """The records of the one offline W&B run under ``run_dir`` (or of the one with ``run_id``): its ``.wandb`` file is a LevelDB-style
-    log (a 7-byte ``:W&B`` header, then 32 KiB blocks of chunks with a 7-byte header each: CRC,
-    length, type full/first/middle/last) of ``wandb_internal_pb2.Record`` messages. W&B 0.31 has
-    no Python reader of its own (wandb-core writes it), and offline it writes no summary file."""
+    """The records of the one offline W&B run under ``run_dir`` (or of the one with ``run_id``):
+    its ``.wandb`` file is a LevelDB-style log (a 7-byte ``:W&B`` header, then 32 KiB blocks of
+    chunks with a 7-byte header each: CRC, length, type full/first/middle/last) of
+    ``wandb_internal_pb2.Record`` messages. W&B 0.31 has no Python reader of its own (wandb-core
+    writes it), and offline it writes no summary file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb")
