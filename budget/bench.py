@@ -33,6 +33,10 @@ batch before the optimizer, ``before_step`` / ``after_step`` around each step); 
 
 The last printed line is the machine-readable summary:
 ``ratio adalora/lora=X shrunk/lora_final=Y adalora/peft_adalora=Z allocator/peft_allocator=W``.
+
+``adabudget bench load``: the peak memory of loading a backbone three ways, each in a fresh
+process (see ``load_main``): fp32, today's load-then-quantise (``quantize_base`` after a full
+load) and ``model.quantize=nf4`` (quantised while the checkpoint is read).
 """
 
 from __future__ import annotations
@@ -576,13 +580,174 @@ def report(args: argparse.Namespace, res: dict) -> None:
     )
 
 
+# ---------------------------------------------------------------- bench load
+# The three ways a frozen base gets to memory. Each load runs in a process of its own: ru_maxrss
+# is a process's high-water mark and freed memory is not always given back to the OS, so two
+# loads in one process would measure each other.
+LOADS = ("fp32", "quantize-after", "nf4-at-load")
+_LOAD_CHILD = "import sys; from adabudget.bench import measure_load; measure_load(*sys.argv[1:])"
+
+
+def measure_load(model: str, how: str, task: str = "auto") -> dict:
+    """Load ``model`` once, ``how`` one of ``LOADS``, in this process, and print (last line) and
+    return its memory: ``rss_before`` (everything imported, config read), ``peak`` (ru_maxrss
+    after the load), ``rss_after`` and ``weights`` (bytes the model's tensors hold), in bytes,
+    and ``seconds``. ``task``: ``classification``, ``causal-lm``, or ``auto`` (causal-lm for a
+    decoder). Meant for a fresh process (``bench_load``)."""
+    import json
+    import resource
+
+    import psutil
+    from adabudget.models import ENCODERS
+    from adabudget.quantize import _nf4_api, quantize_base, tensor_bytes
+
+    if how not in LOADS:
+        raise ValueError(f"how={how}: one of {', '.join(LOADS)}")
+    _nf4_api()  # torchao imported by every variant alike, before the baseline
+    config = _load_config(model)
+    causal_lm = config.model_type not in ENCODERS if task == "auto" else task == "causal-lm"
+    gc.collect()
+    reset = _reset_peak_rss()  # else the peak of the imports above may hide the load's
+    rss_before = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    cfg = ModelConfig(name=model, quantize="nf4" if how == "nf4-at-load" else None)
+    loaded = load_model(cfg, 2, False, 0, causal_lm)
+    if how == "quantize-after":
+        quantize_base(loaded, "nf4")
+    seconds = time.perf_counter() - start
+    gc.collect()
+    res = {
+        "model": model,
+        "load": how,
+        "task": "causal-lm" if causal_lm else "classification",
+        "rss_before": rss_before,
+        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        "peak_reset": reset,
+        "rss_after": psutil.Process().memory_info().rss,
+        "weights": sum(tensor_bytes(t) for t in [*loaded.parameters(), *loaded.buffers()]),  # tied: once
+        "seconds": seconds,
+    }
+    print(json.dumps(res))
+    return res
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: ``clear_refs`` 5, which
+    ru_maxrss then follows); False where that is not possible (the peak then includes the imports)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _load_config(model: str):
+    from adabudget.hub import PACKAGED, TINY, packaged_path, pretrained_kwargs
+    from adabudget.models import tiny_config
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if model in TINY:
+        return tiny_config(model, 2, False)
+    path = packaged_path(model) if model in PACKAGED else model
+    return AutoConfig.from_pretrained(path, **pretrained_kwargs(model))
+
+
+def bench_load(models: list[str], task: str = "auto", repeat: int = 1, threads: int = 1) -> list[dict]:
+    """``measure_load`` of every model and way in a fresh interpreter each (``repeat`` times, the
+    median kept); the rows in the order of ``models`` x ``LOADS``."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    rows = []
+    for model in models:
+        for how in LOADS:
+            runs = []
+            for _ in range(repeat):
+                proc = subprocess.run(
+                    [sys.executable, "-c", _LOAD_CHILD, model, how, task],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+                if proc.returncode:
+                    raise RuntimeError(f"bench load {model} {how} failed:\n{proc.stderr[-3000:]}")
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            runs.sort(key=lambda r: r["peak"])
+            rows.append(runs[len(runs) // 2])
+    return rows
+
+
+def load_report(rows: list[dict]) -> None:
+    """The table, then one ratio line per model (the last lines)."""
+    mb = 1 / 2**20
+    print(
+        f"{'model':<28}{'load':<16}{'task':<16}{'peak MB':>9}{'+load MB':>9}{'after MB':>9}"
+        f"{'weights MB':>11}{'s':>7}{'peak/fp32':>10}{'+load/fp32':>11}"
+    )
+    fp32 = {r["model"]: r for r in rows if r["load"] == "fp32"}
+    ratios = {}
+    for r in rows:
+        ref = fp32[r["model"]]
+        grow, ref_grow = r["peak"] - r["rss_before"], ref["peak"] - ref["rss_before"]
+        ratios.setdefault(r["model"], {})[r["load"]] = grow / ref_grow
+        print(
+            f"{r['model'][-27:]:<28}{r['load']:<16}{r['task']:<16}{r['peak'] * mb:>9.0f}{grow * mb:>9.0f}"
+            f"{r['rss_after'] * mb:>9.0f}{r['weights'] * mb:>11.1f}{r['seconds']:>7.1f}"
+            f"{r['peak'] / ref['peak']:>10.2f}{grow / ref_grow:>11.2f}"
+        )
+    for model, x in ratios.items():
+        print(
+            f"ratio {model} +load nf4-at-load/fp32={x['nf4-at-load']:.3f} "
+            f"quantize-after/fp32={x['quantize-after']:.3f} "
+            f"nf4-at-load/quantize-after={x['nf4-at-load'] / x['quantize-after']:.3f}"
+        )
+
+
+def load_main(argv: list[str] | None = None) -> list[dict]:
+    """``adabudget bench load [--models minilm,smollm2] [--repeat N]``: peak process memory (RSS) of
+    loading each model fp32, fp32 then ``quantize_base`` (load-then-quantise), and with
+    ``model.quantize=nf4`` (quantised while read), each load in a fresh process.
+
+    Columns: ``peak MB`` the process's peak RSS during the load (ru_maxrss after it, the peak reset
+    to the current RSS just before it on Linux), ``+load MB`` that peak above the RSS just before
+    the load (the load's own cost, the fairer comparison: imports and the config are not in it),
+    ``after MB`` the RSS once loaded, ``weights MB`` the bytes the model's tensors hold."""
+    p = argparse.ArgumentParser(prog="adabudget bench load", description=load_main.__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="minilm,smollm2", help="comma-separated model names or folders")
+    p.add_argument("--task", default="auto", choices=["auto", "classification", "causal-lm"])
+    p.add_argument("--repeat", type=int, default=1, help="loads of each kind (the median is shown)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the loading processes")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    print(
+        f"bench load: {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.2f}, "
+        f"{args.threads} thread(s), {args.repeat} load(s) of each kind in a fresh process"
+    )
+    rows = bench_load(args.models.split(","), args.task, args.repeat, args.threads)
+    if not all(r["peak_reset"] for r in rows):
+        print("peak RSS could not be reset before the loads (not Linux?): the peaks include the imports")
+    load_report(rows)
+    print(f"1-min load average after: {os.getloadavg()[0]:.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """``adabudget bench step [options]``: print the table and, last, the ratio line.
-    ``adabudget bench lr [options]``: the learning-rate grid of ``adabudget.bench_lr``."""
+    ``adabudget bench lr [options]``: the learning-rate grid of ``adabudget.bench_lr``.
+    ``adabudget bench load [options]``: peak memory of the three loads (``load_main``)."""
     if argv and argv[0] == "lr":
         from adabudget.bench_lr import main as lr_main
 
         return lr_main(argv[1:])
+    if argv and argv[0] == "load":
+        load_main(argv[1:])
+        return
     args = parse_args(argv)
     report(args, run(args))
 

@@ -36,6 +36,7 @@ commands:
   bench lr [options]      the learning-rate grid of AdaLoRA variants, peft's AdaLoRA and LoRA
   bench search [options]  search overhead per trial outside train(), 1 and 2 workers side by side
   bench supernet [opts]   supernet vs stand-alone ranking (Kendall tau), cost, equal-compute search
+  bench load [options]    peak memory of a load: fp32, load-then-quantise, nf4 quantised while read
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
   search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
   table PATH... [options] a paper table (mean ± std over seeds) from run records, Markdown or LaTeX
