@@ -224,7 +224,8 @@ def save_merged(
     """Save a merged copy as a plain HF checkpoint (``AutoModelFor*.from_pretrained`` loads it).
 
     ``model`` itself is left unmerged: a deep copy is merged and saved, with the tokenizer when
-    given (a 4-bit base is dequantised in place first, computing the same; the checkpoint is fp32). Works for full fine-tuning too (nothing to merge). ``methods`` (names, in
+    given (a 4-bit base is dequantised in place first, computing the same; the checkpoint is fp32).
+    Works for full fine-tuning too (nothing to merge). ``methods`` (names, in
     application order) selects the registered merges; by default the LoRA/AdaLoRA wrappers.
     ``rank``: DyLoRA only, merge rank ``rank`` (None: the rank the layers compute at).
     """

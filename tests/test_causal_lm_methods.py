@@ -148,7 +148,8 @@ def write_task(folder: Path, n: int = 64) -> Path:
 
 HYBRID_ADALORA = (
     "method.groups=[{adapter: {bottleneck: 8}, adalora: {init_r: 4, target_r: 2, mask_interval: 2}},"
-    " {prefix: {length: 3}, bitfit: {add_missing: true}, adalora: {init_r: 4, target_r: 2, mask_interval: 2}}]"
+    " {prefix: {length: 3}, bitfit: {add_missing: true},"
+    " adalora: {init_r: 4, target_r: 2, mask_interval: 2}}]"
 )
 RUNS = {
     "prompt": ["method=prompt", "method.length=4"],

@@ -8,9 +8,10 @@ loop that recomputes the whole sequence at every step (prefix, prompt and LongLo
 what a cached step sees).
 
 Adding a method means adding a row to ``ROWS``. A row is (id, method knobs, options):
-``lr``: the AdamW learning rate of the loss check (1e-2); ``identity``: the output right after ``apply`` equals the base model's (False for
-prefix / prompt, which add tokens); ``unsupported``: {model_type: text the ConfigError
-must contain} for architectures the method refuses.
+``lr``: the AdamW learning rate of the loss check (1e-2); ``identity``: the output right after
+``apply`` equals the base model's (False for prefix / prompt, which add tokens);
+``unsupported``: {model_type: text the ConfigError must contain} for architectures the method
+refuses.
 """
 
 from __future__ import annotations

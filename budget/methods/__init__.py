@@ -304,7 +304,8 @@ def step_hooks(model, plan: Plan, wrapped: dict) -> list[MethodHooks]:
 
 
 def hook_states(hooks: list[MethodHooks]) -> list:
-    """Every hooks object's ``state_dict()`` (None where it keeps nothing), for a checkpoint or ``hooks.pt``."""
+    """Every hooks object's ``state_dict()`` (None where it keeps nothing), for a checkpoint or
+    ``hooks.pt``."""
     return [h.state_dict() for h in hooks]
 
 

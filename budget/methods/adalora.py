@@ -169,7 +169,10 @@ class SVDLinear(nn.Module):
         return moves
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.rank}/{self.r_initial}, s={self.scaling:g}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}/{self.r_initial}, "
+            f"s={self.scaling:g}"
+        )
 
 
 def scaling_of(cfg: AdaLoRAConfig) -> float:

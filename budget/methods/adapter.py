@@ -75,7 +75,8 @@ class AdapterConfig:
         check(
             self.bottleneck is not None or self.reduction_factor is not None,
             "bottleneck",
-            "both bottleneck and reduction_factor are null; set bottleneck (d) or reduction_factor (d = h // factor)",
+            "both bottleneck and reduction_factor are null; set bottleneck (d) or reduction_factor "
+            "(d = h // factor)",
         )
         check(
             self.bottleneck is None or self.bottleneck >= 1,
@@ -198,7 +199,8 @@ def slice_bottleneck(adapter: nn.Module, d: int | None, sliced: type) -> dict[st
     """``set_active`` of any down / up bottleneck built as ``sliced`` (this adapter, the parallel one)."""
     if not isinstance(adapter, sliced):
         raise TypeError(
-            f"set_active: {type(adapter).__name__} computes at its full bottleneck; build it as a {sliced.__name__}"
+            f"set_active: {type(adapter).__name__} computes at its full bottleneck; "
+            f"build it as a {sliced.__name__}"
         )
     width = adapter.down.out_features
     if d is not None and not 0 <= d <= width:
@@ -264,7 +266,8 @@ def apply(
 
 
 def count(cfg: AdapterConfig, arch, layers: list[int] | None = None) -> int:
-    """2 h d + d + h per adapter (W_down, b_down, W_up, b_up); 2 adapters per block (houlsby) or 1 (pfeiffer)."""
+    """2 h d + d + h per adapter (W_down, b_down, W_up, b_up); 2 adapters per block (houlsby) or 1
+    (pfeiffer)."""
     layers = layers if layers is not None else cfg.layers
     d = bottleneck_of(cfg, arch.hidden)
     total = 0

@@ -80,7 +80,8 @@ def _selected(cfg: BitFitConfig, arch: Arch, layers: list[int] | None) -> list[t
         if not picked:
             ends = sorted({n.rsplit(".", 1)[-1] for n in slots})
             raise ConfigError(
-                f"method.biases={cfg.biases} matches no layer of this {arch.model_type} that can carry a bias; "
+                f"method.biases={cfg.biases} matches no layer of this {arch.model_type} "
+                "that can carry a bias; "
                 f"its bias-carrying module names end in {ends}"
             )
         missing = [n for n, _, exists in picked if not exists]

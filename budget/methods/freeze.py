@@ -103,7 +103,8 @@ def count(cfg: FreezeConfig, arch: Arch, layers: list[int] | None = None) -> int
                 if "pooler" in name.split(".")
             )
             total += arch.outside_params + sum(arch.outside_biases.values()) - pooler
-        else:  # outside_params = embedding tables + the final norm's weight (its GPT-2 bias is an outside bias)
+        else:
+            # outside_params = embedding tables + the final norm's weight (its GPT-2 bias is an outside bias)
             total += arch.outside_params - arch.hidden
     return total
 

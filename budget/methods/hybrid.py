@@ -112,7 +112,8 @@ class HybridConfig:
                     )
             if other.target_total_rank is not None or other.target_params is not None:
                 raise ConfigError(
-                    "method.groups: in a hybrid, give each AdaLoRA group its budget as target_r (average rank)"
+                    "method.groups: in a hybrid, give each AdaLoRA group its budget as target_r "
+                    "(average rank)"
                 )
 
 

@@ -279,7 +279,8 @@ def _check_arch(cfg: LongLoRAConfig, arch, layers: list[int] | None) -> list[int
     blocks = arch.layers(layers)  # ConfigError for indices out of range, whatever the family
     if arch.family != "llama":
         raise ConfigError(
-            f"method.name={cfg.name}: cannot apply to model_type '{arch.model_type}': S²-Attn (shifted sparse "
+            f"method.name={cfg.name}: cannot apply to model_type '{arch.model_type}': "
+            "S²-Attn (shifted sparse "
             "attention) is defined here for LLaMA-style causal self-attention (llama, mistral, qwen2); "
             "use method=lora for LoRA without it"
         )

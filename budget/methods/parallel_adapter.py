@@ -58,8 +58,8 @@ class ParallelAdapterConfig:
     bottleneck: int = 64  # d, the bottleneck width (MAM adapter: 512)
     scale: float = 4.0  # s, the fixed output scaling (Sec. 4.4; 4 in MAM)
     activation: str = "relu"  # f: relu | gelu | tanh | silu
-    # lora: W_down Kaiming-uniform (as LoRA's A, the reference's init_option="lora") | bert: W_down ~ N(0, 0.02²);
-    # both: W_up = 0 and biases 0, so the adapter starts at exactly 0
+    # lora: W_down Kaiming-uniform (as LoRA's A, the reference's init_option="lora")
+    # | bert: W_down ~ N(0, 0.02²); both: W_up = 0 and biases 0, so the adapter starts at exactly 0
     init: str = "lora"
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
@@ -152,7 +152,8 @@ class ParallelAdapter(nn.Module):
         return output + self(x).to(output.dtype)
 
     def attach(self, block: nn.Module, first: nn.Module, last: nn.Module) -> None:
-        """Hook ``block`` (clear), ``first`` (capture x) and ``last`` (add), the modules now at their paths."""
+        """Hook ``block`` (clear), ``first`` (capture x) and ``last`` (add), the modules now at their
+        paths."""
         self._handles += [
             block.register_forward_pre_hook(self._reset),
             first.register_forward_pre_hook(self._capture),

@@ -76,7 +76,8 @@ class PrefixConfig:
             )
         if not isinstance(self.reparam_dim, int) or self.reparam_dim < 0:
             raise ConfigError(
-                f"method.reparam_dim: must be an integer >= 0 (0 = no reparameterisation), got {self.reparam_dim}"
+                "method.reparam_dim: must be an integer >= 0 (0 = no reparameterisation), "
+                f"got {self.reparam_dim}"
             )
         if not self.init_std > 0:
             raise ConfigError(f"method.init_std: must be > 0, got {self.init_std}")
@@ -136,7 +137,8 @@ class PrefixKV(nn.Module):
         return self.through_mlp(self.embedding)
 
     def through_mlp(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_k, P_v) of the reparameterisation at the rows ``embedding`` (k, h) of E: (kv_heads, k, d_head) each."""
+        """(P_k, P_v) of the reparameterisation at the rows ``embedding`` (k, h) of E: (kv_heads, k,
+        d_head) each."""
         k = embedding.shape[0]
         kv = self.mlp(embedding)  # (k, 2 kv_dim)
         kv = kv.view(k, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2, kvh, k, hd)
@@ -281,8 +283,9 @@ def register() -> None:
 def _check_arch(arch) -> None:
     if not arch.prefix_attention:
         raise ConfigError(
-            f"method.name=prefix: cannot apply to model_type '{arch.model_type}' (its attention does not go "
-            "through HF's attention interface, so keys/values cannot be prefixed); use prompt, lora or adapter"
+            f"method.name=prefix: cannot apply to model_type '{arch.model_type}' "
+            "(its attention does not go through HF's attention interface, "
+            "so keys/values cannot be prefixed); use prompt, lora or adapter"
         )
 
 

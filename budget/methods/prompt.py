@@ -251,7 +251,8 @@ def apply(model: nn.Module, cfg: PromptConfig, layers: list[int] | None = None) 
     limit = position_limit(model.config)
     if limit is not None and cfg.length >= limit:
         raise ConfigError(
-            f"method.length={cfg.length}: leaves no position for the text; this {arch.model_type} has {limit} "
+            f"method.length={cfg.length}: leaves no position for the text; "
+            f"this {arch.model_type} has {limit} "
             f"positions for prompt + text; use method.length <= {limit} - data.max_length"
         )
     weight = embedding.weight

@@ -85,7 +85,8 @@ class QuantumPEFTConfig:
             raise ConfigError(f"method.depth: must be >= 0 (0 = one layer of rotations), got {self.depth}")
         if self.unitary not in UNITARIES:
             raise ConfigError(
-                f"method.unitary: unknown parameterisation {self.unitary!r}; use one of {', '.join(UNITARIES)}"
+                f"method.unitary: unknown parameterisation {self.unitary!r}; "
+                f"use one of {', '.join(UNITARIES)}"
             )
 
 

@@ -111,8 +111,10 @@ class RoSAConfig:
         ``sparse_from`` is allowed: the run ends with its mask chosen (for ``mask_from``)."""
         if self.sparse_from > total_steps > 0 and self.warmup_steps is not None:
             raise ConfigError(
-                f"method.warmup_steps={self.warmup_steps} (+ method.calibration_steps={self.calibration_steps} "
-                f"steps scoring the mask) ends after the run's {total_steps} steps, so no mask would be chosen: "
+                f"method.warmup_steps={self.warmup_steps} "
+                f"(+ method.calibration_steps={self.calibration_steps} "
+                f"steps scoring the mask) ends after the run's {total_steps} steps, "
+                "so no mask would be chosen: "
                 "lower method.warmup_steps, raise train.max_steps / train.epochs, or set "
                 "method.warmup_steps=null to choose the mask before training"
             )

@@ -107,7 +107,8 @@ class SparseConfig:
         if self.selection != "unstructured" and self.scope == "global":
             # rows of different widths make a global top-k count depend on which rows win
             raise ConfigError(
-                f"method.scope=global: only with selection=unstructured; use scope=matrix for {self.selection}"
+                "method.scope=global: only with selection=unstructured; "
+                f"use scope=matrix for {self.selection}"
             )
         if self.calibration_steps < 1:
             raise ConfigError(f"method.calibration_steps: must be >= 1, got {self.calibration_steps}")
@@ -186,7 +187,8 @@ def head_layout(
     other = [f"{n} ({spec.role})" for n, spec in named if spec.role not in HEAD_ROLES]
     if other:
         raise ConfigError(
-            f"method.selection=heads: {', '.join(other[:3])}{' ...' if len(other) > 3 else ''} has no attention "
+            f"method.selection=heads: {', '.join(other[:3])}{' ...' if len(other) > 3 else ''} "
+            "has no attention "
             "heads; target only query / key / value / attention-output matrices (or leave "
             "method.target_modules=null for exactly those)"
         )
