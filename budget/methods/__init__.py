@@ -1,23 +1,18 @@
-"""PEFT methods, one file each, registered by name.
+"""PEFT methods, one file each, registered by name in ``REGISTRY``.
 
-Each method file exports:
+Each method file exports a config dataclass (``name``, ``validate()``), ``apply(model, cfg,
+layers=None) -> {name: module}``, ``count(cfg, arch, layers=None) -> int``, and optionally
+``merge(model, modules)`` and ``hooks(model, modules, cfg)`` (a ``MethodHooks``, for methods that
+act outside forward and backward). The contract in full and how to add a method:
+docs/methods.md#the-method-contract.
 
-- a config dataclass with ``name`` and ``validate()`` (raises ``ConfigError`` naming the
-  ``method.<field>`` and the fix);
-- ``apply(model, cfg, layers=None) -> {name: module}``: adds the method to the blocks in
-  ``layers`` (all when None), makes exactly its own parameters trainable, returns what it
-  added or wrapped;
-- ``count(cfg, arch, layers=None) -> int``: the trainable parameters ``apply`` adds,
-  computed from ``adabudget.arch.Arch`` (the HF config) alone, before any model exists;
-- optionally ``merge(model, modules)``: fold the method into the base weights (outputs
-  unchanged) and remove its wrappers and hooks;
-- optionally ``hooks(model, modules, cfg)``: a ``MethodHooks`` object (``adabudget.methods.hooks``)
-  whose ``calibrate``, ``before_step``, ``after_step``, ``state_dict`` / ``load_state_dict`` and
-  ``final`` the training loop calls, for methods that act outside forward and backward.
+Invariants:
 
-Adding a method means its file, one ``Method`` line in ``REGISTRY`` (``spaces=IN_METHODS_SPACE``
-offers it in the ``methods`` search space), ``configs/method/<name>.yaml`` and one row in
-``tests/test_methods.py``.
+- ``apply`` makes exactly the method's own parameters trainable, and ``count`` (from the HF config
+  alone, before any model exists) equals what it builds.
+- ``validate()`` raises ``ConfigError`` naming the ``method.<field>`` and the fix; unknown method
+  names fail with the list of known ones.
+- ``merge`` leaves the outputs unchanged and removes the method's wrappers and hooks.
 """
 
 from __future__ import annotations

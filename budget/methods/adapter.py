@@ -1,29 +1,16 @@
-"""Serial bottleneck adapters (Houlsby et al., ICML 2019; Pfeiffer et al., EACL 2021).
+"""Serial bottleneck adapters (Houlsby et al., ICML 2019; Pfeiffer et al., EACL 2021):
+y' = y + W_up f(W_down y + b_down) + b_up after the attention output and FFN output projections
+(``houlsby``) or after the FFN's only (``pfeiffer``), through a forward hook on the module at the
+projection's path, so under LoRA the adapter sees the LoRA-updated output. ``BottleneckAdapter``
+is the plain adapter; ``SlicedBottleneckAdapter`` (the supernet's) and UniPELT's gated adapter
+subclass it. Placements and what is not reproduced: docs/methods.md#adapter.
 
-Houlsby et al., "Parameter-Efficient Transfer Learning for NLP" (Fig. 2) insert a small
-bottleneck network after each sublayer's output projection, before dropout, the residual
-connection and the LayerNorm:
+Invariants:
 
-    y' = y + W_up f(W_down y + b_down) + b_up,   W_down (d x h), W_up (h x d),  d << h
-
-"houlsby" places one after the attention output projection (role ``o``) and one after the
-FFN output projection (role ``ffn_out``); "pfeiffer" keeps only the one after the FFN, the
-placement Pfeiffer et al. ("AdapterFusion") found as good at half the cost. It is Houlsby's
-position restricted to the FFN: adapter-hub's PfeifferConfig also re-routes the adapter's
-residual around the block's LayerNorm, which is not reproduced here.
-
-The adapter acts through a forward hook on the module currently at the projection's path,
-so when LoRA has wrapped that projection the adapter sees the LoRA-updated output y. It
-starts at the identity (W_up = 0, b_up = 0): the model output right after ``apply`` equals
-the pretrained model's. The adapter is nonlinear and so cannot merge into the base weights.
-
-``BottleneckAdapter`` is the plain adapter; its consumers subclass it (as LoRA's do):
-``SlicedBottleneckAdapter`` (here) computes with its first d hidden units (W_down[:d], b_down[:d],
-W_up[:, :d], b_up; views) after ``set_active(adapter, d)``: a weight-sharing supernet
-(``search.supernet``) trains one D-wide adapter for every smaller bottleneck at once, and d = 0
-switches it off (the identity, as a block without an adapter). UniPELT's gated adapter,
-y' = y + G_A (W_up f(W_down y + b_down) + b_up) with a per-example G_A ∈ (0, 1), is a subclass in
-``adabudget.methods.unipelt``.
+- It starts at the identity (W_up = 0, b_up = 0): right after ``apply`` the output equals the
+  pretrained model's.
+- Nonlinear, so it cannot merge into the base weights.
+- ``set_active(adapter, d)`` uses the first d hidden units (views); d = 0 is the identity.
 """
 
 from __future__ import annotations

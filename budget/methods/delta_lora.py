@@ -1,36 +1,16 @@
-"""Delta-LoRA (Zi et al., 2023, "Delta-LoRA: Fine-Tuning High-Rank Parameters with the Delta of
-Low-Rank Matrices"): LoRA, y = W x + b + s B A x, where the frozen W also moves after every
-optimizer step t >= K by the change of the low-rank product (Algorithm 1):
+"""Delta-LoRA (Zi et al., 2023): LoRA, y = W x + b + s B A x, where the frozen W also moves after
+every optimizer step t >= K (``start_step``) by λ (``update_ratio``) times the change of s B A.
+The layer is ``LoRALinear`` without dropout; ``hooks`` keeps the factors before each step and
+updates W in place after ``optimizer.step()``. Algorithm 1, a worked example, the exports and the
+departures: docs/methods.md#delta-lora.
 
-    W_{t+1} = W_t + λ s (B_{t+1} A_{t+1} - B_t A_t)        λ = update_ratio (paper: 2), K = start_step
+Invariants:
 
-W gets no gradient and no optimizer state: the memory is LoRA's, only the factors train. Worked
-example (λ = 2, s = 2, K = 0): one step moves B A by 0.01 somewhere; W moves there by 2 x 2 x 0.01
-= 0.04 and the layer's output by 0.04 + s x 0.01 = 0.06. The sum telescopes: W_T = W_0 + λ s
-(B_T A_T - B_K A_K), so with K = 0 (B_0 = 0) a trained layer computes W_0 + (1 + λ) s B_T A_T.
-
-The layer is lora.py's ``LoRALinear`` (no dropout: the paper removes it from the LoRA branch, since
-with dropout the product's change is not the update W would get). ``hooks`` keeps the factors
-before each step (``before_step``) and adds λ s (B' A' - B A) to W in place after
-``optimizer.step()`` (``after_step``); its ``state_dict`` carries the updated W of every adapted
-layer (a checkpoint otherwise holds only trainable parameters), so a resumed run continues bit
-for bit. Checkpoints grow by the adapted matrices (MiniLM's 36: 10.6M values, 42 MB in fp32).
-
-Export: ``merge`` folds s B A into the updated W (``export_merged`` is exact).
-``adabudget.export.export_peft_adapter`` writes the whole change as a plain peft LoRA adapter
-onto the original W0: W_T - W_0 = λ s (B_T A_T - B_K A_K) telescopes, so the layer's change is
-(1 + λ) s B_T A_T - λ s B_K A_K, rank 2r (rank r with K = 0, where B_K = 0); exact up to the
-rounding of the accumulated updates (``DeltaLoRALinear.peft_factors``). The adapter
-(``export_adapter``, ``adabudget.export.save_adapter``) holds the factors as trainable state and the
-updated W of each adapted layer in ``hooks.pt`` (this hooks object's ``state_dict``), which
-``load_adapter`` restores: it reloads exactly onto the original backbone, at the size of the
-adapted matrices in full (the change of W is dense; ``trainable_params_final`` stays LoRA's).
-
-Departures from the paper: λ multiplies the change of the scaled product s B A, the layer's
-actual ΔW (the paper writes λ Δ(A B) with its product's scaling left implicit); the default K is 0, not the
-paper's few hundred warm-up steps, because this project's runs are a few hundred steps long
-(``start_step`` sets it). With a half-precision backbone W, updates below its precision are lost
-(the factors stay fp32).
+- W gets no gradient and no optimizer state: the memory is LoRA's; ``update_ratio=0`` is LoRA.
+- The hooks' ``state_dict`` carries the updated W of every adapted layer, so checkpoints and
+  ``adapter/`` (``hooks.pt``) restore it and a resumed run continues bit for bit.
+- W_T - W_0 = λ s (B_T A_T - B_K A_K) telescopes: ``merge`` and the peft export are exact up to the
+  rounding of the accumulated updates.
 """
 
 from __future__ import annotations

@@ -1,42 +1,16 @@
-"""DyLoRA (Valipour et al., EACL 2023, "DyLoRA: Parameter-Efficient Tuning of Pre-trained Models
-using Dynamic Search-Free Low-Rank Adaptation"): one LoRA block trained for every rank in
-[r_min, r_max] at once, so the rank is chosen after training, with no search.
+"""DyLoRA (Valipour et al., EACL 2023): one LoRA block trained for every rank in [r_min, r_max] at
+once, so the rank is chosen after training, with no search. Each optimizer step samples a rank b
+and every layer computes h = W0 x + (alpha / b) B[:, :b] A[:b] x; by default (``frozen``) only the
+b-th component trains. The layers are ``DyLoRALinear`` (a ``SlicedLoRALinear`` at rank r_max); the
+loop drives them through ``hooks``. The sampling, the authors' code it was checked against and the
+departures: docs/methods.md#dylora.
 
-Each optimizer step samples b ~ Uniform{r_min, ..., r_max} (the paper's p_B) and every adapted
-layer computes with the first b rank-one components (nested dropout's truncation, eq. 3-4):
+Invariants:
 
-    h = W0 x + (alpha / b) B[:, :b] A[:b] x,   A (r_max, in) Kaiming-uniform, B (out, r_max) zero.
-
-Which components learn in that step (eq. 6): by default the "frozen" mode, only the b-th row
-of A and the b-th column of B (the newly added component; the smaller ranks keep what they
-learned); ``frozen=False`` trains all of A[:b], B[:, :b].
-
-Checked against the authors' code (huawei-noah/Efficient-NLP, ``DyLoRA/loralib/DyLoRA.py`` and
-``examples/NLU/.../run_glue.py``): its training callback draws the rank index uniformly in
-[0, r) before every step, the same for every layer, and calls ``set_rank(b, frozen=True)`` (the
-frozen mode is what its GLUE runs train); its truncation multiplies A[:b] and B[:, :b] by
-sqrt(r / b) each on top of alpha / r, which is the scale alpha / b used here; it evaluates dev
-at every rank after training (our ``rank_curve``).
-
-The layers are ``DyLoRALinear`` (an ``adabudget.methods.lora.SlicedLoRALinear``) at rank r_max,
-truncated with its ``set_active`` slicing; ``set_rank`` also sets the scale alpha / b. The training
-loop drives them through ``hooks`` (``adabudget.methods`` docstring): ``before_step`` samples b and
-masks the gradients, ``after_step`` holds the components that were not trained at their values
-(``hold``) and puts the layers back at the serving rank, ``final`` evaluates dev at every rank
-(``rank_curve``). Between steps, for dev and test evaluation, the merge and both exports, the
-layers compute at the serving rank ``export_rank`` (default r_max); ``export_peft_adapter``,
-``save_adapter``, ``save_merged``, ``merge_methods`` and ``load_adapter`` (``adabudget.export``)
-take ``rank=k`` to export, merge or load rank k instead (``at_rank``).
-
-Departures from the paper and its code:
-- b is drawn from a generator seeded by (run seed, step), so a resumed run samples the same
-  sequence (the reference uses torch's global stream).
-- ``hold=True`` (default): a component that does not train in a step keeps its value exactly,
-  as eq. 6 states. The reference code only detaches it, so its AdamW (weight decay 0.1 in its
-  GLUE scripts) still moves it with old momentum and decay; ``hold=False`` reproduces that.
-- Frozen mode with r_min > 1: at b = r_min all of the first r_min components train (in the
-  frozen update the components below r_min would never learn; the paper and its code use
-  r_min = 1, where both agree).
+- b depends on (run seed, step) only, so a resumed run samples the same sequence.
+- With ``hold=True`` a component that does not train in a step keeps its value exactly.
+- Between steps (evaluation, merge, exports) the layers compute at the serving rank
+  ``export_rank`` (default r_max); ``rank=k`` of ``adabudget.export``'s functions uses rank k.
 """
 
 from __future__ import annotations

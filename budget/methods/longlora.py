@@ -1,50 +1,19 @@
 """LongLoRA (Chen et al., ICLR 2024): shifted sparse attention (S²-Attn) in training, LoRA+.
 
-**S²-Attn** (Sec. 3.2, Algorithm 1). In training, the N tokens of a sequence are split into
-groups of G = ``group_size`` tokens and each head attends causally within its group only. In
-the second half of the heads the tokens are first shifted by G/2, so their groups straddle
-the first half's group boundaries and information flows between neighbouring groups:
+In training each head attends causally within groups of ``group_size`` tokens, the second half
+of the heads shifted by half a group; at eval (``model.eval()``) the model uses standard full
+attention. LoRA+ trains LoRA on W_q, W_k, W_v, W_o plus the input embeddings and the norms. The
+model's attention implementation becomes ``adabudget_longlora_<base>`` (as prefix-tuning's).
+LLaMA-family models only (llama, mistral, qwen2). Algorithm 1, the shift and its wrap, padding
+and the count: docs/methods.md#longlora.
 
-    qkv (B, N, 3, H, D);  qkv = cat(chunk(qkv, 2, H)[0], chunk(qkv, 2, H)[1].roll(-G/2, N))
-    out = causal_self_attn(qkv.view(B N/G, G, 3, H, D)).view(B, N, H, D)
-    out = cat(chunk(out, 2, H)[0], chunk(out, 2, H)[1].roll(G/2, N))
+Invariants:
 
-The first ceil(H/2) heads are unshifted (``chunk``), attention costs O(N G) instead of O(N²),
-and nothing is added to the model: at inference (``model.eval()``) the fine-tuned model uses
-standard full attention, the paper's point (Sec. 3.2: trained with S²-Attn, tested with full).
-
-**LoRA+** (Sec. 3.3): LoRA on the attention projections W_q, W_k, W_v, W_o, plus trainable
-input embeddings (``train_embeddings``) and normalisation layers (``train_norms``), which the
-paper finds necessary for long-context adaptation with LoRA. The count is exact:
-
-    r Σ_{q,k,v,o} (in + out) per block + 2 h per block (RMSNorms) + V h + h (embeddings, final norm)
-
-The shift and causal masks. With ``shift_wrap=true`` (the default, Algorithm 1 as printed and
-the official non-flash code) the roll wraps around: the last shifted group holds the last G/2
-tokens followed by the first G/2, and causal masking by position in the group lets the first
-G/2 tokens see the last G/2 of the sequence (an information leak in half the heads, raised in
-LongLoRA issues #15 and #90; the authors kept it on purpose: inference uses full attention).
-``shift_wrap=false`` is the official flash-attention code since Oct 2023: the shifted heads'
-groups are [0, G/2), [G/2, 3G/2), ..., [N - G/2, N), no wrap, no token sees a later one.
-
-Padding (a departure: Algorithm 1 assumes packed sequences of a length divisible by G, and
-the official code raises otherwise). Batches here are padded to their longest example, so:
-
-- padding tokens (``attention_mask`` 0) are never attended to, and each sequence is grouped
-  on its own tokens (as the official flash code, which unpads first);
-- with ``pad_to_group=true`` (default) a sequence of L tokens is completed to the next
-  multiple of G with invisible tokens: groups end at the sequence's end, the last one shorter
-  (the wrap of the shifted heads is over that padded length, ceil(L/G) G). A sequence whose
-  length is a multiple of G gets exactly Algorithm 1. ``pad_to_group=false`` follows the paper
-  instead: a ValueError at the forward when a sequence's length is not a multiple of G.
-
-Mechanism: like prefix-tuning (``adabudget.methods.prefix``) the model's attention implementation
-becomes ``adabudget_longlora_<base>`` (base: ``sdpa`` or ``eager``); it runs S²-Attn for an
-attention module in training mode that carries ``adabudget_s2`` (the blocks in ``layers``) and
-delegates to the base implementation otherwise. LLaMA-family models only (llama, mistral,
-qwen2): S²-Attn is defined here for their causal self-attention with RoPE applied before it.
-``merge`` folds LoRA into W and puts the base implementation back; the trained embeddings and
-norms already are base weights.
+- Eval and the merged model use full attention; S²-Attn runs only for attention modules in
+  training mode that carry ``adabudget_s2`` (the blocks in ``layers``).
+- Padding tokens are never attended to; ``shift_wrap=false`` never lets a token see a later one.
+- ``count`` is exact; ``merge`` folds LoRA into W and puts the base attention back (the trained
+  embeddings and norms already are base weights).
 """
 
 from __future__ import annotations

@@ -1,28 +1,17 @@
-"""Scaled parallel adapter (He et al., ICLR 2022, "Towards a Unified View of Parameter-Efficient
-Transfer Learning"; code: jxhe/unify-parameter-efficient-tuning).
+"""Scaled parallel adapter (He et al., ICLR 2022): a bottleneck network reads a sublayer's input x
+and s · (W_up f(W_down x + b_down) + b_up) is added to the sublayer's output, beside the FFN
+(``position=ffn``, MAM's variant) or self-attention (``position=attn``). Hooks, not replaced
+modules: a pre-hook on the sublayer's first linear stores x, a hook on its output linear adds the
+branch, so LoRA may wrap either linear first. Where x is read on each family and the hooks:
+docs/methods.md#parallel-adapter.
 
-A bottleneck network reads the sublayer's *input* x and its output is added, scaled, to the
-sublayer's output (Fig. 3c, eq. 8 with the scaling of Sec. 4.4):
+Invariants:
 
-    h_out = sublayer(x) + s · (W_up f(W_down x + b_down) + b_up),   W_down (d x h), W_up (h x d)
-
-``position=ffn`` runs it beside the FFN (x = the input of the first FFN linear: the
-post-LayerNorm attention output in BERT, ln_2's output in GPT-2, the post-attention RMSNorm
-output in LLaMA), the variant MAM adapter uses with d = 512, s = 4; ``position=attn`` beside
-self-attention (x = the input of the query projection, or GPT-2's fused ``c_attn``). The sum
-is taken right after the sublayer's output projection (role ``ffn_out`` / ``o``), before its
-dropout and residual (so the sublayer's dropout also covers the adapter branch; training only).
-
-Two hooks implement it without replacing any module, so LoRA may wrap either linear first:
-a forward pre-hook on the sublayer's first linear stores x on the adapter, and a forward hook
-on the output linear adds s · adapter(x) and drops the stored x. A forward pre-hook on the
-block clears the slot at the start of every block call, so a forward interrupted in between
-(an exception, an early-stopped checkpoint recompute) never leaks x into the next one.
-
-Starts at the identity (W_up = 0, b_up = 0); nonlinear, so it cannot merge into the base weights.
-``ParallelAdapter`` is the plain adapter; ``SlicedParallelAdapter`` (here) computes with its first
-d hidden units after ``set_active(adapter, d)``, for a weight-sharing supernet (as
-``adabudget.methods.adapter.SlicedBottleneckAdapter``; d = 0 adds nothing).
+- It starts at the identity (W_up = 0, b_up = 0); nonlinear, so it cannot merge.
+- A pre-hook on the block clears the stored x at every block call, so an interrupted forward never
+  leaks x into the next one.
+- ``SlicedParallelAdapter``'s ``set_active(adapter, d)`` uses the first d hidden units; d = 0 adds
+  nothing.
 """
 
 from __future__ import annotations

@@ -1,39 +1,19 @@
 """Prefix-tuning (Li & Liang, ACL 2021): trainable keys and values before every sequence.
 
-In each adapted layer the self-attention of a query q over the keys K and values V of the
-sequence becomes attention over ``length`` (= l) trainable prefix vectors followed by them:
+In each adapted layer every query attends over ``length`` trainable prefix vectors followed by the
+sequence's keys and values, optionally produced by a reparameterisation MLP during training
+(``reparam_dim``; ``fold_()`` replaces it). ``apply`` switches the model's attention implementation
+to ``adabudget_prefix_<base>``, which prepends the prefix and widens the mask; DeBERTa-v2 does not
+use HF's attention interface and is refused. ``PrefixKV`` is the plain prefix; ``SlicedPrefixKV``
+(the supernet's) and UniPELT's gated prefix subclass it. The equations, positions and mechanism:
+docs/methods.md#prefix-tuning.
 
-    head(q) = softmax(q [P_k; K]ᵀ / √d_head) [P_v; V],   P_k, P_v ∈ R^{l x d_head} per key/value head
+Invariants:
 
-The queries are unchanged and every query, padded or causal, sees all l prefix positions
-(Li & Liang, Sec. 4.2, "activations" P_θ[i, :] for i in the prefix). The prefix has no
-position: the real tokens keep positions 0 .. T-1 (peft's past_key_values route shifts them
-by l, which for RoPE models equals a fixed rotation of P_k and for GPT-2 moves the learned
-position embeddings). For LLaMA-family models P_k is used as is, i.e. it plays the role of a
-key after RoPE, as in peft.
-
-Reparameterisation (Li & Liang, Sec. 4.3): with ``reparam_dim`` m > 0 each layer computes
-
-    [P_k | P_v] = W_2 tanh(W_1 E + b_1) + b_2,   E ∈ R^{l x h}, W_1 (m x h), W_2 (2 kv_dim x m)
-
-during training (its own MLP per layer); ``fold_()`` replaces it by the plain P_k, P_v.
-
-Mechanism: the attention modules of HF's BERT, RoBERTa, GPT-2 and LLaMA families call
-``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``.
-``apply`` switches the model to ``adabudget_prefix_<base>`` (base = the implementation it used:
-``sdpa`` or ``eager``; ``register()`` adds both names on first use); it prepends the prefix of the module's
-``adabudget_prefix`` child (layers without one just delegate) and widens the mask. DeBERTa-v2
-does not use the attention interface and is refused.
-
-The method cannot start at the identity (the prefix adds attention positions) and cannot
-merge into the base weights.
-
-``PrefixKV`` is the plain prefix; its consumers subclass it (as LoRA's do): ``SlicedPrefixKV``
-(here) built with l vectors uses its first k after ``set_active(prefix, k)`` (P_k[:, :k],
-P_v[:, :k]; reparameterised: E[:k] through the whole MLP): a weight-sharing supernet
-(``search.supernet``) trains one l-long prefix for every shorter one at once; k = 0 leaves the
-layer's attention as without a prefix. UniPELT's gated prefix, per example G_P P_k and G_P P_v
-with G_P ∈ (0, 1)^B, is a subclass in ``adabudget.methods.unipelt``.
+- The queries are unchanged; every query, padded or causal, sees all l prefix positions, and the
+  real tokens keep positions 0 .. T-1.
+- It cannot start at the identity (the prefix adds attention positions) and cannot merge.
+- ``set_active(prefix, k)`` uses the first k vectors; k = 0 is the attention without a prefix.
 """
 
 from __future__ import annotations

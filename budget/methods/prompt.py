@@ -1,35 +1,17 @@
 """Prompt tuning (Lester et al., EMNLP 2021): trainable soft-prompt vectors before the input.
 
-The frozen model reads ``length`` (= l) trainable embeddings P ∈ R^{l x h} followed by the
-token embeddings X ∈ R^{T x h} of the text (Lester et al., Sec. 2):
+The frozen model reads ``length`` (= l) trainable embeddings before the token embeddings of the
+text, through a forward pre-hook on the top-level model; a second pre-hook on the task head drops
+the prompt positions again. The prompt is model-level (``layers`` is validated only). Positions,
+the head hook and decoding with the KV cache: docs/methods.md#prompt-tuning.
 
-    model([P; X])     attention mask [1 .. 1; m],  token types [0 .. 0; t]
+Invariants:
 
-The prompt is model-level: it has no block, and ``layers`` is ignored (it is validated only,
-so that one config schema serves every method). It acts through a forward pre-hook on the
-top-level model that embeds ``input_ids`` with ``model.get_input_embeddings()``, prepends P and
-passes ``inputs_embeds`` instead. As in peft, the model gives the prompt the first positions:
-with absolute position embeddings (BERT, RoBERTa, GPT-2, DeBERTa-v2 with position_biased_input)
-the text moves to positions l .. l + T - 1, so T + l must fit the position table (checked at
-``apply`` for the prompt alone, at every forward for the batch); RoPE models see relative
-positions only.
-
-The task head must still read the token it reads without the prompt, so a second pre-hook sits
-on ``arch.head``: it drops the l prompt positions from the hidden sequence, so BERT-family
-poolers / classifiers read [CLS] at position 0; GPT-2 / LLaMA heads (``score``) pool at position
--1 once ``input_ids`` are gone, so the hook also moves the hidden state of the last non-pad token
-(found from ``input_ids`` exactly as HF's pooling does, or from the attention mask when the
-caller passed ``inputs_embeds``) to position -1.
-
-A causal LM (a model with an output embedding, ``lm_head``) keeps every position's logits:
-the head hook only drops the l prompt positions, so the logits (B, T, V) line up with the
-labels. Generation with the KV cache (Lester et al. decode from the prompted model; peft does
-the same): the prompt is prepended once, at the step that fills an empty cache (the prefill);
-the cache then holds the prompt's keys and values, and a cached step (a cache that already
-holds tokens) gets its new tokens' embeddings as they are, its attention mask widened by l
-ones and its ``position_ids`` moved by l, as on the prefill.
-
-The method cannot start at the identity (it adds tokens) and cannot merge into the base weights.
+- With absolute position embeddings T + l must fit the position table (checked at ``apply`` for
+  the prompt alone, at every forward for the batch).
+- The head reads the token it reads without the prompt; a causal LM's logits (B, T, V) line up
+  with the labels.
+- It cannot start at the identity (it adds tokens) and cannot merge into the base weights.
 """
 
 from __future__ import annotations

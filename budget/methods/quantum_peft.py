@@ -1,58 +1,17 @@
-"""Quantum-PEFT (Koike-Akino et al., ICLR 2025, "Quantum-PEFT: Ultra Parameter-Efficient
-Fine-Tuning"): y = W0 x + b + s U_L diag(λ) U_Rᵀ x, with U_L (out, K) and U_R (in, K) orthonormal
-columns computed from a few circuit angles (or a Lie-algebra generator), not trained as matrices
-(AdaLoRA's P, Q need a penalty to stay near-orthogonal; these are orthogonal by construction).
+"""Quantum-PEFT (Koike-Akino et al., ICLR 2025): y = W0 x + b + s U_L diag(λ) U_Rᵀ x, with U_L (out, K)
+and U_R (in, K) orthonormal columns computed from a few trainable values, not trained as matrices:
+the angles of a Pauli circuit of RY rotations and CZ entanglers ((2L + 1) q - 2L per side,
+q = ceil(log2 N)), or (``unitary=lie``) a skew generator confined to K columns, exponentiated
+exactly through a 2K x 2K reduction (N K - K(K+1)/2 per side). The circuit, the Lie form's
+derivation, the sources and the departures: docs/methods.md#quantum-peft.
 
-Pauli parameterisation (the paper's real, SO(N) case): on q = ceil(log2 N) qubits the orthogonal
-2^q x 2^q matrix is a circuit of RY rotations, RY(θ) = [[cos θ/2, -sin θ/2], [sin θ/2, cos θ/2]],
-and CZ entanglers (diagonal ±1), built as an alternating layered ansatz of depth L:
+Invariants:
 
-    RY on every qubit                                            q angles
-    L times: CZ on (0,1),(2,3),...  then RY on every qubit        q angles
-             CZ on (1,2),(3,4),...  then RY on qubits 1..q-2      q - 2 angles
-
-which is (2L + 1) q - 2L angles per orthogonal matrix (q = 1: one RY, 1 angle). U is the circuit
-applied to the first K basis vectors: its first K columns (the paper's intrinsic rank K), computed
-as a (2^q, K) state, O(2^q K) per gate, never the full matrix. Per adapted matrix the method
-trains (2L + 1)(q_out + q_in) - 4L + K values: for a 384 x 1536 MiniLM FFN matrix with L = 1,
-K = 8: 3 x (9 + 11) - 4 + 8 = 64, against LoRA r = 8's 15,360.
-
-Worked example of the circuit: q = 1, θ = π/2 gives U = [[cos π/4], [sin π/4]] = [0.707, 0.707]ᵀ.
-
-Sources: the paper's full text was not reachable from where this was written (only its
-abstract and Figure 1: W + U Λ Vᵀ with U, V left-orthogonal, computed from intrinsic parameters,
-Λ trained). The circuit (alternating RY layers and CZ entanglers, real SO(N), not SU(N)) and the
-count per Pauli circuit, (2L + 1) log2 N - 2L, agree with an independent implementer's notes on
-the paper (which also give the total per matrix as 2 (2L + 1) log2 N + K, an upper bound that
-omits the -2L of each circuit) and with a second third-party implementation's docstring. Check
-them against the paper's Sec. 4 when it can be read.
-
-Lie-algebra parameterisation (``method.unitary=lie``, the linear-count alternative the Pauli
-circuit is measured against): U = exp(A) E_K, the first K columns of the exponential of a skew-
-symmetric generator A in so(N) whose nonzero entries are confined to the first K columns and
-rows, A = [[B, -Cᵀ], [C, 0]] with B (K, K) skew and C (N - K, K) free. That is a chart of the
-whole Stiefel manifold of orthonormal K-frames (SO(N) acts transitively on it for K < N), with
-its dimension as the count: K(K-1)/2 + (N - K) K = N K - K(K+1)/2 values per side, so
-(N_out + N_in) K - K(K+1) + K per matrix (MiniLM 384 x 1536, K = 8: 15,296, LoRA r = 8's 15,360
-less the K² redundancy of LoRA's A B); for a square N x N matrix that is 2 N K - K², the count
-the independent notes above give for the paper's Lie-algebra (Taylor) variant. The exponential
-is exact, not the paper's truncated Taylor series: with Z = [E_K, F C] (F the last N - K basis
-vectors), A = Z M Zᵀ, M = [[B, -I], [I, 0]], so A^p Z = Z (M G)^p with G = ZᵀZ = diag(I, CᵀC)
-and exp(A) E_K = Z exp(M G)[:, :K]: one 2K x 2K matrix exponential (float64) and an (N - K, K) x
-(K, K) product per forward, never an N x N matrix. Its columns are orthonormal to float rounding
-(no re-orthonormalisation, no penalty).
-
-Departures: for N not a power of two the paper builds larger unitaries by quantum Shannon
-decomposition; here the circuit runs on the next power of two, the first N rows of its K
-columns are kept and re-orthonormalised by Cholesky QR (twice, exact to float rounding,
-differentiable; the angles are the same, so the count is unchanged). The angles start uniform in
-[-π, π) (random orthonormal frames, as AdaLoRA's random P, Q) and λ at zero, so the layer starts
-as the base layer. The Lie-algebra side computes the exponential exactly through the 2K x 2K
-reduction above where a truncated Taylor series would leave U slightly off orthogonal (the
-count, 2 N K - K² for a square matrix, implies the paper's generator is confined to K columns
-too; check against its Sec. 4). Its generator starts N(0, (π/2)² / (N - K)) per value, a random
-frame turned most of the way off E_K. Angle quantisation and the tensor-network variants are not
-implemented. The scaling s = alpha / K keeps LoRA's convention.
+- U_L and U_R have orthonormal columns by construction (to float rounding; no penalty), also for
+  N not a power of two (circuit on the next power, first N rows re-orthonormalised by Cholesky QR).
+- λ starts at zero, so the layer starts as the base layer; s = alpha / K as LoRA's.
+- ``count`` is the exact trainable count: (2L + 1)(q_out + q_in) - 4L + K (Pauli) or
+  (N_out + N_in) K - K(K+1) + K (Lie) per matrix.
 """
 
 from __future__ import annotations
@@ -117,7 +76,7 @@ def side_params(n: int, k: int, depth: int, unitary: str) -> int:
 
 
 def lie_columns(theta: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """U = exp(A) E_K (n, k) for the generator packed in ``theta`` (module docstring).
+    """U = exp(A) E_K (n, k) for the generator packed in ``theta`` (docs/methods.md#quantum-peft).
 
     ``theta``: B's strictly lower triangle (k (k - 1) / 2, row by row) then C (n - k, k) row-major.
     """
@@ -153,7 +112,8 @@ def _ry(state: torch.Tensor, qubit: int, theta: torch.Tensor) -> torch.Tensor:
 
 
 def circuit_columns(theta: torch.Tensor, q: int, k: int, depth: int, signs: torch.Tensor) -> torch.Tensor:
-    """The first k columns (2^q, k) of the depth-L circuit's orthogonal matrix (module docstring).
+    """The first k columns (2^q, k) of the depth-L circuit's orthogonal matrix
+    (docs/methods.md#quantum-peft).
 
     ``signs``: (2, 2^q), the two entangler diagonals (``entangler_signs``).
     """

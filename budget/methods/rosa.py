@@ -1,38 +1,16 @@
-"""RoSA (Nikdan et al., ICML 2024, "RoSA: Accurate Parameter-Efficient Fine-Tuning via Robust
-Adaptation"): a low-rank plus a sparse adapter trained jointly (Sec. 3),
+"""RoSA (Nikdan et al., ICML 2024): a low-rank and a sparse adapter trained jointly,
+W = W0 + s B A + S, S nonzero on a fixed mask of k entries chosen by the accumulated squared
+gradient of the dense weight (the diagonal Fisher). Each target is a ``lora.LoRALinear`` whose
+``base`` is a ``sparse.SparseLinear``; the sparse knobs mean what they mean for ``sparse``. The mask
+is scored before training (default), after a LoRA warm-up (``warmup_steps``), or read from a
+warmed-up run (``mask_from``). The schedules, the reference code and the departures:
+docs/methods.md#rosa.
 
-    W = W0 + s B A + S,   s = alpha / r,   S nonzero on a fixed mask of k entries,
+Invariants:
 
-B zero and S zero at init (the base function). The mask is the top-k of each matrix by the
-accumulated squared gradient of the dense weight (the diagonal Fisher, the reference
-implementation's default ``grad_acc_mode: mean_squared``), k = floor(density · numel).
-
-Built from the pieces of the other two files: each target becomes ``lora.LoRALinear`` whose
-``base`` is a ``sparse.SparseLinear`` (so y = x (W0 + S)ᵀ + b + s B A x), the mask is
-chosen by ``sparse.importance`` / ``sparse.select`` in ``calibrate``, and the sparse knobs
-(``density``, ``budget``, ``score``, ``scope``) mean what they mean for ``sparse``.
-
-When the mask is chosen (``warmup_steps``):
-- an integer N (the paper's schedule; the reference code's ``schedule: wl{N}``, ``wl64`` in its
-  scripts): LoRA trains alone for N steps, the squared gradients of the dense weights are
-  summed over the next ``calibration_steps`` training steps (LoRA still training, the
-  reference's ``grad_collection`` agenda, one score per backward pass), then the mask is chosen
-  and S trains with LoRA from there, its AdamW state starting fresh. S's k values exist from
-  step 0 (the trainable count is the method's from the start) but get zero gradients, and so
-  stay zero, until then. ``validate_steps`` refuses a run too short to reach the mask.
-  A run may end right at that step (T = ``sparse_from``): its checkpoint then holds the mask
-  and S never trained, the reference's ``terminate_after_mask_generation``.
-- ``mask_from``: a run folder whose checkpoint holds a chosen mask (the run above). LoRA and S
-  start from scratch on that mask at step 0: the restart the reference README recommends
-  ("warm up with low-rank adapter only, generate the masks, and then restart the training with
-  both adapters activated", its ``mask_load_path``).
-- ``null`` (default): the mask is scored over ``calibration_steps`` batches of its own at the
-  base model (B = 0) before training starts, and LoRA and S train together from step 0.
-
-Departures: the reference keeps S in a CSR matrix and uses SDDMM / sparse-add kernels
-(spops, GPU); ours stores the k values and their indices and builds W0 + S densely per
-forward (``adabudget.methods.sparse``). ``score: grad`` (|θ ∇θ|) and ``magnitude`` are extra
-options, not the paper's.
+- B = 0 and S = 0 at init (the base function); S's k values exist from step 0, so the trainable
+  count is the method's from the start, and get zero gradients until the mask is chosen.
+- A run too short to reach its mask is refused (``validate_steps``).
 """
 
 from __future__ import annotations

@@ -1,49 +1,17 @@
 """Sparse fine-tuning: train a fixed subset of the entries of the adapted weight matrices,
+W = W0 + S, S = scatter(values, idx), |idx| = k, chosen once before training by |θ ∇θ L|
+(``grad``), the diagonal Fisher (``fisher``) or |θ| (``magnitude``); single entries per matrix or
+globally, whole rows, or whole attention heads. ``SparseLinear`` stores the k values and their
+int64 indices only and builds W0 + S densely for one GEMM per forward (a custom autograd function).
+Scores, selections, the memory trade-off and the exact sizes: docs/methods.md#sparse-fine-tuning.
 
-    W = W0 + S,   S = scatter(values, idx),   |idx| = k,
+Invariants:
 
-chosen once, before training, by importance: ``score: grad`` ranks entries by
-|θ ∇θ L| summed over ``calibration_steps`` batches (the first-order sensitivity AdaLoRA's
-allocator uses; Sanh et al., 2020, "Movement Pruning", and Ansell et al., ACL 2022,
-"Composable Sparse Fine-Tuning", pick sparse updates from gradient information alike),
-``score: fisher`` by Σ (∇θ L)² (the diagonal Fisher; RoSA's mask, ``adabudget.methods.rosa``),
-``score: magnitude`` by |θ| (no data needed). ``selection: unstructured`` keeps single
-entries (``scope: matrix``: top-k of each matrix; ``scope: global``: top-k over all of them);
-``selection: structured`` keeps whole rows of W in its (out, in) layout, i.e. every input
-weight of the chosen output units; ``selection: heads`` keeps whole attention heads: the
-head_dim rows of a head in a query / key / value (or GPT-2's fused qkv) projection, the
-head_dim input columns of a head in the attention output projection, ranked by their summed
-scores (targets default to those attention matrices; any other target is refused).
-
-Memory is real: each matrix holds its k trainable values as a 1-D parameter and their int64
-flat indices (into W0's own storage, so GPT-2's Conv1D is indexed as it is stored) as a
-buffer, so gradients and AdamW state exist for the kept entries only (8 bytes of index per
-entry on top). The forward builds W0 + S densely for one GEMM and drops it (one
-``index_add`` copy); the backward rebuilds it for dL/dx and takes dL/dS as the k entries of
-the dense dL/dW = gᵀ x, a transient of one matrix. On CPU that beats both autograd through
-``index_add`` (which keeps W0 + S alive between forward and backward, one extra copy of
-every adapted matrix) and a gather SDDMM Σ_t g[t, i] x[t, j] (faster only below ~0.2 %
-density: 1024 tokens on 768 x 768, one thread: 13 ms GEMM + gather at any density, SDDMM
-5 ms at 0.1 %, 109 ms at 1 %).
-
-Size (exact, ``count``): with ``budget`` (which wins over ``density``), unstructured
-``scope: matrix`` apportions the budget to the matrices in proportion to their sizes, the
-remainder one entry at a time to the largest fractional shares (ties by module name), so
-the total is the budget; ``scope: global`` keeps exactly ``budget`` entries wherever they
-score best. With ``density``, each matrix keeps floor(density · numel) entries (global:
-floor(density · Σ numel) in all). ``structured`` keeps floor(k_i / in_i) whole rows of each
-matrix, k_i its unstructured share (density: floor(density · out_i) rows), so it counts
-Σ rows_i · in_i, the budget rounded down to whole rows per matrix; ``heads`` likewise keeps
-floor(k_i / unit_i) heads (density: floor(density · heads_i)), unit_i = head_dim · in_i for a
-q / k / v head and out_i · head_dim for an output-projection head.
-
-Before calibration (``apply`` alone: the tests, ``load_adapter``, a magnitude-scored run) the
-entries are chosen by magnitude, so the model is valid, equal to the base (S = 0) and exactly
-``count`` in size; ``calibrate`` re-chooses them from the gradient scores (``scope: global``
-may then move entries between matrices: the value parameters are rebuilt).
-
-Departures: the mask is fixed after calibration (no regrowth or re-selection as in Ansell
-et al.'s two-phase LT-SFT).
+- Gradients and AdamW state exist for the k kept entries only.
+- ``count`` is exact: with ``budget`` the total is the budget (unstructured) or the budget rounded
+  down to whole rows / heads per matrix; with ``density`` floor(density · numel) per matrix.
+- Before ``calibrate`` the entries are chosen by magnitude and S = 0, so the model equals the
+  base; the mask is fixed after calibration.
 """
 
 from __future__ import annotations

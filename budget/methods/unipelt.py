@@ -1,45 +1,15 @@
-"""UniPELT (Mao et al., ACL 2022, "UniPELT: A Unified Framework for Parameter-Efficient
-Language Model Tuning"): LoRA, prefix-tuning and a bottleneck adapter in every layer, each
-behind a learned gate that turns it up or down per example. With x the hidden sequence
-entering the self-attention (B, T, h) and y the FFN output projection's output (B, T, h):
+"""UniPELT (Mao et al., ACL 2022): LoRA (query, value), prefix-tuning and a Pfeiffer bottleneck
+adapter in every layer, each behind a learned per-example gate G(z) = mean_t sigmoid(W_G z_t + b_G)
+(the LoRA gate replaces the scaling alpha / r), as the reference code (morningmoni/UniPELT) does.
+The gated layers subclass LoRA's, the prefix's and the adapter's. The equations, what the reference
+does and what is not reproduced: docs/methods.md#unipelt.
 
-    G(z) = mean_t sigmoid(W_G z_t + b_G),   W_G (1 x in), one scalar in (0, 1) per example
+Invariants:
 
-    LoRA (q, v):   h = W0 x + G_L(x) B A x                 (G_L replaces s = alpha / r)
-    prefix:        attention over [G_P(x) P_k; K], [G_P(x) P_v; V]
-    adapter:       y' = y + G_A(y) (W_up f(W_down y + b_down) + b_up)   (after the FFN, Pfeiffer)
-
-What the reference code (github.com/morningmoni/UniPELT) does, and is followed here:
-
-- ``lora_layers.py`` ``LoRA_Linear``: ``lora_gate = nn.Linear(in_features, 1)``, one per
-  adapted matrix (query and value each have their own); ``forward`` sets ``self.scaling`` to
-  ``torch.sigmoid(self.lora_gate(x))`` averaged with ``torch.mean(..., dim=1)``: the gate
-  *replaces* the scaling alpha / r, it does not multiply it. So the default
-  ``lora_alpha=None`` gives h = W0 x + G_L B A x; a number gives h = W0 x + G_L (alpha / r) B A x.
-- ``models/bert/modeling_bert.py`` ``BertSelfAttention``: ``prefix_gate = nn.Linear(hidden, 1)``;
-  ``gate = torch.mean(torch.sigmoid(self.prefix_gate(hidden_states)), dim=1).view(-1, 1, 1, 1)``
-  from the self-attention's input, multiplying both prefix keys and values.
-- ``adapters/modeling.py`` ``Adapter``: ``gate = nn.Linear(input_size, 1)`` on the adapter's input
-  x, ``torch.mean(torch.sigmoid(self.gate(x)), dim=1).unsqueeze(-1)`` multiplying the up-projection's
-  output before the residual.
-
-All three are sigmoid(Linear(in, 1)) averaged over *all* T positions, padding included (the
-reference has no mask there), so an example's gates depend on how much it is padded, and in
-GPT-2/LLaMA every position's output depends on the whole sequence through the gates (fine for
-sequence classification, not causal). The reference initialises the gates as BERT does
-(``init_bert_weights`` / the model's ``_init_weights``): W_G ~ N(0, 0.02²), b_G = 0, so every gate
-starts near 1/2. Not reproduced from the reference: its adapter-hub Pfeiffer adapter (input taken
-after the block's residual + LayerNorm, residual routed around it, W_up ~ N(0, 0.02²)) and its default prefix
-reparameterisation MLP (its scripts use mid_dim=512; ``prefix_reparam_dim`` > 0 gives one).
-
-Start: LoRA B = 0 and adapter W_up = b_up = 0, so only the (gated) prefix changes the output
-right after ``apply``: not the base model (the prefix adds attention positions), and the LoRA
-and adapter gates get zero (not missing) gradients until B and W_up move. Gates depend on the
-input, so UniPELT cannot merge into the base weights.
-
-``lora_targets`` are roles (``adabudget.arch``): q, k, v, qkv, o, ffn_in, ffn_out. GPT-2 computes
-q, k and v with one fused linear (``attn.c_attn``, role qkv), so any of q/k/v there adapts
-c_attn as a whole (query, key and value, one gate).
+- The gates average over all T positions, padding included, as the reference does (so they are
+  not causal on GPT-2 / LLaMA); they start near 1/2 (W_G ~ N(0, 0.02²), b_G = 0).
+- LoRA B = 0 and adapter W_up = b_up = 0 at ``apply``: only the gated prefix changes the output.
+- Gates depend on the input, so UniPELT cannot merge into the base weights.
 """
 
 from __future__ import annotations
