@@ -1,27 +1,16 @@
 """Getting a trained model out: a peft LoRA adapter, a merged HF checkpoint, trainable-only state dicts.
 
-An AdaLoRA layer computes W0 x + s P diag(λ) Q x (eq. 3), which is a LoRA layer
-W0 x + (alpha / r) B A x with A = Q, B = s P diag(λ), r = the layer's rank (triplets
-with λ_i = 0 dropped) and alpha = r. So a trained AdaLoRA model exports as a plain peft LoRA adapter with a
-per-module ``rank_pattern``, loadable with ``peft.PeftModel.from_pretrained`` and no
-AdaLoRA code at all. Our LoRA layers export the same way (B = s B, alpha = r).
+A trained AdaLoRA layer, W0 x + s P diag(λ) Q x, is a LoRA layer with A = Q, B = s P diag(λ) and
+alpha = r, so AdaLoRA (and our LoRA) runs export as a plain peft LoRA adapter with a per-module
+``rank_pattern``; peft is not imported here, its format is written by hand. The mapping and the
+format (peft 0.13 - 0.21): docs/run-record.md#the-peft-export.
 
-peft is not imported here (it is a dev dependency): the JSON and the safetensors keys are
-written by hand, in the format peft 0.13 - 0.21 writes and reads:
+Invariants:
 
-- ``adapter_config.json``: ``peft_type: LORA``; ``target_modules`` is a list of full module
-  names (peft matches a list entry by ``name == t or name.endswith("." + t)``);
-  ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched as ``(.*\\.)?(key)$``,
-  first match wins; a module of rank 0 cannot be listed at all (peft fails on r = 0,
-  huggingface/peft#1539), and leaving it out is exact since its ΔW = 0.
-- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, in) and
-  ``...lora_B.weight`` (out, r), also for GPT-2's Conv1D (``fan_in_fan_out`` only
-  changes how peft merges); ``modules_to_save`` modules (the task head) are stored under
-  their plain names, ``base_model.model.classifier.weight``, without the
-  ``modules_to_save.default`` infix they have in memory. peft wraps every module whose
-  name ends (as a string) in a ``modules_to_save`` entry, and for ``SEQ_CLS`` /
-  ``TOKEN_CLS`` always adds ``classifier`` and ``score``; it raises a KeyError on load if
-  a wrapped module's weights are missing from the file, so all of them are written.
+- ``peft.PeftModel.from_pretrained`` on the exported adapter gives the run's logits; a module of
+  rank 0 is left out (peft refuses r = 0; its ΔW = 0, so this is exact).
+- Every module peft wraps as ``modules_to_save`` (the task head) is written under its plain name.
+- ``save_merged`` merges a deep copy: the caller's model keeps its wrappers.
 """
 
 from __future__ import annotations

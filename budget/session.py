@@ -1,25 +1,17 @@
 """What every training loop shares: the set-up of a run, and its session from folder to result.
 
-``setup(run)`` loads the data, the tokenizer and the backbone in the one order that
-``adabudget.training.train`` and the supernet's loop both use: same calls, same order, same
-seed, so the same initial weights. ``RunSession`` is the run's bookkeeping, so that a loop
-keeps only its own step:
+``setup(run)`` loads the data, the tokenizer and the backbone for ``adabudget.training.train``
+and the supernet's loop alike; ``RunSession`` is the run's bookkeeping (claim, record, restore,
+stop signals, checkpoints, result), so that a loop keeps only its own step. How a loop uses it:
+docs/run-record.md#one-session-for-every-loop.
 
-    session = RunSession(run, dist, device, T, main_metric, "adabudget train resume={run_dir}")
-    if session.completed is not None: ...              # a resume of a completed run: nothing to do
-    ...                                                # methods restored from session.checkpoint, optimizer
-    step, window, running = session.restore(model, optimizer, scheduler, torch.zeros(2))
-    with session.open(header, summary):                # claims the folder, locks it; stop signals on
-        while step < T:
-            ...                                        # one optimizer step
-            step = session.advance()
-            cause = session.stop_requested(step)
-            if step == T or cause or session.should_checkpoint(step):
-                session.save(step, model, optimizer, ...)
-        result = session.result(status, **fields)     # the one exit; an exception ends it failed
+Invariants:
 
-Under ``torchrun`` every rank holds a session: decisions (stop, checkpoint, non-finite) are
-agreed by all ranks, and only rank 0 writes.
+- ``setup`` makes the same calls in the same order with the same seed, so both loops start from the
+  same initial weights.
+- ``RunSession.result`` is the one exit that writes the status; an exception ends the run failed.
+- Under ``torchrun`` every rank holds a session: decisions (stop, checkpoint, non-finite) are
+  agreed by all ranks, and only rank 0 writes.
 """
 
 from __future__ import annotations
