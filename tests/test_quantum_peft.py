@@ -103,7 +103,7 @@ def test_param_formula():
     for n in (4, 8, 96, 384, 1536, 4096):
         for depth in (0, 1, 3):
             assert circuit_params(n, depth) == paper_count(n, depth)
-    # the docstring's example: a 384 x 1536 matrix, L = 1, K = 8
+    # docs/methods.md#quantum-peft's example: a 384 x 1536 matrix, L = 1, K = 8
     assert circuit_params(384, 1) + circuit_params(1536, 1) + 8 == 64
 
 
