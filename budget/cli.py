@@ -411,11 +411,15 @@ def _reproduce(args: list[str]) -> None:
     p.add_argument("--variant", help="a named variant of the protocol (e.g. cpu: a reduced schedule)")
     p.add_argument("--workers", type=int, default=1, help="processes taking cells in turn")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--gpus", help="GPU indices the workers spread over, e.g. 0,1,2,3 (default: all visible)")
+    p.add_argument("--gpus-per-cell", help="GPUs per worker: an integer, or 1/k to pack k cells on one GPU")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--out", help="also write the Markdown table here")
     a = p.parse_args(args)
     try:
-        root, protocol, missing = reproduce(a.protocol, a.variant, a.workers, a.runs_root, a.threads)
+        root, protocol, missing = reproduce(
+            a.protocol, a.variant, a.workers, a.runs_root, a.threads, a.gpus, a.gpus_per_cell
+        )
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -18,6 +18,7 @@ checkpoint or allocation keeps them). What is not the loop lives beside it: ``ad
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -135,6 +136,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         "trainable_params": trainable_params,
         "total_params": total_params,
         "world_size": dist.world,
+        "device": str(device),  # and the GPUs its process was given (search.devices: one set per worker)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "groups": groups,
         "modules": modules,
         "meta": run.meta,

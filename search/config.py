@@ -14,6 +14,7 @@ from typing import Any, Optional
 from adabudget.config import ConfigError, checker
 from adabudget.methods.adapter import PLACEMENTS as ADAPTER_PLACEMENTS
 from adabudget.search import optuna_factory
+from adabudget.search.devices import parse_devices, per_trial
 
 # the samplers and pruners of search.optuna_factory (one table for the search and the Hydra sweeper);
 # evolution is the supernet's own (search.supernet.run_evolution)
@@ -101,6 +102,12 @@ class SearchConfig:
     n_trials: int = 20  # trained trials wanted (completed or pruned); a resumed study counts the ones it has
     workers: int = 1  # processes on this machine, one trial each at a time
     threads: Optional[int] = None  # torch threads per worker; default: cores / workers
+    # GPUs the workers spread over: indices among the visible ones (CUDA_VISIBLE_DEVICES honoured);
+    # null: every visible GPU; each worker process gets its own CUDA_VISIBLE_DEVICES (search.devices)
+    devices: Optional[list] = None
+    # GPUs per worker: an integer >= 1 (a trial that runs torchrun), or 1/k to pack k trials on one
+    # GPU (the user picks k: no memory management beyond that); null: 1 where GPUs are visible
+    gpus_per_trial: Any = None
     # null: a journal file runs/search/<study>/journal.log (several processes on one machine);
     # postgresql://user@host:port/db for several machines (heartbeats); a path ending in .log: a journal
     storage: Optional[str] = None
@@ -148,6 +155,8 @@ class SearchConfig:
         check(self.n_trials >= 1, "n_trials", f"must be >= 1, got {self.n_trials}")
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        per_trial(self.gpus_per_trial)  # their form here; the GPUs themselves when the workers start
+        parse_devices(self.devices)
         check(self.sampler in SAMPLERS, "sampler", f"unknown sampler '{self.sampler}'; use one of {SAMPLERS}")
         check(self.pruner in PRUNERS, "pruner", f"unknown pruner '{self.pruner}'; use one of {PRUNERS}")
         check(self.budget is None or self.budget >= 1, "budget", "must be >= 1 parameter or null")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from adabudget.config import ConfigError
 from adabudget.procs import CLAIM, claim
+from adabudget.search import devices
 
 
 @dataclass
@@ -231,26 +232,36 @@ def reproduce(
     workers: int = 1,
     runs_root: str = "runs",
     threads: int | None = None,
+    gpus=None,
+    gpus_per_cell=None,
 ) -> tuple[Path, Protocol, int]:
-    """Run the missing cells with ``workers`` processes. Returns the protocol's folder, the protocol
-    and how many cells are still missing (the table is ``analysis.tables``' job)."""
+    """Run the missing cells with ``workers`` processes, each on its own GPUs (``gpus``: indices
+    among the visible GPUs, default all; ``gpus_per_cell``: an integer or 1/k, see
+    ``search.devices``). Returns the protocol's folder, the protocol and how many cells are still
+    missing (the table is ``analysis.tables``' job)."""
     protocol = load_protocol(name, variant)
     root = Path(runs_root) / "reproduce" / (protocol.name + (f"-{variant}" if variant else ""))
     check(protocol, str(root))
+    visible = devices.visible_gpus()
+    assignment = devices.assign(workers, gpus_per_cell, gpus, devices.REPRODUCE, visible)
     todo = [c for c in cells(protocol, root) if cell_state(c)[0] != "done"]
     total = len(cells(protocol, root))
     print(
         f"reproduce {protocol.name}{f' ({variant})' if variant else ''}: {total} cells, {total - len(todo)} "
         f"done, {len(todo)} to run, {workers} worker(s)"
     )
+    if devices.describe(assignment):
+        print(devices.describe(assignment))
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     if todo and workers == 1:
-        run_cells(protocol, str(root), threads)
+        with devices.in_this_process(assignment[0], visible, devices.REPRODUCE[2]):
+            run_cells(protocol, str(root), threads)
     elif todo:
         ctx = multiprocessing.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(protocol, str(root), threads)) for _ in range(workers)]
-        for p in procs:
-            p.start()
+        for p, own in zip(procs, assignment):
+            with devices.environ(devices.worker_env(own)):  # the spawned interpreter inherits it
+                p.start()
             time.sleep(0.2)  # stagger the first claims
         for p in procs:
             p.join()

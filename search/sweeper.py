@@ -44,6 +44,7 @@ from typing import Any
 import optuna
 from adabudget.config import ConfigError, checker
 from adabudget.job import JobOutcome, bind_trial
+from adabudget.search import devices as gpu_devices
 from adabudget.search import optuna_factory
 from adabudget.search.credentials import PASSWORD_HELP, refused_login, scrub, without_password
 from adabudget.search.declarative import parse_param
@@ -366,6 +367,7 @@ class _Job:
     overrides: list
     retries: int = 0
     beat: Any = None  # search.liveness.Beat: the trial's heartbeat while its job runs
+    slot: int = 0  # its place in the n_jobs pool, and so its GPUs (hydra.sweeper.devices)
 
 
 class SweeperImpl:
@@ -384,6 +386,8 @@ class SweeperImpl:
         custom_search_space=None,
         pruner=None,
         objectives=None,
+        devices=None,
+        gpus_per_trial=None,
     ):
         from omegaconf import OmegaConf
 
@@ -394,6 +398,12 @@ class SweeperImpl:
         check(self.n_jobs >= 1, "n_jobs", f"must be >= 1, got {n_jobs}")
         check(0 <= rate <= 1, "max_failure_rate", f"must be in [0, 1], got {max_failure_rate}")
         self.max_failure_rate = rate
+        # the n_jobs pool's GPUs: slot i's jobs get gpus[i] (search.devices.assign, at the sweep's start)
+        if OmegaConf.is_config(devices):
+            devices = OmegaConf.to_container(devices)
+        self.devices, self.gpus_per_trial = devices, gpus_per_trial
+        gpu_devices.per_trial(gpus_per_trial, gpu_devices.SWEEPER[1])
+        gpu_devices.parse_devices(devices, gpu_devices.SWEEPER[2])
         self.sampler_spec, self.pruner_spec = sampler, pruner
         self.params = OmegaConf.to_container(params, resolve=False) if OmegaConf.is_config(params) else params
         self.objectives = list(objectives) if objectives is not None else None
@@ -526,6 +536,9 @@ class SweeperImpl:
         from hydra.core.utils import configure_log, setup_globals
 
         space = parse_space(self.params, arguments)
+        gpus = gpu_devices.assign(self.n_jobs, self.gpus_per_trial, self.devices, gpu_devices.SWEEPER)
+        if gpu_devices.describe(gpus):
+            print(gpu_devices.describe(gpus, "job slot"), flush=True)
         study, self.setup_, grid = self._open_study(space)
         n_trials = min(self.n_trials, grid) if grid else self.n_trials
         if self.custom_search_space:
@@ -567,7 +580,10 @@ class SweeperImpl:
                     try:
                         if not self._wanted(study, n_trials):
                             break
-                        job = self._start(study, space, lock.release)  # released once the trial exists
+                        slot = min(set(range(self.n_jobs)) - {j.slot for j in self.pool.values()})
+                        with gpu_devices.environ(gpu_devices.worker_env(gpus[slot])):  # the fork inherits it
+                            job = self._start(study, space, lock.release)  # released once the trial exists
+                        job.slot = slot
                     except ConfigError as err:
                         stop = str(err)
                         break

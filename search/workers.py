@@ -36,7 +36,7 @@ from pathlib import Path
 import optuna
 from adabudget.config import ConfigError
 from adabudget.procs import HOST, pid_alive
-from adabudget.search import supernet
+from adabudget.search import devices, supernet
 from adabudget.search.liveness import Beat, beat_interval, stale_reason, tell
 from adabudget.search.optuna_factory import finished
 from adabudget.search.progress import Progress
@@ -308,6 +308,11 @@ def _raise_terminated(signum, frame):
 
 def run_workers(setup: Setup) -> None:
     """``search.workers`` processes (one: this process) until the study is full; prints progress."""
+    # each worker process its own GPUs (search.devices, search.gpus_per_trial); None on a CPU machine
+    visible = devices.visible_gpus()
+    gpus = devices.assign(setup.scfg.workers, setup.scfg.gpus_per_trial, setup.scfg.devices, visible=visible)
+    if devices.describe(gpus):
+        print(devices.describe(gpus), flush=True)
     progress = Progress(setup)
     study = open_study(setup)
     progress.seen = {
@@ -324,7 +329,7 @@ def run_workers(setup: Setup) -> None:
 
             torch.set_num_threads(setup.scfg.worker_threads())
             STOP["signal"] = None  # this process may have searched before (tests, notebooks)
-            with _on_sigterm(_request_stop):
+            with _on_sigterm(_request_stop), devices.in_this_process(gpus[0], visible):
                 worker_loop(setup, after_trial=lambda: progress.poll(study))
         else:
             ctx = multiprocessing.get_context("spawn")
@@ -332,8 +337,9 @@ def run_workers(setup: Setup) -> None:
                 ctx.Process(target=worker_main, args=(setup, index), daemon=False)
                 for index in range(setup.scfg.workers)
             ]
-            for p in procs:
-                p.start()
+            for p, own in zip(procs, gpus):
+                with devices.environ(devices.worker_env(own)):  # the spawned interpreter inherits it
+                    p.start()
             try:
                 # SIGTERM to this process (a scheduler, ``kill``) must reach the workers too: by
                 # default it would end this process alone and leave them training as orphans. The

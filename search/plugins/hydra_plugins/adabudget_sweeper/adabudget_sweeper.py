@@ -52,6 +52,10 @@ class AdabudgetSweeperConf:
     # values read from the job's record (result.json): dev.<metric>, params, wall_time, or a
     # dotted path (adapter_params_final, peak_memory_mb); default: the job's return value
     objectives: Optional[list[str]] = None
+    # the n_jobs pool's GPUs (adabudget.search.devices): indices among the visible ones (null: all),
+    # and GPUs per job, an integer or 1/k to pack k jobs on one GPU; each job its own CUDA_VISIBLE_DEVICES
+    devices: Optional[Any] = None
+    gpus_per_trial: Optional[Any] = None
 
 
 # hydra-optuna-sweeper's sampler options, with the fields Optuna 5 still accepts
@@ -131,6 +135,8 @@ class AdabudgetSweeper(Sweeper):
         custom_search_space: Optional[str],
         pruner: Any,
         objectives: Optional[list[str]],
+        devices: Optional[Any] = None,
+        gpus_per_trial: Optional[Any] = None,
     ) -> None:
         from adabudget.search.sweeper import SweeperImpl
 
@@ -146,6 +152,8 @@ class AdabudgetSweeper(Sweeper):
             custom_search_space=custom_search_space,
             pruner=pruner,
             objectives=objectives,
+            devices=devices,
+            gpus_per_trial=gpus_per_trial,
         )
 
     def setup(self, *, hydra_context, task_function, config) -> None:
