@@ -139,3 +139,61 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert (
         len(rows(run2, "ranks.jsonl")) > 3 and rows(run2, "ranks.jsonl")[-1]["final"]
     )  # shrunk, re-wrapped, went on
+
+
+@pytest.mark.slow  # ~70 s on 2 busy cores: two two-node runs (stopped, then resumed)
+def test_torchrun_on_two_nodes_writes_one_record_from_global_rank_0(tmp_path):
+    """``torchrun --nnodes=2 --nproc_per_node=1`` started twice, as on two nodes: two launchers meet
+    at a c10d rendezvous (here on localhost), each from its own working directory, with
+    ``runs_root`` a folder both see (a shared filesystem on a cluster). The run stops at step 6
+    and is resumed the same way: the rank on the other node reads the checkpoint rank 0 wrote in
+    the shared folder. The run has one record, written by global rank 0 alone (its launcher
+    prints the result, the other says nothing of it), both ranks end with identical adapters,
+    and nothing lands in either node's working directory."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    script = Path(sysconfig.get_path("scripts")) / "adabudget"
+    shared = tmp_path / "shared"
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+
+    def on_two_nodes(*args: str) -> list[str]:
+        """``adabudget train *args`` under two torchrun launchers (one per "node"); their stdout."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+        launcher += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=run{port}"]
+        launcher += ["--local-addr=127.0.0.1", str(script), "train", *args]
+        options = {"env": env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        procs = [subprocess.Popen(launcher, cwd=node, **options) for node in nodes]
+        outs = [p.communicate(timeout=600) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        return [out for out, _ in outs]
+
+    run = ["model=tiny-bert", "debug=fast", "method.init_r=4", "method.target_r=2", "train.num_threads=1"]
+    run += ["train.max_steps=12", "method.mask_interval=2", f"runs_root={shared}"]
+    outs = on_two_nodes(*run, "train.stop_after_step=6")
+    assert sorted(out.count("status: interrupted") for out in outs) == [0, 1]  # global rank 0's launcher
+    (run_dir,) = (shared / "default").iterdir()
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
+
+    outs = on_two_nodes(f"resume={run_dir}")
+    assert sorted(out.count("status: completed") for out in outs) == [0, 1]
+    assert [p.name for p in (shared / "default").iterdir()] == [run_dir.name]  # one record
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["world_size"] == 2
+    assert result["ddp"]["identical_on_all_ranks"] is True  # every rank's adapter digest, gathered
+    assert any((run_dir / "adapter").glob("*.safetensors"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert steps == [5, 10, 12]  # one writer: each logged step once (every 5 steps and the last)
+    assert [list(node.iterdir()) for node in nodes] == [[], []]
