@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from adabudget.analysis.records import RecordError, hide_password, load, load_study, run_dirs, trials
+from adabudget.analysis.records import (
+    RecordError,
+    hide_password,
+    load,
+    load_study,
+    run_dirs,
+    study_folder,
+    trials,
+)
 
 # Matrix roles in the order of a transformer block (README "The run record": modules table).
 ROLES = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_out")
@@ -725,7 +733,7 @@ _CLICK_GLUE = """(function () {
 def study_section(storage) -> Section:
     """History, Pareto front, importances, parallel coordinates and per-trial rank patterns."""
     study = load_study(storage)
-    tr = trials(study)
+    tr = trials(study, folder=study_folder(storage))  # run folders found under it, from any directory
     info = study.user_attrs.get("adabudget") or {}
     objectives = info.get("objectives") or [f"value{i}" for i in range(len(study.directions))]
     maximise = [d.name == "MAXIMIZE" for d in study.directions]
@@ -800,7 +808,7 @@ def study_section(storage) -> Section:
 
 # ---------------------------------------------------------------- the page
 def _is_study(path: str) -> bool:
-    if str(path).startswith(("sqlite:", "postgresql", "mysql")):
+    if str(path).startswith(("sqlite:", "postgresql", "mysql", "grpc://")):
         return True
     p = Path(path)
     return (p.is_dir() and (p / "search.json").is_file()) or (p.is_file() and p.suffix == ".log")
@@ -980,7 +988,7 @@ def stamp(paths: list[str]) -> str:
     run logs, allocates or finishes, or a study records a trial."""
     h = hashlib.sha1()
     for p in paths:
-        if str(p).startswith(("postgresql", "mysql")):
+        if str(p).startswith(("postgresql", "mysql", "grpc://")):
             t = trials(p)  # no file to watch: the trials themselves
             h.update(t[["number", "state"]].to_csv().encode())
             continue

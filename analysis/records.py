@@ -322,14 +322,17 @@ def _guess_module(name: str) -> dict:
 
 
 # ---------------------------------------------------------------- studies
-def trials(storage: str | Path, study: str | None = None) -> pd.DataFrame:
+def trials(storage: str | Path, study: str | None = None, folder: str | Path | None = None) -> pd.DataFrame:
     """One row per trial of an Optuna study: state, values, params, the run folder, the counts.
 
     ``storage``: a journal file, a study folder (its ``journal.log`` / ``search.json``),
-    ``sqlite:///...`` or ``postgresql://...`` (or a loaded ``optuna.Study``). ``study`` may be
-    omitted when there is one.
+    ``sqlite:///...``, ``postgresql://...`` or ``grpc://host:port`` (or a loaded ``optuna.Study``,
+    then ``folder`` is its study folder). ``study`` may be omitted when there is one. Run folders
+    resolve against the study folder (``resolve_run_dir``), whatever the working directory.
     """
     s = storage if hasattr(storage, "get_trials") else load_study(storage, study)
+    folder = folder if folder is not None else study_folder(storage)
+    recorded = (s.user_attrs.get("adabudget:root") or {}).get("path")
     study = s.study_name
     objectives = (s.user_attrs.get("adabudget") or {}).get("objectives") or [
         f"value{i}" for i in range(len(s.directions))
@@ -342,7 +345,7 @@ def trials(storage: str | Path, study: str | None = None) -> pd.DataFrame:
             "study": study,
             "number": t.number,
             "state": state,
-            "run_dir": t.user_attrs.get("run_dir"),
+            "run_dir": resolve_run_dir(t.user_attrs.get("run_dir"), folder, recorded),
             "trainable_params": t.user_attrs.get("trainable_params"),
             "budget_params": t.user_attrs.get("budget_params"),
             "baseline": t.user_attrs.get("baseline"),
@@ -358,6 +361,35 @@ def trials(storage: str | Path, study: str | None = None) -> pd.DataFrame:
             row["last_report_step"], row["last_report"] = step, v
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def study_folder(storage) -> Path | None:
+    """The study folder a ``trials`` / ``load_study`` argument names: the folder itself, a journal's
+    folder; None for a database URL or a loaded study."""
+    if hasattr(storage, "get_trials") or "://" in str(storage):
+        return None
+    p = Path(storage)
+    return p if p.is_dir() else p.parent
+
+
+def resolve_run_dir(
+    run_dir: str | None, folder: str | Path | None, recorded: str | None = None
+) -> str | None:
+    """A trial's run folder as the search wrote it (relative to the search's working directory, or
+    absolute on the machine that ran it), found under the study ``folder`` instead: the part of the
+    path below the study folder the search recorded (``recorded``, else the last path component
+    named like ``folder``), joined to ``folder``, when that exists. Else the path as written."""
+    if run_dir is None or folder is None:
+        return run_dir
+    folder, parts = Path(folder), Path(run_dir).parts
+    below = None
+    if recorded and parts[: len(Path(recorded).parts)] == Path(recorded).parts:
+        below = parts[len(Path(recorded).parts) :]
+    elif folder.name in parts:
+        below = parts[len(parts) - parts[::-1].index(folder.name) :]
+    if below and folder.joinpath(*below).exists():
+        return str(folder.joinpath(*below))
+    return run_dir
 
 
 def load_study(storage: str | Path, study: str | None = None):
@@ -411,12 +443,20 @@ def _storage(path: str | Path, study: str | None):
     text = str(path)
     if text.startswith(("sqlite:", "postgresql", "mysql")):
         return _with_driver(text), study
+    if text.startswith("grpc://"):  # adabudget search serve-storage
+        from optuna.storages import GrpcStorageProxy
+
+        host, _, port = text[len("grpc://") :].rstrip("/").rpartition(":")
+        return GrpcStorageProxy(host=host, port=int(port)), study
     p = Path(path)
     if p.is_dir():
         meta = p / "search.json"
         if meta.exists():
             info = json.loads(meta.read_text())
-            return _storage(info["storage"], study or info["study"])
+            stored = info["storage"]
+            if "://" not in stored and (p / Path(stored).name).is_file():
+                stored = str(p / Path(stored).name)  # the study's journal, wherever the search ran
+            return _storage(stored, study or info["study"])
         p = p / "journal.log"
     if not p.is_file():
         raise RecordError(f"{hide_password(path)}: not a journal file, study folder or database URL")

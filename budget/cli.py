@@ -37,12 +37,16 @@ commands:
   bench search [options]  search overhead per trial outside train(), 1 and 2 workers side by side
   bench supernet [opts]   supernet vs stand-alone ranking (Kendall tau), cost, equal-compute search
   bench load [options]    peak memory of a load: fp32, load-then-quantise, nf4 quantised while read
+  bench storage [options] trials/s and time in storage calls of N workers: journal, PostgreSQL, gRPC proxy
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
   search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
   table PATH... [options] a paper table (mean ± std over seeds) from run records, Markdown or LaTeX
   reproduce PROTOCOL      run the missing cells of a paper table (configs/reproduce/), then write it
   search export-wandb-sweep [key=value ...] [--out FILE]
                           the search as a W&B sweep YAML (declarative spaces, one objective)
+  search serve-storage DATABASE_URL [--host H] [--port P]
+                          Optuna's gRPC proxy (and the start lock) in front of a database, for
+                          workers on many machines: search.storage=grpc://H:P
   dashboard PATH... [opts] rank allocations, runs side by side, studies: served on localhost,
                           or --out FILE.html (self-contained), --png DIR (PNG + PDF per figure)
 
@@ -521,6 +525,10 @@ def main(argv: list[str] | None = None) -> None:
         _reproduce(rest)
     elif command == "bench" and rest[:1] == ["search"]:  # adabudget.bench imports no search: route it here
         from adabudget.search.bench import main as search_bench_main
+    elif command == "search" and rest[:1] == ["serve-storage"]:
+        from adabudget.search.storage import serve_main
+
+        serve_main(rest[1:])
 
         search_bench_main(rest[1:])
     elif command == "bench" and rest[:1] == ["supernet"]:
@@ -537,6 +545,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
 
+    elif command == "bench" and rest[:1] == ["storage"]:
+        from adabudget.search.bench_storage import main as storage_bench_main
+
+        storage_bench_main(rest[1:])
 
 if __name__ == "__main__":
     main()

@@ -109,7 +109,8 @@ class SearchConfig:
     # GPU (the user picks k: no memory management beyond that); null: 1 where GPUs are visible
     gpus_per_trial: Any = None
     # null: a journal file runs/search/<study>/journal.log (several processes on one machine);
-    # postgresql://user@host:port/db for several machines (heartbeats); a path ending in .log: a journal
+    # postgresql://user@host:port/db for several machines (heartbeats); a path ending in .log: a journal;
+    # grpc://host:port: `adabudget search serve-storage` in front of a database (hundreds of workers)
     storage: Optional[str] = None
     objectives: Optional[list] = None  # default [dev.<primary metric>]; e.g. [dev.accuracy, params]
     directions: Optional[list] = (
@@ -239,11 +240,16 @@ class SearchConfig:
         )
         check(
             storage == ""
-            or storage.startswith(("postgresql", "sqlite:///", "mysql"))
+            or storage.startswith(("postgresql", "sqlite:///", "mysql", "grpc://"))
             or storage.endswith(".log"),
             "storage",
-            f"'{storage}': use null (a journal file), a path ending in .log, postgresql://... or sqlite:///...",
+            f"'{storage}': use null (a journal file), a path ending in .log, postgresql://..., sqlite:///... "
+            "or grpc://HOST:PORT (adabudget search serve-storage)",
         )
+        if storage.startswith("grpc://"):
+            from adabudget.search.storage import parse_grpc
+
+            parse_grpc(storage)
 
     def objective_names(self, primary: str | None = None) -> list[str]:
         return list(self.objectives) if self.objectives else [f"dev.{primary or 'accuracy'}"]

@@ -33,6 +33,7 @@ from adabudget.search.spaces import get_space
 from adabudget.search.spaces.context import SpaceContext, merge_overrides
 from adabudget.search.spaces.sampling import check_space, sample
 from adabudget.search.spaces.supernet import SupernetSpace
+from adabudget.search.storage import database_url
 from adabudget.search.trial import (
     STOP,
     SearchInterrupted,
@@ -112,18 +113,6 @@ def prepare(cfg) -> Setup:
     return setup
 
 
-def database_url(url: str) -> str:
-    """``postgresql://`` names no driver, and SQLAlchemy 2.1 then imports psycopg (3); with only
-    psycopg2 installed (psycopg2-binary, as the docs say) that failed with an ImportError in
-    every process: name psycopg2 then."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        if importlib.util.find_spec("psycopg2") is not None:
-            return "postgresql+psycopg2://" + url[len("postgresql://") :]
-    return url
-
-
 def _search_config(values: dict) -> SearchConfig:
     names = set(SearchConfig.__dataclass_fields__)
     unknown = sorted(set(values) - names)
@@ -177,13 +166,18 @@ def make_context(setup: Setup) -> SpaceContext:
 
 
 def make_storage(setup: Setup):
-    """A journal file (several processes on one machine) or a database (several machines).
+    """A journal file (several processes on one machine), a database (several machines) or the gRPC
+    proxy in front of one (many machines: ``search.storage``).
 
     Stale trials have one owner on every storage, ``search.liveness`` (through
     ``search.workers.recover_stale``): Optuna's RDB heartbeat stays off. With it on, two
     mechanisms failed and re-queued killed trials, each with its own retry count, and Optuna's
     often got there first (its failed trial had no ``failed_because``)."""
     url = setup.storage
+    if url.startswith("grpc://"):  # Optuna's proxy (search.storage): no database connection here
+        from adabudget.search.storage import grpc_storage
+
+        return grpc_storage(url)
     if url.startswith(("postgresql", "mysql", "sqlite")):
         from optuna.storages import RDBStorage
 
@@ -223,6 +217,7 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
     """The study; with ``create`` a new one gets its settings and baselines, and an existing one
     must have been made by the same space, objectives and budget (else a ConfigError)."""
     from adabudget.search.credentials import PASSWORD_HELP, refused_login, without_password
+    from adabudget.search.storage import check_study_folder
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -247,9 +242,11 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
         "scorer": scfg.scorer,
     }
     if not create:
-        return optuna.load_study(
+        study = optuna.load_study(
             study_name=setup.study, storage=storage, sampler=make_sampler(setup), pruner=make_pruner(setup)
         )
+        check_study_folder(study, setup.root, setup.storage)  # a worker on another host sees the folder
+        return study
     study = optuna.create_study(
         study_name=setup.study,
         storage=storage,
@@ -274,6 +271,7 @@ def open_study(setup: Setup, create: bool = False) -> optuna.Study:
                 f"other settings ({what}); resume it with its own settings, or start a new study with "
                 "search.study=<new name>"
             )
+    check_study_folder(study, setup.root, setup.storage)  # records it, or checks this host sees it
     return study
 
 

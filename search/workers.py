@@ -68,10 +68,16 @@ class StartLock:
         self._file = None
         self._engine = None
         self._conn = None
+        self._served = None  # behind grpc://: the lease served beside the proxy (search.storage)
         self.key = int(hashlib.sha256(setup.study.encode()).hexdigest()[:15], 16)  # a bigint for PostgreSQL
 
     def acquire(self) -> None:
-        if self.setup.storage.startswith("postgresql"):
+        if self.setup.storage.startswith("grpc://"):
+            from adabudget.search.storage import ServedLock
+
+            self._served = self._served or ServedLock(self.setup.storage, self.setup.study)
+            self._served.acquire()
+        elif self.setup.storage.startswith("postgresql"):
             try:
                 self._advisory("SELECT pg_advisory_lock(:k)")
             except _disconnects() as err:  # dropped while idle: a new connection, once
@@ -90,6 +96,8 @@ class StartLock:
     def release(self) -> None:
         if not self.held:
             return
+        if self._served is not None:
+            self._served.release()
         if self._conn is not None:
             try:
                 self._advisory("SELECT pg_advisory_unlock(:k)")
@@ -105,6 +113,9 @@ class StartLock:
     def close(self) -> None:
         self.release()
         self._drop()
+        if self._served is not None:
+            self._served.close()
+            self._served = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None

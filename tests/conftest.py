@@ -38,7 +38,10 @@ TINY_ADALORA = ["method.init_r=4", "method.target_r=2", "method.mask_interval=2"
 # PostgreSQL, Chromium, pdflatex or peft must not pass CI by skipping what needs them.
 # Entries are node ids, a file (all its tests, and its collection) or an fnmatch pattern.
 MUST_RUN_IN_CI = {
-    "PostgreSQL (apt-get install postgresql)": ["tests/test_search.py::*postgresql*"],
+    "PostgreSQL (apt-get install postgresql)": [
+        "tests/test_search.py::*postgresql*",
+        "tests/test_storage.py::*postgresql*",
+    ],
     "Chromium (apt-get install chromium)": ["tests/test_dashboard.py"],
     "pdflatex (apt-get install texlive-latex-base texlive-latex-recommended)": [
         "tests/test_tables.py::test_latex_escapes_and_compiles"
@@ -149,6 +152,7 @@ INTEGRATION = [
     "tests/test_tables.py::test_latex_escapes_and_compiles",
     "tests/test_wandb.py",
     # a whole run, search, benchmark, protocol or Trainer in this process
+    "tests/test_storage.py",
     "tests/test_bench.py",
     "tests/test_bench_search.py",
     "tests/test_causal_lm.py::test_sft_end_to_end_records_generation_metrics",
