@@ -100,6 +100,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
     ada = plan.adalora
     allocator = make_allocator(model, wrapped, ada, total_steps)
     hooks = step_hooks(model, plan, wrapped)
+    for h in hooks:  # the run's T, for a method's own schedule (SoRA's cut, IncreLoRA's rounds)
+        h.start(total_steps)
     inputs = forward_inputs(model)
 
     # 3. the session: a resumed run's checkpoint restores what must exist before the optimizer
@@ -174,7 +176,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         desc=run.run_name,
         leave=False,
     )
-    with session.open(header, lambda: summary(model, allocator, wrapped)), bar:
+    with session.open(header, lambda: summary(model, allocator, wrapped, hooks)), bar:
         if session.checkpoint is None and allocator is not None:  # step 0: every matrix at init_r
             ranks0 = allocator.ranks()
             session.ranks(
@@ -187,6 +189,9 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                     "ranks": ranks0,
                 }
             )
+        for h in hooks if session.checkpoint is None else ():  # SoRA's, IncreLoRA's initial ranks
+            if (row := h.allocation(0)) is not None:
+                session.ranks(row)
         model.train()
         while step < total_steps:
             for h in hooks:
@@ -229,6 +234,9 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                     train_model = ddp.wrap(model, dist, device)  # DDP bucketed the old parameters
                 elif getattr(ada, "reset_pruned_momentum", False):
                     allocator.reset_pruned_momentum_(optimizer)
+            for h in hooks:  # a method's own rank allocation (SoRA's gates, IncreLoRA's growth)
+                if (row := h.allocation(step)) is not None:
+                    session.ranks(row)
             optimizer.zero_grad(set_to_none=True)
             window += 1
 
@@ -361,14 +369,21 @@ def calibrate(hooks: list, model, task, tc, pad_id: int, inputs: set[str], devic
             h.calibrate(lambda batch: model(**batch).loss, batches)
 
 
-def summary(model, allocator, wrapped: dict) -> dict:
-    """What every ending of a run reports of its model: trainable parameters, and AdaLoRA's kept
-    ranks with the parameters they hold."""
+def summary(model, allocator, wrapped: dict, hooks: list = ()) -> dict:
+    """What every ending of a run reports of its model: trainable parameters, and the kept ranks
+    with the parameters they hold (AdaLoRA's allocator, or a method's hooks: SoRA, IncreLoRA)."""
     ranks = allocator.ranks() if allocator is not None else None
+    if ranks is not None:
+        return {
+            "trainable_params_final": count_params(model)[0],
+            "adapter_params_final": kept_params(ranks, wrapped),
+            "ranks": ranks,
+        }
+    kept = next((k for h in hooks if (k := h.kept()) is not None), {})
     return {
         "trainable_params_final": count_params(model)[0],
-        "adapter_params_final": kept_params(ranks, wrapped) if ranks is not None else None,
-        "ranks": ranks,
+        "adapter_params_final": kept.get("kept_params"),
+        "ranks": kept.get("ranks"),
     }
 
 

@@ -34,6 +34,8 @@ COLUMNS = ARCHS + LM_ARCHS
 LM_METHODS = {
     "lora",
     "adalora",
+    "sora",
+    "increlora",
     "hybrid",
     "s4",
     "dylora",
@@ -70,6 +72,10 @@ ROWS = [
     ("dylora", {"name": "dylora", "r_min": 1, "r_max": 4}, {}),
     ("dylora-rank3", {"name": "dylora", "r_min": 2, "r_max": 4, "export_rank": 3, "frozen": False}, {}),
     ("adalora", {"name": "adalora", "init_r": 4, "target_r": 2}, {}),
+    # sora / increlora: apply alone is the gated / grown layer at its start (the gates' proximal
+    # step and the rounds of growth are in the hooks: tests/test_sora.py, tests/test_increlora.py)
+    ("sora", {"name": "sora", "r": 4}, {}),
+    ("increlora", {"name": "increlora", "init_r": 2, "target_r": 3, "max_rank": 4}, {}),
     # adapter biases write into tiny LLaMA's 0.02-scale residual stream: 1e-2 only reaches ln 2
     ("adapter", {"name": "adapter", "bottleneck": 8}, {"lr": 1e-3}),
     ("adapter-pfeiffer", {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 4}, {}),

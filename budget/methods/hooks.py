@@ -30,6 +30,12 @@ class MethodHooks(Protocol):
        checkpoint and the adapter, restored before the optimizer is built. ``None``: nothing.
     5. ``final(evaluate) -> dict``: extra fields of the result record, after the final
        evaluation; ``evaluate(split)`` gives that split's metrics of the model as it is.
+
+    A method that allocates ranks itself (SoRA's gates, IncreLoRA's growth) also gets the run's
+    T once before the loop (``start(total_steps)``, fresh and resumed runs alike), and reports
+    through ``allocation(step)`` (a ``ranks.jsonl`` row when its ranks changed at that step; step
+    0: the initial ones) and ``kept()`` (``{"ranks", "kept_params"}`` now: the record's
+    ``ranks`` and ``adapter_params_final``).
     """
 
     def calibrate(
@@ -51,3 +57,12 @@ class MethodHooks(Protocol):
 
     def final(self, evaluate: Callable[[str], dict]) -> dict:
         return {}
+
+    def start(self, total_steps: int) -> None:
+        return None
+
+    def allocation(self, step: int) -> dict | None:
+        return None
+
+    def kept(self) -> dict | None:
+        return None
