@@ -236,7 +236,8 @@ def _run_row(run_dir: Path, r: dict) -> dict:
 
 def _final_params(r: dict) -> int | None:
     """The parameters a PEFT table reports: every method's at the end, the task head excluded;
-    AdaLoRA counts its kept triplets (``adapter_params_final``); full fine-tuning everything."""
+    AdaLoRA, SoRA and IncreLoRA count their kept components (``adapter_params_final``); full
+    fine-tuning everything."""
     if r.get("method") == "full" or not r.get("groups"):
         return r.get("trainable_params")
     start = sum(g.get("params", 0) for g in r["groups"])
@@ -247,7 +248,7 @@ def _final_params(r: dict) -> int | None:
         for g in r["groups"]
         if isinstance(g.get("methods"), dict)
         for name, m in g["methods"].items()
-        if name == "adalora"
+        if name in ("adalora", "sora", "increlora")  # the methods whose ranks move (adapter_params_final)
     )
     return start - adalora + r["adapter_params_final"]
 

@@ -185,6 +185,9 @@ def test_a_run_reaches_the_level_records_the_ranks_and_resumes_before_and_after_
     assert lines[-1]["final"] and lines[-1]["ranks"] == full["ranks"] and lines[-1]["kept_params"] == kept
     assert [r["step"] for r in lines] == sorted({r["step"] for r in lines})
     assert Path(full["exports"]["adapter"]["path"], "adapter_config.json").exists()
+    from adabudget.analysis.records import load
+
+    assert load([full["run_dir"]]).runs["final_params"].tolist() == [kept]  # the tables' count
 
     for stop in (9, 20):  # before the cut (after step 17) and after it
         first = train(

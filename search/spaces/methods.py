@@ -28,6 +28,8 @@ SINGLE_SIZES = {
     "rosa": (2, 4, 8, 16),
     "quantum_peft": (2, 4, 8, 16),
     "sparse": (0.001, 0.003, 0.01),
+    "sora": (4, 8, 16),  # r_max (no level: the gates' proximal step alone sets the final size)
+    "increlora": (8, 16),  # max_rank (the default budget: average rank 8)
 }
 
 
@@ -77,6 +79,13 @@ def methods_space(trial, ctx: SpaceContext) -> dict:
         knobs.update(
             init_r=max(1, math.ceil(ADALORA_INIT_RATIO * ctx.budget / per_rank)), target_params=ctx.budget
         )
+    elif name in ("sora", "increlora"):  # start above (SoRA) or below (IncreLoRA) the level, end at it
+        per_rank = unit_cost("adalora", {}, arch, None)  # a component costs in + out + 1, as a triplet
+        if name == "sora":
+            knobs["r"] = max(1, math.ceil(ADALORA_INIT_RATIO * ctx.budget / per_rank))
+        else:
+            knobs.update(init_r=1, max_rank=max(2, math.ceil(2 * ctx.budget / per_rank)))
+        knobs["target_params"] = ctx.budget
     elif name == "rosa":
         share = trial.suggest_float("rosa.sparse_share", 0.1, 0.9)
         lora_part = REGISTRY["lora"]
