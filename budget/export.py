@@ -11,12 +11,16 @@ Invariants:
   rank 0 is left out (peft refuses r = 0; its ΔW = 0, so this is exact).
 - Every module peft wraps as ``modules_to_save`` (the task head) is written under its plain name.
 - ``save_merged`` merges a deep copy: the caller's model keeps its wrappers.
+- The adapter applies to the UNTOUCHED base: where PiSSA / OLoRA moved s B0 A0 out of W0, the
+  change relative to W0, s (B A - B0 A0), is written as a rank-2r LoRA (peft's
+  ``path_initial_model_for_weight_conversion``); DoRA's magnitude goes with ``use_dora``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from adabudget.methods import dylora
 from adabudget.methods.adalora import SVDLinear
-from adabudget.methods.lora import LoRALinear
+from adabudget.methods.lora import DoRALinear, LoRALinear
 from adabudget.modules import is_head, is_linear, set_module
 from torch import nn
 
@@ -84,8 +88,18 @@ def export_peft_adapter(
             )
     if not adapters:
         raise ValueError("no adapter layers to export (full fine-tuning?); use save_merged instead")
+    dora = {name for name, layer in adapters.items() if isinstance(layer, DoRALinear)}
+    if dora and dora != set(adapters):
+        raise ValueError(
+            f"{sorted(set(adapters) - dora)[0]} is plain LoRA beside DoRA layers ({sorted(dora)[0]}); "
+            "peft's use_dora is one flag for the whole adapter: use save_adapter or save_merged"
+        )
+    # method=lora at one (r, alpha, rslora): peft's own scale (lora_alpha, use_rslora), B as trained;
+    # anything else (AdaLoRA, DyLoRA at a chosen rank, ...) folds its scale into B at alpha = r
+    scales = {(layer.rank, getattr(layer, "peft_alpha", None)) for layer in adapters.values()}
+    own = len(scales) == 1 and all(getattr(layer, "peft_alpha", None) for layer in adapters.values())
     with torch.no_grad(), dylora.at_rank(wrapped, rank):
-        factors = {name: _lora_factors(layer) for name, layer in adapters.items()}
+        factors = {name: _lora_factors(layer, fold=not own) for name, layer in adapters.items()}
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     kept = {name: r for name, r in ranks.items() if r > 0}
     pruned = sorted(name for name, r in ranks.items() if r == 0)
@@ -105,13 +119,18 @@ def export_peft_adapter(
     r_default = Counter(kept.values()).most_common(1)[0][0]
     pattern = {name: r for name, r in sorted(kept.items()) if r != r_default}
     dropouts = [getattr(adapters[n].dropout, "p", 0.0) for n in kept]
+    alpha, rslora = r_default, False
+    if own:
+        ((r_own, (alpha, rslora)),) = scales
+        if r_default == 2 * r_own:  # PiSSA / OLoRA written as [A; A0], [B, -B0]: keep s (as peft does)
+            alpha *= math.sqrt(2) if rslora else 2
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "r": r_default,
-        "lora_alpha": r_default,
+        "lora_alpha": alpha,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
         "target_modules": sorted(kept),
@@ -119,8 +138,8 @@ def export_peft_adapter(
         "fan_in_fan_out": any(adapters[n].fan_in_fan_out for n in kept),
         "lora_dropout": max(dropouts),
         "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": rslora,
+        "use_dora": bool(dora),
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -134,6 +153,10 @@ def export_peft_adapter(
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a  # (r, in)
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b  # (out, r)
         adapter_params += a.numel() + b.numel()
+        if name in dora:  # m (out,)
+            m = adapters[name].magnitude.detach().cpu().contiguous()
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m
+            adapter_params += m.numel()
     head_params = 0
     for name in saved:
         for key, value in model.get_submodule(name).state_dict().items():
@@ -389,19 +412,24 @@ def _base_module_names(model: nn.Module, adapters: dict[str, nn.Module]) -> list
     return [name for name, _ in model.named_modules() if not (inside and name.startswith(inside))]
 
 
-def _lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with B A = ΔW exactly, scale folded into B: (r, in), (out, r), on the CPU.
+def _lora_factors(layer: nn.Module, fold: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B A = ΔW relative to the original W0 exactly, scale folded into B (``fold``;
+    else s B A = ΔW): (r, in), (out, r), on the CPU. DoRA's B A is the direction's change.
 
     AdaLoRA triplets with λ_i = 0 (masked but not physically removed, ``shrink: never``)
     add nothing to ΔW and are left out, so r is the effective rank. A LoRA layer computing with
     a slice (``lora.set_active``: DyLoRA's chosen rank, a supernet's sub-network) exports that slice.
+    A layer whose init moved part of W0 into the adapter (PiSSA) adds its initial factors negated.
     """
     if isinstance(layer, SVDLinear):
         keep = layer.lam.nonzero().squeeze(1)
         a = layer.Q[keep]  # (r, in)
         b = layer.P[:, keep] * (layer.lam[keep] * layer.scaling)  # (out, r)
+        if layer.P0 is not None:  # s P Λ Q - s P0 Λ0 Q0
+            a = torch.cat([a, layer.Q0])  # (r + init_r, in)
+            b = torch.cat([b, layer.P0 * (layer.lam0 * -layer.scaling)], dim=1)  # (out, r + init_r)
     else:  # LoRALinear or a subclass (Delta-LoRA's adds the change of W0)
-        a, b = layer.peft_factors()  # (r, in), (out, r)
+        a, b = layer.peft_factors() if fold else layer.peft_factors(fold=False)  # (r, in), (out, r)
     return a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
 
 

@@ -3,6 +3,8 @@
 Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023.
 Each adapted weight becomes W = W0 + s * P diag(λ) Q (eq. 3), P (out x r), λ (r), Q (r x in).
 The triplets (P_:i, λ_i, Q_i:) are scored and pruned by ``adabudget.allocator.RankAllocator``.
+``init=pissa`` starts P Λ Q at W0's principal triplets, W0 - s P Λ Q left in the base
+(docs/methods.md#lora-variants-dora-rslora-pissa-olora).
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from adabudget.config import ConfigError, checker
+from adabudget.methods.lora import check_init, dense_weight, principal_triplets, rewrites_base
 from adabudget.modules import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
 
 SCORES = ("adalora", "sensitivity", "magnitude")
 SHRINK = ("final", "every", "never")
+# P, Λ, Q at init: orthogonal P and Q with λ = 0 (``SVDLinear``), or PiSSA's principal triplets of W0
+# (pissa_niter_<k>: the randomised SVD); LoRA's other inits have no P Λ Q form
+INITS = ("orthogonal", "pissa", "pissa_niter_<k>")
 
 
 @dataclass
@@ -61,9 +67,18 @@ class AdaLoRAConfig:
     dropout: float = 0.0
     shrink: str = "final"  # remove pruned triplets: at the final allocation | at every one | never
     layers: Optional[list] = None  # restrict to these block indices (None = all)
+    # orthogonal | pissa | pissa_niter_<k> (INITS): pissa starts P Λ Q at W0's top init_r singular
+    # triplets (λ = S / s), the residual in the base; a pruned triplet then removes that part of W0
+    init: str = "orthogonal"
 
     def validate(self) -> None:
         check = checker("method")
+        if self.init in ("olora", "gaussian", "kaiming"):
+            raise ConfigError(
+                f"method.init: '{self.init}' initialises LoRA's A and B, which have no P Λ Q (SVD) form; "
+                f"AdaLoRA takes one of {list(INITS)} (use method=lora for {self.init})"
+            )
+        check_init(self.init, INITS)
 
         check(self.init_r >= 1, "init_r", f"must be >= 1, got {self.init_r}")
         n_targets = sum(v is not None for v in (self.target_total_rank, self.target_params))
@@ -130,6 +145,11 @@ class SVDLinear(nn.Module):
         self.scaling = scaling
         self.r_initial = r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # PiSSA (``init_from_base_``): the triplets at init, s P0 Λ0 Q0 = what was taken out of W0
+        # (None: W0 untouched); never shrunk, not saved (recomputed from W0 by ``apply``)
+        self.register_buffer("P0", None, persistent=False)  # (out, init_r)
+        self.register_buffer("lam0", None, persistent=False)  # (init_r,)
+        self.register_buffer("Q0", None, persistent=False)  # (init_r, in)
 
     @property
     def rank(self) -> int:
@@ -168,6 +188,21 @@ class SVDLinear(nn.Module):
             moves.append((old, new, dim, keep))
         return moves
 
+    @torch.no_grad()
+    def init_from_base_(self, init: str) -> None:
+        """PiSSA on P Λ Q (Meng et al. 2024, in AdaLoRA's SVD form): W0 = U S Vᵀ, P = U_r, λ = S_r / s,
+        Q = V_rᵀ, so s P Λ Q is W0's principal part, W0 - s P Λ Q stays in the base, P and Q start
+        orthonormal (where eq. 4 pulls them) and λ are W0's own singular values / s."""
+        niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
+        w = dense_weight(self.base).to(self.P.dtype)  # (out, in)
+        u, sv, vh = principal_triplets(w, self.rank, niter)
+        self.P.copy_(u)
+        self.lam.copy_(sv / self.scaling)
+        self.Q.copy_(vh)
+        self.P0, self.lam0, self.Q0 = (t.detach().clone() for t in (self.P, self.lam, self.Q))
+        residual = w - self.delta_weight()  # W0 - s P0 Λ0 Q0, (out, in)
+        self.base.weight.copy_(residual.T if self.fan_in_fan_out else residual)
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}/{self.r_initial}, "
@@ -184,13 +219,26 @@ def apply(model: nn.Module, cfg: AdaLoRAConfig, layers: list[int] | None = None)
     """Wrap the target linear layers in ``SVDLinear``; returns {module name: wrapper}."""
     layers = layers if layers is not None else cfg.layers
     patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
+    names = find_targets(model, patterns, "method.target_modules", layers)
+    init = getattr(cfg, "init", "orthogonal")
+    if rewrites_base(init):  # refused before any layer is touched
+        from adabudget.quantize import is_quantized
+
+        quantized = [n for n in names if is_quantized(model.get_submodule(n))]
+        if quantized:
+            raise ConfigError(
+                f"method.init={init}: leaves W0 - s P Λ Q in the base weights, which model.quantize stores "
+                f"frozen in 4 bits ({quantized[0]}); use model.quantize=null or method.init=orthogonal"
+            )
     wrapped = {}
-    for name in find_targets(model, patterns, "method.target_modules", layers):
+    for name in names:
         base = model.get_submodule(name)
         # W0 is frozen with the backbone (freeze_backbone); its bias is left alone, so that
         # BitFit or layer freezing applied before in the same group keeps training it.
         base.weight.requires_grad_(False)
         wrapped[name] = SVDLinear(base, cfg.init_r, scaling_of(cfg), cfg.dropout)
+        if rewrites_base(init):
+            wrapped[name].init_from_base_(init)
         set_module(model, name, wrapped[name])
     return wrapped
 
@@ -206,7 +254,19 @@ def count(cfg: AdaLoRAConfig, arch, layers: list[int] | None = None) -> int:
     """init_r (in + out + 1) per adapted matrix (P, Λ, Q) at the start of training."""
     layers = layers if layers is not None else cfg.layers
     patterns = cfg.target_modules or arch.default_targets()
-    return sum(cfg.init_r * triplet_cost(s) for _, s in arch.match_linears(patterns, layers))
+    shapes = list(arch.match_linears(patterns, layers))
+    init = getattr(cfg, "init", "orthogonal")
+    small = [
+        (n, s) for n, s in shapes if rewrites_base(init) and cfg.init_r > min(s.in_features, s.out_features)
+    ]
+    if small:
+        n, s = small[0]
+        raise ConfigError(
+            f"method.init_r={cfg.init_r}: method.init={init} takes init_r principal triplets of W0, but {n} "
+            f"({s.out_features} x {s.in_features}) has only {min(s.in_features, s.out_features)}; "
+            "lower method.init_r"
+        )
+    return sum(cfg.init_r * triplet_cost(s) for _, s in shapes)
 
 
 def kept_params(ranks: dict[str, int], shapes: dict) -> int:
@@ -333,7 +393,10 @@ class _OrthGroup(torch.autograd.Function):
                 < torch.tensor(ranks, device=stacked.device)[:, None]
             )
             eye = torch.diag_embed(valid.to(stacked.dtype))  # (n, rmax, rmax)
-        gram = stacked.mT @ stacked if is_p else stacked @ stacked.mT  # (n, r, r)
+        # In the factors' own dtype even under autocast: backward multiplies D with the stacked
+        # factors outside any autocast region, and R's small deviations need fp32 anyway.
+        with torch.autocast(stacked.device.type, enabled=False):
+            gram = stacked.mT @ stacked if is_p else stacked @ stacked.mT  # (n, r, r)
         diff = gram.sub_(eye)  # D
         if squared:
             value = diff.pow(2).sum()

@@ -1,5 +1,11 @@
 """LoRA (Hu et al., 2022): W = W0 + (alpha / r) B A, B zero-initialised.
 
+The variants peft ships are knobs of ``method=lora`` (the maths, papers and peft's code they follow:
+docs/methods.md#lora-variants-dora-rslora-pissa-olora): ``rslora`` (s = alpha / sqrt(r)), ``dora``
+(``DoRALinear``: a magnitude m (out,) times the normalised direction of W0 + s B A) and ``init``
+(``gaussian``; ``pissa`` / ``olora``: A, B from W0's principal triplets or its QR, the residual
+W0 - s B A left in the base and A0, B0 kept, so the peft export is a plain LoRA on the untouched base).
+
 ``LoRALinear`` is the plain layer; its consumers subclass it: ``SlicedLoRALinear`` (here) computes
 with its first r rank-one components, A[:r] and B[:, :r] (views, no copy), keeping its scaling
 (``set_active(layer, r)``): DyLoRA's layers run at a sampled rank, and a weight-sharing supernet
@@ -11,6 +17,7 @@ gated layers are subclasses in their own method files.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +27,34 @@ from adabudget.config import ConfigError
 from adabudget.modules import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
 
+# A's initialisation: kaiming (peft's default, init_lora_weights=True), gaussian (N(0, 1/r), peft's
+# "gaussian"), and those that rewrite W0: pissa (principal singular triplets; pissa_niter_<k>: the fast
+# randomised SVD with k subspace iterations, as peft's) and olora (QR).
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>", "olora")
+DATA_DRIVEN = ("lora_ga", "eva")  # the issue's data-driven initialisations, not built
+
+
+def rewrites_base(init: str) -> bool:
+    """Whether ``init`` moves part of W0 into the adapter (W0 - s B A stays in the base)."""
+    return init in ("pissa", "olora") or _niter(init) is not None
+
+
+def _niter(init: str) -> int | None:
+    m = re.fullmatch(r"pissa_niter_(\d+)", init)
+    return int(m.group(1)) if m else None
+
+
+def check_init(init: str, allowed: tuple[str, ...], field: str = "method.init") -> None:
+    """A ConfigError naming ``field`` unless ``init`` is one of ``allowed`` (``pissa_niter_<k>``
+    stands for every k >= 1)."""
+    ok = init in allowed or ("pissa_niter_<k>" in allowed and (_niter(init) or 0) >= 1)
+    if ok:
+        return
+    hint = ""
+    if init in DATA_DRIVEN:
+        hint = " (the data-driven initialisations LoRA-GA and EVA are not built)"
+    raise ConfigError(f"{field}: unknown initialisation '{init}'{hint}; use one of {list(allowed)}")
+
 
 @dataclass
 class LoRAConfig:
@@ -27,7 +62,10 @@ class LoRAConfig:
     target_modules: Optional[list] = None  # regex name suffixes; None = architecture default
     r: int = 8
     alpha: float = 16.0
-    rslora: bool = False  # alpha / sqrt(r) instead of alpha / r
+    rslora: bool = False  # alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
+    # DoRA (Liu et al. 2024): W' = m (W0 + s B A) / ||W0 + s B A||_c, m (out,) trained, the norm detached
+    dora: bool = False
+    init: str = "kaiming"  # kaiming | gaussian | pissa | pissa_niter_<k> | olora (INITS)
     dropout: float = 0.0
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
@@ -36,6 +74,7 @@ class LoRAConfig:
             raise ConfigError(f"method.r: must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"method.dropout: must be in [0, 1), got {self.dropout}")
+        check_init(self.init, INITS)
 
 
 class LoRALinear(nn.Module):
@@ -52,6 +91,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # PiSSA / OLoRA: the factors at init, s B0 A0 = what was taken out of W0 (None: W0 untouched);
+        # not saved: ``apply`` recomputes them from W0, deterministically
+        self.register_buffer("A0", None, persistent=False)  # (r, in)
+        self.register_buffer("B0", None, persistent=False)  # (out, r)
+        # (alpha, rslora) of a layer built by method=lora: the peft export writes them as lora_alpha
+        # and use_rslora instead of folding s into B (None: a consumer's layer, s is folded)
+        self.peft_alpha: tuple[float, bool] | None = None
 
     @property
     def rank(self) -> int:
@@ -83,11 +129,118 @@ class LoRALinear(nn.Module):
         a, b = self.factors()
         return self.scaling * b @ a
 
-    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A', B') with B' A' the layer's whole change, the scale folded into B': what a peft LoRA
-        adapter holds (``adabudget.export.export_peft_adapter``)."""
+    def peft_factors(self, fold: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') with B' A' the layer's whole change of the ORIGINAL W0, the scale folded into
+        B' (``fold=False``: not, s B' A' is the change): what a peft LoRA adapter holds
+        (``adabudget.export.export_peft_adapter``). After PiSSA / OLoRA the change is
+        s (B A - B0 A0) = s [B, -B0] [A; A0], rank 2r (peft's ``subtract_mutated_init``)."""
         a, b = self.factors()
-        return a, b * self.scaling
+        if self.A0 is not None:
+            a, b = torch.cat([a, self.A0]), torch.cat([b, -self.B0], dim=1)  # (2r, in), (out, 2r)
+        return (a, b * self.scaling) if fold else (a, b)
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """W0 of a linear layer in nn.Linear layout (out, in): Conv1D's transposed, a 4-bit one dequantised."""
+    w = base.weight
+    if hasattr(w, "get_original_weight"):  # NF4 (model.quantize=nf4)
+        w = w.get_original_weight()
+    _, _, fan_in_fan_out = linear_shape(base)
+    return w.T if fan_in_fan_out else w
+
+
+class DoRALinear(LoRALinear):
+    """y = m ⊙ (W0 + s B A) x / ||W0 + s B A||_c + b (DoRA, Liu et al. ICML 2024, eq. 5).
+
+    ``magnitude`` m (out,) starts at ||W0 + s B A||_c (per output row: the norm over the input
+    dimension of the (out, in) weight, peft's ``get_weight_norm``), so the layer starts as the base
+    layer. The norm is recomputed every forward and detached from the graph (section 4.3: it gets no
+    gradient), as peft's ``DoraLinearLayer`` does. With dropout active the dropped-out x feeds both
+    the W0 and the B A parts of the rescaled term, as in peft.
+    """
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__(base, r, scaling, dropout)
+        self.magnitude = nn.Parameter(self.weight_norm())  # (out,) m
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + s B A||_c, (out,), detached."""
+        a, b = self.factors()
+        w = dense_weight(self.base).to(a.dtype)  # (out, in)
+        return torch.linalg.vector_norm(w + self.scaling * (b @ a), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # W0 x + b, (..., out)
+        bias = getattr(self.base, "bias", None)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            xd, w0x = x, (out if bias is None else out - bias)  # W0 x
+        else:
+            xd = self.dropout(x)
+            w0x = F.linear(xd, dense_weight(self.base).to(out.dtype))  # W0 x_d
+        a, b = self.factors()
+        lora = F.linear(F.linear(xd.to(a.dtype), a), b) * self.scaling  # s B A x, (..., out)
+        scale = self.magnitude / self.weight_norm()  # (out,) m / ||W0 + s B A||_c
+        # out + (m/n - 1) W0 x + (m/n) s B A x = (m/n) (W0 + s B A) x + b
+        return out + ((scale - 1) * w0x + scale * lora).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """W' - W0 = (m/n - 1) W0 + (m/n) s B A, (out, in): what merging adds to W0."""
+        a, b = self.factors()
+        w = dense_weight(self.base).to(a.dtype)  # (out, in)
+        merged = w + self.scaling * (b @ a)
+        return (self.magnitude / torch.linalg.vector_norm(merged, dim=1))[:, None] * merged - w
+
+    @torch.no_grad()
+    def reset_magnitude_(self) -> None:
+        """m = ||W0 + s B A||_c: the layer computes W0 + s B A (after an initialisation moved A, B)."""
+        self.magnitude.copy_(self.weight_norm())
+
+
+@torch.no_grad()
+def principal_triplets(w: torch.Tensor, r: int, niter: int | None = None):
+    """(U_r (out, r), S_r (r,), Vh_r (r, in)) of w (out, in): the r largest singular triplets,
+    by a full SVD, or (``niter``) torch's randomised ``svd_lowrank`` with that many subspace
+    iterations, as peft's ``pissa_niter_<k>``; its random start is drawn from a fixed seed, so
+    every build (a resumed run, ``load_adapter``) finds the same triplets."""
+    if niter is None:
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :r], sv[:r], vh[:r]
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        u, sv, v = torch.svd_lowrank(w, q=r, niter=niter)
+    return u, sv, v.T
+
+
+@torch.no_grad()
+def initialise_(layer: LoRALinear, init: str) -> None:
+    """Set A, B by ``init`` (``INITS``); PiSSA and OLoRA leave W0 - s B A in the base and keep A0, B0.
+
+    PiSSA (Meng et al., NeurIPS 2024; peft's ``pissa_init``): W0 = U S Vᵀ, A = sqrt(S_r / s) V_rᵀ,
+    B = U_r sqrt(S_r / s), so s B A = U_r S_r V_rᵀ, the principal part of W0. OLoRA (Büyükakyüz 2024;
+    peft's ``olora_init``): W0 = Q R, B = Q[:, :r], A = R[:r] (peft does not divide by s there: the
+    adapter starts at s Q_r R_r, which the residual removes again).
+    """
+    if init == "kaiming":
+        return
+    if init == "gaussian":
+        nn.init.normal_(layer.A, std=1 / layer.rank)  # peft's "gaussian"; B stays 0
+        return
+    r, s = layer.rank, layer.scaling
+    w = dense_weight(layer.base).to(layer.A.dtype)  # (out, in)
+    if init == "olora":
+        q, rr = torch.linalg.qr(w)  # (out, k), (k, in), k = min(out, in)
+        a, b = rr[:r], q[:, :r]
+    else:
+        u, sv, vh = principal_triplets(w, r, _niter(init))
+        root = (sv / s).sqrt()  # (r,)
+        a, b = root[:, None] * vh, u * root  # (r, in), (out, r)
+    layer.A.copy_(a)
+    layer.B.copy_(b)
+    layer.A0, layer.B0 = layer.A.detach().clone(), layer.B.detach().clone()
+    residual = w - s * (layer.B @ layer.A)  # W0 - s B0 A0, (out, in)
+    layer.base.weight.copy_(residual.T if layer.fan_in_fan_out else residual)
 
 
 class SlicedLoRALinear(LoRALinear):
@@ -137,22 +290,53 @@ def apply(
     layers = layers if layers is not None else cfg.layers
     patterns = resolve_targets(model, cfg.target_modules, "method.target_modules")
     scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
+    init, dora = getattr(cfg, "init", "kaiming"), getattr(cfg, "dora", False)
+    if (dora or init != "kaiming") and layer_cls is not LoRALinear:
+        raise TypeError(f"method.dora / method.init: {layer_cls.__name__} takes neither (method=lora does)")
+    names = find_targets(model, patterns, "method.target_modules", layers)
+    if rewrites_base(init):  # refused before any layer is touched
+        from adabudget.quantize import is_quantized
+
+        quantized = [n for n in names if is_quantized(model.get_submodule(n))]
+        if quantized:
+            raise ConfigError(
+                f"method.init={init}: leaves W0 - s B A in the base weights, which model.quantize stores "
+                f"frozen in 4 bits ({quantized[0]}); use model.quantize=null or method.init=kaiming"
+            )
     wrapped = {}
-    for name in find_targets(model, patterns, "method.target_modules", layers):
+    for name in names:
         base = model.get_submodule(name)
         # W0 is frozen with the backbone (freeze_backbone); its bias is left alone, so that
         # BitFit or layer freezing applied before in the same group keeps training it.
         base.weight.requires_grad_(False)
-        wrapped[name] = layer_cls(base, cfg.r, scaling, cfg.dropout)
-        set_module(model, name, wrapped[name])
+        layer = (DoRALinear if dora else layer_cls)(base, cfg.r, scaling, cfg.dropout)
+        initialise_(layer, init)
+        if dora:
+            layer.reset_magnitude_()  # m = ||W0 + s B A||_c after the init: the base function
+        if layer_cls is LoRALinear:
+            layer.peft_alpha = (float(cfg.alpha), bool(cfg.rslora))
+        wrapped[name] = layer
+        set_module(model, name, layer)
     return wrapped
 
 
 def count(cfg: LoRAConfig, arch, layers: list[int] | None = None) -> int:
-    """r (in + out) per adapted matrix."""
+    """r (in + out) per adapted matrix, + out (DoRA's magnitude m)."""
     layers = layers if layers is not None else cfg.layers
     patterns = cfg.target_modules or arch.default_targets()
-    return sum(cfg.r * (s.in_features + s.out_features) for _, s in arch.match_linears(patterns, layers))
+    shapes = list(arch.match_linears(patterns, layers))
+    init = getattr(cfg, "init", "kaiming")
+    if rewrites_base(init):
+        too_small = [(n, s) for n, s in shapes if cfg.r > min(s.in_features, s.out_features)]
+        if too_small:
+            n, s = too_small[0]
+            raise ConfigError(
+                f"method.r={cfg.r}: method.init={init} takes r principal directions of W0, but {n} "
+                f"({s.out_features} x {s.in_features}) has only {min(s.in_features, s.out_features)}; "
+                "lower method.r"
+            )
+    dora = getattr(cfg, "dora", False)
+    return sum(cfg.r * (s.in_features + s.out_features) + (s.out_features if dora else 0) for _, s in shapes)
 
 
 @torch.no_grad()

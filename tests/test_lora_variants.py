@@ -1,0 +1,330 @@
+"""The LoRA variants peft ships, as knobs of ``method=lora`` (and PiSSA on AdaLoRA's P Λ Q).
+
+DoRA (``dora=true``), rsLoRA (``rslora=true``) and the initialisations ``gaussian``, ``pissa``,
+``pissa_niter_<k>`` and ``olora`` are checked against peft 0.21 itself, the reference:
+
+- the start: PiSSA's and OLoRA's A, B and the residual left in W0 equal what peft's
+  ``init_lora_weights="pissa"`` / ``"olora"`` computes on the same weights;
+- DoRA's forward and its gradients (the column norm detached, DoRA section 4.3) equal peft's
+  ``use_dora=True`` layer holding the same A, B and m;
+- the round trip: a few training steps, ``export_peft_adapter``, ``PeftModel.from_pretrained`` on
+  the UNTOUCHED base (PiSSA / OLoRA written as the rank-2r change relative to W0, as peft's
+  ``path_initial_model_for_weight_conversion``) gives the trained model's logits, on the tiny
+  classifiers and the tiny causal LMs, and the config says ``use_dora`` / ``use_rslora`` / alpha.
+
+The generic checks (count exact, merge, save/load, few steps) run in tests/test_methods.py's rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from adabudget.allocator import RankAllocator
+from adabudget.arch import arch_of
+from adabudget.config import ConfigError
+from adabudget.export import export_peft_adapter, merge_methods
+from adabudget.methods import apply_method, count_method, method_config_from_dict
+from adabudget.methods.adalora import SVDLinear
+from adabudget.methods.lora import DoRALinear, LoRALinear
+from conftest import tiny_model
+from test_methods import tiny_lm
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-5
+CLASSIFIERS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
+LMS = ("tiny-gpt2-lm", "tiny-llama-lm")
+LORA = {"name": "lora", "r": 2, "alpha": 4.0}
+VARIANTS = {
+    "dora": {**LORA, "dora": True},
+    "rslora": {**LORA, "rslora": True},
+    "gaussian": {**LORA, "init": "gaussian"},
+    "pissa": {**LORA, "init": "pissa"},
+    "pissa-niter": {**LORA, "init": "pissa_niter_2"},
+    "olora": {**LORA, "init": "olora"},
+    "pissa-dora-rslora": {**LORA, "init": "pissa", "dora": True, "rslora": True},
+    # AdaLoRA with P Λ Q at W0's principal triplets, shrunk to mixed ranks (one module at 0)
+    "adalora-pissa": {
+        "name": "adalora",
+        "init_r": 4,
+        "target_r": 2,
+        "warmup_steps": 2,
+        "final_steps": 2,
+        "mask_interval": 1,
+        "min_rank": 0,
+        "init": "pissa",
+    },
+}
+STEPS = 6
+
+
+def build(arch_name: str, seed: int = 0):
+    return tiny_lm(arch_name, seed, layers=2) if arch_name in LMS else tiny_model(arch_name, seed)
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def trained(arch_name: str, knobs: dict):
+    """(model, wrapped, base before the method, eval ids): STEPS AdamW steps at a large lr on random
+    tokens, so every factor (and DoRA's m) moves far; AdaLoRA ends shrunk to ranks {0, 1, >= 2}."""
+    model = build(arch_name)
+    base = copy.deepcopy(model)
+    cfg = method_config_from_dict(knobs)
+    cfg.validate()
+    wrapped = apply_method(model, cfg)
+    alloc = RankAllocator(wrapped, cfg, STEPS) if cfg.name == "adalora" else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    gen = torch.Generator().manual_seed(1)
+    model.train()
+    for step in range(1, STEPS + 1):
+        ids = torch.randint(1, 1000, (4, 8), generator=gen)
+        labels = ids if arch_name in LMS else torch.randint(0, 2, (4,), generator=gen)
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        if alloc is not None:
+            allocation = alloc.update_and_allocate(step)
+            if allocation is not None and allocation.shrink:
+                alloc.shrink_(opt)
+        opt.zero_grad()
+    if alloc is not None:
+        ranks = alloc.ranks()
+        names = list(ranks)
+        ranks[names[0]] = 0
+        top = max(names[1:], key=ranks.get)  # kept at >= 2; another one with triplets left goes to 1
+        ranks[next(n for n in names[1:] if n != top and ranks[n] > 0)] = 1
+        alloc.shrink_to(ranks)
+    return model, wrapped, base, torch.randint(1, 1000, (3, 10), generator=gen)
+
+
+CELLS = [(v, a) for v in VARIANTS for a in CLASSIFIERS + LMS]
+
+
+@pytest.mark.parametrize("variant, arch_name", CELLS, ids=[f"{a}-{v}" for v, a in CELLS])
+def test_the_peft_adapter_on_the_untouched_base_gives_the_trained_logits(variant, arch_name, tmp_path):
+    knobs = VARIANTS[variant]
+    model, wrapped, base, ids = trained(arch_name, knobs)
+    task_type = "CAUSAL_LM" if arch_name in LMS else "SEQ_CLS"
+    summary = export_peft_adapter(model, wrapped, tmp_path, arch_name, task_type)
+    expected = logits(model, ids)
+    assert (logits(base, ids) - expected).abs().max() > 20 * ATOL  # the training matters
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(loaded, ids), expected, atol=ATOL, rtol=0)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] == knobs.get("dora", False)
+    assert config["init_lora_weights"] is True  # a plain LoRA on the untouched base, whatever the init
+    moved = knobs.get("init", "kaiming").startswith(("pissa", "olora"))
+    built = {n: m.r["default"] for n, m in loaded.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    assert built == summary["modules"]
+    if knobs["name"] == "lora":  # peft's own scale: B as trained, alpha and rslora as configured
+        r = 2 * knobs["r"] if moved else knobs["r"]
+        assert set(built.values()) == {r} and config["r"] == r
+        assert config["use_rslora"] == knobs.get("rslora", False)
+        growth = (2**0.5 if knobs.get("rslora") else 2) if moved else 1  # keeps s at 2r (peft's rule)
+        assert config["lora_alpha"] == pytest.approx(knobs["alpha"] * growth)
+    else:  # AdaLoRA: r kept triplets + init_r initial ones per module (a module pruned to 0 too)
+        ranks = {n: lay.rank for n, lay in wrapped.items()}
+        assert 0 in ranks.values() and not summary["pruned"]
+        assert built == {n: r + knobs["init_r"] for n, r in ranks.items()}
+    if knobs.get("dora"):
+        n_dora = sum(lay.out_features for lay in wrapped.values())
+        assert summary["adapter_params"] == n_dora + sum(
+            r * (wrapped[n].in_features + wrapped[n].out_features) for n, r in summary["modules"].items()
+        )
+
+
+@pytest.mark.parametrize("variant", ["dora", "pissa-dora-rslora", "olora", "adalora-pissa"])
+@pytest.mark.parametrize("arch_name", ["tiny-gpt2", "tiny-llama-lm"])
+def test_merging_gives_the_trained_function(variant, arch_name):
+    model, wrapped, _, ids = trained(arch_name, VARIANTS[variant])
+    expected = logits(model, ids)
+    merge_methods(model, wrapped, [VARIANTS[variant]["name"]])
+    assert not any(isinstance(m, (LoRALinear, SVDLinear)) for m in model.modules())
+    torch.testing.assert_close(logits(model, ids), expected, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- the start, against peft's inits
+def peft_model(base, knobs: dict, targets: list[str], **extra):
+    config = peft.LoraConfig(
+        r=knobs["r"],
+        lora_alpha=knobs["alpha"],
+        use_rslora=knobs.get("rslora", False),
+        target_modules=targets,
+        lora_dropout=0.0,
+        **extra,
+    )
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("arch_name", ["tiny-bert", "tiny-llama"])
+def test_pissa_and_olora_start_where_peft_does(init, rslora, arch_name):
+    """A, B and the residual W0 - s B A in the base equal peft's ``init_lora_weights=init``, and
+    the model still computes the base function."""
+    base = tiny_model(arch_name)
+    knobs = {**LORA, "init": init, "rslora": rslora}
+    ours = copy.deepcopy(base)
+    wrapped = apply_method(ours, method_config_from_dict(knobs))
+    ref = peft_model(base, knobs, sorted(wrapped), init_lora_weights=init)
+    ref_layers = dict(ref.base_model.model.named_modules())
+    for name, layer in wrapped.items():
+        theirs = ref_layers[name]
+        torch.testing.assert_close(layer.A, theirs.lora_A["default"].weight, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.B, theirs.lora_B["default"].weight, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.base.weight, theirs.base_layer.weight, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(layer.base.weight, base.get_submodule(name).weight)  # W0 was rewritten
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(ours, ids), logits(base, ids), atol=ATOL, rtol=0)
+
+
+def test_pissa_niter_finds_the_principal_part_the_same_way_every_build():
+    """The fast SVD (``pissa_niter_<k>``: torch's ``svd_lowrank`` at q = r, as peft's) draws its start
+    from a fixed seed: two builds (a resumed run, ``load_adapter``) hold the same factors whatever
+    the global RNG did; on a W0 with a decaying spectrum s B A is its principal part."""
+    name = "bert.encoder.layer.0.intermediate.dense"
+    g = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(64, 32, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    spectrum = 0.5 ** torch.arange(32.0)  # (32,)
+    w0 = u * spectrum @ v.T  # (64, 32)
+    knobs = {**LORA, "r": 4, "init": "pissa_niter_4"}
+    builds = []
+    for seed in (1, 2):
+        model = tiny_model("tiny-bert")
+        with torch.no_grad():
+            model.get_submodule(name).weight.copy_(w0)
+        torch.manual_seed(seed)
+        builds.append(apply_method(model, method_config_from_dict(knobs))[name])
+    a, b = builds
+    assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and torch.equal(a.base.weight, b.base.weight)
+    principal = u[:, :4] * spectrum[:4] @ v[:, :4].T
+    with torch.no_grad():
+        torch.testing.assert_close(a.delta_weight(), principal, atol=1e-3, rtol=0)
+        torch.testing.assert_close(a.base.weight + a.delta_weight(), w0, atol=1e-6, rtol=0)
+
+
+def test_dora_forward_and_gradients_equal_peft():
+    """With the same A, B and m (all off their init) our DoRA layer computes peft's outputs and
+    gradients: m (W0 + s B A) x / ||W0 + s B A||_c + b with the norm detached (DoRA section 4.3); a
+    norm that took gradients would change dL/dA and dL/dB."""
+    base = tiny_model("tiny-llama")
+    knobs = {**LORA, "dora": True}
+    ours = copy.deepcopy(base)
+    wrapped = apply_method(ours, method_config_from_dict(knobs))
+    ref = peft_model(base, knobs, sorted(wrapped), use_dora=True)
+    ref_layers = dict(ref.base_model.model.named_modules())
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, layer in wrapped.items():
+            assert isinstance(layer, DoRALinear)
+            theirs = ref_layers[name]
+            torch.testing.assert_close(layer.magnitude, theirs.lora_magnitude_vector["default"].weight)
+            for mine, their in (
+                (layer.A, theirs.lora_A["default"].weight),
+                (layer.B, theirs.lora_B["default"].weight),
+                (layer.magnitude, theirs.lora_magnitude_vector["default"].weight),
+            ):
+                mine.add_(0.3 * torch.randn(mine.shape, generator=g))
+                their.copy_(mine)
+    ids = torch.randint(5, 1000, (2, 7), generator=g)
+    labels = torch.tensor([0, 1])
+    for model in (ours, ref):
+        model.train()
+        model(input_ids=ids, labels=labels).loss.backward()
+    torch.testing.assert_close(logits(ours, ids), logits(ref, ids), atol=ATOL, rtol=0)
+    for name, layer in wrapped.items():
+        theirs = ref_layers[name]
+        torch.testing.assert_close(layer.A.grad, theirs.lora_A["default"].weight.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(layer.B.grad, theirs.lora_B["default"].weight.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            layer.magnitude.grad, theirs.lora_magnitude_vector["default"].weight.grad, atol=1e-6, rtol=1e-4
+        )
+
+
+def test_counts_add_dora_magnitude_and_keep_lora_size_for_the_inits():
+    model = tiny_model("tiny-bert")
+    arch = arch_of(model)
+    plain = count_method(method_config_from_dict(LORA), arch)
+    outs = sum(
+        m.out_features for m in apply_method(copy.deepcopy(model), method_config_from_dict(LORA)).values()
+    )
+    assert count_method(method_config_from_dict({**LORA, "dora": True}), arch) == plain + outs
+    for init in ("gaussian", "pissa", "pissa_niter_3", "olora"):
+        assert count_method(method_config_from_dict({**LORA, "init": init}), arch) == plain
+
+
+# ---------------------------------------------------------------- what is refused, and how
+@pytest.mark.parametrize(
+    "knobs, match",
+    [
+        ({**LORA, "init": "eva"}, r"method\.init: .*'eva'.*not built"),
+        ({**LORA, "init": "lora_ga"}, r"method\.init: .*not built"),
+        ({**LORA, "init": "pissa_niter_0"}, r"method\.init: unknown initialisation 'pissa_niter_0'"),
+        ({**LORA, "init": "svd"}, r"method\.init: unknown initialisation 'svd'; use one of"),
+        ({**VARIANTS["adalora-pissa"], "init": "olora"}, r"method\.init: 'olora' .* no P Λ Q .*method=lora"),
+    ],
+)
+def test_unknown_or_unfit_inits_are_refused_naming_the_field(knobs, match):
+    with pytest.raises(ConfigError, match=match):
+        method_config_from_dict(knobs).validate()
+
+
+@pytest.mark.parametrize(
+    "knobs, match",
+    [
+        (
+            {**LORA, "r": 40, "init": "pissa"},
+            r"method\.r=40: method\.init=pissa .* has only 32; lower method\.r",
+        ),
+        (
+            {**VARIANTS["adalora-pissa"], "init_r": 40, "target_r": 8},
+            r"method\.init_r=40: .*lower method\.init_r",
+        ),
+    ],
+)
+def test_more_principal_directions_than_a_matrix_has_is_refused_before_building(knobs, match):
+    model = tiny_model("tiny-bert")
+    cfg = method_config_from_dict(knobs)
+    with pytest.raises(ConfigError, match=match):
+        count_method(cfg, arch_of(model))
+    with pytest.raises(ConfigError, match=match):
+        apply_method(model, cfg)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("knobs", [{**LORA, "init": "pissa"}, VARIANTS["adalora-pissa"]])
+def test_pissa_on_a_4bit_base_is_refused_naming_both_fields(knobs):
+    pytest.importorskip("torchao")
+    from adabudget.quantize import quantize_base
+
+    model = tiny_model("tiny-bert")
+    quantize_base(model, "nf4")
+    with pytest.raises(ConfigError, match=r"method\.init=pissa: .*model\.quantize.*model\.quantize=null"):
+        apply_method(model, method_config_from_dict(knobs))
+    assert not any(isinstance(m, (LoRALinear, SVDLinear)) for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_dora_on_a_4bit_base_computes_with_the_dequantised_weight():
+    """QDoRA: the norm and the W0 x part read the NF4 weight dequantised; at init the layer computes
+    the quantised base exactly."""
+    pytest.importorskip("torchao")
+    from adabudget.quantize import quantize_base
+
+    model = tiny_model("tiny-llama", layers=1)
+    quantize_base(model, "nf4")
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)  # (an NF4 weight cannot be deep-copied at this size)
+    wrapped = apply_method(model, method_config_from_dict({**LORA, "dora": True}))
+    torch.testing.assert_close(logits(model, ids), before, atol=ATOL, rtol=0)
+    layer = next(iter(wrapped.values()))
+    w = layer.base.weight.get_original_weight().float()
+    torch.testing.assert_close(layer.magnitude, torch.linalg.vector_norm(w, dim=1))
