@@ -57,6 +57,7 @@ from adabudget.methods import apply_method, method_config_from_dict
 from adabudget.methods.adalora import orth_penalty
 from adabudget.models import load_model, pick_device
 from adabudget.modules import find_targets, freeze_backbone, resolve_targets
+from adabudget.precision import autocast as amp_autocast
 from torch import nn
 
 MASK_INTERVAL = 10  # ΔT for both allocators
@@ -356,34 +357,59 @@ def time_allocators(ours: Variant, peft: Variant | None, batch: dict, device, re
 
 
 # ---------------------------------------------------------------- main
-def make_batch(model: nn.Module, batch_size: int, seq_len: int, device, seed: int) -> dict:
+def make_batch(
+    model: nn.Module, batch_size: int, seq_len: int, device, seed: int, causal_lm: bool = False
+) -> dict:
+    """A fixed batch of random tokens: a 2-class label each, or (causal LM) the tokens themselves as
+    labels (every position predicts the next, as a packed SFT batch does)."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     ids = torch.randint(1000, vocab, (batch_size, seq_len), generator=g)  # skip [PAD], [CLS], unused
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": torch.randint(0, 2, (batch_size,), generator=g),
-    }
+    labels = ids.clone() if causal_lm else torch.randint(0, 2, (batch_size,), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     return {k: t.to(device) for k, t in batch.items()}
 
 
-def quiet_load(name: str) -> nn.Module:
-    """The backbone with a 2-class head, without transformers' load report on stdout."""
+def quiet_load(name: str, causal_lm: bool = False) -> nn.Module:
+    """The backbone with a 2-class head (or its LM head), without transformers' load report on stdout."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return load_model(ModelConfig(name=name), 2, False)
+        return load_model(ModelConfig(name=name), 2, False, causal_lm=causal_lm)
     finally:
         hf_logging.set_verbosity(level)
+
+
+def under_autocast(loss_fn: Callable[[dict], torch.Tensor], autocast) -> Callable[[dict], torch.Tensor]:
+    """``loss_fn`` with its forward under ``autocast`` (``adabudget.precision.autocast``'s factory)."""
+
+    def run(batch: dict) -> torch.Tensor:
+        with autocast():
+            return loss_fn(batch)
+
+    return run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="adabudget bench", description=__doc__.split("\n\n")[0])
     p.add_argument("what", nargs="?", default="step", choices=["step"], help="what to benchmark")
     p.add_argument("--model", default="minilm", help="minilm, a tiny-* model or an HF id (default minilm)")
+    p.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "causal-lm"],
+        help="a 2-class head on the batch, or the LM head with the tokens as labels "
+        "(a decoder: smollm2, tiny-llama)",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="the forward and backward of every variant under autocast in this dtype "
+        "(trainable weights fp32)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument(
@@ -418,7 +444,8 @@ def run(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     load_before = os.getloadavg()[0]
     torch.manual_seed(args.seed)
-    base = quiet_load(args.model)
+    causal_lm = args.task == "causal-lm"
+    base = quiet_load(args.model, causal_lm)
     for m in base.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -427,7 +454,8 @@ def run(args: argparse.Namespace) -> dict:
     targets = find_targets(
         base, resolve_targets(base, None, "method.target_modules"), "method.target_modules"
     )
-    batch = make_batch(base, args.batch_size, args.seq_len, device, args.seed)
+    batch = make_batch(base, args.batch_size, args.seq_len, device, args.seed, causal_lm)
+    autocast = amp_autocast(args.precision, device)
 
     use_peft = not args.no_peft
     if use_peft:
@@ -449,6 +477,8 @@ def run(args: argparse.Namespace) -> dict:
     for spec in filter(None, args.methods.split(",")):
         variants[f"method:{spec}"] = method_variant(base, spec, lora_count, batch)
     del base
+    for v in variants.values():  # every variant, ours and peft's, in the same precision
+        v.loss_fn = under_autocast(v.loss_fn, autocast)
     order = list(variants.values())
 
     # Interleaved rounds; the starting variant rotates every round.
@@ -509,6 +539,7 @@ def run(args: argparse.Namespace) -> dict:
         "allocator": alloc,
         "ratios": ratios,
         "device": str(device),
+        "tokens": args.batch_size * args.seq_len,
         "peft": use_peft,
         "load": (load_before, os.getloadavg()[0]),
     }
@@ -519,20 +550,22 @@ def report(args: argparse.Namespace, res: dict) -> None:
     v = res["variants"]
     cuda = res["device"].startswith("cuda")
     print(
-        f"bench step: model={args.model} batch={args.batch_size}x{args.seq_len} device={res['device']} "
+        f"bench step: model={args.model} task={args.task} precision={args.precision} "
+        f"batch={args.batch_size}x{args.seq_len} device={res['device']} "
         f"threads={torch.get_num_threads()} rounds={args.steps} (+{args.warmup} warm-up), "
         f"AdaLoRA {args.init_r}->{args.target_r}, ΔT={MASK_INTERVAL}, head frozen (adapters only)"
     )
     cores = os.cpu_count()
     print(f"1-min load average {res['load'][0]:.2f} before, {res['load'][1]:.2f} after ({cores} cores)")
-    head = f"{'variant':<32}{'median ms':>10}{'min ms':>9}{'cpu ms':>9}{'vs lora':>8}{'alloc ms':>9}{'trainable':>10}"
+    head = f"{'variant':<32}{'median ms':>10}{'min ms':>9}{'cpu ms':>9}{'vs lora':>8}{'tok/s':>8}"
+    head += f"{'alloc ms':>9}{'trainable':>10}"
     head += f"{'state MB':>9}{'act MB':>8}" + (f"{'peak MB':>9}" if cuda else "")
     print(head)
     ref = v["lora"]["median_s"]
     for r in v.values():
         state = r["params"] + r["grads"] + r["optim"] + r["alloc"]
         line = f"{r['name']:<32}{r['median_s'] * 1e3:>10.1f}{r['min_s'] * 1e3:>9.1f}{r['cpu_s'] * 1e3:>9.1f}"
-        line += f"{r['median_s'] / ref:>8.3f}"
+        line += f"{r['median_s'] / ref:>8.3f}{res['tokens'] / r['median_s']:>8.0f}"
         line += (
             f"{r['alloc_s'] * 1e3:>9.2f}{r['trainable']:>10,}{state * mb:>9.1f}{r['activations'] * mb:>8.1f}"
         )
@@ -540,7 +573,8 @@ def report(args: argparse.Namespace, res: dict) -> None:
             line += f"{r['peak_bytes'] * mb:>9.1f}"
         print(line)
     print(
-        "state MB = persistent training state counted from the tensors: parameters (frozen backbone included) "
+        "state MB = persistent training state counted from the tensors: parameters "
+        "(frozen backbone included) "
         "+ gradients + AdamW moments + allocator buffers (EMAs, scratch);"
     )
     print(
@@ -554,10 +588,12 @@ def report(args: argparse.Namespace, res: dict) -> None:
     print(f"{'state detail (MB)':<32}{'params':>9}{'grads':>9}{'AdamW':>9}{'alloc':>9}")
     for r in v.values():
         print(
-            f"{r['name']:<32}{r['params'] * mb:>9.2f}{r['grads'] * mb:>9.3f}{r['optim'] * mb:>9.3f}{r['alloc'] * mb:>9.3f}"
+            f"{r['name']:<32}{r['params'] * mb:>9.2f}{r['grads'] * mb:>9.3f}"
+            f"{r['optim'] * mb:>9.3f}{r['alloc'] * mb:>9.3f}"
         )
     print(
-        f"allocator call alone, median ms over {args.alloc_reps} calls each (same step numbers, budgeting phase; "
+        f"allocator call alone, median ms over {args.alloc_reps} calls each "
+        "(same step numbers, budgeting phase; "
         f"the ratio weighs them as the schedule does, 1 allocation step in {MASK_INTERVAL}):"
     )
     for key, t in res["allocator"].items():
@@ -566,7 +602,8 @@ def report(args: argparse.Namespace, res: dict) -> None:
     c = res["cpu_ratios"]
     print(
         f"cpu-time ratios (process CPU time: with --threads 1 this ignores time spent descheduled on a "
-        f"shared machine): adalora/lora={c['adalora/lora']:.3f} shrunk/lora_final={c['shrunk/lora_final']:.3f} "
+        f"shared machine): adalora/lora={c['adalora/lora']:.3f} "
+        f"shrunk/lora_final={c['shrunk/lora_final']:.3f} "
         f"adalora/peft_adalora={c['adalora/peft_adalora']:.3f}"
     )
     r = res["ratios"]

@@ -141,3 +141,18 @@ def test_bench_methods_run_at_loras_count(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("ratio adapter/lora=") and RATIO.fullmatch(lines[-1])
     assert re.search(r" lora\[r:2\]/lora=\d+\.\d{3}$", lines[-2])
+
+
+def test_bench_step_on_a_causal_lm_in_bf16(capsys):
+    """The decoder's LM head on a batch of tokens, every variant (ours and peft's) under bf16
+    autocast: the header says so, each row has its tokens per second, the ratios are finite."""
+    pytest.importorskip("peft")
+    bench.main(
+        "step --model tiny-llama --task causal-lm --precision bf16 --batch-size 2 --seq-len 32 "
+        "--steps 2 --warmup 1 --alloc-reps 2 --threads 1".split()
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "task=causal-lm precision=bf16 batch=2x32" in lines[0]
+    assert "tok/s" in "\n".join(lines)
+    ratios = [float(x) for x in RATIO.fullmatch(lines[-1]).groups()]
+    assert all(math.isfinite(r) and r > 0 for r in ratios), ratios

@@ -356,3 +356,26 @@ def test_bf16_on_a_gpu_without_bf16_is_refused_before_compute(monkeypatch):
         check_device("bf16", torch.device("cuda"))
     check_device("fp16", torch.device("cuda"))  # fp16 is what such a GPU runs
     check_device("bf16", torch.device("cpu"))  # and bf16 on the CPU always works
+
+
+def test_adaloras_orth_penalty_backpropagates_under_autocast():
+    """R(P, Q) is computed in the factors' fp32 even inside a bf16 autocast region, so its
+    hand-written backward (outside autocast) multiplies tensors of one dtype."""
+    from adabudget.methods.adalora import SVDLinear, orth_penalty
+
+    torch.manual_seed(0)
+    layers = [SVDLinear(torch.nn.Linear(16, 8), 4, 1.0), SVDLinear(torch.nn.Linear(16, 8), 3, 1.0)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.P.add_(0.1 * torch.randn_like(layer.P))  # off the manifold: a nonzero penalty
+    grads = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            value = orth_penalty(layers)
+        value.backward()
+        grads.append([layer.P.grad.clone() for layer in layers])
+        for layer in layers:
+            layer.P.grad = layer.Q.grad = None
+        assert value.dtype == torch.float32
+    for plain, autocast in zip(*grads):
+        assert torch.equal(plain, autocast)
