@@ -116,7 +116,8 @@ def prepare_hub_access(name: str, revision: str | None = None, timeout: float = 
         f"model.name={name}: not a packaged model ({', '.join(PACKAGED)}), tiny model or existing local "
         f"folder, so it must come from the HF hub, which is unreachable from here ({endpoint}: no "
         f"connection within {timeout:g} s), and it is not in the local HF cache ({constants.HF_HUB_CACHE}). "
-        "Use model=minilm (the packaged MiniLM, no hub needed) or a local folder (model.name=/path/to/model); "
+        "Use model=minilm (the packaged MiniLM, no hub needed) or a local folder "
+        "(model.name=/path/to/model); "
         "or download it once where the hub is reachable, bring that HF cache here (HF_HOME or HF_HUB_CACHE) "
         "and set HF_HUB_OFFLINE=1 to load from it."
     )

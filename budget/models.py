@@ -158,7 +158,8 @@ def check_decoder(config, name: str, causal_lm: bool) -> None:
     if causal_lm and (mtype in ENCODERS or getattr(config, "is_encoder_decoder", False)):
         raise ConfigError(
             f"model.name={name}: a causal-LM task (prompt -> completion) needs a decoder, and {mtype} is "
-            "encoder-only; use model=smollm2, tiny-llama, tiny-gpt2 or a hub decoder (or a classification task)"
+            "encoder-only; use model=smollm2, tiny-llama, tiny-gpt2 or a hub decoder "
+            "(or a classification task)"
         )
 
 
