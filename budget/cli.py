@@ -133,8 +133,11 @@ def run_job(cfg, hydra_cfg, multirun: bool, hook=None):
 
 class MultirunSummary(Callback):
     """After a ``-m`` sweep: one line per job (status, primary dev metric, run folder, overrides),
-    also written to ``<sweep dir>/summary.json``. Every job is read from its folder, so any
-    launcher works: a run's ``result.json``, a refused config's ``<job>.refused.json``."""
+    and why a job did not complete, also written to ``<sweep dir>/summary.json``. Every job is
+    read from its folder, so any launcher works (joblib's processes, submitit's, Slurm's jobs): a
+    run's ``result.json``, a refused config's ``<job>.refused.json``. They are all in one sweep
+    folder because ``hydra.sweep.dir`` resolves once, in the launching process (its
+    ``${adabudget.pid:}`` is cached, ``adabudget.compose.register_configs``)."""
 
     def __init__(self):
         self.overrides: dict[str, list[str]] = {}
@@ -147,6 +150,8 @@ class MultirunSummary(Callback):
             self.overrides[str(num)] = list(job_return.overrides or [])
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        from adabudget.search.credentials import scrub
+
         sweep = Path(config.hydra.sweep.dir)
         if not sweep.is_dir():
             return
@@ -165,6 +170,7 @@ class MultirunSummary(Callback):
             }
         for path in sweep.glob(f"*{REFUSED_SUFFIX}"):
             job = path.name.removesuffix(REFUSED_SUFFIX)
+            record = json.loads(path.read_text())
             rows.setdefault(
                 job,
                 {
@@ -173,19 +179,23 @@ class MultirunSummary(Callback):
                     "metric": None,
                     "dev": None,
                     "run_dir": None,
-                    "error": json.loads(path.read_text()).get("error"),
+                    "error": record.get("error"),
+                    "overrides": record.get("overrides"),  # a job in another process told no callback here
                 },
             )
         rows = [rows[k] for k in sorted(rows, key=lambda k: (len(k), k))]
         for row in rows:
             job = row["job"].split("_")[0]
-            row["overrides"] = self.overrides.get(job) or _saved_overrides(row["run_dir"])
+            saved = row.pop("overrides", None) or _saved_overrides(row["run_dir"])
+            row["overrides"] = [scrub(o) for o in self.overrides.get(job) or saved]
         (sweep / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
         done = sum(r["status"] == "completed" for r in rows)
         print(f"\nsweep {sweep}: {done} of {len(rows)} job(s) completed")
         for r in rows:
             dev = f"{r['metric']}={r['dev']:.4f}" if r["dev"] is not None else "-"
             print(f"  job {r['job']:>3}  {r['status']:<11} dev {dev:<18} {' '.join(r['overrides'])}")
+            if r["status"] != "completed" and r["error"]:
+                print(f"           {str(r['error']).splitlines()[0][:200]}")
         print(f"  (runs in {sweep}/<job>, this table in {sweep / 'summary.json'})")
 
 

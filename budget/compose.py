@@ -57,7 +57,10 @@ def register_configs() -> None:
     for name, method in REGISTRY.items():
         cs.store(group="schema/method", name=name, node=method.config)
     # The sweep folder's name carries the pid: two multiruns started in the same second differ.
-    OmegaConf.register_new_resolver("adabudget.pid", os.getpid, replace=True)
+    # Cached, as Hydra's ${now:} is: the launching process resolves hydra.sweep.dir first, and every
+    # job's config is composed with that cache copied in (ConfigLoader.load_sweep_config), so a job
+    # in another process (joblib, submitit, Slurm) gets the launcher's pid, not its own.
+    OmegaConf.register_new_resolver("adabudget.pid", os.getpid, replace=True, use_cache=True)
     _registered = True
 
 

@@ -9,8 +9,8 @@ of itself as its ``for_trial`` attribute (``for_trial(hook) -> task function ret
 JobOutcome``); ``bind_trial`` finds it.
 
 In a multirun a refused job has no folder; ``<sweep dir>/<job number>.refused.json``
-(``{"status": "refused", "error"}``) records it instead, so the multirun summary lists it
-whichever process or launcher ran it.
+(``{"status": "refused", "error", "overrides"}``) records it instead, so the multirun summary
+lists it, with its overrides, whichever process, launcher or machine ran it.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def run_job(cfg, hydra_cfg, multirun: bool, hook: TrialHook | None = None) -> tu
             raise
         sweep = Path(hydra_cfg.sweep.dir)  # the multirun summary lists it from there
         sweep.mkdir(parents=True, exist_ok=True)
-        record = {"status": "refused", "error": str(err)}
+        record = {"status": "refused", "error": str(err), "overrides": list(hydra_cfg.overrides.task)}
         (sweep / f"{hydra_cfg.job.num}{REFUSED_SUFFIX}").write_text(json.dumps(record) + "\n")
         return cfg, JobOutcome(refused=str(err))
     return cfg, JobOutcome(result=result)

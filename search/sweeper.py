@@ -280,6 +280,82 @@ def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
 
 
 # ---------------------------------------------------------------- the job's side
+def trial_outcome(ret, objectives: list[str] | None, n_values: int, job: Any) -> dict:
+    """What Hydra's ``JobReturn`` of a trial's job means for the trial (``job_outcome``), read in
+    the job's process: adabudget's own job returns its ``JobOutcome``, whose record holds the
+    objectives (``params`` counted from the run's config)."""
+    from hydra.core.utils import JobStatus
+
+    result, refused, params = None, None, None
+    if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, JobOutcome):  # adabudget's job
+        result, refused = ret.return_value.result, ret.return_value.refused
+    if result is not None and "params" in (objectives or []):
+        try:
+            params = budget_params(result)
+        except Exception as err:  # no count: the objective fails, naming why
+            print(f"trial {job}: params not counted: {err}", file=sys.stderr)
+    return job_outcome(ret, result, refused, objectives, n_values, params)
+
+
+def launched_outcome(ret) -> dict:
+    """The outcome a launched job returned (``LaunchedTrial``), or a failure naming what happened
+    instead: the job raised, or the launcher lost it (``ret`` is then the launcher's exception)."""
+    if isinstance(ret, BaseException):
+        return {"state": "fail", "error": f"the launcher lost the job: {type(ret).__name__}: {ret}"[:2000]}
+    try:
+        outcome = ret.return_value  # re-raises what the job raised
+    except Exception as err:
+        return {"state": "fail", "error": f"{type(err).__name__}: {err}"[:2000]}
+    if not isinstance(outcome, dict) or "state" not in outcome:
+        return {"state": "fail", "error": f"the job returned {outcome!r}, not its trial's outcome"[:2000]}
+    return outcome
+
+
+class LaunchedTrial:
+    """The task function ``hydra/launcher`` runs for the sweeper's trials. It is pickled to each
+    job's process (joblib's, submitit's, a Slurm node's), so it holds plain values: the study
+    without its storage's password (the job's libpq reads PGPASSWORD or ~/.pgpass) and, per batch,
+    which trial each launcher job number runs. In the job it numbers the job after its trial
+    (``<sweep dir>/<trial number>``, as in the pool), runs the task bound to the trial, and
+    returns the trial's outcome (``trial_outcome``); the sweep tells the trial."""
+
+    def __init__(self, task_function: Callable):
+        self.task_function = task_function
+        self.trials: dict[int, tuple[int, int]] = {}  # launcher job number -> (trial id, trial number)
+
+    def bind(self, setup, pruner, metric: str | None, report: bool, objectives: list[str] | None) -> None:
+        """The study the trials are in, and what the jobs report to them (set once it is open)."""
+        import dataclasses
+
+        storage = without_password(setup.storage)
+        if "://" not in storage:  # a journal file: the same file from any working directory
+            storage = str(Path(storage).resolve())
+        search = {**setup.search, "storage": storage}
+        self.setup = dataclasses.replace(setup, storage=storage, search=search)
+        self.pruner, self.metric, self.report, self.objectives = pruner, metric, report, objectives
+        self.n_values = len(setup.search["directions"])
+
+    def __call__(self, cfg) -> dict:
+        global _CURRENT
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import JobReturn, JobStatus
+        from omegaconf import read_write
+
+        hydra_cfg = HydraConfig.instance().cfg
+        trial_id, number = self.trials[int(hydra_cfg.hydra.job.num)]
+        with read_write(hydra_cfg.hydra.job):
+            hydra_cfg.hydra.job.num = number
+        hook = TrialHook(self.setup, trial_id, self.pruner, self.metric, self.report)
+        _CURRENT = hook  # any task function reaches its trial through current_trial()
+        ret = JobReturn(overrides=list(hydra_cfg.hydra.overrides.task))
+        try:
+            ret.return_value = (bind_trial(self.task_function, hook) or self.task_function)(cfg)
+            ret.status = JobStatus.COMPLETED
+        except Exception as err:  # as Hydra's run_job records it
+            ret.return_value, ret.status = err, JobStatus.FAILED
+        return trial_outcome(ret, self.objectives, self.n_values, number)
+
+
 class TrialHook:
     """The job's view of its trial (``adabudget.job.TrialHook``), passed into the job in its process."""
 
@@ -427,12 +503,25 @@ class SweeperImpl:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
         _forget_password(config)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))  # resolved once, in this process
-        launcher = str(config.hydra.launcher.get("_target_", ""))
-        if not launcher.endswith("BasicLauncher"):
-            warnings.warn(
-                f"hydra/launcher ({launcher}) is not used: the adabudget sweeper runs its jobs in a "
-                "pool of hydra.sweeper.n_jobs local processes",
-                stacklevel=2,
+        # hydra/launcher other than the basic one (joblib, submitit_local, submitit_slurm, slurm):
+        # the trials' jobs go through it in batches of n_jobs, as hydra-optuna-sweeper launches;
+        # otherwise the rolling pool of forked local processes
+        self.launcher, self.launched = None, 0
+        target = str(config.hydra.launcher.get("_target_", ""))
+        if not target.endswith("BasicLauncher"):
+            from hydra.core.plugins import Plugins
+
+            choice = config.hydra.runtime.choices.get("hydra/launcher") or target.rsplit(".", 1)[-1]
+            self.launcher_name = f"hydra/launcher={choice}"
+            if self.storage and scrub(str(self.storage)) != str(self.storage):
+                raise ConfigError(
+                    f"hydra.sweeper.storage={without_password(str(self.storage))}: with "
+                    f"{self.launcher_name} each job opens the study itself, in its own process or "
+                    f"machine, and is given the URL without its password; {PASSWORD_HELP}"
+                )
+            self.trial_task = LaunchedTrial(task_function)
+            self.launcher = Plugins.instance().instantiate_launcher(
+                hydra_context=hydra_context, task_function=self.trial_task, config=config
             )
 
     # ------------------------------------------------------------ set-up
@@ -560,19 +649,28 @@ class SweeperImpl:
         finally:
             lock.release()
         done = sum(optuna_factory.finished(t) for t in study.get_trials(deepcopy=False))
+        if self.launcher is not None:
+            self.trial_task.bind(self.setup_, self.pruner, self.metric, self.report, self.objectives)
+            how = f"launched through {self.launcher_name} in batches of {self.n_jobs}"
+        else:
+            how = f"{self.n_jobs} at a time"
         print(
             f"study {study.study_name} in {without_password(self.setup_.storage)}: "
             f"{done} of {n_trials} trials done"
             + (f", {len(recovered)} stale trial(s) re-queued" if recovered else "")
-            + f"; jobs in {self.sweep_dir}/<trial>, {self.n_jobs} at a time"
+            + f"; jobs in {self.sweep_dir}/<trial>, {how}"
         )
         progress = Progress(self.setup_)
         progress.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         failed: list[str] = []
         stop: str | None = None
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # a launcher's batch is waited for in launch(): Ctrl-C ends the wait (_batches), no handler
+        pooled = self.launcher is None
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM) if pooled}
         try:
-            while True:
+            if not pooled:
+                stop = self._batches(study, space, n_trials, lock, progress, failed)
+            while pooled:
                 if self.signals and stop is None:
                     stop = "interrupted"
                 while stop is None and len(self.pool) < self.n_jobs:
@@ -616,6 +714,72 @@ class SweeperImpl:
         if stop is not None:
             raise RuntimeError(f"{stop}\n  " + "\n  ".join(failed[-5:]))
 
+    def _batches(self, study, space: Space, n_trials: int, lock, progress, failed: list[str]) -> str | None:
+        """The trials' jobs through ``hydra/launcher``: up to ``n_jobs`` trials asked under the
+        start lock, launched as one batch (``launcher.launch``), waited for, told; again until
+        ``n_trials`` are done. Returns why it stopped early (None: done)."""
+        from adabudget.search.liveness import Beat, beat_interval
+
+        stop = None
+        while stop is None:
+            jobs: list[_Job] = []
+            lock.acquire()
+            try:
+                while len(jobs) < self.n_jobs and self._wanted(study, n_trials):
+                    trial = study.ask(space.distributions)
+                    trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})  # the sweep tells it
+                    beat = Beat(study._storage, trial._trial_id, beat_interval(self.setup_.scfg.grace_period))
+                    jobs.append(_Job(trial, None, None, [], int(trial.user_attrs.get("retries", 0)), beat))
+                    beat.__enter__()
+            finally:
+                lock.release()
+            for job in list(jobs):
+                try:
+                    job.overrides, _ = self._prepare(study, space, job.trial)
+                except ConfigError as err:  # the command is wrong: the batch asked so far still runs
+                    job.beat.stop()
+                    jobs.remove(job)
+                    stop = str(err)
+            if not jobs:
+                break
+            first = self.launched
+            self.trial_task.trials = {
+                first + i: (job.trial._trial_id, job.trial.number) for i, job in enumerate(jobs)
+            }
+            for job in jobs:
+                params = job.trial.params.items()
+                sampled = " ".join(f"{k}={render(v, space.decoders.get(k))}" for k, v in params)
+                print(f"trial {job.trial.number} launched: {sampled}", flush=True)
+            try:
+                returns = list(self.launcher.launch([j.overrides for j in jobs], initial_job_idx=first))
+            except KeyboardInterrupt:
+                self.signals += 1
+                for job in jobs:
+                    job.beat.stop()
+                print(
+                    f"\nstopped waiting: {len(jobs)} launched job(s) run on (cancel them with the "
+                    "launcher's tools, e.g. scancel); their trials are re-queued as stale when the same "
+                    "command runs again",
+                    file=sys.stderr,
+                )
+                return "interrupted"
+            except Exception as err:  # the launcher lost the batch (a job's process died, sbatch failed)
+                traceback.print_exc()
+                returns = [err] * len(jobs)
+            self.launched += len(jobs)
+            for job, ret in zip(jobs, returns):
+                state, error = self._tell(study, job, launched_outcome(ret))
+                if state == "fail":
+                    failed.append(f"trial {job.trial.number}: {error}")
+            progress.poll(study)
+            if stop is None and len(failed) > self.max_failure_rate * self.n_trials:
+                stop = (
+                    f"{len(failed)} of this sweep's jobs failed (hydra.sweeper.max_failure_rate="
+                    f"{self.max_failure_rate:g} of n_trials={self.n_trials})"
+                )
+                print(f"stopping: {stop}", file=sys.stderr)
+        return stop
+
     def _on_signal(self, signum, frame) -> None:
         """Ctrl-C / SIGTERM: the running jobs get SIGTERM (they checkpoint and end), then SIGKILL."""
         self.signals += 1
@@ -651,7 +815,9 @@ class SweeperImpl:
             beat.stop()
             raise
 
-    def _fork(self, study, space: Space, trial, beat) -> _Job:
+    def _prepare(self, study, space: Space, trial) -> tuple[list[str], Any]:
+        """The trial's overrides and its job's config, composed here; ConfigError (the trial told
+        failed) when they do not compose."""
         if self.custom_search_space:
             self.extend(self.config, trial)
         overrides = space.overrides(trial.params)
@@ -665,6 +831,10 @@ class SweeperImpl:
             trial.set_user_attr("error", str(err))
             study.tell(trial, state=TrialState.FAIL)
             raise ConfigError(f"trial {trial.number}: {' '.join(overrides)}: {err}") from err
+        return overrides, config
+
+    def _fork(self, study, space: Space, trial, beat) -> _Job:
+        overrides, config = self._prepare(study, space, trial)
         from omegaconf import open_dict, read_write
 
         with read_write(config.hydra), open_dict(config):
@@ -690,7 +860,7 @@ class SweeperImpl:
     def _job_main(self, send, config, trial_id: int, parent: int) -> None:
         """The job's process: its trial hook, a thread budget, then Hydra's ``run_job``."""
         global _CURRENT
-        from hydra.core.utils import JobStatus, run_job
+        from hydra.core.utils import run_job
 
         _detach_from_sweep(parent)
         hook = TrialHook(self.setup_, trial_id, self.pruner, self.metric, self.report)
@@ -704,15 +874,7 @@ class SweeperImpl:
             job_dir_key="hydra.sweep.dir",
             job_subdir_key="hydra.sweep.subdir",
         )
-        result, refused, params = None, None, None
-        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, JobOutcome):  # adabudget's job
-            result, refused = ret.return_value.result, ret.return_value.refused
-        if result is not None and "params" in (self.objectives or []):
-            try:
-                params = budget_params(result)
-            except Exception as err:  # no count: the objective fails, naming why
-                print(f"trial {config.hydra.job.num}: params not counted: {err}", file=sys.stderr)
-        send.send(job_outcome(ret, result, refused, self.objectives, len(self.directions), params))
+        send.send(trial_outcome(ret, self.objectives, len(self.directions), config.hydra.job.num))
         send.close()
 
     def _end(self, study, job: _Job, interrupted: bool) -> tuple[str, str | None]:
@@ -723,6 +885,11 @@ class SweeperImpl:
         if outcome is None:
             why = f"the job's process ended with exit code {job.process.exitcode} before reporting"
             outcome = {"state": "interrupted" if interrupted else "fail", "error": why}
+        return self._tell(study, job, outcome)
+
+    def _tell(self, study, job: _Job, outcome: dict) -> tuple[str, str | None]:
+        """Tell ``job``'s trial its outcome (``trial_outcome``'s dict), re-queue it if it was
+        interrupted; returns (state, error)."""
         from adabudget.search.liveness import tell
 
         trial, state = job.trial, outcome["state"]

@@ -56,6 +56,7 @@ MUST_RUN_IN_CI = {
         "tests/test_bench.py",
     ],
     'gguf and accelerate (pip install -e ".[smollm2]", the slow step)': ["tests/test_smollm2.py"],
+    'hydra-joblib-launcher, hydra-submitit-launcher (pip install -e ".[dev]")': ["tests/test_launchers.py"],
 }
 _skipped_in_ci: list[tuple[str, str, str]] = []  # (node id, what it needs, pytest's reason)
 
@@ -145,6 +146,9 @@ INTEGRATION = [
     "tests/test_devices.py::test_sweeper_*",
     "tests/test_distributed.py",
     "tests/test_hub_access.py::test_unreachable_hub_*",
+    "tests/test_launchers.py::test_*_multirun_lands_in_one_sweep_folder_and_counts_every_job",
+    "tests/test_launchers.py::test_sweeper_launches_its_trials_through_submitit_local",
+    "tests/test_launchers.py::test_slurm_preset_asks_for_gpus_time_and_usr1_before_the_limit",
     "tests/test_liveness.py",
     "tests/test_records.py",
     "tests/test_search.py",

@@ -12,6 +12,8 @@ nsgaiii, gp, qmc, grid: ``_target_`` dicts with that plugin's fields as far as O
 takes them); ``hydra.sweeper.sampler`` also takes a plain name (``sampler=random``).
 """
 
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -157,10 +159,25 @@ class AdabudgetSweeper(Sweeper):
         )
 
     def setup(self, *, hydra_context, task_function, config) -> None:
-        self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        with _config_errors():
+            self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        return self.impl.sweep(arguments)
+        with _config_errors():
+            return self.impl.sweep(arguments)
+
+
+@contextmanager
+def _config_errors():
+    """A ConfigError (the sweep's settings, its storage, its launcher) ends the command as
+    ``adabudget train``'s own do: ``config error: <field>: <fix>`` and exit 2, not Hydra's traceback."""
+    from adabudget.config import ConfigError
+
+    try:
+        yield
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 _store = ConfigStore.instance()
