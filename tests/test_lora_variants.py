@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
+import peft  # the parity reference (the [dev] extra): missing, these tests fail, they do not skip
 import pytest
 import torch
 from adabudget.allocator import RankAllocator
@@ -31,8 +33,6 @@ from adabudget.methods.adalora import SVDLinear
 from adabudget.methods.lora import DoRALinear, LoRALinear
 from conftest import tiny_model
 from test_methods import tiny_lm
-
-peft = pytest.importorskip("peft")
 
 ATOL = 1e-5
 CLASSIFIERS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
@@ -261,6 +261,18 @@ def test_counts_add_dora_magnitude_and_keep_lora_size_for_the_inits():
         assert count_method(method_config_from_dict({**LORA, "init": init}), arch) == plain
 
 
+def test_gaussian_draws_a_with_peft_std_and_leaves_w0_alone():
+    """peft's "gaussian": A ~ N(0, 1/r) in std, B = 0; W0 untouched, nothing to convert at export."""
+    base = tiny_model("tiny-bert")
+    model = copy.deepcopy(base)
+    torch.manual_seed(0)
+    wrapped = apply_method(model, method_config_from_dict({**LORA, "r": 4, "init": "gaussian"}))
+    a = torch.cat([lay.A.flatten() for lay in wrapped.values()])  # 12 x 4 x in entries
+    assert abs(a.std().item() - 1 / 4) < 0.02 and abs(a.mean().item()) < 0.02
+    assert all(not lay.B.any() and lay.A0 is None for lay in wrapped.values())
+    assert all(torch.equal(lay.base.weight, base.get_submodule(n).weight) for n, lay in wrapped.items())
+
+
 # ---------------------------------------------------------------- what is refused, and how
 @pytest.mark.parametrize(
     "knobs, match",
@@ -328,3 +340,31 @@ def test_dora_on_a_4bit_base_computes_with_the_dequantised_weight():
     layer = next(iter(wrapped.values()))
     w = layer.base.weight.get_original_weight().float()
     torch.testing.assert_close(layer.magnitude, torch.linalg.vector_norm(w, dim=1))
+
+
+# ---------------------------------------------------------------- a whole run
+@pytest.mark.integration
+def test_a_pissa_dora_run_resumes_exactly_and_its_peft_adapter_is_its_merged_model(compose_run):
+    """Through ``adabudget.train``: W0's residual is rebuilt from W0 on resume (A0, B0 are not in the
+    checkpoint), so an interrupted run ends where the straight one does; ``adabudget.load`` (peft on
+    the untouched base) and ``merged/`` (our merge of the trained model) compute the same logits."""
+    from adabudget.api import load
+    from adabudget.compose import resume_config
+    from adabudget.training import train
+    from transformers import AutoModelForSequenceClassification
+
+    knobs = ["method=pissa", "method.r=2", "method.alpha=2", "method.dora=true", "train.max_steps=12"]
+    full = train(compose_run(*knobs, "run_name=full", "export_merged=true"))
+    assert full["status"] == "completed"
+    config = json.loads((Path(full["run_dir"]) / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["r"] == 4 and config["init_lora_weights"] is True
+    first = train(compose_run(*knobs, "run_name=killed", "export_merged=true", "train.stop_after_step=5"))
+    assert first["status"] == "interrupted"
+    resumed = train(resume_config(first["run_dir"]))
+    assert resumed["status"] == "completed" and resumed["final"] == full["final"]
+
+    ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
+    peft_side = load(full["run_dir"])
+    assert isinstance(peft_side, peft.PeftModel)
+    merged = AutoModelForSequenceClassification.from_pretrained(Path(full["run_dir"]) / "merged")
+    torch.testing.assert_close(logits(peft_side, ids), logits(merged, ids), atol=ATOL, rtol=0)

@@ -72,6 +72,13 @@ ROWS = [
     ("dylora", {"name": "dylora", "r_min": 1, "r_max": 4}, {}),
     ("dylora-rank3", {"name": "dylora", "r_min": 2, "r_max": 4, "export_rank": 3, "frozen": False}, {}),
     ("adalora", {"name": "adalora", "init_r": 4, "target_r": 2}, {}),
+    # the LoRA variants peft ships (tests/test_lora_variants.py checks them against peft itself):
+    # DoRA's magnitude, PiSSA / OLoRA rewriting W0 (the residual in the base), rsLoRA's scale
+    ("lora-dora", {"name": "lora", "r": 4, "dora": True}, {}),
+    ("lora-pissa", {"name": "lora", "r": 4, "init": "pissa"}, {}),
+    ("lora-olora-rslora", {"name": "lora", "r": 4, "init": "olora", "rslora": True}, {}),
+    ("lora-pissa-niter-dora", {"name": "lora", "r": 2, "init": "pissa_niter_2", "dora": True}, {}),
+    ("adalora-pissa", {"name": "adalora", "init_r": 4, "target_r": 2, "init": "pissa"}, {}),
     # sora / increlora: apply alone is the gated / grown layer at its start (the gates' proximal
     # step and the rounds of growth are in the hooks: tests/test_sora.py, tests/test_increlora.py)
     ("sora", {"name": "sora", "r": 4}, {}),
