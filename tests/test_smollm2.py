@@ -66,3 +66,24 @@ def test_method_on_smollm2(smollm2, values, identity):
         torch.testing.assert_close(out.detach(), base, atol=1e-4, rtol=0)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_sft_on_the_packaged_decoder_task_end_to_end(tmp_path, method):
+    """`adabudget train experiment=llm/smollm2_instruct` in small: SmolLM2 as a causal LM in bf16 on
+    mr_instruct, scored by generation, exported as a peft adapter."""
+    import adabudget
+
+    result = adabudget.train(
+        "experiment=llm/smollm2_instruct",
+        f"method={method}",
+        "train.max_steps=8",
+        "data.max_eval_samples=24",
+        "train.progress=false",
+        f"runs_root={tmp_path}",
+    )
+    assert result["status"] == "completed" and result["task_kind"] == "causal_lm"
+    assert result["precision"] == "bf16" and result["primary_metric"] == "exact_match"
+    dev = result["final"]["dev"]
+    assert {"exact_match", "rougeL", "perplexity"} <= set(dev) and dev["perplexity"] < 100
+    assert result["exports"]["adapter"]  # a peft adapter of a causal LM
