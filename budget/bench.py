@@ -1,42 +1,15 @@
 """``adabudget bench step``: the per-step cost of AdaLoRA against LoRA, ours and peft's.
 
-One process, one set of backbone weights, one fixed batch. Every variant runs the full
-training step (forward + loss + backward + AdamW step + allocator call + zero_grad, train
-mode, dropout 0) and the variants take turns, one step each per round, in an order that
-rotates every round, so that clock drift and thermal or cache effects hit all of them
-alike; the reported time is the median over rounds.
-
-Variants:
-  lora          our LoRA r=init_r
-  adalora       our AdaLoRA init_r -> target_r in the budgeting phase: importance EMAs
-                updated every step, a global top-k every ΔT steps, orth penalty in the loss
-  adalora_shrunk  the same after the final allocation and ``shrink_`` (average rank target_r)
-  lora_final    our LoRA r=target_r: what the shrunk model should cost
-  peft_lora, peft_adalora   peft's LoRA and AdaLoRA (orth penalty added inside its forward,
-                ``update_and_allocate`` every step), when peft is importable
-
-The allocator call is also timed on its own, ours against peft's, on allocation and
-non-allocation steps, and averaged over the schedule's mix (one allocation every ΔT steps).
-
-Memory: on CUDA, each step runs in its own ``reset_peak_memory_stats`` window and the peak
-is the variant's persistent state plus the largest transient above it. CPU has no peak
-counter, so there the table gives what can be counted exactly from the tensors: the
-persistent training state (parameters, gradients, AdamW moments, allocator buffers) and, from
-a separate step under ``saved_tensors_hooks``, the activations saved for backward.
-
-``--methods dylora,sparse,...`` adds one variant per registered method (``NAME`` or
-``NAME:key=value;key=value``) at LoRA r=init_r's trainable count: a method with a ``budget``
-knob gets that count, one with a size knob the size whose count is closest (or the knobs given),
-and its training-loop hooks run as ``adabudget.training`` runs them (``calibrate`` once on the bench
-batch before the optimizer, ``before_step`` / ``after_step`` around each step); their
-``ratio <method>/lora=R`` line comes just before the summary line.
-
-The last printed line is the machine-readable summary:
+Invariants: one process, one set of backbone weights, one fixed batch; every variant runs the
+full training step (forward + loss + backward + AdamW step + allocator call + zero_grad, dropout
+0) in the same precision, the variants take turns in an order that rotates every round and the
+reported time is the median over rounds; memory is counted from the tensors on CPU (no peak
+counter there) and as CUDA peaks on a GPU. The last printed line is the machine-readable summary
 ``ratio adalora/lora=X shrunk/lora_final=Y adalora/peft_adalora=Z allocator/peft_allocator=W``.
 
 ``adabudget bench load``: the peak memory of loading a backbone three ways, each in a fresh
-process (see ``load_main``): fp32, today's load-then-quantise (``quantize_base`` after a full
-load) and ``model.quantize=nf4`` (quantised while the checkpoint is read).
+process (``load_main``). The variants, the options and the columns:
+docs/results/benchmark.md#what-bench-step-runs.
 """
 
 from __future__ import annotations
