@@ -201,6 +201,12 @@ def make_sampler(setup: Setup, salt: tuple[int, ...] = ()):
     import numpy as np
 
     scfg = setup.scfg
+    if salt and "://" in setup.storage and not setup.storage.startswith("sqlite"):
+        # a database or the proxy: other commands' workers (other machines) share the study with the
+        # same indices and, started together, the same trial count; two machines drew alike
+        from adabudget.search.liveness import identity
+
+        salt = (*salt, int(identity()["id"][:8], 16))
     seed = int(np.random.SeedSequence([scfg.seed, *salt]).generate_state(1)[0]) if salt else scfg.seed
     # evolution enqueues its candidates (search.supernet): the sampler only fills what is not given
     name = "random" if scfg.sampler == "evolution" else scfg.sampler
