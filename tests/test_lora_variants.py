@@ -277,8 +277,10 @@ def test_gaussian_draws_a_with_peft_std_and_leaves_w0_alone():
 @pytest.mark.parametrize(
     "knobs, match",
     [
-        ({**LORA, "init": "eva"}, r"method\.init: .*'eva'.*not built"),
-        ({**LORA, "init": "lora_ga"}, r"method\.init: .*not built"),
+        ({**LORA, "init": "lora_ga"}, r"method\.init: .*'lora_ga'.*LoRA-GA is not built"),
+        ({**VARIANTS["adalora-pissa"], "init": "eva"}, r"method\.init: unknown initialisation 'eva'"),
+        ({**LORA, "init": "eva", "eva_tau": 0}, r"method\.eva_tau: must be in \(0, 1\]"),
+        ({**LORA, "init": "eva", "eva_batches": 1}, r"method\.eva_batches: must be >= 2"),
         ({**LORA, "init": "pissa_niter_0"}, r"method\.init: unknown initialisation 'pissa_niter_0'"),
         ({**LORA, "init": "svd"}, r"method\.init: unknown initialisation 'svd'; use one of"),
         ({**VARIANTS["adalora-pissa"], "init": "olora"}, r"method\.init: 'olora' .* no P Λ Q .*method=lora"),
@@ -368,3 +370,84 @@ def test_a_pissa_dora_run_resumes_exactly_and_its_peft_adapter_is_its_merged_mod
     assert isinstance(peft_side, peft.PeftModel)
     merged = AutoModelForSequenceClassification.from_pretrained(Path(full["run_dir"]) / "merged")
     torch.testing.assert_close(logits(peft_side, ids), logits(merged, ids), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- EVA: A from the layers' inputs
+def eva_batches(arch_name: str, n: int = 12) -> list[dict]:
+    """n batches of 8 x 16 tokens, one row padded after 10; causal-LM labels are the tokens with the
+    first 3 (a prompt) and the padding at -100."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(5, 1000, (8, 16), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 10:] = 0
+        if arch_name in LMS:
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :3] = -100
+        else:
+            labels = torch.randint(0, 2, (8,), generator=g)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("arch_name", ["tiny-bert", "tiny-llama-lm"])
+def test_eva_components_equal_peft(arch_name):
+    """After ``calibrate`` every A holds the top-r principal components of its layer's inputs as
+    peft's ``get_eva_state_dict`` (rho=1, τ=0.99; the label mask on the causal LM) computes them on
+    the same batches, B is still 0 and the model is still the base model."""
+    import itertools
+
+    from adabudget.methods import REGISTRY
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    base = build(arch_name)
+    data = eva_batches(arch_name)
+    ours = copy.deepcopy(base)
+    cfg = method_config_from_dict({**LORA, "init": "eva"})
+    wrapped = apply_method(ours, cfg)
+    kaiming = {n: lay.A.clone() for n, lay in wrapped.items()}
+    hooks = REGISTRY["lora"].hooks(ours, wrapped, cfg)
+    hooks.calibrate(lambda b: ours(**b).loss, lambda n: itertools.islice(itertools.cycle(data), n))
+    assert sorted(hooks.converged) == sorted(wrapped) and not hooks.unconverged
+
+    config = peft.LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        target_modules=sorted(wrapped),
+        init_lora_weights="eva",
+        eva_config=peft.EvaConfig(rho=1.0, tau=0.99, use_label_mask=arch_name in LMS),
+    )
+    reference = get_eva_state_dict(
+        peft.get_peft_model(copy.deepcopy(base), config, low_cpu_mem_usage=True),
+        data,
+        show_progress_bar=False,
+    )
+    for name, layer in wrapped.items():
+        theirs = reference[f"base_model.model.{name}"].float()  # (r, in), float64 in peft's PCA
+        torch.testing.assert_close(layer.A, theirs, atol=1e-6, rtol=0)
+        assert not torch.allclose(layer.A, kaiming[name]) and not layer.B.any()
+    ids = data[0]["input_ids"]
+    torch.testing.assert_close(logits(ours, ids), logits(base, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.integration
+def test_an_eva_run_calibrates_once_and_resumes_to_the_same_result(compose_run):
+    """Through ``adabudget.train``: the calibration runs on a fresh run and the record says what
+    converged; a resumed run restores A from its checkpoint (no second calibration) and ends where
+    the straight run does."""
+    from adabudget.compose import resume_config
+    from adabudget.training import train
+
+    knobs = ["method=lora", "method.r=2", "method.init=eva", "train.max_steps=10"]
+    full = train(compose_run(*knobs, "run_name=full"))
+    assert full["status"] == "completed"
+    eva = full["eva"]
+    assert len(eva["converged_after"]) + len(eva["unconverged"]) == 12  # tiny BERT's 12 matrices
+    first = train(compose_run(*knobs, "run_name=killed", "train.stop_after_step=4"))
+    assert first["status"] == "interrupted"
+    resumed = train(resume_config(first["run_dir"]))
+    assert resumed["status"] == "completed" and resumed["final"] == full["final"]
+    assert resumed["eva"] == eva
+    config = json.loads((Path(full["run_dir"]) / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 2  # a plain LoRA for peft

@@ -79,6 +79,8 @@ ROWS = [
     ("lora-olora-rslora", {"name": "lora", "r": 4, "init": "olora", "rslora": True}, {}),
     ("lora-pissa-niter-dora", {"name": "lora", "r": 2, "init": "pissa_niter_2", "dora": True}, {}),
     ("adalora-pissa", {"name": "adalora", "init_r": 4, "target_r": 2, "init": "pissa"}, {}),
+    # EVA: apply alone leaves A Kaiming-uniform (the calibration hook sets it from data before training)
+    ("lora-eva", {"name": "lora", "r": 4, "init": "eva"}, {}),
     # sora / increlora: apply alone is the gated / grown layer at its start (the gates' proximal
     # step and the rounds of growth are in the hooks: tests/test_sora.py, tests/test_increlora.py)
     ("sora", {"name": "sora", "r": 4}, {}),

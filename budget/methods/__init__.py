@@ -75,7 +75,14 @@ IN_METHODS_SPACE = ("methods",)  # offered by the ``methods`` search space (Meth
 REGISTRY: dict[str, Method] = {
     # the methods of the ``methods`` search space first, in the order it offers them
     "lora": Method(
-        lora.LoRAConfig, lora.apply, lora.count, "r", lora.merge, peft_export=True, spaces=IN_METHODS_SPACE
+        lora.LoRAConfig,
+        lora.apply,
+        lora.count,
+        "r",
+        lora.merge,
+        lora.hooks,  # EVA's calibration (method.init=eva), None otherwise
+        peft_export=True,
+        spaces=IN_METHODS_SPACE,
     ),
     "adalora": Method(
         adalora.AdaLoRAConfig,

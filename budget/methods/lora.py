@@ -4,7 +4,8 @@ The variants peft ships are knobs of ``method=lora`` (the maths, papers and peft
 docs/methods.md#lora-variants-dora-rslora-pissa-olora): ``rslora`` (s = alpha / sqrt(r)), ``dora``
 (``DoRALinear``: a magnitude m (out,) times the normalised direction of W0 + s B A) and ``init``
 (``gaussian``; ``pissa`` / ``olora``: A, B from W0's principal triplets or its QR, the residual
-W0 - s B A left in the base and A0, B0 kept, so the peft export is a plain LoRA on the untouched base).
+W0 - s B A left in the base and A0, B0 kept, so the peft export is a plain LoRA on the untouched base;
+``eva``: A from the principal components of each layer's inputs, set by ``EVAHooks.calibrate``).
 
 ``LoRALinear`` is the plain layer; its consumers subclass it: ``SlicedLoRALinear`` (here) computes
 with its first r rank-one components, A[:r] and B[:, :r] (views, no copy), keeping its scaling
@@ -24,14 +25,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from adabudget.config import ConfigError
+from adabudget.methods.hooks import MethodHooks
 from adabudget.modules import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
 
 # A's initialisation: kaiming (peft's default, init_lora_weights=True), gaussian (N(0, 1/r), peft's
-# "gaussian"), and those that rewrite W0: pissa (principal singular triplets; pissa_niter_<k>: the fast
-# randomised SVD with k subspace iterations, as peft's) and olora (QR).
-INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>", "olora")
-DATA_DRIVEN = ("lora_ga", "eva")  # the issue's data-driven initialisations, not built
+# "gaussian"), those that rewrite W0: pissa (principal singular triplets; pissa_niter_<k>: the fast
+# randomised SVD with k subspace iterations, as peft's) and olora (QR), and the data-driven eva (A from
+# the principal components of the layer's inputs on training batches, set by ``EVAHooks.calibrate``)
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>", "olora", "eva")
+DATA_DRIVEN = ("lora_ga",)  # the issue's other data-driven initialisation, not built
 
 
 def rewrites_base(init: str) -> bool:
@@ -52,7 +55,7 @@ def check_init(init: str, allowed: tuple[str, ...], field: str = "method.init") 
         return
     hint = ""
     if init in DATA_DRIVEN:
-        hint = " (the data-driven initialisations LoRA-GA and EVA are not built)"
+        hint = " (the data-driven initialisation LoRA-GA is not built; EVA is, on method=lora)"
     raise ConfigError(f"{field}: unknown initialisation '{init}'{hint}; use one of {list(allowed)}")
 
 
@@ -65,7 +68,11 @@ class LoRAConfig:
     rslora: bool = False  # alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
     # DoRA (Liu et al. 2024): W' = m (W0 + s B A) / ||W0 + s B A||_c, m (out,) trained, the norm detached
     dora: bool = False
-    init: str = "kaiming"  # kaiming | gaussian | pissa | pissa_niter_<k> | olora (INITS)
+    init: str = "kaiming"  # kaiming | gaussian | pissa | pissa_niter_<k> | olora | eva (INITS)
+    # EVA: a layer's components count as converged when each has cosine similarity >= eva_tau (τ) with
+    # the previous batch's; at most eva_batches training batches are read
+    eva_tau: float = 0.99
+    eva_batches: int = 64
     dropout: float = 0.0
     layers: Optional[list] = None  # restrict to these block indices (None = all)
 
@@ -75,6 +82,12 @@ class LoRAConfig:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"method.dropout: must be in [0, 1), got {self.dropout}")
         check_init(self.init, INITS)
+        if not 0 < self.eva_tau <= 1:
+            raise ConfigError(f"method.eva_tau: must be in (0, 1] (a cosine similarity), got {self.eva_tau}")
+        if self.eva_batches < 2:
+            raise ConfigError(
+                f"method.eva_batches: must be >= 2 (convergence compares two batches), got {self.eva_batches}"
+            )
 
 
 class LoRALinear(nn.Module):
@@ -98,6 +111,7 @@ class LoRALinear(nn.Module):
         # (alpha, rslora) of a layer built by method=lora: the peft export writes them as lora_alpha
         # and use_rslora instead of folding s into B (None: a consumer's layer, s is folded)
         self.peft_alpha: tuple[float, bool] | None = None
+        self.eva = False  # built with init=eva: ``EVAHooks`` sets A from data before training
 
     @property
     def rank(self) -> int:
@@ -222,7 +236,7 @@ def initialise_(layer: LoRALinear, init: str) -> None:
     peft's ``olora_init``): W0 = Q R, B = Q[:, :r], A = R[:r] (peft does not divide by s there: the
     adapter starts at s Q_r R_r, which the residual removes again).
     """
-    if init == "kaiming":
+    if init in ("kaiming", "eva"):  # eva: A is set from data by ``EVAHooks.calibrate``
         return
     if init == "gaussian":
         nn.init.normal_(layer.A, std=1 / layer.rank)  # peft's "gaussian"; B stays 0
@@ -315,6 +329,7 @@ def apply(
             layer.reset_magnitude_()  # m = ||W0 + s B A||_c after the init: the base function
         if layer_cls is LoRALinear:
             layer.peft_alpha = (float(cfg.alpha), bool(cfg.rslora))
+        layer.eva = init == "eva"
         wrapped[name] = layer
         set_module(model, name, layer)
     return wrapped
@@ -337,6 +352,138 @@ def count(cfg: LoRAConfig, arch, layers: list[int] | None = None) -> int:
             )
     dora = getattr(cfg, "dora", False)
     return sum(cfg.r * (s.in_features + s.out_features) + (s.out_features if dora else 0) for _, s in shapes)
+
+
+class IncrementalPCA:
+    """Incremental PCA (Ross et al. 2008; scikit-learn's ``IncrementalPCA``) as peft's
+    ``utils/incremental_pca.py`` runs it for EVA: ``lowrank=True``, ``svd_lowrank`` with q = 2k,
+    4 subspace iterations and seed 42, signs fixed by ``svd_flip`` on the rows of Vᵀ; the same
+    arithmetic and dtypes, so the components equal peft's on the same inputs.
+    """
+
+    def __init__(self, n_components: int, niter: int = 4, seed: int = 42):
+        self.k, self.q, self.niter, self.seed = n_components, 2 * n_components, niter, seed
+        self.components: torch.Tensor | None = None  # (k, in)
+        self.singular_values: torch.Tensor | None = None  # (k,)
+        self.mean: torch.Tensor | None = None  # (in,), float64
+        self.seen = 0
+
+    @torch.no_grad()
+    def partial_fit(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float32).clone()  # (N, in)
+        n = x.shape[0]
+        total = self.seen + n
+        last_sum = self.mean * self.seen if self.mean is not None else 0.0
+        mean = (last_sum + x.sum(dim=0, dtype=torch.float64)) / total  # (in,) float64
+        if self.components is None:
+            x -= mean
+        else:  # the previous fit's components stand for the data seen so far, plus a mean correction
+            batch_mean = x.mean(dim=0)
+            x -= batch_mean
+            correction = math.sqrt(self.seen / total * n) * (self.mean - batch_mean)  # (in,)
+            x = torch.vstack((self.singular_values[:, None] * self.components, x, correction))
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            _, sv, v = torch.svd_lowrank(x, q=self.q, niter=self.niter)
+        vt = v.mH  # (q, in)
+        signs = torch.sign(vt[torch.arange(vt.shape[0]), vt.abs().argmax(dim=1)])  # svd_flip on Vᵀ's rows
+        vt = vt * signs[:, None]
+        self.components, self.singular_values = vt[: self.k], sv[: self.k]
+        self.mean, self.seen = mean, total
+
+
+class EVAHooks(MethodHooks):
+    """EVA (Paischer et al., "One Initialization to Rule them All: Fine-tuning via Explained Variance
+    Adaptation", 2024; peft's ``initialize_lora_eva_weights``): before training, A of every layer built
+    with ``init=eva`` becomes the top-r principal components (right singular vectors) of that layer's
+    inputs over training batches, B stays 0, so the model still starts as the base model.
+
+    As peft with ``rho=1`` (no rank redistribution: every layer keeps r, the count stays exact):
+    incremental PCA per layer on the tokens the attention mask keeps (and, on a causal-LM batch, whose
+    label is not -100: peft's ``use_label_mask``), one fit per batch until each of the r components
+    has cosine similarity >= τ with the previous fit's, then that layer stops. peft reads its
+    dataloader until every layer converged; here at most ``eva_batches`` (a layer not converged by
+    then keeps its last components, and ``final`` says which).
+    """
+
+    def __init__(self, layers: dict[str, LoRALinear], tau: float, max_batches: int):
+        self.layers, self.tau, self.max_batches = layers, tau, max_batches
+        self.fits = dict.fromkeys(layers, 0)  # layer -> partial fits so far
+        self.converged: dict[str, int] = {}  # layer -> the fits it took to converge
+        self.unconverged: list[str] = []
+
+    @torch.no_grad()
+    def calibrate(self, loss_of, batches) -> None:
+        model_of = self.layers
+        pcas = {name: IncrementalPCA(layer.rank) for name, layer in model_of.items()}
+        previous: dict[str, torch.Tensor] = {}
+        active = set(model_of)
+        keep: list[torch.Tensor] = []  # the current batch's token mask, (B, T) bool
+
+        def hook(name):
+            def fit(module, args, output):
+                if name not in active:
+                    return
+                x = args[0][keep[0]]  # (N, in): the kept tokens, row-major
+                if x.shape[0] < pcas[name].k:  # peft skips a batch with fewer tokens than components
+                    return
+                pcas[name].partial_fit(x)
+                comps = pcas[name].components
+                if name in previous and bool(
+                    (F.cosine_similarity(comps, previous[name], dim=1) >= self.tau).all()
+                ):
+                    active.discard(name)
+                    self.converged[name] = self.fits[name] + 1
+                previous[name] = comps.clone()
+                self.fits[name] += 1
+
+            return fit
+
+        handles = [layer.register_forward_hook(hook(name)) for name, layer in model_of.items()]
+        modes = [(m, m.training) for m in model_of.values()]
+        for layer in model_of.values():
+            layer.eval()  # no dropout on the inputs the components are read from
+        try:
+            for batch in batches(self.max_batches):
+                mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+                labels = batch.get("labels")
+                if labels is not None and labels.shape == mask.shape:  # a causal-LM batch
+                    mask = mask & (labels != -100)
+                keep[:] = [mask]
+                loss_of(batch)
+                if not active:
+                    break
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in modes:
+                m.train(mode)
+        for name, layer in model_of.items():
+            if pcas[name].components is None:
+                raise ValueError(f"method.init=eva: {name} saw no batch with >= {layer.rank} tokens")
+            layer.A.copy_(pcas[name].components.to(layer.A.dtype))
+        self.unconverged = sorted(active)
+
+    def state_dict(self) -> dict:
+        """What the calibration found (A itself is a trainable parameter): a resumed run, which does
+        not calibrate again, reports it too."""
+        return {"converged": dict(self.converged), "unconverged": list(self.unconverged)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.converged, self.unconverged = dict(state["converged"]), list(state["unconverged"])
+
+    def final(self, evaluate) -> dict:
+        """``eva``: per layer the partial fits it took to converge, and the layers that did not."""
+        return {"eva": {"converged_after": self.converged, "unconverged": self.unconverged}}
+
+
+def hooks(model: nn.Module, modules: dict[str, nn.Module], cfg) -> EVAHooks | None:
+    """EVA's calibration (``EVAHooks``) for the layers built with ``init=eva``; None otherwise."""
+    layers = {n: m for n, m in modules.items() if isinstance(m, LoRALinear) and m.eva}
+    if getattr(cfg, "init", None) != "eva" or not layers:
+        return None
+    return EVAHooks(layers, cfg.eva_tau, cfg.eva_batches)
 
 
 @torch.no_grad()
