@@ -451,3 +451,42 @@ def test_an_eva_run_calibrates_once_and_resumes_to_the_same_result(compose_run):
     assert resumed["eva"] == eva
     config = json.loads((Path(full["run_dir"]) / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True and config["r"] == 2  # a plain LoRA for peft
+
+
+def test_dora_with_dropout_trains_as_peft_does():
+    """In training with dropout, the dropped-out x feeds both W0 x and s B A x of the rescaled term
+    (peft's rule): with the same masks (same seed, same draws) outputs and gradients equal peft's."""
+    base = tiny_model("tiny-bert")
+    knobs = {**LORA, "dora": True, "dropout": 0.3}
+    ours = copy.deepcopy(base)
+    wrapped = apply_method(ours, method_config_from_dict(knobs))
+    ref = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=2, lora_alpha=4.0, target_modules=sorted(wrapped), lora_dropout=0.3, use_dora=True),
+    )
+    ref_layers = dict(ref.base_model.model.named_modules())
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, layer in wrapped.items():
+            theirs = ref_layers[name]
+            layer.B.add_(0.3 * torch.randn(layer.B.shape, generator=g))
+            theirs.lora_B["default"].weight.copy_(layer.B)
+            theirs.lora_A["default"].weight.copy_(layer.A)
+    ids = torch.randint(5, 1000, (2, 7), generator=g)
+    outs = []
+    for model in (ours, ref):
+        model.train()
+        torch.manual_seed(7)
+        out = model(input_ids=ids, labels=torch.tensor([0, 1]))
+        out.loss.backward()
+        outs.append(out.logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
+    for name, layer in wrapped.items():
+        torch.testing.assert_close(
+            layer.A.grad, ref_layers[name].lora_A["default"].weight.grad, atol=1e-6, rtol=1e-4
+        )
+
+
+def test_dora_on_adalora_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"method\.dora: not a knob of method 'adalora'"):
+        method_config_from_dict({**VARIANTS["adalora-pissa"], "dora": True})
