@@ -490,3 +490,30 @@ def test_dora_with_dropout_trains_as_peft_does():
 def test_dora_on_adalora_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"method\.dora: not a knob of method 'adalora'"):
         method_config_from_dict({**VARIANTS["adalora-pissa"], "dora": True})
+
+
+@pytest.mark.integration
+def test_an_adalora_pissa_run_resumes_exactly_and_its_peft_adapter_is_its_merged_model(compose_run):
+    """AdaLoRA from W0's principal triplets through the loop: the allocator prunes and shrinks them,
+    a resumed run rebuilds the residual from W0 and ends where the straight one does, and the peft
+    adapter (kept triplets and the initial ones negated, on the untouched base) is the merged model."""
+    from adabudget.api import load
+    from adabudget.compose import resume_config
+    from adabudget.training import train
+    from transformers import AutoModelForSequenceClassification
+
+    knobs = ["method=adalora_pissa", "method.init_r=4", "method.target_r=2", "method.mask_interval=2"]
+    full = train(compose_run(*knobs, "run_name=full", "export_merged=true"))
+    assert full["status"] == "completed" and sum(full["ranks"].values()) == 2 * 12
+    config = json.loads((Path(full["run_dir"]) / "adapter" / "adapter_config.json").read_text())
+    ranks = {**dict.fromkeys(config["target_modules"], config["r"]), **config["rank_pattern"]}
+    assert ranks == {n: r + 4 for n, r in full["ranks"].items()}  # r kept + init_r initial triplets
+    first = train(compose_run(*knobs, "run_name=killed", "export_merged=true", "train.stop_after_step=13"))
+    assert first["status"] == "interrupted"
+    resumed = train(resume_config(first["run_dir"]))
+    assert resumed["status"] == "completed"
+    assert resumed["final"] == full["final"] and resumed["ranks"] == full["ranks"]
+
+    ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForSequenceClassification.from_pretrained(Path(full["run_dir"]) / "merged")
+    torch.testing.assert_close(logits(load(full["run_dir"]), ids), logits(merged, ids), atol=ATOL, rtol=0)

@@ -81,6 +81,16 @@ ROWS = [
     ("adalora-pissa", {"name": "adalora", "init_r": 4, "target_r": 2, "init": "pissa"}, {}),
     # EVA: apply alone leaves A Kaiming-uniform (the calibration hook sets it from data before training)
     ("lora-eva", {"name": "lora", "r": 4, "init": "eva"}, {}),
+    # the variants as a hybrid group's LoRA: DoRA in one group, PiSSA in the other
+    (
+        "hybrid-lora-variants",
+        {
+            "name": "hybrid",
+            "num_groups": 2,
+            "groups": [{"lora": {"r": 4, "dora": True}}, {"lora": {"r": 2, "init": "pissa", "rslora": True}}],
+        },
+        {},
+    ),
     # sora / increlora: apply alone is the gated / grown layer at its start (the gates' proximal
     # step and the rounds of growth are in the hooks: tests/test_sora.py, tests/test_increlora.py)
     ("sora", {"name": "sora", "r": 4}, {}),
