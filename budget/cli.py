@@ -415,6 +415,7 @@ def _reproduce(args: list[str]) -> None:
 
     from adabudget.config import ConfigError
     from adabudget.search.reproduce import reproduce
+    from adabudget.search.trial import SearchInterrupted
 
     p = argparse.ArgumentParser(
         prog="adabudget reproduce",
@@ -437,6 +438,9 @@ def _reproduce(args: list[str]) -> None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SearchInterrupted as err:  # a stop signal: the cell checkpointed, no table yet
+        print(f"reproduce stopped by {err}: run the same command to resume", file=sys.stderr)
+        sys.exit(err.code)
     from adabudget.analysis.tables import table
 
     try:

@@ -15,10 +15,12 @@ in, and makes the command exit 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import re
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from pathlib import Path
 from adabudget.config import ConfigError
 from adabudget.procs import CLAIM, claim
 from adabudget.search import devices
+from adabudget.search.trial import SearchInterrupted
 
 
 @dataclass
@@ -217,13 +220,38 @@ def run_cells(protocol: Protocol, runs_root: str, threads: int | None = None, lo
                 + (f" dev {metric}={dev:.4f}" if dev is not None else "")
                 + f" ({result['wall_time_s']:.0f} s)"
             )
+            if result["status"] == "interrupted":  # a stop signal means stop, not "the next cell"
+                cause = result.get("interrupted_by") or "a stop signal"
+                log(f"{cause}: the cell checkpointed; the same command resumes it and runs the rest")
+                raise SearchInterrupted(cause)
         finally:
             (Path(cell.folder) / CLAIM).unlink(missing_ok=True)
     return ran
 
 
+@contextlib.contextmanager
+def _forwarding_stop_signals(procs: list):
+    """While the workers run, a SIGTERM or SIGINT to this process goes to each of them (each
+    checkpoints its cell and stops); the previous handlers come back after."""
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _worker(protocol: Protocol, runs_root: str, threads: int) -> None:
-    run_cells(protocol, runs_root, threads)
+    try:
+        run_cells(protocol, runs_root, threads)
+    except SearchInterrupted as err:  # the exit code tells the parent which signal stopped it
+        raise SystemExit(err.code) from None
 
 
 def reproduce(
@@ -263,8 +291,12 @@ def reproduce(
             with devices.environ(devices.worker_env(own)):  # the spawned interpreter inherits it
                 p.start()
             time.sleep(0.2)  # stagger the first claims
-        for p in procs:
-            p.join()
+        with _forwarding_stop_signals(procs):
+            for p in procs:
+                p.join()
+        codes = [p.exitcode for p in procs if p.exitcode in (130, 143)]
+        if codes:  # a worker was stopped by a signal: so is the protocol (the same command resumes)
+            raise SearchInterrupted("SIGTERM" if 143 in codes else "SIGINT")
     missing = [c for c in cells(protocol, root) if cell_state(c)[0] != "done"]
     if missing:
         print(

@@ -101,3 +101,27 @@ def test_one_bad_cell_does_not_stop_the_rest(tmp_path, capsys, monkeypatch):
     assert "AdaLoRA 4->2 | mr | seed 42: completed" in out.out
     assert "1 cell(s) did not complete (e.g. LoRA r=2 | mr | seed 42)" in out.out
     assert not (Path(lora.folder) / ".claim").exists()  # its claim is given back: a later run retries it
+
+
+def test_a_stopped_cell_stops_the_protocol(tmp_path, capsys):
+    """A cell that ends ``interrupted`` (here by train.stop_after_step, as a scheduler's SIGTERM
+    ends it) stops the protocol: the cells after it do not start, and the same command resumes
+    the stopped cell from its checkpoint. (It went on with the next cell before.)"""
+    from adabudget.search.reproduce import reproduce
+    from adabudget.search.trial import SearchInterrupted
+
+    proto = tmp_path / "tiny.yaml"
+    proto.write_text(
+        TINY.replace(
+            "overrides: [method=lora, method.r=2]",
+            "overrides: [method=lora, method.r=2, train.stop_after_step=4]",
+        )
+    )
+    with pytest.raises(SearchInterrupted):
+        reproduce(str(proto), runs_root=str(tmp_path / "runs"), threads=1)
+    out = capsys.readouterr().out
+    lora, ada = cells(load_protocol(str(proto)), tmp_path / "runs" / "reproduce" / "tiny")
+    assert cell_state(lora)[0] == "resume" and cell_state(ada)[0] == "new"
+    assert "LoRA r=2 | mr | seed 42: interrupted" in out and "the same command resumes it" in out
+    root, _, missing = reproduce(str(proto), runs_root=str(tmp_path / "runs"), threads=1)
+    assert missing == 0 and cell_state(lora)[0] == "done" and cell_state(ada)[0] == "done"
