@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue
 import subprocess
 import sys
 import tempfile
@@ -131,9 +132,19 @@ def run_cell(kind: str, url: str, workers: int, trials: int, root: Path) -> dict
         p.start()
     barrier.wait(timeout=600)
     start = time.time()
-    reports = [results.get(timeout=1800) for _ in procs]
+    reports = []
+    while len(reports) < workers:  # a worker that died (too many database clients) reports nothing
+        try:
+            reports.append(results.get(timeout=2))
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break
     for p in procs:
         p.join()
+    if not reports:
+        raise RuntimeError(
+            f"{kind} with {workers} workers: every worker died, exit codes {[p.exitcode for p in procs]}"
+        )
     wall = max(r["ended"] for r in reports) - start
     stored = optuna.load_study(
         study_name=study_name, storage=make_storage(_setup(study_name, direct, root, trials, workers))
