@@ -207,7 +207,10 @@ def table(rows: list[dict]) -> str:
 
 def machine() -> str:
     load = os.getloadavg()[0]
-    return f"{platform.node()}: {os.cpu_count()} CPU cores, load average {load:.1f} at the start, {platform.machine()}"
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPU cores, load average {load:.1f} at the start, "
+        f"{platform.machine()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
