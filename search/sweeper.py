@@ -419,6 +419,10 @@ def budget_params(result: dict) -> int | None:
     return count(run["method"], ctx)[1]
 
 
+def _stop_waiting(signum, frame) -> None:
+    raise KeyboardInterrupt  # ends the sweeper's wait for a launched batch (SweeperImpl._batches)
+
+
 def _detach_from_sweep(parent: int) -> None:
     """Our own process group (the sweep forwards Ctrl-C once), SIGTERM if the sweep dies, and
     Python's own signal handlers, not the sweep's (``train`` installs its own while it runs)."""
@@ -519,6 +523,13 @@ class SweeperImpl:
                     f"{self.launcher_name} each job opens the study itself, in its own process or "
                     f"machine, and is given the URL without its password; {PASSWORD_HELP}"
                 )
+            for key in ("devices", "gpus_per_trial"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"hydra.sweeper.{key}: places the jobs of the local pool; with {self.launcher_name} "
+                        "the launcher places them: give the GPUs in its own settings (hydra.launcher."
+                        "gpus_per_task for submitit_slurm and the slurm preset), or drop the launcher"
+                    )
             self.trial_task = LaunchedTrial(task_function)
             self.launcher = Plugins.instance().instantiate_launcher(
                 hydra_context=hydra_context, task_function=self.trial_task, config=config
@@ -625,7 +636,9 @@ class SweeperImpl:
         from hydra.core.utils import configure_log, setup_globals
 
         space = parse_space(self.params, arguments)
-        gpus = gpu_devices.assign(self.n_jobs, self.gpus_per_trial, self.devices, gpu_devices.SWEEPER)
+        gpus = []  # with a launcher there is no local pool: the launcher places the jobs
+        if self.launcher is None:
+            gpus = gpu_devices.assign(self.n_jobs, self.gpus_per_trial, self.devices, gpu_devices.SWEEPER)
         if gpu_devices.describe(gpus):
             print(gpu_devices.describe(gpus, "job slot"), flush=True)
         study, self.setup_, grid = self._open_study(space)
@@ -664,9 +677,8 @@ class SweeperImpl:
         progress.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         failed: list[str] = []
         stop: str | None = None
-        # a launcher's batch is waited for in launch(): Ctrl-C ends the wait (_batches), no handler
         pooled = self.launcher is None
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM) if pooled}
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             if not pooled:
                 stop = self._batches(study, space, n_trials, lock, progress, failed)
@@ -721,7 +733,7 @@ class SweeperImpl:
         from adabudget.search.liveness import Beat, beat_interval
 
         stop = None
-        while stop is None:
+        while stop is None and not self.signals:
             jobs: list[_Job] = []
             lock.acquire()
             try:
@@ -750,6 +762,9 @@ class SweeperImpl:
                 params = job.trial.params.items()
                 sampled = " ".join(f"{k}={render(v, space.decoders.get(k))}" for k, v in params)
                 print(f"trial {job.trial.number} launched: {sampled}", flush=True)
+            # while launch() waits for the batch, Ctrl-C or SIGTERM ends the wait; the jobs are the
+            # launcher's (submitit's, Slurm's) and run on
+            waiting = {s: signal.signal(s, _stop_waiting) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
                 returns = list(self.launcher.launch([j.overrides for j in jobs], initial_job_idx=first))
             except KeyboardInterrupt:
@@ -766,6 +781,9 @@ class SweeperImpl:
             except Exception as err:  # the launcher lost the batch (a job's process died, sbatch failed)
                 traceback.print_exc()
                 returns = [err] * len(jobs)
+            finally:
+                for s, h in waiting.items():
+                    signal.signal(s, h)
             self.launched += len(jobs)
             for job, ret in zip(jobs, returns):
                 state, error = self._tell(study, job, launched_outcome(ret))

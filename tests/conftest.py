@@ -150,6 +150,7 @@ INTEGRATION = [
     "tests/test_launchers.py::test_*_multirun_lands_in_one_sweep_folder_and_counts_every_job",
     "tests/test_launchers.py::test_sweeper_launches_its_trials_through_submitit_local",
     "tests/test_launchers.py::test_slurm_preset_asks_for_gpus_time_and_usr1_before_the_limit",
+    "tests/test_launchers.py::test_ctrl_c_stops_waiting_for_a_launched_batch",
     "tests/test_liveness.py",
     "tests/test_records.py",
     "tests/test_search.py",

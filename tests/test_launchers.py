@@ -166,22 +166,79 @@ def test_sweeper_launches_its_trials_through_submitit_local(tmp_path):
     assert record["finished"] == 2 and record["n_trials"] == 2
 
 
-def test_a_password_in_the_storage_url_is_refused_with_a_launcher():
-    """A launched job opens the study in its own process or machine: the URL it gets has no
-    password (nothing pickled to submitit's folder holds one), so one given in the URL is refused."""
+def launched_config(launcher: str):
+    """The composed ``adabudget train`` config with ``hydra/launcher=<launcher>``, Hydra's node included."""
     from adabudget.compose import config_dir, register_configs
-    from adabudget.search.sweeper import SweeperImpl
     from hydra import compose, initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        config = compose("train", ["hydra/launcher=joblib"], return_hydra_config=True)
+        return compose("train", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+
+
+def test_a_password_in_the_storage_url_is_refused_with_a_launcher():
+    """A launched job opens the study in its own process or machine: the URL it gets has no
+    password (nothing pickled to submitit's folder holds one), so one given in the URL is refused."""
+    from adabudget.search.sweeper import SweeperImpl
+
     sweeper = SweeperImpl(storage="postgresql://me:s3cret@db.example/optuna")
     with pytest.raises(
         ConfigError, match="storage=postgresql://me@db.example/optuna: with hydra/launcher=joblib each"
     ) as err:
-        sweeper.setup(hydra_context=None, task_function=None, config=config)
+        sweeper.setup(hydra_context=None, task_function=None, config=launched_config("joblib"))
     assert "PGPASSWORD" in str(err.value) and "s3cret" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [("devices", [0, 1]), ("gpus_per_trial", 1)])
+def test_the_pools_gpus_are_refused_with_a_launcher(key, value):
+    """The pool's GPU settings place local processes; a launcher places its jobs itself."""
+    from adabudget.search.sweeper import SweeperImpl
+
+    sweeper = SweeperImpl(**{key: value})
+    with pytest.raises(
+        ConfigError, match=f"hydra.sweeper.{key}: .* with hydra/launcher=slurm .*gpus_per_task"
+    ):
+        sweeper.setup(hydra_context=None, task_function=None, config=launched_config("slurm"))
+
+
+def test_ctrl_c_stops_waiting_for_a_launched_batch(tmp_path):
+    """Ctrl-C while the sweeper waits for its batch: it stops waiting, says what runs on, writes
+    the study record and exits 130; the trials are left running, to be re-queued as stale."""
+    env = cli_env(TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    args = [
+        "train",
+        "-m",
+        "hydra/sweeper=adabudget",
+        "hydra/launcher=submitit_local",
+        *TINY,
+        "method.target_r=2",
+        f"runs_root={tmp_path}",
+        "hydra.sweeper.study_name=stopped",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "train.max_steps=100000",
+        "train.eval_every=0",
+        "train.lr=choice(5e-3,4e-3)",
+    ]
+    # stderr to a file: the jobs left running hold the command's pipes open after it exits
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        proc = popen_cli(args, tmp_path, env=env, start_new_session=True, stderr=stderr)
+    try:
+        launched = [line for _, line in zip(range(2), (x for x in proc.stdout if " launched: " in x))]
+        assert len(launched) == 2, (tmp_path / "stderr.txt").read_text()[-3000:]
+        time.sleep(3)
+        os.kill(proc.pid, signal.SIGINT)  # the sweep's process only, as a user's kill -INT would
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the submitit jobs it left running
+        proc.stdout.close()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped waiting: 2 launched job(s) run on" in err
+    record = json.loads((tmp_path / "default" / "sweeps" / "stopped" / "sweep.json").read_text())
+    assert [t["state"] for t in record["trials"]] == ["running", "running"] and record["finished"] == 0
 
 
 def fake_slurm(bin_dir: Path, script_copy: Path) -> None:
