@@ -529,6 +529,10 @@ def main(argv: list[str] | None = None) -> None:
         from adabudget.search.wandb import export_main
 
         export_main(rest[1:])
+    elif command == "search" and rest[:1] == ["serve-storage"]:
+        from adabudget.search.storage import serve_main
+
+        serve_main(rest[1:])
     elif command == "search":
         _search_app(rest)
     elif command == "dashboard":
@@ -539,16 +543,16 @@ def main(argv: list[str] | None = None) -> None:
         _reproduce(rest)
     elif command == "bench" and rest[:1] == ["search"]:  # adabudget.bench imports no search: route it here
         from adabudget.search.bench import main as search_bench_main
-    elif command == "search" and rest[:1] == ["serve-storage"]:
-        from adabudget.search.storage import serve_main
-
-        serve_main(rest[1:])
 
         search_bench_main(rest[1:])
     elif command == "bench" and rest[:1] == ["supernet"]:
         from adabudget.search.bench_supernet import main as supernet_bench_main
 
         supernet_bench_main(rest[1:])
+    elif command == "bench" and rest[:1] == ["storage"]:
+        from adabudget.search.bench_storage import main as storage_bench_main
+
+        storage_bench_main(rest[1:])
     elif command == "bench":
         from adabudget.bench import main as bench_main
 
@@ -559,10 +563,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
 
-    elif command == "bench" and rest[:1] == ["storage"]:
-        from adabudget.search.bench_storage import main as storage_bench_main
-
-        storage_bench_main(rest[1:])
 
 if __name__ == "__main__":
     main()
