@@ -88,6 +88,41 @@ class SupernetConfig:
         check(0 <= self.crossover_share <= 1, "crossover_share", "must be in [0, 1]")
 
 
+LAUNCHERS = ("processes", "local", "slurm")
+
+
+@dataclass
+class SlurmConfig:
+    """The Slurm jobs of ``search.launcher=slurm`` (``search.slurm``): one job per worker, each
+    with these resources, submitted through submitit (``search.launch``). Example:
+    ``search.slurm.partition=gpu search.slurm.gpus_per_task=1 search.slurm.timeout_min=240``."""
+
+    partition: Optional[str] = None  # null: the cluster's default partition
+    account: Optional[str] = None
+    gpus_per_task: int = 0  # GPUs of each worker job (0: a CPU job)
+    cpus_per_task: int = 1
+    mem_gb: Optional[float] = None  # null: the partition's default
+    timeout_min: int = 240  # each job's time limit; a resumed search re-runs the interrupted trials
+    # SIGUSR1 this many seconds before the limit (--signal=USR1@90): the running trial stops at the
+    # end of its step, checkpointed, and is queued again (adabudget treats SIGUSR1 as a stop request)
+    signal_delay_s: int = 90
+    setup: list = field(default_factory=list)  # shell lines run before each worker (module load ...)
+    additional: dict = field(default_factory=dict)  # more sbatch options, e.g. {constraint: a100}
+
+    def validate(self) -> None:
+        check = checker("search.slurm")
+
+        check(self.gpus_per_task >= 0, "gpus_per_task", f"must be >= 0, got {self.gpus_per_task}")
+        check(self.cpus_per_task >= 1, "cpus_per_task", f"must be >= 1, got {self.cpus_per_task}")
+        check(self.mem_gb is None or self.mem_gb > 0, "mem_gb", "must be > 0 GB or null")
+        check(self.timeout_min >= 1, "timeout_min", f"must be >= 1 minute, got {self.timeout_min}")
+        check(
+            0 <= self.signal_delay_s < 60 * self.timeout_min,
+            "signal_delay_s",
+            f"must be in [0, timeout_min x 60 = {60 * self.timeout_min}) s, got {self.signal_delay_s}",
+        )
+
+
 @dataclass
 class SearchConfig:
     """A study over PEFT configurations. Example: ``adabudget search search.space=[s4,lr]
@@ -100,7 +135,12 @@ class SearchConfig:
         "s4"  # a built-in space (s4, autopeft, adalora, lr), a configs/search/space/<name>.yaml, or a list
     )
     n_trials: int = 20  # trained trials wanted (completed or pruned); a resumed study counts the ones it has
-    workers: int = 1  # processes on this machine, one trial each at a time
+    workers: int = 1  # worker processes (or jobs: search.launcher), one trial each at a time
+    # processes: the workers are processes of this command; local: submitit's LocalExecutor jobs on
+    # this machine; slurm: search.workers Slurm jobs (search.slurm) sharing search.storage (search.launch)
+    launcher: str = "processes"
+    wait: bool = True  # with a launcher: wait for the jobs and report; false: submit, print the ids, return
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     threads: Optional[int] = None  # torch threads per worker; default: cores / workers
     # GPUs the workers spread over: indices among the visible ones (CUDA_VISIBLE_DEVICES honoured);
     # null: every visible GPU; each worker process gets its own CUDA_VISIBLE_DEVICES (search.devices)
@@ -141,14 +181,15 @@ class SearchConfig:
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
 
     def __post_init__(self):
-        if isinstance(self.supernet, SupernetConfig):
-            return
-        values = dict(self.supernet or {})
-        names = {f.name for f in dataclasses.fields(SupernetConfig)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"search.supernet.{unknown[0]}: unknown key; known keys: {sorted(names)}")
-        self.supernet = SupernetConfig(**values)
+        for name, kind in (("supernet", SupernetConfig), ("slurm", SlurmConfig)):
+            if isinstance(getattr(self, name), kind):
+                continue
+            values = dict(getattr(self, name) or {})
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ConfigError(f"search.{name}.{unknown[0]}: unknown key; known keys: {sorted(names)}")
+            setattr(self, name, kind(**values))
 
     def validate(self, primary: str | None = None) -> None:
         check = checker("search")
@@ -156,6 +197,17 @@ class SearchConfig:
         check(self.n_trials >= 1, "n_trials", f"must be >= 1, got {self.n_trials}")
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        check(
+            self.launcher in LAUNCHERS,
+            "launcher",
+            f"unknown launcher '{self.launcher}'; use one of {LAUNCHERS} (processes: this command's own)",
+        )
+        check(
+            self.wait or self.launcher != "processes",
+            "wait",
+            "search.wait=false needs jobs that outlive the command: add search.launcher=slurm (or local)",
+        )
+        self.slurm.validate()
         per_trial(self.gpus_per_trial)  # their form here; the GPUs themselves when the workers start
         parse_devices(self.devices)
         check(self.sampler in SAMPLERS, "sampler", f"unknown sampler '{self.sampler}'; use one of {SAMPLERS}")
@@ -205,6 +257,12 @@ class SearchConfig:
             )
             check(
                 self.workers == 1, "workers", "search.sampler=evolution runs its generations in one process"
+            )
+            check(
+                self.launcher == "processes",
+                "launcher",
+                "search.sampler=evolution runs its generations in this command's process; "
+                "drop search.launcher",
             )
         objectives = self.objective_names(primary)
         for name in objectives:

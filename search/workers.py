@@ -276,7 +276,10 @@ def worker_main(setup: Setup, index: int = 0) -> None:
 
     torch.set_num_threads(setup.scfg.worker_threads())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    signal.signal(signal.SIGTERM, _request_stop)  # outside a training; ``train`` handles it inside one
+    # outside a training; ``train`` handles them inside one. SIGUSR1: Slurm's warning before a job's
+    # time limit (search.slurm.signal_delay_s, --signal=USR1@90)
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGUSR1, _request_stop)
     try:
         worker_loop(setup, index=index)
     except SearchInterrupted as err:

@@ -154,6 +154,8 @@ INTEGRATION = [
     "tests/test_liveness.py",
     "tests/test_records.py",
     "tests/test_search.py",
+    "tests/test_slurm_search.py::test_search_through_submitit_local_jobs_*",
+    "tests/test_slurm_search.py::test_wait_false_returns_and_the_same_command_resumes_after_the_jobs_died",
     "tests/test_storage.py",
     "tests/test_sweeper.py",
     "tests/test_tables.py::test_latex_escapes_and_compiles",
@@ -161,6 +163,7 @@ INTEGRATION = [
     # a whole run, search, benchmark, protocol or Trainer in this process
     "tests/test_bench.py",
     "tests/test_bench_search.py",
+    "tests/test_slurm_search.py::test_retraining_is_skipped_while_another_process_holds_its_claim",
     "tests/test_causal_lm.py::test_sft_end_to_end_records_generation_metrics",
     "tests/test_causal_lm.py::test_half_precision_on_the_cpu_trains_fp32_adapters",
     "tests/test_causal_lm.py::test_zero_shot_evaluates_the_base_model_without_a_step",
