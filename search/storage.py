@@ -283,7 +283,9 @@ def serve_main(args: list[str]) -> None:
 
     from adabudget.search.credentials import scrub
 
-    parser = argparse.ArgumentParser(prog="adabudget search serve-storage", usage=SERVE_USAGE)
+    parser = argparse.ArgumentParser(  # argparse prefixes "usage: " itself
+        prog="adabudget search serve-storage", usage=SERVE_USAGE.removeprefix("usage: ")
+    )
     parser.add_argument("url")
     parser.add_argument("--host", default="localhost", help="address to listen on (0.0.0.0: every one)")
     parser.add_argument("--port", type=int, default=13000)
