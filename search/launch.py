@@ -14,8 +14,10 @@ full), so the same command resumes, reports or waits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -86,6 +88,27 @@ def make_executor(setup: Setup):
     return executor
 
 
+@contextlib.contextmanager
+def _detached_stdio():
+    """stdout and stderr on /dev/null while local jobs start: their submitit controller inherits
+    the command's descriptors (its own output goes to the job's log files), and one holding the
+    command's pipe keeps a caller reading it (``cmd | tee``, ``subprocess.run``) waiting for the
+    jobs even with ``search.wait=false``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 class Jobs:
     """The worker jobs of a study: those this command submitted (submitit ``Job``s) and those an
     earlier command recorded in ``<study>/jobs.json`` that are still alive."""
@@ -129,8 +152,9 @@ class Jobs:
         first = len(self._recorded())  # each worker's index: its sampler's own random stream
         if devices.describe(gpus):
             print(devices.describe(gpus), flush=True)
-        for offset, own in enumerate(gpus):
-            self.mine.append(executor.submit(job_worker, self.setup, first + offset, own))
+        with _detached_stdio() if scfg.launcher == "local" else contextlib.nullcontext():
+            for offset, own in enumerate(gpus):
+                self.mine.append(executor.submit(job_worker, self.setup, first + offset, own))
         self._record()
 
     def _record(self) -> None:

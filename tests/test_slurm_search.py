@@ -103,16 +103,17 @@ def test_wait_false_returns_and_the_same_command_resumes_after_the_jobs_died(tmp
         *LR_STUDY,
         *LOCAL,
         "search.n_trials=4",
-        "train.max_steps=200",
-        "train.eval_every=50",
-        "train.log_every=2",
+        "train.eval_every=1000",
         f"runs_root={runs}",
     ]
+    # long trials for the first command's jobs (killed mid-trial), short ones after: the schedule
+    # is no setting of the study (train.max_steps), so the same study resumes with it
+    long = ["train.max_steps=5000", "train.log_every=2"]
     started = time.time()
-    first = cli([*args, "search.wait=false"], cwd=tmp_path)
+    first = cli([*args, *long, "search.wait=false"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "not waiting (search.wait=false)" in first.stdout
-    assert time.time() - started < 120  # it did not wait for 4 trials of 200 steps
+    assert time.time() - started < 120  # it did not wait for 4 trials of 5,000 steps
     jobs = jobs_of(root)
     assert len(jobs) == 2
     idle = subprocess.Popen(["sleep", "600"], stderr=subprocess.PIPE, text=True)  # wait_for_running_trial's
@@ -121,6 +122,14 @@ def test_wait_false_returns_and_the_same_command_resumes_after_the_jobs_died(tmp
     finally:
         idle.kill()
         idle.communicate()
+    deadline = time.time() + 120  # both jobs mid-trial (a folder and logged steps), then both killed
+    while time.time() < deadline:
+        running = [t for t in trials_of(url, "lr-mr") if t.state == TrialState.RUNNING]
+        if len(running) == 2 and all(
+            (Path(t.user_attrs.get("run_dir", "-")) / "metrics.jsonl").exists() for t in running
+        ):
+            break
+        time.sleep(0.3)
     for pid in job_pids(jobs):
         os.kill(pid, signal.SIGKILL)
     time.sleep(1)
