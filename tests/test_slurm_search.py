@@ -187,7 +187,7 @@ def test_retraining_is_skipped_while_another_process_holds_its_claim(tmp_path, c
     assert code == 0, err[-3000:]
     assert "re-training: " in out and "held by another process" in out
     assert not (root / "retrain").exists()
-    assert "retrain" not in read_record(root)
+    assert not read_record(root).get("retrain")
     (root / "retrain.claim").unlink()
     code, out, err = search_here(capsys, *args)
     assert code == 0, err[-3000:]
