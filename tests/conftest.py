@@ -156,6 +156,7 @@ INTEGRATION = [
     "tests/test_search.py",
     "tests/test_slurm_search.py::test_search_through_submitit_local_jobs_*",
     "tests/test_slurm_search.py::test_wait_false_returns_and_the_same_command_resumes_after_the_jobs_died",
+    "tests/test_slurm_search.py::test_sigusr1_to_a_job_stops_its_trial_requeues_it_and_ends_the_job",
     "tests/test_storage.py",
     "tests/test_sweeper.py",
     "tests/test_tables.py::test_latex_escapes_and_compiles",

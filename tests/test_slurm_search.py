@@ -249,3 +249,36 @@ def test_bad_launcher_settings_are_refused_before_any_job(tmp_path, capsys, over
     assert code == 2, (out, err)
     assert f"config error: {field}" in err
     assert not list(tmp_path.rglob("jobs.json"))
+
+
+# ---------------------------------------------------------------- SIGUSR1: Slurm's warning before the limit
+def test_sigusr1_to_a_job_stops_its_trial_requeues_it_and_ends_the_job(tmp_path):
+    """What ``--signal=USR1@90`` does before a job's time limit: the running trial stops at the end
+    of its step, is failed and queued again with its parameters, and the worker job ends."""
+    import psutil
+
+    runs = tmp_path / "runs"
+    root = runs / "search" / "lr-mr"
+    url = str(root / "journal.log")
+    args = [*LR_STUDY, "search.launcher=local", "search.workers=1", "search.n_trials=2"]
+    long = ["train.max_steps=5000", "train.log_every=2", "train.eval_every=1000", "search.wait=false"]
+    first = cli(["search", *args, *long, f"runs_root={runs}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    idle = subprocess.Popen(["sleep", "600"], stderr=subprocess.PIPE, text=True)
+    try:
+        victim = wait_for_running_trial(root, url, "lr-mr", idle)
+    finally:
+        idle.kill()
+        idle.communicate()
+    worker = psutil.Process(victim.user_attrs["worker"]["pid"])
+    worker.send_signal(signal.SIGUSR1)
+    worker.wait(timeout=120)  # the job ends: no next trial
+    stored = trials_of(url, "lr-mr")
+    stopped = next(t for t in stored if t.number == victim.number)
+    assert stopped.state == TrialState.FAIL and "SIGUSR1" in str(stopped.user_attrs.get("error"))
+    again = [t for t in stored if t.user_attrs.get("retry_of") == victim.number]
+    assert len(again) == 1 and again[0].state == TrialState.WAITING
+    assert again[0].system_attrs["fixed_params"] == victim.params  # queued with its parameters
+    result = json.loads((Path(victim.user_attrs["run_dir"]) / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["interrupted_by"] == "SIGUSR1"
+    assert 0 < result["steps"] < 5000  # stopped at the end of a step, mid-schedule
