@@ -151,7 +151,6 @@ def test_wait_false_returns_and_the_same_command_resumes_after_the_jobs_died(tmp
 
 
 # ---------------------------------------------------------------- PostgreSQL
-@pytest.mark.slow
 def test_search_through_submitit_local_jobs_on_postgresql(postgres, tmp_path):
     url = postgres.create_db("submitit_jobs")
     runs = tmp_path / "runs"
