@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Optional
 
 import torch
@@ -78,9 +79,7 @@ def exact_match(predictions: list[str], references: list[str], scoring: Scoring)
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measures (``rouge-score``, Porter stemmer), as fractions in [0, 1]."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scorer = _rouge_scorer_module().RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for pred, ref in zip(predictions, references):
         scores = scorer.score(ref, pred)  # (target, prediction)
@@ -88,6 +87,20 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
             totals[key] += scores[key].fmeasure
     n = max(len(references), 1)
     return {key: value / n for key, value in totals.items()}
+
+
+def _rouge_scorer_module():
+    """``rouge_score.rouge_scorer``, imported with ``sys.stderr`` the process's own: its dependency
+    absl binds a log handler to the ``sys.stderr`` of the moment it is first imported and closes
+    that stream when ``logging`` shuts its handlers down (Hydra's logging set-up does), unless it
+    is the process's own; a redirected stderr (a capture, a notebook's) would be closed."""
+    saved = sys.stderr
+    sys.stderr = sys.__stderr__ or saved
+    try:
+        from rouge_score import rouge_scorer
+    finally:
+        sys.stderr = saved
+    return rouge_scorer
 
 
 # ---------------------------------------------------------------- model passes
