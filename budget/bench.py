@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from adabudget.allocator import RankAllocator
@@ -605,7 +606,6 @@ def measure_load(model: str, how: str, task: str = "auto") -> dict:
     and ``seconds``. ``task``: ``classification``, ``causal-lm``, or ``auto`` (causal-lm for a
     decoder). Meant for a fresh process (``bench_load``)."""
     import json
-    import resource
 
     import psutil
     from adabudget.models import ENCODERS
@@ -631,7 +631,7 @@ def measure_load(model: str, how: str, task: str = "auto") -> dict:
         "load": how,
         "task": "causal-lm" if causal_lm else "classification",
         "rss_before": rss_before,
-        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        "peak": _peak_rss(),
         "peak_reset": reset,
         "rss_after": psutil.Process().memory_info().rss,
         "weights": sum(tensor_bytes(t) for t in [*loaded.parameters(), *loaded.buffers()]),  # tied: once
@@ -639,6 +639,22 @@ def measure_load(model: str, how: str, task: str = "auto") -> dict:
     }
     print(json.dumps(res))
     return res
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes: ``VmHWM`` (which ``_reset_peak_rss`` resets), else
+    ``ru_maxrss``. Not ``ru_maxrss`` first: across an exec Linux keeps the larger of the old
+    image's peak and the new one's there, so a child of a large process (a test runner) would
+    report its parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _reset_peak_rss() -> bool:
