@@ -292,6 +292,35 @@ def tiny_logits(model):
         return model(input_ids=tiny_batch()["input_ids"]).logits
 
 
+# ---------------------------------------------------------------- a tiny causal-LM task
+LM_WORDS = {
+    "good": "positive",
+    "great": "positive",
+    "fine": "positive",
+    "bad": "negative",
+    "awful": "negative",
+}
+
+
+def write_lm_task(folder: Path, n: int = 96) -> Path:
+    """A jsonl sentiment task in prompt -> completion form (``prompt`` / ``completion`` columns;
+    adabudget carves the seeded dev and test): ``folder/sst.jsonl``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sst.jsonl"
+    keys = list(LM_WORDS)
+    with path.open("w") as f:
+        for i in range(n):
+            word = keys[i % len(keys)]
+            row = {
+                "prompt": f"Review: a {word} film, take {i}\nSentiment:",
+                "completion": f" {LM_WORDS[word]}",
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------- the CLI in a fresh interpreter
 CLI = [sys.executable, "-c", "from adabudget.cli import main; main()"]  # the console script's main
 

@@ -18,25 +18,11 @@ from adabudget.data.raw import Rows, Scoring
 from adabudget.generation import exact_match, extract_answer, generate, rouge
 from adabudget.models import load_model
 from adabudget.precision import Scaler
-
-WORDS = {"good": "positive", "great": "positive", "fine": "positive", "bad": "negative", "awful": "negative"}
-
-
-def write_task(folder: Path, n: int = 96) -> Path:
-    """A jsonl sentiment task in prompt -> completion form (seeded dev/test carved by adabudget)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sst.jsonl"
-    keys = list(WORDS)
-    with path.open("w") as f:
-        for i in range(n):
-            word = keys[i % len(keys)]
-            row = {"prompt": f"Review: a {word} film, take {i}\nSentiment:", "completion": f" {WORDS[word]}"}
-            f.write(json.dumps(row) + "\n")
-    return path
+from conftest import LM_WORDS, write_lm_task
 
 
 def lm_run(tmp_path: Path, *extra: str) -> list[str]:
-    path = write_task(tmp_path / "data")
+    path = write_lm_task(tmp_path / "data")
     return [
         "model=tiny-llama",
         "data.task=jsonl",
@@ -100,7 +86,7 @@ def test_a_chat_template_is_refused_when_the_tokenizer_has_none(tokenizer):
 
 def test_packing_fills_rows_and_keeps_every_label(tokenizer):
     examples = tokenize_lm(
-        rows([f"Review: {w}\nSentiment:" for w in WORDS], [f" {v}" for v in WORDS.values()]),
+        rows([f"Review: {w}\nSentiment:" for w in LM_WORDS], [f" {v}" for v in LM_WORDS.values()]),
         tokenizer,
         DataConfig(),
         "train",

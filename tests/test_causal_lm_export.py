@@ -19,25 +19,13 @@ import adabudget
 import adabudget.generation
 import pytest
 import torch
+from conftest import write_lm_task
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.integration  # whole training runs
 
-WORDS = {"good": "positive", "great": "positive", "fine": "positive", "bad": "negative", "awful": "negative"}
 NEW_TOKENS = 4
 SEED = 3  # not the default: the base must be rebuilt with the run's seed, not by luck
-
-
-def write_task(folder: Path, n: int = 64) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sst.jsonl"
-    keys = list(WORDS)
-    with path.open("w") as f:
-        for i in range(n):
-            word = keys[i % len(keys)]
-            row = {"prompt": f"Review: a {word} film, take {i}\nSentiment:", "completion": f" {WORDS[word]}"}
-            f.write(json.dumps(row) + "\n")
-    return path
 
 
 METHODS = {
@@ -58,7 +46,7 @@ METHODS = {
 def trained(request, tmp_path_factory):
     """(result, the final evaluation's model, its examples and texts) of a tiny-LLaMA causal-LM run."""
     tmp = tmp_path_factory.mktemp(request.param)
-    path = write_task(tmp / "data")
+    path = write_lm_task(tmp / "data", n=64)
     calls = []
     real = adabudget.generation.generate
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 from adabudget.export import merge_methods
 from adabudget.methods import apply_method, method_config_from_dict, methods_in
+from conftest import write_lm_task
 from test_methods import greedy_without_cache, tiny_lm, trainable
 
 GROUP = 8  # G: LongLoRA's group, 1/4 of the 32-token training sequences (the paper's N / 4)
@@ -131,19 +132,6 @@ def lm_tokenizer():
 
 
 # ---------------------------------------------------------------- whole causal-LM runs
-WORDS = {"good": "positive", "great": "positive", "fine": "positive", "bad": "negative", "awful": "negative"}
-
-
-def write_task(folder: Path, n: int = 64) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sst.jsonl"
-    keys = list(WORDS)
-    with path.open("w") as f:
-        for i in range(n):
-            word = keys[i % len(keys)]
-            row = {"prompt": f"Review: a {word} film, take {i}\nSentiment:", "completion": f" {WORDS[word]}"}
-            f.write(json.dumps(row) + "\n")
-    return path
 
 
 HYBRID_ADALORA = (
@@ -172,7 +160,7 @@ RUNS = {
 def test_a_causal_lm_run_trains_and_its_adapter_generates_what_the_run_evaluated(
     method, tmp_path, monkeypatch
 ):
-    path = write_task(tmp_path / "data")
+    path = write_lm_task(tmp_path / "data", n=64)
     calls = []
     real = adabudget.generation.generate
 
