@@ -102,17 +102,7 @@ def finish(
     # Labels first: their errors then name the row of the file or split as given, and no
     # problem with them hides behind a split that the data cannot fill.
     regression, num_labels, label_names = encode_labels(splits, cfg, class_names, float_label)
-    carved: tuple[str, ...] = ()
-    if "dev" not in splits:
-        carve_test = "test" not in splits
-        carved = ("dev", "test") if carve_test and cfg.test_fraction > 0 else ("dev",)
-        cut = seeded_split(splits["train"], cfg, carve_test=carve_test)
-        splits = {**splits, **cut}
-    splits.setdefault("test", Rows(text=[], pair=None if columns[1] is None else [], label=[]))
-    for name in ("train", "dev"):
-        if len(splits[name]) == 0:
-            raise ConfigError(f"data.task: the {name} split of {task} is empty; provide rows for it")
-    splits = truncate({name: splits[name] for name in ("train", "dev", "test")}, cfg)
+    splits, carved = carve_and_check(task, splits, cfg, paired=columns[1] is not None)
     return RawTask(
         name=task,
         source=source,
@@ -124,6 +114,24 @@ def finish(
         split_note=split_note(cfg, carved),
         columns=columns,
     )
+
+
+def carve_and_check(
+    task: str, splits: dict[str, Rows], cfg: DataConfig, paired: bool
+) -> tuple[dict[str, Rows], tuple[str, ...]]:
+    """The splits ``finish`` and ``finish_lm`` end with: a missing dev (and test, when there is none
+    either) carved from train by ``seeded_split``, an empty test added, train and dev checked not
+    empty, every split truncated; returns them (train, dev, test) and the names of those carved."""
+    carved: tuple[str, ...] = ()
+    if "dev" not in splits:
+        carve_test = "test" not in splits
+        carved = ("dev", "test") if carve_test and cfg.test_fraction > 0 else ("dev",)
+        splits = {**splits, **seeded_split(splits["train"], cfg, carve_test=carve_test)}
+    splits.setdefault("test", Rows(text=[], pair=[] if paired else None, label=[]))
+    for name in ("train", "dev"):
+        if len(splits[name]) == 0:
+            raise ConfigError(f"data.task: the {name} split of {task} is empty; provide rows for it")
+    return truncate({name: splits[name] for name in ("train", "dev", "test")}, cfg), carved
 
 
 def content_digest(splits: dict[str, Rows]) -> str:
@@ -205,16 +213,7 @@ def finish_lm(
     prompt kept together), and the version is ``<origin>@<digest>/<split>``.
     """
     digest = content_digest(splits)
-    carved: tuple[str, ...] = ()
-    if "dev" not in splits:
-        carve_test = "test" not in splits
-        carved = ("dev", "test") if carve_test and cfg.test_fraction > 0 else ("dev",)
-        splits = {**splits, **seeded_split(splits["train"], cfg, carve_test=carve_test)}
-    splits.setdefault("test", Rows(text=[], pair=None, label=[]))
-    for name in ("train", "dev"):
-        if len(splits[name]) == 0:
-            raise ConfigError(f"data.task: the {name} split of {task} is empty; provide rows for it")
-    splits = truncate({name: splits[name] for name in ("train", "dev", "test")}, cfg)
+    splits, carved = carve_and_check(task, splits, cfg, paired=False)
     return RawTask(
         name=task,
         source=source,
