@@ -708,11 +708,7 @@ class SweeperImpl:
                     if state == "fail":
                         failed.append(f"trial {job.trial.number}: {error}")
                 progress.poll(study)
-                if stop is None and len(failed) > self.max_failure_rate * self.n_trials:
-                    stop = (
-                        f"{len(failed)} of this sweep's jobs failed (hydra.sweeper.max_failure_rate="
-                        f"{self.max_failure_rate:g} of n_trials={self.n_trials})"
-                    )
+                if stop is None and (stop := self._too_many_failures(failed)):
                     print(f"stopping: {stop}; waiting for {len(self.pool)} running job(s)", file=sys.stderr)
         finally:
             lock.close()
@@ -790,13 +786,18 @@ class SweeperImpl:
                 if state == "fail":
                     failed.append(f"trial {job.trial.number}: {error}")
             progress.poll(study)
-            if stop is None and len(failed) > self.max_failure_rate * self.n_trials:
-                stop = (
-                    f"{len(failed)} of this sweep's jobs failed (hydra.sweeper.max_failure_rate="
-                    f"{self.max_failure_rate:g} of n_trials={self.n_trials})"
-                )
+            if stop is None and (stop := self._too_many_failures(failed)):
                 print(f"stopping: {stop}", file=sys.stderr)
         return stop
+
+    def _too_many_failures(self, failed: list[str]) -> str | None:
+        """Why the sweep stops starting jobs, once more than max_failure_rate x n_trials failed."""
+        if len(failed) <= self.max_failure_rate * self.n_trials:
+            return None
+        return (
+            f"{len(failed)} of this sweep's jobs failed (hydra.sweeper.max_failure_rate="
+            f"{self.max_failure_rate:g} of n_trials={self.n_trials})"
+        )
 
     def _on_signal(self, signum, frame) -> None:
         """Ctrl-C / SIGTERM: the running jobs get SIGTERM (they checkpoint and end), then SIGKILL."""
