@@ -63,7 +63,11 @@ def records(tmp_path_factory):
         "train",
         *base,
         "run_name=live",
-        "train.max_steps=400",
+        # Long enough that it cannot end before it is stopped, however fast the machine (CI's ran
+        # 400 steps while this process trained the two runs above): allocations from step 8.
+        "train.max_steps=1000000",
+        "method.warmup_steps=8",
+        "method.final_steps=8",
         "train.log_every=1",
         "train.eval_every=0",
     ]
@@ -79,6 +83,7 @@ def records(tmp_path_factory):
         ):
             assert live.poll() is None, "the live run ended before its first allocations"
             time.sleep(0.2)
+        assert live.poll() is None, "the live run ended before it was stopped"
         live.send_signal(signal.SIGSTOP)  # alive (its pid exists), silent, and no CPU while the tests run
         out, _ = study_proc.communicate(timeout=600)
         assert study_proc.returncode == 0, out[-3000:]
