@@ -255,12 +255,41 @@ def _one_thread():
 
 
 # ---------------------------------------------------------------- a tiny model and batch, no data
+_BUILT: dict = {}
+
+
+def pristine(key, make):
+    """``make()``'s model, built once per ``key`` and deep-copied after: the copy and the torch RNG
+    state after it are those of a fresh build (the matrix builds thousands of tiny models; their
+    weight init was half its time)."""
+    import copy
+
+    import torch
+
+    try:
+        hash(key)
+    except TypeError:
+        return make()
+    if key not in _BUILT:
+        model = make()
+        _BUILT[key] = (copy.deepcopy(model), torch.get_rng_state())
+        return model
+    model, rng = _BUILT[key]
+    torch.set_rng_state(rng)
+    return copy.deepcopy(model)
+
+
 def tiny_model(arch_name: str = "tiny-bert", seed: int = 0, layers: int | None = None, **config):
     """A random tiny HF classifier (``adabudget.models.tiny_config``), backbone frozen, in eval mode.
 
     ``layers``: the number of blocks (default 2); ``config``: other HF config fields to change
     (``num_attention_heads=4``).
     """
+    key = ("classifier", arch_name, seed, layers, tuple(sorted(config.items())))
+    return pristine(key, lambda: _build_tiny_model(arch_name, seed, layers, **config))
+
+
+def _build_tiny_model(arch_name: str, seed: int, layers: int | None, **config):
     import torch
     from adabudget.models import tiny_config
     from adabudget.modules import freeze_backbone

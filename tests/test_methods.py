@@ -25,7 +25,7 @@ from adabudget.compose import preset as method_preset
 from adabudget.config import ConfigError
 from adabudget.export import load_adapter, merge_methods, save_adapter
 from adabudget.methods import REGISTRY, apply_method, count_method, method_config_from_dict, methods_in
-from conftest import tiny_model
+from conftest import pristine, tiny_model
 
 ARCHS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 LM_ARCHS = ("tiny-gpt2-lm", "tiny-llama-lm")  # the causal-LM column: the decoders with their LM head
@@ -204,6 +204,10 @@ LM_CELLS = [(r, a) for r, a in CELLS if a in LM_ARCHS]
 def tiny_lm(arch_name: str, seed: int = 0, layers: int = NUM_LAYERS):
     """``tiny-gpt2-lm`` / ``tiny-llama-lm``: the tiny decoder as adabudget loads it for a causal-LM
     task (``AutoModelForCausalLM``, ``load_model(..., causal_lm=True)``), backbone frozen, in eval mode."""
+    return pristine(("causal-lm", arch_name, seed, layers), lambda: _build_tiny_lm(arch_name, seed, layers))
+
+
+def _build_tiny_lm(arch_name: str, seed: int, layers: int):
     from adabudget.models import tiny_config
     from adabudget.modules import freeze_backbone
     from transformers import AutoModelForCausalLM

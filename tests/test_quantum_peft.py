@@ -176,6 +176,33 @@ def test_merge_equals_forward(arch_name):
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("unitary", ["pauli", "lie"])
+def test_without_autograd_u_is_computed_once_per_value_of_the_angles(unitary):
+    """Evaluation and generation reuse U until the angles change (an optimiser step, a load);
+    with autograd every forward builds it again, so gradients reach the angles."""
+    torch.manual_seed(0)
+    layer = QuantumPEFTLinear(torch.nn.Linear(12, 20), 3, 2, 4.0, unitary)
+    with torch.no_grad():
+        first = layer.u_left()
+        assert layer.u_left() is first and layer.u_right() is layer.u_right()
+    opt = torch.optim.SGD([layer.theta_left, layer.theta_right], lr=0.5)
+    u = layer.u_left()
+    assert u.requires_grad and u is not first
+    (u.sum() + layer.u_right().sum()).backward()
+    opt.step()  # in place: the version counter moves
+    with torch.no_grad():
+        moved = layer.u_left()
+        assert not torch.allclose(moved, first)
+        torch.testing.assert_close(moved, layer._build(layer.theta_left, 20, layer.signs_left))
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["theta_right"] += 0.3
+        before = layer.u_right()
+        layer.load_state_dict(state)
+        after = layer.u_right()
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, layer._build(layer.theta_right, 12, layer.signs_right))
+
+
 def test_rank_above_a_dimension_is_refused_by_count_and_apply():
     model = build("tiny-llama")  # k/v projections are 32 -> 16
     cfg = method_config_from_dict({"name": "quantum_peft", "r": 17})

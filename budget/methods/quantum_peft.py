@@ -103,22 +103,27 @@ def entangler_signs(q: int, parity: int) -> torch.Tensor:
     return 1.0 - 2.0 * odd.float()
 
 
-def _ry(state: torch.Tensor, qubit: int, theta: torch.Tensor) -> torch.Tensor:
-    """RY(θ) on one qubit of a (2^q, K) state (the qubit is bit q-1-j of the row index)."""
-    s = state.reshape(2**qubit, 2, -1)  # (before, qubit, after x K)
-    c, sn = torch.cos(theta / 2), torch.sin(theta / 2)
-    x0, x1 = s[:, 0], s[:, 1]
-    return torch.stack((c * x0 - sn * x1, sn * x0 + c * x1), dim=1).reshape(state.shape)
+def rotations(theta: torch.Tensor) -> torch.Tensor:
+    """(P, 2, 2): RY(θ) = [[cos θ/2, -sin θ/2], [sin θ/2, cos θ/2]] for every angle at once."""
+    c, s = torch.cos(theta / 2), torch.sin(theta / 2)
+    return torch.stack((c, -s, s, c), dim=-1).view(-1, 2, 2)
+
+
+def _ry(state: torch.Tensor, qubit: int, rotation: torch.Tensor) -> torch.Tensor:
+    """A (2, 2) rotation on one qubit of a (2^q, K) state (the qubit is bit q-1-j of the row index):
+    one batched matmul over (before, qubit, after x K)."""
+    return (rotation @ state.reshape(2**qubit, 2, -1)).reshape(state.shape)
 
 
 def circuit_columns(theta: torch.Tensor, q: int, k: int, depth: int, signs: torch.Tensor) -> torch.Tensor:
     """The first k columns (2^q, k) of the depth-L circuit's orthogonal matrix
     (docs/methods.md#quantum-peft).
 
-    ``signs``: (2, 2^q), the two entangler diagonals (``entangler_signs``).
+    ``signs``: (2, 2^q), the two entangler diagonals (``entangler_signs``). The rotations of all
+    angles are built in one go and each gate is one matmul.
     """
     state = torch.eye(2**q, k, dtype=theta.dtype, device=theta.device)  # e_0 .. e_{k-1}
-    angles = iter(theta.unbind())
+    angles = iter(rotations(theta).unbind())
     for j in range(q):
         state = _ry(state, j, next(angles))
     if q >= 2:
@@ -162,6 +167,7 @@ class QuantumPEFTLinear(nn.Module):
         self.theta_left = nn.Parameter(self._initial(self.out_features, r, dev, dt))
         self.theta_right = nn.Parameter(self._initial(self.in_features, r, dev, dt))
         self.lambdas = nn.Parameter(torch.zeros(r, device=dev, dtype=dt))  # λ (K,): zero, so ΔW = 0 at init
+        self._frozen: dict = {}  # side -> (angles' identity and version, U): U without autograd
         for side, n in (("left", self.out_features), ("right", self.in_features)):
             q = max(qubits(n), 1)
             signs = torch.stack([entangler_signs(q, 0), entangler_signs(q, 1)]).to(dev, dt)
@@ -179,16 +185,28 @@ class QuantumPEFTLinear(nn.Module):
     def rank(self) -> int:
         return self.lambdas.shape[0]
 
-    def _columns(self, theta: torch.Tensor, n: int, signs: torch.Tensor) -> torch.Tensor:
+    def _columns(self, side: str, theta: torch.Tensor, n: int, signs: torch.Tensor) -> torch.Tensor:
+        """U from its angles; without autograd (evaluation, generation) computed once per value of
+        the angles (their version counter moves with every in-place update: optimiser, load)."""
+        if torch.is_grad_enabled() and theta.requires_grad:
+            return self._build(theta, n, signs)
+        key = (theta.data_ptr(), theta._version, theta.dtype, theta.device)
+        cached = self._frozen.get(side)
+        if cached is None or cached[0] != key:
+            cached = (key, self._build(theta, n, signs).detach())
+            self._frozen[side] = cached
+        return cached[1]
+
+    def _build(self, theta: torch.Tensor, n: int, signs: torch.Tensor) -> torch.Tensor:
         if self.unitary == "lie":
             return lie_columns(theta, n, self.rank)
         return orthonormal_columns(theta, n, self.rank, self.depth, signs)
 
     def u_left(self) -> torch.Tensor:  # (out, K)
-        return self._columns(self.theta_left, self.out_features, self.signs_left)
+        return self._columns("left", self.theta_left, self.out_features, self.signs_left)
 
     def u_right(self) -> torch.Tensor:  # (in, K)
-        return self._columns(self.theta_right, self.in_features, self.signs_right)
+        return self._columns("right", self.theta_right, self.in_features, self.signs_right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
