@@ -430,7 +430,21 @@ def _reproduce(args: list[str]) -> None:
     p.add_argument("--gpus-per-cell", help="GPUs per worker: an integer, or 1/k to pack k cells on one GPU")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--out", help="also write the Markdown table here")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cells (done, to resume, new) and the time left from the finished cells; run nothing",
+    )
     a = p.parse_args(args)
+    if a.dry_run:
+        from adabudget.search.reproduce import dry_run
+
+        try:
+            dry_run(a.protocol, a.variant, a.runs_root, a.workers)
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return
     try:
         root, protocol, missing = reproduce(
             a.protocol, a.variant, a.workers, a.runs_root, a.threads, a.gpus, a.gpus_per_cell
