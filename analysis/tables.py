@@ -7,9 +7,12 @@ data versions, date).
     adabudget table runs/reproduce/minilm-budget --layout packaged --format latex
 
 Rows group the runs by ``meta.label`` (set by ``adabudget reproduce``), else by method and
-parameter count; columns by ``task``. A layout names the tasks, their order, heading and
-metrics; without one every task found gets a column with its primary metric. Values are
-scaled by 100 as the paper prints them.
+parameter count; columns by ``task``. Where a row ran a learning-rate grid (``meta.lr``), each
+(row, task) keeps the rate with the best mean dev over seeds (the layout's first metric of that
+column) and reports its split at that rate, the rate shown in the cell and the rule in the footer.
+Where a row has a level (``meta.level_params``), a count more than 2% away from it is flagged.
+A layout names the tasks, their order, heading and metrics; without one every task found gets a
+column with its primary metric. Values are scaled by 100 as the paper prints them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from datetime import date
 import pandas as pd
 
 MISSING = "–"
+LEVEL_TOLERANCE = 0.02  # a row's trainable parameters may differ from its level by this fraction
+FLAG = "†"
 
 
 @dataclass
@@ -90,13 +95,20 @@ def build(runs: pd.DataFrame, layout: Layout | None = None, rows: str = "label")
     # rows in a protocol's order (meta.row, written by adabudget reproduce), else as found
     ordered = runs.sort_values("meta.row", kind="stable") if "meta.row" in runs else runs
     order = list(dict.fromkeys(ordered["_row"]))
-    out = {}
+    out, levels, chosen_any = {}, {}, False
     for label in order:
         mine = runs[runs["_row"] == label]
         cells = {"params": _params(mine)}
+        level = _level(mine)
+        if level is not None:
+            levels[label] = level
         for col in layout.columns:
             task_runs = mine[mine["task"] == col.task]
+            task_runs, lr = _chosen_lr(task_runs, f"dev.{col.metrics[0]}")
             cells[col.heading] = [_stats(task_runs, f"{layout.split}.{m}", layout.scale) for m in col.metrics]
+            if lr is not None and cells[col.heading][0] is not None:
+                cells[col.heading][0]["lr"] = lr
+                chosen_any = True
         if layout.all_column:
             firsts = [cells[c.heading][0] for c in layout.columns]
             cells["All"] = [
@@ -109,7 +121,54 @@ def build(runs: pd.DataFrame, layout: Layout | None = None, rows: str = "label")
                 }
             ]
         out[label] = cells
-    return pd.DataFrame.from_dict(out, orient="index")
+    table = pd.DataFrame.from_dict(out, orient="index")
+    table.attrs["levels"] = levels  # label -> (level name, level params); render flags the far ones
+    table.attrs["lr_rule"] = (
+        f"learning rate per row and task: the rate of its grid with the best mean dev over seeds, shown as "
+        f"@rate; {layout.split} reported at that rate"
+        + (" (dev both chooses and reports: optimistic)" if layout.split == "dev" else "")
+        if chosen_any
+        else ""
+    )
+    return table
+
+
+def _chosen_lr(task_runs: pd.DataFrame, dev_column: str) -> tuple[pd.DataFrame, float | None]:
+    """The runs at the learning rate with the best mean ``dev_column`` over seeds, and that rate;
+    all runs and None when the row ran no grid (no ``meta.lr``) or one rate only."""
+    if "meta.lr" not in task_runs or dev_column not in task_runs:
+        return task_runs, None
+    rates = task_runs["meta.lr"].dropna().unique()
+    if len(rates) < 2:
+        return task_runs, (float(rates[0]) if len(rates) == 1 else None)
+    means = {
+        float(r): task_runs.loc[task_runs["meta.lr"] == r, dev_column].dropna().mean() for r in sorted(rates)
+    }
+    scored = {r: m for r, m in means.items() if not pd.isna(m)}
+    if not scored:
+        return task_runs, None
+    best = max(scored, key=lambda r: (scored[r], -r))  # a tie goes to the smaller rate
+    return task_runs[task_runs["meta.lr"] == best], best
+
+
+def _level(runs: pd.DataFrame) -> tuple[str, int] | None:
+    if "meta.level_params" not in runs:
+        return None
+    values = runs["meta.level_params"].dropna()
+    if values.empty:
+        return None
+    name = runs["meta.level"].dropna().iloc[0] if "meta.level" in runs else ""
+    return str(name), int(values.iloc[0])
+
+
+def _off_level(table: pd.DataFrame, label) -> float | None:
+    """The row's relative distance from its level when beyond ``LEVEL_TOLERANCE``, else None."""
+    level = table.attrs.get("levels", {}).get(label)
+    params = table.loc[label, "params"]
+    if level is None or params is None or pd.isna(params):
+        return None
+    off = params / level[1] - 1
+    return off if abs(off) > LEVEL_TOLERANCE else None
 
 
 # Config keys that do not make a configuration different: the seed (rows average over it), the
@@ -220,17 +279,23 @@ def render(table: pd.DataFrame, fmt: str = "markdown", provenance: str = "") -> 
                 text += f" ± {c['std']:.2f}" if not latex else f" $\\pm$ {c['std']:.2f}"
             if c["n"] is not None and h != "All":
                 text += f" ({c['n']})"
+            if c.get("lr") is not None:
+                text += f" @{c['lr']:g}"
             if best[(h, k)] is not None and math.isclose(c["mean"], best[(h, k)]):
                 text = f"**{text}**" if not latex else f"\\textbf{{{text}}}"
             parts.append(text)
         return " / ".join(parts)
 
+    def params_text(label, row) -> str:
+        if row["params"] is None or pd.isna(row["params"]):
+            return MISSING
+        return _short(row["params"]) + (f" {FLAG}" if _off_level(table, label) is not None else "")
+
+    provenance = "\n".join(p for p in [*_notes(table), provenance] if p)
     if fmt == "markdown":
         lines = ["| method | params | " + " | ".join(headings) + " |", "|---|---:|" + "---:|" * len(headings)]
         for label, row in table.iterrows():
-            params = (
-                _short(row["params"]) if row["params"] is not None and not pd.isna(row["params"]) else MISSING
-            )
+            params = params_text(label, row)
             lines.append(
                 f"| {label} | {params} | " + " | ".join(cell(h, row[h], False) for h in headings) + " |"
             )
@@ -244,18 +309,37 @@ def render(table: pd.DataFrame, fmt: str = "markdown", provenance: str = "") -> 
         "\\midrule",
     ]
     for label, row in table.iterrows():
-        params = (
-            _short(row["params"]) if row["params"] is not None and not pd.isna(row["params"]) else MISSING
-        )
+        params = params_text(label, row).replace(FLAG, "$^\\dagger$")
         lines.append(
-            f"{latex_escape(str(label))} & {latex_escape(params)} & "
+            f"{latex_escape(str(label))} & {params if '$' in params else latex_escape(params)} & "
             + " & ".join(cell(h, row[h], True).replace(MISSING, "--") for h in headings)
             + " \\\\"
         )
     lines += ["\\bottomrule", "\\end{tabular}"]
     if provenance:  # a comment, in ASCII
-        lines.append("% " + provenance.replace("±", "+-").replace(MISSING, "--").replace("\n", "\n% "))
+        ascii_text = provenance.replace("±", "+-").replace(MISSING, "--").replace(FLAG, "(dagger)")
+        lines.append("% " + ascii_text.replace("\n", "\n% "))
     return "\n".join(lines) + "\n"
+
+
+def _notes(table: pd.DataFrame) -> list[str]:
+    """The footer lines of the learning-rate rule and of the levels (with the rows far from theirs)."""
+    notes = [table.attrs["lr_rule"].capitalize() + "."] if table.attrs.get("lr_rule") else []
+    levels = table.attrs.get("levels", {})
+    if levels:
+        named = dict.fromkeys(f"{name} = {params:,}" for name, params in levels.values())
+        far = [
+            f"{label} holds {int(table.loc[label, 'params']):,} "
+            f"({_off_level(table, label):+.1%} from {levels[label][0]})"
+            for label in table.index
+            if _off_level(table, label) is not None
+        ]
+        notes.append(
+            f"Levels in trainable adapter parameters: {'; '.join(named)}; every row within "
+            f"{LEVEL_TOLERANCE:.0%} of its level"
+            + (f" but those marked {FLAG}: {'; '.join(far)}." if far else ".")
+        )
+    return notes
 
 
 def latex_escape(text: str) -> str:

@@ -176,3 +176,71 @@ def test_a_supernet_run_is_not_a_row(fixed):
         len(load([fixed], status="completed").runs) == 21
     )  # 20 fixed runs and the supernet: the records show it
     assert table([fixed], layout="packaged", made=MADE) == (GOLDEN / "table_packaged.md").read_text()
+
+
+def _grid_run(
+    root: Path, k: int, label: str, params: int, task: str, lr: float, seed: int, dev: float, test: float
+):
+    run = root / f"grid{k}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        f"train:\n  seed: {seed}\n  lr: {lr}\nmethod:\n  name: lora\n"
+        f"data:\n  task: {task}\nmeta:\n  label: {label}\n"
+    )
+    meta = {"label": label, "lr": lr, "level": "1K", "level_params": 1000}
+    metric = "accuracy" if task == "mr" else "pearson"
+    result = {
+        "record_version": 2,
+        "status": "completed",
+        "method": "lora",
+        "task": task,
+        "primary_metric": metric,
+        "regression": metric == "pearson",
+        "trainable_params": params,
+        "groups": [{"group": 0, "params": params, "methods": {}}],
+        "final": {"dev": {metric: dev}, "test": {metric: test}},
+        "meta": meta,
+        "git_commit": "0123456789abcdef",
+    }
+    (run / "result.json").write_text(json.dumps(result))
+
+
+def test_learning_rate_chosen_on_dev_and_levels_flagged(tmp_path):
+    """Per row and task the rate of the grid with the best mean dev over seeds is kept and its test
+    reported (not the best test); a row more than 2% from its level is flagged, and the footer says
+    both rules."""
+    root = tmp_path / "runs"
+    # (label, params, task, lr, [(dev, test) per seed]): on mr 1e-3 wins on dev (but loses on test),
+    # on tweets 5e-4 wins on dev
+    grid = [
+        ("LoRA", 1000, "mr", 5e-4, [(0.80, 0.90), (0.82, 0.92)]),
+        ("LoRA", 1000, "mr", 1e-3, [(0.85, 0.60), (0.84, 0.62)]),
+        ("LoRA", 1000, "tweets", 5e-4, [(0.70, 0.50), (0.72, 0.52)]),
+        ("LoRA", 1000, "tweets", 1e-3, [(0.60, 0.99), (0.61, 0.99)]),
+        ("AdaLoRA", 1031, "mr", 5e-4, [(0.81, 0.71), (0.83, 0.73)]),
+        ("AdaLoRA", 1031, "mr", 1e-3, [(0.80, 0.95), (0.80, 0.95)]),
+    ]
+    k = 0
+    for label, params, task, lr, seeds in grid:
+        for seed, (dev, test) in zip((42, 1), seeds):
+            _grid_run(root, k, label, params, task, lr, seed, dev, test)
+            k += 1
+    layout = LAYOUTS["packaged"]
+    t = build(load([root]).runs, layout)
+    mr, tweets = t.loc["LoRA", "MR"][0], t.loc["LoRA", "Tweets"][0]
+    assert mr["lr"] == 1e-3 and mr["mean"] == pytest.approx(61.0) and mr["n"] == 2
+    assert tweets["lr"] == 5e-4 and tweets["mean"] == pytest.approx(51.0)
+    assert t.loc["AdaLoRA", "MR"][0]["lr"] == 5e-4 and t.loc["AdaLoRA", "MR"][0]["mean"] == pytest.approx(
+        72.0
+    )
+    text = table([root], layout="packaged", made=MADE)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "61.00 ± 1.41 (2) @0.001" in rows["| LoRA"] and "51.00 ± 1.41 (2) @0.0005" in rows["| LoRA"]
+    assert "| 1K |" in rows["| LoRA"] and "| 1K † |" in rows["| AdaLoRA"]  # 1,031 is 3.1% from 1,000
+    assert "best mean dev over seeds" in text and "test reported at that rate" in text
+    assert "Levels in trainable adapter parameters: 1K = 1,000" in text
+    assert "AdaLoRA holds 1,031 (+3.1% from 1K)" in text and "LoRA holds" not in text.replace(
+        "AdaLoRA holds", ""
+    )
+    latex = table([root], layout="packaged", fmt="latex", made=MADE)
+    assert "$^\\dagger$" in latex and "(dagger)" in latex and "†" not in latex
