@@ -92,9 +92,10 @@ def load(run_dir: str | Path):
     if (adapter / "adabudget_adapter.json").exists():
         load_adapter(model, adapter)
     else:
-        from peft import PeftModel
+        from adabudget.extras import require
 
-        model = PeftModel.from_pretrained(model, adapter)
+        peft = require("peft", "peft", f"adabudget.load of a peft adapter ({adapter})")
+        model = peft.PeftModel.from_pretrained(model, adapter)
     return model.eval()
 
 

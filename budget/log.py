@@ -337,8 +337,11 @@ class RunRecord:
         header: dict | None = None,
         final_again: bool = False,
     ):
+        from adabudget.extras import require
         from omegaconf import OmegaConf
 
+        if logger_cfg.wandb:  # asked for but not installed: said before the run folder is made
+            require("wandb", "wandb", "logger.wandb=true (the W&B mirror)")
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.wandb = None

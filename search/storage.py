@@ -64,6 +64,9 @@ def database_url(url: str) -> str:
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
         if importlib.util.find_spec("psycopg2") is not None:
             return "postgresql+psycopg2://" + url[len("postgresql://") :]
+        from adabudget.extras import require
+
+        require("psycopg2", "postgres", "a postgresql:// storage")  # neither driver: MissingExtra
     return url
 
 

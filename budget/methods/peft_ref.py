@@ -35,12 +35,9 @@ ADAPTER = "default"
 
 
 def _require_peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(
-            "method.name: the peft_* reference methods run huggingface/peft's code; pip install peft"
-        ) from err
+    from adabudget.extras import require
+
+    require("peft", "peft", "method.name=peft_* (huggingface/peft's code, the reference methods)")
 
 
 @dataclass
