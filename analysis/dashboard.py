@@ -30,15 +30,11 @@ from pathlib import Path
 
 import pandas as pd
 from adabudget.analysis.extras import require
-from adabudget.analysis.records import (  # the private two: one rule each, in one place
+from adabudget.analysis.records import (
     RecordError,
-    _final_params,
-    _guess_module,
-    _with_driver,
     hide_password,
     load,
     load_study,
-    read_result,
     run_dirs,
     study_folder,
     trials,
@@ -71,7 +67,6 @@ class Section:
     script: str = ""  # glue run once every figure of the page is drawn
     live: bool = False  # something in it still runs
     wide: set = field(default_factory=set)  # figures given the page's full width
-    controls: dict = field(default_factory=dict)  # figure name -> HTML shown above it
 
 
 @dataclass
@@ -111,11 +106,9 @@ def _axes(ranks: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 def _grid(ranks: pd.DataFrame, layers: list[str], matrices: list[str]) -> list[list]:
     """z[matrix][layer]: the rank of each cell of one allocation (None where no matrix)."""
-    cells: dict = {}  # a dict, not pivot_table: ~50x faster, and a study draws one grid per trial
-    for m, layer, rank in zip(ranks["matrix"], ranks["layer"], ranks["rank"]):
-        if rank is not None and not pd.isna(rank):
-            cells[m, layer] = cells.get((m, layer), 0) + int(rank)
-    return [[cells.get((m, layer)) for layer in layers] for m in matrices]
+    table = ranks.pivot_table(index="matrix", columns="layer", values="rank", aggfunc="sum")
+    table = table.reindex(index=matrices, columns=layers)
+    return [[None if pd.isna(v) else int(v) for v in row] for row in table.to_numpy()]
 
 
 def _heatmap(z, layers, matrices, **kw):
@@ -219,65 +212,6 @@ def allocation_slider(ranks: pd.DataFrame):
     return fig
 
 
-def rank_trajectory(ranks: pd.DataFrame):
-    """Every module's rank over the whole run: one heatmap, a row per module (layer, then matrix in
-    block order) and a column per allocation step (at most ``MAX_SLIDER_STEPS``, evenly spaced)."""
-    import plotly.graph_objects as go
-
-    r = _with_matrix(ranks)
-    layers, matrices = _axes(r)
-    steps = _evenly(sorted(r["step"].unique()), MAX_SLIDER_STEPS)
-    rows = [(layer, m) for layer in layers for m in matrices]
-    cells: dict = {}
-    for layer, m, step, rank in zip(r["layer"], r["matrix"], r["step"], r["rank"]):
-        if rank is not None and not pd.isna(rank):
-            cells[layer, m, step] = cells.get((layer, m, step), 0) + int(rank)
-    rows = [row for row in rows if any((*row, s) in cells for s in steps)]  # no empty rows
-    z = [[cells.get((layer, m, s)) for s in steps] for layer, m in rows]  # (modules, steps)
-    zmax = r["init_rank"].max() if r["init_rank"].notna().any() else r["rank"].max()
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=[str(int(s)) for s in steps],
-            y=[f"layer {layer} · {m}" for layer, m in rows],
-            customdata=[[[layer, m]] * len(steps) for layer, m in rows],
-            zmin=0,
-            zmax=zmax,
-            colorscale="Viridis",
-            colorbar={"title": {"text": "rank"}},
-            xgap=1 if len(steps) <= 60 else 0,
-            ygap=1,
-            texttemplate="%{z}" if len(steps) <= 30 else None,
-            hovertemplate="step %{x}, %{y}: rank %{z}<extra></extra>",
-        )
-    )
-    fig.update_layout(
-        title=f"Rank trajectory: {len(rows)} modules x {len(steps)} allocations (click a row)",
-        height=max(HEIGHT, 18 * len(rows) + 160),
-    )
-    fig.update_xaxes(title="allocation step", type="category")
-    fig.update_yaxes(title="module", type="category", autorange="reversed")
-    return fig
-
-
-# Links the trajectory and the final heatmap: a click on a module (a row of the trajectory, a cell
-# of the final heatmap) outlines it in both.
-_TRAJECTORY_GLUE = """(function () {
-  const fin = document.getElementById(%(final)s), traj = document.getElementById(%(trajectory)s);
-  function mark(layer, matrix) {
-    const rows = traj.data[0].y, row = rows.indexOf("layer " + layer + " · " + matrix);
-    const col = fin.data[0].x.map(String).indexOf(String(layer)), cell = fin.data[0].y.indexOf(matrix);
-    const box = {type: "rect", line: {color: "#e4002b", width: 3}, fillcolor: "rgba(0,0,0,0)"};
-    Plotly.relayout(traj, {shapes: row < 0 ? [] : [Object.assign({}, box,
-      {xref: "paper", x0: 0, x1: 1, yref: "y", y0: row - 0.5, y1: row + 0.5})]});
-    Plotly.relayout(fin, {shapes: col < 0 || cell < 0 ? [] : [Object.assign({}, box,
-      {xref: "x", x0: col - 0.5, x1: col + 0.5, yref: "y", y0: cell - 0.5, y1: cell + 0.5})]});
-  }
-  fin.on("plotly_click", (ev) => mark(ev.points[0].x, ev.points[0].y));
-  traj.on("plotly_click", (ev) => mark(ev.points[0].customdata[0], ev.points[0].customdata[1]));
-})();"""
-
-
 def budget_figure(ranks: pd.DataFrame, metrics: pd.DataFrame):
     """Scheduled b(t) (AdaLoRA Appendix A) against the budget the allocator kept."""
     import plotly.graph_objects as go
@@ -378,13 +312,7 @@ def run_section(rec, run: pd.Series) -> Section:
     sec = Section(_slug("run-" + _short(rid)), f"Run {_short(rid)}: {_describe(run)}")
     if len(ranks):
         sec.figures.append(("rank_final", rank_heatmap(ranks)))
-        sec.figures.append(("rank_trajectory", rank_trajectory(ranks)))
         sec.figures.append(("rank_steps", allocation_slider(ranks)))
-        sec.script += _TRAJECTORY_GLUE % {
-            "final": json.dumps(_div_id(sec.slug, "rank_final")),
-            "trajectory": json.dumps(_div_id(sec.slug, "rank_trajectory")),
-        }
-        sec.notes.append("Click a module in the rank trajectory or the final heatmap to outline it in both.")
         sec.figures.append(("budget", budget_figure(ranks, metrics)))
     else:
         sec.notes.append(f"No rank allocation in this record (method {run.get('method')}).")
@@ -586,7 +514,7 @@ def _trial_markers(fig, tr: pd.DataFrame, x: str, y: str, **kw) -> None:
             mode="markers",
             name="sampled trial",
             customdata=sampled["number"],
-            marker={"size": 10 if len(sampled) <= 200 else 6},
+            marker={"size": 10},
             hovertemplate="trial %{customdata}<br>%{x}<br>%{y}<extra></extra>",
             **kw,
         )
@@ -595,49 +523,16 @@ def _trial_markers(fig, tr: pd.DataFrame, x: str, y: str, **kw) -> None:
         go.Scatter(
             x=base[x],
             y=base[y],
-            mode="markers",
+            mode="markers+text",
             name="baseline",
             customdata=base["number"],
             text=base["baseline"],
+            textposition="top center",
             marker={"size": 15, "symbol": "star", "color": "#ff7f0e"},
             hovertemplate="trial %{customdata} (baseline %{text})<br>%{x}<br>%{y}<extra></extra>",
             **kw,
         )
     )
-    for label in baseline_labels(base[x].tolist(), base[y].tolist(), base["baseline"].tolist(), tr[x]):
-        fig.add_annotation(
-            **label, showarrow=True, arrowhead=0, arrowcolor="#ff7f0e", font={"size": 11}, bgcolor="white"
-        )
-
-
-LABEL_STEP_PX = 18  # vertical distance between two stacked baseline labels (11 px text + margin)
-
-
-def baseline_labels(xs: list, ys: list, names: list, every_x) -> list[dict]:
-    """One annotation per baseline: its name on a leader line above its point. Baselines whose x
-    lie within 15% of the axis' span of each other (sized to one budget, or enqueued one after the
-    other) share a column: their labels are stacked, the lowest point's label nearest, each next
-    one ``LABEL_STEP_PX`` higher, so no two labels overlap; baselines at one (x, y) share a label."""
-    span = (max(every_x) - min(every_x)) if len(every_x) else 0
-    points: dict = {}
-    for x, y, name in zip(xs, ys, names):
-        if x is None or y is None or pd.isna(x) or pd.isna(y):
-            continue
-        points.setdefault((x, y), []).append(str(name))
-    order = sorted(points, key=lambda p: p[0])
-    clusters: list[list] = []
-    for p in order:
-        if clusters and p[0] - clusters[-1][0][0] <= 0.15 * span:
-            clusters[-1].append(p)
-        else:
-            clusters.append([p])
-    labels = []
-    for cluster in clusters:
-        for k, (x, y) in enumerate(sorted(cluster, key=lambda p: p[1])):  # lowest y first
-            labels.append(
-                {"x": x, "y": y, "text": " / ".join(points[x, y]), "ax": 0, "ay": -(22 + LABEL_STEP_PX * k)}
-            )
-    return labels
 
 
 def history_figure(tr: pd.DataFrame, objective: str, maximise: bool):
@@ -713,9 +608,8 @@ def _sampled_study(study):
 
 
 def importance_figure(study, objectives: list[str]):
-    """Optuna's parameter importances (its default evaluator), one bar per objective; None, a
-    reason and {} when fewer than two sampled trials completed. Also returns each parameter's
-    largest importance (what the parallel coordinates order their axes by)."""
+    """Optuna's parameter importances (its default evaluator), one bar per objective; None and a
+    reason when fewer than two sampled trials completed."""
     import optuna
     import plotly.graph_objects as go
 
@@ -724,9 +618,8 @@ def importance_figure(study, objectives: list[str]):
         return (
             None,
             f"Parameter importances need two or more completed sampled trials; this study has {len(keep)}.",
-            {},
         )
-    fig, notes, top = go.Figure(), [], {}
+    fig, notes = go.Figure(), []
     for i, name in enumerate(objectives):
         values = {t.values[i] for t in keep}
         if len(values) < 2:
@@ -735,194 +628,49 @@ def importance_figure(study, objectives: list[str]):
         with warnings.catch_warnings():  # a small study makes it warn about every parameter
             warnings.simplefilter("ignore")
             imp = optuna.importance.get_param_importances(copy, target=lambda t, i=i, s=sign: s * t.values[i])
-        for p, v in imp.items():
-            top[p] = max(top.get(p, 0.0), v) if len(values) > 1 else top.get(p, 0.0)
         params = list(imp)[::-1]
         fig.add_trace(go.Bar(x=[imp[p] for p in params], y=params, orientation="h", name=name))
-    everywhere = {p for t in keep for p in t.params}
-    if len(everywhere) > len(top):  # Optuna's evaluator takes the parameters every trial has
-        notes.append(
-            f"Importances cover the {len(top)} parameters every sampled trial has; the other "
-            f"{len(everywhere) - len(top)} are conditional (sampled in some trials only)."
-        )
     fig.update_layout(
         title="Parameter importances (Optuna)", barmode="group", height=max(HEIGHT, 24 * len(params) + 160)
     )
     fig.update_xaxes(title="importance")
     fig.update_yaxes(title="parameter")
-    return fig, " ".join(notes), top
+    return fig, " ".join(notes)
 
 
-MAX_PARALLEL_AXES = 8  # parameter axes drawn at first; the others wait behind a checkbox each
-NOT_SAMPLED = "not sampled"
-
-
-def _parallel_axis(name: str, values: pd.Series, dist) -> dict:
-    """One parallel-coordinates dimension; a trial that did not sample the parameter (a conditional
-    space) sits on a "not sampled" tick below the axis' range."""
+def parallel_figure(study, objective: str, index: int):
+    """Optuna's parallel coordinates of the sampled trials against ``objective``."""
     import optuna
 
-    present = values.dropna()
-    categorical = isinstance(dist, optuna.distributions.CategoricalDistribution) or not (
-        pd.api.types.is_numeric_dtype(present) and not pd.api.types.is_bool_dtype(present)
-    )
-    if categorical:
-        choices = list(dist.choices) if dist is not None else sorted(set(present), key=str)
-        index = {c: i for i, c in enumerate(choices)}
-        coded = values.map(lambda v: index.get(v) if v is not None and not pd.isna(v) else None)
-        tickvals, ticktext = list(range(len(choices))), [str(c) for c in choices]
-        lo, hi = 0.0, float(max(len(choices) - 1, 1))
-    else:
-        log = bool(getattr(dist, "log", False)) and (present > 0).all()
-        coded = values.astype(float).map(math.log10) if log else values.astype(float)
-        lo, hi = float(coded.min()), float(coded.max())
-        if log:
-            decades = range(math.floor(lo), math.ceil(hi) + 1)
-            tickvals, ticktext = list(decades), [f"1e{d}" for d in decades]
-        else:
-            tickvals, ticktext = None, None
-    if hi <= lo:
-        hi = lo + 1.0
-    dim = {"label": name, "range": [lo, hi]}
-    if coded.isna().any():
-        missing = lo - 0.2 * (hi - lo)
-        coded = coded.fillna(missing)
-        dim["range"] = [missing, hi]
-        if tickvals is None:  # plotly's own ticks, plus the missing one
-            tickvals = [lo + (hi - lo) * i / 4 for i in range(5)]
-            ticktext = [f"{v:.3g}" for v in tickvals]
-        tickvals, ticktext = [missing, *tickvals], [NOT_SAMPLED, *ticktext]
-    if tickvals is not None:
-        dim.update(tickvals=tickvals, ticktext=ticktext)
-    dim["values"] = [float(v) for v in coded]
-    return dim
+    copy, keep = _sampled_study(study)
+    if not keep:
+        return None, "Parallel coordinates need a completed sampled trial; this study has none."
+    target = (lambda t: t.values[index]) if len(study.directions) > 1 else None
+    fig = optuna.visualization.plot_parallel_coordinate(copy, target=target, target_name=objective)
+    fig.update_layout(title=f"Parallel coordinates: sampled parameters and {objective}", height=HEIGHT)
+    fig.update_xaxes(title="parameter (each axis spans its own range)")
+    fig.update_yaxes(title="scaled value")
+    return fig, ""
 
 
-def parallel_figure(tr: pd.DataFrame, objective: str, maximise: bool, order: dict, dists: dict):
-    """Parallel coordinates of the sampled, completed trials against ``objective``: one axis per
-    parameter, the ``MAX_PARALLEL_AXES`` most important (``order``: Optuna's importances) drawn,
-    the others hidden until their checkbox (``parallel_controls``) shows them."""
-    import plotly.graph_objects as go
-
-    done = tr[(tr["state"] == "complete") & tr["baseline"].isna() & tr[objective].notna()]
-    cols = [c for c in tr.columns if c.startswith("param.") and done[c].notna().any()]
-    if not len(done) or not cols:
-        return None, "Parallel coordinates need a completed sampled trial; this study has none.", []
-    names = [c.removeprefix("param.") for c in cols]
-    # most important first; then the parameters most trials have; then by name
-    names.sort(key=lambda n: (-order.get(n, -1.0), -int(done["param." + n].notna().sum()), n))
-    dims = [_parallel_axis(n, done["param." + n], dists.get(n)) for n in names]
-    for i, d in enumerate(dims):
-        d["visible"] = i < MAX_PARALLEL_AXES
-    dims.append({"label": objective, "values": [float(v) for v in done[objective]]})
-    fig = go.Figure(
-        go.Parcoords(
-            dimensions=dims,
-            line={
-                "color": [float(v) for v in done[objective]],
-                "colorscale": "Viridis",
-                "reversescale": not maximise,
-                "showscale": True,
-                "colorbar": {"title": {"text": objective}},
-            },
-            labelangle=-20,
-        )
-    )
-    shown = min(len(names), MAX_PARALLEL_AXES)
-    fig.update_layout(
-        title=_parallel_title(shown, len(names), objective), height=HEIGHT + 60, margin={"t": 130, "l": 80}
-    )
-    return fig, "", names
-
-
-def _parallel_title(shown: int, total: int, objective: str) -> str:
-    return f"Parallel coordinates: {shown} of {total} parameters (most important first) and {objective}"
-
-
-def parallel_controls(fig_id: str, names: list[str], objective: str) -> tuple[str, str]:
-    """The checkbox list under the parallel coordinates (one per parameter, the drawn ones ticked)
-    and the glue that shows or hides an axis when its box changes."""
-    boxes = "".join(
-        f'<label><input type="checkbox" data-axis="{i}"{" checked" if i < MAX_PARALLEL_AXES else ""}>'
-        f"{html.escape(n)}</label> "
-        for i, n in enumerate(names)
-    )
-    control = (
-        f'<details class="axes" id="{fig_id}-axes"><summary>Axes: {len(names)} parameters '
-        f"({min(len(names), MAX_PARALLEL_AXES)} drawn, most important first)</summary>{boxes}</details>"
-    )
-    glue = """(function () {
-  const gd = document.getElementById(%(id)s), box = document.getElementById(%(id)s + "-axes");
-  box.addEventListener("change", (ev) => {
-    const i = Number(ev.target.dataset.axis);
-    const shown = box.querySelectorAll("input:checked").length;
-    Plotly.restyle(gd, {["dimensions[" + i + "].visible"]: ev.target.checked}, [0]);
-    Plotly.relayout(gd, {"title.text": %(before)s + shown + %(after)s});
-  });
-})();""" % {
-        "id": json.dumps(fig_id),
-        "before": json.dumps("Parallel coordinates: "),
-        "after": json.dumps(_parallel_title(0, len(names), objective).removeprefix("Parallel coordinates: 0")),
-    }
-    return control, glue
-
-
-def _trial_ranks(tr: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Each trial's final ranks (rank rows as ``records.load`` gives them) and final parameters,
-    read from its ``result.json`` alone (its ``ranks`` and ``modules``): a study's view needs no
-    metric or allocation history, and reading 500 records whole took seconds. A trial still
-    training has no final ranks yet: its last allocation (the last line of ``ranks.jsonl``)."""
-    rows, final = [], {}
-    for d in tr["run_dir"].dropna().unique():
-        path = Path(d)
-        try:
-            result = read_result(path)
-        except RecordError:
-            continue  # not trained yet (no record), or being written: the next build reads it
-        rid = str(path.resolve())
-        final[rid] = _final_params(result)
-        ranks, step = result.get("ranks"), result.get("steps")
-        if not ranks and (path / "ranks.jsonl").is_file():
-            lines = (path / "ranks.jsonl").read_text().splitlines()
-            last = next((json.loads(x) for x in reversed(lines) if x.strip().endswith("}")), {})
-            ranks, step = last.get("ranks"), last.get("step")
-        modules = {m["name"]: m for m in result.get("modules") or []}
-        for name, rank in (ranks or {}).items():
-            info = modules.get(name) or _guess_module(name)
-            rows.append(
-                {
-                    "run_dir": rid,
-                    "step": step or 0,
-                    "module": name,
-                    "layer": info["layer"],
-                    "role": info["role"],
-                    "init_rank": info.get("init_rank"),
-                    "rank": rank,
-                }
-            )
-    columns = ["run_dir", "step", "module", "layer", "role", "init_rank", "rank"]
-    return pd.DataFrame(rows, columns=columns), final
-
-
-def trial_ranks_figure(tr: pd.DataFrame, ranks: pd.DataFrame, first: int | None):
+def trial_ranks_figure(tr: pd.DataFrame, rec, first: int | None):
     """The rank pattern of one trial at a time: a menu over the trials (and the Pareto front's and
     history's click handler) swaps the heatmap."""
     import plotly.graph_objects as go
 
     by_dir = {str(Path(d).resolve()): n for n, d in zip(tr["number"], tr["run_dir"]) if isinstance(d, str)}
-    ranks = ranks[ranks["run_dir"].isin(by_dir)]
+    ranks = rec.ranks[rec.ranks["run_dir"].isin(by_dir)]
     if not len(ranks):
         return None
     r = _with_matrix(ranks)
     layers, matrices = _axes(r)
     zmax = r["init_rank"].max() if r["init_rank"].notna().any() else r["rank"].max()
-    own_rows = dict(tuple(r.groupby("run_dir")))
-    baselines = dict(zip(tr["number"], tr["baseline"]))
     buttons = []
     for rid, n in sorted(by_dir.items(), key=lambda kv: kv[1]):
-        own = own_rows.get(rid)
-        what = f"baseline {baselines[n]}" if isinstance(baselines[n], str) else "sampled"
-        if own is not None:
+        own = r[r["run_dir"] == rid]
+        row = tr[tr["number"] == n].iloc[0]
+        what = f"baseline {row['baseline']}" if isinstance(row["baseline"], str) else "sampled"
+        if len(own):
             last = own[own["step"] == own["step"].max()]
             z, title = (
                 _grid(last, layers, matrices),
@@ -1004,8 +752,10 @@ def study_section(storage) -> Section:
     if not len(tr) or "baseline" not in tr:
         sec.notes.append("No trials yet.")
         return sec
-    ranks, final = _trial_ranks(tr)
-    if final:  # the params a table reports: final, the head excluded
+    dirs = [d for d in tr["run_dir"].dropna() if Path(d).is_dir()]
+    rec = load(dirs, status=None) if dirs else None
+    if rec is not None and len(rec.runs):  # the params a table reports: final, the head excluded
+        final = dict(zip(rec.runs["run_dir"], rec.runs["final_params"]))
         tr["final_params"] = [
             final.get(str(Path(d).resolve())) if isinstance(d, str) else None for d in tr["run_dir"]
         ]
@@ -1020,7 +770,7 @@ def study_section(storage) -> Section:
         sec.notes.append(
             f"{int((tr['state'] == 'infeasible').sum())} infeasible trial(s) left out (never trained)."
         )
-    with_ranks = set(ranks["run_dir"])
+    with_ranks = set(rec.ranks["run_dir"]) if rec is not None else set()
     has_ranks = done["run_dir"].map(lambda d: isinstance(d, str) and str(Path(d).resolve()) in with_ranks)
     # the rank figure opens on the best trial that has an allocation
     pool = done[has_ranks] if has_ranks.any() else done
@@ -1028,31 +778,23 @@ def study_section(storage) -> Section:
     sec.figures.append(("history", history_figure(tr, objective, maximise[k])))
     if tr[params].notna().any():
         sec.figures.append(("pareto", pareto_figure(tr, objective, params, maximise[k])))
-    fig, note, importance = importance_figure(study, objectives)
+    fig, note = importance_figure(study, objectives)
     if fig is not None:
         sec.figures.append(("importances", fig))
     if note:
         sec.notes.append(note)
-    dists: dict = {}
-    for t in study.get_trials(deepcopy=False):
-        dists.update(t.distributions)
-    fig, note, axes = parallel_figure(tr, objective, maximise[k], importance, dists)
+    fig, note = parallel_figure(study, objective, k)
     if fig is not None:
         sec.figures.append(("parallel", fig))
-        sec.wide.add("parallel")
-        if len(axes) > MAX_PARALLEL_AXES:
-            control, glue = parallel_controls(_div_id(slug, "parallel"), axes, objective)
-            sec.controls["parallel"] = control
-            sec.script += glue
     if note:
         sec.notes.append(note)
-    ranks_fig = trial_ranks_figure(tr, ranks, int(best)) if len(ranks) else None
+    ranks_fig = trial_ranks_figure(tr, rec, int(best)) if rec is not None else None
     if ranks_fig is not None:
         sec.figures.append(("trial_ranks", ranks_fig))
         sources = [
             _div_id(slug, n) for n in ("history", "pareto") if any(name == n for name, _ in sec.figures)
         ]
-        sec.script += _CLICK_GLUE % {
+        sec.script = _CLICK_GLUE % {
             "target": json.dumps(_div_id(slug, "trial_ranks")),
             "sources": json.dumps(sources),
         }
