@@ -192,11 +192,21 @@ def _from_pretrained(cls, path, config, revision, extra: dict) -> nn.Module:
     return model
 
 
+def auto_device(distributed: bool = False) -> str:
+    """``train.device=auto``: CUDA, then Apple's MPS, then the CPU. Under torchrun without CUDA the
+    CPU: DDP's gloo backend reduces CPU tensors, not MPS ones (docs/install.md: on a Mac)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if not distributed and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     """``train.device`` as a torch device, checked against what this machine has (a ConfigError,
     not a CUDA assertion mid-run); under torchrun ``auto``/``cuda`` is the rank's local GPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = auto_device(distributed=local_rank is not None)
     try:
         device = torch.device(name)
     except RuntimeError as err:
