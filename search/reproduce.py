@@ -125,12 +125,16 @@ def _check_row(path: Path, row: dict, levels: dict) -> None:
         )
     grid = row.get("lr")
     if grid is not None:
-        ok = isinstance(grid, list) and grid and all(isinstance(x, (int, float)) and x > 0 for x in grid)
-        if not ok or len(set(grid)) != len(grid):
+        try:  # YAML reads 2e-4 (no dot) as a string
+            rates = [float(x) for x in grid] if isinstance(grid, list) else []
+        except (TypeError, ValueError):
+            rates = []
+        if not rates or not all(x > 0 for x in rates) or len(set(rates)) != len(rates):
             raise ConfigError(
                 f"{path}: row '{row['label']}': lr must be a list of distinct positive learning rates, "
                 f"got {grid!r}"
             )
+        row["lr"] = rates
         if any(str(o).split("=", 1)[0].lstrip("+") == "train.lr" for o in row.get("overrides", [])):
             raise ConfigError(
                 f"{path}: row '{row['label']}': give train.lr in its overrides or an lr grid, not both"

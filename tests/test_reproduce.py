@@ -59,6 +59,9 @@ def test_two_cells_run_resume_and_tabulate(tmp_path):
         ("peft-metamath", None, 5),
         ("smollm2-instruct", None, 24),
         ("smollm2-instruct", "cpu", 16),
+        ("minilm-fair", None, 648),
+        ("minilm-fair", "cpu", 72),
+        ("minilm-fair", "long", 648),
     ],
 )
 def test_shipped_protocols_compose(tmp_path, name, variant, n):
@@ -125,3 +128,99 @@ def test_a_stopped_cell_stops_the_protocol(tmp_path, capsys):
     assert "LoRA r=2 | mr | seed 42: interrupted" in out and "the same command resumes it" in out
     root, _, missing = reproduce(str(proto), runs_root=str(tmp_path / "runs"), threads=1)
     assert missing == 0 and cell_state(lora)[0] == "done" and cell_state(ada)[0] == "done"
+
+
+GRID = """name: grid
+seeds: [42]
+levels: {tiny: 1000}
+base: [model=tiny-bert, debug=fast, train.max_steps=6, train.num_threads=1]
+tasks:
+  mr: [data=mr]
+rows:
+  - {label: "LoRA r=2", level: tiny, lr: [1e-3, 5e-3], overrides: [method=lora, method.r=2]}
+  - {label: "LoRA r=1", overrides: [method=lora, method.r=1]}
+"""
+
+
+def test_a_learning_rate_grid_runs_a_cell_per_rate_and_the_dry_run_estimates_from_finished_cells(
+    tmp_path, capsys
+):
+    """A row's lr grid is a cell per rate (its own folder, train.lr and meta.lr set); --dry-run lists
+    every cell with its state and estimates the time left from the finished cells' wall times; a run
+    prints [done/total, time left] after each cell; the table keeps the rate chosen on dev."""
+    import json
+
+    from adabudget.analysis.tables import table
+    from adabudget.search.reproduce import dry_run, estimate, reproduce
+
+    proto = tmp_path / "grid.yaml"
+    proto.write_text(GRID)
+    protocol = load_protocol(str(proto))
+    root = tmp_path / "runs" / "reproduce" / "grid"
+    grid_cells = cells(protocol, root)
+    assert [(c.label, c.lr) for c in grid_cells] == [
+        ("LoRA r=2", 1e-3),
+        ("LoRA r=2", 5e-3),
+        ("LoRA r=1", None),
+    ]
+    assert (
+        Path(grid_cells[0].folder).parts[-2:] == ("lr0.001", "s42")
+        and "train.lr=0.001" in grid_cells[0].overrides
+    )
+    assert Path(grid_cells[2].folder).parts[-2:] == (
+        "mr",
+        "s42",
+    )  # a row without a grid: the layout as before
+
+    assert dry_run(str(proto), runs_root=str(tmp_path / "runs")) == 3
+    out = capsys.readouterr().out
+    assert "LoRA r=2 | mr | lr 0.001 | seed 42: new" in out and "LoRA r=1 | mr | seed 42: new" in out
+    assert "3 cells, 0 done, 0 to resume, 3 new" in out and "unknown (no finished cell yet)" in out
+    assert not root.exists()  # a dry run creates nothing
+
+    _, _, missing = reproduce(str(proto), runs_root=str(tmp_path / "runs"), threads=1)
+    out = capsys.readouterr().out
+    assert missing == 0
+    assert "LoRA r=2 | mr | lr 0.005 | seed 42: completed" in out
+    assert "[1/3 cells done, ~" in out and "[3/3 cells done, ~0 s left]" in out
+    record = json.loads(next(Path(grid_cells[1].folder).glob("*/result.json")).read_text())
+    assert record["meta"]["lr"] == 5e-3 and record["meta"]["level_params"] == 1000
+    config = next(Path(grid_cells[1].folder).glob("*/config.yaml")).read_text()
+    assert "lr: 0.005" in config
+
+    # the estimate: a missing cell counts the mean wall time of its row and task's finished cells
+    walls = [
+        json.loads(next(Path(c.folder).glob("*/result.json")).read_text())["wall_time_s"] for c in grid_cells
+    ]
+    for path in sorted(Path(grid_cells[1].folder).rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    left, basis, done, total = estimate(protocol, root)
+    assert (basis, done, total) == (2, 2, 3) and left == pytest.approx(walls[0])
+    assert dry_run(str(proto), runs_root=str(tmp_path / "runs"), workers=2) == 1
+    assert "from 2 finished cell(s)" in capsys.readouterr().out
+
+    text = table([root], made="2026-12-06")
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| LoRA")}
+    assert "@0.001" in rows["| LoRA r=2"] and "@" not in rows["| LoRA r=1"]  # the rate it ran at
+    assert "Levels in trainable adapter parameters: tiny = 1,000" in text
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ('{label: "A", level: big, overrides: [method=lora]}', "level 'big' is not one of levels"),
+        ('{label: "A", lr: [1e-3, 0.001], overrides: [method=lora]}', "distinct positive learning rates"),
+        ('{label: "A", lr: [-1e-3], overrides: [method=lora]}', "distinct positive learning rates"),
+        ('{label: "A", lr: 1e-3, overrides: [method=lora]}', "distinct positive learning rates"),
+        ('{label: "A", lr: [1e-3], overrides: [method=lora, train.lr=1e-3]}', "or an lr grid, not both"),
+        ('{label: "A", rate: [1e-3], overrides: [method=lora]}', "unknown key"),
+    ],
+)
+def test_bad_rows_are_refused_naming_the_row_and_the_fix(tmp_path, row, match):
+    from adabudget.config import ConfigError
+
+    proto = tmp_path / "bad.yaml"
+    proto.write_text(GRID.split("rows:")[0] + f"rows:\n  - {row}\n")
+    with pytest.raises(ConfigError, match=match) as err:
+        load_protocol(str(proto))
+    assert "row 'A'" in str(err.value)
