@@ -69,7 +69,9 @@ class RankAllocator:
         self.final_step = total_steps - self.final_steps  # T - t_f: first step of the fixed pattern
         # A triplet costs one rank, or its out + in + 1 parameters when the budget is in parameters.
         self.param_budget = cfg.target_params is not None
-        budget = check_budget(cfg, [(lay, lay.rank) for lay in self.layers])
+        # b(0) counts the initial ranks even on layers already shrunk: a Trainer resumed from a checkpoint
+        # saved after a shrink loads the shrunk shapes before the callback builds its allocator.
+        budget = check_budget(cfg, [(lay, lay.r_initial) for lay in self.layers])
         self.costs, self.initial_budget, self.target_budget = (
             budget.costs,
             budget.initial,

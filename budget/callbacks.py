@@ -4,30 +4,47 @@
     optimizer = adalora_optimizer(model, callback.cfg, lr=5e-4)
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback],
                       optimizers=(optimizer, None))
-    trainer.train()
+    trainer.train()  # or trainer.train(resume_from_checkpoint=True) after an interruption
+    export_peft_adapter(model, layers, "adapter", base_model_name_or_path=model.name_or_path)
 
 Invariants: λ trains at ``lr x method.lambda_lr_ratio`` in an AdamW group of its own
 (``adalora_optimizer``: ``adalora.param_groups``, as the training loop builds them), and the
 callback refuses to train at ``on_train_begin`` when the optimizer does not keep that ratio. The
 orthogonal penalty is added at ``on_step_begin`` (before the clip), allocation runs at
-``on_optimizer_step``. This module never imports the training loop: the callback needs only the
-method and the allocator. Where each piece runs in a Trainer step:
-docs/run-record.md#bringing-your-own-hf-trainer.
+``on_optimizer_step``. Every Trainer checkpoint gets a peft adapter at the current rank pattern
+(``checkpoint-N/adabudget-adapter/``) and the allocator's state (``checkpoint-N/adabudget-allocator.pt``),
+from which ``trainer.train(resume_from_checkpoint=...)`` continues the allocation as if uninterrupted.
+This module never imports the training loop: the callback needs only the method, the allocator and
+the peft writer. Where each piece runs in a Trainer step: docs/run-record.md#bringing-your-own-hf-trainer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import warnings
+from pathlib import Path
 
 import torch
 from adabudget.allocator import RankAllocator
 from adabudget.config import ConfigError
+from adabudget.export import export_peft_adapter
 from adabudget.methods import method_config_from_dict
 from adabudget.methods.adalora import AdaLoRAConfig, SVDLinear, apply, orth_penalty, param_groups
 from adabudget.modules import freeze_backbone
 from torch import nn
 from transformers import TrainerCallback
+
+ADAPTER_DIR = "adabudget-adapter"  # checkpoint-N/adabudget-adapter/: peft.PeftModel.from_pretrained loads it
+ALLOCATOR_FILE = "adabudget-allocator.pt"  # checkpoint-N/adabudget-allocator.pt: what a resume restores
+# peft's task type from the HF model class (its name's suffix); another class gets task_type None.
+PEFT_TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForCausalLM": "CAUSAL_LM",
+}
 
 
 class AdaBudgetCallback(TrainerCallback):
@@ -71,9 +88,28 @@ class AdaBudgetCallback(TrainerCallback):
     (``adalora_optimizer`` builds it); ``on_train_begin`` raises ``ConfigError`` naming
     ``method.lambda_lr_ratio`` when it does not.
 
-    Not supported: resuming from a Trainer checkpoint (the allocator state and the shrunk
-    shapes are not in it; the callback raises), DeepSpeed and FSDP (they own the parameters,
-    the backward and the step). Under DDP (``args.world_size > 1`` or an initialised
+    Checkpoints. At ``on_save`` (the Trainer has just written ``checkpoint-N/``) the callback
+    adds ``adabudget-adapter/``, a peft LoRA adapter of the model as it is at step N (the
+    ``rank_pattern`` of the live triplets, the head as ``modules_to_save``; written by
+    ``adabudget.export.export_peft_adapter``, as ``adabudget train`` writes ``adapter/``), and
+    ``adabudget-allocator.pt``: the allocator's ``state_dict`` (Ī, Ū, mask, fixed, physical
+    ranks), the allocation history, T, the config and λ of every layer. Only the process that
+    saves (``args.should_save``) writes.
+
+    Resume. ``trainer.train(resume_from_checkpoint=...)`` first loads the checkpoint's weights
+    into the model: a load pre-hook on every ``SVDLinear`` gives the layer the rank its saved
+    factors have (a checkpoint written after a shrink holds smaller P, λ, Q) and, when the
+    Trainer was given an optimizer, swaps the new parameters into it (a factor emptied to rank
+    0 leaves it, as at the shrink), so the optimizer state that the Trainer loads next fits.
+    ``on_train_begin`` then finds ``adabudget-allocator.pt`` of step ``state.global_step``
+    (under ``resume_from``, ``args.resume_from_checkpoint`` or
+    ``args.output_dir/checkpoint-N``, the first whose saved λ equal the model's), checks that
+    the config and T are those it was saved with, and restores the allocator and ``history``.
+    With the Trainer's own seeded data order and RNG state the resumed run's allocations
+    equal an uninterrupted run's (tests/test_trainer_checkpoint.py).
+
+    Not supported: DeepSpeed and FSDP (they own the parameters, the backward, the step and
+    the checkpoint format). Under DDP (``args.world_size > 1`` or an initialised
     ``torch.distributed``), shrinking would replace parameters that DDP has already put in
     its gradient buckets, so ``on_train_begin`` refuses any ``shrink`` but ``"never"``
     (masking still prunes; the scores are all-reduced, so every rank keeps the same masks).
@@ -83,9 +119,24 @@ class AdaBudgetCallback(TrainerCallback):
         cfg: the AdaLoRA config.
         total_steps: T in optimizer steps; None takes the Trainer's ``state.max_steps``
             (recommended: it already accounts for epochs, batch size, accumulation and devices).
+        save_adapter: write ``adabudget-adapter/`` into every checkpoint (the allocator's
+            state is always written).
+        task_type: peft's task type for the checkpoints' adapters; None infers it from the
+            model's class (``...ForSequenceClassification`` -> ``SEQ_CLS``, ``...ForCausalLM``
+            -> ``CAUSAL_LM``, token classification, question answering; else none).
+        resume_from: the checkpoint folder to restore the allocator from, when it lies outside
+            ``args.output_dir`` (None: found as the Trainer's own checkpoint of the resumed step).
     """
 
-    def __init__(self, layers: dict[str, SVDLinear], cfg: AdaLoRAConfig, total_steps: int | None = None):
+    def __init__(
+        self,
+        layers: dict[str, SVDLinear],
+        cfg: AdaLoRAConfig,
+        total_steps: int | None = None,
+        save_adapter: bool = True,
+        task_type: str | None = None,
+        resume_from: str | os.PathLike | None = None,
+    ):
         if not layers or not all(isinstance(m, SVDLinear) for m in layers.values()):
             raise ConfigError(
                 "method.name: AdaBudgetCallback needs the SVDLinear layers that AdaLoRA wrapped"
@@ -98,15 +149,18 @@ class AdaBudgetCallback(TrainerCallback):
             RankAllocator(layers, cfg, total_steps)  # fail on the user's line, not inside train()
         self.allocator: RankAllocator | None = None
         self.history: list[dict] = []
+        self.save_adapter = save_adapter
+        self.task_type = task_type
+        self.resume_from = resume_from
+        self._optimizer = None  # the optimizer given to the Trainer (None: the Trainer builds one)
+        for lay in layers.values():
+            lay.register_load_state_dict_pre_hook(self._take_saved_rank)
 
     # ---------------------------------------------------------------- events
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step > 0:
-            raise RuntimeError(
-                f"AdaBudgetCallback: resuming at step {state.global_step} is not supported: the Trainer "
-                "checkpoint holds neither the allocator's importance state nor the rank pattern; train "
-                "from scratch"
-            )
+    def on_init_end(self, args, state, control, optimizer=None, **kwargs):
+        self._optimizer = optimizer
+
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         total = self.total_steps if self.total_steps is not None else state.max_steps
         if self.total_steps is not None and self.total_steps != state.max_steps:
             warnings.warn(
@@ -118,6 +172,8 @@ class AdaBudgetCallback(TrainerCallback):
         # Built here, not in __init__: the Trainer has moved the model to its device by now.
         self.allocator = RankAllocator(self.layers, self.cfg, total)
         self.history = []
+        if state.global_step > 0:
+            self._restore(args, state)
         if self._first_allocation() > state.max_steps:
             raise RuntimeError(self._no_allocation_message(state, planned=True))
         if self.cfg.shrink != "never" and _distributed(args):
@@ -128,13 +184,18 @@ class AdaBudgetCallback(TrainerCallback):
             )
         if optimizer is not None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [n for n, lay in self.layers.items() if id(lay.lam) not in in_optimizer]
+            # a module pruned to rank 0 has left the optimizer (its factors are empty)
+            missing = [n for n, lay in self.layers.items() if lay.rank and id(lay.lam) not in in_optimizer]
             if missing:
                 raise RuntimeError(
                     f"AdaBudgetCallback: the optimizer does not hold the AdaLoRA factors of {missing[:3]} "
-                    f"({len(missing)} modules): build the optimizer after add_adalora / apply_method"
+                    f"({len(missing)} modules): build the optimizer after add_adalora / apply_method (and "
+                    "give it to the Trainer's constructor, so that a resumed load can swap shrunk factors in)"
                 )
             self._check_lambda_lr(optimizer)
+        if self.save_adapter and self.task_type is None and model is not None:
+            name = type(model).__name__
+            self.task_type = next((t for s, t in PEFT_TASK_TYPES.items() if name.endswith(s)), None)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         gamma = self.cfg.orth_reg_weight
@@ -167,6 +228,36 @@ class AdaBudgetCallback(TrainerCallback):
             }
         )
 
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            raise RuntimeError(
+                f"AdaBudgetCallback: the Trainer saved step {state.global_step} but {folder} does not exist "
+                "(a hyperparameter search's run folder?); the adapter and allocator state have nowhere to go"
+            )
+        tmp = folder / f"{ALLOCATOR_FILE}.tmp"
+        torch.save(self._saved_state(state), tmp)
+        os.replace(tmp, folder / ALLOCATOR_FILE)  # a checkpoint never holds half a state
+        if not self.save_adapter:
+            return
+        if all(lay.rank == 0 or not lay.lam.count_nonzero() for lay in self.layers.values()):
+            warnings.warn(
+                f"AdaBudgetCallback: {folder.name}: no {ADAPTER_DIR}/ written: every λ is 0, so ΔW = 0 "
+                "and the base model is the adapted one (peft cannot load a rank-0 adapter)",
+                stacklevel=2,
+            )
+            return
+        base = getattr(model, "name_or_path", None) or ""
+        try:
+            export_peft_adapter(model, self.layers, folder / ADAPTER_DIR, base, self.task_type)
+        except ValueError as err:
+            raise RuntimeError(
+                f"AdaBudgetCallback: {folder.name}: the model cannot be written as a peft adapter ({err}); "
+                "pass add_adalora(..., save_adapter=False) to checkpoint the allocator state only"
+            ) from err
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.allocator is None:
             return
@@ -180,11 +271,104 @@ class AdaBudgetCallback(TrainerCallback):
                 stacklevel=2,
             )
 
+    # ---------------------------------------------------------------- checkpoints
+    def _saved_state(self, state) -> dict:
+        """What ``adabudget-allocator.pt`` holds: enough to continue the allocation at step N."""
+        return {
+            "step": state.global_step,
+            "total_steps": self.allocator.total_steps,
+            "config": dataclasses.asdict(self.cfg),
+            "allocator": self.allocator.state_dict(),
+            "history": self.history,
+            # λ at step N identifies the checkpoint: the resumed model's λ must equal them
+            "lam": {n: lay.lam.detach().cpu().clone() for n, lay in self.layers.items()},
+        }
+
+    @torch.no_grad()
+    def _take_saved_rank(self, layer, state_dict, prefix, *args) -> None:
+        """``load_state_dict`` pre-hook: give ``layer`` the rank of the factors being loaded.
+
+        New P, λ, Q of the saved shapes (the load fills them); in the Trainer's optimizer, when
+        it was given one, the new parameters take the old ones' places and an emptied factor
+        leaves, as ``replace_param`` does at a shrink, so the checkpoint's optimizer state fits.
+        """
+        saved = state_dict.get(prefix + "lam")
+        if saved is None or saved.shape == layer.lam.shape:
+            return
+        rank = saved.shape[0]
+        for name, dim in (("P", 1), ("lam", 0), ("Q", 0)):
+            old = getattr(layer, name)
+            shape = list(old.shape)
+            shape[dim] = rank  # P (out, r), λ (r,), Q (r, in)
+            trainable = rank > 0 and (old.requires_grad or old.numel() == 0)
+            new = nn.Parameter(old.new_zeros(shape), requires_grad=trainable)
+            setattr(layer, name, new)
+            if self._optimizer is not None:
+                _swap_param(self._optimizer, old, new)
+
+    def _restore(self, args, state) -> None:
+        """Restore the allocator and history saved with the checkpoint of ``state.global_step``."""
+        step = state.global_step
+        explicit = [Path(self.resume_from)] if self.resume_from is not None else []
+        found = [Path(args.resume_from_checkpoint)] if isinstance(args.resume_from_checkpoint, str) else []
+        candidates = explicit + found + [Path(args.output_dir) / f"checkpoint-{step}"]
+        tried = []
+        for folder in dict.fromkeys(candidates):
+            path = folder / ALLOCATOR_FILE
+            if not path.is_file():
+                tried.append(f"{path} (missing)")
+                continue
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["step"] != step:
+                tried.append(f"{path} (step {saved['step']})")
+                continue
+            if not self._same_lam(saved["lam"]):
+                tried.append(f"{path} (its λ differ from the loaded model's: another run's checkpoint)")
+                continue
+            self._load_saved(saved, path)
+            return
+        raise RuntimeError(
+            f"AdaBudgetCallback: the Trainer resumes at step {step} but no allocator state of that "
+            f"checkpoint was found: tried {'; '.join(tried)}. Checkpoints written with this callback hold "
+            f"{ALLOCATOR_FILE}; to resume one from elsewhere: add_adalora(..., resume_from=<its folder>)"
+        )
+
+    def _same_lam(self, saved: dict[str, torch.Tensor]) -> bool:
+        if set(saved) != set(self.layers):
+            return False
+        return all(torch.equal(saved[n], lay.lam.detach().cpu()) for n, lay in self.layers.items())
+
+    def _load_saved(self, saved: dict, path: Path) -> None:
+        now = dataclasses.asdict(self.cfg)
+        changed = [k for k in now if saved["config"].get(k) != now[k]]
+        if changed:
+            k = changed[0]
+            raise ConfigError(
+                f"method.{k}={now[k]!r}: {path} was trained with {k}={saved['config'].get(k)!r} "
+                f"(changed: {', '.join(changed)}); resume with the AdaLoRA config it was saved with"
+            )
+        if saved["total_steps"] != self.allocator.total_steps:
+            raise ConfigError(
+                f"total_steps: {path} was scheduled over T={saved['total_steps']} optimizer steps and this "
+                f"run has T={self.allocator.total_steps}; keep num_train_epochs / max_steps, batch size and "
+                "gradient accumulation as they were (b(t) depends on T)"
+            )
+        ranks = saved["allocator"]["ranks"]
+        if ranks != self.allocator.physical_ranks():
+            raise RuntimeError(
+                f"AdaBudgetCallback: the model's AdaLoRA ranks {self.allocator.physical_ranks()} are not "
+                f"those of {path} ({ranks}): the Trainer did not load that checkpoint's weights"
+            )
+        self.allocator.load_state_dict(saved["allocator"])
+        self.history = list(saved["history"])
+
     # ---------------------------------------------------------------- helpers
     def _check_lambda_lr(self, optimizer) -> None:
         """λ's group must train at ``lambda_lr_ratio`` x the learning rate of P's group."""
         ratio = self.cfg.lambda_lr_ratio
         for name, lay in self.layers.items():
+            if lay.rank == 0:
+                continue  # pruned away: its factors left the optimizer
             lr_p, lr_lam = _base_lr(optimizer, lay.P), _base_lr(optimizer, lay.lam)
             if math.isclose(lr_lam, ratio * lr_p, rel_tol=1e-6):
                 continue
@@ -236,6 +420,16 @@ def _base_lr(optimizer, param: nn.Parameter) -> float:
     raise KeyError("parameter not in the optimizer")
 
 
+def _swap_param(optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
+    """Put ``new`` where ``old`` is in ``optimizer``'s groups (dropped if it takes no gradient); its
+    state goes (a resume loads the checkpoint's next)."""
+    for group in optimizer.param_groups:
+        group["params"] = [
+            new if p is old else p for p in group["params"] if p is not old or new.requires_grad
+        ]
+    optimizer.state.pop(old, None)
+
+
 def _distributed(args) -> bool:
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     return getattr(args, "world_size", 1) > 1 or initialised
@@ -271,7 +465,7 @@ def adalora_optimizer(
 
 
 def add_adalora(
-    model: nn.Module, cfg: AdaLoRAConfig | dict, total_steps: int | None = None
+    model: nn.Module, cfg: AdaLoRAConfig | dict, total_steps: int | None = None, **callback_options
 ) -> tuple[dict[str, SVDLinear], AdaBudgetCallback]:
     """Freeze the backbone (task head stays trainable), wrap the targets in AdaLoRA, return the callback.
 
@@ -279,6 +473,7 @@ def add_adalora(
         model: a HF model; changed in place.
         cfg: an ``AdaLoRAConfig`` or a dict of its knobs (``{"init_r": 12, "target_r": 8}``).
         total_steps: T in optimizer steps; None (recommended) takes the Trainer's max_steps.
+        **callback_options: ``save_adapter``, ``task_type``, ``resume_from`` of ``AdaBudgetCallback``.
 
     Returns:
         ({module name: SVDLinear}, the callback to pass as ``Trainer(callbacks=[...])``).
@@ -290,4 +485,4 @@ def add_adalora(
     cfg.validate()
     freeze_backbone(model, train_head=True)  # before wrapping: the new factors must stay trainable
     layers = apply(model, cfg)
-    return layers, AdaBudgetCallback(layers, cfg, total_steps)
+    return layers, AdaBudgetCallback(layers, cfg, total_steps, **callback_options)
