@@ -447,7 +447,8 @@ def reproduce(
     left = estimate(protocol, root, workers)[0]
     print(
         f"reproduce {protocol.name}{f' ({variant})' if variant else ''}: {total} cells, {total - len(todo)} "
-        f"done, {len(todo)} to run, {workers} worker(s)" + (f", ~{duration(left)} left" if todo else "")
+        f"done, {len(todo)} to run, {workers} worker(s)"
+        + (f", ~{duration(left)} left" if todo and left else "")
     )
     if devices.describe(assignment):
         print(devices.describe(assignment))
