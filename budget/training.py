@@ -47,9 +47,9 @@ from adabudget.modules import count_params
 from adabudget.precision import Scaler, check_device, trainable_to_fp32
 from adabudget.precision import autocast as amp_autocast
 from adabudget.preflight import check_against_model
+from adabudget.progress import StepProgress
 from adabudget.schedule import lr_factor
 from adabudget.session import RunSession, setup, total_steps_for
-from tqdm.auto import tqdm
 
 OnEval = Callable[[int, dict], object]
 
@@ -169,13 +169,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
 
     # 5. the loop: one iteration = one optimizer step of grad_accum micro-batches
     status, fields = None, {}  # how the run ends: an early stop sets them, else the final phase
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        disable=not (tc.progress and dist.main),
-        desc=run.run_name,
-        leave=False,
-    )
+    # a bar on a terminal; off one (Slurm, nohup, a pipe) a plain line at each logging step
+    bar = StepProgress(total_steps, step, run.run_name, enabled=tc.progress and dist.main)
     with session.open(header, lambda: summary(model, allocator, wrapped, hooks)), bar:
         if session.checkpoint is None and allocator is not None:  # step 0: every matrix at init_r
             ranks0 = allocator.ranks()
@@ -246,7 +241,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
                 if allocator is not None:
                     entry.update(orth=(running[1] / window).item(), budget=allocator.budget_at(step))
                 error = session.train_line(entry)
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                bar.report(mean_loss)
                 running.zero_()
                 window = 0
                 if error is not None:
