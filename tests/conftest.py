@@ -179,6 +179,7 @@ INTEGRATION = [
     "tests/test_callbacks.py::test_no_shrink_under_ddp_trains",
     "tests/test_delta_lora.py::test_merge_and_adapter_reproduce_the_trained_model",
     "tests/test_delta_lora.py::test_resume_continues_exactly",
+    "tests/test_trainer_checkpoint.py",
     "tests/test_delta_lora.py::test_update_ratio_zero_trains_as_lora",
     "tests/test_dylora.py::test_ranks_follow_the_stream_and_resume_samples_the_same",
     "tests/test_dylora.py::test_record_holds_the_rank_curve",
