@@ -519,6 +519,17 @@ def _dashboard(args: list[str]) -> None:
 
 
 def _data(args: list[str]) -> None:
+    if "--prefetch" in args:  # every packaged file into the cache, for machines without network
+        if args != ["--prefetch"]:
+            print(
+                f"adabudget data --prefetch takes no other argument (got {args}); it fills $ADABUDGET_CACHE "
+                "(default ~/.cache/adabudget): ADABUDGET_CACHE=DIR adabudget data --prefetch",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        from adabudget.prefetch import prefetch
+
+        sys.exit(0 if prefetch() else 1)
     from adabudget.compose import compose, resolve
     from adabudget.config import ConfigError
     from adabudget.data import describe
