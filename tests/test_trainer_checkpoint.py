@@ -24,6 +24,7 @@ import pytest
 import torch
 from adabudget.callbacks import ADAPTER_DIR, ALLOCATOR_FILE, adalora_optimizer, add_adalora
 from adabudget.config import ConfigError
+from adabudget.export import export_peft_adapter
 from test_callbacks import RandomTokens, make_args, tiny_bert
 from transformers import Trainer, TrainerCallback
 
@@ -90,6 +91,8 @@ def uninterrupted(root, **kw):
     probe = LogitsAtSave()
     model, layers, callback, trainer = trainer_for(root, callbacks=[probe], **kw)
     trainer.train()
+    # the export at the end, as README and docs/run-record.md show it
+    export_peft_adapter(model, layers, root / "adapter", base_model_name_or_path=model.name_or_path)
     return {
         "dir": root,
         "history": callback.history,
@@ -202,6 +205,13 @@ def test_every_checkpoint_adapter_loads_in_peft_with_the_ranks_of_its_step(refer
         torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
     # and the adapter is the step's own: the ranks moved between checkpoints 4 and 12
     assert history[0]["ranks"] != history[-1]["ranks"]
+    # the final export: the final ranks, the trained model's logits
+    config = json.loads((reference["dir"] / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(n for n, r in reference["ranks"].items() if r > 0)
+    model = peft.PeftModel.from_pretrained(tiny_bert(), str(reference["dir"] / "adapter")).eval()
+    with torch.no_grad():
+        got = model(**probe_batch()).logits
+    torch.testing.assert_close(got, reference["final_logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_resume_refuses_a_changed_config(reference, tmp_path):
