@@ -30,11 +30,15 @@ from pathlib import Path
 
 import pandas as pd
 from adabudget.analysis.extras import require
-from adabudget.analysis.records import (
+from adabudget.analysis.records import (  # the private two: one rule each, in one place
     RecordError,
+    _final_params,
+    _guess_module,
+    _with_driver,
     hide_password,
     load,
     load_study,
+    read_result,
     run_dirs,
     study_folder,
     trials,
@@ -67,6 +71,7 @@ class Section:
     script: str = ""  # glue run once every figure of the page is drawn
     live: bool = False  # something in it still runs
     wide: set = field(default_factory=set)  # figures given the page's full width
+    controls: dict = field(default_factory=dict)  # figure name -> HTML shown above it
 
 
 @dataclass
@@ -106,9 +111,11 @@ def _axes(ranks: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 def _grid(ranks: pd.DataFrame, layers: list[str], matrices: list[str]) -> list[list]:
     """z[matrix][layer]: the rank of each cell of one allocation (None where no matrix)."""
-    table = ranks.pivot_table(index="matrix", columns="layer", values="rank", aggfunc="sum")
-    table = table.reindex(index=matrices, columns=layers)
-    return [[None if pd.isna(v) else int(v) for v in row] for row in table.to_numpy()]
+    cells: dict = {}  # a dict, not pivot_table: ~50x faster, and a study draws one grid per trial
+    for m, layer, rank in zip(ranks["matrix"], ranks["layer"], ranks["rank"]):
+        if rank is not None and not pd.isna(rank):
+            cells[m, layer] = cells.get((m, layer), 0) + int(rank)
+    return [[cells.get((m, layer)) for layer in layers] for m in matrices]
 
 
 def _heatmap(z, layers, matrices, **kw):
@@ -212,6 +219,65 @@ def allocation_slider(ranks: pd.DataFrame):
     return fig
 
 
+def rank_trajectory(ranks: pd.DataFrame):
+    """Every module's rank over the whole run: one heatmap, a row per module (layer, then matrix in
+    block order) and a column per allocation step (at most ``MAX_SLIDER_STEPS``, evenly spaced)."""
+    import plotly.graph_objects as go
+
+    r = _with_matrix(ranks)
+    layers, matrices = _axes(r)
+    steps = _evenly(sorted(r["step"].unique()), MAX_SLIDER_STEPS)
+    rows = [(layer, m) for layer in layers for m in matrices]
+    cells: dict = {}
+    for layer, m, step, rank in zip(r["layer"], r["matrix"], r["step"], r["rank"]):
+        if rank is not None and not pd.isna(rank):
+            cells[layer, m, step] = cells.get((layer, m, step), 0) + int(rank)
+    rows = [row for row in rows if any((*row, s) in cells for s in steps)]  # no empty rows
+    z = [[cells.get((layer, m, s)) for s in steps] for layer, m in rows]  # (modules, steps)
+    zmax = r["init_rank"].max() if r["init_rank"].notna().any() else r["rank"].max()
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[str(int(s)) for s in steps],
+            y=[f"layer {layer} · {m}" for layer, m in rows],
+            customdata=[[[layer, m]] * len(steps) for layer, m in rows],
+            zmin=0,
+            zmax=zmax,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "rank"}},
+            xgap=1 if len(steps) <= 60 else 0,
+            ygap=1,
+            texttemplate="%{z}" if len(steps) <= 30 else None,
+            hovertemplate="step %{x}, %{y}: rank %{z}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=f"Rank trajectory: {len(rows)} modules x {len(steps)} allocations (click a row)",
+        height=max(HEIGHT, 18 * len(rows) + 160),
+    )
+    fig.update_xaxes(title="allocation step", type="category")
+    fig.update_yaxes(title="module", type="category", autorange="reversed")
+    return fig
+
+
+# Links the trajectory and the final heatmap: a click on a module (a row of the trajectory, a cell
+# of the final heatmap) outlines it in both.
+_TRAJECTORY_GLUE = """(function () {
+  const fin = document.getElementById(%(final)s), traj = document.getElementById(%(trajectory)s);
+  function mark(layer, matrix) {
+    const rows = traj.data[0].y, row = rows.indexOf("layer " + layer + " · " + matrix);
+    const col = fin.data[0].x.map(String).indexOf(String(layer)), cell = fin.data[0].y.indexOf(matrix);
+    const box = {type: "rect", line: {color: "#e4002b", width: 3}, fillcolor: "rgba(0,0,0,0)"};
+    Plotly.relayout(traj, {shapes: row < 0 ? [] : [Object.assign({}, box,
+      {xref: "paper", x0: 0, x1: 1, yref: "y", y0: row - 0.5, y1: row + 0.5})]});
+    Plotly.relayout(fin, {shapes: col < 0 || cell < 0 ? [] : [Object.assign({}, box,
+      {xref: "x", x0: col - 0.5, x1: col + 0.5, yref: "y", y0: cell - 0.5, y1: cell + 0.5})]});
+  }
+  fin.on("plotly_click", (ev) => mark(ev.points[0].x, ev.points[0].y));
+  traj.on("plotly_click", (ev) => mark(ev.points[0].customdata[0], ev.points[0].customdata[1]));
+})();"""
+
+
 def budget_figure(ranks: pd.DataFrame, metrics: pd.DataFrame):
     """Scheduled b(t) (AdaLoRA Appendix A) against the budget the allocator kept."""
     import plotly.graph_objects as go
@@ -312,7 +378,13 @@ def run_section(rec, run: pd.Series) -> Section:
     sec = Section(_slug("run-" + _short(rid)), f"Run {_short(rid)}: {_describe(run)}")
     if len(ranks):
         sec.figures.append(("rank_final", rank_heatmap(ranks)))
+        sec.figures.append(("rank_trajectory", rank_trajectory(ranks)))
         sec.figures.append(("rank_steps", allocation_slider(ranks)))
+        sec.script += _TRAJECTORY_GLUE % {
+            "final": json.dumps(_div_id(sec.slug, "rank_final")),
+            "trajectory": json.dumps(_div_id(sec.slug, "rank_trajectory")),
+        }
+        sec.notes.append("Click a module in the rank trajectory or the final heatmap to outline it in both.")
         sec.figures.append(("budget", budget_figure(ranks, metrics)))
     else:
         sec.notes.append(f"No rank allocation in this record (method {run.get('method')}).")
@@ -514,7 +586,7 @@ def _trial_markers(fig, tr: pd.DataFrame, x: str, y: str, **kw) -> None:
             mode="markers",
             name="sampled trial",
             customdata=sampled["number"],
-            marker={"size": 10},
+            marker={"size": 10 if len(sampled) <= 200 else 6},
             hovertemplate="trial %{customdata}<br>%{x}<br>%{y}<extra></extra>",
             **kw,
         )
@@ -523,16 +595,49 @@ def _trial_markers(fig, tr: pd.DataFrame, x: str, y: str, **kw) -> None:
         go.Scatter(
             x=base[x],
             y=base[y],
-            mode="markers+text",
+            mode="markers",
             name="baseline",
             customdata=base["number"],
             text=base["baseline"],
-            textposition="top center",
             marker={"size": 15, "symbol": "star", "color": "#ff7f0e"},
             hovertemplate="trial %{customdata} (baseline %{text})<br>%{x}<br>%{y}<extra></extra>",
             **kw,
         )
     )
+    for label in baseline_labels(base[x].tolist(), base[y].tolist(), base["baseline"].tolist(), tr[x]):
+        fig.add_annotation(
+            **label, showarrow=True, arrowhead=0, arrowcolor="#ff7f0e", font={"size": 11}, bgcolor="white"
+        )
+
+
+LABEL_STEP_PX = 18  # vertical distance between two stacked baseline labels (11 px text + margin)
+
+
+def baseline_labels(xs: list, ys: list, names: list, every_x) -> list[dict]:
+    """One annotation per baseline: its name on a leader line above its point. Baselines whose x
+    lie within 15% of the axis' span of each other (sized to one budget, or enqueued one after the
+    other) share a column: their labels are stacked, the lowest point's label nearest, each next
+    one ``LABEL_STEP_PX`` higher, so no two labels overlap; baselines at one (x, y) share a label."""
+    span = (max(every_x) - min(every_x)) if len(every_x) else 0
+    points: dict = {}
+    for x, y, name in zip(xs, ys, names):
+        if x is None or y is None or pd.isna(x) or pd.isna(y):
+            continue
+        points.setdefault((x, y), []).append(str(name))
+    order = sorted(points, key=lambda p: p[0])
+    clusters: list[list] = []
+    for p in order:
+        if clusters and p[0] - clusters[-1][0][0] <= 0.15 * span:
+            clusters[-1].append(p)
+        else:
+            clusters.append([p])
+    labels = []
+    for cluster in clusters:
+        for k, (x, y) in enumerate(sorted(cluster, key=lambda p: p[1])):  # lowest y first
+            labels.append(
+                {"x": x, "y": y, "text": " / ".join(points[x, y]), "ax": 0, "ay": -(22 + LABEL_STEP_PX * k)}
+            )
+    return labels
 
 
 def history_figure(tr: pd.DataFrame, objective: str, maximise: bool):
@@ -608,8 +713,9 @@ def _sampled_study(study):
 
 
 def importance_figure(study, objectives: list[str]):
-    """Optuna's parameter importances (its default evaluator), one bar per objective; None and a
-    reason when fewer than two sampled trials completed."""
+    """Optuna's parameter importances (its default evaluator), one bar per objective; None, a
+    reason and {} when fewer than two sampled trials completed. Also returns the importances per
+    objective (the parallel coordinates order their axes by the objective they colour by)."""
     import optuna
     import plotly.graph_objects as go
 
@@ -618,8 +724,9 @@ def importance_figure(study, objectives: list[str]):
         return (
             None,
             f"Parameter importances need two or more completed sampled trials; this study has {len(keep)}.",
+            {},
         )
-    fig, notes = go.Figure(), []
+    fig, notes, top = go.Figure(), [], {}
     for i, name in enumerate(objectives):
         values = {t.values[i] for t in keep}
         if len(values) < 2:
@@ -628,6 +735,7 @@ def importance_figure(study, objectives: list[str]):
         with warnings.catch_warnings():  # a small study makes it warn about every parameter
             warnings.simplefilter("ignore")
             imp = optuna.importance.get_param_importances(copy, target=lambda t, i=i, s=sign: s * t.values[i])
+        top[name] = dict(imp) if len(values) > 1 else {}
         params = list(imp)[::-1]
         fig.add_trace(go.Bar(x=[imp[p] for p in params], y=params, orientation="h", name=name))
     fig.update_layout(
@@ -635,42 +743,185 @@ def importance_figure(study, objectives: list[str]):
     )
     fig.update_xaxes(title="importance")
     fig.update_yaxes(title="parameter")
-    return fig, " ".join(notes)
+    return fig, " ".join(notes), top
 
 
-def parallel_figure(study, objective: str, index: int):
-    """Optuna's parallel coordinates of the sampled trials against ``objective``."""
+MAX_PARALLEL_AXES = 8  # parameter axes drawn at first; the others wait behind a checkbox each
+NOT_SAMPLED = "not sampled"
+
+
+def _parallel_axis(name: str, values: pd.Series, dist) -> dict:
+    """One parallel-coordinates dimension; a trial that did not sample the parameter (a conditional
+    space) sits on a "not sampled" tick below the axis' range."""
     import optuna
 
-    copy, keep = _sampled_study(study)
-    if not keep:
-        return None, "Parallel coordinates need a completed sampled trial; this study has none."
-    target = (lambda t: t.values[index]) if len(study.directions) > 1 else None
-    fig = optuna.visualization.plot_parallel_coordinate(copy, target=target, target_name=objective)
-    fig.update_layout(title=f"Parallel coordinates: sampled parameters and {objective}", height=HEIGHT)
-    fig.update_xaxes(title="parameter (each axis spans its own range)")
-    fig.update_yaxes(title="scaled value")
-    return fig, ""
+    present = values.dropna()
+    categorical = isinstance(dist, optuna.distributions.CategoricalDistribution) or not (
+        pd.api.types.is_numeric_dtype(present) and not pd.api.types.is_bool_dtype(present)
+    )
+    if categorical:
+        choices = list(dist.choices) if dist is not None else sorted(set(present), key=str)
+        index = {c: i for i, c in enumerate(choices)}
+        coded = values.map(lambda v: index.get(v) if v is not None and not pd.isna(v) else None)
+        tickvals, ticktext = list(range(len(choices))), [str(c) for c in choices]
+        lo, hi = 0.0, float(max(len(choices) - 1, 1))
+    else:
+        log = bool(getattr(dist, "log", False)) and (present > 0).all()
+        coded = values.astype(float).map(math.log10) if log else values.astype(float)
+        lo, hi = float(coded.min()), float(coded.max())
+        if log:
+            decades = range(math.floor(lo), math.ceil(hi) + 1)
+            tickvals, ticktext = list(decades), [f"1e{d}" for d in decades]
+        else:
+            tickvals, ticktext = None, None
+    if hi <= lo:
+        hi = lo + 1.0
+    dim = {"label": name, "range": [lo, hi]}
+    if coded.isna().any():
+        missing = lo - 0.2 * (hi - lo)
+        coded = coded.fillna(missing)
+        dim["range"] = [missing, hi]
+        if tickvals is None:  # plotly's own ticks, plus the missing one
+            tickvals = [lo + (hi - lo) * i / 4 for i in range(5)]
+            ticktext = [f"{v:.3g}" for v in tickvals]
+        tickvals, ticktext = [missing, *tickvals], [NOT_SAMPLED, *ticktext]
+    if tickvals is not None:
+        dim.update(tickvals=tickvals, ticktext=ticktext)
+    dim["values"] = [float(v) for v in coded]
+    return dim
 
 
-def trial_ranks_figure(tr: pd.DataFrame, rec, first: int | None):
+def parallel_figure(tr: pd.DataFrame, objective: str, maximise: bool, order: dict, dists: dict):
+    """Parallel coordinates of the sampled, completed trials against ``objective``: one axis per
+    parameter, the ``MAX_PARALLEL_AXES`` most important (``order``: Optuna's importances) drawn,
+    the others hidden until their checkbox (``parallel_controls``) shows them."""
+    import plotly.graph_objects as go
+
+    done = tr[(tr["state"] == "complete") & tr["baseline"].isna() & tr[objective].notna()]
+    cols = [c for c in tr.columns if c.startswith("param.") and done[c].notna().any()]
+    if not len(done) or not cols:
+        return None, "Parallel coordinates need a completed sampled trial; this study has none.", []
+    names = [c.removeprefix("param.") for c in cols]
+    # most important first; then the parameters most trials have; then by name
+    names.sort(key=lambda n: (-order.get(n, -1.0), -int(done["param." + n].notna().sum()), n))
+    dims = [_parallel_axis(n, done["param." + n], dists.get(n)) for n in names]
+    for i, d in enumerate(dims):
+        d["visible"] = i < MAX_PARALLEL_AXES
+    dims.append({"label": objective, "values": [float(v) for v in done[objective]]})
+    fig = go.Figure(
+        go.Parcoords(
+            dimensions=dims,
+            line={
+                "color": [float(v) for v in done[objective]],
+                "colorscale": "Viridis",
+                "reversescale": not maximise,
+                "showscale": True,
+                "colorbar": {"title": {"text": objective}},
+            },
+            labelangle=-20,
+        )
+    )
+    shown = min(len(names), MAX_PARALLEL_AXES)
+    fig.update_layout(
+        title=_parallel_title(shown, len(names), objective), height=HEIGHT + 60, margin={"t": 130, "l": 80}
+    )
+    return fig, "", names
+
+
+def _parallel_title(shown: int, total: int, objective: str) -> str:
+    return f"Parallel coordinates: {shown} of {total} parameters (most important first) and {objective}"
+
+
+# A parameter's checkbox shows or hides its axis (plotly's ``dimensions[i].visible``) and retitles.
+_AXES_GLUE = """(function () {
+  const gd = document.getElementById(%(id)s), box = document.getElementById(%(id)s + "-axes");
+  box.addEventListener("change", (ev) => {
+    const i = Number(ev.target.dataset.axis);
+    const shown = box.querySelectorAll("input:checked").length;
+    Plotly.restyle(gd, {["dimensions[" + i + "].visible"]: ev.target.checked}, [0]);
+    Plotly.relayout(gd, {"title.text": %(before)s + shown + %(after)s});
+  });
+})();"""
+
+
+def parallel_controls(fig_id: str, names: list[str], objective: str) -> tuple[str, str]:
+    """The checkbox list under the parallel coordinates (one per parameter, the drawn ones ticked)
+    and the glue that shows or hides an axis when its box changes."""
+    boxes = "".join(
+        f'<label><input type="checkbox" data-axis="{i}"{" checked" if i < MAX_PARALLEL_AXES else ""}>'
+        f"{html.escape(n)}</label> "
+        for i, n in enumerate(names)
+    )
+    control = (
+        f'<details class="axes" id="{fig_id}-axes"><summary>Axes: {len(names)} parameters '
+        f"({min(len(names), MAX_PARALLEL_AXES)} drawn, most important first)</summary>{boxes}</details>"
+    )
+    glue = _AXES_GLUE % {
+        "id": json.dumps(fig_id),
+        "before": json.dumps("Parallel coordinates: "),
+        "after": json.dumps(
+            _parallel_title(0, len(names), objective).removeprefix("Parallel coordinates: 0")
+        ),
+    }
+    return control, glue
+
+
+def _trial_ranks(tr: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Each trial's final ranks (rank rows as ``records.load`` gives them) and final parameters,
+    read from its ``result.json`` alone (its ``ranks`` and ``modules``): a study's view needs no
+    metric or allocation history, and reading 500 records whole took seconds. A trial still
+    training has no final ranks yet: its last allocation (the last line of ``ranks.jsonl``)."""
+    rows, final = [], {}
+    for d in tr["run_dir"].dropna().unique():
+        path = Path(d)
+        try:
+            result = read_result(path)
+        except RecordError:
+            continue  # not trained yet (no record), or being written: the next build reads it
+        rid = str(path.resolve())
+        final[rid] = _final_params(result)
+        ranks, step = result.get("ranks"), result.get("steps")
+        if not ranks and (path / "ranks.jsonl").is_file():
+            lines = (path / "ranks.jsonl").read_text().splitlines()
+            last = next((json.loads(x) for x in reversed(lines) if x.strip().endswith("}")), {})
+            ranks, step = last.get("ranks"), last.get("step")
+        modules = {m["name"]: m for m in result.get("modules") or []}
+        for name, rank in (ranks or {}).items():
+            info = modules.get(name) or _guess_module(name)
+            rows.append(
+                {
+                    "run_dir": rid,
+                    "step": step or 0,
+                    "module": name,
+                    "layer": info["layer"],
+                    "role": info["role"],
+                    "init_rank": info.get("init_rank"),
+                    "rank": rank,
+                }
+            )
+    columns = ["run_dir", "step", "module", "layer", "role", "init_rank", "rank"]
+    return pd.DataFrame(rows, columns=columns), final
+
+
+def trial_ranks_figure(tr: pd.DataFrame, ranks: pd.DataFrame, first: int | None):
     """The rank pattern of one trial at a time: a menu over the trials (and the Pareto front's and
     history's click handler) swaps the heatmap."""
     import plotly.graph_objects as go
 
     by_dir = {str(Path(d).resolve()): n for n, d in zip(tr["number"], tr["run_dir"]) if isinstance(d, str)}
-    ranks = rec.ranks[rec.ranks["run_dir"].isin(by_dir)]
+    ranks = ranks[ranks["run_dir"].isin(by_dir)]
     if not len(ranks):
         return None
     r = _with_matrix(ranks)
     layers, matrices = _axes(r)
     zmax = r["init_rank"].max() if r["init_rank"].notna().any() else r["rank"].max()
+    own_rows = dict(tuple(r.groupby("run_dir")))
+    baselines = dict(zip(tr["number"], tr["baseline"]))
     buttons = []
     for rid, n in sorted(by_dir.items(), key=lambda kv: kv[1]):
-        own = r[r["run_dir"] == rid]
-        row = tr[tr["number"] == n].iloc[0]
-        what = f"baseline {row['baseline']}" if isinstance(row["baseline"], str) else "sampled"
-        if len(own):
+        own = own_rows.get(rid)
+        what = f"baseline {baselines[n]}" if isinstance(baselines[n], str) else "sampled"
+        if own is not None:
             last = own[own["step"] == own["step"].max()]
             z, title = (
                 _grid(last, layers, matrices),
@@ -752,10 +1003,8 @@ def study_section(storage) -> Section:
     if not len(tr) or "baseline" not in tr:
         sec.notes.append("No trials yet.")
         return sec
-    dirs = [d for d in tr["run_dir"].dropna() if Path(d).is_dir()]
-    rec = load(dirs, status=None) if dirs else None
-    if rec is not None and len(rec.runs):  # the params a table reports: final, the head excluded
-        final = dict(zip(rec.runs["run_dir"], rec.runs["final_params"]))
+    ranks, final = _trial_ranks(tr)
+    if final:  # the params a table reports: final, the head excluded
         tr["final_params"] = [
             final.get(str(Path(d).resolve())) if isinstance(d, str) else None for d in tr["run_dir"]
         ]
@@ -770,7 +1019,7 @@ def study_section(storage) -> Section:
         sec.notes.append(
             f"{int((tr['state'] == 'infeasible').sum())} infeasible trial(s) left out (never trained)."
         )
-    with_ranks = set(rec.ranks["run_dir"]) if rec is not None else set()
+    with_ranks = set(ranks["run_dir"])
     has_ranks = done["run_dir"].map(lambda d: isinstance(d, str) and str(Path(d).resolve()) in with_ranks)
     # the rank figure opens on the best trial that has an allocation
     pool = done[has_ranks] if has_ranks.any() else done
@@ -778,23 +1027,31 @@ def study_section(storage) -> Section:
     sec.figures.append(("history", history_figure(tr, objective, maximise[k])))
     if tr[params].notna().any():
         sec.figures.append(("pareto", pareto_figure(tr, objective, params, maximise[k])))
-    fig, note = importance_figure(study, objectives)
+    fig, note, importance = importance_figure(study, objectives)
     if fig is not None:
         sec.figures.append(("importances", fig))
     if note:
         sec.notes.append(note)
-    fig, note = parallel_figure(study, objective, k)
+    dists: dict = {}
+    for t in study.get_trials(deepcopy=False):
+        dists.update(t.distributions)
+    fig, note, axes = parallel_figure(tr, objective, maximise[k], importance.get(objective, {}), dists)
     if fig is not None:
         sec.figures.append(("parallel", fig))
+        sec.wide.add("parallel")
+        if len(axes) > MAX_PARALLEL_AXES:
+            control, glue = parallel_controls(_div_id(slug, "parallel"), axes, objective)
+            sec.controls["parallel"] = control
+            sec.script += glue
     if note:
         sec.notes.append(note)
-    ranks_fig = trial_ranks_figure(tr, rec, int(best)) if rec is not None else None
+    ranks_fig = trial_ranks_figure(tr, ranks, int(best)) if len(ranks) else None
     if ranks_fig is not None:
         sec.figures.append(("trial_ranks", ranks_fig))
         sources = [
             _div_id(slug, n) for n in ("history", "pareto") if any(name == n for name, _ in sec.figures)
         ]
-        sec.script = _CLICK_GLUE % {
+        sec.script += _CLICK_GLUE % {
             "target": json.dumps(_div_id(slug, "trial_ranks")),
             "sources": json.dumps(sources),
         }
@@ -864,6 +1121,8 @@ nav a { margin-right: .8em; font-size: .9em; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1em; }
 .figure { border: 1px solid #eee; min-width: 0; }
 .figure.wide { grid-column: 1 / -1; }
+details.axes { font-size: .85em; padding: .3em .5em; }
+details.axes label { white-space: nowrap; margin-right: .6em; }
 """
 
 # Served pages poll the server's stamp of the record files and reload when a live record changed.
@@ -879,12 +1138,33 @@ _EXPORT = """function exportAll(format) {
 }"""
 
 
-def to_html(dash: Dashboard, stamp: str | None = None, refresh_s: float = 5.0) -> str:
-    """One HTML page holding plotly.js once (inlined: it opens with no network) and every figure.
+NONCE = "@@adabudget-nonce@@"  # in a served page's script tags; each response puts its own nonce there
+
+
+def plotly_js() -> tuple[str, bytes]:
+    """plotly.js and the URL the served page loads it from: named by its content's hash, so a
+    browser may cache it for good (a new plotly gets a new name)."""
+    if "js" not in _PLOTLY:
+        from plotly.offline import get_plotlyjs
+
+        js = get_plotlyjs().encode()
+        _PLOTLY["js"] = (f"plotly-{hashlib.sha256(js).hexdigest()[:16]}.min.js", js)
+    return _PLOTLY["js"]
+
+
+_PLOTLY: dict = {}
+
+
+def to_html(
+    dash: Dashboard, stamp: str | None = None, refresh_s: float = 5.0, plotly_src: str | None = None
+) -> str:
+    """One HTML page holding every figure. plotly.js is inlined (the page opens with no network)
+    unless ``plotly_src`` names the URL it is served at (the served page; then every script tag
+    carries the ``NONCE`` placeholder that the server fills per response, for its CSP).
     With ``stamp`` (served pages), the page reloads when the server's stamp changes while runs live."""
     import plotly.io as pio
-    from plotly.offline import get_plotlyjs
 
+    nonce = f' nonce="{NONCE}"' if plotly_src else ""
     built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(dash.built_at))
     nav = " ".join(f'<a href="#{s.slug}">{html.escape(s.title.split(":")[0])}</a>' for s in dash.sections)
     if dash.live and stamp is not None:
@@ -914,26 +1194,35 @@ def to_html(dash: Dashboard, stamp: str | None = None, refresh_s: float = 5.0) -
                 config=config,
                 default_height=f"{fig.layout.height or HEIGHT}px",
             )
-            body.append(f'<div class="figure{" wide" if name in s.wide else ""}">{div}</div>')
+            if nonce:  # plotly's own tags (``<script>``, ``<script type="text/javascript">``)
+                div = re.sub(r"<script(?=[\s>])", f"<script{nonce}", div)
+            wide = " wide" if name in s.wide else ""
+            body.append(f'<div class="figure{wide}">{s.controls.get(name, "")}{div}</div>')
         body.append("</div></section>")
-    scripts = [_EXPORT] + [s.script for s in dash.sections if s.script]
+    scripts = [s.script for s in dash.sections if s.script]
     if dash.live and stamp is not None:
         scripts.append(_POLL % {"stamp": json.dumps(stamp), "ms": int(refresh_s * 1000)})
-    glue = "\n".join(scripts[1:])
+    glue = "\n".join(scripts)
     sources = ", ".join(html.escape(hide_password(s)) for s in dash.sources)
+    if plotly_src:
+        plotly = f'<script src="{html.escape(plotly_src)}"{nonce}></script>'
+    else:
+        plotly = f'<script type="text/javascript">{plotly_js()[1].decode()}</script>'
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>adabudget dashboard</title>
 <style>{_STYLE}</style>
-<script type="text/javascript">{get_plotlyjs()}</script>
-<script>{scripts[0]}</script>
+{plotly}
+<script{nonce}>{_EXPORT}</script>
 </head><body>
 <header><h1>adabudget dashboard</h1><nav>{nav}</nav>
-<button type="button" onclick="exportAll('png')">Download every figure (PNG)</button>
-<button type="button" onclick="exportAll('svg')">(SVG)</button>
+<button type="button" id="export-png">Download every figure (PNG)</button>
+<button type="button" id="export-svg">(SVG)</button>
 <span class="note">PDF: adabudget dashboard … --png DIR</span></header>
 <p class="note">{sources} · built {built}</p>{state}
 {"".join(body)}
-<script>window.addEventListener("load", () => {{
+<script{nonce}>window.addEventListener("load", () => {{
+document.getElementById("export-png").addEventListener("click", () => exportAll("png"));
+document.getElementById("export-svg").addEventListener("click", () => exportAll("svg"));
 document.querySelectorAll(".js-plotly-plot").forEach((gd) => Plotly.Plots.resize(gd));
 {glue}
 }});</script>
@@ -985,76 +1274,256 @@ def export_images(dash: Dashboard, out_dir: str | Path, formats=("png", "pdf")) 
 
 
 # ---------------------------------------------------------------- serving
-def stamp(paths: list[str]) -> str:
-    """A fingerprint of every record file under ``paths`` (size and mtime): it changes whenever a
-    run logs, allocates or finishes, or a study records a trial."""
-    h = hashlib.sha1()
-    for p in paths:
-        if str(p).startswith(("postgresql", "mysql", "grpc://")):
-            t = trials(p)  # no file to watch: the trials themselves
-            h.update(t[["number", "state"]].to_csv().encode())
-            continue
-        base = Path(str(p).removeprefix("sqlite:///"))
-        files = [base] if base.is_file() else sorted(f for f in base.rglob("*") if f.name in RECORD_FILES)
-        for f in files:
+class Watch:
+    """The fingerprint of the records under ``paths`` (what a live page polls, every few seconds
+    per open tab): cheap. The record files (``RECORD_FILES``) are listed once and again every
+    ``RELIST_S`` seconds, or as soon as a folder holding them changes (a new run folder, a new
+    trial); each poll only stats them and those folders. A database study is one query: its
+    trials' count, largest id and last completion per state, and its last intermediate value."""
+
+    RELIST_S = 60.0
+    SKIP = {"checkpoints", "adapter", "merged", ".git", "__pycache__"}  # large, and never a record
+
+    def __init__(self, paths: list[str]):
+        self.paths = [str(p) for p in paths]
+        self._files: list[Path] = []
+        self._dirs: dict[Path, int] = {}  # folder -> mtime when listed
+        self._listed = -math.inf
+        self._engines: dict = {}
+
+    def _list(self) -> None:
+        files, dirs = [], {}
+        for p in self.paths:
+            if "://" in p and not p.startswith("sqlite:///"):
+                continue
+            base = Path(p.removeprefix("sqlite:///"))
+            if base.is_file():
+                files.append(base)
+                continue
+            for top, subdirs, names in os.walk(base):
+                subdirs[:] = [d for d in subdirs if d not in self.SKIP]
+                found = [Path(top, n) for n in names if n in RECORD_FILES]
+                files += found
+                if found or top == str(base) or Path(top).name in ("trials", "search"):
+                    for d in (Path(top), Path(top).parent):
+                        dirs[d] = _mtime(d)
+        self._files, self._dirs, self._listed = sorted(files), dirs, time.monotonic()
+
+    def _query(self, url: str) -> str:
+        """One cheap query on an Optuna RDB storage (no trial is loaded)."""
+        import sqlalchemy
+
+        if url not in self._engines:
+            self._engines[url] = sqlalchemy.create_engine(
+                _with_driver(url), poolclass=sqlalchemy.pool.NullPool
+            )
+        with self._engines[url].connect() as c:
+            states = c.execute(
+                sqlalchemy.text(
+                    "SELECT state, COUNT(*), MAX(trial_id), MAX(datetime_complete) FROM trials GROUP BY state"
+                )
+            ).all()
+            last = c.execute(
+                sqlalchemy.text("SELECT MAX(trial_intermediate_value_id) FROM trial_intermediate_values")
+            )
+            return repr(sorted(map(tuple, states), key=str)) + repr(last.scalar())
+
+    def stamp(self) -> str:
+        h = hashlib.sha1()
+        if time.monotonic() - self._listed > self.RELIST_S or any(
+            _mtime(d) != m for d, m in self._dirs.items()
+        ):
+            self._list()
+        for p in self.paths:
+            if p.startswith(("postgresql", "mysql", "sqlite:")):
+                h.update(self._query(p).encode())
+            elif p.startswith("grpc://"):  # a proxy answers for trials only: their number and states
+                t = trials(p)
+                h.update(t[["number", "state"]].to_csv().encode())
+        for f in self._files:
             try:
                 st = f.stat()
             except FileNotFoundError:
                 continue
             h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
+        return h.hexdigest()[:16]
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return -1
+
+
+def stamp(paths: list[str]) -> str:
+    """A fingerprint of every record file under ``paths`` (size and mtime): it changes whenever a
+    run logs, allocates or finishes, or a study records a trial. (One-off; a server keeps a ``Watch``.)"""
+    return Watch(paths).stamp()
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """The ``Host`` headers the server answers: the loopback names (and, bound beyond loopback,
+    this machine's names and the ``--host`` given) with its port. Any other name is refused: a page
+    on another site whose name an attacker points at 127.0.0.1 (DNS rebinding) sends its own name."""
+    import socket
+
+    names = set(LOOPBACK_NAMES)
+    if not is_loopback(host):
+        names |= {host, socket.gethostname(), socket.getfqdn()}
+    out = set()
+    for n in names:
+        n = n.strip("[]").lower()
+        out.add(f"[{n}]:{port}" if ":" in n else f"{n}:{port}")
+    return out
+
+
+def _host_ok(header: str | None, allowed: set[str], port: int) -> bool:
+    """``header`` names an allowed host (an IP literal is always fine: no DNS, no rebinding)."""
+    import ipaddress
+
+    if not header:
+        return False
+    header = header.strip().lower()
+    if header in allowed:
+        return True
+    name, _, got = header.rpartition(":")
+    if not name or got != str(port):
+        return False
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def csp(nonce: str) -> str:
+    """The served page's Content-Security-Policy: scripts only from this server or with this
+    response's nonce; plotly.js's WebGL traces (parallel coordinates) compile their shaders' glue
+    with ``new Function`` (regl), hence 'unsafe-eval'; plotly sets inline styles, hence
+    style-src 'unsafe-inline'; the image downloads draw through data: and blob: URLs."""
+    return (
+        f"default-src 'none'; script-src 'self' 'nonce-{nonce}' 'unsafe-eval'; "
+        "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
 def make_server(
     paths: list[str], host: str = "127.0.0.1", port: int = 8050, status=None, refresh_s: float = 5.0
 ) -> http.server.ThreadingHTTPServer:
-    """An HTTP server whose ``/`` is the dashboard, rebuilt from the records when they changed, and
-    ``/stamp`` their fingerprint (what a live page polls). ``port=0`` picks a free port."""
-    run_dirs(p for p in paths if not _is_study(p))  # fail now on a missing path, not on the first request
-    lock, cache = threading.Lock(), {}
+    """An HTTP server whose ``/`` is the dashboard, rebuilt from the records when they changed,
+    ``/stamp`` their fingerprint (what a live page polls) and ``/plotly-<hash>.min.js`` plotly.js,
+    cacheable for good. ``port=0`` picks a free port. A request whose ``Host`` header is not this
+    server's (``allowed_hosts``) gets 403."""
+    import secrets
 
-    def page() -> bytes:
+    run_dirs(p for p in paths if not _is_study(p))  # fail now on a missing path, not on the first request
+    lock, cache, watch = threading.Lock(), {}, Watch(paths)
+    js_name, js = plotly_js()
+    js_etag = f'"{js_name}"'
+
+    def page() -> tuple[bytes, str]:
         with lock:
-            now = stamp(paths)
+            now = watch.stamp()
             if cache.get("stamp") != now:
-                cache["html"] = to_html(build(paths, status), stamp=now, refresh_s=refresh_s).encode()
+                dash = build(paths, status)
+                cache["html"] = to_html(dash, stamp=now, refresh_s=refresh_s, plotly_src=js_name).encode()
                 cache["stamp"] = now
-            return cache["html"]
+            return cache["html"], now
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
+            if not _host_ok(self.headers.get("Host"), server.allowed, server.server_address[1]):
+                self.send_error(
+                    403,
+                    explain=f"Host {self.headers.get('Host')!r} is not this dashboard's "
+                    f"({', '.join(sorted(server.allowed))}): refused (DNS rebinding)",
+                )
+                return
             path = self.path.split("?")[0]
+            headers = {"Cache-Control": "no-store"}
             if path in ("/", "/index.html"):
                 try:
-                    body, kind = page(), "text/html; charset=utf-8"
+                    body, _ = page()
                 except (RecordError, OSError, ValueError) as err:  # e.g. a record being rewritten: retry
                     self.send_error(500, explain=str(err))
                     return
+                nonce = secrets.token_urlsafe(16)
+                body = body.replace(NONCE.encode(), nonce.encode())
+                kind = "text/html; charset=utf-8"
+                headers["Content-Security-Policy"] = csp(nonce)
             elif path == "/stamp":
-                body, kind = stamp(paths).encode(), "text/plain"
+                with lock:
+                    body, kind = watch.stamp().encode(), "text/plain"
+            elif path == "/" + js_name:
+                headers = {"Cache-Control": "public, max-age=31536000, immutable", "ETag": js_etag}
+                if self.headers.get("If-None-Match") == js_etag:
+                    self.send_response(304)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    return
+                body, kind = js, "text/javascript; charset=utf-8"
             else:
                 self.send_error(404)
                 return
             self.send_response(200)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
+            for k, v in headers.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
+
+        def send_error(self, code, message=None, explain=None):
+            self.error_message_format = "%(code)d %(message)s: %(explain)s\n"
+            self.error_content_type = "text/plain; charset=utf-8"
+            super().send_error(code, message, explain)
+
+        def end_headers(self):  # every answer, errors and 304 included
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            super().end_headers()
 
         def log_message(self, *args):  # quiet: the address is printed once
             pass
 
-    return http.server.ThreadingHTTPServer((host, port), Handler)
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    server.allowed = allowed_hosts(host, server.server_address[1])
+    return server
 
 
 def serve(
     paths: list[str], host: str = "127.0.0.1", port: int = 8050, status=None, refresh_s: float = 5.0
 ) -> None:
-    """Serve the dashboard until Ctrl-C, printing its address."""
+    """Serve the dashboard until Ctrl-C, printing its address (and a warning on stderr when
+    ``host`` is not a loopback address: the records are then readable by whoever reaches it)."""
+    import sys
+
     server = make_server(paths, host, port, status, refresh_s)
     name = f"[{host}]" if ":" in host else host
     shown = ", ".join(hide_password(p) for p in paths)
+    if not is_loopback(host):
+        print(
+            f"warning: --host {host} serves the dashboard beyond this machine: anyone who reaches "
+            f"port {server.server_address[1]} reads these records (no login, plain HTTP); prefer the "
+            "default 127.0.0.1 and an SSH tunnel (ssh -L 8050:127.0.0.1:8050 HOST)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"dashboard of {shown}: http://{name}:{server.server_address[1]}/ (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

@@ -142,7 +142,8 @@ def _check_every_figure_drawn(page) -> list[str]:
     """Every figure div holds a drawn SVG (plotly's main-svg with marks of non-zero size) and a title."""
     figures = page.evaluate("""[...document.querySelectorAll('.js-plotly-plot')].map((gd) => {
         const svg = gd.querySelector('svg.main-svg');
-        const marks = [...gd.querySelectorAll('g.hm image, g.trace path, g.point')].filter((m) => {
+        const sel = 'g.hm image, g.trace path, g.point, g.parcoords g.y-axis path.domain';
+        const marks = [...gd.querySelectorAll(sel)].filter((m) => {
             const b = m.getBoundingClientRect(); return b.width > 0 || b.height > 0; });
         const box = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
         return {id: gd.id, w: box.width, h: box.height, marks: marks.length, traces: gd.data.length,
@@ -312,3 +313,25 @@ def test_records_read_for_the_dashboard(records):
     menu = fig.layout.updatemenus[0]
     assert [b.label for b in menu.buttons] == ["trial 0", "trial 1", "trial 2"]
     assert all(json.dumps(b.args[0]["z"]) != "[[]]" for b in menu.buttons)
+
+
+def test_rank_trajectory_is_modules_by_allocation_steps(records):
+    """The trajectory of a real run: one row per adapted module, one column per allocation of
+    ranks.jsonl, each cell that allocation's rank; its final column is the final heatmap's."""
+    from adabudget.analysis.dashboard import rank_heatmap, rank_trajectory
+    from adabudget.analysis.records import load
+
+    run = records["adalora"]
+    allocations = [json.loads(x) for x in (run / "ranks.jsonl").read_text().splitlines() if x.strip()]
+    modules = json.loads((run / "result.json").read_text())["modules"]
+    rec = load([run])
+    fig = rank_trajectory(rec.ranks)
+    z = fig.data[0].z
+    assert (len(z), len(z[0])) == (len(modules), len(allocations))  # modules x steps
+    assert list(fig.data[0].x) == [str(a["step"]) for a in allocations]
+    for i, m in enumerate(modules):  # rows in layer, then block order: query, key, value, o, ffn_in, ffn_out
+        assert fig.data[0].y[i] == f"layer {m['layer']} · {m['role']}"
+        assert [row for row in z[i]] == [a["ranks"][m["name"]] for a in allocations]
+    final = rank_heatmap(rec.ranks).data[0]
+    for i, m in enumerate(modules):
+        assert final.z[list(final.y).index(m["role"])][list(final.x).index(str(m["layer"]))] == z[i][-1]
