@@ -42,7 +42,7 @@ MUST_RUN_IN_CI = {
         "tests/test_search.py::*postgresql*",
         "tests/test_storage.py::*postgresql*",
     ],
-    "Chromium (apt-get install chromium)": ["tests/test_dashboard.py"],
+    "Chromium (apt-get install chromium)": ["tests/test_dashboard.py", "tests/test_dashboard_scale.py"],
     "pdflatex (apt-get install texlive-latex-base texlive-latex-recommended)": [
         "tests/test_tables.py::test_latex_escapes_and_compiles"
     ],
@@ -142,6 +142,11 @@ INTEGRATION = [
     "tests/test_credentials.py::test_a_reader_takes_the_password_from_pgpassword_and_says_so_when_refused",
     "tests/test_credentials.py::test_no_byte_of_the_password_is_written_printed_or_mirrored",
     "tests/test_dashboard.py",
+    "tests/test_dashboard_scale.py::test_non_loopback_host_warns_and_refuses_foreign_names",
+    "tests/test_dashboard_scale.py::test_large_study_renders_with_reduced_axes",
+    "tests/test_dashboard_scale.py::test_plotly_js_is_served_once_and_cacheable",
+    "tests/test_dashboard_scale.py::test_foreign_host_is_refused_and_security_headers_sent",
+    "tests/test_dashboard_scale.py::test_bench_dashboard_prints_its_figures",
     "tests/test_devices.py::test_search_*",
     "tests/test_devices.py::test_reproduce_*",
     "tests/test_devices.py::test_sweeper_*",
