@@ -592,3 +592,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    elif command == "bench" and rest[:1] == ["dashboard"]:
+        from adabudget.analysis.bench_dashboard import main as dashboard_bench_main
+
+        dashboard_bench_main(rest[1:])
