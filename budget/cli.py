@@ -575,6 +575,10 @@ def main(argv: list[str] | None = None) -> None:
         from adabudget.search.bench_supernet import main as supernet_bench_main
 
         supernet_bench_main(rest[1:])
+    elif command == "bench" and rest[:1] == ["dashboard"]:
+        from adabudget.analysis.bench_dashboard import main as dashboard_bench_main
+
+        dashboard_bench_main(rest[1:])
     elif command == "bench" and rest[:1] == ["storage"]:
         from adabudget.search.bench_storage import main as storage_bench_main
 
@@ -592,7 +596,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    elif command == "bench" and rest[:1] == ["dashboard"]:
-        from adabudget.analysis.bench_dashboard import main as dashboard_bench_main
-
-        dashboard_bench_main(rest[1:])
