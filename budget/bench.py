@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from adabudget.allocator import RankAllocator
+from adabudget.bench_args import load_parser, step_parser
 from adabudget.config import ModelConfig
 from adabudget.methods import apply_method, method_config_from_dict
 from adabudget.methods.adalora import orth_penalty
@@ -367,42 +368,7 @@ def under_autocast(loss_fn: Callable[[dict], torch.Tensor], autocast) -> Callabl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="adabudget bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", nargs="?", default="step", choices=["step"], help="what to benchmark")
-    p.add_argument("--model", default="minilm", help="minilm, a tiny-* model or an HF id (default minilm)")
-    p.add_argument(
-        "--task",
-        default="classification",
-        choices=["classification", "causal-lm"],
-        help="a 2-class head on the batch, or the LM head with the tokens as labels "
-        "(a decoder: smollm2, tiny-llama)",
-    )
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16"],
-        help="the forward and backward of every variant under autocast in this dtype "
-        "(trainable weights fp32)",
-    )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument(
-        "--steps", type=int, default=10, help="measured rounds (one step of each variant per round)"
-    )
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first")
-    p.add_argument("--init-r", type=int, default=12)
-    p.add_argument("--target-r", type=int, default=8)
-    p.add_argument("--alloc-reps", type=int, default=20, help="repetitions of the allocator-only timing")
-    p.add_argument("--no-peft", action="store_true", help="skip peft's variants")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--methods",
-        default="",
-        help="more variants: registered methods at LoRA r=init_r's count, "
-        "NAME or NAME:key=value;key=value, comma-separated (e.g. dylora,sparse,rosa)",
-    )
+    p = step_parser()  # adabudget.bench_args: the --help that imports no torch
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.alloc_reps < 1:
         p.error("--steps and --alloc-reps must be >= 1, --warmup >= 0")
@@ -743,11 +709,7 @@ def load_main(argv: list[str] | None = None) -> list[dict]:
     to the current RSS just before it on Linux), ``+load MB`` that peak above the RSS just before
     the load (the load's own cost, the fairer comparison: imports and the config are not in it),
     ``after MB`` the RSS once loaded, ``weights MB`` the bytes the model's tensors hold."""
-    p = argparse.ArgumentParser(prog="adabudget bench load", description=load_main.__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="minilm,smollm2", help="comma-separated model names or folders")
-    p.add_argument("--task", default="auto", choices=["auto", "classification", "causal-lm"])
-    p.add_argument("--repeat", type=int, default=1, help="loads of each kind (the median is shown)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the loading processes")
+    p = load_parser()
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")

@@ -26,6 +26,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from adabudget.job import REFUSED_SUFFIX  # noqa: E402
+from adabudget.version import __version__  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
 USAGE = """usage: adabudget <command> [args]
@@ -38,6 +39,8 @@ commands:
   bench supernet [opts]   supernet vs stand-alone ranking (Kendall tau), cost, equal-compute search
   bench load [options]    peak memory of a load: fp32, load-then-quantise, nf4 quantised while read
   bench storage [options] trials/s and time in storage calls of N workers: journal, PostgreSQL, gRPC proxy
+  bench cli [--repeat N]  wall time of every --help and of one TAB, each in a fresh interpreter
+  bench                   the list of benches (each takes --help)
   data [key=value ...]    fetch and describe the configured task (data=mr, data.task=...)
   search [key=value ...]  an Optuna study over PEFT configurations (search.space, search.budget, ...)
   table PATH... [options] a paper table (mean ± std over seeds) from run records, Markdown or LaTeX
@@ -49,6 +52,9 @@ commands:
                           workers on many machines: search.storage=grpc://H:P
   dashboard PATH... [opts] rank allocations, runs side by side, studies: served on localhost,
                           or --out FILE.html (self-contained), --png DIR (PNG + PDF per figure)
+  --version, -V           the version
+  --completion bash|zsh   the shell completion script (subcommands, groups, presets, keys)
+  COMMAND --help          each command's options; train and search list their groups and keys
 
 examples:
   adabudget train                                  # AdaLoRA on packaged MiniLM + movie reviews
@@ -58,7 +64,7 @@ examples:
   adabudget train resume=runs/default/2026-11-22_12-00-00
   adabudget dashboard runs/default runs/search/s4-mr --out dashboard.html
   torchrun --nproc_per_node 2 $(command -v adabudget) train train.device=cuda
-  eval "$(adabudget train -sc install=bash)"       # shell completion of overrides
+  eval "$(adabudget --completion bash)"            # TAB completion (zsh: --completion zsh)
 """
 COMMANDS = ("train", "search", "dashboard", "table", "reproduce", "bench", "data")
 
@@ -364,17 +370,88 @@ def _experiment_files(args: list[str]) -> list[str]:
 
 
 def _shell_completion(args: list[str]) -> None:
-    """``adabudget -sc query=bash``, as the script of ``adabudget train -sc install=bash`` calls it:
-    complete the subcommand, or pass ``train``'s overrides to Hydra without the word ``train``."""
+    """``adabudget -sc query=bash``, as the script of ``adabudget train -sc install=bash`` (Hydra's)
+    calls it: the candidates of ``adabudget --complete`` for $COMP_LINE on one line, for its compgen,
+    a group by its name as Hydra offers it (``method``, then ``=`` typed)."""
+    from adabudget.completion import complete
+
     line = os.environ.get("COMP_LINE", "")
-    words = line.split()
-    if len(words) <= 2 and not line.endswith(" ") or len(words) < 2:
-        print(" ".join(COMMANDS))
-        return
-    if words[1] != "train":
-        return
-    os.environ["COMP_LINE"] = line.replace(" train", "", 1)
-    _train_app(args)
+    print(" ".join(complete(line[: int(os.environ.get("COMP_POINT") or len(line))], hydra_style=True)))
+
+
+def _print_script(shell: str, script: Callable[[str], str]) -> None:
+    try:
+        print(script(shell), end="")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _cli_index() -> None:
+    """``python -m adabudget.cli _index``: the groups, presets and keys of ``train`` and ``search``
+    as JSON (``adabudget.completion.index`` runs it in a child process and caches what it prints:
+    composing imports torch, through the method config dataclasses)."""
+    from adabudget.completion import flatten, user_groups
+    from adabudget.compose import config_dir, register_configs
+    from adabudget.search import optuna_factory
+    from adabudget.search.config import SCORERS, SUPERNET_SAMPLING, register_schema
+    from adabudget.search.spaces import SPACES
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_configs()
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+
+        def walk(parent: str):
+            for group in loader.list_groups(parent):
+                name = f"{parent}/{group}" if parent else group
+                yield name
+                yield from walk(name)
+
+        raw = {g: loader.get_group_options(g) for g in walk("")}
+        groups = user_groups({g: v for g, v in raw.items() if v})
+
+        def plain(cfg):
+            return OmegaConf.to_container(cfg, resolve=False)
+
+        train, search = compose(config_name="train"), compose(config_name="search")
+        method_keys = {
+            preset: flatten(
+                plain(compose(config_name="train", overrides=[f"method={preset}"]).method), "method."
+            )
+            for preset in groups["method"]
+        }
+    default_method = OmegaConf.to_container(train.method)["name"]
+    keys = {k: v for k, v in flatten(plain(train)).items() if not k.startswith("method.")}
+    spaces = [*SPACES, *(p.stem for p in sorted((Path(config_dir()) / "search" / "space").glob("*.yaml")))]
+    values = {
+        "search.space": list(dict.fromkeys(spaces)),
+        "search.sampler": [*optuna_factory.SAMPLERS, "evolution"],
+        "search.pruner": list(optuna_factory.PRUNERS),
+        "search.scorer": list(SCORERS),
+        "search.supernet.sampling": list(SUPERNET_SAMPLING),
+    }
+    search_node = plain(search)["search"]
+    print(
+        json.dumps(
+            {
+                "groups": {"train": groups, "search": groups},
+                "keys": {"train": keys, "search": {**keys, **flatten(search_node, "search.")}},
+                "method_keys": method_keys,
+                "default_method": default_method if default_method in method_keys else "adalora",
+                "values": {"train": {}, "search": values},
+                "config_yaml": {
+                    "train": OmegaConf.to_yaml(train),
+                    "search": OmegaConf.to_yaml(OmegaConf.create({"search": search_node})),
+                },
+            },
+            default=str,
+        )
+    )
 
 
 def _table(args: list[str]) -> None:
@@ -413,16 +490,14 @@ def _reproduce(args: list[str]) -> None:
     """``adabudget reproduce PROTOCOL``: the missing cells of a paper table, then the table."""
     import argparse
 
-    from adabudget.config import ConfigError
-    from adabudget.search.reproduce import reproduce
-    from adabudget.search.trial import SearchInterrupted
+    from adabudget.completion import protocols
 
     p = argparse.ArgumentParser(
         prog="adabudget reproduce",
         description="Run the missing cells of a "
         "protocol (configs/reproduce/<name>.yaml), then write its table.",
     )
-    p.add_argument("protocol", help="minilm-budget, adalora-glue, or a path to a protocol .yaml")
+    p.add_argument("protocol", help=f"{', '.join(protocols())}, or a path to a protocol .yaml")
     p.add_argument("--variant", help="a named variant of the protocol (e.g. cpu: a reduced schedule)")
     p.add_argument("--workers", type=int, default=1, help="processes taking cells in turn")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
@@ -436,6 +511,11 @@ def _reproduce(args: list[str]) -> None:
         help="list the cells (done, to resume, new) and the time left from the finished cells; run nothing",
     )
     a = p.parse_args(args)
+    # after the parse: --help imports neither torch nor the search
+    from adabudget.config import ConfigError
+    from adabudget.search.reproduce import reproduce
+    from adabudget.search.trial import SearchInterrupted
+
     if a.dry_run:
         from adabudget.search.reproduce import dry_run
 
@@ -541,14 +621,52 @@ def _data(args: list[str]) -> None:
         sys.exit(2)
 
 
+HELP = ("-h", "--help")
+
+
+def _answered_without_imports(command: str, rest: list[str]) -> bool:
+    """What needs neither torch nor Hydra: the version, the completion scripts and candidates, and
+    the help of the Hydra commands and of ``bench`` (``adabudget.completion``). True when answered."""
+    from adabudget import completion
+
+    wants_help = any(a in HELP for a in rest)
+    if command in ("-V", "--version"):
+        print(f"adabudget {__version__}")
+    elif command == "--completion":
+        _print_script(rest[0] if rest else "(none)", completion.script)
+    elif command == "--complete":
+        completion.complete_main()
+    elif command == "train" and wants_help and "--hydra-help" not in rest:
+        print(completion.train_help(), end="")
+    elif command == "search" and rest[:1] == ["export-wandb-sweep"] and wants_help:
+        print(completion.export_wandb_sweep_help(), end="")
+    elif command == "search" and rest[:1] != ["serve-storage"] and wants_help and "--hydra-help" not in rest:
+        print(completion.search_help(), end="")
+    elif command == "data" and wants_help:
+        print(completion.data_help(), end="")
+    elif command == "bench" and (not rest or rest[0] in HELP):
+        print(completion.bench_help(), end="")
+    elif command == "bench" and rest[0] in ("step", "load") and wants_help:
+        from adabudget.bench_args import load_parser, step_parser
+
+        (step_parser if rest[0] == "step" else load_parser)().print_help()
+    else:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    if _answered_without_imports(command, rest):
+        return
     if command in ("-sc", "--shell-completion"):
         _shell_completion(argv)
+    elif command == "_index":  # internal: adabudget.completion.index builds its cache with it
+        _cli_index()
     elif command == "train":
         _train_app(rest)
     elif command == "search" and rest[:1] == ["export-wandb-sweep"]:
@@ -583,6 +701,14 @@ def main(argv: list[str] | None = None) -> None:
         from adabudget.search.bench_storage import main as storage_bench_main
 
         storage_bench_main(rest[1:])
+    elif command == "bench" and rest[:1] == ["lr"]:  # not through adabudget.bench: it imports torch
+        from adabudget.bench_lr import main as lr_bench_main
+
+        lr_bench_main(rest[1:])
+    elif command == "bench" and rest[:1] == ["cli"]:
+        from adabudget.bench_cli import main as cli_bench_main
+
+        cli_bench_main(rest[1:])
     elif command == "bench":
         from adabudget.bench import main as bench_main
 
