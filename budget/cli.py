@@ -656,13 +656,19 @@ def _answered_without_imports(command: str, rest: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from adabudget.completion import IndexBuildError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if _answered_without_imports(command, rest):
-        return
+    try:
+        if _answered_without_imports(command, rest):
+            return
+    except IndexBuildError as err:  # a config that does not compose: say so, as train would
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     if command in ("-sc", "--shell-completion"):
         _shell_completion(argv)
     elif command == "_index":  # internal: adabudget.completion.index builds its cache with it

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -52,7 +53,7 @@ HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "--help", "--hydra-help", "--info", 
 INDEX_FILE = "cli-index.json"
 
 
-class IndexError_(RuntimeError):
+class IndexBuildError(RuntimeError):
     """The index could not be built (the child process failed): its message says why."""
 
 
@@ -126,8 +127,11 @@ def index() -> dict:
         [sys.executable, "-m", "adabudget.cli", "_index"], capture_output=True, text=True, env=env
     )
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise IndexError_(f"could not compose the config to list its groups and keys:\n{tail}")
+        lines = proc.stderr.strip().splitlines()
+        # the exception's own line (Hydra's "Could not find 'model/x'") and what follows it
+        raised = [i for i, line in enumerate(lines) if re.match(r"[\w.]+(Error|Exception)\b[^:]*: ", line)]
+        tail = "\n".join(lines[raised[-1] : raised[-1] + 4] if raised else lines[-5:])
+        raise IndexBuildError(f"could not compose the config to list its groups and keys:\n{tail}")
     built = json.loads(proc.stdout)
     built["fingerprint"] = want
     try:
@@ -386,7 +390,7 @@ def complete_main() -> None:
     line = line[:point]
     try:
         found = complete(line)
-    except IndexError_:
+    except IndexBuildError:
         return  # no candidates rather than a traceback in the middle of the user's line
     token = _split(line)[-1]
     for c in _strip_to_shell_word(found, token, os.environ.get("ADABUDGET_WORDBREAKS", "")):

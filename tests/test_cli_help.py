@@ -197,9 +197,7 @@ def test_zsh_completes_a_search_key(env):
     """A real interactive zsh (in a pseudo-terminal, zsh's zpty) with the script loaded: TAB after
     ``search.sp`` puts ``search.space=`` on the line (no space after it: the value typed next joins
     it), and TAB after ``method=lo`` lists both presets."""
-    if shutil.which("zsh") is None:
-        if os.environ.get("CI"):
-            pytest.fail("zsh is not installed (.ci/run installs it)")
+    if shutil.which("zsh") is None:  # in MUST_RUN_IN_CI (tests/conftest.py): .ci/run installs it
         pytest.skip("zsh is not installed (apt-get install zsh)")
     proc = subprocess.run(["zsh", "-f", "-c", ZSH], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -254,3 +252,28 @@ def test_the_index_follows_the_configs(env, tmp_path):
     assert proc.stdout.split() == ["data=my_task"], proc.stderr
     index = json.loads((Path(env["ADABUDGET_CACHE"]) / "cli-index.json").read_text())
     assert "my_task" in index["groups"]["train"]["data"]
+
+
+def test_a_config_that_does_not_compose_is_an_error_not_a_traceback(env, tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(env_configs(), configs)
+    (configs / "train.yaml").write_text("defaults:\n  - model: no_such_model\n")
+    for args, extra in ((["train", "--help"], {}), (["--complete"], {"COMP_LINE": "adabudget train meth"})):
+        proc = subprocess.run(
+            ["adabudget", *args],
+            env={**env, **extra, "ADABUDGET_CONFIGS": str(configs)},
+            capture_output=True,
+            text=True,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr
+        if args[0] == "train":
+            assert proc.returncode == 2 and "could not compose the config" in proc.stderr, proc.stderr
+            assert "no_such_model" in proc.stderr
+        else:  # a TAB shows nothing rather than an error in the middle of the line
+            assert proc.returncode == 0 and proc.stdout == ""
+
+
+def env_configs() -> str:
+    from adabudget.completion import _config_dir
+
+    return _config_dir()
