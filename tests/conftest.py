@@ -58,6 +58,7 @@ MUST_RUN_IN_CI = {
     ],
     'gguf and accelerate (pip install -e ".[smollm2]", the slow step)': ["tests/test_smollm2.py"],
     'hydra-joblib-launcher, hydra-submitit-launcher (pip install -e ".[dev]")': ["tests/test_launchers.py"],
+    "zsh (apt-get install zsh)": ["tests/test_cli_help.py::test_zsh_completes_a_search_key"],
 }
 _skipped_in_ci: list[tuple[str, str, str]] = []  # (node id, what it needs, pytest's reason)
 
@@ -139,6 +140,7 @@ INTEGRATION = [
     "tests/test_ci_skips.py::test_outside_ci_the_same_skips_pass",
     "tests/test_ci_skips.py::test_under_ci_other_skips_pass",
     "tests/test_cli.py",
+    "tests/test_cli_help.py",
     "tests/test_credentials.py::test_a_reader_takes_the_password_from_pgpassword_and_says_so_when_refused",
     "tests/test_credentials.py::test_no_byte_of_the_password_is_written_printed_or_mirrored",
     "tests/test_dashboard.py",
@@ -158,9 +160,9 @@ INTEGRATION = [
     "tests/test_launchers.py::test_slurm_preset_asks_for_gpus_time_and_usr1_before_the_limit",
     "tests/test_launchers.py::test_ctrl_c_stops_waiting_for_a_launched_batch",
     "tests/test_liveness.py",
-    "tests/test_progress.py::test_training_off_a_terminal_prints_a_line_per_logging_step",
     "tests/test_package.py::test_the_wheel_holds_license_types_configs_and_its_metadata",
     "tests/test_package.py::test_without_the_optional_extras_*",
+    "tests/test_progress.py::test_training_off_a_terminal_prints_a_line_per_logging_step",
     "tests/test_records.py",
     "tests/test_search.py",
     "tests/test_slurm_search.py::test_search_through_submitit_local_jobs_*",
@@ -184,9 +186,9 @@ INTEGRATION = [
     "tests/test_callbacks.py::test_orth_penalty_*",
     "tests/test_callbacks.py::test_adalora_optimizer_groups_follow_the_trainer_scheduler",
     "tests/test_callbacks.py::test_no_shrink_under_ddp_trains",
+    "tests/test_trainer_checkpoint.py",
     "tests/test_delta_lora.py::test_merge_and_adapter_reproduce_the_trained_model",
     "tests/test_delta_lora.py::test_resume_continues_exactly",
-    "tests/test_trainer_checkpoint.py",
     "tests/test_delta_lora.py::test_update_ratio_zero_trains_as_lora",
     "tests/test_dylora.py::test_ranks_follow_the_stream_and_resume_samples_the_same",
     "tests/test_dylora.py::test_record_holds_the_rank_curve",
