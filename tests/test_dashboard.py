@@ -201,6 +201,40 @@ def _click_changes_trial(page, source: str, target: str) -> None:
     assert state["z"] == state["want"] and f"trial {pick['n']}" in state["title"].lower()
 
 
+def _click_links_trajectory_and_final(page, run: str) -> None:
+    """Click a cell of the final heatmap: that module is outlined there and its row in the rank
+    trajectory; then click another row of the trajectory: the outline moves in both."""
+    final, traj = f"fig-{run}-rank_final", f"fig-{run}-rank_trajectory"
+
+    def click_cell(div: str, x_index: int, y_index: int) -> None:
+        page.locator(f"#{div}").scroll_into_view_if_needed()
+        at = page.evaluate(f"""(() => {{ const gd = document.getElementById('{div}');
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+            const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
+            return {{x: box.x + xa.l2p({x_index}), y: box.y + ya.l2p({y_index})}}; }})()""")
+        page.mouse.move(at["x"], at["y"])
+        page.mouse.click(at["x"], at["y"])
+
+    def outlines() -> dict:
+        return page.evaluate(f"""(() => {{ const f = document.getElementById('{final}'),
+            t = document.getElementById('{traj}');
+            return {{final: (f.layout.shapes || []).map((s) => [s.x0 + 0.5, s.y0 + 0.5]),
+                     traj: (t.layout.shapes || []).map((s) => s.y0 + 0.5),
+                     rows: t.data[0].y, cols: f.data[0].x.map(String), cells: f.data[0].y}}; }})()""")
+
+    click_cell(final, 1, 0)  # layer at x index 1, the first matrix
+    page.wait_for_function(f"(document.getElementById('{traj}').layout.shapes || []).length === 1")
+    got = outlines()
+    assert got["final"] == [[1, 0]]
+    assert got["rows"][int(got["traj"][0])] == f"layer {got['cols'][1]} · {got['cells'][0]}"
+    other = next(i for i, row in enumerate(got["rows"]) if row != got["rows"][int(got["traj"][0])])
+    click_cell(traj, 0, other)  # the first allocation's column, another module's row
+    page.wait_for_function(f"(document.getElementById('{traj}').layout.shapes || [])[0].y0 + 0.5 === {other}")
+    got = outlines()
+    layer, matrix = got["rows"][other].removeprefix("layer ").split(" · ")
+    assert got["final"] == [[got["cols"].index(layer), got["cells"].index(matrix)]]
+
+
 def _screenshot(page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
     data = path.read_bytes()
@@ -258,6 +292,7 @@ def test_served_page_and_live_reload(records, browser, tmp_path):
         assert len(ids) >= 20
         run = "run-adalora-" + records["adalora"].name
         _slider_changes_heatmap(page, f"fig-{run}-rank_steps")
+        _click_links_trajectory_and_final(page, run)
         _click_changes_trial(page, "fig-study-lr-mr-history", "fig-study-lr-mr-trial_ranks")
         # The live run logs again: the page notices the changed record and reloads itself.
         metrics = records["live"] / "metrics.jsonl"
