@@ -25,7 +25,7 @@ import base64
 import configparser
 import hashlib
 import html.parser
-import importlib.util
+import importlib.machinery
 import json
 import logging
 import os
@@ -160,8 +160,13 @@ def fetch_member(
 
 
 def have_pip() -> bool:
-    """Whether the running interpreter can run ``python -m pip`` (a uv-made venv cannot)."""
-    return importlib.util.find_spec("pip") is not None
+    """Whether the running interpreter can run ``python -m pip`` (a uv-made venv cannot). Looked up
+    on ``sys.path`` by the path finder alone: ``importlib.util.find_spec("pip")`` would go through
+    setuptools' distutils shim, which turns itself off for the process when asked for pip, after
+    which ``import setuptools`` fails there."""
+    if "pip" in sys.modules:  # imported already, or marked missing (None)
+        return sys.modules["pip"] is not None
+    return importlib.machinery.PathFinder.find_spec("pip") is not None
 
 
 def check_sha256(dist: Path) -> str:

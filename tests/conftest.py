@@ -154,6 +154,7 @@ INTEGRATION = [
     "tests/test_devices.py::test_sweeper_*",
     "tests/test_distributed.py",
     "tests/test_fetch.py::test_a_venv_without_pip_fetches_through_the_index",
+    "tests/test_fetch.py::test_looking_for_pip_leaves_setuptools_importable",
     "tests/test_hub_access.py::test_unreachable_hub_*",
     "tests/test_launchers.py::test_*_multirun_lands_in_one_sweep_folder_and_counts_every_job",
     "tests/test_launchers.py::test_sweeper_launches_its_trials_through_submitit_local",

@@ -507,3 +507,16 @@ def test_data_prefetch_reports_a_failure_and_exits_1(monkeypatch, tmp_path, caps
     with pytest.raises(SystemExit) as usage:
         cli.main(["data", "--prefetch", "data=mr"])
     assert usage.value.code == 2 and "takes no other argument" in capsys.readouterr().err
+
+
+def test_looking_for_pip_leaves_setuptools_importable():
+    """``have_pip`` must not go through setuptools' distutils shim: asking the shim for pip turns it
+    off for the process, and ``import setuptools`` then fails (it did in the suite's later tests)."""
+    code = (
+        "from adabudget.fetch import have_pip\n"
+        "assert have_pip()\n"
+        "import setuptools, distutils.core\n"
+        "assert '_distutils' in distutils.core.__file__, distutils.core.__file__\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
