@@ -257,11 +257,35 @@ def test_large_study_renders_with_reduced_axes(server, study, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_thousand_trials_build(tmp_path):
+@needs_chromium
+def test_a_thousand_trials_build_and_render(tmp_path):
+    """The issue's scale: 1,000 trials of the S4 space and 500 run records, built (bench's measure)
+    and served to a real Chromium, which draws every figure with the reduced parallel coordinates."""
     from adabudget.analysis.bench_dashboard import generate, measure
+    from adabudget.analysis.dashboard import make_server
+    from playwright.sync_api import sync_playwright
 
     folder = generate(tmp_path, n_trials=1000, n_runs=500)
     r = measure(folder)
     print(r)
     assert r["figures"] == 5 and r["page_bytes"] < r["file_bytes"] - 3_000_000
     assert len(list((folder / "trials").iterdir())) == 500
+    srv = make_server([str(folder)], port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", NO_DNS])
+            page, refused, errors = _open(browser, url, url)
+            ids = _check_every_figure_drawn(page)
+            par = next(i for i in ids if i.endswith("-parallel"))
+            drawn = (
+                f"document.getElementById('{par}')._fullData[0].dimensions.filter((d) => d.visible).length"
+            )
+            assert page.evaluate(drawn) == 9  # the 8 most important parameters and the objective
+            assert page.evaluate(f"document.getElementById('{par}')._fullData[0].dimensions.length") > 20
+            assert not refused and not errors, (refused, errors)
+            browser.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
