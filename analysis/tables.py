@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 
 import pandas as pd
@@ -91,6 +91,10 @@ def build(runs: pd.DataFrame, layout: Layout | None = None, rows: str = "label")
         tasks = sorted(runs["task"].dropna().unique())
         primary = {t: runs.loc[runs["task"] == t, "primary_metric"].iloc[0] for t in tasks}
         layout = Layout([Column(t, t, [primary[t]]) for t in tasks])
+    else:  # a layout's tasks no run has (a protocol variant on fewer tasks) are left out, not shown empty
+        found = set(runs["task"].dropna())
+        columns = [c for c in layout.columns if c.task in found] or layout.columns
+        layout = replace(layout, columns=columns, all_column=layout.all_column and len(columns) > 1)
     runs["_row"] = _row_labels(runs) if rows == "label" else runs[rows].astype(str)
     # rows in a protocol's order (meta.row, written by adabudget reproduce), else as found
     ordered = runs.sort_values("meta.row", kind="stable") if "meta.row" in runs else runs
