@@ -35,6 +35,17 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 OPTIONAL = ["wandb", "plotly", "kaleido", "optuna_dashboard", "peft", "psycopg2", "psycopg"]
 
 
+def _setuptools_version() -> tuple[int, ...]:
+    """The installed setuptools' version, read from its metadata (importing setuptools here would
+    swap distutils for the rest of the session)."""
+    from importlib import metadata
+
+    try:
+        return tuple(int(p) for p in re.findall(r"\d+", metadata.version("setuptools"))[:2])
+    except metadata.PackageNotFoundError:
+        return (0,)
+
+
 def build_wheel(tmp_path: Path) -> Path:
     """The wheel of the checkout's files (tracked and not ignored) built in a copy, so no build/
     or egg-info lands in the working tree."""
@@ -48,9 +59,12 @@ def build_wheel(tmp_path: Path) -> Path:
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
+    # pyproject's build requirement (setuptools >= 77, PEP 639 license fields): this environment's
+    # setuptools when it is new enough (offline), else pip's build isolation fetches it from the
+    # index, as the README's own `pip install -e` does (a fresh Python 3.11 venv holds 65.5)
+    offline = ["--no-build-isolation"] if _setuptools_version() >= (77,) else []
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
-        + [str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "-w", str(tmp_path)] + [str(src)],
         capture_output=True,
         text=True,
         timeout=300,
