@@ -26,6 +26,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from adabudget.configs_dir import config_dir
 from adabudget.version import __version__
 
 COMMANDS = ("train", "search", "data", "table", "reproduce", "dashboard", "bench")
@@ -71,7 +72,7 @@ def _sources() -> list[Path]:
 
     budget = Path(__file__).resolve().parent
     search = importlib.util.find_spec("adabudget.search")
-    configs = Path(_config_dir())
+    configs = Path(config_dir())
     files = [budget / "config.py", budget / "compose.py", *sorted((budget / "methods").glob("*.py"))]
     if search is not None and search.submodule_search_locations:
         root = Path(list(search.submodule_search_locations)[0])
@@ -94,19 +95,6 @@ def fingerprint() -> str:
             continue
         h.update(f"|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-def _config_dir() -> str:
-    """``adabudget.compose.config_dir`` without importing it (it imports Hydra's ConfigStore)."""
-    if os.environ.get("ADABUDGET_CONFIGS"):
-        return os.environ["ADABUDGET_CONFIGS"]
-    checkout = Path(__file__).resolve().parents[1] / "configs"
-    if (checkout / "train.yaml").exists():
-        return str(checkout)
-    import importlib.util
-
-    spec = importlib.util.find_spec("adabudget_configs")
-    return str(Path(spec.origin).parent)
 
 
 def index() -> dict:
@@ -301,7 +289,7 @@ its options.
 
 def protocols() -> list[str]:
     """The reproduce protocols shipped in configs/reproduce/."""
-    return sorted(p.stem for p in (Path(_config_dir()) / "reproduce").glob("*.yaml"))
+    return sorted(p.stem for p in (Path(config_dir()) / "reproduce").glob("*.yaml"))
 
 
 # ---------------------------------------------------------------- completion

@@ -19,20 +19,8 @@ from adabudget.config import (
     TrainConfig,
     to_dict,
 )
+from adabudget.configs_dir import config_dir  # noqa: F401 (re-exported: callers import it from here)
 from hydra.core.config_store import ConfigStore
-
-
-def config_dir() -> str:
-    """The ``configs/`` folder: $ADABUDGET_CONFIGS, the source checkout, or the installed copy."""
-    if os.environ.get("ADABUDGET_CONFIGS"):
-        return os.environ["ADABUDGET_CONFIGS"]
-    checkout = Path(__file__).resolve().parents[1] / "configs"
-    if (checkout / "train.yaml").exists():
-        return str(checkout)
-    import adabudget_configs
-
-    return str(Path(adabudget_configs.__file__).parent)
-
 
 _registered = False
 

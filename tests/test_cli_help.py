@@ -230,10 +230,10 @@ def test_hydra_install_script_still_completes(env):
 def test_the_index_follows_the_configs(env, tmp_path):
     """A preset added to the configs shows in help and completion at once: the cached index is
     rebuilt when what it was made from changes."""
-    from adabudget.completion import _config_dir
+    from adabudget.configs_dir import config_dir
 
     configs = tmp_path / "configs"
-    shutil.copytree(_config_dir(), configs)
+    shutil.copytree(config_dir(), configs)
     (configs / "data" / "my_task.yaml").write_text(
         textwrap.dedent("""\
         defaults:
@@ -274,6 +274,6 @@ def test_a_config_that_does_not_compose_is_an_error_not_a_traceback(env, tmp_pat
 
 
 def env_configs() -> str:
-    from adabudget.completion import _config_dir
+    from adabudget.configs_dir import config_dir
 
-    return _config_dir()
+    return config_dir()
