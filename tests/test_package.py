@@ -20,8 +20,7 @@ import torch
 from adabudget import extras as budget_extras
 from adabudget.analysis import extras as analysis_extras
 from adabudget.models import auto_device, pick_device
-
-from tests.conftest import TINY_RUN, cli_env
+from conftest import TINY_RUN, cli_env
 
 try:
     import tomllib
