@@ -68,10 +68,12 @@ def load_protocol(name: str, variant: str | None = None) -> Protocol:
         raise ConfigError(f"reproduce {name}: no protocol {path}; known protocols: {known}")
     spec = yaml.safe_load(path.read_text()) or {}
     variants = spec.pop("variants", {}) or {}
+    named_tasks = set(spec.get("tasks") or {})  # a row may name these even where a variant drops some
     if variant is not None:
         if variant not in variants:
             raise ConfigError(f"--variant {variant}: protocol {path.stem} has variants {sorted(variants)}")
         chosen = variants[variant]
+        named_tasks |= set(chosen.get("tasks") or {})
         spec["base"] = list(spec.get("base", [])) + list(chosen.get("overrides", []))
         for key in ("seeds", "tasks", "rows"):
             if key in chosen:
@@ -97,7 +99,7 @@ def load_protocol(name: str, variant: str | None = None) -> Protocol:
             f"{path}: levels must map a name to a positive parameter count, e.g. {{1.2M: 165888}}"
         )
     for r in rows:
-        _check_row(path, r, levels)
+        _check_row(path, r, levels, named_tasks)
     return Protocol(
         name=spec.get("name", path.stem),
         rows=rows,
@@ -111,13 +113,27 @@ def load_protocol(name: str, variant: str | None = None) -> Protocol:
     )
 
 
-def _check_row(path: Path, row: dict, levels: dict) -> None:
-    """A row's ``level`` names one of ``levels``; its ``lr`` grid is a list of distinct positive rates."""
-    unknown = sorted(set(row) - {"label", "overrides", "level", "lr"})
+def _check_row(path: Path, row: dict, levels: dict, tasks: set) -> None:
+    """A row's ``level`` names one of ``levels``; its ``lr`` grid is a list of distinct positive rates;
+    its ``tasks`` (when given: the row runs on those only) name tasks of the protocol."""
+    unknown = sorted(set(row) - {"label", "overrides", "level", "lr", "tasks"})
     if unknown:
         raise ConfigError(
-            f"{path}: row '{row['label']}': unknown key(s) {unknown}; a row has label, overrides, level, lr"
+            f"{path}: row '{row['label']}': unknown key(s) {unknown}; a row has label, overrides, level, "
+            "lr, tasks"
         )
+    if "tasks" in row:
+        named = row["tasks"]
+        if not isinstance(named, list) or not named or not all(isinstance(t, str) for t in named):
+            raise ConfigError(
+                f"{path}: row '{row['label']}': tasks must be a list of task names, got {named!r}"
+            )
+        stray = [t for t in named if t not in tasks]
+        if stray:
+            raise ConfigError(
+                f"{path}: row '{row['label']}': tasks {stray} are not tasks of the protocol "
+                f"{sorted(tasks)}; name those, or drop the row's tasks to run it on all of them"
+            )
     if "level" in row and str(row["level"]) not in levels:
         raise ConfigError(
             f"{path}: row '{row['label']}': level {row['level']!r} is not one of levels {sorted(levels)}; "
@@ -157,6 +173,8 @@ def cells(protocol: Protocol, root: Path) -> list[Cell]:
     out = []
     for index, row in enumerate(protocol.rows):
         for task, task_overrides in protocol.tasks.items():
+            if task not in row.get("tasks", protocol.tasks):
+                continue
             for lr in row.get("lr") or [None]:
                 for seed in protocol.seeds:
                     folder = root / _slug(row["label"]) / task

@@ -57,8 +57,8 @@ def test_two_cells_run_resume_and_tabulate(tmp_path):
         ("minilm-budget", "cpu", 96),
         ("adalora-glue", None, 480),
         ("peft-metamath", None, 5),
-        ("smollm2-instruct", None, 24),
-        ("smollm2-instruct", "cpu", 16),
+        ("smollm2-instruct", None, 30),
+        ("smollm2-instruct", "cpu", 20),
         ("minilm-fair", None, 648),
         ("minilm-fair", "cpu", 72),
         ("minilm-fair", "long", 648),
@@ -214,6 +214,8 @@ def test_a_learning_rate_grid_runs_a_cell_per_rate_and_the_dry_run_estimates_fro
         ('{label: "A", lr: 1e-3, overrides: [method=lora]}', "distinct positive learning rates"),
         ('{label: "A", lr: [1e-3], overrides: [method=lora, train.lr=1e-3]}', "or an lr grid, not both"),
         ('{label: "A", rate: [1e-3], overrides: [method=lora]}', "unknown key"),
+        ('{label: "A", tasks: [sst2], overrides: [method=lora]}', r"tasks \['sst2'\] are not tasks"),
+        ('{label: "A", tasks: mr, overrides: [method=lora]}', "tasks must be a list of task names"),
     ],
 )
 def test_bad_rows_are_refused_naming_the_row_and_the_fix(tmp_path, row, match):
@@ -224,3 +226,35 @@ def test_bad_rows_are_refused_naming_the_row_and_the_fix(tmp_path, row, match):
     with pytest.raises(ConfigError, match=match) as err:
         load_protocol(str(proto))
     assert "row 'A'" in str(err.value)
+
+
+TWO_TASKS = """name: two
+seeds: [42, 1]
+base: [model=tiny-bert, debug=fast, train.max_steps=6]
+tasks:
+  mr: [data=mr]
+  sst2: [data=sst2]
+rows:
+  - {label: "LoRA r=2", overrides: [method=lora, method.r=2]}
+  - {label: "SoRA", tasks: [mr], overrides: [method=sora]}
+variants:
+  short:
+    tasks: {sst2: [data=sst2]}
+"""
+
+
+def test_a_row_limited_to_some_tasks_runs_only_there(tmp_path):
+    proto = tmp_path / "two.yaml"
+    proto.write_text(TWO_TASKS)
+    got = [(c.label, c.task, c.seed) for c in cells(load_protocol(str(proto)), tmp_path)]
+    assert got == [
+        ("LoRA r=2", "mr", 42),
+        ("LoRA r=2", "mr", 1),
+        ("LoRA r=2", "sst2", 42),
+        ("LoRA r=2", "sst2", 1),
+        ("SoRA", "mr", 42),
+        ("SoRA", "mr", 1),
+    ]
+    # a variant without the row's task leaves the row without cells (it is not an error)
+    short = cells(load_protocol(str(proto), "short"), tmp_path)
+    assert [(c.label, c.task) for c in short] == [("LoRA r=2", "sst2")] * 2
