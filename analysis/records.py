@@ -236,7 +236,7 @@ def _run_row(run_dir: Path, r: dict) -> dict:
 
 def _final_params(r: dict) -> int | None:
     """The parameters a PEFT table reports: every method's at the end, the task head excluded;
-    AdaLoRA, SoRA and IncreLoRA count their kept components (``adapter_params_final``); full
+    AdaLoRA, SoRA, IncreLoRA and GeoLoRA count their kept components (``adapter_params_final``); full
     fine-tuning everything."""
     if r.get("method") == "full" or not r.get("groups"):
         return r.get("trainable_params")
@@ -248,7 +248,8 @@ def _final_params(r: dict) -> int | None:
         for g in r["groups"]
         if isinstance(g.get("methods"), dict)
         for name, m in g["methods"].items()
-        if name in ("adalora", "sora", "increlora")  # the methods whose ranks move (adapter_params_final)
+        # the methods whose ranks move (adapter_params_final)
+        if name in ("adalora", "sora", "increlora", "geolora")
     )
     return start - adalora + r["adapter_params_final"]
 

@@ -36,6 +36,7 @@ LM_METHODS = {
     "adalora",
     "sora",
     "increlora",
+    "geolora",
     "hybrid",
     "s4",
     "dylora",
@@ -95,6 +96,9 @@ ROWS = [
     # step and the rounds of growth are in the hooks: tests/test_sora.py, tests/test_increlora.py)
     ("sora", {"name": "sora", "r": 4}, {}),
     ("increlora", {"name": "increlora", "init_r": 2, "target_r": 3, "max_rank": 4}, {}),
+    # geolora: apply alone is U S Vᵀ at its start, S = 0 (the integrator's rounds are in the hooks:
+    # tests/test_geolora.py); the generic checks train U, S, V as plain factors
+    ("geolora", {"name": "geolora", "init_r": 2, "r_max": 4}, {}),
     # adapter biases write into tiny LLaMA's 0.02-scale residual stream: 1e-2 only reaches ln 2
     ("adapter", {"name": "adapter", "bottleneck": 8}, {"lr": 1e-3}),
     ("adapter-pfeiffer", {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 4}, {}),

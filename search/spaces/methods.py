@@ -30,6 +30,7 @@ SINGLE_SIZES = {
     "sparse": (0.001, 0.003, 0.01),
     "sora": (4, 8, 16),  # r_max (no level: the gates' proximal step alone sets the final size)
     "increlora": (8, 16),  # max_rank (the default budget: average rank 8)
+    "geolora": (8, 16, 32),  # r_max (no level: τ's truncations alone set the final size)
 }
 
 
@@ -86,6 +87,10 @@ def methods_space(trial, ctx: SpaceContext) -> dict:
         else:
             knobs.update(init_r=1, max_rank=max(2, math.ceil(2 * ctx.budget / per_rank)))
         knobs["target_params"] = ctx.budget
+    elif name == "geolora":  # rank free to grow above the level (r_max), the final cut to it
+        per_rank = unit_cost("adalora", {}, arch, None)  # a final component costs in + out (+ 1: near)
+        r_max = max(2, math.ceil(ADALORA_INIT_RATIO * ctx.budget / per_rank))
+        knobs.update(r_max=r_max, init_r=max(2, r_max // 2), min_rank=2, target_params=ctx.budget)
     elif name == "rosa":
         share = trial.suggest_float("rosa.sparse_share", 0.1, 0.9)
         lora_part = REGISTRY["lora"]
