@@ -354,8 +354,9 @@ class GeoLoRAHooks(MethodHooks):
         if self._augments_at(step):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 for layer in self.layers:  # every rank augments with the same gradients
-                    torch.distributed.all_reduce(layer.grad_K)
-                    torch.distributed.all_reduce(layer.grad_L)
+                    if layer.grad_K is not None:
+                        torch.distributed.all_reduce(layer.grad_K)
+                        torch.distributed.all_reduce(layer.grad_L)
             factor, lr = self._grad_factor(), self._lr(optimizer)
             for layer in self.layers:
                 if layer.grad_K is not None:
