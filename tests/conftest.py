@@ -195,6 +195,7 @@ INTEGRATION = [
     "tests/test_dylora.py::test_record_holds_the_rank_curve",
     "tests/test_final_phase.py",
     "tests/test_geolora.py::test_a_run_reaches_the_level_records_the_ranks_and_resumes_before_and_after_the_cut",
+    "tests/test_geolora.py::test_a_run_stopped_mid_round_resumes_exactly",
     "tests/test_hybrid.py::test_train_s4_end_to_end_on_mr",
     "tests/test_hybrid.py::test_adalora_in_two_groups_shares_one_budget_and_merges",
     "tests/test_longlora.py::test_tiny_llama_trains_through_the_loop",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from adabudget.compose import resume_config
 from adabudget.config import ConfigError
-from adabudget.export import export_peft_adapter
+from adabudget.export import export_peft_adapter, load_adapter, save_adapter
 from adabudget.methods import apply_method, geolora, method_config_from_dict
 from adabudget.methods.geolora import GeoLoRAConfig, GeoLoRAHooks, component_cost, cut_to, truncation_rank
 from adabudget.training import train
@@ -276,6 +276,18 @@ def test_the_trained_adapter_exports_to_peft_at_its_ranks_and_merges(tmp_path):
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
 
+def test_save_adapter_keeps_the_ranks_and_load_adapter_computes_the_same(tmp_path):
+    """The ranks live in the hooks' state (hooks.pt): a fresh model loads the adapter at them."""
+    model, wrapped, hooks, history = trained(3, tau=0.3)
+    cfg = method_config_from_dict({"name": "geolora", "init_r": 2, "r_max": 8, "min_rank": 1, "tau": 0.3})
+    expected = logits(model)
+    save_adapter(model, cfg, wrapped, tmp_path / "adapter", "tiny-bert", hooks=[hooks])
+    fresh = build()
+    loaded = load_adapter(fresh, tmp_path / "adapter")
+    assert {n: m.active for n, m in loaded.items() if isinstance(m, geolora.GeoLoRALinear)} == history[-1]
+    torch.testing.assert_close(logits(fresh.eval()), expected, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------- a whole run
 def rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "ranks.jsonl").read_text().splitlines()]
@@ -322,6 +334,18 @@ def test_a_run_reaches_the_level_records_the_ranks_and_resumes_before_and_after_
         assert resumed["final"] == full["final"] and resumed["ranks"] == full["ranks"], stop
         assert resumed["geolora"] == full["geolora"]
         assert rows(resumed["run_dir"]) == lines
+
+
+def test_a_run_stopped_mid_round_resumes_exactly(compose_run):
+    """basis_interval = 4: augmented at step 8, truncated at 11; stopped after step 9 (rank 2r,
+    S in the augmented basis) the resumed run ends as the uninterrupted one."""
+    run = [*RUN, "method.basis_interval=4"]
+    full = train(compose_run(*run, "run_name=full"))
+    first = train(compose_run(*run, "run_name=mid", "train.stop_after_step=10"))
+    assert first["status"] == "interrupted"
+    resumed = train(resume_config(first["run_dir"]))
+    assert resumed["final"] == full["final"] and resumed["ranks"] == full["ranks"]
+    assert rows(resumed["run_dir"]) == rows(full["run_dir"])
 
 
 @pytest.mark.parametrize(
