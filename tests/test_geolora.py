@@ -95,6 +95,22 @@ def test_the_collected_gradients_are_those_of_k_and_l():
         assert layer.grad_K.abs().sum() > 0
 
 
+def test_under_bf16_autocast_the_gradients_are_collected_in_fp32():
+    """The loop's backward runs inside its autocast: the collection stays fp32 (as the factors)."""
+    model, cfg, wrapped = applied(tau=0.0)
+    randomise_s(wrapped)
+    hooks = GeoLoRAHooks(wrapped, cfg)
+    hooks.start(4)
+    hooks.before_step(0)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch()).loss.backward()
+    for layer in wrapped.values():
+        assert layer.grad_K.dtype == layer.grad_L.dtype == torch.float32
+    hooks.after_step(0, None)
+    assert all(m.active == 4 and orthonormal(m) for m in wrapped.values())
+
+
 # ---------------------------------------------------------------- the integrator's steps
 @pytest.mark.parametrize(
     "d, tau, rank",

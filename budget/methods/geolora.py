@@ -153,7 +153,8 @@ class GeoLoRALinear(LoRALinear):
         r = self.active
 
         def hook(delta: torch.Tensor) -> None:  # delta = ∂L/∂y, (..., out)
-            with torch.no_grad():
+            # in fp32 whatever the autocast around the backward (the loop's backward runs inside it)
+            with torch.no_grad(), torch.autocast(delta.device.type, enabled=False):
                 d = delta.reshape(-1, delta.shape[-1]).to(self.B.dtype)  # (N, out)
                 grad_k = self.scaling * d.T @ a.reshape(-1, r).to(d.dtype)  # s G V, (out, r)
                 du = d @ self.B[:, :r]  # (N, r)
