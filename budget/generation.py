@@ -3,7 +3,8 @@ compared (exact match after answer extraction, ROUGE-1/2/L).
 
 Invariants: generation is greedy (``do_sample=False``) with the KV cache, prompts left-padded,
 so the numbers do not depend on a seed; a generation is cut at the first of the task's stop
-sequences before it is scored; exact match compares extracted answers (``Scoring.answer``),
+sequences after its leading whitespace (a model that opens with a newline is not cut to nothing by
+a ``"\n"`` stop) before it is scored; exact match compares extracted answers (``Scoring.answer``),
 never raw strings with their whitespace. ROUGE is Google's ``rouge-score`` package (F-measure,
 Porter stemming), as the summarisation papers report it.
 """
@@ -26,10 +27,18 @@ LM_EVAL_BATCH = 16  # at most this many sequences per forward: a (B, T, vocab) l
 
 
 # ---------------------------------------------------------------- what is compared
+def stop_index(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first stop sequence starts in ``text``, searched after its leading whitespace
+    (``"\n Positive\n"`` with stop ``"\n"`` ends at the second newline); None when none occurs."""
+    start = len(text) - len(text.lstrip())
+    ends = [i for i in (text.find(s, start) for s in stop if s) if i >= 0]
+    return min(ends) if ends else None
+
+
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    """``text`` up to the first stop sequence (the stop itself dropped)."""
-    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return text[: min(ends)] if ends else text
+    """``text`` up to the first stop sequence after its leading whitespace (the stop dropped)."""
+    end = stop_index(text, stop)
+    return text if end is None else text[:end]
 
 
 def _number(text: str) -> str:
@@ -126,14 +135,15 @@ def completion_nll(model, examples: list[dict], pad_id: int, device, autocast) -
 
 
 class _StopAt:
-    """A stopping criterion: a sequence is done once its new tokens decode to a stop sequence."""
+    """A stopping criterion: a sequence is done once its new tokens decode to a stop sequence after
+    their leading whitespace (``stop_index``)."""
 
     def __init__(self, tokenizer, prompt_len: int, stop: tuple[str, ...]):
         self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, [s for s in stop if s]
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        done = [any(s in text for s in self.stop) for text in new]
+        done = [stop_index(text, self.stop) is not None for text in new]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 

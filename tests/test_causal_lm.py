@@ -15,7 +15,7 @@ from adabudget.config import ConfigError, DataConfig
 from adabudget.data import load_tokenizer
 from adabudget.data.batching import IGNORE_INDEX, make_batches, pack, tokenize_lm
 from adabudget.data.raw import Rows, Scoring
-from adabudget.generation import exact_match, extract_answer, generate, rouge
+from adabudget.generation import _StopAt, cut_at_stop, exact_match, extract_answer, generate, rouge
 from adabudget.models import load_model
 from adabudget.precision import Scaler
 from conftest import LM_WORDS, write_lm_task
@@ -113,6 +113,38 @@ def test_packing_fills_rows_and_keeps_every_label(tokenizer):
 )
 def test_answer_extraction(text, answer, expected):
     assert extract_answer(text, answer, ("negative", "positive")) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (" positive\n\nReview:", " positive"),
+        ("\nThis paper describes a parser.\nIt", "\nThis paper describes a parser."),  # a leading newline
+        ("\n\n  x", "\n\n  x"),  # no stop after the leading whitespace: all of it
+        ("", ""),
+        (" a ### b \n c", " a "),  # the first of several stops
+    ],
+)
+def test_a_stop_ends_a_generation_only_after_its_leading_whitespace(text, expected):
+    assert cut_at_stop(text, ("\n", "###")) == expected
+
+
+class _Chars:
+    """A character-level tokenizer (token id = code point): the tiny models' word-piece vocabulary
+    has no newline, and _StopAt only decodes."""
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(map(chr, row.tolist())) for row in rows]
+
+
+def test_generation_stops_at_a_stop_after_text_not_at_a_leading_newline():
+    prompt = [ord(c) for c in "Summary:"]
+    stop = _StopAt(_Chars(), len(prompt), ("\n",))
+
+    def done(new_text: str) -> bool:
+        return bool(stop(torch.tensor([prompt + [ord(c) for c in new_text]]), None)[0])
+
+    assert not done("\n") and not done("\nThis paper") and done("\nThis paper.\n") and done(" x\n")
 
 
 def test_exact_match_compares_extracted_answers_and_never_matches_an_empty_one():
