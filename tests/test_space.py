@@ -572,7 +572,12 @@ def test_methods_space_sizes_every_method_to_the_budget(model, budgeted):
         "rosa",
         "sparse",
         "quantum_peft-lie",
+        "sora",
+        "increlora",
+        "geolora",
     } <= feasible  # size steps: others may miss 2%
+    for name in ("sora", "increlora", "geolora"):  # judged by the size they end at: their final cut
+        assert seen[name].budget_params == seen[name].overrides["method"]["target_params"] == ctx.budget
     assert "quantum_peft-pauli" not in feasible and "ia3" not in feasible  # a few angles; a fixed size
     assert seen["sparse"].overrides["method"]["budget"] == ctx.budget  # exact
     rosa = seen["rosa"].overrides["method"]

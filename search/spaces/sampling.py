@@ -210,8 +210,17 @@ def _record(trial, result: Sample, violation: float) -> None:
         trial.set_constraint("budget", max(violation, 1e-9) if result.infeasible is not None else 0.0)
 
 
+FINAL_CUT = ("sora", "increlora", "geolora")  # methods whose target_params is their final size
+
+
 def budget_count(mcfg, arch: Arch, trainable: int, groups) -> int:
-    """The parameters a budget constrains: the trainable count, AdaLoRA's counted at b(T)."""
+    """The parameters a budget constrains: the final adapter parameters. The trainable count, but
+    AdaLoRA's at b(T), and SoRA's, IncreLoRA's and GeoLoRA's at their ``target_params`` (the final
+    cut / growth limit they end at), as ``adabudget reproduce`` levels them."""
+    if not isinstance(mcfg, AdaLoRAConfig) and getattr(mcfg, "name", None) in FINAL_CUT:
+        if mcfg.target_params is not None:
+            return int(mcfg.target_params)
+        return trainable
     if isinstance(mcfg, AdaLoRAConfig):
         if mcfg.target_params is not None:
             return int(mcfg.target_params)
