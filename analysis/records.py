@@ -237,7 +237,9 @@ def _run_row(run_dir: Path, r: dict) -> dict:
 def _final_params(r: dict) -> int | None:
     """The parameters a PEFT table reports: every method's at the end, the task head excluded;
     AdaLoRA, SoRA, IncreLoRA and GeoLoRA count their kept components (``adapter_params_final``); full
-    fine-tuning everything."""
+    fine-tuning everything; a run of no steps (a zero-shot row) none."""
+    if r.get("total_steps") == 0:
+        return 0
     if r.get("method") == "full" or not r.get("groups"):
         return r.get("trainable_params")
     start = sum(g.get("params", 0) for g in r["groups"])

@@ -72,6 +72,16 @@ LAYOUTS = {
         split="test",
         title="packaged tasks, test split",
     ),
+    # The packaged decoder tasks (configs/reproduce/smollm2-instruct.yaml), scored by generation.
+    "instruct": Layout(
+        [
+            Column("mr_instruct", "MR instruct (EM)", ["exact_match"]),
+            Column("aclsum", "ACLSum (ROUGE-L)", ["rougeL"]),
+            Column("gsm8k_100", "GSM8K-100 (EM)", ["exact_match"]),
+        ],
+        split="test",
+        title="packaged decoder tasks, test split",
+    ),
 }
 
 

@@ -246,3 +246,36 @@ def test_learning_rate_chosen_on_dev_and_levels_flagged(tmp_path):
     )
     latex = table([root], layout="packaged", fmt="latex", made=MADE)
     assert "$^\\dagger$" in latex and "(dagger)" in latex and "†" not in latex
+
+
+def test_the_instruct_layout_reports_test_generation_metrics_and_a_zero_shot_row_trains_nothing(tmp_path):
+    """The decoder tasks' layout: exact match on mr_instruct and ROUGE-L on aclsum, test split;
+    a zero-shot row (no steps) reports 0 trained parameters, not the adapter it built."""
+    for k, (label, steps, em, rl) in enumerate([("Zero-shot", 0, 0.15, 0.17), ("LoRA r=8", 250, 0.85, 0.28)]):
+        for task, metric, value in (("mr_instruct", "exact_match", em), ("aclsum", "rougeL", rl)):
+            run = tmp_path / "runs" / f"{k}-{task}"
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(f"train:\n  seed: 42\nmeta:\n  label: {label}\n")
+            result = {
+                "record_version": 2,
+                "status": "completed",
+                "method": "lora",
+                "task": task,
+                "model": "smollm2",
+                "primary_metric": metric,
+                "total_steps": steps,
+                "trainable_params": 2442240,
+                "adapter_params_final": None,
+                "groups": [{"group": 0, "params": 2442240, "methods": {"lora": {"params": 2442240}}}],
+                "final": {"dev": {metric: 0.0}, "test": {metric: value}},
+                "meta": {"label": label},
+            }
+            (run / "result.json").write_text(json.dumps(result))
+    text = table([tmp_path / "runs"], layout="instruct", made=MADE)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert (
+        "MR instruct (EM) | ACLSum (ROUGE-L)" in rows["| method"] and "GSM8K" not in text
+    )  # no runs: dropped
+    assert rows["| Zero-shot"].startswith("| Zero-shot | 0 | 15.00 ± 0.00 (1) | 17.00 ± 0.00 (1)")
+    assert rows["| LoRA r=8"].startswith("| LoRA r=8 | 2.44M | **85.00 ± 0.00 (1)** | **28.00 ± 0.00 (1)**")
+    assert "test split" in text
