@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -609,6 +610,8 @@ def environment() -> dict:
     return {"versions": versions, "git_commit": git_commit()}
 
 
+@functools.cache  # the checkout's commit when this process first asks, near when it loaded the code:
+# a long-lived process (a reproduce or search worker) runs the code it imported, not later commits
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[1]

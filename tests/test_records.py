@@ -150,3 +150,27 @@ def test_a_study_reads_the_same_from_its_folder_and_its_storage(tmp_path):
     assert from_study.loc[from_runs.index, cols].equals(from_runs[cols])
     same = trials(study / "journal.log", "s4-mr")
     assert same["number"].tolist() == table["number"].tolist()
+
+
+def test_the_recorded_commit_is_the_one_the_process_started_with(tmp_path):
+    """A worker that runs many cells ran the code it imported: a commit made meanwhile in the
+    checkout must not be named in its later records."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    code = (Path(__file__).resolve().parents[1] / "budget" / "log.py").read_text()
+    (repo / "pkg" / "log.py").write_text(code)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    script = (
+        "import importlib.util, subprocess, sys\n"
+        f"spec = importlib.util.spec_from_file_location('lg', {str(repo / 'pkg' / 'log.py')!r})\n"
+        "lg = importlib.util.module_from_spec(spec); spec.loader.exec_module(lg)\n"
+        "first = lg.git_commit()\n"
+        f"subprocess.run({git!r} + ['commit', '-q', '--allow-empty', '-m', 'two'], check=True)\n"
+        "print(first == lg.git_commit(), first)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    head_now = subprocess.run([*git, "rev-parse", "HEAD~1"], capture_output=True, text=True).stdout.strip()
+    assert out.split() == ["True", head_now]
