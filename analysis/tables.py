@@ -116,13 +116,18 @@ def build(runs: pd.DataFrame, layout: Layout | None = None, rows: str = "label")
         level = _level(mine)
         if level is not None:
             levels[label] = level
+        reported, row_chose = [], False  # the runs the row's cells report (with a grid: the chosen rate's)
         for col in layout.columns:
             task_runs = mine[mine["task"] == col.task]
             task_runs, lr = _chosen_lr(task_runs, f"dev.{col.metrics[0]}")
+            reported.append(task_runs)
+            row_chose = row_chose or lr is not None
             cells[col.heading] = [_stats(task_runs, f"{layout.split}.{m}", layout.scale) for m in col.metrics]
             if lr is not None and cells[col.heading][0] is not None:
                 cells[col.heading][0]["lr"] = lr
                 chosen_any = True
+        if row_chose and any(len(r) for r in reported):  # the count of what the cells report
+            cells["params"] = _params(pd.concat(reported)) or cells["params"]
         if layout.all_column:
             firsts = [cells[c.heading][0] for c in layout.columns]
             cells["All"] = [

@@ -279,3 +279,31 @@ def test_the_instruct_layout_reports_test_generation_metrics_and_a_zero_shot_row
     assert rows["| Zero-shot"].startswith("| Zero-shot | 0 | 15.00 ± 0.00 (1) | 17.00 ± 0.00 (1)")
     assert rows["| LoRA r=8"].startswith("| LoRA r=8 | 2.44M | **85.00 ± 0.00 (1)** | **28.00 ± 0.00 (1)**")
     assert "test split" in text
+
+
+def test_with_a_learning_rate_grid_the_params_are_those_of_the_chosen_rate(tmp_path):
+    """A row whose size depends on the run (AdaLoRA's kept triplets) reports the count of the runs
+    its cells report: the chosen rate's, not a median over the whole grid."""
+    finals = {5e-4: (0.70, 1000), 1e-3: (0.80, 900)}  # 1e-3 wins on dev and ends at 900
+    for k, (rate, (dev, kept)) in enumerate([(r, v) for r, v in finals.items() for _ in (42, 1)]):
+        run = tmp_path / "runs" / f"r{k}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"train:\n  seed: {k}\n  lr: {rate}\nmeta:\n  label: AdaLoRA\n")
+        result = {
+            "record_version": 2,
+            "status": "completed",
+            "method": "adalora",
+            "task": "mr",
+            "primary_metric": "accuracy",
+            "total_steps": 10,
+            "trainable_params": 1200,
+            "adapter_params_final": kept,
+            "groups": [{"group": 0, "params": 1200, "methods": {"adalora": {"params": 1200}}}],
+            "final": {"dev": {"accuracy": dev}, "test": {"accuracy": dev}},
+            "meta": {"label": "AdaLoRA", "lr": rate, "level": "1K", "level_params": 1000},
+        }
+        (run / "result.json").write_text(json.dumps(result))
+    cells = build(load([tmp_path / "runs"]).runs, LAYOUTS["packaged"])
+    assert cells.loc["AdaLoRA", "MR"][0]["lr"] == 1e-3 and cells.loc["AdaLoRA", "params"] == 900
+    text = table([tmp_path / "runs"], layout="packaged", made=MADE)
+    assert "| AdaLoRA | 900 † |" in text and "AdaLoRA holds 900 (-10.0% from 1K)" in text
