@@ -243,7 +243,7 @@ def load_quantized(auto, path: str, config, revision, extra: dict, dtype, kind: 
     Sources: a GGUF file (``extra["gguf_file"]``, the packaged SmolLM2) is read with the gguf
     package and dequantised one tensor at a time, with transformers' own name map and tensor
     processor (LLaMA's q/k rows un-permuted as its loader does); a safetensors checkpoint (local
-    folder or hub id, sharded or not) one tensor at a time through ``safe_open``. Anything else
+    folder or hub id, sharded or not) one tensor at a time with plain reads (``_read_tensor``). Anything else
     (only ``pytorch_model.bin``, names this loader cannot map, transformers < 5) is loaded whole
     and quantised after, with a warning: the same model, without the memory saving.
 
@@ -371,18 +371,15 @@ def _safetensors_tensors(files: list[str], model: nn.Module):
     weight has no tensor under a name this loader maps (the checkpoint key, or it with the base
     model's prefix added or removed, as from_pretrained matches them), tied copies and the task
     head aside. Checkpoint tensors the model has no place for are skipped, as from_pretrained does."""
-    from safetensors import safe_open
-
     expected = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
     where = {}  # model key -> (file, checkpoint key)
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
-                    if candidate in expected:
-                        where.setdefault(candidate, (file, key))
-                        break
+        for key in safetensors_header(file)[0]:
+            for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+                if candidate in expected:
+                    where.setdefault(candidate, (file, key))
+                    break
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     params = {n for n, _ in model.named_parameters()}
     lacking = [k for k in expected - set(where) if k in params and k not in tied and not is_head(k)]
@@ -392,12 +389,68 @@ def _safetensors_tensors(files: list[str], model: nn.Module):
 
     def read():
         for file in files:
-            with safe_open(file, framework="pt") as f:
+            entries, start = safetensors_header(file)
+            with open(file, "rb", buffering=0) as f:
                 for key, (source, name) in where.items():
                     if source == file:
-                        yield key, f.get_tensor(name)
+                        yield key, _read_tensor(f, entries[name], start, file, name)
 
     return read()
+
+
+# safetensors dtype names (the format's header) -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def safetensors_header(file: str) -> tuple[dict, int]:
+    """A safetensors file's tensor entries (name -> ``{dtype, shape, data_offsets}``, the
+    ``__metadata__`` entry dropped) and the byte where their data starts: the format is an 8-byte
+    little-endian header size, that many bytes of JSON, then the tensors' bytes."""
+    import json
+    import struct
+
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_tensor(f, entry: dict, start: int, file: str, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read with plain reads into a tensor of its own.
+
+    Not ``safe_open``: it maps the whole file, and every page a tensor is read from stays in
+    the process's resident memory until the file is closed, so reading a checkpoint tensor by
+    tensor still made the peak RSS hold all of it (the NF4-at-load peak then rose with the fp32
+    checkpoint's size, not the NF4 model's)."""
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{file}: tensor {name} has dtype {entry['dtype']}, which this loader cannot read")
+    begin, end = entry["data_offsets"]
+    tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    if len(view) != end - begin:
+        raise ValueError(f"{file}: tensor {name} holds {end - begin} bytes, its shape needs {len(view)}")
+    f.seek(start + begin)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise ValueError(f"{file}: ends inside tensor {name}")
+        done += n
+    return tensor
 
 
 def _gguf_tensors(file: str, model: nn.Module):
