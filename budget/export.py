@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from adabudget.methods import dylora
-from adabudget.methods.adalora import SVDLinear
+from adabudget.methods.adalora import DoRASVDLinear, SVDLinear
 from adabudget.methods.lora import DoRALinear, LoRALinear
 from adabudget.modules import is_head, is_linear, set_module
 from torch import nn
@@ -88,7 +88,7 @@ def export_peft_adapter(
             )
     if not adapters:
         raise ValueError("no adapter layers to export (full fine-tuning?); use save_merged instead")
-    dora = {name for name, layer in adapters.items() if isinstance(layer, DoRALinear)}
+    dora = {name for name, layer in adapters.items() if isinstance(layer, (DoRALinear, DoRASVDLinear))}
     if dora and dora != set(adapters):
         raise ValueError(
             f"{sorted(set(adapters) - dora)[0]} is plain LoRA beside DoRA layers ({sorted(dora)[0]}); "
@@ -100,6 +100,10 @@ def export_peft_adapter(
     own = len(scales) == 1 and all(getattr(layer, "peft_alpha", None) for layer in adapters.values())
     with torch.no_grad(), dylora.at_rank(wrapped, rank):
         factors = {name: _lora_factors(layer, fold=not own) for name, layer in adapters.items()}
+    for name in dora:  # DoRA at rank 0 still rescales W0 by its m: a zero rank-1 pair carries m
+        a, b = factors[name]
+        if a.shape[0] == 0:
+            factors[name] = (a.new_zeros(1, a.shape[1]), b.new_zeros(b.shape[0], 1))
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     kept = {name: r for name, r in ranks.items() if r > 0}
     pruned = sorted(name for name, r in ranks.items() if r == 0)
@@ -192,7 +196,7 @@ def merge_into_base(model: nn.Module, wrapped: dict[str, nn.Module]) -> nn.Modul
         if model.get_submodule(name) is not layer:
             raise ValueError(f"{name}: not the wrapper of this model (already merged?)")
         base = layer.base
-        if layer.rank > 0:
+        if layer.rank > 0 or isinstance(layer, DoRASVDLinear):  # DoRA at rank 0 still rescales W0
             delta = layer.delta_weight()  # (out, in)
             if layer.fan_in_fan_out:
                 delta = delta.T  # (in, out)

@@ -1,4 +1,4 @@
-"""The LoRA variants peft ships, as knobs of ``method=lora`` (and PiSSA on AdaLoRA's P Λ Q).
+"""The LoRA variants peft ships, as knobs of ``method=lora`` (and PiSSA and DoRA on AdaLoRA's P Λ Q).
 
 DoRA (``dora=true``), rsLoRA (``rslora=true``) and the initialisations ``gaussian``, ``pissa``,
 ``pissa_niter_<k>`` and ``olora`` are checked against peft 0.21 itself, the reference:
@@ -58,6 +58,10 @@ VARIANTS = {
         "init": "pissa",
     },
 }
+# DoRA's magnitude on P Λ Q: exported as peft's use_dora LoRA (a module at rank 0 as a zero rank-1
+# pair, which still carries its m)
+VARIANTS["adalora-dora"] = {**VARIANTS["adalora-pissa"], "init": "orthogonal", "dora": True}
+VARIANTS["adalora-pissa-dora"] = {**VARIANTS["adalora-pissa"], "dora": True}
 STEPS = 6
 
 
@@ -129,10 +133,16 @@ def test_the_peft_adapter_on_the_untouched_base_gives_the_trained_logits(variant
         assert config["use_rslora"] == knobs.get("rslora", False)
         growth = (2**0.5 if knobs.get("rslora") else 2) if moved else 1  # keeps s at 2r (peft's rule)
         assert config["lora_alpha"] == pytest.approx(knobs["alpha"] * growth)
-    else:  # AdaLoRA: r kept triplets + init_r initial ones per module (a module pruned to 0 too)
+    elif moved:  # AdaLoRA from PiSSA: r kept triplets + init_r initial ones per module (one pruned to 0 too)
         ranks = {n: lay.rank for n, lay in wrapped.items()}
         assert 0 in ranks.values() and not summary["pruned"]
         assert built == {n: r + knobs["init_r"] for n, r in ranks.items()}
+    else:  # AdaLoRA with DoRA: the kept triplets; the module pruned to 0 as a zero rank-1 pair (its m)
+        ranks = {n: lay.rank for n, lay in wrapped.items()}
+        assert 0 in ranks.values() and not summary["pruned"]
+        assert built == {n: max(r, 1) for n, r in ranks.items()}
+        zero = next(n for n, r in ranks.items() if r == 0)
+        assert not torch.allclose(wrapped[zero].magnitude, wrapped[zero].weight_norm())  # m moved
     if knobs.get("dora"):
         n_dora = sum(lay.out_features for lay in wrapped.values())
         assert summary["adapter_params"] == n_dora + sum(
@@ -140,7 +150,9 @@ def test_the_peft_adapter_on_the_untouched_base_gives_the_trained_logits(variant
         )
 
 
-@pytest.mark.parametrize("variant", ["dora", "pissa-dora-rslora", "olora", "adalora-pissa"])
+@pytest.mark.parametrize(
+    "variant", ["dora", "pissa-dora-rslora", "olora", "adalora-pissa", "adalora-dora", "adalora-pissa-dora"]
+)
 @pytest.mark.parametrize("arch_name", ["tiny-gpt2", "tiny-llama-lm"])
 def test_merging_gives_the_trained_function(variant, arch_name):
     model, wrapped, _, ids = trained(arch_name, VARIANTS[variant])
@@ -487,9 +499,76 @@ def test_dora_with_dropout_trains_as_peft_does():
         )
 
 
-def test_dora_on_adalora_is_refused_naming_the_field():
-    with pytest.raises(ConfigError, match=r"method\.dora: not a knob of method 'adalora'"):
-        method_config_from_dict({**VARIANTS["adalora-pissa"], "dora": True})
+def test_dora_on_adalora_computes_peft_s_dora_of_its_p_lambda_q():
+    """A DoRA AdaLoRA layer with P, Λ, Q and m off their init computes, and differentiates in m, what
+    peft's DoRA LoRA layer computes with A = Q and B = s P Λ (alpha = r): m (W0 + s P Λ Q) x /
+    ||W0 + s P Λ Q||_c + b, the norm detached; at init (λ = 0, or PiSSA's triplets) it is the base."""
+    from adabudget.methods.adalora import DoRASVDLinear
+
+    base = tiny_model("tiny-llama")
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    for variant in ("adalora-dora", "adalora-pissa-dora"):
+        start = copy.deepcopy(base)
+        apply_method(start, method_config_from_dict(VARIANTS[variant]))
+        torch.testing.assert_close(logits(start, ids), logits(base, ids), atol=ATOL, rtol=0)
+
+    ours = copy.deepcopy(base)
+    wrapped = apply_method(ours, method_config_from_dict(VARIANTS["adalora-dora"]))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in wrapped.values():
+            assert isinstance(layer, DoRASVDLinear)
+            for t in (layer.P, layer.lam, layer.Q, layer.magnitude):
+                t.add_(0.3 * torch.randn(t.shape, generator=g))
+    r = VARIANTS["adalora-dora"]["init_r"]
+    ref = peft_model(base, {"r": r, "alpha": r}, sorted(wrapped), use_dora=True)
+    ref_layers = dict(ref.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, layer in wrapped.items():
+            theirs = ref_layers[name]
+            theirs.lora_A["default"].weight.copy_(layer.Q)
+            theirs.lora_B["default"].weight.copy_(layer.P * (layer.lam * layer.scaling))
+            theirs.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    labels = torch.tensor([0, 1])
+    for model in (ours, ref):
+        model.train()
+        model(input_ids=ids, labels=labels).loss.backward()
+    torch.testing.assert_close(logits(ours, ids), logits(ref, ids), atol=ATOL, rtol=0)
+    for name, layer in wrapped.items():
+        theirs = ref_layers[name]
+        torch.testing.assert_close(
+            layer.magnitude.grad, theirs.lora_magnitude_vector["default"].weight.grad, atol=1e-6, rtol=1e-4
+        )
+        # dL/dQ = dL/dA: the norm detached in both (a norm with gradients would change it)
+        torch.testing.assert_close(layer.Q.grad, theirs.lora_A["default"].weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_dora_on_adalora_counts_its_magnitudes_outside_the_triplet_budget():
+    """count = init_r triplets + out per matrix; ``target_params`` is the final adapter size, the
+    magnitudes paid first (so a DoRA AdaLoRA meets the same level as a DoRA LoRA); a target they
+    exceed, or DoRA inside a hybrid group's AdaLoRA, is refused naming the field."""
+    from adabudget.methods.adalora import check_budget, kept_params
+
+    model = tiny_model("tiny-bert")
+    arch = arch_of(model)
+    knobs = {k: v for k, v in VARIANTS["adalora-dora"].items() if k != "init"}
+    plain = count_method(method_config_from_dict({**knobs, "dora": False}), arch)
+    wrapped = apply_method(copy.deepcopy(model), method_config_from_dict(knobs))
+    outs = sum(lay.out_features for lay in wrapped.values())
+    assert count_method(method_config_from_dict(knobs), arch) == plain + outs
+    assert kept_params({n: 0 for n in wrapped}, wrapped) == outs  # rank 0 keeps m
+
+    lora_dora = count_method(method_config_from_dict({**LORA, "dora": True}), arch)  # r = 2 at every matrix
+    cfg = method_config_from_dict({**knobs, "target_params": lora_dora})
+    budget = check_budget(cfg, [(lay, lay.rank) for lay in wrapped.values()])
+    assert budget.target == lora_dora - outs  # the triplets get what the magnitudes leave
+    with pytest.raises(ConfigError, match=r"method\.target_params=\d+: DoRA's magnitudes alone hold"):
+        check_budget(
+            method_config_from_dict({**knobs, "target_params": outs}), [(lay, 4) for lay in wrapped.values()]
+        )
+    hybrid = {"name": "hybrid", "num_groups": 2, "groups": [{"adalora": {"dora": True}}, {"lora": {}}]}
+    with pytest.raises(ConfigError, match=r"method\.groups\[0\]\.adalora\.dora: DoRA on AdaLoRA runs as"):
+        apply_method(copy.deepcopy(model), method_config_from_dict(hybrid))
 
 
 @pytest.mark.integration
@@ -514,6 +593,44 @@ def test_an_adalora_pissa_run_resumes_exactly_and_its_peft_adapter_is_its_merged
     assert resumed["status"] == "completed"
     assert resumed["final"] == full["final"] and resumed["ranks"] == full["ranks"]
 
+    ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForSequenceClassification.from_pretrained(Path(full["run_dir"]) / "merged")
+    torch.testing.assert_close(logits(load(full["run_dir"]), ids), logits(merged, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.integration
+def test_an_adalora_dora_run_meets_a_dora_lora_level_resumes_exactly_and_exports(compose_run, tmp_path):
+    """DoRA on AdaLoRA through the loop at the level of a DoRA LoRA r=2 (``method.target_params``):
+    the record's final adapter parameters (kept triplets + every matrix's m) land within one
+    triplet below the level, a resumed run ends where the straight one does, and the peft adapter
+    (use_dora) on the untouched base is the run's model."""
+    from adabudget.api import load
+    from adabudget.compose import resume_config
+    from adabudget.training import train
+    from transformers import AutoModelForSequenceClassification
+
+    arch = arch_of(tiny_model("tiny-bert"))
+    level = count_method(method_config_from_dict({**LORA, "dora": True}), arch)
+    knobs = [
+        "method=adalora",
+        "method.dora=true",
+        "method.init_r=4",
+        f"method.target_params={level}",
+        "method.mask_interval=2",
+    ]
+    full = train(compose_run(*knobs, "run_name=full", "export_merged=true"))
+    assert full["status"] == "completed"
+    wrapped = apply_method(tiny_model("tiny-bert"), method_config_from_dict({"name": "adalora", "init_r": 4}))
+    largest = max(lay.in_features + lay.out_features + 1 for lay in wrapped.values())
+    assert level - largest < full["adapter_params_final"] <= level
+    first = train(compose_run(*knobs, "run_name=killed", "export_merged=true", "train.stop_after_step=13"))
+    assert first["status"] == "interrupted"
+    resumed = train(resume_config(first["run_dir"]))
+    assert resumed["status"] == "completed"
+    assert resumed["final"] == full["final"] and resumed["ranks"] == full["ranks"]
+
+    config = json.loads((Path(full["run_dir"]) / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
     ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
     merged = AutoModelForSequenceClassification.from_pretrained(Path(full["run_dir"]) / "merged")
     torch.testing.assert_close(logits(load(full["run_dir"]), ids), logits(merged, ids), atol=ATOL, rtol=0)

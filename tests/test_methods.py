@@ -80,6 +80,13 @@ ROWS = [
     ("lora-olora-rslora", {"name": "lora", "r": 4, "init": "olora", "rslora": True}, {}),
     ("lora-pissa-niter-dora", {"name": "lora", "r": 2, "init": "pissa_niter_2", "dora": True}, {}),
     ("adalora-pissa", {"name": "adalora", "init_r": 4, "target_r": 2, "init": "pissa"}, {}),
+    # DoRA's magnitude on P Λ Q (never pruned), alone and over PiSSA's principal triplets
+    ("adalora-dora", {"name": "adalora", "init_r": 4, "target_r": 2, "dora": True}, {}),
+    (
+        "adalora-pissa-dora",
+        {"name": "adalora", "init_r": 4, "target_r": 2, "init": "pissa", "dora": True},
+        {},
+    ),
     # EVA: apply alone leaves A Kaiming-uniform (the calibration hook sets it from data before training)
     ("lora-eva", {"name": "lora", "r": 4, "init": "eva"}, {}),
     # the variants as a hybrid group's LoRA: DoRA in one group, PiSSA in the other

@@ -3,8 +3,9 @@
 Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023.
 Each adapted weight becomes W = W0 + s * P diag(λ) Q (eq. 3), P (out x r), λ (r), Q (r x in).
 The triplets (P_:i, λ_i, Q_i:) are scored and pruned by ``adabudget.allocator.RankAllocator``.
-``init=pissa`` starts P Λ Q at W0's principal triplets, W0 - s P Λ Q left in the base
-(docs/methods.md#lora-variants-dora-rslora-pissa-olora).
+``init=pissa`` starts P Λ Q at W0's principal triplets, W0 - s P Λ Q left in the base;
+``dora=true`` puts DoRA's magnitude on top of P Λ Q (``DoRASVDLinear``: m (W0 + s P Λ Q) / ||·||_c,
+the magnitude never pruned) (docs/methods.md#lora-variants-dora-rslora-pissa-olora).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class AdaLoRAConfig:
     init_r: int = 12  # initial rank of every matrix; b(0) = init_r x #matrices
     target_r: float = 8.0  # average final rank per matrix: b(T) = target_r x #matrices
     target_total_rank: Optional[int] = None  # b(T) as a total rank instead of target_r
-    target_params: Optional[int] = None  # b(T) as adapter parameters (each triplet costs out + in + 1)
+    # b(T) as final adapter parameters: each triplet costs out + in + 1 (with dora, the magnitudes' out
+    # per matrix are taken off first)
+    target_params: Optional[int] = None
     min_rank: int = 0  # per-matrix floor kept by every allocation (0 lets a matrix vanish)
     max_rank: Optional[int] = None  # per-matrix cap, None = init_r
     warmup_steps: float = 0.1  # t_i: steps (>= 1) or fraction of T (< 1) before any pruning
@@ -70,6 +73,10 @@ class AdaLoRAConfig:
     # orthogonal | pissa | pissa_niter_<k> (INITS): pissa starts P Λ Q at W0's top init_r singular
     # triplets (λ = S / s), the residual in the base; a pruned triplet then removes that part of W0
     init: str = "orthogonal"
+    # DoRA (Liu et al. 2024) on P Λ Q: W' = m (W0 + s P Λ Q) / ||W0 + s P Λ Q||_c, m (out,) trained and
+    # never pruned: its out parameters per matrix are outside the triplet budget, and target_params
+    # (the final adapter parameters) pays for them first
+    dora: bool = False
 
     def validate(self) -> None:
         check = checker("method")
@@ -170,9 +177,13 @@ class SVDLinear(nn.Module):
             out = out + (self.scaling * (h @ p_lam.t())).to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)  # (..., out)
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW in nn.Linear layout (out, in)."""
+    def low_rank(self) -> torch.Tensor:
+        """s P diag(λ) Q, (out, in) (nn.Linear layout)."""
         return self.scaling * (self.P * self.lam) @ self.Q
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in nn.Linear layout (out, in): what merging adds to W0."""
+        return self.low_rank()
 
     @torch.no_grad()
     def shrink_(self, keep: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]]:
@@ -200,7 +211,7 @@ class SVDLinear(nn.Module):
         self.lam.copy_(sv / self.scaling)
         self.Q.copy_(vh)
         self.P0, self.lam0, self.Q0 = (t.detach().clone() for t in (self.P, self.lam, self.Q))
-        residual = w - self.delta_weight()  # W0 - s P0 Λ0 Q0, (out, in)
+        residual = w - self.low_rank()  # W0 - s P0 Λ0 Q0, (out, in)
         self.base.weight.copy_(residual.T if self.fan_in_fan_out else residual)
 
     def extra_repr(self) -> str:
@@ -208,6 +219,58 @@ class SVDLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, r={self.rank}/{self.r_initial}, "
             f"s={self.scaling:g}"
         )
+
+
+class DoRASVDLinear(SVDLinear):
+    """y = m ⊙ (W0 + s P Λ Q) x / ||W0 + s P Λ Q||_c + b: DoRA (Liu et al. ICML 2024, eq. 5) with
+    AdaLoRA's P Λ Q as the direction's low-rank change.
+
+    As ``lora.DoRALinear``: m (out,) starts at ||W0 + s P Λ Q||_c (λ = 0: ||W0||_c; after PiSSA the
+    residual's plus the principal part's, again ||W0||_c), so the layer starts as the base layer;
+    the norm is recomputed every forward and detached (DoRA section 4.3). Pruning zeroes or removes
+    triplets, never m: a matrix shrunk to rank 0 still rescales W0's rows (ΔW = (m/||W0||_c - 1) W0).
+    """
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__(base, r, scaling, dropout)
+        self.magnitude = nn.Parameter(self.weight_norm())  # (out,) m
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + s P Λ Q||_c, (out,), detached."""
+        w = dense_weight(self.base).to(self.P.dtype)  # (out, in)
+        return torch.linalg.vector_norm(w + self.low_rank(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # W0 x + b, (..., out)
+        bias = getattr(self.base, "bias", None)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            xd, w0x = x, (out if bias is None else out - bias)  # W0 x
+        else:  # the dropped-out x feeds both parts of the rescaled term, as in peft's DoRA
+            xd = self.dropout(x)
+            w0x = F.linear(xd, dense_weight(self.base).to(out.dtype))  # W0 x_d
+        scale = self.magnitude / self.weight_norm()  # (out,) m / ||W0 + s P Λ Q||_c
+        change = (scale - 1) * w0x  # (m/n - 1) W0 x
+        if self.rank > 0:
+            h = F.linear(xd.to(self.Q.dtype), self.Q)  # (..., r)
+            change = change + scale * (self.scaling * F.linear(h, self.P * self.lam))  # + (m/n) s P Λ Q x
+        return out + change.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """W' - W0 = (m/n) (W0 + s P Λ Q) - W0, (out, in): what merging adds to W0."""
+        w = dense_weight(self.base).to(self.P.dtype)  # (out, in)
+        merged = w + self.low_rank()
+        return (self.magnitude / torch.linalg.vector_norm(merged, dim=1))[:, None] * merged - w
+
+    @torch.no_grad()
+    def reset_magnitude_(self) -> None:
+        """m = ||W0 + s P Λ Q||_c: the layer computes W0 + s P Λ Q (after PiSSA moved part of W0)."""
+        self.magnitude.copy_(self.weight_norm())
+
+
+def magnitude_params(shape, dora: bool) -> int:
+    """DoRA's magnitude of one matrix: out parameters (0 without DoRA); never pruned."""
+    return shape.out_features if dora else 0
 
 
 def scaling_of(cfg: AdaLoRAConfig) -> float:
@@ -236,9 +299,12 @@ def apply(model: nn.Module, cfg: AdaLoRAConfig, layers: list[int] | None = None)
         # W0 is frozen with the backbone (freeze_backbone); its bias is left alone, so that
         # BitFit or layer freezing applied before in the same group keeps training it.
         base.weight.requires_grad_(False)
-        wrapped[name] = SVDLinear(base, cfg.init_r, scaling_of(cfg), cfg.dropout)
+        dora = getattr(cfg, "dora", False)
+        wrapped[name] = (DoRASVDLinear if dora else SVDLinear)(base, cfg.init_r, scaling_of(cfg), cfg.dropout)
         if rewrites_base(init):
             wrapped[name].init_from_base_(init)
+            if dora:
+                wrapped[name].reset_magnitude_()  # m = ||W0 - s P0 Λ0 Q0 + s P0 Λ0 Q0||_c = ||W0||_c
         set_module(model, name, wrapped[name])
     return wrapped
 
@@ -251,7 +317,7 @@ def triplet_cost(shape) -> int:
 
 
 def count(cfg: AdaLoRAConfig, arch, layers: list[int] | None = None) -> int:
-    """init_r (in + out + 1) per adapted matrix (P, Λ, Q) at the start of training."""
+    """init_r (in + out + 1) per adapted matrix (P, Λ, Q) at the start of training, + out (DoRA's m)."""
     layers = layers if layers is not None else cfg.layers
     patterns = cfg.target_modules or arch.default_targets()
     shapes = list(arch.match_linears(patterns, layers))
@@ -266,12 +332,17 @@ def count(cfg: AdaLoRAConfig, arch, layers: list[int] | None = None) -> int:
             f"({s.out_features} x {s.in_features}) has only {min(s.in_features, s.out_features)}; "
             "lower method.init_r"
         )
-    return sum(cfg.init_r * triplet_cost(s) for _, s in shapes)
+    dora = getattr(cfg, "dora", False)
+    return sum(cfg.init_r * triplet_cost(s) + magnitude_params(s, dora) for _, s in shapes)
 
 
 def kept_params(ranks: dict[str, int], shapes: dict) -> int:
-    """Adapter parameters the kept triplets hold: r (in + out + 1) per matrix (``shapes``: name -> layer)."""
-    return sum(r * triplet_cost(shapes[n]) for n, r in ranks.items())
+    """Adapter parameters the kept triplets hold: r (in + out + 1) per matrix, + out for a DoRA layer's
+    magnitude (``shapes``: name -> layer)."""
+    return sum(
+        r * triplet_cost(shapes[n]) + magnitude_params(shapes[n], isinstance(shapes[n], DoRASVDLinear))
+        for n, r in ranks.items()
+    )
 
 
 @dataclass(frozen=True)
@@ -295,8 +366,15 @@ def check_budget(cfg: AdaLoRAConfig, matrices: list[tuple[object, int]]) -> Budg
     by_params = cfg.target_params is not None
     costs = [triplet_cost(s) if by_params else 1 for s, _ in matrices]
     initial = sum(c * r for c, (_, r) in zip(costs, matrices))  # b(0)
-    if by_params:
+    if by_params:  # the final adapter parameters, less DoRA's magnitudes (never pruned)
         target, field = int(cfg.target_params), "method.target_params"
+        fixed = sum(magnitude_params(s, getattr(cfg, "dora", False)) for s, _ in matrices)
+        if fixed and target <= fixed:
+            raise ConfigError(
+                f"method.target_params={target}: DoRA's magnitudes alone hold {fixed} parameters "
+                f"({n} matrices x out); raise method.target_params or set method.dora=false"
+            )
+        target -= fixed
     elif cfg.target_total_rank is not None:
         target, field = int(cfg.target_total_rank), "method.target_total_rank"
     else:  # b(T) from target_r x #matrices
@@ -342,7 +420,7 @@ def merge(model: nn.Module, modules: dict[str, SVDLinear]) -> None:
     for name, layer in modules.items():
         if not isinstance(layer, SVDLinear):  # ``modules`` may hold other methods' modules too
             continue
-        if layer.rank > 0:
+        if layer.rank > 0 or isinstance(layer, DoRASVDLinear):  # DoRA at rank 0 still rescales W0
             delta = layer.delta_weight()  # (out, in)
             layer.base.weight.add_((delta.T if layer.fan_in_fan_out else delta).to(layer.base.weight.dtype))
         set_module(model, name, layer.base)

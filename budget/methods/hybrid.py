@@ -153,6 +153,12 @@ def parse_groups(cfg: HybridConfig) -> list[dict]:
                 mcfg.validate()
             except ConfigError as err:
                 raise ConfigError(f"{where}.{name}: {err}") from err
+            if name == "adalora" and getattr(mcfg, "dora", False):
+                # the groups' AdaLoRA shares one allocator and budget, which count triplets only
+                raise ConfigError(
+                    f"{where}.adalora.dora: DoRA on AdaLoRA runs as method=adalora method.dora=true, not "
+                    "inside a hybrid group; remove the key (a group's lora takes dora)"
+                )
             methods[name] = mcfg
         out.append({m: methods[m] for m in ORDER if m in methods})
     return out

@@ -16,7 +16,7 @@ from adabudget.config import ConfigError, RunConfig
 from adabudget.groups import split_layers
 from adabudget.methods import REGISTRY, count_trainable, method_config_from_dict, methods_in
 from adabudget.methods import hybrid as hybrid_method
-from adabudget.methods.adalora import AdaLoRAConfig, check_budget, triplet_cost
+from adabudget.methods.adalora import AdaLoRAConfig, check_budget, magnitude_params, triplet_cost
 from adabudget.methods.hybrid import ORDER, HybridConfig
 from adabudget.search.spaces.context import HYBRIDS, Space, SpaceContext, merge_overrides
 
@@ -226,9 +226,10 @@ def budget_count(mcfg, arch: Arch, trainable: int, groups) -> int:
             return int(mcfg.target_params)
         matrices = arch.match_linears(mcfg.target_modules or arch.default_targets(), mcfg.layers)
         per_rank = sum(triplet_cost(s) for _, s in matrices)
+        fixed = sum(magnitude_params(s, mcfg.dora) for _, s in matrices)  # DoRA's m, never pruned
         if mcfg.target_total_rank is not None:  # nominal: the allocator picks which matrices keep them
-            return round(mcfg.target_total_rank * per_rank / len(matrices))
-        return round(mcfg.target_r * per_rank)
+            return round(mcfg.target_total_rank * per_rank / len(matrices)) + fixed
+        return round(mcfg.target_r * per_rank) + fixed
     if groups is not None and any("adalora" in g.methods for g in groups):
         # the solver's own measure of a group (hybrid.final_count): AdaLoRA at its target_r
         return sum(
