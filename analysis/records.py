@@ -234,10 +234,15 @@ def _run_row(run_dir: Path, r: dict) -> dict:
     return row
 
 
+# methods whose ranks move, for records written before a group said so (``ranks_move``)
+_RANKS_MOVED_BEFORE_FLAG = ("adalora", "sora", "increlora", "geolora")
+
+
 def _final_params(r: dict) -> int | None:
     """The parameters a PEFT table reports: every method's at the end, the task head excluded;
-    AdaLoRA, SoRA, IncreLoRA and GeoLoRA count their kept components (``adapter_params_final``); full
-    fine-tuning everything; a run of no steps (a zero-shot row) none."""
+    a method whose ranks move (its group entry says ``ranks_move``: AdaLoRA, SoRA, IncreLoRA,
+    GeoLoRA) counts its kept components (``adapter_params_final``); full fine-tuning everything; a
+    run of no steps (a zero-shot row) none."""
     if r.get("total_steps") == 0:
         return 0
     if r.get("method") == "full" or not r.get("groups"):
@@ -251,7 +256,7 @@ def _final_params(r: dict) -> int | None:
         if isinstance(g.get("methods"), dict)
         for name, m in g["methods"].items()
         # the methods whose ranks move (adapter_params_final)
-        if name in ("adalora", "sora", "increlora", "geolora")
+        if m.get("ranks_move", name in _RANKS_MOVED_BEFORE_FLAG)
     )
     return start - adalora + r["adapter_params_final"]
 

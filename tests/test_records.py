@@ -80,6 +80,42 @@ def test_tables_of_a_completed_run(zoo):
     assert {"train", "dev", "test"} <= set(rec.metrics["split"])
     result = json.loads(next((zoo / "completed").glob("*/result.json")).read_text())
     assert run["final_params"] == result["adapter_params_final"]  # AdaLoRA's kept triplets, no head
+    assert result["groups"][0]["methods"]["adalora"]["ranks_move"] is True  # what analysis reads
+
+
+def test_final_params_follow_the_groups_ranks_move_flag_not_a_list_of_names(tmp_path):
+    """A record's group says whether its method's ranks move (the registry's ``ranks_move``), so a
+    method analysis has never heard of reports its kept components; older records without the
+    flag fall back to the four methods that had moving ranks then."""
+
+    def write(name: str, methods: dict, kept: int | None = 300) -> None:
+        run = tmp_path / name
+        run.mkdir()
+        params = sum(m["params"] for m in methods.values())
+        (run / "result.json").write_text(
+            json.dumps(
+                {
+                    "record_version": 2,
+                    "status": "completed",
+                    "method": "hybrid",
+                    "task": "mr",
+                    "total_steps": 10,
+                    "trainable_params": params + 50,
+                    "adapter_params_final": kept,
+                    "groups": [{"group": 0, "params": params, "methods": methods}],
+                }
+            )
+        )
+
+    write("new_method", {"newlora": {"params": 1000, "ranks_move": True}, "bitfit": {"params": 40}})
+    write("old_record", {"sora": {"params": 1000}, "bitfit": {"params": 40}})
+    write("fixed_rank", {"lora": {"params": 1000}, "bitfit": {"params": 40}}, kept=None)
+    final = load([tmp_path]).runs.set_index("run_dir")["final_params"]
+    assert {Path(k).name: v for k, v in final.items()} == {
+        "new_method": 340,
+        "old_record": 340,
+        "fixed_rank": 1040,
+    }
 
 
 def test_versions(tmp_path, zoo):

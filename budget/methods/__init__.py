@@ -65,6 +65,10 @@ class Method:
     # the built-in search spaces that offer the method as a choice of their own ("methods": one
     # method at the budget, offered in REGISTRY's order)
     spaces: tuple[str, ...] = ()
+    # its ranks move during training: its size is the components it keeps at the end (the record's
+    # ``adapter_params_final``, each of its groups flagged ``ranks_move``), not ``count``'s start;
+    # a ``target_params`` knob is that final size (what a budget judges it by)
+    ranks_move: bool = False
 
     @property
     def mergeable(self) -> bool:
@@ -93,6 +97,7 @@ REGISTRY: dict[str, Method] = {
         adalora.merge,
         peft_export=True,
         spaces=IN_METHODS_SPACE,
+        ranks_move=True,
     ),
     "dylora": Method(
         dylora.DyLoRAConfig,
@@ -113,6 +118,7 @@ REGISTRY: dict[str, Method] = {
         sora.hooks,
         peft_export=True,
         spaces=IN_METHODS_SPACE,
+        ranks_move=True,
     ),
     "increlora": Method(
         increlora.IncreLoRAConfig,
@@ -123,6 +129,7 @@ REGISTRY: dict[str, Method] = {
         increlora.hooks,
         peft_export=True,
         spaces=IN_METHODS_SPACE,
+        ranks_move=True,
     ),
     "geolora": Method(
         geolora.GeoLoRAConfig,
@@ -133,6 +140,7 @@ REGISTRY: dict[str, Method] = {
         geolora.hooks,
         peft_export=True,
         spaces=IN_METHODS_SPACE,
+        ranks_move=True,
     ),
     "delta_lora": Method(
         delta_lora.DeltaLoRAConfig,

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from adabudget.config import ConfigError, checker
 from adabudget.methods import lora
-from adabudget.methods.hooks import MethodHooks
+from adabudget.methods.hooks import MethodHooks, kept_with_cut, restore_ranks
 from adabudget.methods.lora import LoRALinear
 from adabudget.modules import find_targets, resolve_targets, set_module
 from adabudget.schedule import steps_from
@@ -404,21 +404,12 @@ class GeoLoRAHooks(MethodHooks):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["ranks"]) != len(self.layers):
-            raise ValueError(
-                f"geolora state holds {len(state['ranks'])} matrices, this model adapts {len(self.layers)}"
-            )
-        for layer, r in zip(self.layers, state["ranks"]):
-            layer.active = int(r)
+        restore_ranks("geolora", self.layers, state["ranks"])
         self.augmented = bool(state["augmented"])
         self.cut, self.reported = state.get("cut"), state.get("reported")
 
     def final(self, evaluate) -> dict:
-        kept = self.kept()
-        out = {"kept_params": kept["kept_params"], "ranks": kept["ranks"]}
-        if self.cfg.target_params is not None:
-            out.update(target_params=self.cfg.target_params, cut=self.cut or 0)
-        return {"geolora": out}
+        return {"geolora": kept_with_cut(self.kept(), self.cfg.target_params, self.cut)}
 
 
 def hooks(model: nn.Module, modules: dict, cfg: GeoLoRAConfig) -> GeoLoRAHooks:

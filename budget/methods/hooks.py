@@ -66,3 +66,23 @@ class MethodHooks(Protocol):
 
     def kept(self) -> dict | None:
         return None
+
+
+# ---------------------------------------------------------------- shared by the rank-moving methods' hooks
+def restore_ranks(method: str, layers: list, ranks: list[int]) -> None:
+    """Set each layer's ``active`` rank from a checkpoint's hook state (IncreLoRA, GeoLoRA); the
+    state must hold one rank per adapted matrix of this model."""
+    if len(ranks) != len(layers):
+        raise ValueError(f"{method} state holds {len(ranks)} matrices, this model adapts {len(layers)}")
+    for layer, r in zip(layers, ranks):
+        layer.active = int(r)
+
+
+def kept_with_cut(kept: dict, target_params: int | None, cut: int | None) -> dict:
+    """The record's method entry of a method with a final cut to ``target_params`` (SoRA, GeoLoRA):
+    the kept parameters and ranks, and with a target the target and the components the cut
+    removed (0 when none was needed)."""
+    out = {"kept_params": kept["kept_params"], "ranks": kept["ranks"]}
+    if target_params is not None:
+        out.update(target_params=target_params, cut=cut or 0)
+    return out

@@ -246,7 +246,12 @@ def report_groups(groups: list[Group], arch) -> list[dict]:
     out = []
     for g in groups:
         methods = {
-            m: {"params": REGISTRY[m].count(c, arch, g.layers), **_knobs(c)} for m, c in g.methods.items()
+            m: {
+                "params": REGISTRY[m].count(c, arch, g.layers),
+                **({"ranks_move": True} if REGISTRY[m].ranks_move else {}),
+                **_knobs(c),
+            }
+            for m, c in g.methods.items()
         }
         layers = (
             g.layers

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from adabudget.config import ConfigError, checker
 from adabudget.methods import lora
-from adabudget.methods.hooks import MethodHooks
+from adabudget.methods.hooks import MethodHooks, restore_ranks
 from adabudget.methods.lora import LoRALinear
 from adabudget.modules import find_targets, resolve_targets, set_module
 from adabudget.schedule import steps_from
@@ -359,12 +359,7 @@ class IncreLoRAHooks(MethodHooks):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["ranks"]) != len(self.layers):
-            raise ValueError(
-                f"increlora state holds {len(state['ranks'])} matrices, this model adapts {len(self.layers)}"
-            )
-        for layer, r in zip(self.layers, state["ranks"]):
-            layer.active = int(r)
+        restore_ranks("increlora", self.layers, state["ranks"])
         self.spent = sum(c * m.active for c, m in zip(self.costs, self.layers))
         self.growing = bool(state["growing"])
         self.ipt.copy_(state["ipt"])

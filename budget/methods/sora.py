@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from adabudget.config import ConfigError, checker
 from adabudget.methods import lora
-from adabudget.methods.hooks import MethodHooks
+from adabudget.methods.hooks import MethodHooks, kept_with_cut
 from adabudget.methods.lora import LoRALinear
 from adabudget.schedule import steps_from
 from torch import nn
@@ -288,11 +288,7 @@ class SoRAHooks(MethodHooks):
             self._take_zeros_before_step = False
 
     def final(self, evaluate) -> dict:
-        kept = self.kept()
-        out = {"kept_params": kept["kept_params"], "ranks": kept["ranks"]}
-        if self.cfg.target_params is not None:
-            out.update(target_params=self.cfg.target_params, cut=self.cut or 0)
-        return {"sora": out}
+        return {"sora": kept_with_cut(self.kept(), self.cfg.target_params, self.cut)}
 
 
 def hooks(model: nn.Module, modules: dict, cfg: SoRAConfig) -> SoRAHooks:

@@ -210,17 +210,11 @@ def _record(trial, result: Sample, violation: float) -> None:
         trial.set_constraint("budget", max(violation, 1e-9) if result.infeasible is not None else 0.0)
 
 
-FINAL_CUT = ("sora", "increlora", "geolora")  # methods whose target_params is their final size
-
-
 def budget_count(mcfg, arch: Arch, trainable: int, groups) -> int:
     """The parameters a budget constrains: the final adapter parameters. The trainable count, but
-    AdaLoRA's at b(T), and SoRA's, IncreLoRA's and GeoLoRA's at their ``target_params`` (the final
-    cut / growth limit they end at), as ``adabudget reproduce`` levels them."""
-    if not isinstance(mcfg, AdaLoRAConfig) and getattr(mcfg, "name", None) in FINAL_CUT:
-        if mcfg.target_params is not None:
-            return int(mcfg.target_params)
-        return trainable
+    AdaLoRA's at b(T), and a method whose ranks move (``Method.ranks_move``: SoRA, IncreLoRA,
+    GeoLoRA) at its ``target_params`` (the final cut / growth limit it ends at), as ``adabudget
+    reproduce`` levels them."""
     if isinstance(mcfg, AdaLoRAConfig):
         if mcfg.target_params is not None:
             return int(mcfg.target_params)
@@ -230,6 +224,10 @@ def budget_count(mcfg, arch: Arch, trainable: int, groups) -> int:
         if mcfg.target_total_rank is not None:  # nominal: the allocator picks which matrices keep them
             return round(mcfg.target_total_rank * per_rank / len(matrices)) + fixed
         return round(mcfg.target_r * per_rank) + fixed
+    method = REGISTRY.get(getattr(mcfg, "name", None))
+    if method is not None and method.ranks_move:
+        target = getattr(mcfg, "target_params", None)
+        return int(target) if target is not None else trainable
     if groups is not None and any("adalora" in g.methods for g in groups):
         # the solver's own measure of a group (hybrid.final_count): AdaLoRA at its target_r
         return sum(
