@@ -59,9 +59,9 @@ def test_two_cells_run_resume_and_tabulate(tmp_path):
         ("peft-metamath", None, 5),
         ("smollm2-instruct", None, 30),
         ("smollm2-instruct", "cpu", 20),
-        ("minilm-fair", None, 720),
-        ("minilm-fair", "cpu", 80),
-        ("minilm-fair", "long", 720),
+        ("minilm-fair", None, 792),
+        ("minilm-fair", "cpu", 88),
+        ("minilm-fair", "long", 792),
     ],
 )
 def test_shipped_protocols_compose(tmp_path, name, variant, n):
