@@ -40,6 +40,14 @@ FIXED = [
 ]
 
 
+def write_run(run: Path, config: str, result: dict) -> None:
+    """A run folder as adabudget writes one: ``config.yaml`` (the text given) and ``result.json``
+    (a completed record_version 2 record, ``result`` over those defaults)."""
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config)
+    (run / "result.json").write_text(json.dumps({"record_version": 2, "status": "completed", **result}))
+
+
 def write_fixed(root: Path) -> None:
     """Run folders as adabudget writes them (record_version 2), with known numbers."""
     k = 0
@@ -47,17 +55,12 @@ def write_fixed(root: Path) -> None:
         for task, metrics in tasks.items():
             ((metric, values),) = metrics.items()
             for seed, value in zip((42, 1, 2), values):
-                run = root / f"run{k}"
-                k += 1
-                run.mkdir(parents=True)
-                (run / "config.yaml").write_text(
+                config = (
                     f"train:\n  seed: {seed}\n  lr: 0.0005\nmethod:\n  name: {method}\n"
                     f"data:\n  task: {task}\nmeta:\n  label: {label}\n"
                 )
                 dev = {metric: value - 0.01}
                 result = {
-                    "record_version": 2,
-                    "status": "completed",
                     "method": method,
                     "task": task,
                     "model": "minilm",
@@ -73,7 +76,8 @@ def write_fixed(root: Path) -> None:
                     "git_commit": "0123456789abcdef",
                     "steps": 265,
                 }
-                (run / "result.json").write_text(json.dumps(result))
+                write_run(root / f"run{k}", config, result)
+                k += 1
 
 
 @pytest.fixture
@@ -148,14 +152,8 @@ def test_unknown_layout_and_empty(tmp_path):
 def test_a_supernet_run_is_not_a_row(fixed):
     """A study's supernet folder (``meta.supernet``, method ``supernet``) scores configurations;
     a table over the study leaves it out instead of printing it as a configuration."""
-    run = fixed / "supernet"
-    run.mkdir()
-    (run / "config.yaml").write_text(
-        "train:\n  seed: 42\nmethod:\n  name: hybrid\ndata:\n  task: mr\nmeta:\n  supernet: true\n"
-    )
+    config = "train:\n  seed: 42\nmethod:\n  name: hybrid\ndata:\n  task: mr\nmeta:\n  supernet: true\n"
     result = {
-        "record_version": 2,
-        "status": "completed",
         "method": "supernet",
         "task": "mr",
         "model": "minilm",
@@ -171,7 +169,7 @@ def test_a_supernet_run_is_not_a_row(fixed):
         "git_commit": "0123456789abcdef",
         "steps": 265,
     }
-    (run / "result.json").write_text(json.dumps(result))
+    write_run(fixed / "supernet", config, result)
     assert (
         len(load([fixed], status="completed").runs) == 21
     )  # 20 fixed runs and the supernet: the records show it
@@ -181,17 +179,13 @@ def test_a_supernet_run_is_not_a_row(fixed):
 def _grid_run(
     root: Path, k: int, label: str, params: int, task: str, lr: float, seed: int, dev: float, test: float
 ):
-    run = root / f"grid{k}"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(
+    config = (
         f"train:\n  seed: {seed}\n  lr: {lr}\nmethod:\n  name: lora\n"
         f"data:\n  task: {task}\nmeta:\n  label: {label}\n"
     )
     meta = {"label": label, "lr": lr, "level": "1K", "level_params": 1000}
     metric = "accuracy" if task == "mr" else "pearson"
     result = {
-        "record_version": 2,
-        "status": "completed",
         "method": "lora",
         "task": task,
         "primary_metric": metric,
@@ -202,7 +196,7 @@ def _grid_run(
         "meta": meta,
         "git_commit": "0123456789abcdef",
     }
-    (run / "result.json").write_text(json.dumps(result))
+    write_run(root / f"grid{k}", config, result)
 
 
 def test_learning_rate_chosen_on_dev_and_levels_flagged(tmp_path):
@@ -253,12 +247,7 @@ def test_the_instruct_layout_reports_test_generation_metrics_and_a_zero_shot_row
     a zero-shot row (no steps) reports 0 trained parameters, not the adapter it built."""
     for k, (label, steps, em, rl) in enumerate([("Zero-shot", 0, 0.15, 0.17), ("LoRA r=8", 250, 0.85, 0.28)]):
         for task, metric, value in (("mr_instruct", "exact_match", em), ("aclsum", "rougeL", rl)):
-            run = tmp_path / "runs" / f"{k}-{task}"
-            run.mkdir(parents=True)
-            (run / "config.yaml").write_text(f"train:\n  seed: 42\nmeta:\n  label: {label}\n")
             result = {
-                "record_version": 2,
-                "status": "completed",
                 "method": "lora",
                 "task": task,
                 "model": "smollm2",
@@ -270,7 +259,9 @@ def test_the_instruct_layout_reports_test_generation_metrics_and_a_zero_shot_row
                 "final": {"dev": {metric: 0.0}, "test": {metric: value}},
                 "meta": {"label": label},
             }
-            (run / "result.json").write_text(json.dumps(result))
+            write_run(
+                tmp_path / "runs" / f"{k}-{task}", f"train:\n  seed: 42\nmeta:\n  label: {label}\n", result
+            )
     text = table([tmp_path / "runs"], layout="instruct", made=MADE)
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert (
@@ -286,12 +277,7 @@ def test_with_a_learning_rate_grid_the_params_are_those_of_the_chosen_rate(tmp_p
     its cells report: the chosen rate's, not a median over the whole grid."""
     finals = {5e-4: (0.70, 1000), 1e-3: (0.80, 900)}  # 1e-3 wins on dev and ends at 900
     for k, (rate, (dev, kept)) in enumerate([(r, v) for r, v in finals.items() for _ in (42, 1)]):
-        run = tmp_path / "runs" / f"r{k}"
-        run.mkdir(parents=True)
-        (run / "config.yaml").write_text(f"train:\n  seed: {k}\n  lr: {rate}\nmeta:\n  label: AdaLoRA\n")
         result = {
-            "record_version": 2,
-            "status": "completed",
             "method": "adalora",
             "task": "mr",
             "primary_metric": "accuracy",
@@ -302,7 +288,11 @@ def test_with_a_learning_rate_grid_the_params_are_those_of_the_chosen_rate(tmp_p
             "final": {"dev": {"accuracy": dev}, "test": {"accuracy": dev}},
             "meta": {"label": "AdaLoRA", "lr": rate, "level": "1K", "level_params": 1000},
         }
-        (run / "result.json").write_text(json.dumps(result))
+        write_run(
+            tmp_path / "runs" / f"r{k}",
+            f"train:\n  seed: {k}\n  lr: {rate}\nmeta:\n  label: AdaLoRA\n",
+            result,
+        )
     cells = build(load([tmp_path / "runs"]).runs, LAYOUTS["packaged"])
     assert cells.loc["AdaLoRA", "MR"][0]["lr"] == 1e-3 and cells.loc["AdaLoRA", "params"] == 900
     text = table([tmp_path / "runs"], layout="packaged", made=MADE)
