@@ -18,6 +18,7 @@ checkpoint or allocation keeps them). What is not the loop lives beside it: ``ad
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -54,6 +55,23 @@ from adabudget.session import RunSession, setup, total_steps_for
 OnEval = Callable[[int, dict], object]
 
 
+def keeps_torch_threads(fn):
+    """``train.num_threads`` holds for the call only: torch's thread count is put back after it (a
+    notebook, a test runner or a worker that trains in its own process keeps its own setting)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@keeps_torch_threads
 def train(cfg, on_eval: OnEval | None = None) -> dict:
     """Train one configuration end to end; returns the result record (also in result.json).
 

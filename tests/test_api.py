@@ -42,9 +42,12 @@ def test_the_api_works_from_a_folder_with_its_own_search_and_analysis(tmp_path):
     code = textwrap.dedent(f"""
         import json, sys
         import adabudget
+        import torch
 
-        result = adabudget.train(*{TINY!r}, runs_root={str(runs)!r}, method__target_r=2)
+        torch.set_num_threads(1)
+        result = adabudget.train(*{TINY!r}, runs_root={str(runs)!r}, method__target_r=2, train__num_threads=2)
         assert result["status"] == "completed", result
+        assert torch.get_num_threads() == 1  # train.num_threads held for the call only
         model = adabudget.load(result["run_dir"])
         import torch
         from omegaconf import OmegaConf
