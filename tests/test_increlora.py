@@ -205,3 +205,31 @@ def test_a_budget_beyond_max_rank_or_a_run_too_short_is_refused_before_any_compu
         train(compose_run(*RUN, "method.target_total_rank=1000"))
     with pytest.raises(ConfigError, match=r"method\.warmup_steps.*no round"):
         train(compose_run(*RUN, "method.warmup_steps=30"))
+
+
+def test_closest_size_skips_the_max_ranks_its_config_refuses():
+    """``closest_size`` (``bench step``'s sizing, the search spaces') bisects IncreLoRA's ``max_rank``
+    through values below its ``target_r`` = 8, which its config refuses: they count as too small,
+    and the size found is one the config accepts, as near LoRA r=12's count as any."""
+    import dataclasses
+
+    from adabudget.arch import arch_of
+    from adabudget.config import ConfigError
+    from adabudget.methods import closest_size, count_method, method_config_from_dict
+    from conftest import tiny_model
+
+    arch = arch_of(tiny_model("tiny-bert"))
+    cfg = method_config_from_dict({"name": "increlora"})  # target_r 8
+    goal = count_method(method_config_from_dict({"name": "lora", "r": 12}), arch)
+    size = closest_size(cfg, arch, goal)
+    sized = dataclasses.replace(cfg, max_rank=size)
+    sized.validate()
+    with pytest.raises(ConfigError):
+        dataclasses.replace(cfg, max_rank=7).validate()  # the small end (below target_r) is refused
+    near = abs(count_method(sized, arch) - goal)
+    for k in (size - 1, size + 1):
+        other = dataclasses.replace(cfg, max_rank=k)
+        other.validate()
+        assert near <= abs(count_method(other, arch) - goal)
+    with pytest.raises(ConfigError, match="method.max_rank: no size of increlora"):
+        closest_size(dataclasses.replace(cfg, target_r=10_000), arch, goal)

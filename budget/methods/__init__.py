@@ -361,19 +361,32 @@ def load_hook_states(hooks: list[MethodHooks], states) -> None:
 
 def closest_size(cfg, arch, target: float) -> int:
     """The value of ``cfg``'s size knob (``REGISTRY[cfg.name].size``) in 1..max(2, h) whose count on
-    ``arch`` is closest to ``target`` (counts grow with the size: a bisection)."""
+    ``arch`` is closest to ``target`` (counts grow with the size: a bisection). A size the method's
+    config refuses (IncreLoRA's ``max_rank`` below its ``target_r``) counts as too small: the
+    refusals sit at the small end; none is returned."""
     import math
 
     size = REGISTRY[cfg.name].size
 
-    def count(k: int) -> int:
-        return count_method(dataclasses.replace(cfg, **{size: k}), arch)
+    def count(k: int) -> float:
+        try:
+            changed = dataclasses.replace(cfg, **{size: k})
+            changed.validate()
+            return count_method(changed, arch)
+        except ConfigError:
+            return -math.inf
 
     lo, hi = 1, max(2, arch.hidden)
     while lo < hi:  # the smallest size whose count reaches the target
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
-    return min((lo - 1, lo), key=lambda k: abs(count(k) - target) if k >= 1 else math.inf)
+    best = min((lo - 1, lo), key=lambda k: abs(count(k) - target) if k >= 1 else math.inf)
+    if count(best) == -math.inf:
+        raise ConfigError(
+            f"method.{size}: no size of {cfg.name} in 1..{hi} that its config accepts comes near {target:.0f} "
+            "parameters; change the method's other knobs"
+        )
+    return best
 
 
 def describe(cfg, arch) -> list[dict]:
