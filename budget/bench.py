@@ -22,7 +22,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from adabudget.allocator import RankAllocator
@@ -567,8 +566,8 @@ _LOAD_CHILD = "import sys; from adabudget.bench import measure_load; measure_loa
 
 def measure_load(model: str, how: str, task: str = "auto") -> dict:
     """Load ``model`` once, ``how`` one of ``LOADS``, in this process, and print (last line) and
-    return its memory: ``rss_before`` (everything imported, config read), ``peak`` (ru_maxrss
-    after the load), ``rss_after`` and ``weights`` (bytes the model's tensors hold), in bytes,
+    return its memory: ``rss_before`` (everything imported, config read), ``peak`` (the peak
+    RSS after the load, ``VmHWM``), ``rss_after`` and ``weights`` (bytes the model's tensors hold), in bytes,
     and ``seconds``. ``task``: ``classification``, ``causal-lm``, or ``auto`` (causal-lm for a
     decoder). Meant for a fresh process (``bench_load``)."""
     import json
@@ -576,6 +575,7 @@ def measure_load(model: str, how: str, task: str = "auto") -> dict:
     import psutil
     from adabudget.models import ENCODERS
     from adabudget.quantize import _nf4_api, quantize_base, tensor_bytes
+    from adabudget.session import peak_rss_bytes, reset_peak_memory
 
     if how not in LOADS:
         raise ValueError(f"how={how}: one of {', '.join(LOADS)}")
@@ -583,7 +583,7 @@ def measure_load(model: str, how: str, task: str = "auto") -> dict:
     config = _load_config(model)
     causal_lm = config.model_type not in ENCODERS if task == "auto" else task == "causal-lm"
     gc.collect()
-    reset = _reset_peak_rss()  # else the peak of the imports above may hide the load's
+    reset = reset_peak_memory(torch.device("cpu"))  # else the peak of the imports above may hide the load's
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
     cfg = ModelConfig(name=model, quantize="nf4" if how == "nf4-at-load" else None)
@@ -597,7 +597,7 @@ def measure_load(model: str, how: str, task: str = "auto") -> dict:
         "load": how,
         "task": "causal-lm" if causal_lm else "classification",
         "rss_before": rss_before,
-        "peak": _peak_rss(),
+        "peak": peak_rss_bytes(),
         "peak_reset": reset,
         "rss_after": psutil.Process().memory_info().rss,
         "weights": sum(tensor_bytes(t) for t in [*loaded.parameters(), *loaded.buffers()]),  # tied: once
@@ -605,33 +605,6 @@ def measure_load(model: str, how: str, task: str = "auto") -> dict:
     }
     print(json.dumps(res))
     return res
-
-
-def _peak_rss() -> int:
-    """This process's peak RSS in bytes: ``VmHWM`` (which ``_reset_peak_rss`` resets), else
-    ``ru_maxrss``. Not ``ru_maxrss`` first: across an exec Linux keeps the larger of the old
-    image's peak and the new one's there, so a child of a large process (a test runner) would
-    report its parent's size."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: ``clear_refs`` 5, which
-    ru_maxrss then follows); False where that is not possible (the peak then includes the imports)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _load_config(model: str):

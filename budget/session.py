@@ -106,12 +106,43 @@ def set_dropout(model: nn.Module, p: float) -> None:
             m.attention_dropout = p
 
 
+def reset_peak_memory(device) -> bool:
+    """Start the peak the record reports (``peak_memory_mb``) from now, so a process that runs many
+    runs (a reproduce or search worker, a notebook) reports each run's own peak: CUDA's peak
+    allocation counter, and on the CPU the process's peak RSS (Linux >= 4.0: ``clear_refs`` 5
+    resets ``VmHWM`` to the current RSS). False where that is not possible: the peak is then the
+    process's since it started (macOS)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS in bytes: ``VmHWM`` (which ``reset_peak_memory`` resets), else
+    ``ru_maxrss``. Not ``ru_maxrss`` first: it is not reset, and across an exec Linux keeps the
+    larger of the old image's peak and the new one's there, so a child of a large process (a test
+    runner) would report its parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def peak_memory_mb(device) -> float:
+    """The peak since ``reset_peak_memory``: CUDA's allocated bytes, or the process's RSS, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss: KiB on Linux, bytes on macOS; process-wide peak resident memory.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return peak_rss_bytes() / 2**20
 
 
 # ---------------------------------------------------------------- the session

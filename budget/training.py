@@ -50,7 +50,7 @@ from adabudget.precision import autocast as amp_autocast
 from adabudget.preflight import check_against_model
 from adabudget.progress import StepProgress
 from adabudget.schedule import lr_factor
-from adabudget.session import RunSession, setup, total_steps_for
+from adabudget.session import RunSession, reset_peak_memory, setup, total_steps_for
 
 OnEval = Callable[[int, dict], object]
 
@@ -93,6 +93,7 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         torch.set_num_threads(tc.num_threads)
     dist = ddp.init(tc.device)
     device = pick_device(tc.device, dist.local_rank if dist.active else None)
+    memory_reset = reset_peak_memory(device)  # the record's peak_memory_mb is this run's, from here
     check_device(tc.precision, device)
     autocast, scaler = amp_autocast(tc.precision, device), Scaler(tc.precision, device)
 
@@ -158,6 +159,8 @@ def train(cfg, on_eval: OnEval | None = None) -> dict:
         "world_size": dist.world,
         "device": str(device),  # and the GPUs its process was given (search.devices: one set per worker)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        # peak_memory_mb counts from this run's start ("run"), or from its process's ("process": macOS)
+        "peak_memory_scope": "run" if memory_reset else "process",
         "groups": groups,
         "modules": modules,
         "meta": run.meta,

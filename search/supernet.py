@@ -45,7 +45,7 @@ from adabudget.modules import count_params
 from adabudget.schedule import lr_factor
 from adabudget.search.config import SupernetConfig
 from adabudget.search.spaces.supernet import Sub, SupernetSpace, space_function
-from adabudget.session import RunSession, total_steps_for
+from adabudget.session import RunSession, reset_peak_memory, total_steps_for
 from adabudget.session import setup as setup_run
 from torch import nn
 
@@ -369,6 +369,7 @@ def train_supernet(cfg) -> dict:
             return {**saved, "note": "already completed; nothing to resume (raise train.max_steps to go on)"}
     validate(run)
     tc = run.train
+    memory_reset = reset_peak_memory(pick_device(tc.device))  # the record's peak_memory_mb is this run's
     net = build(run, settings)
     model, space, task, device = net.model, net.space, net.task, net.device
     scfg = SupernetConfig(**settings["supernet"])
@@ -395,6 +396,7 @@ def train_supernet(cfg) -> dict:
         "trainable_params": trainable,
         "total_params": total_params,
         "world_size": 1,
+        "peak_memory_scope": "run" if memory_reset else "process",
         "groups": plan_of(run.method, space.arch).report(space.arch),
         "modules": [],
         "meta": run.meta,

@@ -291,3 +291,22 @@ def test_allocator_follows_the_factors_device_and_dtype():
         opt.zero_grad()
     assert allocator._ibar_flat.dtype == torch.float64 and allocator._mask.dtype == torch.float64
     assert kept and kept[-1] == 24
+
+
+def test_peak_memory_is_the_run_s_own_in_a_process_that_held_more_before(compose_run):
+    """A worker or notebook that held a large tensor before a run (a previous, bigger run) does not
+    pass that peak on: the record's ``peak_memory_mb`` counts from the run's start (``VmHWM`` reset
+    on Linux), and the record says so."""
+    import sys
+
+    from adabudget.session import peak_rss_bytes
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the peak RSS is reset through /proc/self/clear_refs (Linux)")
+    big = torch.ones(200 * 2**20)  # 800 MB, touched
+    assert float(big[-1]) == 1.0
+    del big
+    before = peak_rss_bytes()  # the process's peak so far: with the 800 MB
+    result = train(compose_run("run_name=small"))
+    assert result["status"] == "completed" and result["peak_memory_scope"] == "run"
+    assert 0 < result["peak_memory_mb"] * 2**20 < before - 400 * 2**20, (result["peak_memory_mb"], before)

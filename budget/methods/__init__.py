@@ -383,8 +383,8 @@ def closest_size(cfg, arch, target: float) -> int:
     best = min((lo - 1, lo), key=lambda k: abs(count(k) - target) if k >= 1 else math.inf)
     if count(best) == -math.inf:
         raise ConfigError(
-            f"method.{size}: no size of {cfg.name} in 1..{hi} that its config accepts comes near {target:.0f} "
-            "parameters; change the method's other knobs"
+            f"method.{size}: no size of {cfg.name} in 1..{hi} that its config accepts comes near "
+            f"{target:.0f} parameters; change the method's other knobs"
         )
     return best
 
