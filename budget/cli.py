@@ -504,6 +504,12 @@ def _reproduce(args: list[str]) -> None:
     p.add_argument("--gpus", help="GPU indices the workers spread over, e.g. 0,1,2,3 (default: all visible)")
     p.add_argument("--gpus-per-cell", help="GPUs per worker: an integer, or 1/k to pack k cells on one GPU")
     p.add_argument("--runs-root", default="runs")
+    p.add_argument(
+        "--rows",
+        help="only the rows whose label matches one of these comma-separated shell patterns, "
+        'e.g. "GeoLoRA*,LoRA r=4"',
+    )
+    p.add_argument("--tasks", help="only these comma-separated tasks of the protocol")
     p.add_argument("--out", help="also write the Markdown table here")
     p.add_argument(
         "--dry-run",
@@ -516,18 +522,20 @@ def _reproduce(args: list[str]) -> None:
     from adabudget.search.reproduce import reproduce
     from adabudget.search.trial import SearchInterrupted
 
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()] if a.rows else None
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else None
     if a.dry_run:
         from adabudget.search.reproduce import dry_run
 
         try:
-            dry_run(a.protocol, a.variant, a.runs_root, a.workers)
+            dry_run(a.protocol, a.variant, a.runs_root, a.workers, rows=rows, tasks=tasks)
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
             sys.exit(2)
         return
     try:
         root, protocol, missing = reproduce(
-            a.protocol, a.variant, a.workers, a.runs_root, a.threads, a.gpus, a.gpus_per_cell
+            a.protocol, a.variant, a.workers, a.runs_root, a.threads, a.gpus, a.gpus_per_cell, rows, tasks
         )
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -169,6 +169,33 @@ class Cell:
     level: str | None = None  # the row's level name (protocol.levels)
 
 
+def select(protocol: Protocol, rows: list[str] | None = None, tasks: list[str] | None = None) -> Protocol:
+    """The protocol with only the rows whose label matches one of ``rows`` (shell patterns:
+    ``"GeoLoRA*"``) and only the ``tasks`` named; None keeps all. The cells keep their folders, so
+    a selection runs (and resumes) part of the same table. Refused, naming the known ones, when a
+    pattern matches no row or a task is not the protocol's."""
+    import dataclasses
+    from fnmatch import fnmatchcase
+
+    chosen_rows, chosen_tasks = protocol.rows, protocol.tasks
+    if rows:
+        for pattern in rows:
+            if not any(fnmatchcase(r["label"], pattern) for r in protocol.rows):
+                raise ConfigError(
+                    f"--rows {pattern}: no row of {protocol.name} matches; its rows: "
+                    f"{[r['label'] for r in protocol.rows]}"
+                )
+        chosen_rows = [r for r in protocol.rows if any(fnmatchcase(r["label"], p) for p in rows)]
+    if tasks:
+        unknown = [t for t in tasks if t not in protocol.tasks]
+        if unknown:
+            raise ConfigError(
+                f"--tasks {unknown[0]}: not a task of {protocol.name}; its tasks: {list(protocol.tasks)}"
+            )
+        chosen_tasks = {t: o for t, o in protocol.tasks.items() if t in tasks}
+    return dataclasses.replace(protocol, rows=chosen_rows, tasks=chosen_tasks)
+
+
 def cells(protocol: Protocol, root: Path) -> list[Cell]:
     out = []
     for index, row in enumerate(protocol.rows):
@@ -299,12 +326,18 @@ def duration(seconds: float | None) -> str:
 
 
 def dry_run(
-    name: str, variant: str | None = None, runs_root: str = "runs", workers: int = 1, log=print
+    name: str,
+    variant: str | None = None,
+    runs_root: str = "runs",
+    workers: int = 1,
+    log=print,
+    rows: list[str] | None = None,
+    tasks: list[str] | None = None,
 ) -> int:
     """``adabudget reproduce --dry-run``: every cell with its state (done, resume, new), the counts
-    and the time left from the finished cells, without running or validating anything. Returns the
-    number of cells to run."""
-    protocol = load_protocol(name, variant)
+    and the time left from the finished cells, without running or validating anything (``rows``,
+    ``tasks``: a ``select``ion). Returns the number of cells to run."""
+    protocol = select(load_protocol(name, variant), rows, tasks)
     root = Path(runs_root) / "reproduce" / (protocol.name + (f"-{variant}" if variant else ""))
     all_cells = cells(protocol, root)
     states = [cell_state(c)[0] for c in all_cells]
@@ -450,12 +483,15 @@ def reproduce(
     threads: int | None = None,
     gpus=None,
     gpus_per_cell=None,
+    rows: list[str] | None = None,
+    tasks: list[str] | None = None,
 ) -> tuple[Path, Protocol, int]:
     """Run the missing cells with ``workers`` processes, each on its own GPUs (``gpus``: indices
     among the visible GPUs, default all; ``gpus_per_cell``: an integer or 1/k, see
-    ``search.devices``). Returns the protocol's folder, the protocol and how many cells are still
-    missing (the table is ``analysis.tables``' job)."""
-    protocol = load_protocol(name, variant)
+    ``search.devices``); ``rows`` / ``tasks``: only those cells (``select``). Returns the protocol's
+    folder, the protocol and how many of the selected cells are still missing (the table is
+    ``analysis.tables``' job)."""
+    protocol = select(load_protocol(name, variant), rows, tasks)
     root = Path(runs_root) / "reproduce" / (protocol.name + (f"-{variant}" if variant else ""))
     check(protocol, str(root))
     visible = devices.visible_gpus()

@@ -258,3 +258,29 @@ def test_a_row_limited_to_some_tasks_runs_only_there(tmp_path):
     # a variant without the row's task leaves the row without cells (it is not an error)
     short = cells(load_protocol(str(proto), "short"), tmp_path)
     assert [(c.label, c.task) for c in short] == [("LoRA r=2", "sst2")] * 2
+
+
+def test_rows_and_tasks_select_part_of_the_same_table(tmp_path, capsys):
+    """``--rows`` (shell patterns on the labels) and ``--tasks`` run only those cells, in their own
+    folders of the protocol's table, so the rest runs later into the same table; a pattern that
+    matches no row, or a task the protocol lacks, is refused naming the known ones."""
+    from adabudget.config import ConfigError
+    from adabudget.search.reproduce import dry_run, reproduce
+
+    proto = tmp_path / "tiny.yaml"
+    proto.write_text(TINY)
+    runs = str(tmp_path / "runs")
+    assert dry_run(str(proto), runs_root=runs, rows=["Ada*"]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert lines == ["  AdaLoRA 4->2 | mr | seed 42: new"]
+    root, protocol, missing = reproduce(str(proto), runs_root=runs, threads=1, rows=["Ada*"], tasks=["mr"])
+    assert missing == 0 and [r["label"] for r in protocol.rows] == ["AdaLoRA 4->2"]
+    assert (root / "AdaLoRA_4-_2" / "mr" / "s42").is_dir() and not (root / "LoRA_r=2").exists()
+    assert dry_run(str(proto), runs_root=runs) == 1  # the whole table: the LoRA cell still to run
+    with pytest.raises(
+        ConfigError, match=r"--rows GeoLoRA\*: no row of tiny matches; its rows: \['LoRA r=2'"
+    ):
+        dry_run(str(proto), runs_root=runs, rows=["GeoLoRA*"])
+    with pytest.raises(ConfigError, match=r"--tasks sst2: not a task of tiny; its tasks: \['mr'\]"):
+        reproduce(str(proto), runs_root=runs, rows=["LoRA*"], tasks=["sst2"])
+    assert not (root / "LoRA_r=2").exists()  # refused before any cell ran
