@@ -223,6 +223,16 @@ def test_pissa_niter_finds_the_principal_part_the_same_way_every_build():
         torch.testing.assert_close(a.base.weight + a.delta_weight(), w0, atol=1e-6, rtol=0)
 
 
+def backward_both_and_compare(ours, ref, ids) -> None:
+    """One backward of the same classification loss through our model and peft's, then their
+    logits compared (the gradients are the caller's to compare)."""
+    labels = torch.tensor([0, 1])
+    for model in (ours, ref):
+        model.train()
+        model(input_ids=ids, labels=labels).loss.backward()
+    torch.testing.assert_close(logits(ours, ids), logits(ref, ids), atol=ATOL, rtol=0)
+
+
 def test_dora_forward_and_gradients_equal_peft():
     """With the same A, B and m (all off their init) our DoRA layer computes peft's outputs and
     gradients: m (W0 + s B A) x / ||W0 + s B A||_c + b with the norm detached (DoRA section 4.3); a
@@ -246,12 +256,7 @@ def test_dora_forward_and_gradients_equal_peft():
             ):
                 mine.add_(0.3 * torch.randn(mine.shape, generator=g))
                 their.copy_(mine)
-    ids = torch.randint(5, 1000, (2, 7), generator=g)
-    labels = torch.tensor([0, 1])
-    for model in (ours, ref):
-        model.train()
-        model(input_ids=ids, labels=labels).loss.backward()
-    torch.testing.assert_close(logits(ours, ids), logits(ref, ids), atol=ATOL, rtol=0)
+    backward_both_and_compare(ours, ref, torch.randint(5, 1000, (2, 7), generator=g))
     for name, layer in wrapped.items():
         theirs = ref_layers[name]
         torch.testing.assert_close(layer.A.grad, theirs.lora_A["default"].weight.grad, atol=1e-6, rtol=1e-4)
@@ -529,11 +534,7 @@ def test_dora_on_adalora_computes_peft_s_dora_of_its_p_lambda_q():
             theirs.lora_A["default"].weight.copy_(layer.Q)
             theirs.lora_B["default"].weight.copy_(layer.P * (layer.lam * layer.scaling))
             theirs.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
-    labels = torch.tensor([0, 1])
-    for model in (ours, ref):
-        model.train()
-        model(input_ids=ids, labels=labels).loss.backward()
-    torch.testing.assert_close(logits(ours, ids), logits(ref, ids), atol=ATOL, rtol=0)
+    backward_both_and_compare(ours, ref, ids)
     for name, layer in wrapped.items():
         theirs = ref_layers[name]
         torch.testing.assert_close(
