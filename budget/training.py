@@ -13,6 +13,10 @@ a resume runs that phase alone) or on non-finite weights or loss (``failed``, be
 checkpoint or allocation keeps them). What is not the loop lives beside it: ``adabudget.session``
 (set-up, run folder, record, checkpoints, stop requests, result), ``adabudget.evaluate``,
 ``adabudget.checkpoint`` (what a resume may change) and ``adabudget.signals``.
+
+Everything a run calls is imported with this module, none of it at the end of a run: a worker
+that trains for hours while its checkout is edited runs the code it started with throughout (the
+export once imported a newer ``adabudget.export`` than the methods it had loaded, and failed).
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ from pathlib import Path
 
 import torch
 from adabudget import ddp
+from adabudget.allocator import RankAllocator
 from adabudget.arch import arch_of
 from adabudget.compose import resolve, resumed
 from adabudget.config import ConfigError, RunConfig, validate
 from adabudget.evaluate import batch_stream, evaluate, forward_inputs
+from adabudget.export import export_peft_adapter, save_adapter, save_merged
+from adabudget.hub import PACKAGED, packaged_path
 from adabudget.log import group_ranks, log, module_table
 from adabudget.methods import (
     REGISTRY,
@@ -41,7 +48,9 @@ from adabudget.methods import (
     plan_of,
     step_hooks,
 )
-from adabudget.methods.adalora import kept_params, param_groups
+from adabudget.methods.adalora import SVDLinear, kept_params, param_groups
+from adabudget.methods.peft_ref import PeftAllocator
+from adabudget.methods.prompt import position_limit
 from adabudget.metrics import primary_metric
 from adabudget.models import pick_device
 from adabudget.modules import count_params
@@ -342,8 +351,6 @@ def check_exports(run: RunConfig) -> None:
 
 def check_positions(run: RunConfig, model, plan) -> None:
     """Soft prompt + the longest tokenized example must fit an absolute position table."""
-    from adabudget.methods.prompt import position_limit
-
     limit = position_limit(model.config)
     for p in (c for g in plan.groups for name, c in g.methods.items() if name == "prompt"):
         if limit is not None and run.data.max_length + p.length > limit:
@@ -355,16 +362,10 @@ def check_positions(run: RunConfig, model, plan) -> None:
 
 def make_allocator(model, wrapped: dict, ada, total_steps: int):
     """The allocator of the run's one rank budget (ours, or peft's for peft_adalora), or None."""
-    from adabudget.methods.adalora import SVDLinear
-
     svd = {name: m for name, m in wrapped.items() if isinstance(m, SVDLinear)}
     if svd:
-        from adabudget.allocator import RankAllocator
-
         return RankAllocator(svd, ada, total_steps)
     if ada is not None and ada.name == "peft_adalora":
-        from adabudget.methods.peft_ref import PeftAllocator
-
         return PeftAllocator(model, ada, total_steps)
     return None
 
@@ -415,9 +416,6 @@ def export(
 ) -> dict:
     """``adapter/`` (peft's LoRA format where the method has one, ``Method.peft_export``, with peft's
     ``task_type``: ``SEQ_CLS`` or ``CAUSAL_LM``) and ``merged/`` as the run asks; returns where each went."""
-    from adabudget.export import export_peft_adapter, save_adapter, save_merged
-    from adabudget.hub import PACKAGED, packaged_path
-
     base = packaged_path(run.model.name) if run.model.name in PACKAGED else run.model.name
     exports = {}
     if run.export_adapter and REGISTRY[run.method.name].peft_export:
