@@ -49,6 +49,8 @@ class Protocol:
     description: str = ""
     variant: str | None = None
     levels: dict[str, int] = field(default_factory=dict)  # level name -> trainable adapter parameters
+    # each row's place in the protocol file (``select`` keeps them; None: the rows are all there)
+    places: list[int] | None = None
 
 
 def protocol_dir() -> Path:
@@ -185,7 +187,11 @@ def select(protocol: Protocol, rows: list[str] | None = None, tasks: list[str] |
                     f"--rows {pattern}: no row of {protocol.name} matches; its rows: "
                     f"{[r['label'] for r in protocol.rows]}"
                 )
-        chosen_rows = [r for r in protocol.rows if any(fnmatchcase(r["label"], p) for p in rows)]
+        places = [i for i, r in enumerate(protocol.rows) if any(fnmatchcase(r["label"], p) for p in rows)]
+        chosen_rows = [protocol.rows[i] for i in places]
+        protocol = dataclasses.replace(
+            protocol, places=[(protocol.places or range(len(protocol.rows)))[i] for i in places]
+        )
     if tasks:
         unknown = [t for t in tasks if t not in protocol.tasks]
         if unknown:
@@ -198,7 +204,7 @@ def select(protocol: Protocol, rows: list[str] | None = None, tasks: list[str] |
 
 def cells(protocol: Protocol, root: Path) -> list[Cell]:
     out = []
-    for index, row in enumerate(protocol.rows):
+    for index, row in zip(protocol.places or range(len(protocol.rows)), protocol.rows):
         for task, task_overrides in protocol.tasks.items():
             if task not in row.get("tasks", protocol.tasks):
                 continue

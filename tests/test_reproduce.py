@@ -3,6 +3,7 @@ and writes its table; the shipped protocols compose and validate every cell."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,8 @@ def test_rows_and_tasks_select_part_of_the_same_table(tmp_path, capsys):
     root, protocol, missing = reproduce(str(proto), runs_root=runs, threads=1, rows=["Ada*"], tasks=["mr"])
     assert missing == 0 and [r["label"] for r in protocol.rows] == ["AdaLoRA 4->2"]
     assert (root / "AdaLoRA_4-_2" / "mr" / "s42").is_dir() and not (root / "LoRA_r=2").exists()
+    (result,) = (root / "AdaLoRA_4-_2" / "mr" / "s42").glob("*/result.json")
+    assert json.loads(result.read_text())["meta"]["row"] == 1  # its place in the file: the table's order
     assert dry_run(str(proto), runs_root=runs) == 1  # the whole table: the LoRA cell still to run
     with pytest.raises(
         ConfigError, match=r"--rows GeoLoRA\*: no row of tiny matches; its rows: \['LoRA r=2'"
