@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from adabudget.config import ConfigError, checker
-from adabudget.methods.lora import check_init, dense_weight, principal_triplets, rewrites_base
+from adabudget.methods.lora import DoRA, check_init, dense_weight, principal_triplets, rewrites_base
 from adabudget.modules import find_targets, linear_shape, resolve_targets, set_module
 from torch import nn
 
@@ -221,51 +221,21 @@ class SVDLinear(nn.Module):
         )
 
 
-class DoRASVDLinear(SVDLinear):
-    """y = m ⊙ (W0 + s P Λ Q) x / ||W0 + s P Λ Q||_c + b: DoRA (Liu et al. ICML 2024, eq. 5) with
-    AdaLoRA's P Λ Q as the direction's low-rank change.
+class DoRASVDLinear(DoRA, SVDLinear):
+    """DoRA on AdaLoRA: ``lora.DoRA`` with ΔW = s P Λ Q, the direction's low-rank change.
 
-    As ``lora.DoRALinear``: m (out,) starts at ||W0 + s P Λ Q||_c (λ = 0: ||W0||_c; after PiSSA the
-    residual's plus the principal part's, again ||W0||_c), so the layer starts as the base layer;
-    the norm is recomputed every forward and detached (DoRA section 4.3). Pruning zeroes or removes
+    m starts at ||W0 + s P Λ Q||_c (λ = 0: ||W0||_c; after PiSSA the residual's plus the principal
+    part's, again ||W0||_c), so the layer starts as the base layer. Pruning zeroes or removes
     triplets, never m: a matrix shrunk to rank 0 still rescales W0's rows (ΔW = (m/||W0||_c - 1) W0).
     """
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0):
         super().__init__(base, r, scaling, dropout)
-        self.magnitude = nn.Parameter(self.weight_norm())  # (out,) m
+        self.init_magnitude()
 
-    @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
-        """||W0 + s P Λ Q||_c, (out,), detached."""
-        w = dense_weight(self.base).to(self.P.dtype)  # (out, in)
-        return torch.linalg.vector_norm(w + self.low_rank(), dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # W0 x + b, (..., out)
-        bias = getattr(self.base, "bias", None)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            xd, w0x = x, (out if bias is None else out - bias)  # W0 x
-        else:  # the dropped-out x feeds both parts of the rescaled term, as in peft's DoRA
-            xd = self.dropout(x)
-            w0x = F.linear(xd, dense_weight(self.base).to(out.dtype))  # W0 x_d
-        scale = self.magnitude / self.weight_norm()  # (out,) m / ||W0 + s P Λ Q||_c
-        change = (scale - 1) * w0x  # (m/n - 1) W0 x
-        if self.rank > 0:
-            h = F.linear(xd.to(self.Q.dtype), self.Q)  # (..., r)
-            change = change + scale * (self.scaling * F.linear(h, self.P * self.lam))  # + (m/n) s P Λ Q x
-        return out + change.to(out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """W' - W0 = (m/n) (W0 + s P Λ Q) - W0, (out, in): what merging adds to W0."""
-        w = dense_weight(self.base).to(self.P.dtype)  # (out, in)
-        merged = w + self.low_rank()
-        return (self.magnitude / torch.linalg.vector_norm(merged, dim=1))[:, None] * merged - w
-
-    @torch.no_grad()
-    def reset_magnitude_(self) -> None:
-        """m = ||W0 + s P Λ Q||_c: the layer computes W0 + s P Λ Q (after PiSSA moved part of W0)."""
-        self.magnitude.copy_(self.weight_norm())
+    def low_rank_x(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x.to(self.Q.dtype), self.Q)  # (..., r)
+        return self.scaling * F.linear(h, self.P * self.lam)  # s P Λ Q x, (..., out)
 
 
 def magnitude_params(shape, dora: bool) -> int:

@@ -163,26 +163,28 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     return w.T if fan_in_fan_out else w
 
 
-class DoRALinear(LoRALinear):
-    """y = m ⊙ (W0 + s B A) x / ||W0 + s B A||_c + b (DoRA, Liu et al. ICML 2024, eq. 5).
+class DoRA:
+    """DoRA (Liu et al. ICML 2024, eq. 5) over a layer whose weight change is low rank:
+    y = m ⊙ (W0 + ΔW) x / ||W0 + ΔW||_c + b, with ``low_rank()`` = ΔW (out, in) and ``low_rank_x(x)``
+    = ΔW x (..., out) from the layer it is mixed into (LoRA's s B A: ``DoRALinear``; AdaLoRA's
+    s P Λ Q: ``adalora.DoRASVDLinear``).
 
-    ``magnitude`` m (out,) starts at ||W0 + s B A||_c (per output row: the norm over the input
+    ``magnitude`` m (out,) starts at ||W0 + ΔW||_c (per output row: the norm over the input
     dimension of the (out, in) weight, peft's ``get_weight_norm``), so the layer starts as the base
     layer. The norm is recomputed every forward and detached from the graph (section 4.3: it gets no
     gradient), as peft's ``DoraLinearLayer`` does. With dropout active the dropped-out x feeds both
-    the W0 and the B A parts of the rescaled term, as in peft.
+    the W0 and the ΔW parts of the rescaled term, as in peft. A layer of rank 0 (AdaLoRA pruned it
+    away) still rescales W0's rows by its m.
     """
 
-    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0):
-        super().__init__(base, r, scaling, dropout)
+    def init_magnitude(self) -> None:
         self.magnitude = nn.Parameter(self.weight_norm())  # (out,) m
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """||W0 + s B A||_c, (out,), detached."""
-        a, b = self.factors()
-        w = dense_weight(self.base).to(a.dtype)  # (out, in)
-        return torch.linalg.vector_norm(w + self.scaling * (b @ a), dim=1)
+        """||W0 + ΔW||_c, (out,), detached."""
+        delta = self.low_rank()  # (out, in)
+        return torch.linalg.vector_norm(dense_weight(self.base).to(delta.dtype) + delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # W0 x + b, (..., out)
@@ -192,23 +194,40 @@ class DoRALinear(LoRALinear):
         else:
             xd = self.dropout(x)
             w0x = F.linear(xd, dense_weight(self.base).to(out.dtype))  # W0 x_d
-        a, b = self.factors()
-        lora = F.linear(F.linear(xd.to(a.dtype), a), b) * self.scaling  # s B A x, (..., out)
-        scale = self.magnitude / self.weight_norm()  # (out,) m / ||W0 + s B A||_c
-        # out + (m/n - 1) W0 x + (m/n) s B A x = (m/n) (W0 + s B A) x + b
-        return out + ((scale - 1) * w0x + scale * lora).to(out.dtype)
+        scale = self.magnitude / self.weight_norm()  # (out,) m / ||W0 + ΔW||_c
+        # out + (m/n - 1) W0 x + (m/n) ΔW x = (m/n) (W0 + ΔW) x + b
+        change = (scale - 1) * w0x
+        if self.rank > 0:
+            change = change + scale * self.low_rank_x(xd)
+        return out + change.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """W' - W0 = (m/n - 1) W0 + (m/n) s B A, (out, in): what merging adds to W0."""
-        a, b = self.factors()
-        w = dense_weight(self.base).to(a.dtype)  # (out, in)
-        merged = w + self.scaling * (b @ a)
+        """W' - W0 = (m/n - 1) W0 + (m/n) ΔW, (out, in): what merging adds to W0."""
+        delta = self.low_rank()
+        w = dense_weight(self.base).to(delta.dtype)  # (out, in)
+        merged = w + delta
         return (self.magnitude / torch.linalg.vector_norm(merged, dim=1))[:, None] * merged - w
 
     @torch.no_grad()
     def reset_magnitude_(self) -> None:
-        """m = ||W0 + s B A||_c: the layer computes W0 + s B A (after an initialisation moved A, B)."""
+        """m = ||W0 + ΔW||_c: the layer computes W0 + ΔW (after an initialisation moved W0 and ΔW)."""
         self.magnitude.copy_(self.weight_norm())
+
+
+class DoRALinear(DoRA, LoRALinear):
+    """DoRA on LoRA: ΔW = s B A (``DoRA``)."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__(base, r, scaling, dropout)
+        self.init_magnitude()
+
+    def low_rank(self) -> torch.Tensor:
+        a, b = self.factors()
+        return self.scaling * (b @ a)  # (out, in)
+
+    def low_rank_x(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return F.linear(F.linear(x.to(a.dtype), a), b) * self.scaling  # s B A x, (..., out)
 
 
 @torch.no_grad()
