@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 from adabudget.methods import dylora
-from adabudget.methods.adalora import DoRASVDLinear, SVDLinear
-from adabudget.methods.lora import DoRALinear, LoRALinear
+from adabudget.methods.adalora import SVDLinear
+from adabudget.methods.lora import DoRA, LoRALinear
 from adabudget.modules import is_head, is_linear, set_module
 from torch import nn
 
@@ -88,7 +88,7 @@ def export_peft_adapter(
             )
     if not adapters:
         raise ValueError("no adapter layers to export (full fine-tuning?); use save_merged instead")
-    dora = {name for name, layer in adapters.items() if isinstance(layer, (DoRALinear, DoRASVDLinear))}
+    dora = {name for name, layer in adapters.items() if isinstance(layer, DoRA)}  # LoRA's or AdaLoRA's
     if dora and dora != set(adapters):
         raise ValueError(
             f"{sorted(set(adapters) - dora)[0]} is plain LoRA beside DoRA layers ({sorted(dora)[0]}); "
@@ -196,11 +196,10 @@ def merge_into_base(model: nn.Module, wrapped: dict[str, nn.Module]) -> nn.Modul
         if model.get_submodule(name) is not layer:
             raise ValueError(f"{name}: not the wrapper of this model (already merged?)")
         base = layer.base
-        if layer.rank > 0 or isinstance(layer, DoRASVDLinear):  # DoRA at rank 0 still rescales W0
-            delta = layer.delta_weight()  # (out, in)
-            if layer.fan_in_fan_out:
-                delta = delta.T  # (in, out)
-            base.weight.add_(delta.to(base.weight.dtype))
+        delta = layer.delta_weight()  # (out, in); 0 at rank 0, but DoRA's m still rescales W0 there
+        if layer.fan_in_fan_out:
+            delta = delta.T  # (in, out)
+        base.weight.add_(delta.to(base.weight.dtype))
         set_module(model, name, base)
     return model
 

@@ -390,9 +390,8 @@ def merge(model: nn.Module, modules: dict[str, SVDLinear]) -> None:
     for name, layer in modules.items():
         if not isinstance(layer, SVDLinear):  # ``modules`` may hold other methods' modules too
             continue
-        if layer.rank > 0 or isinstance(layer, DoRASVDLinear):  # DoRA at rank 0 still rescales W0
-            delta = layer.delta_weight()  # (out, in)
-            layer.base.weight.add_((delta.T if layer.fan_in_fan_out else delta).to(layer.base.weight.dtype))
+        delta = layer.delta_weight()  # (out, in); 0 at rank 0, but DoRA's m still rescales W0 there
+        layer.base.weight.add_((delta.T if layer.fan_in_fan_out else delta).to(layer.base.weight.dtype))
         set_module(model, name, layer.base)
 
 
