@@ -250,7 +250,7 @@ def _final_params(r: dict) -> int | None:
     start = sum(g.get("params", 0) for g in r["groups"])
     if r.get("adapter_params_final") is None:
         return start
-    adalora = sum(
+    moving = sum(
         m["params"]
         for g in r["groups"]
         if isinstance(g.get("methods"), dict)
@@ -258,7 +258,7 @@ def _final_params(r: dict) -> int | None:
         # the methods whose ranks move (adapter_params_final)
         if m.get("ranks_move", name in _RANKS_MOVED_BEFORE_FLAG)
     )
-    return start - adalora + r["adapter_params_final"]
+    return start - moving + r["adapter_params_final"]
 
 
 def _config(run_dir: Path) -> dict:

@@ -373,9 +373,10 @@ def _safetensors_tensors(files: list[str], model: nn.Module):
     head aside. Checkpoint tensors the model has no place for are skipped, as from_pretrained does."""
     expected = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
+    headers = {file: safetensors_header(file) for file in files}  # file -> (entries, data start)
     where = {}  # model key -> (file, checkpoint key)
     for file in files:
-        for key in safetensors_header(file)[0]:
+        for key in headers[file][0]:
             for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
                 if candidate in expected:
                     where.setdefault(candidate, (file, key))
@@ -389,7 +390,7 @@ def _safetensors_tensors(files: list[str], model: nn.Module):
 
     def read():
         for file in files:
-            entries, start = safetensors_header(file)
+            entries, start = headers[file]
             with open(file, "rb", buffering=0) as f:
                 for key, (source, name) in where.items():
                     if source == file:

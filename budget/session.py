@@ -125,9 +125,9 @@ def reset_peak_memory(device) -> bool:
 
 def peak_rss_bytes() -> int:
     """This process's peak RSS in bytes: ``VmHWM`` (which ``reset_peak_memory`` resets), else
-    ``ru_maxrss``. Not ``ru_maxrss`` first: it is not reset, and across an exec Linux keeps the
-    larger of the old image's peak and the new one's there, so a child of a large process (a test
-    runner) would report its parent's size."""
+    ``ru_maxrss``. Not ``ru_maxrss`` first: across an exec Linux keeps the larger of the old
+    image's peak and the new one's there, so a child of a large process (a test runner) would
+    report its parent's size."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
